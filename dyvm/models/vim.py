@@ -1,0 +1,200 @@
+"""Vision Mamba (Vim) backbone as DyVM uses it (reference-implementation.md, section 1).
+
+Sequence: 14x14 patch tokens with a class token inserted at index M//2, absolute position embedding added
+after the insertion. Each layer: residual += drop_path(hidden) (fp32 residual stream), hidden =
+RMSNorm(residual), hidden = bidirectional Mamba(hidden) with the two directions' sum halved.
+Then norm_f(residual + hidden) and a linear head on the class token.
+"""
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+
+from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
+
+
+@dataclass(frozen=True)
+class VimConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192
+    depth: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-5
+    divide_out: bool = True  # halve the sum of the two directions (Vim, MambaReg)
+
+    @property
+    def grid_size(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid_size ** 2
+
+    @property
+    def d_inner(self):
+        return self.expand * self.embed_dim
+
+    def updated(self, **overrides):
+        """A copy with `overrides`; unknown names raise instead of being swallowed."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown Vim option(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **overrides)
+
+
+VIM_TINY = VimConfig(embed_dim=192)
+VIM_SMALL = VimConfig(embed_dim=384)
+VIM_BASE = VimConfig(embed_dim=768)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, num_patches, D) by a strided conv; no norm."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"expected images (B, {self.proj.in_channels}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}; set img_size to the input size")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer, with the residual stream carried separately in fp32."""
+
+    def __init__(self, dim, mixer: nn.Module, drop_path=0.0, eps=1e-5):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(dim, eps=eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def add_norm(self, hidden, residual):
+        """residual + drop_path(hidden) -> (RMSNorm of it, new fp32 residual). residual None: first layer."""
+        if residual is not None:
+            hidden = self.drop_path(hidden)
+        return rms_norm_fn(hidden, self.norm.weight, None, residual=residual, prenorm=True,
+                           residual_in_fp32=True, eps=self.norm.eps)
+
+    def forward(self, hidden, residual=None, **mixer_kwargs):
+        normed, residual = self.add_norm(hidden, residual)
+        return self.mixer(normed, **mixer_kwargs), residual
+
+
+def make_mixer(cfg: VimConfig, layer_idx: int, mixer_cls: Type[Mamba] = Mamba):
+    return mixer_cls(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                     layer_idx=layer_idx, bimamba_type="v2", if_divide_out=cfg.divide_out)
+
+
+class Vim(nn.Module):
+    """Dense Vim classifier. forward(x) -> logits; forward_with_tokens(x) -> (logits, patch tokens)."""
+
+    def __init__(self, cfg: VimConfig, mixer_cls: Type[Mamba] = Mamba):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        num_patches = cfg.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.embed_dim))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        # Layer i drops with rate*(i-1)/(depth-1) (0 for the first), the final add+norm with the full rate.
+        rates = [0.0] + torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.layers = nn.ModuleList(
+            Block(cfg.embed_dim, make_mixer(cfg, i, mixer_cls), rates[i], cfg.norm_eps) for i in range(cfg.depth))
+        self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    @property
+    def cls_index(self):
+        """Position of the class token in the dense sequence: the middle of the patches."""
+        return self.cfg.num_patches // 2
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if name == "head":
+                    trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                    nn.init.zeros_(m.bias)
+        for layer in self.layers:  # GPT-2 style: scale the residual-branch output projection by depth
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, x):
+        """Images -> (B, num_patches + 1, D): patches, class token inserted at M//2, + position embedding."""
+        patches = self.patch_embed(x)
+        mid = self.cls_index
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        tokens = torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
+        return self.pos_drop(tokens + self.pos_embed)
+
+    def final_norm(self, hidden, residual):
+        return rms_norm_fn(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, prenorm=False,
+                           residual_in_fp32=True, eps=self.norm_f.eps)
+
+    def forward_features(self, x):
+        """-> final-normed sequence (B, num_patches + 1, D), class token at `cls_index`."""
+        hidden, residual = self.embed(x), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.final_norm(hidden, residual)
+
+    def forward_with_tokens(self, x):
+        """-> (logits, patch tokens (B, num_patches, D) after norm_f, class token removed): the teacher's view."""
+        feats = self.forward_features(x)
+        mid = self.cls_index
+        patches = torch.cat([feats[:, :mid], feats[:, mid + 1:]], dim=1)
+        return self.head(feats[:, mid]), patches
+
+    def forward(self, x):
+        return self.head(self.forward_features(x)[:, self.cls_index])
+
+
+def build_config(base: VimConfig, kwargs) -> VimConfig:
+    """Apply timm create_model kwargs to a base config; refuse pretrained downloads."""
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained=True would download weights, which this project never does: build the "
+                         "model, then load a released file with dyvm.checkpoint.load_checkpoint(model, path)")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return base.updated(**kwargs)
+
+
+def create_vim(base: VimConfig, **kwargs) -> Vim:
+    return Vim(build_config(base, kwargs))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_config(model: nn.Module) -> Optional[VimConfig]:
+    return getattr(model, "cfg", None)

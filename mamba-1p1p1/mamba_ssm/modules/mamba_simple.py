@@ -1,0 +1,111 @@
+"""Mamba mixer with the mamba-ssm 1.1.1 constructor plus Vim's bidirectional options.
+
+bimamba_type "none": the original one-direction Mamba. "v2" (Vim): a second, reversed scan with its own
+conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b, sharing in_proj, z and out_proj; the two outputs are
+summed (halved when if_divide_out). Parameter names match Vim's, so released Vim checkpoints load as-is.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+BIMAMBA_TYPES = ("none", "v2")
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, bimamba_type="none",
+                 if_divide_out=False, init_layer_scale=None):
+        super().__init__()
+        if bimamba_type not in BIMAMBA_TYPES:
+            raise ValueError(f"bimamba_type must be one of {BIMAMBA_TYPES}, got {bimamba_type!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.use_fast_path = use_fast_path  # kept for API compatibility: dispatch is by device
+        self.layer_idx = layer_idx
+        self.bimamba_type = bimamba_type
+        self.if_divide_out = if_divide_out
+        self.activation = "silu"
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
+        directions = ("", "_b") if bimamba_type == "v2" else ("",)
+        for sfx in directions:
+            conv = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                             bias=conv_bias, **factory)
+            x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+            dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+            self._init_dt_proj(dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
+            # S4D-real init; keep A_log in fp32 whatever the module dtype.
+            A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+            A_log = nn.Parameter(torch.log(A))
+            A_log._no_weight_decay = True
+            D = nn.Parameter(torch.ones(self.d_inner, device=device))
+            D._no_weight_decay = True
+            setattr(self, "conv1d" + sfx, conv)
+            setattr(self, "x_proj" + sfx, x_proj)
+            setattr(self, "dt_proj" + sfx, dt_proj)
+            setattr(self, "A_log" if not sfx else "A_b_log", A_log)
+            setattr(self, "D" + sfx, D)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.gamma = None
+        if init_layer_scale is not None:
+            self.gamma = nn.Parameter(init_layer_scale * torch.ones(d_model, **factory))
+
+    def _init_dt_proj(self, dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor):
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():  # inverse of softplus, so that softplus(bias) = dt
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+
+    def scan_weights(self, backward=False):
+        """ScanWeights of one direction (A = -exp(A_log) in fp32)."""
+        sfx = "_b" if backward else ""
+        conv, dt_proj = getattr(self, "conv1d" + sfx), getattr(self, "dt_proj" + sfx)
+        A_log = self.A_b_log if backward else self.A_log
+        return ScanWeights(conv.weight, conv.bias, getattr(self, "x_proj" + sfx).weight, dt_proj.weight,
+                           dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
+
+    def in_proj_xz(self, hidden_states):
+        """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""
+        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)
+        return xz.transpose(1, 2)
+
+    def mix(self, xz, gate=None, mask=None):
+        """xz (batch, 2*d_inner, L) -> (batch, L, d_model): conv, scans, z-gating, out_proj.
+
+        gate (batch, 2) and mask (batch, L) are the DyVM options of bimamba_v2_inner_fn ("v2" only).
+        """
+        if self.bimamba_type == "v2":
+            y = bimamba_v2_inner_fn(xz, self.scan_weights(), self.scan_weights(backward=True), gate=gate,
+                                    mask=mask, divide_out=self.if_divide_out)
+            out = F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+        else:
+            if gate is not None or mask is not None:
+                raise ValueError("gate and mask need bimamba_type='v2'")
+            w = self.scan_weights()
+            out = mamba_inner_fn(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
+                                 self.out_proj.weight, self.out_proj.bias, w.A, None, None, w.D,
+                                 delta_bias=w.dt_proj_bias, delta_softplus=True)
+        return out * self.gamma if self.gamma is not None else out
+
+    def forward(self, hidden_states, inference_params=None, mask=None, gate=None):
+        """hidden_states: (batch, L, d_model) -> (batch, L, d_model)."""
+        if inference_params is not None:
+            raise NotImplementedError("step-by-step decoding (inference_params) is not implemented: "
+                                      "Vim and DyVM run whole sequences")
+        return self.mix(self.in_proj_xz(hidden_states), gate=gate, mask=mask)

@@ -1,0 +1,94 @@
+"""The DyVM patch: both scans of a bidirectional (Vim "v2") layer in one call, with per-sample direction
+gates and training-time token masks.
+
+    out = scale * (g_f * Y(x, z) + g_b * flip(Y(flip(x), flip(z))))     scale = 1/2 if divide_out else 1
+    Y(x, z) = selective_scan(conv_silu(x * m) * m, dt, A, B, C, D, z)  with dt, B, C from x_proj/dt_proj
+
+xz: (batch, 2*d_inner, L) = in_proj output (x then z); gate: (batch, 2) per-sample gates [forward,
+backward], None = both on; mask: (batch, L) token mask of the rearranged training sequence (1 keep,
+0 pruned; the backward scan sees it flipped), None = all kept. Returns (batch, d_inner, L), before out_proj.
+
+Gates multiply their direction's output, so gradients reach them. A (sample, direction) whose gate is
+exactly 0 is not computed at all when no gradient is needed (inference): it contributes zeros.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
+from mamba_ssm.ops.selective_scan_interface import selective_scan_ref, use_triton
+
+
+class ScanWeights(NamedTuple):
+    """One direction's parameters. conv_weight (d_inner, width) or (d_inner, 1, width); A = -exp(A_log), fp32."""
+    conv_weight: Tensor
+    conv_bias: Optional[Tensor]
+    x_proj_weight: Tensor  # (dt_rank + 2 * d_state, d_inner)
+    dt_proj_weight: Tensor  # (d_inner, dt_rank)
+    dt_proj_bias: Optional[Tensor]  # (d_inner,)
+    A: Tensor  # (d_inner, d_state)
+    D: Optional[Tensor]  # (d_inner,)
+
+
+def _check(xz, fwd, gate, mask):
+    if xz.dim() != 3 or xz.shape[1] != 2 * fwd.A.shape[0]:
+        raise ValueError(f"xz must be (batch, 2*d_inner={2 * fwd.A.shape[0]}, L), got {tuple(xz.shape)}")
+    if gate is not None and gate.shape != (xz.shape[0], 2):
+        raise ValueError(f"gate must be (batch, 2) = [forward, backward], got {tuple(gate.shape)}")
+    if mask is not None and mask.shape != (xz.shape[0], xz.shape[2]):
+        raise ValueError(f"mask must be (batch, L) = {(xz.shape[0], xz.shape[2])}, got {tuple(mask.shape)}")
+
+
+def scan_direction_ref(x, z, w: ScanWeights, mask=None):
+    """One direction: (batch, d_inner, L) x and z -> z-gated scan output (batch, d_inner, L)."""
+    if mask is not None:
+        x = x * mask.unsqueeze(1).to(x.dtype)
+    x = causal_conv1d_ref(x, w.conv_weight.reshape(w.conv_weight.shape[0], -1), w.conv_bias, activation="silu")
+    if mask is not None:  # also zeroes the conv bias at pruned slots, so they feed nothing into the state
+        x = x * mask.unsqueeze(1).to(x.dtype)
+    dt_rank, d_state = w.dt_proj_weight.shape[1], w.A.shape[1]
+    x_dbl = F.linear(x.transpose(1, 2), w.x_proj_weight)  # (batch, L, dt_rank + 2*d_state)
+    dt = (x_dbl[..., :dt_rank] @ w.dt_proj_weight.t()).transpose(1, 2)
+    B = x_dbl[..., dt_rank:dt_rank + d_state].transpose(1, 2)
+    C = x_dbl[..., dt_rank + d_state:].transpose(1, 2)
+    return selective_scan_ref(x, dt, w.A, B, C, w.D, z=z, delta_bias=w.dt_proj_bias, delta_softplus=True)
+
+
+def _needs_grad(xz, fwd, bwd, gate):
+    tensors = [xz, gate, *fwd, *bwd]
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True):
+    """Reference for `bimamba_v2_inner_fn` (see the module docstring)."""
+    _check(xz, fwd, gate, mask)
+    x, z = xz.chunk(2, dim=1)
+    skip_off = gate is not None and not _needs_grad(xz, fwd, bwd, gate)
+    out = torch.zeros_like(x)
+    for direction, w in enumerate((fwd, bwd)):
+        flip = (lambda t: t.flip(-1)) if direction else (lambda t: t)  # noqa: E731
+        m = None if mask is None else flip(mask)
+        if gate is None:
+            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m))
+            continue
+        g = gate[:, direction].to(x.dtype)
+        if skip_off:  # run only the samples whose gate is on (the reference's way; the kernel skips in place)
+            on = (g != 0).nonzero().squeeze(1)
+            if on.numel():
+                y = scan_direction_ref(flip(x[on]), flip(z[on]), w, None if m is None else m[on])
+                out = out.index_add(0, on, flip(y) * g[on, None, None])
+        else:
+            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m)) * g[:, None, None]
+    return out / 2 if divide_out else out
+
+
+def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True):
+    """Both directions of a Vim v2 layer in one call; Triton kernels on CUDA tensors."""
+    _check(xz, fwd, gate, mask)
+    if use_triton(xz):
+        from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
+
+        return bimamba_v2_inner_triton(xz, fwd, bwd, gate, mask, divide_out)
+    return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out)

@@ -1,0 +1,73 @@
+"""Residual add + LayerNorm / RMSNorm with the mamba-ssm 1.1.1 signatures (prenorm, residual_in_fp32).
+
+`layer_norm_fn` / `rms_norm_fn` dispatch: CUDA tensors go to the fused Triton kernel
+(`layernorm_kernel.py`, compiled at first use), everything else to `layer_norm_ref`.
+Semantics of the fused op: residual_out = x + residual (in fp32 when residual_in_fp32, else in x's dtype),
+out = norm(residual_out) in fp32, cast back to x's dtype; with prenorm it returns (out, residual_out).
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                   is_rms_norm=False):
+    dtype = x.dtype
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+        x = x.float() + residual.float()
+    residual_out = x.to(torch.float32 if residual_in_fp32 else dtype)
+    xf = x.float()
+    if is_rms_norm:
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()
+        if bias is not None:
+            out = out + bias.float()
+    else:
+        out = F.layer_norm(xf, xf.shape[-1:], weight.float(), None if bias is None else bias.float(), eps)
+    out = out.to(dtype)
+    return (out, residual_out) if prenorm else out
+
+
+def rms_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
+    return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm=True)
+
+
+def use_triton(x):
+    """True when `x` should take the fused Triton kernel (CUDA tensor, Triton importable, not forced off)."""
+    if not x.is_cuda or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
+        return False
+    try:
+        from mamba_ssm.ops.triton import layernorm_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                  is_rms_norm=False):
+    if use_triton(x):
+        from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
+
+        return layer_norm_triton(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+
+
+def rms_norm_fn(x, weight, bias, residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6):
+    return layer_norm_fn(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm=True)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias (bias registered as None, as upstream): x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps, prenorm=prenorm,
+                           residual_in_fp32=residual_in_fp32)
