@@ -116,7 +116,8 @@ class Vim(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.embed_dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         # Layer i drops with rate*(i-1)/(depth-1) (0 for the first), the final add+norm with the full rate.
-        rates = [0.0] + torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        steps = max(cfg.depth - 1, 1)
+        rates = [0.0] + [cfg.drop_path_rate * i / steps for i in range(cfg.depth)]
         self.layers = nn.ModuleList(
             Block(cfg.embed_dim, make_mixer(cfg, i, mixer_cls), rates[i], cfg.norm_eps) for i in range(cfg.depth))
         self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
