@@ -23,17 +23,18 @@ def linear_scan(a, b):
         b = torch.cat([b, b.new_zeros((pad,) + b.shape[1:])])
     a = a.reshape((n_chunks, chunk) + a.shape[1:])
     b = b.reshape((n_chunks, chunk) + b.shape[1:])
-    h = torch.empty_like(b)
-    decay = torch.empty_like(a)  # cumulative decay from each chunk's start
-    h[:, 0], decay[:, 0] = b[:, 0], a[:, 0]
+    # Step through the positions of all chunks at once; stack once at the end (no per-step strided writes).
+    hs, decays = [b[:, 0]], [a[:, 0]]  # state, and cumulative decay since the chunk's start
     for i in range(1, chunk):
-        torch.addcmul(b[:, i], a[:, i], h[:, i - 1], out=h[:, i])
-        torch.mul(decay[:, i - 1], a[:, i], out=decay[:, i])
+        hs.append(torch.addcmul(b[:, i], a[:, i], hs[-1]))
+        decays.append(decays[-1] * a[:, i])
+    h = torch.stack(hs, dim=1)
     if n_chunks > 1:
-        carry = h[:, -1].clone()  # true state at each chunk's end
+        carry = [hs[-1][0]]  # true state at each chunk's end
         for c in range(1, n_chunks):
-            carry[c].addcmul_(decay[c, -1], carry[c - 1])
-        h[1:].addcmul_(decay[1:], carry[:-1].unsqueeze(1))
+            carry.append(torch.addcmul(hs[-1][c], decays[-1][c], carry[-1]))
+        decay = torch.stack(decays[:-1] + [decays[-1]], dim=1)
+        h[1:].addcmul_(decay[1:], torch.stack(carry[:-1]).unsqueeze(1))
     return h.reshape((n_chunks * chunk,) + h.shape[2:])[:length]
 
 
