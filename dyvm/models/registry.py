@@ -1,6 +1,7 @@
 """timm registration of the model names, and the authors' CLI names (Vim-Tiny, ...) mapped onto them."""
 from timm.models import register_model
 
+from dyvm.models.dyvm import create_dyvm
 from dyvm.models.vim import VIM_BASE, VIM_SMALL, VIM_TINY, create_vim
 
 
@@ -20,6 +21,24 @@ def vim_small(**kwargs):
 def vim_base(**kwargs):
     """Vim-Base: D=768, depth 24, 97,598,440 parameters."""
     return create_vim(VIM_BASE, **kwargs)
+
+
+@register_model
+def dyvm_vim_tiny(**kwargs):
+    """DyVM on Vim-Tiny: + 3 token-score predictors + 24 gate heads, 7,367,086 parameters."""
+    return create_dyvm(VIM_TINY, **kwargs)
+
+
+@register_model
+def dyvm_vim_small(**kwargs):
+    """DyVM on Vim-Small: 26,594,110 parameters."""
+    return create_dyvm(VIM_SMALL, **kwargs)
+
+
+@register_model
+def dyvm_vim_base(**kwargs):
+    """DyVM on Vim-Base: 100,631,134 parameters."""
+    return create_dyvm(VIM_BASE, **kwargs)
 
 
 # The authors' --model names; main.py and dyvm.flops accept either form.

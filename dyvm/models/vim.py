@@ -178,6 +178,17 @@ class Vim(nn.Module):
     def forward(self, x):
         return self.head(self.forward_features(x)[:, self.cls_index])
 
+    def forward_aux(self, x):
+        """-> dyvm.models.dyvm.ForwardOutput, the type a DyVM returns: every token kept, no gates."""
+        from dyvm.models.dyvm import ForwardOutput  # late import: dyvm.py builds on this module
+
+        logits, patches = self.forward_with_tokens(x)
+        batch, num_patches = patches.shape[:2]
+        return ForwardOutput(
+            logits=logits, patch_tokens=patches, final_policy=patches.new_ones(batch, num_patches, 1),
+            slot_to_patch=torch.arange(num_patches, device=x.device).expand(batch, num_patches),
+            decisions=[], gates=None, seq_lens=[num_patches + 1] * len(self.layers))
+
 
 def build_config(base: VimConfig, kwargs) -> VimConfig:
     """Apply timm create_model kwargs to a base config; refuse pretrained downloads."""

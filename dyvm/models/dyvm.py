@@ -1,0 +1,218 @@
+"""Dynamic Vision Mamba: a Vim with learned token pruning and per-image scan-direction selection.
+
+reference-implementation.md section 2. Before each pruning location a score predictor rates the patch
+tokens; training keeps the full sequence, moves pruned tokens behind the kept ones and masks them out of
+the scans (so gradients reach the decisions), inference gathers the top-k tokens so the sequence
+physically shrinks. Both orderings are the same (kept tokens in original order, class token in their
+middle), which makes the two paths compute the same function for the same decisions. Each layer's gate
+head decides per image which of the two scans run.
+"""
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from dyvm.models.mixer import DynamicMamba, reset_gate_head
+from dyvm.models.predictor import TokenScorePredictor
+from dyvm.models.vim import Vim, VimConfig, build_config
+from dyvm.pruning import (ClsIndex, batch_gather, gumbel_sigmoid_gate, indices_to_mask, insert_cls, keep_count,
+                          kept_first_order, make_selection, split_cls, to_original_order)
+
+PRUNING_MODES = ("learned", "random", "static", "none")
+PREDICTOR_INPUTS = ("residual", "ssm_B", "ssm_delta")
+GATE_TAU = 2.0
+
+
+@dataclass
+class ForwardOutput:
+    """What a forward pass computed; the same type in train and eval mode, for dense Vim and DyVM.
+
+    logits (B, num_classes). patch_tokens (B, S, D): final-normed patch tokens in slot order (training
+    DyVM: S = M, kept first; eval DyVM: S = k of the last stage; dense: original order). final_policy
+    (B, S, 1): 1 where a slot holds a kept token. slot_to_patch (B, S): original patch index of each slot.
+    decisions: per pruning stage, (B, M) cumulative 0/1 keep over the original patch order (training:
+    straight-through, carries gradients). gates (depth, B, 2) [forward, backward] or None without block
+    selection (training: straight-through; eval: 0/1 of what ran). seq_lens: per layer, the sequence length
+    (class token included) it processed.
+    """
+
+    logits: Tensor
+    patch_tokens: Tensor
+    final_policy: Tensor
+    slot_to_patch: Tensor
+    decisions: list
+    gates: Optional[Tensor]
+    seq_lens: list
+
+
+@dataclass(frozen=True)
+class DyVMConfig:
+    token_keep_ratios: tuple = (0.7, 0.49, 0.343)  # cumulative fractions of the original patches, per stage
+    pruning_loc: tuple = (6, 12, 18)  # a stage prunes before these layers
+    pruning: str = "learned"  # "learned" | "random" | "static" | "none" (block selection only)
+    block_selection: bool = True  # False: token pruning only
+    predictor_input: str = "residual"  # "residual" | "ssm_B" | "ssm_delta" (previous layer's SSM B / raw delta)
+    gumbel_noise: bool = True  # False: deterministic training decisions (argmax / sigmoid > 0.5)
+    block_keep_ratio: float = 0.8  # target of the block-ratio loss (read by the training harness)
+
+    @property
+    def num_stages(self) -> int:
+        return 0 if self.pruning == "none" else len(self.pruning_loc)
+
+    def check(self, cfg: VimConfig) -> None:
+        """Raise a one-line ValueError naming the first inconsistent option."""
+        if self.pruning not in PRUNING_MODES:
+            raise ValueError(f"pruning must be one of {PRUNING_MODES}, got {self.pruning!r}")
+        if self.predictor_input not in PREDICTOR_INPUTS:
+            raise ValueError(f"predictor_input must be one of {PREDICTOR_INPUTS}, got {self.predictor_input!r}")
+        if self.predictor_input != "residual" and self.pruning != "learned":
+            raise ValueError(f"predictor_input={self.predictor_input!r} needs pruning='learned'")
+        if not 0.0 <= self.block_keep_ratio <= 1.0:
+            raise ValueError(f"block_keep_ratio must be in [0, 1], got {self.block_keep_ratio}")
+        if self.pruning == "none":
+            return
+        locs, ratios = tuple(self.pruning_loc), tuple(self.token_keep_ratios)
+        if len(locs) != len(ratios):
+            raise ValueError(f"pruning_loc {locs} and token_keep_ratios {ratios} must have the same length")
+        if not locs or list(locs) != sorted(set(locs)) or locs[0] < 1 or locs[-1] >= cfg.depth:
+            raise ValueError(f"pruning_loc {locs} must be strictly increasing layer indices in [1, {cfg.depth - 1}]")
+        counts = [keep_count(r, cfg.num_patches) for r in ratios]
+        if any(not 0 < r <= 1 for r in ratios) or counts[0] < 1 or counts != sorted(counts, reverse=True):
+            raise ValueError(f"token_keep_ratios {ratios} must be non-increasing in (0, 1] and keep at least "
+                             f"one of the {cfg.num_patches} patches")
+
+
+def make_dyvm_config(*, token_keep_ratio: Optional[float] = None, token_keep_ratios: Optional[Sequence] = None,
+                     pruning_loc: Sequence[int] = DyVMConfig.pruning_loc, **options) -> DyVMConfig:
+    """DyVMConfig from create_model style options: token_keep_ratio r gives (r, r^2, ...) per location."""
+    if token_keep_ratio is not None and token_keep_ratios is not None:
+        raise ValueError("give token_keep_ratio (r -> r, r^2, r^3) or token_keep_ratios, not both")
+    if token_keep_ratios is None:
+        r = 0.7 if token_keep_ratio is None else token_keep_ratio
+        token_keep_ratios = tuple(r ** (s + 1) for s in range(len(pruning_loc)))
+    known = {f.name for f in fields(DyVMConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown DyVM option(s) {unknown}; known: {sorted(known | {'token_keep_ratio'})}")
+    return DyVMConfig(token_keep_ratios=tuple(float(r) for r in token_keep_ratios),
+                      pruning_loc=tuple(int(i) for i in pruning_loc), **options)
+
+
+class _Tokens(NamedTuple):
+    """Where the tokens are: class position, keep policy (B, N), slot -> patch map (B, N), scan mask (B, N+1)."""
+    cls_index: ClsIndex
+    policy: Tensor
+    slot_to_patch: Tensor
+    mask: Optional[Tensor]
+
+
+class DyVM(Vim):
+    """Vim + token-score predictors (`score_predictors`) + per-layer gate heads (`layers.i.mixer.block_head`)."""
+
+    def __init__(self, cfg: VimConfig, dyvm_cfg: DyVMConfig = DyVMConfig()):
+        dyvm_cfg.check(cfg)
+        super().__init__(cfg, mixer_cls=partial(DynamicMamba, block_selection=dyvm_cfg.block_selection))
+        self.dyvm_cfg = dyvm_cfg
+        self.selection = make_selection(dyvm_cfg.pruning, dyvm_cfg.gumbel_noise) if dyvm_cfg.num_stages else None
+        self.score_predictors = None
+        if dyvm_cfg.pruning == "learned":
+            width = {"residual": cfg.embed_dim, "ssm_B": cfg.d_state, "ssm_delta": cfg.d_inner}
+            self.score_predictors = nn.ModuleList(
+                TokenScorePredictor(width[dyvm_cfg.predictor_input]) for _ in range(dyvm_cfg.num_stages))
+        for layer in self.layers:  # Vim's init zeroed every Linear bias; gates start open
+            if layer.mixer.block_head is not None:
+                reset_gate_head(layer.mixer.block_head)
+
+    @property
+    def stage_at(self) -> dict:
+        """{layer index: pruning stage} for the layers that a stage prunes before."""
+        return {loc: s for s, loc in enumerate(self.dyvm_cfg.pruning_loc[:self.dyvm_cfg.num_stages])}
+
+    def keep_counts(self) -> list:
+        """Patch tokens kept after each stage at inference: int(ratio * num_patches)."""
+        return [keep_count(r, self.cfg.num_patches) for r in self.dyvm_cfg.token_keep_ratios[:self.dyvm_cfg.num_stages]]
+
+    def _decide_gate(self, logits: Tensor) -> Tensor:
+        if self.training:
+            return gumbel_sigmoid_gate(logits, noise=self.dyvm_cfg.gumbel_noise, tau=GATE_TAU)
+        return (torch.sigmoid(logits) > 0.5).to(logits.dtype)
+
+    def _prune(self, stage: int, hidden: Tensor, residual: Tensor, tokens: _Tokens, feature: Optional[Tensor]):
+        """One pruning stage -> (hidden, residual, tokens, decision (B, M) over the original patches)."""
+        M = self.cfg.num_patches
+        k = keep_count(self.dyvm_cfg.token_keep_ratios[stage], M)
+        cls_h, other_h = split_cls(hidden, tokens.cls_index)
+        cls_r, other_r = split_cls(residual, tokens.cls_index)
+        log_probs = None
+        if self.score_predictors is not None:
+            features = other_h + other_r if feature is None else split_cls(feature, tokens.cls_index)[1]
+            log_probs = self.score_predictors[stage](features, tokens.policy.unsqueeze(-1).to(features.dtype))
+        if self.training:  # full length: kept tokens first (original order), pruned ones masked out
+            keep = self.selection.train_keep(log_probs, tokens.policy, k)
+            decision = to_original_order(keep, tokens.slot_to_patch, M)
+            order = kept_first_order(keep)
+            policy = keep.gather(1, order)
+            other_h, other_r = batch_gather(other_h, order), batch_gather(other_r, order)
+            slot_to_patch = tokens.slot_to_patch.gather(1, order)
+            cls_index = (policy > 0.5).sum(1) // 2
+            mask = insert_cls(policy.unsqueeze(-1), policy.new_ones(policy.shape[0], 1, 1), cls_index).squeeze(-1)
+        else:  # the sequence shrinks to the k best tokens, still in original order
+            index = self.selection.eval_indices(log_probs, tokens.policy, k)
+            other_h, other_r = batch_gather(other_h, index), batch_gather(other_r, index)
+            slot_to_patch = tokens.slot_to_patch.gather(1, index)
+            decision = indices_to_mask(slot_to_patch, M)
+            cls_index, policy, mask = k // 2, hidden.new_ones(index.shape, dtype=torch.float32), None
+        hidden, residual = insert_cls(other_h, cls_h, cls_index), insert_cls(other_r, cls_r, cls_index)
+        return hidden, residual, _Tokens(cls_index, policy, slot_to_patch, mask), decision
+
+    def forward_aux(self, x: Tensor) -> ForwardOutput:
+        """Images (B, C, H, W) -> ForwardOutput (see its docstring)."""
+        M = self.cfg.num_patches
+        hidden, residual = self.embed(x), None
+        batch = hidden.shape[0]
+        tokens = _Tokens(M // 2, hidden.new_ones(batch, M, dtype=torch.float32),
+                         torch.arange(M, device=x.device).expand(batch, M), None)
+        stage_at = self.stage_at
+        ssm_input = self.dyvm_cfg.predictor_input if self.dyvm_cfg.predictor_input != "residual" else None
+        decisions, gates, seq_lens, feature = [], [], [], None
+        for i, layer in enumerate(self.layers):
+            if i in stage_at:
+                hidden, residual, tokens, decision = self._prune(stage_at[i], hidden, residual, tokens, feature)
+                decisions.append(decision)
+            normed, residual = layer.add_norm(hidden, residual)
+            mixer = layer.mixer
+            xz = mixer.in_proj_xz(normed)
+            gate = None
+            if mixer.block_head is not None:
+                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_index))
+                gates.append(gate)
+            if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
+                feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
+            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask)
+            seq_lens.append(hidden.shape[1])
+        cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_index)
+        policy = tokens.policy.detach().unsqueeze(-1)
+        return ForwardOutput(logits=self.head(cls[:, 0]), patch_tokens=patches, final_policy=policy,
+                             slot_to_patch=tokens.slot_to_patch, decisions=decisions,
+                             gates=torch.stack(gates) if gates else None, seq_lens=seq_lens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_aux(x).logits
+
+    def forward_with_tokens(self, x: Tensor):
+        out = self.forward_aux(x)
+        return out.logits, out.patch_tokens
+
+    def forward_features(self, x: Tensor):
+        raise NotImplementedError("a DyVM's sequence changes per image: use forward_aux(x), which returns the "
+                                  "logits and the final patch tokens with their positions")
+
+
+def create_dyvm(base: VimConfig, **kwargs) -> DyVM:
+    """timm entry: kwargs are VimConfig fields plus the DyVMConfig options (and token_keep_ratio)."""
+    dyvm_names = {f.name for f in fields(DyVMConfig)} | {"token_keep_ratio"}
+    dyvm_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in dyvm_names}
+    return DyVM(build_config(base, kwargs), make_dyvm_config(**dyvm_kwargs))

@@ -1,0 +1,70 @@
+"""DynamicMamba: the Vim bidirectional mixer plus DyVM's per-image direction gate head.
+
+The gate head `block_head` Linear(2*d_inner, 2) reads the in_proj output xz (x and z) at the class token's
+position; column 0 gates the forward scan, column 1 the backward scan. The gated scan itself lives in
+mamba_ssm (bimamba_v2_inner_fn): at inference a direction whose gate is 0 for a sample is not computed.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from causal_conv1d import causal_conv1d_fn
+from dyvm.pruning import ClsIndex
+from mamba_ssm.modules.mamba_simple import Mamba
+
+GATE_INIT_BIAS = 5.0  # sigmoid(5) = 0.993: every direction starts on when a DyVM is made from a dense Vim
+SSM_FEATURES = ("ssm_B", "ssm_delta")
+
+
+class DynamicMamba(Mamba):
+    def __init__(self, d_model: int, *, block_selection: bool = True, **mamba_kwargs):
+        super().__init__(d_model, **mamba_kwargs)
+        if self.bimamba_type != "v2":
+            raise ValueError("DynamicMamba needs the bidirectional bimamba_type='v2'")
+        self.block_head = nn.Linear(2 * self.d_inner, 2) if block_selection else None
+        if self.block_head is not None:
+            reset_gate_head(self.block_head)
+
+    def gate_logits(self, xz: Tensor, cls_index: ClsIndex) -> Tensor:
+        """xz (B, 2*d_inner, L) -> gate logits (B, 2) [forward, backward] from the class token's column."""
+        if isinstance(cls_index, int):
+            cls_xz = xz[:, :, cls_index]
+        else:
+            cls_xz = xz.gather(2, cls_index.view(-1, 1, 1).expand(-1, xz.shape[1], 1)).squeeze(2)
+        return self.block_head(cls_xz)
+
+    def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
+        """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).
+
+        delta is the dt projection before its bias and softplus; both are computed the way the scan sees them
+        (masked x -> causal conv + SiLU -> masked -> x_proj), each direction on its own flipped sequence.
+        """
+        if kind not in SSM_FEATURES:
+            raise ValueError(f"kind must be one of {SSM_FEATURES}, got {kind!r}")
+        x = xz[:, :self.d_inner]
+        feats = []
+        for backward in (False, True):
+            w = self.scan_weights(backward)
+            xs, m = (x.flip(-1), None if mask is None else mask.flip(-1)) if backward else (x, mask)
+            if m is not None:
+                xs = xs * m.unsqueeze(1).to(xs.dtype)
+            xs = causal_conv1d_fn(xs, w.conv_weight.reshape(self.d_inner, -1), w.conv_bias, activation="silu")
+            if m is not None:
+                xs = xs * m.unsqueeze(1).to(xs.dtype)
+            x_dbl = F.linear(xs.transpose(1, 2), w.x_proj_weight)  # (B, L, dt_rank + 2*d_state)
+            if kind == "ssm_B":
+                f = x_dbl[..., self.dt_rank:self.dt_rank + self.d_state]
+            else:
+                f = x_dbl[..., :self.dt_rank] @ w.dt_proj_weight.t()
+            feats.append(f.flip(1) if backward else f)
+        return (feats[0] + feats[1]) / 2
+
+
+def reset_gate_head(head: nn.Linear) -> None:
+    """Weight 0, bias 5: the gate starts open for every image (used only for a DyVM fresh from a dense Vim)."""
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(GATE_INIT_BIAS)
