@@ -1,0 +1,170 @@
+"""Loading and saving checkpoints: official Vim files, DyVM files (ours and the authors' layout, which are the
+same key names), 'model' / 'model_ema' wrappers, 'module.' prefixes, position-embedding interpolation.
+
+Only the DyVM heads (score_predictors.*, layers.*.mixer.block_head.*) may be missing (a DyVM made from a
+dense Vim) or left over (a dense model or a non-learned ablation loading a DyVM file); any other missing,
+unexpected or mis-shaped key is an error that names them all.
+"""
+import argparse
+import math
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dyvm.models.mixer import reset_gate_head
+
+_DYVM_KEY = re.compile(r"^(score_predictors\.|layers\.\d+\.mixer\.block_head\.)")
+_GATE_KEY = re.compile(r"^layers\.\d+\.mixer\.block_head\.")
+_PREDICTOR_KEY = re.compile(r"^score_predictors\.")
+# Keys of the authors' files that no model uses (Token_Only's unused per-block layer_head).
+_DEAD_KEY = re.compile(r"^layers\.\d+\.layer_head\.")
+_WRAPPERS = ("model", "state_dict", "module")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names every offending key."""
+
+
+@dataclass
+class LoadReport:
+    source: str  # "dense" (no DyVM heads in the file) or "dyvm"
+    missing_dyvm_heads: list = field(default_factory=list)  # left at their fresh initialisation
+    ignored_keys: list = field(default_factory=list)  # in the file, not used by this model (DyVM heads / dead)
+    gates_initialised: bool = False  # block heads set to weight 0 / bias 5 (DyVM first made from a dense Vim)
+    pos_embed_resized: Optional[tuple] = None  # (old grid side, new grid side) when interpolated
+
+    def summary(self) -> str:
+        notes = [f"loaded a {self.source} checkpoint"]
+        if self.gates_initialised:
+            notes.append("gate heads initialised to weight 0 / bias 5 (fresh DyVM from a dense Vim)")
+        predictors = sorted({k.split(".")[1] for k in self.missing_dyvm_heads if k.startswith("score_predictors.")})
+        if predictors:
+            notes.append(f"token predictors {predictors} freshly initialised")
+        if self.ignored_keys:
+            notes.append(f"{len(self.ignored_keys)} key(s) not used by this model ignored")
+        if self.pos_embed_resized:
+            notes.append("pos_embed interpolated from a {0}x{0} to a {1}x{1} grid".format(*self.pos_embed_resized))
+        return "; ".join(notes)
+
+
+def is_dyvm_key(key: str) -> bool:
+    return bool(_DYVM_KEY.match(key))
+
+
+def _torch_load(path: str):
+    try:  # the released Vim files pickle their argparse Namespace next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a local training checkpoint with other Python objects in its args
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(obj, use_ema: bool = False, name: str = "checkpoint") -> dict:
+    """{'model': sd} / {'model_ema': sd} / {'state_dict': sd} / bare sd -> sd without 'module.' prefixes."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{name} holds a {type(obj).__name__}, not a state dict")
+    if use_ema:
+        if "model_ema" not in obj:
+            raise CheckpointError(f"{name} has no 'model_ema' entry (keys: {sorted(obj)[:8]})")
+        obj = obj["model_ema"]
+    else:
+        for key in _WRAPPERS:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{name} does not hold a state dict of tensors (keys: {sorted(obj)[:8]})")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_state_dict_file(path: str, use_ema: bool = False) -> dict:
+    """The model weights in a checkpoint file (see extract_state_dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return extract_state_dict(_torch_load(path), use_ema=use_ema, name=path)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(1, M0+1, D) with the class token's entry at M0//2 -> (1, M+1, D) with it at M//2.
+
+    The class entry is set aside (it is not a grid position), the patch grid is resized bicubically, and the
+    class entry is put back in the middle of the new patches.
+    """
+    old = pos_embed.shape[1] - 1
+    g0, g = math.isqrt(old), math.isqrt(num_patches)
+    if g0 * g0 != old or g * g != num_patches:
+        raise CheckpointError(f"pos_embed for {old} patches cannot be resized to {num_patches}: not square grids")
+    cls = pos_embed[:, old // 2:old // 2 + 1]
+    patches = torch.cat([pos_embed[:, :old // 2], pos_embed[:, old // 2 + 1:]], dim=1)
+    grid = patches.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1).to(pos_embed.dtype)
+    return torch.cat([patches[:, :num_patches // 2], cls, patches[:, num_patches // 2:]], dim=1)
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, use_ema: bool = False) -> LoadReport:
+    """Load a Vim or DyVM checkpoint into a dense Vim or a DyVM; raise CheckpointError on any real mismatch."""
+    if isinstance(path_or_state_dict, dict):
+        state = extract_state_dict(path_or_state_dict, use_ema=use_ema, name="state dict")
+    else:
+        state = load_state_dict_file(path_or_state_dict, use_ema=use_ema)
+    own = model.state_dict()
+    report = LoadReport(source="dyvm" if any(is_dyvm_key(k) for k in state) else "dense")
+
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        old = state["pos_embed"]
+        state = dict(state, pos_embed=resize_pos_embed(old, own["pos_embed"].shape[1] - 1))
+        report.pos_embed_resized = (math.isqrt(old.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1))
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    report.ignored_keys = [k for k in unexpected if is_dyvm_key(k) or _DEAD_KEY.match(k)]
+    unexpected = [k for k in unexpected if k not in report.ignored_keys]
+    report.missing_dyvm_heads = [k for k in missing if is_dyvm_key(k)]
+    missing = [k for k in missing if not is_dyvm_key(k)]
+    for group in (_PREDICTOR_KEY, _GATE_KEY):  # a head group the file brings must be complete
+        if any(group.match(k) for k in state):
+            missing += [k for k in report.missing_dyvm_heads if group.match(k)]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatch {mismatched}")
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    gate_heads = [m.block_head for m in model.modules() if getattr(m, "block_head", None) is not None]
+    if gate_heads and not any(_GATE_KEY.match(k) for k in state):
+        for head in gate_heads:  # a DyVM first made from a dense Vim: every scan starts on
+            reset_gate_head(head)
+        report.gates_initialised = True
+    return report
+
+
+def save_checkpoint(obj, path: str) -> None:
+    """torch.save atomically: a temp file in the same directory, fsync, then os.replace over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

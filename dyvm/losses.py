@@ -1,0 +1,129 @@
+"""The DyVM training loss (reference-implementation.md section 3) and the frozen dense teacher.
+
+    loss = w_clf * L_cls + w_tok * L_tok / S + w_blk * L_blk + w_dist * (L_kl + L_td)
+
+L_cls: the base criterion (soft-target CE under mixup). L_tok = sum over the S stages of
+mean_b (mean_n keep_s - r_s)^2. L_blk = (mean of every gate - r_blk)^2, one batch-global mean.
+L_kl = KL(teacher || student) of the class distributions. L_td = mean squared error between the student's
+kept patch tokens and the teacher's tokens at the same original patches (aligned by slot_to_patch).
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dyvm.models.dyvm import ForwardOutput
+from dyvm.models.vim import Vim, VimConfig
+from dyvm.pruning import batch_gather
+
+LOSS_PARTS = ("cls_loss", "token_pruning_loss", "block_pruning_loss", "cls_kl_loss", "token_kl_loss")
+
+
+def token_ratio_loss(decisions: Sequence[Tensor], keep_ratios: Sequence[float]) -> Tensor:
+    """sum_s mean_b (mean_n decisions_s[b, n] - r_s)^2 over (B, M) cumulative keep decisions."""
+    if len(decisions) != len(keep_ratios):
+        raise ValueError(f"{len(decisions)} pruning stages but {len(keep_ratios)} token keep ratios")
+    return sum(((d.float().mean(1) - r) ** 2).mean() for d, r in zip(decisions, keep_ratios))
+
+
+def block_ratio_loss(gates: Tensor, keep_ratio: float) -> Tensor:
+    """(mean over layers, samples and directions of the gates - keep_ratio)^2."""
+    return (gates.float().mean() - keep_ratio) ** 2
+
+
+def distill_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(p_teacher || p_student), averaged over the batch, temperature 1."""
+    return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
+                    log_target=True)
+
+
+def token_distill_mse(student_tokens: Tensor, final_policy: Tensor, slot_to_patch: Tensor,
+                      teacher_tokens: Tensor) -> Tensor:
+    """Mean of (student - teacher)^2 over the kept slots and channels; 0 when no slot is kept.
+
+    student_tokens (B, S, D) in slot order, final_policy (B, S, 1), slot_to_patch (B, S),
+    teacher_tokens (B, M, D) in original patch order.
+    """
+    teacher = batch_gather(teacher_tokens, slot_to_patch)
+    kept = (final_policy[..., 0] > 0.5).unsqueeze(-1).to(student_tokens.dtype)
+    count = kept.sum() * student_tokens.shape[-1]
+    sq = ((student_tokens.float() - teacher.float()) ** 2 * kept).sum()
+    return torch.where(count > 0, sq / count.clamp(min=1), sq * 0)
+
+
+class DyVMLoss(nn.Module):
+    """Wraps the base criterion; runs the frozen teacher under no_grad on the same images.
+
+    forward(images, out, targets) -> (total, parts); parts holds every term, already weighted and detached,
+    under LOSS_PARTS names. Terms that do not apply (no decisions, gates or teacher) are 0.
+    """
+
+    def __init__(self, base_criterion: nn.Module, teacher: Optional[nn.Module], token_keep_ratios: Sequence[float],
+                 block_keep_ratio: float, clf_weight: float = 1.0, token_weight: float = 10.0,
+                 block_weight: float = 10.0, distill_weight: float = 0.5, token_distill: bool = True):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.teacher = teacher
+        if teacher is not None:
+            freeze(teacher)
+        self.token_keep_ratios = tuple(float(r) for r in token_keep_ratios)
+        self.block_keep_ratio = float(block_keep_ratio)
+        self.clf_weight, self.token_weight, self.block_weight = clf_weight, token_weight, block_weight
+        self.distill_weight, self.token_distill = distill_weight, token_distill
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:  # the teacher stays in eval mode whatever the student does
+            self.teacher.eval()
+        return self
+
+    def forward(self, images: Tensor, out: ForwardOutput, targets: Tensor):
+        zero = out.logits.new_zeros(())
+        cls = self.clf_weight * self.base_criterion(out.logits, targets)
+        token = zero
+        if out.decisions:
+            stages = len(out.decisions)
+            token = self.token_weight * token_ratio_loss(out.decisions, self.token_keep_ratios[:stages]) / stages
+        block = zero if out.gates is None else self.block_weight * block_ratio_loss(out.gates, self.block_keep_ratio)
+        kl, td = zero, zero
+        if self.teacher is not None and self.distill_weight:
+            with torch.no_grad():
+                teacher_logits, teacher_tokens = self.teacher.forward_with_tokens(images)
+            kl = self.distill_weight * distill_kl(out.logits, teacher_logits)
+            if self.token_distill:
+                td = self.distill_weight * token_distill_mse(out.patch_tokens, out.final_policy, out.slot_to_patch,
+                                                             teacher_tokens)
+        total = cls + token + block + kl + td
+        if not torch.isfinite(total):
+            bad = [n for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td)) if not torch.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss term(s) {bad}")
+        parts = {n: v.detach() for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td))}
+        return total, parts
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: a teacher is never trained."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def build_teacher(student_cfg: VimConfig, path: Union[str, dict], use_ema: bool = False) -> Vim:
+    """The frozen dense Vim teacher from the original dense checkpoint (a path or a state dict).
+
+    Refuses a DyVM checkpoint: the teacher must be the dense model the student started from, never the
+    student's own weights (the reference took them on resume and evaluation).
+    """
+    from dyvm.checkpoint import CheckpointError, is_dyvm_key, load_checkpoint, load_state_dict_file
+
+    state = path if isinstance(path, dict) else load_state_dict_file(path, use_ema=use_ema)
+    dyvm_keys = [k for k in state if is_dyvm_key(k)]
+    if dyvm_keys:
+        raise CheckpointError(f"teacher checkpoint {path if isinstance(path, str) else '<state dict>'} holds a DyVM "
+                              f"model ({dyvm_keys[0]}, ...): the teacher must be the original dense Vim checkpoint")
+    teacher = Vim(student_cfg)
+    load_checkpoint(teacher, state)
+    return freeze(teacher)
