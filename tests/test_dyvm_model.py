@@ -1,0 +1,224 @@
+"""DyVM model: sizes, the train/inference equivalence the method rests on, gradients, ablation options."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
+
+import dyvm  # noqa: F401  (registers the timm names)
+from dyvm.losses import DyVMLoss
+from dyvm.models.dyvm import DyVM, ForwardOutput
+from dyvm.models.vim import count_parameters
+from dyvm.pruning import LearnedSelection, indices_to_mask, straight_through
+
+TINY = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_classes=10, pruning_loc=(1, 2, 3))
+M = 64  # patches of TINY
+
+
+def tiny(**options) -> DyVM:
+    return timm.create_model("dyvm_vim_tiny", **{**TINY, **options})
+
+
+def test_parameter_counts_of_the_registered_sizes():
+    expected = {"tiny": 7_367_086, "small": 26_594_110, "base": 100_631_134}
+    for size, count in expected.items():
+        model = timm.create_model(f"dyvm_vim_{size}")
+        assert count_parameters(model) == count, size
+        assert len(model.score_predictors) == 3 and model.dyvm_cfg.pruning_loc == (6, 12, 18)
+        del model
+
+
+def test_keep_ratios_and_counts():
+    model = tiny(token_keep_ratio=0.8)
+    assert model.dyvm_cfg.token_keep_ratios == pytest.approx((0.8, 0.64, 0.512))
+    assert model.keep_counts() == [51, 40, 32]
+    model.eval()
+    out = model.forward_aux(torch.randn(2, 3, 32, 32))
+    assert out.seq_lens == [M + 1, 52, 41, 33]
+    assert out.patch_tokens.shape == (2, 32, 32) and out.slot_to_patch.shape == (2, 32)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(pruning="magic"), "pruning must be one of"),
+    (dict(predictor_input="ssm_C"), "predictor_input must be one of"),
+    (dict(pruning_loc=(2, 1, 3)), "strictly increasing"),
+    (dict(pruning_loc=(0, 1, 2)), "strictly increasing"),
+    (dict(token_keep_ratios=(0.5, 0.7, 0.2)), "non-increasing"),
+    (dict(token_keep_ratios=(0.5, 0.2)), "same length"),
+    (dict(token_keep_ratio=0.5, token_keep_ratios=(0.5, 0.25, 0.1)), "not both"),
+])
+def test_bad_options_raise_one_line_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**bad)
+
+
+def test_misspelt_option_is_refused():
+    with pytest.raises(TypeError, match="unknown"):
+        tiny(token_keep_ratoi=0.5)
+
+
+def test_forward_returns_logits_and_the_same_output_type_in_both_modes():
+    model = tiny()
+    x = torch.randn(3, 3, 32, 32)
+    for training in (True, False):
+        model.train(training)
+        out = model.forward_aux(x)
+        assert isinstance(out, ForwardOutput)
+        assert model(x).shape == (3, 10)
+        assert out.gates.shape == (4, 3, 2) and len(out.decisions) == 3
+        assert all(d.shape == (3, M) for d in out.decisions)
+        assert out.final_policy.shape == out.patch_tokens.shape[:2] + (1,)
+
+
+def test_dense_vim_forward_aux():
+    model = timm.create_model("vim_tiny", **{k: v for k, v in TINY.items() if k != "pruning_loc"}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_aux(x)
+    torch.testing.assert_close(out.logits, model(x))
+    assert out.patch_tokens.shape == (2, M, 32) and out.final_policy.eq(1).all()
+    assert torch.equal(out.slot_to_patch, torch.arange(M).expand(2, M))
+    assert out.decisions == [] and out.gates is None and out.seq_lens == [M + 1] * 4
+
+
+class TopKInTraining(LearnedSelection):
+    """Training decisions made like the inference ones (top-k of the keep score), still straight-through:
+    the same decisions in both modes, so the two forward paths must agree."""
+
+    def train_keep(self, log_probs, policy, k):
+        score = log_probs[..., 0].masked_fill(policy <= 0.5, float("-inf"))
+        hard = indices_to_mask(score.topk(k, dim=1).indices, policy.shape[1])
+        return straight_through(hard, log_probs[..., 0].exp()) * policy
+
+
+def _spread_gates(model, seed=0):
+    """Gate heads that switch directions off for some images and on for others; decisive predictors (the
+    fresh ones score every token about equally, and near-ties would make top-k depend on rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    for predictor in model.score_predictors or []:
+        for linear in (predictor.in_conv[1], predictor.out_conv[0], predictor.out_conv[2], predictor.out_conv[4]):
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) / linear.in_features ** 0.5)
+    for layer in model.layers:
+        head = layer.mixer.block_head
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.3)
+            head.bias.copy_(torch.tensor([0.3, -0.3]))
+
+
+@pytest.mark.parametrize("predictor_input", ["residual", "ssm_B", "ssm_delta"])
+def test_training_and_inference_paths_agree_for_the_same_decisions(predictor_input):
+    torch.manual_seed(1)
+    model = tiny(gumbel_noise=False, predictor_input=predictor_input)
+    _spread_gates(model)
+    model.selection = TopKInTraining()
+    x = torch.randn(6, 3, 32, 32)
+    model.train()
+    train = model.forward_aux(x)
+    model.eval()
+    with torch.no_grad():
+        infer = model.forward_aux(x)
+    assert train.seq_lens == [M + 1] * 4 and infer.seq_lens == [M + 1, 45, 32, 22]
+    gates = infer.gates
+    assert torch.equal(train.gates.detach(), gates)
+    assert (gates == 0).any() and (gates == 1).any()
+    assert ((gates.sum(1) > 0) & (gates.sum(1) < 6)).any()  # some layer-direction differs between images
+    for t, i in zip(train.decisions, infer.decisions):  # straight-through values are 0/1 up to rounding
+        torch.testing.assert_close(t.detach(), i)
+        assert torch.equal((t > 0.5).float(), i)
+    k = infer.patch_tokens.shape[1]
+    torch.testing.assert_close(train.final_policy[:, :k], torch.ones(6, k, 1))
+    assert torch.equal(train.final_policy[:, k:], torch.zeros(6, M - k, 1))
+    assert torch.equal(train.slot_to_patch[:, :k], infer.slot_to_patch)
+    torch.testing.assert_close(train.logits.detach(), infer.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(train.patch_tokens[:, :k].detach(), infer.patch_tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_reaches_every_predictor_and_gate_parameter():
+    model = tiny()
+    _spread_gates(model)
+    teacher = timm.create_model("vim_tiny", **{k: v for k, v in TINY.items() if k != "pruning_loc"})
+    loss_fn = DyVMLoss(SoftTargetCrossEntropy(), teacher, model.dyvm_cfg.token_keep_ratios, 0.8)
+    x = torch.randn(4, 3, 32, 32)
+    target = torch.softmax(torch.randn(4, 10), -1)
+    model.train()
+    loss, _ = loss_fn(x, model.forward_aux(x), target)
+    loss.backward()
+    heads = [(n, p) for n, p in model.named_parameters() if "score_predictors" in n or "block_head" in n]
+    assert len(heads) == 3 * 10 + 4 * 2
+    for name, p in heads:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _names(model):
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_ablation_options_change_only_their_part():
+    full = _names(tiny())
+    backbone = {n: s for n, s in full.items() if "score_predictors" not in n and "block_head" not in n}
+    gates = {n: s for n, s in full.items() if "block_head" in n}
+    predictors = {n: s for n, s in full.items() if "score_predictors" in n}
+    assert _names(tiny(block_selection=False)) == {**backbone, **predictors}
+    assert _names(tiny(pruning="none")) == {**backbone, **gates}
+    assert _names(tiny(pruning="random")) == {**backbone, **gates}
+    assert _names(tiny(pruning="static")) == {**backbone, **gates}
+    ssm_b = _names(tiny(predictor_input="ssm_B"))
+    assert ssm_b["score_predictors.0.in_conv.1.weight"] == (16, 16)
+    assert _names(tiny(predictor_input="ssm_delta"))["score_predictors.0.in_conv.1.weight"] == (64, 64)
+    assert {n: s for n, s in ssm_b.items() if "score_predictors" not in n} == {**backbone, **gates}
+
+
+def test_block_selection_off_means_no_gates_and_token_pruning_still_on():
+    model = tiny(block_selection=False)
+    x = torch.randn(2, 3, 32, 32)
+    for training in (True, False):
+        model.train(training)
+        out = model.forward_aux(x)
+        assert out.gates is None and len(out.decisions) == 3
+
+
+def test_pruning_none_keeps_every_token_and_still_gates():
+    model = tiny(pruning="none").eval()
+    out = model.forward_aux(torch.randn(2, 3, 32, 32))
+    assert out.decisions == [] and out.seq_lens == [M + 1] * 4 and out.gates.shape == (4, 2, 2)
+
+
+@pytest.mark.parametrize("pruning", ["random", "static"])
+def test_random_and_static_keep_exact_nested_counts_in_both_modes(pruning):
+    model = tiny(pruning=pruning, block_selection=False)
+    x = torch.randn(5, 3, 32, 32)
+    counts = model.keep_counts()
+    for training in (True, False):
+        model.train(training)
+        out = model.forward_aux(x)
+        previous = torch.ones(5, M)
+        for d, k in zip(out.decisions, counts):
+            assert d.sum(1).tolist() == [k] * 5
+            assert (d <= previous).all()  # cumulative: a pruned patch never comes back
+            previous = d
+        if pruning == "static":
+            assert (out.decisions[-1] == out.decisions[-1][0]).all()  # the same patches for every image
+    if pruning == "static":
+        model.train()
+        train = model.forward_aux(x)
+        model.eval()
+        infer = model.forward_aux(x)
+        for t, i in zip(train.decisions, infer.decisions):
+            assert torch.equal(t, i)
+
+
+def test_gates_start_open():
+    model = tiny()
+    for layer in model.layers:
+        assert layer.mixer.block_head.weight.eq(0).all() and layer.mixer.block_head.bias.eq(5).all()
+    model.eval()
+    assert model.forward_aux(torch.randn(2, 3, 32, 32)).gates.eq(1).all()
+
+
+def test_eval_forward_has_no_gradient_graph_requirements():
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model.forward_aux(torch.randn(2, 3, 32, 32))
+    assert isinstance(model.selection, LearnedSelection) and not out.logits.requires_grad
+    assert isinstance(model.score_predictors, nn.ModuleList)

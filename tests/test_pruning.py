@@ -1,0 +1,100 @@
+"""The token-pruning functions against plain per-sample Python references."""
+import pytest
+import torch
+
+from dyvm.pruning import (LearnedSelection, RandomSelection, StaticSelection, batch_gather, gumbel_sigmoid_gate,
+                          gumbel_softmax_keep, insert_cls, kept_first_order, make_selection, sorted_topk, split_cls,
+                          to_original_order)
+
+
+def _random_policy(batch, n):
+    return (torch.rand(batch, n) < 0.6).float()
+
+
+def test_split_and_insert_cls_per_sample_match_a_loop():
+    x = torch.randn(5, 9, 3)
+    cls_index = torch.tensor([0, 4, 8, 2, 4])
+    cls, others = split_cls(x, cls_index)
+    for b, c in enumerate(cls_index.tolist()):
+        torch.testing.assert_close(cls[b, 0], x[b, c])
+        torch.testing.assert_close(others[b], torch.cat([x[b, :c], x[b, c + 1:]]))
+    torch.testing.assert_close(insert_cls(others, cls, cls_index), x)
+    # int index: the same thing by slicing
+    cls_i, others_i = split_cls(x, 4)
+    torch.testing.assert_close(others_i, split_cls(x, torch.full((5,), 4))[1])
+    torch.testing.assert_close(insert_cls(others_i, cls_i, 4), x)
+
+
+def test_kept_first_order_is_stable_and_matches_a_loop():
+    policy = _random_policy(6, 17)
+    order = kept_first_order(policy)
+    for b in range(6):
+        kept = [i for i in range(17) if policy[b, i] > 0.5]
+        dropped = [i for i in range(17) if policy[b, i] <= 0.5]
+        assert order[b].tolist() == kept + dropped
+
+
+def test_sorted_topk_and_gather():
+    score = torch.randn(4, 12)
+    index = sorted_topk(score, 5)
+    for b in range(4):
+        assert index[b].tolist() == sorted(score[b].argsort(descending=True)[:5].tolist())
+    x = torch.randn(4, 12, 2)
+    torch.testing.assert_close(batch_gather(x, index), torch.stack([x[b, index[b]] for b in range(4)]))
+
+
+def test_to_original_order_carries_gradient():
+    values = torch.rand(3, 6, requires_grad=True)
+    perm = torch.stack([torch.randperm(6) for _ in range(3)])
+    out = to_original_order(values, perm, 6)
+    for b in range(3):
+        for j in range(6):
+            assert out[b, perm[b, j]] == values[b, j]
+    out.sum().backward()
+    torch.testing.assert_close(values.grad, torch.ones(3, 6))
+
+
+def test_gumbel_decisions_are_hard_with_straight_through_gradients():
+    log_probs = torch.randn(2, 7, 2).log_softmax(-1).requires_grad_()
+    keep = gumbel_softmax_keep(log_probs, noise=False)
+    assert torch.equal(keep.detach(), (log_probs[..., 0] > log_probs[..., 1]).float())
+    keep.sum().backward()
+    soft = log_probs.detach().softmax(-1)[..., 0]
+    torch.testing.assert_close(log_probs.grad[..., 0], soft * (1 - soft))
+    noisy = gumbel_softmax_keep(log_probs, noise=True)
+    assert set(noisy.detach().unique().tolist()) <= {0.0, 1.0}
+
+    logits = torch.randn(3, 2, requires_grad=True)
+    gate = gumbel_sigmoid_gate(logits, noise=False, tau=2.0)
+    assert torch.equal(gate.detach(), (logits > 0).float())
+    gate.sum().backward()
+    s = torch.sigmoid(logits.detach() / 2)
+    torch.testing.assert_close(logits.grad, s * (1 - s) / 2)
+
+
+@pytest.mark.parametrize("rule", [RandomSelection(), StaticSelection()])
+def test_exact_count_rules_are_cumulative_and_same_in_both_modes(rule):
+    n, k = 20, 7
+    policy = torch.zeros(3, n)
+    policy[:, :12] = 1  # the training layout: kept slots first
+    keep = rule.train_keep(None, policy, k)
+    assert keep.sum(1).tolist() == [k] * 3
+    assert (keep <= policy).all()  # a pruned slot is never revived
+    index = rule.eval_indices(None, torch.ones(3, 12), k)
+    assert index.shape == (3, k) and (index.diff(dim=1) > 0).all()
+
+
+def test_static_rule_is_evenly_spaced_and_identical_in_both_modes():
+    policy = torch.zeros(2, 30)
+    policy[:, :13] = 1
+    keep = StaticSelection().train_keep(None, policy, 5)
+    expected = [j * 12 // 4 for j in range(5)]
+    assert [i for i in range(30) if keep[0, i]] == expected
+    assert torch.equal(keep[0], keep[1])
+    assert StaticSelection().eval_indices(None, torch.ones(2, 13), 5).tolist() == [expected] * 2
+
+
+def test_make_selection_rejects_unknown_rule():
+    assert isinstance(make_selection("learned"), LearnedSelection)
+    with pytest.raises(ValueError, match="pruning must be one of"):
+        make_selection("magic")
