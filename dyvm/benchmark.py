@@ -1,0 +1,180 @@
+"""Inference throughput of dense Vim and DyVM, measured in one process so the numbers compare.
+
+Method: model.eval(), no_grad, a fixed random batch on the device, `warmup` untimed forwards, then `iters`
+timed forwards, each bracketed by device synchronisation; images/s = batch / median batch time.
+
+An untrained DyVM (gate heads at weight 0 / bias 5) would run every scan direction, which is not what a
+trained one does. `--gate-keep` gives it a realistic per-image gate pattern: each gate head gets random
+weights, and its biases are calibrated on a random batch so that the chosen fraction of (image, direction)
+pairs is on, differing from image to image. Token keep is top-k, so token counts are realistic already.
+
+    python -m dyvm.benchmark --models vim_small dyvm_vim_small --batch-sizes 128 --dtypes fp32 bf16 \
+        --gate-keep 0.735 --json benchmarks/e2e_h100.json
+"""
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device,
+                       dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30) -> dict:
+    """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    times = []
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train(was_training)
+    median = statistics.median(times)
+    return {"images_per_s": batch_size / median, "median_batch_s": median, "batch_size": batch_size,
+            "iters": iters, "warmup": warmup}
+
+
+@torch.no_grad()
+def calibrate_gates(model: nn.Module, keep: float, batch_size: int, img_size: int, in_chans: int, device,
+                    seed: int = 0, rounds: int = 3) -> float:
+    """Give an untrained DyVM's gate heads random weights and biases such that about `keep` of the (image,
+    direction) pairs run, varying per image. Returns the realised fraction on a fresh random batch."""
+    heads = [layer.mixer.block_head for layer in model.layers if getattr(layer.mixer, "block_head", None) is not None]
+    if not heads:
+        raise ValueError("this model has no gate heads (block selection off): --gate-keep does not apply")
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"--gate-keep must be in [0, 1], got {keep}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for head in heads:
+        w = torch.randn(head.weight.shape, generator=g) / head.in_features ** 0.5
+        head.weight.copy_(w.to(head.weight))
+        head.bias.zero_()
+    model.eval()
+    x = torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(device)
+    for _ in range(rounds):  # later layers see earlier layers' gates: a few passes settle the biases
+        logits = {}
+        hooks = [h.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o - m.bias)) for k, h in
+                 enumerate(heads)]
+        model(x)
+        for h in hooks:
+            h.remove()
+        for k, head in enumerate(heads):
+            # on where logit + bias > 0: bias = -(1-keep)-quantile of the bias-free logits, per direction
+            q = torch.quantile(logits[k].float(), 1.0 - keep, dim=0) if 0 < keep < 1 else None
+            head.bias.copy_((-q if q is not None else torch.full((2,), 30.0 if keep == 1 else -30.0)).to(head.bias))
+    out = model.forward_aux(torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(device))
+    return float((out.gates > 0.5).float().mean())
+
+
+def environment() -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    return info
+
+
+def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
+        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int) -> list:
+    import timm
+
+    import dyvm  # noqa: F401  (registers the model names)
+    from dyvm.models.registry import resolve_model_name
+
+    rows = []
+    for name in models:
+        dynamic = name.startswith("dyvm_") or name.startswith("Vim-")
+        timm_name = resolve_model_name(name, dynamic)
+        kwargs = {"img_size": img_size}
+        if dynamic:
+            kwargs["token_keep_ratio"] = token_keep_ratio
+        model = timm.create_model(timm_name, **kwargs).to(device).eval()
+        realised = None
+        if dynamic and gate_keep is not None:
+            realised = calibrate_gates(model, gate_keep, min(64, max(batch_sizes)), img_size, 3, device)
+        for dt in dtypes:
+            for bs in batch_sizes:
+                r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters)
+                rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
+                print(f"{timm_name:16s} {dt:5s} batch {bs:4d}: {r['images_per_s']:9.1f} images/s"
+                      + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speedups(rows: list) -> list:
+    """DyVM images/s over the dense model of the same size, dtype, batch and image size."""
+    dense = {(r["model"], r["dtype"], r["batch_size"], r["img_size"]): r["images_per_s"] for r in rows}
+    out = []
+    for r in rows:
+        if r["model"].startswith("dyvm_"):
+            base = dense.get((r["model"][len("dyvm_"):], r["dtype"], r["batch_size"], r["img_size"]))
+            if base:
+                out.append({"model": r["model"], "dtype": r["dtype"], "batch_size": r["batch_size"],
+                            "speedup_vs_dense": r["images_per_s"] / base})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("python -m dyvm.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vim_small", "dyvm_vim_small"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--token-keep-ratio", type=float, default=0.7)
+    p.add_argument("--gate-keep", type=float, default=None,
+                   help="give untrained DyVM gates this fraction of (image, direction) pairs on, e.g. 0.735")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--json", default="", help="write environment, rows and speed-ups here")
+    args = p.parse_args(argv)
+    env = environment()
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    try:
+        rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.gate_keep,
+                   args.token_keep_ratio, args.warmup, args.iters)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ups = speedups(rows)
+    for s in ups:
+        print(f"{s['model']} {s['dtype']} batch {s['batch_size']}: {s['speedup_vs_dense']:.2f}x the dense model")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "rows": rows, "speedups": ups}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""train_one_epoch / evaluate (DeiT style), for a dense Vim and for DyVM alike.
+
+Both models return a ForwardOutput from `forward_aux`; the criterion takes (images, output, targets) and
+returns (loss, weighted parts). A dense Vim trains with `ClassificationLoss` (the demo's teacher stage), a
+DyVM with dyvm.losses.DyVMLoss. Under DDP the model is wrapped in `AuxForward` so that DDP's forward hook
+sees the ForwardOutput call.
+"""
+import math
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+from tqdm import tqdm
+
+from dyvm.flops import macs_from_output
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss; the message names where the first non-finite value appeared."""
+
+
+class AuxForward(nn.Module):
+    """model.forward_aux as forward(), so DistributedDataParallel synchronises the gradients of that call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_aux(x)
+
+
+class ClassificationLoss(nn.Module):
+    """The plain loss of a dense model: base criterion on the logits; same call and return as DyVMLoss."""
+
+    def __init__(self, base_criterion: nn.Module):
+        super().__init__()
+        self.base_criterion = base_criterion
+
+    def forward(self, images, out, targets):
+        loss = self.base_criterion(out.logits, targets)
+        return loss, {"cls_loss": loss.detach()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, AuxForward)):
+        model = model.module if hasattr(model, "module") else model.model
+    return model
+
+
+def world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    if world()[0] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _nonfinite(obj) -> bool:
+    if isinstance(obj, Tensor):
+        return obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+    if isinstance(obj, (list, tuple)):
+        return any(_nonfinite(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_nonfinite(o) for o in obj.values())
+    if hasattr(obj, "__dataclass_fields__"):
+        return any(_nonfinite(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return False
+
+
+@torch.no_grad()
+def locate_nonfinite(model: nn.Module, images: Tensor, parts: dict, loss_note: str = "") -> str:
+    """Where did the non-finite loss come from? Checked in order: the input batch, the parameters, the
+    first module (in call order) whose output is non-finite when the batch is re-run with forward hooks
+    (installed only now, so normal steps pay nothing), and the loss terms."""
+    if _nonfinite(images):
+        return "the input batch contains non-finite pixels"
+    bad = [n for n, p in model.named_parameters() if _nonfinite(p)]
+    if bad:
+        return f"non-finite parameter(s): {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+    order = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if not order and _nonfinite(output):
+                order.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        out = model.forward_aux(images)
+    finally:
+        for h in handles:
+            h.remove()
+    if order:
+        return f"first non-finite output: module '{order[0]}'"
+    if _nonfinite(out):
+        return "non-finite model output (inside a layer; no hooked sub-module's output was non-finite)"
+    terms = [k for k, v in parts.items() if _nonfinite(v)]
+    if terms:
+        loss_note = f"loss term(s) {terms}"
+    return f"{loss_note or 'the loss'} (the model's outputs are finite)"
+
+
+def _log_parts(meter: dict, parts: dict, n: int):
+    for k, v in parts.items():
+        meter[k] += float(v) * n
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,
+                    *, mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None, ema=None,
+                    amp_dtype: Optional[torch.dtype] = None, scaler=None, max_steps: Optional[int] = None,
+                    progress: bool = False, global_step: int = 0) -> dict:
+    """One epoch; returns the mean of every logged quantity over the processed images (all ranks)."""
+    model.train()
+    criterion.train()
+    world_size, rank = world()
+    meter = defaultdict(float)
+    n_seen = 0
+    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress or rank != 0, leave=False,
+               dynamic_ncols=True)
+    for step, (images, targets) in enumerate(loader):
+        if step >= steps:
+            break
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+        try:
+            with autocast:
+                out = model(images)
+                loss, parts = criterion(images, out, targets)
+            local_ok = bool(torch.isfinite(loss.detach()))
+        except FloatingPointError as e:  # DyVMLoss refuses a non-finite total itself, naming the terms
+            loss, parts, local_ok, loss_note = None, {}, False, str(e)
+        else:
+            loss_note = ""
+        if world_size > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
+            flag = torch.tensor([float(local_ok)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            all_ok = bool(flag.item() > 0)
+        else:
+            all_ok = local_ok
+        if not all_ok:
+            where = locate_nonfinite(unwrap(model), images, parts, loss_note) if not local_ok else "in another process"
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if ema is not None:
+            ema.update(unwrap(model), step=global_step + step)
+        b = images.shape[0]
+        n_seen += b
+        meter["loss"] += float(loss.detach()) * b
+        _log_parts(meter, parts, b)
+        if out.gates is not None:
+            meter["block_keep_ratio"] += float((out.gates.detach() > 0.5).float().mean()) * b
+        for s, d in enumerate(out.decisions):
+            meter[f"token_keep_stage{s}"] += float(d.detach().float().mean()) * b
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    bar.close()
+    totals = torch.tensor([n_seen] + list(meter.values()), dtype=torch.float64, device=device)
+    totals = all_reduce_sum(totals)
+    stats = {k: float(v / max(1.0, totals[0])) for k, v in zip(meter, totals[1:])}
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["steps"] = steps
+    return stats
+
+
+def _topk_correct(logits: Tensor, targets: Tensor, ks=(1, 5)) -> list:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(targets.unsqueeze(1))
+    return [hit[:, :min(k, maxk)].any(dim=1).float().sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
+             valid_samples: Optional[int] = None, progress: bool = False, desc: str = "eval") -> dict:
+    """Top-1/top-5, loss, and what the model ran on this data: tokens kept per stage, gate keep ratio
+    (overall and per layer), MACs per image in both conventions. `valid_samples`: how many of this rank's
+    samples are real (distributed evaluation pads the last rank), None = all. Results are summed over ranks."""
+    model = unwrap(model)
+    model.eval()
+    world_size, rank = world()
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+    gate_sum, stage_tokens = None, None
+    seen = 0
+    bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+    for images, targets in bar:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        keep = images.shape[0] if valid_samples is None else max(0, min(images.shape[0], valid_samples - seen))
+        seen += images.shape[0]
+        if keep == 0:
+            continue
+        images, targets = images[:keep], targets[:keep]
+        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+        with autocast:
+            out = model.forward_aux(images)
+        logits = out.logits.float()
+        top1, top5 = _topk_correct(logits, targets)
+        sums["n"] += keep
+        sums["loss"] += ce(logits, targets).double()
+        sums["top1"] += top1.double()
+        sums["top5"] += top5.double()
+        paper, full = macs_from_output(model, out)
+        sums["macs_paper"] += paper.sum()
+        sums["macs_full"] += full.sum()
+        if out.gates is not None:
+            g = (out.gates > 0.5).double().sum(1)  # (depth, 2): images with each direction on
+            gate_sum = g if gate_sum is None else gate_sum + g
+        if out.decisions:
+            t = torch.stack([d.double().sum() for d in out.decisions])
+            stage_tokens = t if stage_tokens is None else stage_tokens + t
+        sums["seq_len_sum"] += float(sum(out.seq_lens)) * keep
+    keys = ["n", "loss", "top1", "top5", "macs_paper", "macs_full", "seq_len_sum"]
+    vec = torch.stack([sums[k] for k in keys])
+    vec = all_reduce_sum(vec)
+    n = max(1.0, float(vec[0]))
+    res = {"num_images": int(vec[0]), "loss": float(vec[1]) / n, "acc1": 100 * float(vec[2]) / n,
+           "acc5": 100 * float(vec[3]) / n, "gmacs_paper": float(vec[4]) / n / 1e9,
+           "gmacs_full": float(vec[5]) / n / 1e9, "mean_seq_len": float(vec[6]) / n / max(1, len(model.layers))}
+    depth = len(model.layers)
+    if getattr(model, "dyvm_cfg", None) is not None and model.dyvm_cfg.block_selection:
+        gate_sum = all_reduce_sum(gate_sum if gate_sum is not None else torch.zeros(depth, 2, device=device,
+                                                                                   dtype=torch.float64))
+        per_layer = (gate_sum / n).tolist()
+        res["block_keep_ratio"] = float(gate_sum.sum()) / (n * 2 * depth)
+        res["block_keep_per_layer"] = [[round(f, 4), round(b, 4)] for f, b in per_layer]
+    stages = model.dyvm_cfg.num_stages if getattr(model, "dyvm_cfg", None) is not None else 0
+    if stages:
+        st = all_reduce_sum(stage_tokens if stage_tokens is not None else
+                            torch.zeros(stages, device=device, dtype=torch.float64))
+        res["tokens_kept_per_stage"] = [round(float(v) / n, 2) for v in st]
+        res["token_keep_ratio_per_stage"] = [round(float(v) / n / model.cfg.num_patches, 4) for v in st]
+    return res
+
+
+def global_batch_lr(lr: float, batch_size: int, world_size: int, unscale: bool) -> float:
+    """DeiT rule: lr is given for a global batch of 512."""
+    return lr if unscale else lr * batch_size * world_size / 512.0
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
