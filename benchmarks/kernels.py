@@ -1,0 +1,298 @@
+"""Kernel benchmark: checks our Triton kernels against the references at full size, then times them
+against the upstream CUDA kernels (mamba-ssm 2.3.2.post1 / causal-conv1d 1.7.0) at Vim's shapes.
+
+    python benchmarks/kernels.py --out results.json              # ours + reference (+ upstream if built)
+    python benchmarks/kernels.py --upstream-only --out up.json   # run in a separate process (see below)
+
+The upstream packages are installed into their own folder (`--target`) and timed in a separate process
+whose sys.path holds them instead of this repository, because both packages are named mamba_ssm.
+Timings: median of triton.testing.do_bench (which flushes L2 between runs), on fresh random inputs.
+Shapes (targets.md): batch 128, L 197, d_inner 384 / 768 / 1536, d_state 16, one B/C group, with D,
+z, delta_bias and softplus. "min bytes" counts each input read once and each output written once.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+BATCH, SEQLEN, D_STATE, WIDTH = 128, 197, 16, 4
+DIMS = (384, 768, 1536)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def bench(fn, warmup=25, rep=100):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def scan_inputs(dim, dtype, batch=BATCH, seqlen=SEQLEN, channels_last=False, requires_grad=False):
+    def act(*shape):  # (b, d, L), optionally with channels-last memory
+        if channels_last:
+            return torch.randn(shape[0], shape[2], shape[1], device="cuda", dtype=dtype).transpose(1, 2)
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+    u = act(batch, dim, seqlen)
+    delta = act(batch, dim, seqlen) * 0.5 - 1.0
+    z = act(batch, dim, seqlen)
+    A = -torch.exp(torch.rand(dim, D_STATE, device="cuda") * 2)
+    B = torch.randn(batch, D_STATE, seqlen, device="cuda", dtype=dtype)
+    C = torch.randn(batch, D_STATE, seqlen, device="cuda", dtype=dtype)
+    D = torch.randn(dim, device="cuda")
+    bias = torch.rand(dim, device="cuda") - 4.0
+    ins = [u, delta, A, B, C, D, z, bias]
+    if requires_grad:
+        ins = [t.detach().requires_grad_() for t in ins]
+    return ins
+
+
+def scan_bytes(dim, esize, backward=False):
+    bdl, bnl = BATCH * dim * SEQLEN, BATCH * D_STATE * SEQLEN
+    fwd = (4 * bdl + 2 * bnl) * esize  # u, delta, z, B, C in; out
+    if not backward:
+        return fwd
+    return fwd + (7 * bdl + 4 * bnl) * esize  # u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
+
+
+def fwd_bwd(fn, ins):
+    def run():
+        out = fn(*ins)
+        out.backward(grad)
+    out = fn(*ins)
+    grad = torch.randn_like(out)
+    return run
+
+
+# ----------------------------------------------------------------------------- upstream (own process)
+def run_upstream(results):
+    import importlib.util
+    import types
+
+    import causal_conv1d_cuda  # noqa: F401  (fail early if the build is missing)
+    import selective_scan_cuda  # noqa: F401
+
+    # Skip upstream mamba_ssm/__init__.py (it imports the language-model code and transformers).
+    spec = importlib.util.find_spec("mamba_ssm")
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = pkg
+    from causal_conv1d import causal_conv1d_fn as up_conv
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as up_scan
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as up_norm
+
+    for dname, dtype in DTYPES.items():
+        for dim in DIMS:
+            ins = scan_inputs(dim, dtype)
+            f = lambda: up_scan(*ins, delta_softplus=True)  # noqa: E731
+            results[f"scan_fwd/{dim}/{dname}/upstream"] = bench(f)
+            ins = scan_inputs(dim, dtype, requires_grad=True)
+            results[f"scan_fwdbwd/{dim}/{dname}/upstream"] = bench(
+                fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
+        conv_and_norm(results, dtype, dname, "upstream", up_conv, up_norm)
+
+
+def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn, dim=768, hidden=384):
+    x = torch.randn(BATCH, dim, SEQLEN, device="cuda", dtype=dtype)
+    w = torch.randn(dim, WIDTH, device="cuda", dtype=dtype)
+    b = torch.randn(dim, device="cuda", dtype=dtype)
+    results[f"conv_fwd/{dim}/{dname}/{tag}"] = bench(lambda: conv_fn(x, w, b, activation="silu"))
+    ins = [t.detach().requires_grad_() for t in (x, w, b)]
+    results[f"conv_fwdbwd/{dim}/{dname}/{tag}"] = bench(fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
+    h = torch.randn(BATCH * SEQLEN, hidden, device="cuda", dtype=dtype)
+    res = torch.randn(BATCH * SEQLEN, hidden, device="cuda", dtype=torch.float32)
+    nw = torch.randn(hidden, device="cuda")
+    norm = lambda a, r, ww: norm_fn(a, ww, None, residual=r, prenorm=True, residual_in_fp32=True,  # noqa: E731
+                                    eps=1e-5)
+    results[f"norm_fwd/{hidden}/{dname}/{tag}"] = bench(lambda: norm(h, res, nw))
+    ins = [t.detach().requires_grad_() for t in (h, res, nw)]
+
+    def run():
+        out, r = norm(*ins)
+        torch.autograd.backward((out, r), (g1, g2))
+    out, r = norm(*ins)
+    g1, g2 = torch.randn_like(out), torch.randn_like(r)
+    results[f"norm_fwdbwd/{hidden}/{dname}/{tag}"] = bench(run)
+
+
+# ----------------------------------------------------------------------------- ours
+def check_ours(checks):
+    """Full-size agreement with the references (values and gradients), printed and recorded."""
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
+    from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton
+    from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_ref
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
+    from mamba_ssm.ops.triton.layernorm import layer_norm_ref
+    from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
+    from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
+
+    for dname, dtype in DTYPES.items():
+        ins = scan_inputs(768, dtype, requires_grad=True)
+        out = selective_scan_triton(*ins, delta_softplus=True)
+        ref = selective_scan_ref(*ins, delta_softplus=True)
+        g = torch.randn_like(out)
+        ga = torch.autograd.grad(out, ins, g)
+        gr = torch.autograd.grad(ref, ins, g)
+        checks[f"scan/768/{dname}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in
+                                                                zip("u delta A B C D z bias".split(), ga, gr)}}
+        torch.cuda.empty_cache()
+        dim, batch = 768, 16
+        mk = lambda: ScanWeights(  # noqa: E731
+            torch.randn(dim, 1, WIDTH, device="cuda") * 0.3, torch.randn(dim, device="cuda") * 0.1,
+            torch.randn(24 + 2 * D_STATE, dim, device="cuda") * 0.05, torch.randn(dim, 24, device="cuda") * 0.2,
+            torch.rand(dim, device="cuda") - 4.0, -torch.exp(torch.rand(dim, D_STATE, device="cuda") * 2),
+            torch.randn(dim, device="cuda"))
+        fw, bw = mk(), mk()
+        if dtype != torch.float32:
+            fw = ScanWeights(*[t.to(dtype) if i < 4 else t for i, t in enumerate(fw)])
+            bw = ScanWeights(*[t.to(dtype) if i < 4 else t for i, t in enumerate(bw)])
+        xz = torch.randn(batch, SEQLEN, 2 * dim, device="cuda", dtype=dtype).transpose(1, 2)
+        gate = torch.rand(batch, 2, device="cuda")
+        gate[: batch // 2, 1] = 0
+        mask = (torch.rand(batch, SEQLEN, device="cuda") > 0.3).to(dtype)
+        leaves = [t.detach().requires_grad_() for t in (xz, gate, *fw, *bw)]
+        xz_, gate_ = leaves[0], leaves[1]
+        fw_, bw_ = ScanWeights(*leaves[2:9]), ScanWeights(*leaves[9:16])
+        out = bimamba_v2_inner_triton(xz_, fw_, bw_, gate_, mask, True)
+        ref = bimamba_v2_inner_ref(xz_, fw_, bw_, gate_, mask, True)
+        g = torch.randn_like(out)
+        ga = torch.autograd.grad(out, leaves, g)
+        gr = torch.autograd.grad(ref, leaves, g)
+        checks[f"bimamba/768/b16/{dname}"] = {"out": rel(out, ref), "grads_max": max(rel(a, r) for a, r in zip(ga, gr))}
+        with torch.no_grad():
+            out = bimamba_v2_inner_triton(xz, fw, bw, gate, mask, True)
+            ref = bimamba_v2_inner_ref(xz, fw, bw, gate, mask, True)
+        checks[f"bimamba_infer/768/b16/{dname}"] = {"out": rel(out, ref)}
+        x = torch.randn(BATCH, 768, SEQLEN, device="cuda", dtype=dtype)
+        w = torch.randn(768, WIDTH, device="cuda", dtype=dtype)
+        b = torch.randn(768, device="cuda", dtype=dtype)
+        ins = [t.requires_grad_() for t in (x, w, b)]
+        out, ref = causal_conv1d_triton(*ins, activation="silu"), causal_conv1d_ref(*ins, activation="silu")
+        g = torch.randn_like(out)
+        checks[f"conv/768/{dname}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in zip(
+            "x w b".split(), torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g))}}
+        h = torch.randn(BATCH * SEQLEN, 384, device="cuda", dtype=dtype)
+        res = torch.randn(BATCH * SEQLEN, 384, device="cuda")
+        nw = torch.randn(384, device="cuda")
+        ins = [t.requires_grad_() for t in (h, res, nw)]
+        o1, r1 = layer_norm_triton(ins[0], ins[2], None, ins[1], 1e-5, True, True, True)
+        o2, r2 = layer_norm_ref(ins[0], ins[2], None, ins[1], 1e-5, True, True, True)
+        g1, g2 = torch.randn_like(o1), torch.randn_like(r1)
+        ga = torch.autograd.grad((o1, r1), ins, (g1, g2))
+        gr = torch.autograd.grad((o2, r2), ins, (g1, g2))
+        checks[f"norm/384/{dname}"] = {"out": rel(o1, o2), "res": rel(r1, r2),
+                                       **{n: rel(a, r) for n, a, r in zip("x res w".split(), ga, gr)}}
+        torch.cuda.empty_cache()
+
+
+def run_ours(results, quick=False):
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.triton.layernorm import rms_norm_fn
+    from mamba_ssm.ops.triton.selective_scan import scan_forward, selective_scan_triton
+
+    x = torch.empty(2 ** 28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    results["copy_TBps"] = 2 * x.numel() * 4 / t / 1e6
+    del x, y
+    for dname, dtype in DTYPES.items():
+        for dim in DIMS:
+            ins = scan_inputs(dim, dtype)
+            results[f"scan_fwd/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*ins, delta_softplus=True))
+            cl = scan_inputs(dim, dtype, channels_last=True)
+            results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
+            ins = scan_inputs(dim, dtype, requires_grad=True)
+            results[f"scan_fwdbwd/{dim}/{dname}/ours"] = bench(
+                fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
+            if dim == 768 and dname == "fp32" and not quick:
+                ins = scan_inputs(dim, dtype)
+                results[f"scan_fwd/{dim}/{dname}/reference"] = bench(
+                    lambda: selective_scan_ref(*ins, delta_softplus=True), warmup=5, rep=20)
+            if dim == 768:  # the DyVM op: two directions in one launch, channels-last, gates
+                u, delta, A, B, C, D, z, bias = scan_inputs(dim, dtype, channels_last=True)
+                u2, d2 = torch.stack([u, u]), torch.stack([delta, delta])
+                B2, C2 = torch.stack([B, B])[:, :, None], torch.stack([C, C])[:, :, None]
+                A2, D2, bias2 = torch.stack([A, A]), torch.stack([D, D]), torch.stack([bias, bias])
+                out = torch.empty(BATCH, SEQLEN, dim, device="cuda", dtype=dtype).transpose(1, 2)
+                for name, on in (("on", 1.0), ("half", 0.5), ("off", 0.0)):
+                    gate = (torch.rand(BATCH, 2, device="cuda") < on).float() if on not in (0.0, 1.0) \
+                        else torch.full((BATCH, 2), on, device="cuda")
+                    results[f"biscan_fwd_gate_{name}/{dim}/{dname}/ours"] = bench(
+                        lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out))
+        conv_and_norm(results, dtype, dname, "ours", causal_conv1d_fn, rms_norm_fn)
+        x = torch.randn(BATCH, 768, SEQLEN, device="cuda", dtype=dtype)
+        w = torch.randn(768, 1, WIDTH, device="cuda", dtype=dtype)
+        b = torch.randn(768, device="cuda", dtype=dtype)
+        results[f"conv_fwd/768/{dname}/torch"] = bench(
+            lambda: F.silu(F.conv1d(x, w, b, padding=WIDTH - 1, groups=768)[..., :SEQLEN]))
+
+
+def table(results):
+    copy = results.get("copy_TBps", float("nan"))
+    rows = [f"copy bandwidth {copy:.2f} TB/s (device-to-device, read + write)",
+            f"{'op':<22}{'shape':>6}{'dtype':>6}{'ours us':>10}{'upstr us':>10}{'speed-up':>9}{'ours TB/s':>10}"]
+    keys = sorted({k.rsplit('/', 1)[0] for k in results if "/" in k})
+    for key in keys:
+        op, shape, dname = key.split("/")
+        ours, up = results.get(key + "/ours"), results.get(key + "/upstream")
+        esize = 4 if dname == "fp32" else 2
+        bw = ""
+        if ours and op in ("scan_fwd", "scan_fwdbwd", "scan_fwd_cl"):
+            bw = f"{scan_bytes(int(shape), esize, op == 'scan_fwdbwd') / ours / 1e6:.2f}"
+        speed = f"{up / ours:.2f}x" if ours and up else ""
+        rows.append(f"{op:<22}{shape:>6}{dname:>6}{ours or float('nan'):>10.1f}{up or float('nan'):>10.1f}"
+                    f"{speed:>9}{bw:>10}")
+        if key + "/reference" in results:
+            rows.append(f"{'  reference (torch)':<34}{results[key + '/reference']:>10.1f}")
+        if key + "/torch" in results:
+            rows.append(f"{'  torch conv1d+silu':<34}{results[key + '/torch']:>10.1f}")
+    return "\n".join(rows)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="kernel_bench.json")
+    p.add_argument("--upstream-only", action="store_true", help="time the upstream kernels only")
+    p.add_argument("--merge", nargs="*", default=[], help="JSON results to merge into the table")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--table-only", action="store_true", help="only merge --merge files and print the table")
+    p.add_argument("--quick", action="store_true", help="skip the slow reference timing")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    results, checks = {}, {}
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    if args.upstream_only:
+        run_upstream(results)
+    elif not args.table_only:
+        if not args.skip_check:
+            try:
+                check_ours(checks)
+            except Exception as e:  # keep timing; the failure is recorded and printed
+                import traceback
+                traceback.print_exc()
+                checks["error"] = repr(e)
+            print(json.dumps(checks, indent=1), flush=True)
+        run_ours(results, args.quick)
+    for path in args.merge:
+        if os.path.exists(path):
+            saved = json.load(open(path))
+            results.update(saved["results"])
+            checks.update(saved["checks"])
+    json.dump({"meta": meta, "checks": checks, "results": results}, open(args.out, "w"), indent=1)
+    print(meta)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""bimamba_v2_inner_fn on the Triton kernels: both directions of a Vim v2 layer, gates and token masks.
+
+    conv (both directions, one launch; direction 1 anti-causal, so nothing is flipped)
+    -> x_proj and dt_proj as batched matmuls over the direction axis (cuBLAS)
+    -> selective scan (both directions, one launch), which also applies D, z-gating, the per-sample gate,
+       the sum of the directions and the halving, writing (batch, L, d_inner) once.
+
+Inference with gates: a (sample, direction) whose gate is 0 is skipped inside the conv and scan kernels
+(the programs return at once); the batched matmuls still run over the whole batch (they are small next
+to the scan: d_inner x (dt_rank + 2 d_state) and dt_rank x d_inner per token). Training: every direction
+runs and the gate multiplies its output, so the gate gets its gradient.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from causal_conv1d.triton_causal_conv1d import conv_backward, conv_forward
+from mamba_ssm.ops.triton.selective_scan import scan_backward, scan_forward
+
+
+class _BiConv(torch.autograd.Function):
+    """x (b, d, L) -> (2, b, d, L) [causal, anti-causal] conv + SiLU with the token mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, gate_skip):
+        batch, dim, seqlen = x.shape
+        out = torch.empty((2, batch, seqlen, dim), device=x.device, dtype=x.dtype).transpose(2, 3)
+        conv_forward(x, weight, bias, mask, True, out, gate=gate_skip)
+        ctx.save_for_backward(x, weight, bias, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, mask = ctx.saved_tensors
+        dx, dw, db = conv_backward(x, weight, bias, mask, True, dout)
+        return dx, dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), None, None
+
+
+class _BiScan(torch.autograd.Function):
+    """Both directions' scans summed into one (b, d, L) output (a view of (b, L, d) memory)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, gate, scale):
+        batch, dim, seqlen = z.shape
+        out = torch.empty((batch, seqlen, dim), device=u.device, dtype=u.dtype).transpose(1, 2)
+        scan_forward(u, delta, A, B, C, D, z, delta_bias, True, gate, scale, out)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, gate = ctx.saved_tensors
+        g = scan_backward(u, delta, A, B, C, D, z, delta_bias, True, gate, ctx.scale, dout)
+        return (g["du"].to(u.dtype), g["ddelta"].to(delta.dtype), g["dA"], g["dB"].to(B.dtype),
+                g["dC"].to(C.dtype), g["dD"], g["dz"].to(z.dtype), g["ddelta_bias"],
+                None if gate is None else g["dgate"].to(gate.dtype), None)
+
+
+def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
+    a, b = getattr(fwd, name), getattr(bwd, name)
+    if a is None or b is None:
+        if (a is None) != (b is None):
+            raise ValueError(f"{name} must be given for both directions or neither")
+        return None
+    s = torch.stack([a, b])
+    return s if dtype is None else s.to(dtype)
+
+
+def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                            divide_out: bool = True) -> Tensor:
+    """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L)."""
+    batch, two_d, seqlen = xz.shape
+    dim = two_d // 2
+    x, z = xz[:, :dim], xz[:, dim:]
+    dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xz, gate, *fwd, *bwd))
+    conv_w = _stack(fwd, bwd, "conv_weight").reshape(2, dim, -1)
+    conv_b = _stack(fwd, bwd, "conv_bias")
+    if mask is not None:
+        mask = mask.to(x.dtype)
+    gate_skip = gate if gate is not None and not needs_grad else None
+    xc = _BiConv.apply(x, conv_w, conv_b, mask, gate_skip)  # (2, b, d, L), channels-last memory
+    xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
+    x_dbl = torch.bmm(xc_rows, _stack(fwd, bwd, "x_proj_weight").transpose(1, 2))  # (2, b*L, R + 2N)
+    delta = torch.bmm(x_dbl[..., :dt_rank], _stack(fwd, bwd, "dt_proj_weight").transpose(1, 2))
+    delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
+    B = x_dbl[..., dt_rank:dt_rank + d_state].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
+    C = x_dbl[..., dt_rank + d_state:].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
+    A = _stack(fwd, bwd, "A", torch.float32)
+    D = _stack(fwd, bwd, "D", torch.float32)
+    delta_bias = _stack(fwd, bwd, "dt_proj_bias", torch.float32)
+    return _BiScan.apply(xc, delta, A, B, C, D, z, delta_bias, gate, 0.5 if divide_out else 1.0)

@@ -1,0 +1,140 @@
+"""Triton fused residual-add + RMSNorm / LayerNorm, forward and backward (semantics of layer_norm_ref).
+
+Forward, per row: r = x + residual (fp32), residual_out = r (fp32 when residual_in_fp32), out = norm(r)
+* weight (+ bias), in x's dtype. One program normalises BLOCK_M rows held whole in registers (Vim's
+widths are 192 to 768). Backward recomputes x_hat from the saved residual_out and rstd; the weight and
+bias gradients are per-program partial sums reduced with torch (deterministic).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_ptr, mean_ptr, n_rows, n_cols, eps,
+                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask_r = rows < n_rows
+    mask = mask_r[:, None] & (cols < n_cols)[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    r = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(res_out_ptr + offs, r.to(res_out_ptr.dtype.element_ty), mask=mask)
+    if IS_RMS:
+        xc = r
+    else:
+        mean = tl.sum(r, axis=1) / n_cols
+        tl.store(mean_ptr + rows, mean, mask=mask_r)
+        xc = tl.where(mask, r - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, dx_ptr, dw_ptr, db_ptr,
+                     n_rows, n_cols,
+                     HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask_r = rows < n_rows
+    mask_c = cols < n_cols
+    mask = mask_r[:, None] & mask_c[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    r = tl.load(res_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+    if IS_RMS:
+        xhat = r * rstd[:, None]
+    else:
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dxhat = dy * w[None, :]
+    c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
+    if IS_RMS:
+        dx = (dxhat - xhat * c1[:, None]) * rstd[:, None]
+    else:
+        c2 = tl.sum(dxhat, axis=1) / n_cols
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_DRES:
+        dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, dx, mask=mask)
+    tl.store(dw_ptr + pid * n_cols + cols, tl.sum(dy * xhat, axis=0), mask=mask_c)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid * n_cols + cols, tl.sum(dy, axis=0), mask=mask_c)
+
+
+def _blocks(n_cols: int):
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    return block_m, block_n
+
+
+class LayerNormTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm):
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        res2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+        n_rows, n_cols = x2.shape
+        res_dtype = torch.float32 if residual_in_fp32 else dtype
+        out = torch.empty_like(x2)
+        res_out = torch.empty((n_rows, n_cols), device=x.device, dtype=res_dtype)
+        rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
+        mean = torch.empty_like(rstd) if not is_rms_norm else rstd
+        block_m, block_n = _blocks(n_cols)
+        _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            x2, res2 if res2 is not None else x2, weight, bias if bias is not None else weight, out, res_out, rstd,
+            mean, n_rows, n_cols, eps, HAS_RES=res2 is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        # backward recomputes x_hat from residual_out (rounded to x's dtype unless residual_in_fp32, as upstream)
+        ctx.save_for_backward(res_out, weight, bias, rstd, mean)
+        ctx.meta = (shape, dtype, residual is not None, residual.dtype if residual is not None else None,
+                    is_rms_norm, prenorm)
+        out = out.reshape(shape)
+        if prenorm:
+            return out, res_out.reshape(shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dres_out=None):
+        res_out, weight, bias, rstd, mean = ctx.saved_tensors
+        shape, dtype, has_res, res_dtype, is_rms_norm, prenorm = ctx.meta
+        n_cols = shape[-1]
+        dy2 = dy.reshape(-1, n_cols).contiguous()
+        dres2 = dres_out.reshape(-1, n_cols).contiguous() if (prenorm and dres_out is not None) else None
+        n_rows = dy2.shape[0]
+        block_m, block_n = _blocks(n_cols)
+        n_prog = triton.cdiv(n_rows, block_m)
+        dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=torch.float32)
+        dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)
+        db = torch.empty_like(dw) if bias is not None else None
+        _norm_bwd_kernel[(n_prog,)](
+            res_out, weight, dy2, dres2 if dres2 is not None else dy2, rstd, mean, dx, dw,
+            db if db is not None else dw, n_rows, n_cols, HAS_DRES=dres2 is not None, HAS_BIAS=bias is not None,
+            IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        dx = dx.reshape(shape)
+        return (dx.to(dtype), dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype),
+                dx.to(res_dtype) if has_res else None, None, None, None, None)
+
+
+def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None,
+                      eps: float = 1e-6, prenorm: bool = False, residual_in_fp32: bool = False,
+                      is_rms_norm: bool = False):
+    """layer_norm_fn on the fused Triton kernels (same semantics as layer_norm_ref)."""
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)

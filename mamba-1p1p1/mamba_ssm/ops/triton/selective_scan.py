@@ -1,0 +1,437 @@
+"""Triton selective scan: forward and backward, one or two directions per launch, per-sample gates.
+
+One program owns (sample, block of BLOCK_D channels) and walks the sequence once per direction with the
+state h (BLOCK_D, d_state) in registers: at Vim's short sequences (L = 197) a sequential walk over time
+with many programs in flight beats a parallel scan, and nothing of size (B, D, L, N) is ever written.
+
+Two directions (the DyVM bidirectional layer): direction 1 walks time backwards over the same tensors (so
+no flipped copies are made), and both add into one output; the program runs direction 0, then direction 1,
+which reads back and accumulates what direction 0 wrote. A (sample, direction) whose gate is exactly 0 is
+skipped in the forward pass (its contribution 0 * y is zero): no work, no copy.
+
+Backward: the program re-runs the forward walk, keeping the state at every CHUNK-th step (checkpoints),
+then for each chunk from last to first recomputes that chunk's states into a small per-program scratch
+and walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}. Cross-channel sums
+(dB, dC) and cross-sample sums (dA, dD, d delta_bias, d gate) are written as per-program partial sums
+and reduced with torch, so results are deterministic.
+
+Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = math.log2(math.e)
+CHUNK = 16  # backward checkpoint interval (steps)
+
+
+@triton.jit
+def _softplus(x):
+    # Matches torch's softplus (threshold 20) without log1p, which the interpreter lacks.
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr,
+    dim, seqlen, d_state, dim_per_group,
+    su_r, su_b, su_d, su_t,
+    sdt_r, sdt_b, sdt_d, sdt_t,
+    sz_b, sz_d, sz_t,
+    sB_r, sB_b, sB_g, sB_n, sB_t,
+    sC_r, sC_b, sC_g, sC_n, sC_t,
+    so_b, so_d, so_t,
+    sg_b, sg_r,
+    scale,
+    N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // dim_per_group  # a block never straddles groups (see _block_d)
+    o_base = out_ptr + pid_b * so_b + offs_d * so_d
+    gate0 = 1.0
+    gate1 = 1.0
+    if HAS_GATE:
+        gate0 = tl.load(gate_ptr + pid_b * sg_b).to(tl.float32)
+        if N_DIRS == 2:
+            gate1 = tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32)
+    for r in tl.static_range(N_DIRS):
+        gate = gate0 if r == 0 else gate1
+        if gate != 0.0:
+            A2 = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
+                         mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+            if HAS_D:
+                Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
+            dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
+            B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n * sB_n
+            C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n * sC_n
+            z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
+            g_scale = gate * scale
+            # direction 1 adds to direction 0's output unless direction 0 was gated off
+            mask_acc = mask_d
+            if HAS_GATE:
+                # broadcast the scalar first: the interpreter cannot & a scalar with a vector
+                mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
+            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            for s in range(seqlen):
+                t = s if r == 0 else seqlen - 1 - s
+                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * u
+                if HAS_Z:
+                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
+                    y *= z * tl.sigmoid(z)
+                y *= g_scale
+                if r == 1:
+                    y += tl.load(o_base + t * so_t, mask=mask_acc, other=0.0).to(tl.float32)
+                tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+            if STORE_LAST:
+                tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
+                         + offs_n[None, :], h, mask=mask_dn)
+        tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
+    if HAS_GATE:
+        none_on = gate0 == 0.0
+        if N_DIRS == 2:
+            none_on = none_on & (gate1 == 0.0)
+        if none_on:  # every direction gated off: this sample's output is zeros
+            zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
+            for t in range(seqlen):
+                tl.store(o_base + t * so_t, zero, mask=mask_d)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
+    ckpt_ptr, scratch_ptr,
+    dim, seqlen, d_state, dim_per_group, n_dblocks,
+    su_r, su_b, su_d, su_t,
+    sdt_r, sdt_b, sdt_d, sdt_t,
+    sz_b, sz_d, sz_t,
+    sB_r, sB_b, sB_g, sB_n, sB_t,
+    sC_r, sC_b, sC_g, sC_n, sC_t,
+    sdo_b, sdo_d, sdo_t,
+    sg_b, sg_r,
+    scale,
+    N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr,
+):
+    """Outputs (all fp32 unless noted): du, ddt (r, b, d, t) contiguous; dz (b, d, t) contiguous, summed
+    over directions; partial sums dB, dC (r, n_dblocks, b, n, t); dA (r, b, d, n); dD, dbias (r, b, d);
+    dgate (b, r, n_dblocks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    batch = tl.num_programs(0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
+    mask_d = offs_d < dim
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // dim_per_group
+    n_chunks = tl.cdiv(seqlen, CHUNK_T)
+    prog = pid_b * n_dblocks + pid_d
+    ckpt_base = ckpt_ptr + prog * n_chunks * BLOCK_D * BLOCK_N
+    scratch_base = scratch_ptr + prog * (CHUNK_T + 1) * BLOCK_D * BLOCK_N
+    dz_base = dz_ptr + (pid_b * dim + offs_d) * seqlen
+    for r in tl.static_range(N_DIRS):
+        g_scale = scale
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + pid_b * sg_b + r * sg_r).to(tl.float32)
+            g_scale = gate * scale
+        A = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
+                    mask=mask_dn, other=0.0).to(tl.float32)
+        A2 = A * 1.4426950408889634
+        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
+        dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
+        B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n * sB_n
+        C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n * sC_n
+        z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
+        do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
+        dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
+        part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
+        # Pass 1: forward walk, keeping the state entering each chunk.
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for s in range(seqlen):
+            if s % CHUNK_T == 0:
+                tl.store(ckpt_base + (s // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
+            t = s if r == 0 else seqlen - 1 - s
+            u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+            dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+        # Pass 2: chunks from last to first; recompute the chunk's states, then walk it backwards.
+        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
+        if HAS_DLAST:
+            g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :],
+                        mask=mask_dn, other=0.0).to(tl.float32)
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dgate_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for ci in range(n_chunks):
+            c = n_chunks - 1 - ci
+            s0 = c * CHUNK_T
+            s1 = tl.minimum(s0 + CHUNK_T, seqlen)
+            tl.debug_barrier()  # the scratch is reused: earlier reads must be done
+            h = tl.load(ckpt_base + c * BLOCK_D * BLOCK_N + offs_dn)
+            tl.store(scratch_base + offs_dn, h)
+            for s in range(s0, s1):
+                t = s if r == 0 else seqlen - 1 - s
+                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
+            tl.debug_barrier()
+            for i in range(s1 - s0):
+                s = s1 - 1 - i
+                t = s if r == 0 else seqlen - 1 - s
+                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_dn)
+                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt_raw = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                dt = dt_raw
+                if SOFTPLUS:
+                    dt = _softplus(dt_raw)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
+                dout = tl.load(do_base + t * sdo_t, mask=mask_d, other=0.0).to(tl.float32)
+                a = tl.exp2(dt[:, None] * A2)
+                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                if HAS_Z:
+                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(z)
+                    silu = z * sig
+                    dgate_acc += dout * y * silu
+                    dyz = dout * g_scale
+                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
+                    if r > 0:
+                        dz += tl.load(dz_base + t, mask=mask_d, other=0.0)
+                    tl.store(dz_base + t, dz, mask=mask_d)
+                    dy = dyz * silu
+                else:
+                    dgate_acc += dout * y
+                    dy = dout * g_scale
+                g += dy[:, None] * Ct[None, :]
+                dBu = tl.sum(g * Bt[None, :], axis=1)  # d (dt * u)
+                ddt = dBu * u + tl.sum(g * A * a * h_prev, axis=1)
+                dA_acc += g * a * h_prev * dt[:, None]
+                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
+                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
+                dD_acc += dy * u
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_raw)
+                dbias_acc += ddt
+                tl.store(du_ptr + dud_base + t, dBu * dt + Dv * dy, mask=mask_d)
+                tl.store(ddt_ptr + dud_base + t, ddt, mask=mask_d)
+                g = g * a
+                h = h_prev
+        tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc,
+                 mask=mask_dn)
+        tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + (r * batch + pid_b) * dim + offs_d, dbias_acc, mask=mask_d)
+        if HAS_GATE:
+            tl.store(dgate_ptr + (pid_b * N_DIRS + r) * n_dblocks + pid_d, tl.sum(dgate_acc, axis=0) * scale)
+        tl.debug_barrier()  # direction 1 accumulates into dz written by direction 0
+
+
+def _block_d(dim: int, dim_per_group: int, d_state: int) -> int:
+    """Channels per program: a power of two that keeps every block inside one group of B/C."""
+    block = 32 if d_state <= 16 else 16
+    block = min(block, triton.next_power_of_2(dim))
+    if dim_per_group != dim:  # groups > 1: the block must divide the group size
+        while dim_per_group % block:
+            block //= 2
+    return max(block, 1)
+
+
+def _strides4(t: Tensor):
+    return [t.stride(i) for i in range(t.dim())]
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
+                 scale: float, out: Tensor, want_last: bool = False, block_d: Optional[int] = None,
+                 num_warps: int = 4):
+    """Launch the forward kernel over stacked directions.
+
+    u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
+    z: (b, d, L) or None, shared by the directions; gate: (b, R) or None; out: (b, d, L) view, written
+    (sum over directions of gate * scale * y). Direction 1 runs in reverse time. Returns last states
+    (R, b, d, N) fp32 when want_last.
+    """
+    R, batch, dim, seqlen = u.shape
+    d_state, groups = A.shape[-1], B.shape[2]
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    dim_per_group = dim // groups
+    block_d = block_d or _block_d(dim, dim_per_group, d_state)
+    last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
+    dummy = A
+    zs = _strides4(z) if z is not None else [0, 0, 0]
+    gs = _strides4(gate) if gate is not None else [0, 0]
+    grid = (batch, triton.cdiv(dim, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
+        last if last is not None else dummy,
+        dim, seqlen, d_state, dim_per_group,
+        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(out), *gs,
+        float(scale),
+        N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=num_warps,
+    )
+    return last
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
+                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, block_d: Optional[int] = None,
+                  num_warps: int = 4):
+    """Gradients of `scan_forward` (same layouts). Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
+    dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dz (b, d, L) or None; dgate (b, R) or None."""
+    R, batch, dim, seqlen = u.shape
+    d_state, groups = A.shape[-1], B.shape[2]
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    dim_per_group = dim // groups
+    block_d = block_d or _block_d(dim, dim_per_group, d_state)
+    block_n = triton.next_power_of_2(d_state)
+    n_dblocks = triton.cdiv(dim, block_d)
+    n_chunks = triton.cdiv(seqlen, CHUNK)
+    dev, f32 = u.device, torch.float32
+    du = torch.empty((R, batch, dim, seqlen), device=dev, dtype=f32)
+    ddelta = torch.empty_like(du)
+    dz = torch.empty((batch, dim, seqlen), device=dev, dtype=f32) if z is not None else None
+    dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
+    dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
+    dbias_part = torch.empty_like(dD_part)
+    dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
+    ckpt = torch.empty((batch * n_dblocks * n_chunks * block_d * block_n,), device=dev, dtype=f32)
+    scratch = torch.empty((batch * n_dblocks * (CHUNK + 1) * block_d * block_n,), device=dev, dtype=f32)
+    if dlast is not None:
+        dlast = dlast.contiguous()
+    dummy = du
+    zs = _strides4(z) if z is not None else [0, 0, 0]
+    gs = _strides4(gate) if gate is not None else [0, 0]
+    _scan_bwd_kernel[(batch, n_dblocks)](
+        u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, dout,
+        du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
+        dgate_part if dgate_part is not None else dummy, dlast if dlast is not None else dummy,
+        ckpt, scratch,
+        dim, seqlen, d_state, dim_per_group, n_dblocks,
+        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
+        float(scale),
+        N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CHUNK, num_warps=num_warps,
+    )
+    blocks_per_group = n_dblocks // groups if groups > 1 else n_dblocks
+
+    def reduce_bc(part):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L), summing the blocks of each group
+        part = part[:, :, :, :d_state]
+        part = part.reshape(R, groups, blocks_per_group, batch, d_state, seqlen).sum(2)
+        return part.transpose(1, 2)
+
+    return dict(
+        du=du, ddelta=ddelta, dA=dA_part.sum(1), dB=reduce_bc(dB_part), dC=reduce_bc(dC_part),
+        dD=dD_part.sum(1) if D is not None else None,
+        ddelta_bias=dbias_part.sum(1) if delta_bias is not None else None,
+        dz=dz, dgate=dgate_part.sum(2) if gate is not None else None,
+    )
+
+
+def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
+    """B or C as accepted by selective_scan_fn -> (1, b, G, N, L) view (a fixed (dim, N) is G = dim)."""
+    if M.dim() == 2:
+        return M[None, None, :, :, None].expand(1, batch, M.shape[0], M.shape[1], seqlen)
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    return M.unsqueeze(0)
+
+
+def _unstack_bc_grad(dM: Tensor, M: Tensor) -> Tensor:
+    """(1, b, G, N, L) fp32 gradient -> M's layout and dtype."""
+    dM = dM[0]
+    if M.dim() == 2:
+        return dM.sum((0, 3)).to(M.dtype)
+    if M.dim() == 3:
+        dM = dM[:, 0]
+    return dM.to(M.dtype)
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        batch, dim, seqlen = u.shape
+        out = torch.empty((batch, dim, seqlen), device=u.device, dtype=u.dtype)
+        Bs, Cs = _as_stacked_bc(B, batch, seqlen), _as_stacked_bc(C, batch, seqlen)
+        last = scan_forward(u[None], delta[None], A.float()[None], Bs, Cs,
+                            D.float()[None] if D is not None else None, z,
+                            delta_bias.float()[None] if delta_bias is not None else None,
+                            delta_softplus, None, 1.0, out, want_last=return_last_state)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        if return_last_state:
+            return out, last[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, dlast=None):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        batch, dim, seqlen = u.shape
+        g = scan_backward(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
+                          _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
+                          delta_bias.float()[None] if delta_bias is not None else None, ctx.delta_softplus,
+                          None, 1.0, dout, dlast=None if dlast is None else dlast[None])
+        return (g["du"][0].to(u.dtype), g["ddelta"][0].to(delta.dtype), g["dA"][0].to(A.dtype),
+                _unstack_bc_grad(g["dB"], B), _unstack_bc_grad(g["dC"], C),
+                g["dD"][0].to(D.dtype) if D is not None else None,
+                g["dz"].to(z.dtype) if z is not None else None,
+                g["ddelta_bias"][0].to(delta_bias.dtype) if delta_bias is not None else None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """selective_scan_fn on the Triton kernels (arguments checked by the caller)."""
+    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
