@@ -73,6 +73,20 @@ class DyVMLoss(nn.Module):
         self.clf_weight, self.token_weight, self.block_weight = clf_weight, token_weight, block_weight
         self.distill_weight, self.token_distill = distill_weight, token_distill
 
+    @classmethod
+    def from_model(cls, model: nn.Module, base_criterion: nn.Module, teacher: Optional[nn.Module],
+                   **weights) -> "DyVMLoss":
+        """The loss with the keep-ratio targets the model itself prunes to (model.dyvm_cfg), so the two cannot
+        disagree (the reference's Token_Only targeted other ratios than it pruned to). Random and static
+        pruning decide nothing learnable: their ratio term is a constant, so its weight is 0."""
+        dyvm_cfg = getattr(model, "dyvm_cfg", None)
+        if dyvm_cfg is None:
+            return cls(base_criterion, teacher, (), 0.0, **weights)
+        if dyvm_cfg.pruning != "learned":
+            weights["token_weight"] = 0.0
+        return cls(base_criterion, teacher, dyvm_cfg.token_keep_ratios[:dyvm_cfg.num_stages],
+                   dyvm_cfg.block_keep_ratio, **weights)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:  # the teacher stays in eval mode whatever the student does

@@ -62,7 +62,8 @@ def _output(requires_grad=True):
         logits=logits, patch_tokens=torch.randn(2, 4, 5, requires_grad=requires_grad),
         final_policy=torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 0.]]).unsqueeze(-1),
         slot_to_patch=torch.tensor([[3, 1, 0, 2], [0, 1, 2, 3]]),
-        decisions=[torch.tensor([[1., 1., 1., 0.], [1., 1., 1., 1.]]), torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 0.]])],
+        decisions=[torch.tensor([[1., 1., 1., 0.], [1., 1., 1., 1.]]),
+                   torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 0.]])],
         gates=torch.tensor([[[1., 1.], [0., 1.]]]), seq_lens=[5])
 
 
@@ -111,3 +112,18 @@ def test_non_finite_loss_fails_fast_naming_the_term():
     out.logits = torch.tensor([[float("nan"), 0.0, 0.0], [0.0, 0.0, 0.0]])
     with pytest.raises(FloatingPointError, match="cls_loss"):
         DyVMLoss(nn.CrossEntropyLoss(), None, (0.7, 0.49), 0.8)(None, out, torch.tensor([0, 2]))
+
+
+def test_from_model_takes_the_model_ratios_and_drops_constant_terms():
+    import timm
+
+    import dyvm  # noqa: F401
+
+    model = timm.create_model("dyvm_vim_tiny", img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10,
+                              pruning_loc=(1, 2, 3), token_keep_ratio=0.8, block_keep_ratio=0.6)
+    loss_fn = DyVMLoss.from_model(model, nn.CrossEntropyLoss(), None, token_weight=3.0)
+    assert loss_fn.token_keep_ratios == pytest.approx((0.8, 0.64, 0.512)) and loss_fn.block_keep_ratio == 0.6
+    assert loss_fn.token_weight == 3.0
+    random = timm.create_model("dyvm_vim_tiny", img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10,
+                               pruning_loc=(1, 2, 3), pruning="random")
+    assert DyVMLoss.from_model(random, nn.CrossEntropyLoss(), None).token_weight == 0.0
