@@ -25,42 +25,9 @@ import dyvm  # noqa: F401  (registers the timm model names)
 from dyvm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
-from dyvm.engine import (AuxForward, ClassificationLoss, NonFiniteLossError, evaluate, global_batch_lr,
-                         train_one_epoch, unwrap)
-from dyvm.models.registry import CLI_NAMES, resolve_model_name
-
-MODEL_OVERRIDES = ("patch_size", "depth", "embed_dim", "d_state")
-
-
-def is_dynamic(name: str) -> bool:
-    """The authors' names (Vim-Small) and dyvm_vim_* build a DyVM; vim_* a dense Vim."""
-    return name in CLI_NAMES or name.startswith("dyvm_")
-
-
-def default_pruning_loc(depth: int) -> tuple:
-    """(6, 12, 18) at depth 24, the same quarters of a smaller depth."""
-    return tuple(max(1, round(depth * s / 4)) for s in (1, 2, 3))
-
-
-def build_model(args, num_classes: int) -> nn.Module:
-    import timm
-    name = resolve_model_name(args.model, is_dynamic(args.model))
-    kwargs = dict(img_size=args.input_size, in_chans=args.in_chans, num_classes=num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path)
-    kwargs.update({k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None})
-    if is_dynamic(args.model):
-        depth = args.depth or 24
-        kwargs.update(pruning_loc=tuple(args.pruning_loc or default_pruning_loc(depth)), pruning=args.pruning,
-                      block_selection=args.block_selection, predictor_input=args.predictor_input,
-                      gumbel_noise=args.gumbel_noise, block_keep_ratio=args.block_keep_ratio)
-        if args.token_keep_ratios is not None:
-            kwargs["token_keep_ratios"] = tuple(args.token_keep_ratios)
-        else:
-            kwargs["token_keep_ratio"] = args.token_keep_ratio
-    try:
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {name}: {e}") from None
+from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
+                         global_batch_lr, is_dynamic, train_one_epoch, unwrap)
+from dyvm.models.registry import resolve_model_name
 
 
 def build_dense_twin(model: nn.Module) -> nn.Module:
@@ -267,6 +234,8 @@ def run(args) -> dict:
                      label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active else None
     criterion = build_criterion(args, model, teacher, mixup_active)
 
+    steps_per_epoch = len(train_loader) if args.max_steps_per_epoch is None else min(args.max_steps_per_epoch,
+                                                                                     len(train_loader))
     lr = global_batch_lr(args.lr, args.batch_size, world_size, args.unscale_lr)
     opt_kw = optimizer_kwargs(cfg=args)
     opt_kw["lr"] = lr
@@ -275,7 +244,8 @@ def run(args) -> dict:
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
-        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "float16" else None
     ema = None
     if args.model_ema:
@@ -307,16 +277,17 @@ def run(args) -> dict:
     print0(rank, f"training epochs {start_epoch}..{num_epochs - 1}, lr {lr:.3g} (global batch "
                  f"{args.batch_size * world_size}), output {args.output_dir or '(none)'}")
     stats = {}
-    for epoch in range(start_epoch, num_epochs):
+    last_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
+    for epoch in range(start_epoch, last_epoch):
         t0 = time.time()
         seed_everything(epoch_seed(args, epoch, rank))
         set_epoch(train_loader, epoch)
         train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch,
                                       mixup_fn=mixup_fn, clip_grad=args.clip_grad, ema=ema, amp_dtype=amp_dtype,
                                       scaler=scaler, max_steps=args.max_steps_per_epoch, progress=args.progress,
-                                      global_step=global_step)
+                                      global_step=global_step, scheduler=scheduler if args.sched_on_updates else None)
         global_step += train_stats["steps"]
-        scheduler.step(epoch + 1)
+        scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)
         test_stats = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                               progress=args.progress, desc=f"epoch {epoch} eval")
         ema_stats = (evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
@@ -364,7 +335,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         run(args)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, ModelOptionError, DataError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=5e-4, help="for a global batch of 512 (see --unscale-lr)")
     g.add_argument("--unscale-lr", action="store_true", help="use --lr as given, not lr * global batch / 512")
     g.add_argument("--sched", default="cosine", help="any timm scheduler name")
+    g.add_argument("--sched-on-updates", action="store_true", help="step the schedule (and warm-up) every update, "
+                   "not every epoch (short runs such as the demo)")
     g.add_argument("--warmup-lr", type=float, default=1e-5)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--warmup-epochs", type=int, default=5)
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure images/s of the model and its teacher in --eval")
     g.add_argument("--throughput-batch-size", type=int, default=128)
     g.add_argument("--throughput-iters", type=int, default=30)
+    g.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs although the schedule "
+                   "spans --epochs (time-limited jobs); --resume checkpoint.pth continues exactly")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (tests)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)

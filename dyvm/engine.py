@@ -17,6 +17,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dyvm.flops import macs_from_output
+from dyvm.models.registry import CLI_NAMES, resolve_model_name
+
+
+class ModelOptionError(ValueError):
+    """Model options that do not make a model (unknown name, inconsistent pruning settings, ...)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +49,40 @@ class ClassificationLoss(nn.Module):
     def forward(self, images, out, targets):
         loss = self.base_criterion(out.logits, targets)
         return loss, {"cls_loss": loss.detach()}
+
+
+MODEL_OVERRIDES = ("patch_size", "depth", "embed_dim", "d_state")
+
+
+def is_dynamic(name: str) -> bool:
+    """The authors' names (Vim-Small) and dyvm_vim_* build a DyVM; vim_* a dense Vim."""
+    return name in CLI_NAMES or name.startswith("dyvm_")
+
+
+def default_pruning_loc(depth: int) -> tuple:
+    """(6, 12, 18) at depth 24, the same quarters of a smaller depth."""
+    return tuple(max(1, round(depth * s / 4)) for s in (1, 2, 3))
+
+
+def build_model(args, num_classes: int) -> nn.Module:
+    import timm
+    name = resolve_model_name(args.model, is_dynamic(args.model))
+    kwargs = dict(img_size=args.input_size, in_chans=args.in_chans, num_classes=num_classes, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path)
+    kwargs.update({k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None})
+    if is_dynamic(args.model):
+        depth = args.depth or 24
+        kwargs.update(pruning_loc=tuple(args.pruning_loc or default_pruning_loc(depth)), pruning=args.pruning,
+                      block_selection=args.block_selection, predictor_input=args.predictor_input,
+                      gumbel_noise=args.gumbel_noise, block_keep_ratio=args.block_keep_ratio)
+        if args.token_keep_ratios is not None:
+            kwargs["token_keep_ratios"] = tuple(args.token_keep_ratios)
+        else:
+            kwargs["token_keep_ratio"] = args.token_keep_ratio
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelOptionError(f"cannot build {name}: {e}") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -118,8 +157,9 @@ def _log_parts(meter: dict, parts: dict, n: int):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,
                     *, mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None, ema=None,
                     amp_dtype: Optional[torch.dtype] = None, scaler=None, max_steps: Optional[int] = None,
-                    progress: bool = False, global_step: int = 0) -> dict:
-    """One epoch; returns the mean of every logged quantity over the processed images (all ranks)."""
+                    progress: bool = False, global_step: int = 0, scheduler=None) -> dict:
+    """One epoch; returns the mean of every logged quantity over the processed images (all ranks).
+    scheduler: a timm scheduler stepped after every update (--sched-on-updates), None = stepped per epoch."""
     model.train()
     criterion.train()
     world_size, rank = world()
@@ -168,6 +208,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
             optimizer.step()
         if ema is not None:
             ema.update(unwrap(model), step=global_step + step)
+        if scheduler is not None:
+            scheduler.step_update(global_step + step + 1)
         b = images.shape[0]
         n_seen += b
         meter["loss"] += float(loss.detach()) * b

@@ -1,0 +1,114 @@
+"""FLOPs (MACs) counts: the published dense numbers, a hand count, counts from what a DyVM actually ran."""
+import math
+import os
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dyvm  # noqa: F401
+from dyvm.flops import macs_from_output, main as flops_main, nominal_macs
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def meta_model(name, **kw):
+    with torch.device("meta"):
+        return timm.create_model(name, **kw)
+
+
+def hand_count(L_per_layer, D, N=16, K=4, directions=2.0, classes=1000, patches=196, patch=16, chans=3):
+    """Independent closed form (reference-implementation.md section 4), both conventions, one image."""
+    Di, R = 2 * D, math.ceil(D / 16)
+    paper = full = patches * D * chans * patch * patch + D * classes
+    for L in L_per_layer:
+        shared = L * D * 2 * Di + L * Di * D
+        one_dir = (L + K - 1) * Di * K + L * Di * (R + 2 * N) + L * R * Di + 9 * L * Di * N + 2 * L * Di
+        paper += shared + one_dir * directions / 2
+        full += shared + one_dir * directions
+    return paper, full
+
+
+@pytest.mark.parametrize("name,D,published", [("vim_tiny", 192, 1.449), ("vim_small", 384, 5.077),
+                                              ("vim_base", 768, 18.868)])
+def test_dense_paper_convention_matches_published(name, D, published):
+    paper, full = nominal_macs(meta_model(name))
+    assert round(paper / 1e9, 3) == published
+    want_paper, want_full = hand_count([197] * 24, D)
+    assert paper == want_paper and full == want_full
+    assert full > paper  # both directions counted
+
+
+def test_dyvm_small_closed_form():
+    """DyVM-S at r=0.7: lengths 197x6, 138x6, 97x6, 68x6; predictors on 196/137/96 tokens; block ratio 0.8."""
+    model = meta_model("dyvm_vim_small", token_keep_ratio=0.7)
+    paper, full = nominal_macs(model, block_keep_ratio=0.8)
+    lens = [197] * 6 + [138] * 6 + [97] * 6 + [68] * 6
+    want_paper, want_full = hand_count(lens, 384, directions=1.6)
+    D = 384
+    predictor_per_token = D * D + D * (D // 2) + (D // 2) * (D // 4) + (D // 4) * 2
+    predictors = predictor_per_token * (196 + 137 + 96)
+    gate_heads = 24 * 2 * 768 * 2  # counted in the full convention only
+    assert paper == pytest.approx(want_paper + predictors, rel=1e-12)
+    assert full == pytest.approx(want_full + predictors + gate_heads, rel=1e-12)
+    assert abs(paper / 1e9 - 3.239) < 1e-3  # 2.654 + 0.1029 + 0.0578 + 0.0004 + 0.8 * 0.530
+
+
+def tiny_dyvm(**kw):
+    torch.manual_seed(0)
+    return timm.create_model("dyvm_vim_tiny", img_size=32, patch_size=4, depth=4, embed_dim=32, num_classes=10,
+                             pruning_loc=(1, 2, 3), token_keep_ratio=0.7, **kw).eval()
+
+
+def test_counts_follow_what_each_image_ran():
+    model = tiny_dyvm()
+    torch.manual_seed(1)
+    for layer in model.layers:  # gates that differ per image
+        torch.nn.init.normal_(layer.mixer.block_head.weight, std=0.5)
+        torch.nn.init.zeros_(layer.mixer.block_head.bias)
+    with torch.no_grad():
+        out = model.forward_aux(torch.randn(6, 3, 32, 32))
+    paper, full = macs_from_output(model, out)
+    assert out.seq_lens == [65, 45, 32, 22]  # 64 patches -> 44, 31, 21 kept, plus the class token
+    dirs = (out.gates > 0.5).sum(-1).double()  # (depth, B)
+    assert dirs.unique().numel() > 1
+    for b in range(6):
+        want_paper = want_full = 64 * 32 * 3 * 16 + 32 * 10
+        per_token = 32 * 32 + 32 * 16 + 16 * 8 + 8 * 2
+        want_paper += per_token * (64 + 44 + 31)
+        want_full += per_token * (64 + 44 + 31) + 4 * 128 * 2  # gate heads: Linear(2 * d_inner, 2) per layer
+        for i, L in enumerate(out.seq_lens):
+            shared = L * 32 * 128 + L * 64 * 32
+            one = (L + 3) * 64 * 4 + L * 64 * (2 + 32) + L * 2 * 64 + 9 * L * 64 * 16 + 2 * L * 64
+            want_paper += shared + one * float(dirs[i, b]) / 2
+            want_full += shared + one * float(dirs[i, b])
+        assert float(paper[b]) == pytest.approx(want_paper, rel=1e-12)
+        assert float(full[b]) == pytest.approx(want_full, rel=1e-12)
+
+
+def test_predictor_and_outside_counts_agree_with_torch_flop_counter():
+    """Cross-check the Linear/conv terms outside the mixers with torch.utils.flop_counter (2 FLOPs per MAC)."""
+    model = tiny_dyvm()
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        out = model.forward_aux(x)
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}  # keyed by module class
+    per_token = sum(m.in_features * m.out_features for m in model.score_predictors[0].modules()
+                    if isinstance(m, torch.nn.Linear))
+    batch = 2
+    assert counts["TokenScorePredictor"] == 2 * batch * per_token * (64 + 44 + 31)
+    assert counts["PatchEmbed"] == 2 * batch * 64 * 32 * 3 * 16
+    assert counts["Linear"] == 2 * batch * (32 * 10 + 4 * 128 * 2)  # head + gate heads (full convention)
+    assert out.logits.shape == (2, 10)
+
+
+def test_cli_prints_both_conventions(capsys):
+    assert flops_main(["--model", "vim_small"]) == 0
+    text = capsys.readouterr().out
+    assert "5.077 G (paper convention" in text and "5.912 G (full" in text
+    assert flops_main(["--model", "Vim-Small", "--block-keep-ratio", "0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "dyvm_vim_small" in text and "3.239 G (paper convention" in text and "[137, 96, 67]" in text
+    assert flops_main(["--model", "resnet50"]) == 2
+    assert "unknown model" in capsys.readouterr().err
