@@ -55,6 +55,14 @@ def insert_cls(others: Tensor, cls: Tensor, cls_index: ClsIndex) -> Tensor:
     return batch_gather(torch.cat([others, cls.to(others.dtype)], dim=1), src)
 
 
+def gather_tokens(x: Tensor, index: Tensor, cls_index: int, new_cls_index: int) -> Tensor:
+    """x (B, N+1, C) with the class token at cls_index, index (B, k) of patch slots to keep
+    -> (B, k+1, C): those tokens in index order, the class token at new_cls_index. One gather, no concat."""
+    position = index + (index >= cls_index).long()  # slot -> position in the sequence
+    cls = torch.full((index.shape[0], 1, 1), cls_index, dtype=index.dtype, device=index.device)
+    return batch_gather(x, insert_cls(position.unsqueeze(-1), cls, new_cls_index).squeeze(-1))
+
+
 def kept_first_order(policy: Tensor) -> Tensor:
     """policy (B, N) -> permutation (B, N): kept slots in their current order, then pruned ones in theirs.
 

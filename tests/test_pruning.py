@@ -98,3 +98,13 @@ def test_make_selection_rejects_unknown_rule():
     assert isinstance(make_selection("learned"), LearnedSelection)
     with pytest.raises(ValueError, match="pruning must be one of"):
         make_selection("magic")
+
+
+def test_gather_tokens_equals_split_gather_insert():
+    x = torch.randn(3, 11, 4)
+    index = sorted_topk(torch.randn(3, 10), 6)
+    cls, others = split_cls(x, 5)
+    expected = insert_cls(batch_gather(others, index), cls, 3)
+    from dyvm.pruning import gather_tokens
+
+    torch.testing.assert_close(gather_tokens(x, index, 5, 3), expected)

@@ -18,8 +18,8 @@ from torch import Tensor
 from dyvm.models.mixer import DynamicMamba, reset_gate_head
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
-from dyvm.pruning import (ClsIndex, batch_gather, gumbel_sigmoid_gate, indices_to_mask, insert_cls, keep_count,
-                          kept_first_order, make_selection, split_cls, to_original_order)
+from dyvm.pruning import (ClsIndex, batch_gather, gather_tokens, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
+                          keep_count, kept_first_order, make_selection, split_cls, to_original_order)
 
 PRUNING_MODES = ("learned", "random", "static", "none")
 PREDICTOR_INPUTS = ("residual", "ssm_B", "ssm_delta")
@@ -144,29 +144,30 @@ class DyVM(Vim):
         """One pruning stage -> (hidden, residual, tokens, decision (B, M) over the original patches)."""
         M = self.cfg.num_patches
         k = keep_count(self.dyvm_cfg.token_keep_ratios[stage], M)
-        cls_h, other_h = split_cls(hidden, tokens.cls_index)
-        cls_r, other_r = split_cls(residual, tokens.cls_index)
         log_probs = None
         if self.score_predictors is not None:
-            features = other_h + other_r if feature is None else split_cls(feature, tokens.cls_index)[1]
+            features = split_cls(hidden + residual if feature is None else feature, tokens.cls_index)[1]
             log_probs = self.score_predictors[stage](features, tokens.policy.unsqueeze(-1).to(features.dtype))
-        if self.training:  # full length: kept tokens first (original order), pruned ones masked out
-            keep = self.selection.train_keep(log_probs, tokens.policy, k)
-            decision = to_original_order(keep, tokens.slot_to_patch, M)
-            order = kept_first_order(keep)
-            policy = keep.gather(1, order)
-            other_h, other_r = batch_gather(other_h, order), batch_gather(other_r, order)
-            slot_to_patch = tokens.slot_to_patch.gather(1, order)
-            cls_index = (policy > 0.5).sum(1) // 2
-            mask = insert_cls(policy.unsqueeze(-1), policy.new_ones(policy.shape[0], 1, 1), cls_index).squeeze(-1)
-        else:  # the sequence shrinks to the k best tokens, still in original order
+        if not self.training:  # the sequence shrinks to the k best tokens, still in original order
             index = self.selection.eval_indices(log_probs, tokens.policy, k)
-            other_h, other_r = batch_gather(other_h, index), batch_gather(other_r, index)
+            hidden = gather_tokens(hidden, index, tokens.cls_index, k // 2)
+            residual = gather_tokens(residual, index, tokens.cls_index, k // 2)
             slot_to_patch = tokens.slot_to_patch.gather(1, index)
-            decision = indices_to_mask(slot_to_patch, M)
-            cls_index, policy, mask = k // 2, hidden.new_ones(index.shape, dtype=torch.float32), None
-        hidden, residual = insert_cls(other_h, cls_h, cls_index), insert_cls(other_r, cls_r, cls_index)
-        return hidden, residual, _Tokens(cls_index, policy, slot_to_patch, mask), decision
+            policy = torch.ones(index.shape, device=index.device)
+            return hidden, residual, _Tokens(k // 2, policy, slot_to_patch, None), indices_to_mask(slot_to_patch, M)
+        # training: full length, kept tokens first (original order), pruned ones masked out of the scans
+        keep = self.selection.train_keep(log_probs, tokens.policy, k)
+        decision = to_original_order(keep, tokens.slot_to_patch, M)
+        order = kept_first_order(keep)
+        policy = keep.gather(1, order)
+        cls_index = (policy > 0.5).sum(1) // 2
+        streams = []
+        for x in (hidden, residual):
+            cls, others = split_cls(x, tokens.cls_index)
+            streams.append(insert_cls(batch_gather(others, order), cls, cls_index))
+        slot_to_patch = tokens.slot_to_patch.gather(1, order)
+        mask = insert_cls(policy.unsqueeze(-1), policy.new_ones(policy.shape[0], 1, 1), cls_index).squeeze(-1)
+        return streams[0], streams[1], _Tokens(cls_index, policy, slot_to_patch, mask), decision
 
     def forward_aux(self, x: Tensor) -> ForwardOutput:
         """Images (B, C, H, W) -> ForwardOutput (see its docstring)."""
