@@ -8,6 +8,7 @@ from timm.loss import SoftTargetCrossEntropy
 import dyvm  # noqa: F401  (registers the timm names)
 from dyvm.losses import DyVMLoss
 from dyvm.models.dyvm import DyVM, ForwardOutput
+from dyvm.models.mixer import reset_gate_head
 from dyvm.models.vim import count_parameters
 from dyvm.pruning import LearnedSelection, indices_to_mask, straight_through
 
@@ -222,3 +223,36 @@ def test_eval_forward_has_no_gradient_graph_requirements():
         out = model.forward_aux(torch.randn(2, 3, 32, 32))
     assert isinstance(model.selection, LearnedSelection) and not out.logits.requires_grad
     assert isinstance(model.score_predictors, nn.ModuleList)
+
+
+def _copy_shared(src, dst):
+    """Copy every parameter the two models share by name."""
+    dst_state = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in dst_state}, strict=False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_block_selection_only_with_open_gates_is_the_dense_vim(training):
+    model = tiny(pruning="none", gumbel_noise=False).train(training)  # fresh gates: weight 0, bias 5 -> all open
+    dense = timm.create_model("vim_tiny", **{k: v for k, v in TINY.items() if k != "pruning_loc"}).train(training)
+    _copy_shared(model, dense)
+    x = torch.randn(3, 3, 32, 32)
+    out = model.forward_aux(x)
+    assert out.gates.detach().eq(1).all()
+    torch.testing.assert_close(out.logits, dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_token_pruning_only_equals_dyvm_with_open_gates(training):
+    full = tiny(gumbel_noise=False)
+    _spread_gates(full)  # decisive predictors
+    for layer in full.layers:  # back to open gates
+        reset_gate_head(layer.mixer.block_head)
+    token_only = tiny(gumbel_noise=False, block_selection=False)
+    _copy_shared(full, token_only)
+    full.train(training), token_only.train(training)
+    x = torch.randn(3, 3, 32, 32)
+    a, b = full.forward_aux(x), token_only.forward_aux(x)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    for d1, d2 in zip(a.decisions, b.decisions):
+        assert torch.equal(d1, d2)
