@@ -166,7 +166,7 @@ class StaticSelection(_ScoredSelection):
     """Ablation: k evenly spaced slots among the n kept ones (positions floor(j*(n-1)/(k-1))), every image alike."""
 
     def score(self, policy: Tensor, k: int) -> Tensor:
-        n = policy.sum(1, keepdim=True).long()  # kept slots come first, so slot == rank among the kept
+        n = (policy > 0.5).sum(1, keepdim=True)  # kept slots come first, so slot == rank among the kept
         j = torch.arange(k, device=policy.device).unsqueeze(0)
         pos = (j * (n - 1)) // (k - 1) if k > 1 else (n - 1) // 2
         return indices_to_mask(pos.expand(policy.shape[0], k).contiguous(), policy.shape[1])

@@ -118,7 +118,7 @@ class DyVM(Vim):
         self.dyvm_cfg = dyvm_cfg
         self.selection = make_selection(dyvm_cfg.pruning, dyvm_cfg.gumbel_noise) if dyvm_cfg.num_stages else None
         self.score_predictors = None
-        if dyvm_cfg.pruning == "learned":
+        if self.selection is not None and self.selection.needs_predictor:
             width = {"residual": cfg.embed_dim, "ssm_B": cfg.d_state, "ssm_delta": cfg.d_inner}
             self.score_predictors = nn.ModuleList(
                 TokenScorePredictor(width[dyvm_cfg.predictor_input]) for _ in range(dyvm_cfg.num_stages))
