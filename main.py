@@ -50,9 +50,10 @@ def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_
     if dyvm_cfg is None:
         return ClassificationLoss(base)
     from dyvm.losses import DyVMLoss
-    return DyVMLoss(base, teacher, dyvm_cfg.token_keep_ratios, args.block_keep_ratio, clf_weight=args.clf_weight,
-                    token_weight=args.token_pruning_weight, block_weight=args.block_pruning_weight,
-                    distill_weight=args.distill_weight, token_distill=args.token_distill)
+    # keep-ratio targets come from the model's own config, so loss and pruning cannot disagree
+    return DyVMLoss.from_model(model, base, teacher, clf_weight=args.clf_weight,
+                               token_weight=args.token_pruning_weight, block_weight=args.block_pruning_weight,
+                               distill_weight=args.distill_weight, token_distill=args.token_distill)
 
 
 def init_distributed(args) -> tuple:
@@ -96,11 +97,11 @@ def load_teacher(args, model: nn.Module, path: str, device) -> Optional[nn.Modul
 
 
 def valid_samples(n_val: int, world_size: int, rank: int, dist_eval: bool) -> Optional[int]:
-    """OrderedDistributedSampler pads the last rank; this rank's number of real samples."""
+    """How many of this rank's evaluation samples are real: timm's OrderedDistributedSampler deals indices
+    round-robin and pads the end of the short ranks' streams by wrapping around."""
     if world_size == 1 or not dist_eval:
         return None
-    per_rank = -(-n_val // world_size)
-    return max(0, min(per_rank, n_val - rank * per_rank))
+    return max(0, (n_val + world_size - 1 - rank) // world_size)
 
 
 def print0(rank: int, *msg):
@@ -252,7 +253,7 @@ def run(args) -> dict:
         ema = ModelEmaV3(model, decay=args.model_ema_decay,
                          device=torch.device("cpu") if args.model_ema_force_cpu else None)
 
-    start_epoch, max_acc, global_step = args.start_epoch, 0.0, 0
+    start_epoch, max_acc, global_step = args.start_epoch, -1.0, 0  # -1: the first epoch is always the best yet
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
@@ -327,8 +328,10 @@ def one_line(e: BaseException) -> str:
     """The last line of a message (DataLoader workers wrap errors in their traceback text)."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else type(e).__name__
-    prefix = f"{type(e).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    name = f"{type(e).__name__}: "
+    if name in last and last.split(name, 1)[0].replace(".", "").replace("_", "").isalnum() or last.startswith(name):
+        return last.split(name, 1)[1]  # "pkg.module.SomeError: message" -> "message"
+    return last
 
 
 def main(argv=None) -> int:

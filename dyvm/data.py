@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from torchvision import datasets as tv_datasets
 
@@ -45,7 +45,9 @@ def read_image(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read image {path}: not an image format PIL recognises") from None
+    except Exception as e:  # truncated files, permissions, ... (PIL raises OSError, SyntaxError, ...)
         raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
@@ -236,7 +238,7 @@ def build_loaders(splits: DataSplits, args, world_size: int, rank: int):
     else:
         train_sampler = SeededSampler(splits.train, args.seed)
     if world_size > 1 and args.dist_eval:
-        # OrderedDistributedSampler pads to a multiple of world_size; engine.evaluate drops the padding.
+        # OrderedDistributedSampler pads to a multiple of world_size; evaluate(valid_samples=) drops the padding.
         val_sampler = OrderedDistributedSampler(splits.val, num_replicas=world_size, rank=rank)
     else:
         val_sampler = SequentialSampler(splits.val)

@@ -66,7 +66,10 @@ def default_pruning_loc(depth: int) -> tuple:
 
 def build_model(args, num_classes: int) -> nn.Module:
     import timm
-    name = resolve_model_name(args.model, is_dynamic(args.model))
+    try:
+        name = resolve_model_name(args.model, is_dynamic(args.model))
+    except ValueError as e:
+        raise ModelOptionError(str(e)) from None
     kwargs = dict(img_size=args.input_size, in_chans=args.in_chans, num_classes=num_classes, drop_rate=args.drop,
                   drop_path_rate=args.drop_path)
     kwargs.update({k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None})

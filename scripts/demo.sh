@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 OUT=${OUT:-output/demo}
+# torch's OpenMP threads spin while waiting; on a small shared CPU that makes a busy machine 10-20x slower.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
 rm -rf "$OUT/dense" "$OUT/dyvm"
 echo "== 1/4 dense Vim on the embedded data set"
