@@ -56,32 +56,39 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chan
 
 @torch.no_grad()
 def calibrate_gates(model: nn.Module, keep: float, batch_size: int, img_size: int, in_chans: int, device,
-                    seed: int = 0, rounds: int = 3) -> float:
+                    seed: int = 0) -> float:
     """Give an untrained DyVM's gate heads random weights and biases such that about `keep` of the (image,
-    direction) pairs run, varying per image. Returns the realised fraction on a fresh random batch."""
+    direction) pairs run, varying per image. Layer by layer (a layer's inputs depend on the earlier gates):
+    the bias puts the threshold at the (1 - keep) quantile of that direction's logits over a random batch.
+    A direction whose logit cannot depend on the image (the first layer's: its class-token row has not mixed
+    with any patch yet) is switched on or off as a whole, on with probability `keep`.
+    Returns the realised fraction on a fresh random batch."""
     heads = [layer.mixer.block_head for layer in model.layers if getattr(layer.mixer, "block_head", None) is not None]
     if not heads:
         raise ValueError("this model has no gate heads (block selection off): --gate-keep does not apply")
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"--gate-keep must be in [0, 1], got {keep}")
     g = torch.Generator(device="cpu").manual_seed(seed)
-    for head in heads:
-        w = torch.randn(head.weight.shape, generator=g) / head.in_features ** 0.5
-        head.weight.copy_(w.to(head.weight))
-        head.bias.zero_()
     model.eval()
     x = torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(device)
-    for _ in range(rounds):  # later layers see earlier layers' gates: a few passes settle the biases
-        logits = {}
-        hooks = [h.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o - m.bias)) for k, h in
-                 enumerate(heads)]
+    for head in heads:
+        head.weight.copy_((torch.randn(head.weight.shape, generator=g) / head.in_features ** 0.5).to(head.weight))
+        head.bias.fill_(-1e4)  # off until calibrated
+    for head in heads:
+        seen = {}
+        hook = head.register_forward_hook(lambda m, i, o: seen.setdefault("logits", (o - m.bias).float()))
         model(x)
-        for h in hooks:
-            h.remove()
-        for k, head in enumerate(heads):
-            # on where logit + bias > 0: bias = -(1-keep)-quantile of the bias-free logits, per direction
-            q = torch.quantile(logits[k].float(), 1.0 - keep, dim=0) if 0 < keep < 1 else None
-            head.bias.copy_((-q if q is not None else torch.full((2,), 30.0 if keep == 1 else -30.0)).to(head.bias))
+        hook.remove()
+        logits = seen["logits"]  # (batch, 2), bias-free
+        bias = torch.empty(2)
+        for d in range(2):
+            col = logits[:, d]
+            if float(col.std()) < 1e-5 * (float(col.abs().mean()) + 1e-12):
+                on = torch.rand((), generator=g).item() < keep
+                bias[d] = -float(col.mean()) + (1.0 if on else -1.0)
+            else:
+                bias[d] = -float(torch.quantile(col, 1.0 - keep)) if 0 < keep < 1 else (1e4 if keep == 1 else -1e4)
+        head.bias.copy_(bias.to(head.bias))
     out = model.forward_aux(torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(device))
     return float((out.gates > 0.5).float().mean())
 

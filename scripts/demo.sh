@@ -4,8 +4,8 @@
 #   2. fine-tune DyVM from it, distilling from it               (configs/demo-dyvm.yaml)
 #   3. evaluate both (accuracy, MACs in both conventions, tokens kept, block ratio, images/s)
 #   4. write $OUT/report.md with figures (kept tokens per stage over images, training curves)
-# About 10 minutes on 2 cores. OUT (default output/demo) and extra main.py flags for both trainings
-# (e.g. --epochs 1) can be given: OUT=/tmp/demo bash scripts/demo.sh --epochs 1
+# About 10 minutes on 2 cores. OUT (default output/demo) and extra main.py flags for every step
+# (e.g. --epochs 1 --no-progress) can be given: OUT=/tmp/demo bash scripts/demo.sh --epochs 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -22,8 +22,8 @@ echo "== 2/4 DyVM fine-tuned from it with distillation"
     --output_dir "$OUT/dyvm" "$@"
 echo "== 3/4 evaluation"
 "$PYTHON" main.py --config configs/demo-dense.yaml --model-path "$OUT/dense/best_checkpoint.pth" --eval \
-    --output_dir "$OUT/dense"
+    --output_dir "$OUT/dense" "$@"
 "$PYTHON" main.py --config configs/demo-dyvm.yaml --model-path "$OUT/dyvm/best_checkpoint.pth" --eval \
-    --output_dir "$OUT/dyvm"
+    --output_dir "$OUT/dyvm" "$@"
 echo "== 4/4 report"
 "$PYTHON" -m dyvm.report --dense "$OUT/dense" --dyvm "$OUT/dyvm" --out "$OUT" --wall-clock-s $(( $(date +%s) - start ))

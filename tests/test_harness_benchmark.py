@@ -1,0 +1,50 @@
+"""The throughput benchmark: gate calibration of an untrained DyVM, timing, the CLI's table and JSON."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+import dyvm  # noqa: F401
+from dyvm.benchmark import calibrate_gates, main as bench_main, measure_throughput
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=32, patch_size=4, depth=6, embed_dim=32, num_classes=10, **kw)
+
+
+@pytest.mark.parametrize("keep", [0.735, 0.5])
+def test_calibrated_gates_hit_the_target_and_vary_per_image(keep):
+    model = tiny("dyvm_vim_tiny", pruning_loc=(2, 3, 4))
+    realised = calibrate_gates(model, keep, batch_size=64, img_size=32, in_chans=3, device="cpu")
+    assert abs(realised - keep) < 0.1
+    with torch.no_grad():
+        gates = model.eval().forward_aux(torch.randn(16, 3, 32, 32)).gates > 0.5  # (depth, B, 2)
+    assert gates[1:].float().std(dim=1).max() > 0  # later layers: different images run different directions
+
+
+def test_calibration_needs_gate_heads():
+    with pytest.raises(ValueError, match="no gate heads"):
+        calibrate_gates(tiny("dyvm_vim_tiny", pruning_loc=(2, 3, 4), block_selection=False), 0.7, 8, 32, 3, "cpu")
+
+
+def test_measure_throughput_restores_mode():
+    model = tiny("vim_tiny").train()
+    r = measure_throughput(model, batch_size=4, img_size=32, in_chans=3, device="cpu", warmup=1, iters=3)
+    assert r["images_per_s"] > 0 and r["iters"] == 3 and model.training
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_main(["--models", "vim_tiny", "dyvm_vim_tiny", "--img-size", "32", "--batch-sizes", "2",
+                       "--dtypes", "fp32", "--gate-keep", "0.7", "--warmup", "1", "--iters", "2",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "torch:" in text and "date:" in text and "x the dense model" in text
+    res = json.loads(out.read_text())
+    assert {r["model"] for r in res["rows"]} == {"vim_tiny", "dyvm_vim_tiny"}
+    assert res["speedups"][0]["model"] == "dyvm_vim_tiny" and res["speedups"][0]["speedup_vs_dense"] > 0
