@@ -113,7 +113,8 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     from dyvm.benchmark import measure_throughput
     from dyvm.flops import nominal_macs
     n_valid = valid_samples(len(splits.val), world_size, rank, args.dist_eval)
-    res = {"model": args.model, "parameters": sum(p.numel() for p in unwrap(model).parameters())}
+    res = {"model": args.model, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+           "num_patches": unwrap(model).cfg.num_patches}
     res["raw"] = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                           progress=args.progress, desc="eval raw")
     if ema_state is not None:
@@ -172,7 +173,7 @@ def run(args) -> dict:
     from timm.utils import ModelEmaV3
 
     world_size, rank, device = init_distributed(args)
-    seed_everything(args.seed + rank)
+    seed_everything(args.seed)  # the same on every rank: fresh heads (and their EMA copies) start identical
     if args.output_dir and rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         save_args(args, args.output_dir)
