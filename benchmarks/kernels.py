@@ -235,6 +235,28 @@ def run_ours(results, quick=False):
             lambda: F.silu(F.conv1d(x, w, b, padding=WIDTH - 1, groups=768)[..., :SEQLEN]))
 
 
+def sweep(results):
+    """Launch-parameter sweep of the scan kernels at Vim-S (d_inner 768)."""
+    from mamba_ssm.ops.triton.selective_scan import scan_backward, scan_forward
+
+    for dname, dtype in DTYPES.items():
+        for layout in ("cf", "cl"):
+            u, delta, A, B, C, D, z, bias = scan_inputs(768, dtype, channels_last=layout == "cl")
+            out = torch.empty_like(u)
+            args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
+                    None, 1.0)
+            for bd, nw, un in ((32, 2, 8), (32, 4, 8), (32, 4, 16), (64, 4, 8), (64, 4, 16)):
+                results[f"sweep_fwd/{layout}/{dname}/bd{bd}_w{nw}_u{un}"] = bench(
+                    lambda: scan_forward(*args, out, block_d=bd, num_warps=nw, unroll=un))
+            dout = torch.randn_like(u)
+            for bd, nw in ((16, 2), (32, 2), (32, 4), (64, 4)):
+                results[f"sweep_bwd/{layout}/{dname}/bd{bd}_w{nw}"] = bench(
+                    lambda: scan_backward(*args, dout, block_d=bd, num_warps=nw))
+    for k, v in results.items():
+        if k.startswith("sweep"):
+            print(f"{k:<40}{v:10.1f}")
+
+
 def table(results):
     copy = results.get("copy_TBps", float("nan"))
     rows = [f"copy bandwidth {copy:.2f} TB/s (device-to-device, read + write)",
@@ -265,6 +287,7 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--table-only", action="store_true", help="only merge --merge files and print the table")
     p.add_argument("--quick", action="store_true", help="skip the slow reference timing")
+    p.add_argument("--sweep", action="store_true", help="only sweep the scan kernels' launch parameters")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -274,6 +297,8 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     if args.upstream_only:
         run_upstream(results)
+    elif args.sweep:
+        sweep(results)
     elif not args.table_only:
         if not args.skip_check:
             try:

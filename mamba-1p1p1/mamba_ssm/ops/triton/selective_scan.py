@@ -49,7 +49,7 @@ def _scan_fwd_kernel(
     scale,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -87,27 +87,43 @@ def _scan_fwd_kernel(
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
             h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-            for s in range(seqlen):
-                t = s if r == 0 else seqlen - 1 - s
-                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1)
-                if HAS_D:
-                    y += Dv * u
-                if HAS_Z:
-                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
-                    y *= z * tl.sigmoid(z)
-                y *= g_scale
+            # Unrolled chunks of UNROLL steps whose outputs are collected in a tile and stored once after
+            # the chunk: with no store between them, the chunk's loads (which do not depend on h) can all
+            # be issued up front and their latency overlaps (the walk is latency-bound, not bandwidth-bound).
+            cols = tl.arange(0, UNROLL)
+            for s0 in range(0, seqlen, UNROLL):
+                s_vec = s0 + cols
+                t_vec = s_vec if r == 0 else seqlen - 1 - s_vec
+                m_tile = mask_d[:, None] & (s_vec < seqlen)[None, :]
+                o_tile_ptrs = o_base[:, None] + t_vec[None, :] * so_t
+                y_tile = tl.zeros((BLOCK_D, UNROLL), dtype=tl.float32)
                 if r == 1:
-                    y += tl.load(o_base + t * so_t, mask=mask_acc, other=0.0).to(tl.float32)
-                tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+                    y_tile = tl.load(o_tile_ptrs, mask=m_tile & mask_acc[:, None], other=0.0).to(tl.float32)
+                for j in tl.static_range(UNROLL):
+                    s = s0 + j
+                    t = s if r == 0 else seqlen - 1 - s
+                    ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                    ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
+                    md = mask_d & ok
+                    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+                    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+                    Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                    Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                    if HAS_Z:
+                        z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        dt += bias
+                    if SOFTPLUS:
+                        dt = _softplus(dt)
+                    dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
+                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                    y = tl.sum(h * Ct[None, :], axis=1)
+                    if HAS_D:
+                        y += Dv * u
+                    if HAS_Z:
+                        y *= z * tl.sigmoid(z)
+                    y_tile += tl.where(cols[None, :] == j, (y * g_scale)[:, None], 0.0)
+                tl.store(o_tile_ptrs, y_tile.to(out_ptr.dtype.element_ty), mask=m_tile)
             if STORE_LAST:
                 tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
                          + offs_n[None, :], h, mask=mask_dn)
@@ -180,18 +196,24 @@ def _scan_bwd_kernel(
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
         part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
-        # Pass 1: forward walk, keeping the state entering each chunk.
+        # Pass 1: forward walk, keeping the state entering each chunk. The chunk loops are unrolled
+        # (static_range) so that loads are issued ahead of the arithmetic; steps past the end are masked
+        # and take dt = 0, which leaves h unchanged.
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for s in range(seqlen):
-            if s % CHUNK_T == 0:
-                tl.store(ckpt_base + (s // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
-            t = s if r == 0 else seqlen - 1 - s
-            u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+        for s0 in range(0, seqlen, CHUNK_T):
+            tl.store(ckpt_base + (s0 // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
+            for j in tl.static_range(CHUNK_T):
+                s = s0 + j
+                t = s if r == 0 else seqlen - 1 - s
+                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
+                u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                dt = tl.where(ok, dt, 0.0)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
         # Pass 2: chunks from last to first; recompute the chunk's states, then walk it backwards.
         g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
@@ -204,44 +226,67 @@ def _scan_bwd_kernel(
         for ci in range(n_chunks):
             c = n_chunks - 1 - ci
             s0 = c * CHUNK_T
-            s1 = tl.minimum(s0 + CHUNK_T, seqlen)
             tl.debug_barrier()  # the scratch is reused: earlier reads must be done
             h = tl.load(ckpt_base + c * BLOCK_D * BLOCK_N + offs_dn)
             tl.store(scratch_base + offs_dn, h)
-            for s in range(s0, s1):
+            for j in tl.static_range(CHUNK_T):
+                s = s0 + j
                 t = s if r == 0 else seqlen - 1 - s
-                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
+                u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
                 if SOFTPLUS:
                     dt = _softplus(dt)
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                dt = tl.where(ok, dt, 0.0)
                 h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
+                tl.store(scratch_base + (j + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
             tl.debug_barrier()
-            for i in range(s1 - s0):
-                s = s1 - 1 - i
+            # The reverse walk collects its per-step outputs in tiles, stored once after the chunk, so
+            # that no store sits between the chunk's loads (see the forward kernel).
+            cols = tl.arange(0, CHUNK_T)
+            s_vec = s0 + cols
+            t_vec = s_vec if r == 0 else seqlen - 1 - s_vec
+            m_dt = mask_d[:, None] & (s_vec < seqlen)[None, :]
+            m_nt = mask_n[:, None] & (s_vec < seqlen)[None, :]
+            dz_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
+            if HAS_Z:
+                if r > 0:
+                    dz_tile = tl.load(dz_base[:, None] + t_vec[None, :], mask=m_dt, other=0.0)
+            du_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
+            ddt_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
+            dB_tile = tl.zeros((BLOCK_N, CHUNK_T), dtype=tl.float32)
+            dC_tile = tl.zeros((BLOCK_N, CHUNK_T), dtype=tl.float32)
+            for jj in tl.static_range(CHUNK_T):
+                j = CHUNK_T - 1 - jj
+                s = s0 + j
                 t = s if r == 0 else seqlen - 1 - s
-                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_dn)
-                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-                dt_raw = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
+                md = mask_d & ok
+                mn = mask_n & ok_n
+                h_prev = tl.load(scratch_base + j * BLOCK_D * BLOCK_N + offs_dn)
+                u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+                dt_raw = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32) + bias
+                Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
+                dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
                 dt = dt_raw
                 if SOFTPLUS:
                     dt = _softplus(dt_raw)
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
-                dout = tl.load(do_base + t * sdo_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt = tl.where(ok, dt, 0.0)
                 a = tl.exp2(dt[:, None] * A2)
                 y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                sel_d = cols[None, :] == j
                 if HAS_Z:
-                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
                     sig = tl.sigmoid(z)
                     silu = z * sig
                     dgate_acc += dout * y * silu
                     dyz = dout * g_scale
-                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
-                    if r > 0:
-                        dz += tl.load(dz_base + t, mask=mask_d, other=0.0)
-                    tl.store(dz_base + t, dz, mask=mask_d)
+                    dz_tile += tl.where(sel_d, (dyz * y * sig * (1.0 + z * (1.0 - sig)))[:, None], 0.0)
                     dy = dyz * silu
                 else:
                     dgate_acc += dout * y
@@ -250,16 +295,23 @@ def _scan_bwd_kernel(
                 dBu = tl.sum(g * Bt[None, :], axis=1)  # d (dt * u)
                 ddt = dBu * u + tl.sum(g * A * a * h_prev, axis=1)
                 dA_acc += g * a * h_prev * dt[:, None]
-                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
-                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
+                dB_tile += tl.where(sel_d, tl.sum(g * (dt * u)[:, None], axis=0)[:, None], 0.0)
+                dC_tile += tl.where(sel_d, tl.sum(h * dy[:, None], axis=0)[:, None], 0.0)
                 dD_acc += dy * u
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = tl.where(ok, ddt, 0.0)
                 dbias_acc += ddt
-                tl.store(du_ptr + dud_base + t, dBu * dt + Dv * dy, mask=mask_d)
-                tl.store(ddt_ptr + dud_base + t, ddt, mask=mask_d)
+                du_tile += tl.where(sel_d, (dBu * dt + Dv * dy)[:, None], 0.0)
+                ddt_tile += tl.where(sel_d, ddt[:, None], 0.0)
                 g = g * a
                 h = h_prev
+            if HAS_Z:
+                tl.store(dz_base[:, None] + t_vec[None, :], dz_tile, mask=m_dt)
+            tl.store(du_ptr + dud_base[:, None] + t_vec[None, :], du_tile, mask=m_dt)
+            tl.store(ddt_ptr + dud_base[:, None] + t_vec[None, :], ddt_tile, mask=m_dt)
+            tl.store(dB_ptr + part_base[:, None] + t_vec[None, :], dB_tile, mask=m_nt)
+            tl.store(dC_ptr + part_base[:, None] + t_vec[None, :], dC_tile, mask=m_nt)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc,
                  mask=mask_dn)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -286,7 +338,7 @@ def _strides4(t: Tensor):
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, block_d: Optional[int] = None,
-                 num_warps: int = 4):
+                 num_warps: int = 4, unroll: int = 8):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -315,7 +367,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll, num_warps=num_warps,
     )
     return last
 
