@@ -218,7 +218,8 @@ def run_ours(results, quick=False):
                     lambda: selective_scan_ref(*ins, delta_softplus=True), warmup=5, rep=20)
             if dim == 768:  # the DyVM op: two directions in one launch, channels-last, gates
                 u, delta, A, B, C, D, z, bias = scan_inputs(dim, dtype, channels_last=True)
-                u2, d2 = torch.stack([u, u]), torch.stack([delta, delta])
+                cl2 = lambda t: torch.stack([t.transpose(1, 2)] * 2).transpose(2, 3)  # noqa: E731  (b, L, d) memory
+                u2, d2 = cl2(u), cl2(delta)
                 B2, C2 = torch.stack([B, B])[:, :, None], torch.stack([C, C])[:, :, None]
                 A2, D2, bias2 = torch.stack([A, A]), torch.stack([D, D]), torch.stack([bias, bias])
                 out = torch.empty(BATCH, SEQLEN, dim, device="cuda", dtype=dtype).transpose(1, 2)
@@ -235,33 +236,48 @@ def run_ours(results, quick=False):
             lambda: F.silu(F.conv1d(x, w, b, padding=WIDTH - 1, groups=768)[..., :SEQLEN]))
 
 
-def sweep(results):
-    """Launch-parameter sweep of the scan kernels at Vim-S (d_inner 768)."""
-    from mamba_ssm.ops.triton.selective_scan import scan_backward, scan_forward
+class Results(dict):
+    """Prints each timing as it lands (a device call can be cut off at its time limit)."""
 
-    for dname, dtype in DTYPES.items():
-        for layout in ("cf", "cl"):
-            u, delta, A, B, C, D, z, bias = scan_inputs(768, dtype, channels_last=layout == "cl")
-            out = torch.empty_like(u)
-            args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
-                    None, 1.0)
-            for bd, nw, un in ((32, 2, 8), (32, 4, 8), (32, 4, 16), (64, 4, 8), (64, 4, 16)):
-                results[f"sweep_fwd/{layout}/{dname}/bd{bd}_w{nw}_u{un}"] = bench(
-                    lambda: scan_forward(*args, out, block_d=bd, num_warps=nw, unroll=un))
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"{key:<44}{value:10.1f}", flush=True)
+
+
+def sweep(results):
+    """Launch parameters of the scan kernels at Vim-S (d_inner 768, fp32); sets the fastest as defaults."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    timings = {}
+    for layout in ("cf", "cl"):
+        u, delta, A, B, C, D, z, bias = scan_inputs(768, torch.float32, channels_last=layout == "cl")
+        out = torch.empty_like(u)
+        args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
+                None, 1.0)
+        for cfg in ((16, 8, 8), (16, 4, 4), (8, 4, 8), (32, 8, 8), (16, 4, 8), (32, 4, 4)):
+            t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2]))
+            results[f"sweep_fwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}"] = t
+            timings.setdefault(("fwd", cfg), 0.0)
+            timings[("fwd", cfg)] += t
+        if layout == "cf":
             dout = torch.randn_like(u)
-            for bd, nw in ((16, 2), (32, 2), (32, 4), (64, 4)):
-                results[f"sweep_bwd/{layout}/{dname}/bd{bd}_w{nw}"] = bench(
-                    lambda: scan_backward(*args, dout, block_d=bd, num_warps=nw))
-    for k, v in results.items():
-        if k.startswith("sweep"):
-            print(f"{k:<40}{v:10.1f}")
+            for cfg in ((8, 4, 8), (16, 4, 4), (16, 4, 8)):
+                t = bench(lambda: ss.scan_backward(*args, dout, block_d=cfg[0], num_warps=cfg[1], chunk=cfg[2]))
+                results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_c{cfg[2]}"] = t
+                timings[("bwd", cfg)] = t
+    best_f = min((v, k[1]) for k, v in timings.items() if k[0] == "fwd")[1]
+    best_b = min((v, k[1]) for k, v in timings.items() if k[0] == "bwd")[1]
+    ss.FWD_TUNING.update(block_d=best_f[0], num_warps=best_f[1], unroll=best_f[2])
+    ss.BWD_TUNING.update(block_d=best_b[0], num_warps=best_b[1], chunk=best_b[2])
+    print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, flush=True)
+    return {"fwd": dict(ss.FWD_TUNING), "bwd": dict(ss.BWD_TUNING)}
 
 
 def table(results):
     copy = results.get("copy_TBps", float("nan"))
     rows = [f"copy bandwidth {copy:.2f} TB/s (device-to-device, read + write)",
             f"{'op':<22}{'shape':>6}{'dtype':>6}{'ours us':>10}{'upstr us':>10}{'speed-up':>9}{'ours TB/s':>10}"]
-    keys = sorted({k.rsplit('/', 1)[0] for k in results if "/" in k})
+    keys = sorted({k.rsplit('/', 1)[0] for k in results if "/" in k and not k.startswith("sweep")})
     for key in keys:
         op, shape, dname = key.split("/")
         ours, up = results.get(key + "/ours"), results.get(key + "/upstream")
@@ -287,19 +303,19 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--table-only", action="store_true", help="only merge --merge files and print the table")
     p.add_argument("--quick", action="store_true", help="skip the slow reference timing")
-    p.add_argument("--sweep", action="store_true", help="only sweep the scan kernels' launch parameters")
+    p.add_argument("--sweep", action="store_true", help="first sweep the scan kernels' launch parameters")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
-    results, checks = {}, {}
+    results, checks = Results(), {}
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     if args.upstream_only:
         run_upstream(results)
-    elif args.sweep:
-        sweep(results)
     elif not args.table_only:
+        if args.sweep:  # first, so that the checks below run the kernels as timed
+            meta["tuning"] = sweep(results)
         if not args.skip_check:
             try:
                 check_ours(checks)
@@ -307,7 +323,7 @@ def main():
                 import traceback
                 traceback.print_exc()
                 checks["error"] = repr(e)
-            print(json.dumps(checks, indent=1), flush=True)
+            print(json.dumps(checks), flush=True)
         run_ours(results, args.quick)
     for path in args.merge:
         if os.path.exists(path):

@@ -17,7 +17,6 @@ and reduced with torch, so results are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
-import math
 from typing import Optional
 
 import torch
@@ -25,8 +24,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = math.log2(math.e)
-CHUNK = 16  # backward checkpoint interval (steps)
+# Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
+# Registers decide: the walk is latency-bound, so small per-thread tiles (more warps in flight) win.
+FWD_TUNING = {"block_d": 16, "num_warps": 8, "unroll": 8}
+BWD_TUNING = {"block_d": 8, "num_warps": 4, "chunk": 8}  # chunk: checkpoint interval (steps)
 
 
 @triton.jit
@@ -77,8 +78,12 @@ def _scan_fwd_kernel(
                 bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
             dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
-            B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n * sB_n
-            C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n * sC_n
+            # B_t and C_t are loaded as (BLOCK_D, BLOCK_N) tiles broadcast over channels, in the layout of
+            # h, so each thread holds only the states it owns (a (BLOCK_N,) vector would be replicated in
+            # every thread and, unrolled, exhaust the registers).
+            zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)
+            B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n + zero_d
+            C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n + zero_d
             z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
             g_scale = gate * scale
             # direction 1 adds to direction 0's output unless direction 0 was gated off
@@ -107,8 +112,8 @@ def _scan_fwd_kernel(
                     md = mask_d & ok
                     u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
                     dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-                    Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
-                    Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                    Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
+                    Ct = tl.load(C_base + t * sC_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
                     if HAS_Z:
                         z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
                     if HAS_BIAS:
@@ -116,8 +121,8 @@ def _scan_fwd_kernel(
                     if SOFTPLUS:
                         dt = _softplus(dt)
                     dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                    y = tl.sum(h * Ct[None, :], axis=1)
+                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
+                    y = tl.sum(h * Ct, axis=1)
                     if HAS_D:
                         y += Dv * u
                     if HAS_Z:
@@ -190,8 +195,9 @@ def _scan_bwd_kernel(
             bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
         dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
-        B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n * sB_n
-        C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n * sC_n
+        zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)  # B_t, C_t as broadcast tiles (see the forward kernel)
+        B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n + zero_d
+        C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n + zero_d
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
@@ -209,11 +215,11 @@ def _scan_bwd_kernel(
                 ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
                 u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
                 dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
                 if SOFTPLUS:
                     dt = _softplus(dt)
                 dt = tl.where(ok, dt, 0.0)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
         # Pass 2: chunks from last to first; recompute the chunk's states, then walk it backwards.
         g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
@@ -236,11 +242,11 @@ def _scan_bwd_kernel(
                 ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
                 u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
                 dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
                 if SOFTPLUS:
                     dt = _softplus(dt)
                 dt = tl.where(ok, dt, 0.0)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
                 tl.store(scratch_base + (j + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
             tl.debug_barrier()
             # The reverse walk collects its per-step outputs in tiles, stored once after the chunk, so
@@ -269,8 +275,8 @@ def _scan_bwd_kernel(
                 h_prev = tl.load(scratch_base + j * BLOCK_D * BLOCK_N + offs_dn)
                 u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
                 dt_raw = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
                 dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
                 if HAS_Z:
                     z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
@@ -279,7 +285,7 @@ def _scan_bwd_kernel(
                     dt = _softplus(dt_raw)
                 dt = tl.where(ok, dt, 0.0)
                 a = tl.exp2(dt[:, None] * A2)
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                y = tl.sum(h * Ct, axis=1) + Dv * u
                 sel_d = cols[None, :] == j
                 if HAS_Z:
                     sig = tl.sigmoid(z)
@@ -291,8 +297,8 @@ def _scan_bwd_kernel(
                 else:
                     dgate_acc += dout * y
                     dy = dout * g_scale
-                g += dy[:, None] * Ct[None, :]
-                dBu = tl.sum(g * Bt[None, :], axis=1)  # d (dt * u)
+                g += dy[:, None] * Ct
+                dBu = tl.sum(g * Bt, axis=1)  # d (dt * u)
                 ddt = dBu * u + tl.sum(g * A * a * h_prev, axis=1)
                 dA_acc += g * a * h_prev * dt[:, None]
                 dB_tile += tl.where(sel_d, tl.sum(g * (dt * u)[:, None], axis=0)[:, None], 0.0)
@@ -321,10 +327,9 @@ def _scan_bwd_kernel(
         tl.debug_barrier()  # direction 1 accumulates into dz written by direction 0
 
 
-def _block_d(dim: int, dim_per_group: int, d_state: int) -> int:
+def _block_d(dim: int, dim_per_group: int, preferred: int) -> int:
     """Channels per program: a power of two that keeps every block inside one group of B/C."""
-    block = 32 if d_state <= 16 else 16
-    block = min(block, triton.next_power_of_2(dim))
+    block = min(preferred, triton.next_power_of_2(dim))
     if dim_per_group != dim:  # groups > 1: the block must divide the group size
         while dim_per_group % block:
             block //= 2
@@ -338,7 +343,7 @@ def _strides4(t: Tensor):
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, block_d: Optional[int] = None,
-                 num_warps: int = 4, unroll: int = 8):
+                 num_warps: Optional[int] = None, unroll: Optional[int] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -352,7 +357,9 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     dim_per_group = dim // groups
-    block_d = block_d or _block_d(dim, dim_per_group, d_state)
+    block_d = _block_d(dim, dim_per_group, block_d or FWD_TUNING["block_d"])
+    num_warps = num_warps or FWD_TUNING["num_warps"]
+    unroll = unroll or FWD_TUNING["unroll"]
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
@@ -375,7 +382,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, block_d: Optional[int] = None,
-                  num_warps: int = 4):
+                  num_warps: Optional[int] = None, chunk: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dz (b, d, L) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
@@ -384,10 +391,12 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     dim_per_group = dim // groups
-    block_d = block_d or _block_d(dim, dim_per_group, d_state)
+    block_d = _block_d(dim, dim_per_group, block_d or BWD_TUNING["block_d"])
+    num_warps = num_warps or BWD_TUNING["num_warps"]
+    chunk = chunk or BWD_TUNING["chunk"]
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
-    n_chunks = triton.cdiv(seqlen, CHUNK)
+    n_chunks = triton.cdiv(seqlen, chunk)
     dev, f32 = u.device, torch.float32
     du = torch.empty((R, batch, dim, seqlen), device=dev, dtype=f32)
     ddelta = torch.empty_like(du)
@@ -399,7 +408,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dbias_part = torch.empty_like(dD_part)
     dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
     ckpt = torch.empty((batch * n_dblocks * n_chunks * block_d * block_n,), device=dev, dtype=f32)
-    scratch = torch.empty((batch * n_dblocks * (CHUNK + 1) * block_d * block_n,), device=dev, dtype=f32)
+    scratch = torch.empty((batch * n_dblocks * (chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
@@ -416,7 +425,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CHUNK, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, num_warps=num_warps,
     )
     blocks_per_group = n_dblocks // groups if groups > 1 else n_dblocks
 
