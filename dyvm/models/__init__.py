@@ -1,5 +1,7 @@
-"""Models: the Vim backbone, and (registered on import) the timm names vim_* and dyvm_vim_*."""
+"""Models: the Vim backbone, DyVM, and (registered on import) the timm names vim_* and dyvm_vim_*."""
 from dyvm.models import registry  # noqa: F401  (registers the timm names)
+from dyvm.models.dyvm import DyVM, DyVMConfig, ForwardOutput
 from dyvm.models.vim import VIM_BASE, VIM_SMALL, VIM_TINY, Block, Vim, VimConfig, count_parameters
 
-__all__ = ["Vim", "VimConfig", "Block", "VIM_TINY", "VIM_SMALL", "VIM_BASE", "count_parameters"]
+__all__ = ["Vim", "VimConfig", "Block", "VIM_TINY", "VIM_SMALL", "VIM_BASE", "count_parameters", "DyVM",
+           "DyVMConfig", "ForwardOutput"]
