@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-from mamba_ssm.ops.selective_scan_interface import selective_scan_ref, use_triton
+from mamba_ssm.ops.dispatch import triton_enabled
+from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
 
 class ScanWeights(NamedTuple):
@@ -87,7 +88,7 @@ def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask
 def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True):
     """Both directions of a Vim v2 layer in one call; Triton kernels on CUDA tensors."""
     _check(xz, fwd, gate, mask)
-    if use_triton(xz):
+    if triton_enabled(xz, "bimamba"):
         from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
 
         return bimamba_v2_inner_triton(xz, fwd, bwd, gate, mask, divide_out)

@@ -1,27 +1,22 @@
 """Selective scan and the Mamba inner function, with the mamba-ssm 1.1.1 call signatures.
 
-`selective_scan_fn` / `mamba_inner_fn` dispatch: CUDA tensors go to the Triton kernels (compiled at first
-use), everything else to the references in this file. MAMBA_FORCE_REFERENCE=1 forces the references.
+`selective_scan_fn` / `mamba_inner_fn` dispatch (mamba_ssm/ops/dispatch.py): CUDA tensors go to the Triton
+kernels (compiled at first use) through the custom op mamba_ssm::scan_fwd (scan_op.py), everything else to
+the references in this file. MAMBA_FORCE_REFERENCE=1 forces the references.
 The references are vectorised (see scan_core.py) and keep the state in fp32 whatever the input dtype.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn
+from mamba_ssm.ops import scan_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
+from mamba_ssm.ops.dispatch import triton_enabled
 from mamba_ssm.ops.scan_core import SelectiveScanCore
 
 
 def use_triton(x):
-    """True when `x` should take the Triton kernels (CUDA tensor, Triton importable, not forced off)."""
-    if not x.is_cuda or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
-        return False
-    try:
-        from mamba_ssm.ops.triton import selective_scan  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when `x` should take the Triton scan kernels (CUDA tensor, Triton importable, not forced off)."""
+    return triton_enabled(x, "selective_scan")
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
@@ -96,6 +91,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                       return_last_state=False):
     """Same contract as `selective_scan_ref`; Triton kernels for CUDA tensors."""
     if use_triton(u):
+        _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
         from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -2,8 +2,9 @@
 
     conv (both directions, one launch; direction 1 anti-causal, so nothing is flipped)
     -> x_proj and dt_proj as batched matmuls over the direction axis (cuBLAS)
-    -> selective scan (both directions, one launch), which also applies D, z-gating, the per-sample gate,
-       the sum of the directions and the halving, writing (batch, L, d_inner) once.
+    -> selective scan (both directions, one launch; the custom op mamba_ssm::scan_fwd), which also applies
+       D, z-gating, the per-sample gate, the sum of the directions and the halving, writing (batch, L,
+       d_inner) once.
 
 Inference with gates: a (sample, direction) whose gate is 0 is skipped inside the conv and scan kernels
 (the programs return at once); the batched matmuls still run over the whole batch (they are small next
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.triton_causal_conv1d import conv_backward, conv_forward
-from mamba_ssm.ops.triton.selective_scan import scan_backward, scan_forward
+from mamba_ssm.ops.scan_op import scan_fwd
 
 
 class _BiConv(torch.autograd.Function):
@@ -35,27 +36,6 @@ class _BiConv(torch.autograd.Function):
         x, weight, bias, mask = ctx.saved_tensors
         dx, dw, db = conv_backward(x, weight, bias, mask, True, dout)
         return dx, dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), None, None
-
-
-class _BiScan(torch.autograd.Function):
-    """Both directions' scans summed into one (b, d, L) output (a view of (b, L, d) memory)."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, gate, scale):
-        batch, dim, seqlen = z.shape
-        out = torch.empty((batch, seqlen, dim), device=u.device, dtype=u.dtype).transpose(1, 2)
-        scan_forward(u, delta, A, B, C, D, z, delta_bias, True, gate, scale, out)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, gate = ctx.saved_tensors
-        g = scan_backward(u, delta, A, B, C, D, z, delta_bias, True, gate, ctx.scale, dout)
-        return (g["du"].to(u.dtype), g["ddelta"].to(delta.dtype), g["dA"], g["dB"].to(B.dtype),
-                g["dC"].to(C.dtype), g["dD"], g["dz"].to(z.dtype), g["ddelta_bias"],
-                None if gate is None else g["dgate"].to(gate.dtype), None)
 
 
 def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
@@ -92,4 +72,5 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     A = _stack(fwd, bwd, "A", torch.float32)
     D = _stack(fwd, bwd, "D", torch.float32)
     delta_bias = _stack(fwd, bwd, "dt_proj_bias", torch.float32)
-    return _BiScan.apply(xc, delta, A, B, C, D, z, delta_bias, gate, 0.5 if divide_out else 1.0)
+    out, _ = scan_fwd(xc, delta, A, B, C, D, z, delta_bias, gate, True, 0.5 if divide_out else 1.0, False, True)
+    return out

@@ -1,15 +1,16 @@
 """Residual add + LayerNorm / RMSNorm with the mamba-ssm 1.1.1 signatures (prenorm, residual_in_fp32).
 
 `layer_norm_fn` / `rms_norm_fn` dispatch: CUDA tensors go to the fused Triton kernel
-(`layernorm_kernel.py`, compiled at first use), everything else to `layer_norm_ref`.
+(`layernorm_kernel.py`, compiled at first use), everything else to `layer_norm_ref`
+(MAMBA_FORCE_REFERENCE=1 forces the reference).
 Semantics of the fused op: residual_out = x + residual (in fp32 when residual_in_fp32, else in x's dtype),
 out = norm(residual_out) in fp32, cast back to x's dtype; with prenorm it returns (out, residual_out).
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mamba_ssm.ops.dispatch import triton_enabled
 
 
 def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
@@ -37,13 +38,7 @@ def rms_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residu
 
 def use_triton(x):
     """True when `x` should take the fused Triton kernel (CUDA tensor, Triton importable, not forced off)."""
-    if not x.is_cuda or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
-        return False
-    try:
-        from mamba_ssm.ops.triton import layernorm_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_enabled(x, "layernorm_kernel")
 
 
 def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,

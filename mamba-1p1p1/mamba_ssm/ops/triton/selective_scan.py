@@ -39,7 +39,7 @@ def _softplus(x):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr,
-    dim, seqlen, d_state, dim_per_group,
+    dim, seqlen, d_state, dpg_B, dpg_C,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
     sz_b, sz_d, sz_t,
@@ -59,7 +59,8 @@ def _scan_fwd_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    group = (pid_d * BLOCK_D) // dim_per_group  # a block never straddles groups (see _block_d)
+    group_B = (pid_d * BLOCK_D) // dpg_B  # a block never straddles groups (see _block_d)
+    group_C = (pid_d * BLOCK_D) // dpg_C
     o_base = out_ptr + pid_b * so_b + offs_d * so_d
     gate0 = 1.0
     gate1 = 1.0
@@ -82,8 +83,8 @@ def _scan_fwd_kernel(
             # h, so each thread holds only the states it owns (a (BLOCK_N,) vector would be replicated in
             # every thread and, unrolled, exhaust the registers).
             zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)
-            B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n + zero_d
-            C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n + zero_d
+            B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n[None, :] * sB_n + zero_d
+            C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n[None, :] * sC_n + zero_d
             z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
             g_scale = gate * scale
             # direction 1 adds to direction 0's output unless direction 0 was gated off
@@ -148,7 +149,7 @@ def _scan_bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
     ckpt_ptr, scratch_ptr,
-    dim, seqlen, d_state, dim_per_group, n_dblocks,
+    dim, seqlen, d_state, dpg_B, dpg_C, n_dblocks,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
     sz_b, sz_d, sz_t,
@@ -173,7 +174,8 @@ def _scan_bwd_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    group = (pid_d * BLOCK_D) // dim_per_group
+    group_B = (pid_d * BLOCK_D) // dpg_B
+    group_C = (pid_d * BLOCK_D) // dpg_C
     n_chunks = tl.cdiv(seqlen, CHUNK_T)
     prog = pid_b * n_dblocks + pid_d
     ckpt_base = ckpt_ptr + prog * n_chunks * BLOCK_D * BLOCK_N
@@ -196,8 +198,8 @@ def _scan_bwd_kernel(
         u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
         dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
         zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)  # B_t, C_t as broadcast tiles (see the forward kernel)
-        B_base = B_ptr + r * sB_r + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n + zero_d
-        C_base = C_ptr + r * sC_r + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n + zero_d
+        B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n[None, :] * sB_n + zero_d
+        C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n[None, :] * sC_n + zero_d
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
@@ -327,12 +329,13 @@ def _scan_bwd_kernel(
         tl.debug_barrier()  # direction 1 accumulates into dz written by direction 0
 
 
-def _block_d(dim: int, dim_per_group: int, preferred: int) -> int:
-    """Channels per program: a power of two that keeps every block inside one group of B/C."""
+def _block_d(dim: int, groups: tuple, preferred: int) -> int:
+    """Channels per program: a power of two that keeps every block inside one group of B and of C."""
     block = min(preferred, triton.next_power_of_2(dim))
-    if dim_per_group != dim:  # groups > 1: the block must divide the group size
-        while dim_per_group % block:
-            block //= 2
+    for g in groups:
+        if g > 1:  # the block must divide the group size
+            while (dim // g) % block:
+                block //= 2
     return max(block, 1)
 
 
@@ -352,12 +355,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     (R, b, d, N) fp32 when want_last.
     """
     R, batch, dim, seqlen = u.shape
-    d_state, groups = A.shape[-1], B.shape[2]
+    d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    dim_per_group = dim // groups
-    block_d = _block_d(dim, dim_per_group, block_d or FWD_TUNING["block_d"])
+    block_d = _block_d(dim, groups, block_d or FWD_TUNING["block_d"])
     num_warps = num_warps or FWD_TUNING["num_warps"]
     unroll = unroll or FWD_TUNING["unroll"]
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
@@ -369,7 +371,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
         last if last is not None else dummy,
-        dim, seqlen, d_state, dim_per_group,
+        dim, seqlen, d_state, dim // groups[0], dim // groups[1],
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(out), *gs,
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -386,12 +388,11 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     """Gradients of `scan_forward` (same layouts). Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dz (b, d, L) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
-    d_state, groups = A.shape[-1], B.shape[2]
+    d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    dim_per_group = dim // groups
-    block_d = _block_d(dim, dim_per_group, block_d or BWD_TUNING["block_d"])
+    block_d = _block_d(dim, groups, block_d or BWD_TUNING["block_d"])
     num_warps = num_warps or BWD_TUNING["num_warps"]
     chunk = chunk or BWD_TUNING["chunk"]
     block_n = triton.next_power_of_2(d_state)
@@ -420,22 +421,22 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
         dgate_part if dgate_part is not None else dummy, dlast if dlast is not None else dummy,
         ckpt, scratch,
-        dim, seqlen, d_state, dim_per_group, n_dblocks,
+        dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, num_warps=num_warps,
     )
-    blocks_per_group = n_dblocks // groups if groups > 1 else n_dblocks
-
-    def reduce_bc(part):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L), summing the blocks of each group
+    def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
         part = part[:, :, :, :d_state]
-        part = part.reshape(R, groups, blocks_per_group, batch, d_state, seqlen).sum(2)
+        if n_groups == 1:
+            return part.sum(1, keepdim=True).transpose(1, 2)
+        part = part.reshape(R, n_groups, n_dblocks // n_groups, batch, d_state, seqlen).sum(2)
         return part.transpose(1, 2)
 
     return dict(
-        du=du, ddelta=ddelta, dA=dA_part.sum(1), dB=reduce_bc(dB_part), dC=reduce_bc(dC_part),
+        du=du, ddelta=ddelta, dA=dA_part.sum(1), dB=reduce_bc(dB_part, groups[0]), dC=reduce_bc(dC_part, groups[1]),
         dD=dD_part.sum(1) if D is not None else None,
         ddelta_bias=dbias_part.sum(1) if delta_bias is not None else None,
         dz=dz, dgate=dgate_part.sum(2) if gate is not None else None,
@@ -451,48 +452,15 @@ def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
     return M.unsqueeze(0)
 
 
-def _unstack_bc_grad(dM: Tensor, M: Tensor) -> Tensor:
-    """(1, b, G, N, L) fp32 gradient -> M's layout and dtype."""
-    dM = dM[0]
-    if M.dim() == 2:
-        return dM.sum((0, 3)).to(M.dtype)
-    if M.dim() == 3:
-        dM = dM[:, 0]
-    return dM.to(M.dtype)
-
-
-class SelectiveScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        batch, dim, seqlen = u.shape
-        out = torch.empty((batch, dim, seqlen), device=u.device, dtype=u.dtype)
-        Bs, Cs = _as_stacked_bc(B, batch, seqlen), _as_stacked_bc(C, batch, seqlen)
-        last = scan_forward(u[None], delta[None], A.float()[None], Bs, Cs,
-                            D.float()[None] if D is not None else None, z,
-                            delta_bias.float()[None] if delta_bias is not None else None,
-                            delta_softplus, None, 1.0, out, want_last=return_last_state)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus = delta_softplus
-        if return_last_state:
-            return out, last[0]
-        return out
-
-    @staticmethod
-    def backward(ctx, dout, dlast=None):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        batch, dim, seqlen = u.shape
-        g = scan_backward(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
-                          _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
-                          delta_bias.float()[None] if delta_bias is not None else None, ctx.delta_softplus,
-                          None, 1.0, dout, dlast=None if dlast is None else dlast[None])
-        return (g["du"][0].to(u.dtype), g["ddelta"][0].to(delta.dtype), g["dA"][0].to(A.dtype),
-                _unstack_bc_grad(g["dB"], B), _unstack_bc_grad(g["dC"], C),
-                g["dD"][0].to(D.dtype) if D is not None else None,
-                g["dz"].to(z.dtype) if z is not None else None,
-                g["ddelta_bias"][0].to(delta_bias.dtype) if delta_bias is not None else None, None, None)
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
-    """selective_scan_fn on the Triton kernels (arguments checked by the caller)."""
-    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """selective_scan_fn on the Triton kernels, through the custom op mamba_ssm::scan_fwd (arguments
+    checked by the caller)."""
+    from mamba_ssm.ops.scan_op import scan_fwd
+
+    batch, _, seqlen = u.shape
+    out, last = scan_fwd(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
+                         _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
+                         delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus, 1.0,
+                         return_last_state, False)
+    return (out, last[0]) if return_last_state else out

@@ -1,0 +1,44 @@
+"""Which implementation an op takes: Triton kernels for CUDA tensors, the PyTorch references otherwise.
+
+MAMBA_FORCE_REFERENCE=1 forces the references on a GPU too (e.g. to rule a kernel out when debugging).
+Tests run the kernels on CPU tensors through the Triton interpreter inside `triton_on_cpu()`.
+"""
+import importlib
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+
+FORCE_REFERENCE_ENV = "MAMBA_FORCE_REFERENCE"
+_triton_on_cpu = False
+
+
+def reference_forced() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def kernel_importable(module: str) -> bool:
+    """True when the Triton kernel module mamba_ssm.ops.triton.<module> imports (Triton installed)."""
+    try:
+        importlib.import_module(f"mamba_ssm.ops.triton.{module}")
+    except ImportError:
+        return False
+    return True
+
+
+def triton_enabled(x, module: str) -> bool:
+    """True when tensor `x` should take the kernels of mamba_ssm.ops.triton.<module>."""
+    if reference_forced() or not (x.is_cuda or _triton_on_cpu):
+        return False
+    return kernel_importable(module)
+
+
+@contextmanager
+def triton_on_cpu():
+    """Send CPU tensors to the Triton kernels (only meaningful with TRITON_INTERPRET=1; for tests)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous

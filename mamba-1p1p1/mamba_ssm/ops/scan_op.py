@@ -1,0 +1,160 @@
+"""The selective scan as torch.library custom ops, so torch.compile and FlopCounterMode see one op.
+
+`mamba_ssm::scan_fwd` / `mamba_ssm::scan_bwd` take the stacked-directions form of the Triton kernels
+(mamba_ssm/ops/triton/selective_scan.py): R = 1 is selective_scan_fn, R = 2 the DyVM bidirectional scan
+(direction 1 runs in reverse time; per-sample gates; the directions summed and scaled into one output).
+
+    u, delta: (R, b, d, L); A: (R, d, N) fp32; B, C: (R, b, G, N, L); D, delta_bias: (R, d) fp32 or None;
+    z: (b, d, L) or None; gate: (b, R) or None
+    out (b, d, L) in u's dtype = scale * sum_r gate[:, r] * y_r;  last (R, b, d, N) fp32 if want_last
+
+CUDA tensors run the Triton kernels; other devices run the PyTorch reference (and the backward recomputes
+it under autograd, outside the op: autograd does not run inside a custom op). The public functions use these ops on CUDA only: on CPU they call the
+reference directly, which keeps its own analytic backward and is faster there.
+
+FLOPs for FlopCounterMode follow torch's convention (2 per multiply-accumulate) over the MAC count of
+targets.md: 9*b*L*d*N + 2*b*L*d per direction. Gates are not visible at trace time, so every direction
+is counted; the backward counts twice the forward.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+_EMPTY = (0,)
+
+
+def _is_triton(t: Tensor) -> bool:
+    from mamba_ssm.ops.dispatch import triton_enabled
+
+    return triton_enabled(t, "selective_scan")
+
+
+def _stacked_ref(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last):
+    """Reference of the stacked op, built on selective_scan_ref (differentiable)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    R = u.shape[0]
+    out, lasts = None, []
+    for r in range(R):
+        flip = (lambda t: t.flip(-1)) if r == 1 else (lambda t: t)  # noqa: E731
+        y, last = selective_scan_ref(flip(u[r]), flip(delta[r]), A[r], flip(B[r]), flip(C[r]),
+                                     None if D is None else D[r], None if z is None else flip(z),
+                                     None if delta_bias is None else delta_bias[r], delta_softplus, True)
+        y = flip(y).float() * scale
+        if gate is not None:
+            y = y * gate[:, r, None, None].float()
+        out = y if out is None else out + y
+        lasts.append(last)
+    last = torch.stack(lasts) if want_last else u.new_empty(_EMPTY, dtype=torch.float32)
+    return out.to(u.dtype), last
+
+
+def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
+    _, batch, dim, seqlen = u.shape
+    if channels_last_out:
+        return torch.empty((batch, seqlen, dim), device=u.device, dtype=u.dtype).transpose(1, 2)
+    return torch.empty((batch, dim, seqlen), device=u.device, dtype=u.dtype)
+
+
+@torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
+             want_last: bool, channels_last_out: bool) -> Tuple[Tensor, Tensor]:
+    if _is_triton(u):
+        from mamba_ssm.ops.triton.selective_scan import scan_forward
+
+        out = _out_like(u, channels_last_out)
+        last = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, want_last)
+        return out, last if want_last else u.new_empty(_EMPTY, dtype=torch.float32)
+    with torch.no_grad():
+        y, last = _stacked_ref(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last)
+    out = _out_like(u, channels_last_out)
+    out.copy_(y)
+    return out, last
+
+
+@scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out):
+    R, batch, dim, _ = u.shape
+    last_shape = (R, batch, dim, A.shape[-1]) if want_last else _EMPTY
+    return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
+def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
+             dlast: Optional[Tensor]) -> List[Tensor]:
+    """Returns fp32 [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]; empty tensors for absent inputs.
+    Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
+    if not _is_triton(u):
+        raise RuntimeError("mamba_ssm::scan_bwd runs the Triton kernels only; the reference backward runs "
+                           "through autograd (scan_op._reference_grads)")
+    from mamba_ssm.ops.triton.selective_scan import scan_backward
+
+    g = scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout, dlast)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
+    return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=torch.float32) for n in names]
+
+
+def _reference_grads(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast):
+    """The backward of scan_fwd on devices without the kernels: autograd through the reference."""
+    inputs = [t.detach().requires_grad_() if t is not None else None
+              for t in (u, delta, A, B, C, D, z, delta_bias, gate)]
+    with torch.enable_grad():
+        out, last = _stacked_ref(*inputs, delta_softplus, scale, dlast is not None)
+        outs, grads = [out], [dout.to(out.dtype)]
+        if dlast is not None:
+            outs.append(last)
+            grads.append(dlast.float())
+        wrt = [t for t in inputs if t is not None]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+    res = []
+    for t in inputs:
+        g = next(got) if t is not None else None
+        if t is not None and g is None:
+            g = torch.zeros_like(t)
+        res.append(g)
+    return res
+
+
+@scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast):
+    f32 = torch.float32
+    like = lambda t: t.new_empty(t.shape, dtype=f32) if t is not None else u.new_empty(_EMPTY, dtype=f32)  # noqa
+    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(gate)]
+
+
+def _setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate)
+    ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
+
+
+def _backward(ctx, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias, gate = ctx.saved_tensors
+    args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout.contiguous(),
+            dlast if ctx.want_last else None)
+    grads = scan_bwd(*args) if _is_triton(u) else _reference_grads(*args)
+    cast = [None if t is None else g.to(t.dtype) for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias, gate))]
+    return (*cast, None, None, None, None)
+
+
+scan_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def scan_macs(u_shape, d_state: int) -> int:
+    """Multiply-accumulates of the scan (targets.md): 9*b*L*d*N + 2*b*L*d per direction."""
+    R, batch, dim, seqlen = u_shape
+    return R * (9 * batch * seqlen * dim * d_state + 2 * batch * seqlen * dim)
+
+
+@register_flop_formula(torch.ops.mamba_ssm.scan_fwd)
+def _scan_fwd_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    return 2 * scan_macs(u_shape, A_shape[-1])
+
+
+@register_flop_formula(torch.ops.mamba_ssm.scan_bwd)
+def _scan_bwd_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    return 4 * scan_macs(u_shape, A_shape[-1])
