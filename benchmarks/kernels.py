@@ -122,7 +122,7 @@ def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn, dim=768, hidden=
 
 
 # ----------------------------------------------------------------------------- ours
-def check_ours(checks):
+def check_ours(checks, lean=False):
     """Full-size agreement with the references (values and gradients), printed and recorded."""
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
     from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton
@@ -134,6 +134,8 @@ def check_ours(checks):
     from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
 
     for dname, dtype in DTYPES.items():
+        if lean and dname != "fp32":
+            break
         ins = scan_inputs(768, dtype, requires_grad=True)
         out = selective_scan_triton(*ins, delta_softplus=True)
         ref = selective_scan_ref(*ins, delta_softplus=True)
@@ -192,7 +194,7 @@ def check_ours(checks):
         torch.cuda.empty_cache()
 
 
-def run_ours(results, quick=False):
+def run_ours(results, quick=False, lean=False):
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
     from mamba_ssm.ops.triton.layernorm import rms_norm_fn
@@ -209,9 +211,10 @@ def run_ours(results, quick=False):
             results[f"scan_fwd/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*ins, delta_softplus=True))
             cl = scan_inputs(dim, dtype, channels_last=True)
             results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
-            ins = scan_inputs(dim, dtype, requires_grad=True)
-            results[f"scan_fwdbwd/{dim}/{dname}/ours"] = bench(
-                fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
+            if dim == 768 or not lean:
+                ins = scan_inputs(dim, dtype, requires_grad=True)
+                results[f"scan_fwdbwd/{dim}/{dname}/ours"] = bench(
+                    fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
             if dim == 768 and dname == "fp32" and not quick:
                 ins = scan_inputs(dim, dtype)
                 results[f"scan_fwd/{dim}/{dname}/reference"] = bench(
@@ -244,7 +247,7 @@ class Results(dict):
         print(f"{key:<44}{value:10.1f}", flush=True)
 
 
-def sweep(results):
+def sweep(results, lean=False):
     """Launch parameters of the scan kernels at Vim-S (d_inner 768, fp32); sets the fastest as defaults."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
@@ -254,21 +257,22 @@ def sweep(results):
         out = torch.empty_like(u)
         args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
                 None, 1.0)
-        for cfg in ((16, 8, 8), (16, 4, 4), (8, 4, 8), (32, 8, 8), (16, 4, 8), (32, 4, 4)):
+        for cfg in ((16, 8, 8), (16, 4, 4), (8, 4, 8), (32, 8, 8), (16, 4, 8), (32, 4, 4), (32, 4, 8)):
             t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2]))
             results[f"sweep_fwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}"] = t
             timings.setdefault(("fwd", cfg), 0.0)
             timings[("fwd", cfg)] += t
-        if layout == "cf":
+        if layout == "cf" and not lean:
             dout = torch.randn_like(u)
             for cfg in ((8, 4, 8), (16, 4, 4), (16, 4, 8)):
                 t = bench(lambda: ss.scan_backward(*args, dout, block_d=cfg[0], num_warps=cfg[1], chunk=cfg[2]))
                 results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_c{cfg[2]}"] = t
                 timings[("bwd", cfg)] = t
     best_f = min((v, k[1]) for k, v in timings.items() if k[0] == "fwd")[1]
-    best_b = min((v, k[1]) for k, v in timings.items() if k[0] == "bwd")[1]
     ss.FWD_TUNING.update(block_d=best_f[0], num_warps=best_f[1], unroll=best_f[2])
-    ss.BWD_TUNING.update(block_d=best_b[0], num_warps=best_b[1], chunk=best_b[2])
+    if not lean:
+        best_b = min((v, k[1]) for k, v in timings.items() if k[0] == "bwd")[1]
+        ss.BWD_TUNING.update(block_d=best_b[0], num_warps=best_b[1], chunk=best_b[2])
     print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, flush=True)
     return {"fwd": dict(ss.FWD_TUNING), "bwd": dict(ss.BWD_TUNING)}
 
@@ -304,6 +308,7 @@ def main():
     p.add_argument("--table-only", action="store_true", help="only merge --merge files and print the table")
     p.add_argument("--quick", action="store_true", help="skip the slow reference timing")
     p.add_argument("--sweep", action="store_true", help="first sweep the scan kernels' launch parameters")
+    p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -315,16 +320,16 @@ def main():
         run_upstream(results)
     elif not args.table_only:
         if args.sweep:  # first, so that the checks below run the kernels as timed
-            meta["tuning"] = sweep(results)
+            meta["tuning"] = sweep(results, args.lean)
         if not args.skip_check:
             try:
-                check_ours(checks)
+                check_ours(checks, args.lean)
             except Exception as e:  # keep timing; the failure is recorded and printed
                 import traceback
                 traceback.print_exc()
                 checks["error"] = repr(e)
             print(json.dumps(checks), flush=True)
-        run_ours(results, args.quick)
+        run_ours(results, args.quick or args.lean, args.lean)
     for path in args.merge:
         if os.path.exists(path):
             saved = json.load(open(path))
