@@ -25,9 +25,10 @@ import triton.language as tl
 from torch import Tensor
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
-# Registers decide: the walk is latency-bound, so small per-thread tiles (more warps in flight) win.
-FWD_TUNING = {"block_d": 16, "num_warps": 8, "unroll": 8}
-BWD_TUNING = {"block_d": 8, "num_warps": 4, "chunk": 8}  # chunk: checkpoint interval (steps)
+# Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
+# "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
+FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 2, "unroll": 8}, "cl": {"block_d": 32, "num_warps": 4, "unroll": 4}}
+BWD_TUNING = {"block_d": 32, "num_warps": 4, "chunk": 16}
 
 
 @triton.jit
@@ -79,12 +80,8 @@ def _scan_fwd_kernel(
                 bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
             dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
-            # B_t and C_t are loaded as (BLOCK_D, BLOCK_N) tiles broadcast over channels, in the layout of
-            # h, so each thread holds only the states it owns (a (BLOCK_N,) vector would be replicated in
-            # every thread and, unrolled, exhaust the registers).
-            zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)
-            B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n[None, :] * sB_n + zero_d
-            C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n[None, :] * sC_n + zero_d
+            B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n * sB_n
+            C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n * sC_n
             z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
             g_scale = gate * scale
             # direction 1 adds to direction 0's output unless direction 0 was gated off
@@ -93,18 +90,9 @@ def _scan_fwd_kernel(
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
             h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-            # Unrolled chunks of UNROLL steps whose outputs are collected in a tile and stored once after
-            # the chunk: with no store between them, the chunk's loads (which do not depend on h) can all
-            # be issued up front and their latency overlaps (the walk is latency-bound, not bandwidth-bound).
-            cols = tl.arange(0, UNROLL)
+            # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
+            # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
             for s0 in range(0, seqlen, UNROLL):
-                s_vec = s0 + cols
-                t_vec = s_vec if r == 0 else seqlen - 1 - s_vec
-                m_tile = mask_d[:, None] & (s_vec < seqlen)[None, :]
-                o_tile_ptrs = o_base[:, None] + t_vec[None, :] * so_t
-                y_tile = tl.zeros((BLOCK_D, UNROLL), dtype=tl.float32)
-                if r == 1:
-                    y_tile = tl.load(o_tile_ptrs, mask=m_tile & mask_acc[:, None], other=0.0).to(tl.float32)
                 for j in tl.static_range(UNROLL):
                     s = s0 + j
                     t = s if r == 0 else seqlen - 1 - s
@@ -113,23 +101,27 @@ def _scan_fwd_kernel(
                     md = mask_d & ok
                     u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
                     dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-                    Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
-                    Ct = tl.load(C_base + t * sC_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
+                    Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                    Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
                     if HAS_Z:
                         z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+                    if r == 1:
+                        prev = tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
                     if HAS_BIAS:
                         dt += bias
                     if SOFTPLUS:
                         dt = _softplus(dt)
                     dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
-                    y = tl.sum(h * Ct, axis=1)
+                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                    y = tl.sum(h * Ct[None, :], axis=1)
                     if HAS_D:
                         y += Dv * u
                     if HAS_Z:
                         y *= z * tl.sigmoid(z)
-                    y_tile += tl.where(cols[None, :] == j, (y * g_scale)[:, None], 0.0)
-                tl.store(o_tile_ptrs, y_tile.to(out_ptr.dtype.element_ty), mask=m_tile)
+                    y *= g_scale
+                    if r == 1:
+                        y += prev
+                    tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
             if STORE_LAST:
                 tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
                          + offs_n[None, :], h, mask=mask_dn)
@@ -197,31 +189,24 @@ def _scan_bwd_kernel(
             bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
         dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
-        zero_d = tl.zeros((BLOCK_D, 1), dtype=tl.int32)  # B_t, C_t as broadcast tiles (see the forward kernel)
-        B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n[None, :] * sB_n + zero_d
-        C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n[None, :] * sC_n + zero_d
+        B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n * sB_n
+        C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n * sC_n
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
         part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
-        # Pass 1: forward walk, keeping the state entering each chunk. The chunk loops are unrolled
-        # (static_range) so that loads are issued ahead of the arithmetic; steps past the end are masked
-        # and take dt = 0, which leaves h unchanged.
+        # Pass 1: forward walk, keeping the state entering each chunk.
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for s0 in range(0, seqlen, CHUNK_T):
-            tl.store(ckpt_base + (s0 // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
-            for j in tl.static_range(CHUNK_T):
-                s = s0 + j
-                t = s if r == 0 else seqlen - 1 - s
-                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
-                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
-                u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                dt = tl.where(ok, dt, 0.0)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
+        for s in range(seqlen):
+            if s % CHUNK_T == 0:
+                tl.store(ckpt_base + (s // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
+            t = s if r == 0 else seqlen - 1 - s
+            u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+            dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
         # Pass 2: chunks from last to first; recompute the chunk's states, then walk it backwards.
         g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
@@ -234,92 +219,62 @@ def _scan_bwd_kernel(
         for ci in range(n_chunks):
             c = n_chunks - 1 - ci
             s0 = c * CHUNK_T
+            s1 = tl.minimum(s0 + CHUNK_T, seqlen)
             tl.debug_barrier()  # the scratch is reused: earlier reads must be done
             h = tl.load(ckpt_base + c * BLOCK_D * BLOCK_N + offs_dn)
             tl.store(scratch_base + offs_dn, h)
-            for j in tl.static_range(CHUNK_T):
-                s = s0 + j
+            for s in range(s0, s1):
                 t = s if r == 0 else seqlen - 1 - s
-                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
-                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
-                u = tl.load(u_base + t * su_t, mask=mask_d & ok, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + t * sdt_t, mask=mask_d & ok, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
+                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
                 if SOFTPLUS:
                     dt = _softplus(dt)
-                dt = tl.where(ok, dt, 0.0)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt
-                tl.store(scratch_base + (j + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
             tl.debug_barrier()
-            # The reverse walk collects its per-step outputs in tiles, stored once after the chunk, so
-            # that no store sits between the chunk's loads (see the forward kernel).
-            cols = tl.arange(0, CHUNK_T)
-            s_vec = s0 + cols
-            t_vec = s_vec if r == 0 else seqlen - 1 - s_vec
-            m_dt = mask_d[:, None] & (s_vec < seqlen)[None, :]
-            m_nt = mask_n[:, None] & (s_vec < seqlen)[None, :]
-            dz_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
-            if HAS_Z:
-                if r > 0:
-                    dz_tile = tl.load(dz_base[:, None] + t_vec[None, :], mask=m_dt, other=0.0)
-            du_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
-            ddt_tile = tl.zeros((BLOCK_D, CHUNK_T), dtype=tl.float32)
-            dB_tile = tl.zeros((BLOCK_N, CHUNK_T), dtype=tl.float32)
-            dC_tile = tl.zeros((BLOCK_N, CHUNK_T), dtype=tl.float32)
-            for jj in tl.static_range(CHUNK_T):
-                j = CHUNK_T - 1 - jj
-                s = s0 + j
+            for i in range(s1 - s0):
+                s = s1 - 1 - i
                 t = s if r == 0 else seqlen - 1 - s
-                ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
-                ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
-                md = mask_d & ok
-                mn = mask_n & ok_n
-                h_prev = tl.load(scratch_base + j * BLOCK_D * BLOCK_N + offs_dn)
-                u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-                dt_raw = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32) + bias
-                Bt = tl.load(B_base + t * sB_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_t, mask=mask_dn & ok_n[None, :], other=0.0).to(tl.float32)
-                dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
-                if HAS_Z:
-                    z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_dn)
+                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+                dt_raw = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
                 dt = dt_raw
                 if SOFTPLUS:
                     dt = _softplus(dt_raw)
-                dt = tl.where(ok, dt, 0.0)
+                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
+                dout = tl.load(do_base + t * sdo_t, mask=mask_d, other=0.0).to(tl.float32)
                 a = tl.exp2(dt[:, None] * A2)
-                y = tl.sum(h * Ct, axis=1) + Dv * u
-                sel_d = cols[None, :] == j
+                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
                 if HAS_Z:
+                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
                     sig = tl.sigmoid(z)
                     silu = z * sig
                     dgate_acc += dout * y * silu
                     dyz = dout * g_scale
-                    dz_tile += tl.where(sel_d, (dyz * y * sig * (1.0 + z * (1.0 - sig)))[:, None], 0.0)
+                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
+                    if r > 0:
+                        dz += tl.load(dz_base + t, mask=mask_d, other=0.0)
+                    tl.store(dz_base + t, dz, mask=mask_d)
                     dy = dyz * silu
                 else:
                     dgate_acc += dout * y
                     dy = dout * g_scale
-                g += dy[:, None] * Ct
-                dBu = tl.sum(g * Bt, axis=1)  # d (dt * u)
+                g += dy[:, None] * Ct[None, :]
+                dBu = tl.sum(g * Bt[None, :], axis=1)  # d (dt * u)
                 ddt = dBu * u + tl.sum(g * A * a * h_prev, axis=1)
                 dA_acc += g * a * h_prev * dt[:, None]
-                dB_tile += tl.where(sel_d, tl.sum(g * (dt * u)[:, None], axis=0)[:, None], 0.0)
-                dC_tile += tl.where(sel_d, tl.sum(h * dy[:, None], axis=0)[:, None], 0.0)
+                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
+                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
                 dD_acc += dy * u
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dt_raw)
-                ddt = tl.where(ok, ddt, 0.0)
                 dbias_acc += ddt
-                du_tile += tl.where(sel_d, (dBu * dt + Dv * dy)[:, None], 0.0)
-                ddt_tile += tl.where(sel_d, ddt[:, None], 0.0)
+                tl.store(du_ptr + dud_base + t, dBu * dt + Dv * dy, mask=mask_d)
+                tl.store(ddt_ptr + dud_base + t, ddt, mask=mask_d)
                 g = g * a
                 h = h_prev
-            if HAS_Z:
-                tl.store(dz_base[:, None] + t_vec[None, :], dz_tile, mask=m_dt)
-            tl.store(du_ptr + dud_base[:, None] + t_vec[None, :], du_tile, mask=m_dt)
-            tl.store(ddt_ptr + dud_base[:, None] + t_vec[None, :], ddt_tile, mask=m_dt)
-            tl.store(dB_ptr + part_base[:, None] + t_vec[None, :], dB_tile, mask=m_nt)
-            tl.store(dC_ptr + part_base[:, None] + t_vec[None, :], dC_tile, mask=m_nt)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc,
                  mask=mask_dn)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -359,9 +314,10 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    block_d = _block_d(dim, groups, block_d or FWD_TUNING["block_d"])
-    num_warps = num_warps or FWD_TUNING["num_warps"]
-    unroll = unroll or FWD_TUNING["unroll"]
+    tuning = FWD_TUNING["cf" if u.stride(-1) == 1 else "cl"]
+    block_d = _block_d(dim, groups, block_d or tuning["block_d"])
+    num_warps = num_warps or tuning["num_warps"]
+    unroll = unroll or tuning["unroll"]
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
