@@ -123,23 +123,26 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
         res["ema"] = evaluate(ema_model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                               progress=args.progress, desc="eval EMA")
     base = unwrap(model)
-    dense = build_dense_twin(base).to(device)
-    teacher_note = "random weights (timing and FLOPs only)"
-    if teacher_path and getattr(base, "dyvm_cfg", None) is not None:
-        try:
-            load_checkpoint(dense, teacher_path)
-            teacher_note = teacher_path
-        except CheckpointError:
-            pass
-    res["teacher"] = {"weights": teacher_note, "parameters": sum(p.numel() for p in dense.parameters())}
-    res["teacher"]["gmacs_paper"], res["teacher"]["gmacs_full"] = (v / 1e9 for v in nominal_macs(dense))
-    if args.throughput and rank == 0:
-        dtype = amp_dtype
-        kw = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
-                  device=device, dtype=dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
+    kw = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
+              device=device, dtype=amp_dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
+    timed = args.throughput and rank == 0
+    if timed:
         res["throughput"] = measure_throughput(base, **kw)
-        res["teacher"]["throughput"] = measure_throughput(dense, **kw)
-        res["speedup_vs_teacher"] = res["throughput"]["images_per_s"] / res["teacher"]["throughput"]["images_per_s"]
+    if getattr(base, "dyvm_cfg", None) is not None:  # the dense teacher, timed in the same run
+        dense = build_dense_twin(base).to(device)
+        note = "random weights (timing and FLOPs only)"
+        if teacher_path:
+            try:
+                load_checkpoint(dense, teacher_path)
+                note = teacher_path
+            except CheckpointError:
+                pass
+        res["teacher"] = {"weights": note, "parameters": sum(p.numel() for p in dense.parameters())}
+        res["teacher"]["gmacs_paper"], res["teacher"]["gmacs_full"] = (v / 1e9 for v in nominal_macs(dense))
+        if timed:
+            res["teacher"]["throughput"] = measure_throughput(dense, **kw)
+            res["speedup_vs_teacher"] = (res["throughput"]["images_per_s"]
+                                         / res["teacher"]["throughput"]["images_per_s"])
     return res
 
 
@@ -157,12 +160,15 @@ def summarize_eval(res: dict) -> str:
     if "block_keep_ratio" in raw:
         lines.append(f"  block keep ratio: {raw['block_keep_ratio']:.4f} overall; per layer [fwd, bwd]: "
                      f"{raw['block_keep_per_layer']}")
-    t = res["teacher"]
-    lines.append(f"  dense teacher ({t['weights']}): {t['gmacs_paper']:.4f} G paper / {t['gmacs_full']:.4f} G full")
+    t = res.get("teacher")
+    if t is not None:
+        lines.append(f"  dense teacher ({t['weights']}): {t['gmacs_paper']:.4f} G paper / {t['gmacs_full']:.4f} G full")
     if "throughput" in res:
-        lines.append(f"  images/s: model {res['throughput']['images_per_s']:.1f}, dense teacher "
-                     f"{t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f}; batch "
-                     f"{res['throughput']['batch_size']}, median of {res['throughput']['iters']})")
+        tp = res["throughput"]
+        text = f"  images/s: model {tp['images_per_s']:.1f}"
+        if t is not None and "throughput" in t:
+            text += f", dense teacher {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f})"
+        lines.append(text + f" (batch {tp['batch_size']}, median of {tp['iters']} timed batches)")
     return "\n".join(lines)
 
 
@@ -293,7 +299,8 @@ def run(args) -> dict:
         test_stats = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                               progress=args.progress, desc=f"epoch {epoch} eval")
         ema_stats = (evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
-                              progress=args.progress, desc=f"epoch {epoch} eval EMA") if ema is not None else {})
+                              progress=args.progress, desc=f"epoch {epoch} eval EMA")
+                     if ema is not None and args.eval_ema_each_epoch else {})
         is_best = test_stats["acc1"] > max_acc
         max_acc = max(max_acc, test_stats["acc1"])
         if args.output_dir and rank == 0:

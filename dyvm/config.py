@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
+    g.add_argument("--eval-ema-each-epoch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the EMA after every epoch (--eval always reports it)")
     g.add_argument("--amp", action="store_true", help="autocast (bf16 by default); fp32 is the default")
     g.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 (the default; the scripts pass it)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
