@@ -1,0 +1,205 @@
+"""The Triton kernels on CPU through the Triton interpreter, against the PyTorch references.
+
+Values and every gradient, fp32 and bf16 tolerances, gates on and off, token masks, lengths 1 / 50 / 197,
+more than one block of channels (d = 40 with 32-channel blocks). Kernels run on CPU tensors inside
+`triton_on_cpu()`; TRITON_INTERPRET must be set before the kernel modules are imported.
+"""
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+for _name in ("causal_conv1d.triton_causal_conv1d", "mamba_ssm.ops.triton.selective_scan",
+              "mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.triton.bimamba"):
+    if _name in sys.modules:  # imported before the variable was set: re-decorate the kernels
+        importlib.reload(sys.modules[_name])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref  # noqa: E402
+from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton  # noqa: E402
+from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn, bimamba_v2_inner_ref  # noqa: E402
+from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, triton_enabled, triton_on_cpu  # noqa: E402
+from mamba_ssm.ops.scan_op import scan_macs  # noqa: E402
+from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref  # noqa: E402
+from mamba_ssm.ops.triton.layernorm import layer_norm_ref  # noqa: E402
+from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative L2 error (see benchmarks for full-size numbers)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def grads(out, inputs, g):
+    tensors = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, tensors, g)
+
+
+def assert_close_all(outs, refs, dtype, names):
+    for name, a, r in zip(names, outs, refs):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert rel(a, r) < TOL[dtype], f"{name}: relative error {rel(a, r):.2e}"
+
+
+def scan_inputs(batch, dim, seqlen, d_state, dtype, b_layout="var", groups=1):
+    u = torch.randn(batch, dim, seqlen, dtype=dtype)
+    delta = (0.5 * torch.randn(batch, dim, seqlen)).to(dtype)
+    A = -torch.rand(dim, d_state) - 0.5
+    if b_layout == "fixed":
+        B = torch.randn(dim, d_state)
+    elif groups > 1:
+        B = torch.randn(batch, groups, d_state, seqlen, dtype=dtype)
+    else:
+        B = torch.randn(batch, d_state, seqlen, dtype=dtype)
+    C = torch.randn(batch, d_state, seqlen, dtype=dtype)
+    D = torch.randn(dim)
+    z = torch.randn(batch, dim, seqlen, dtype=dtype)
+    bias = 0.3 * torch.randn(dim)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+
+
+@pytest.mark.parametrize("dtype,seqlen,options", [
+    (torch.float32, 50, "all"),
+    (torch.bfloat16, 50, "all"),
+    (torch.float32, 1, "all"),
+    (torch.float32, 197, "all"),
+    (torch.float32, 23, "bare"),          # no D, z, delta_bias, softplus
+    (torch.float32, 23, "fixed_B"),       # B (dim, N), as selective_scan_fn allows
+    (torch.float32, 23, "groups"),        # B with 2 groups, C with 1
+])
+def test_selective_scan_matches_reference(dtype, seqlen, options):
+    batch, dim = (1, 40) if seqlen == 197 else (2, 40)
+    layout = "fixed" if options == "fixed_B" else "var"
+    u, delta, A, B, C, D, z, bias = scan_inputs(batch, dim, seqlen, 8, dtype, layout, 2 if options == "groups" else 1)
+    if options == "bare":
+        D = z = bias = None
+    kw = dict(delta_softplus=options != "bare", return_last_state=True)
+    with triton_on_cpu():
+        out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, **kw)
+    ref, last_ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, **kw)
+    assert out.dtype == dtype and out.shape == u.shape
+    inputs = (u, delta, A, B, C, D, z, bias)
+    g, gl = torch.randn_like(out), torch.randn_like(last)
+    with triton_on_cpu():
+        got = grads((out, last), inputs, (g, gl))
+    want = grads((ref, last_ref), inputs, (g, gl))
+    names = [n for n, t in zip("u delta A B C D z bias".split(), inputs) if t is not None]
+    assert_close_all([out, last, *got], [ref, last_ref, *want], dtype, ["out", "last_state", *names])
+
+
+def scan_weights(dim, dt_rank, d_state, dtype):
+    w = ScanWeights(0.5 * torch.randn(dim, 1, 4), 0.1 * torch.randn(dim), 0.2 * torch.randn(dt_rank + 2 * d_state, dim),
+                    0.3 * torch.randn(dim, dt_rank), 0.3 * torch.randn(dim) - 1, -torch.rand(dim, d_state) - 0.5,
+                    torch.randn(dim))
+    return ScanWeights(*[t.to(dtype) if i < 4 else t for i, t in enumerate(w)])
+
+
+@pytest.mark.parametrize("dtype,seqlen,gated,masked", [
+    (torch.float32, 50, False, False),
+    (torch.float32, 50, True, True),
+    (torch.bfloat16, 37, True, True),
+    (torch.float32, 1, True, False),
+])
+def test_bimamba_matches_reference(dtype, seqlen, gated, masked):
+    batch, dim = 3, 40
+    fwd, bwd = scan_weights(dim, 4, 8, dtype), scan_weights(dim, 4, 8, dtype)
+    xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
+    gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]]) if gated else None
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype) if masked else None
+    leaves = [t.detach().requires_grad_() for t in (xz, *fwd, *bwd)]
+    gate_leaf = gate.clone().requires_grad_() if gated else None
+    args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate_leaf, mask)
+    with triton_on_cpu():
+        out = bimamba_v2_inner_fn(*args)
+    ref = bimamba_v2_inner_ref(*args)
+    inputs = [*leaves, gate_leaf]
+    g = torch.randn_like(out)
+    with triton_on_cpu():
+        got = grads(out, inputs, g)
+    want = grads(ref, inputs, g)
+    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate"]
+    names = [n for n, t in zip(names, inputs) if t is not None]
+    assert_close_all([out, *got], [ref, *want], dtype, ["out", *names])
+
+
+def test_bimamba_gated_off_sample_is_not_computed():
+    """Inference: a sample whose two gates are 0 is never read by the conv or the scan (NaN input stays
+    out of the result) and gets zeros; a direction gated off contributes nothing."""
+    batch, dim, seqlen = 3, 40, 29
+    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
+    xz = torch.randn(batch, seqlen, 2 * dim).transpose(1, 2)
+    xz[2] = float("nan")
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    with torch.no_grad(), triton_on_cpu():
+        out = bimamba_v2_inner_fn(xz, fwd, bwd, gate)
+    with torch.no_grad():
+        ref = bimamba_v2_inner_ref(xz[:2], fwd, bwd, gate[:2])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert rel(out[:2], ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,seqlen,activation,channels_last,width", [
+    (torch.float32, 50, "silu", False, 4),
+    (torch.float32, 1, None, False, 4),
+    (torch.float32, 37, "silu", True, 3),
+    (torch.bfloat16, 50, "silu", False, 2),
+])
+def test_causal_conv1d_matches_reference(dtype, seqlen, activation, channels_last, width):
+    dim = 70  # 64-channel blocks: two of them
+    x = torch.randn(2, seqlen, dim, dtype=dtype).transpose(1, 2) if channels_last else torch.randn(2, dim, seqlen, dtype=dtype)
+    w, b = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
+    inputs = [t.detach().requires_grad_() for t in (x, w, b)]
+    out = causal_conv1d_triton(*inputs, activation=activation)
+    ref = causal_conv1d_ref(*inputs, activation=activation)
+    g = torch.randn_like(out)
+    assert_close_all([out, *grads(out, inputs, g)], [ref, *grads(ref, inputs, g)], dtype, ["out", "x", "w", "b"])
+
+
+@pytest.mark.parametrize("is_rms,residual,prenorm,res_fp32,dtype", [
+    (True, True, True, True, torch.float32),
+    (True, True, True, True, torch.bfloat16),
+    (True, False, False, False, torch.float32),
+    (False, True, True, False, torch.float32),
+    (False, False, True, True, torch.bfloat16),
+])
+def test_add_norm_matches_reference(is_rms, residual, prenorm, res_fp32, dtype):
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    res = torch.randn(3, 5, 96, dtype=torch.float32) if residual else None
+    w = torch.randn(96)
+    b = None if is_rms else torch.randn(96)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, res, w, b)]
+    args = (inputs[0], inputs[2], inputs[3], inputs[1], 1e-5, prenorm, res_fp32, is_rms)
+    out, ref = layer_norm_triton(*args), layer_norm_ref(*args)
+    out, ref = (out if prenorm else (out,)), (ref if prenorm else (ref,))
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+    gs = [torch.randn_like(o, dtype=torch.float32).to(o.dtype) for o in out]
+    got, want = grads(out, inputs, gs), grads(ref, inputs, gs)
+    assert_close_all([*out, *got], [*ref, *want], dtype, ["out", "residual_out", "x", "res", "w", "b"][:len(out)] +
+                     [n for n, t in zip(["x", "res", "w", "b"], inputs) if t is not None])
+
+
+def test_flop_counter_sees_the_scan():
+    """FlopCounterMode counts the custom op with targets.md's MACs (x2 FLOPs), per direction run."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(2, 40, 23, 8, torch.float32)
+    with triton_on_cpu(), FlopCounterMode(display=False) as counter:
+        selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert counter.get_total_flops() == 2 * (9 * 2 * 23 * 40 * 8 + 2 * 2 * 23 * 40)
+    assert scan_macs((2, 2, 40, 23), 8) == 2 * (9 * 2 * 23 * 40 * 8 + 2 * 2 * 23 * 40)
+
+
+def test_dispatch_and_errors(monkeypatch):
+    x = torch.randn(2, 4, 8)
+    assert not triton_enabled(x, "selective_scan")  # CPU tensors take the reference
+    with triton_on_cpu():
+        assert triton_enabled(x, "selective_scan")
+        monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+        assert not triton_enabled(x, "selective_scan")
+    u, delta, A, B, C, D, z, bias = scan_inputs(2, 40, 23, 8, torch.float32)
+    with triton_on_cpu(), pytest.raises(ValueError, match="D must be"):
+        selective_scan_fn(u, delta, A, B, C, D[:3])
