@@ -6,6 +6,7 @@ more than one block of channels (d = 40 with 32-channel blocks). Kernels run on 
 """
 import importlib
 import os
+import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -203,3 +204,12 @@ def test_dispatch_and_errors(monkeypatch):
     u, delta, A, B, C, D, z, bias = scan_inputs(2, 40, 23, 8, torch.float32)
     with triton_on_cpu(), pytest.raises(ValueError, match="D must be"):
         selective_scan_fn(u, delta, A, B, C, D[:3])
+
+
+def test_env_report_names_every_op():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "dyvm.env"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch reference (cpu tensors)",
+                   "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn"):
+        assert needle in out.stdout, out.stdout

@@ -1,0 +1,69 @@
+"""Environment report for bug reports: `python -m dyvm.env`.
+
+Prints the versions of Python, torch, CUDA, Triton and timm, the GPU, and which implementation each op
+takes (Triton kernel or PyTorch reference) for a tensor on the default device. One line per item.
+"""
+import os
+import platform
+import sys
+
+import torch
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        return "not installed"
+    return getattr(module, "__version__", "installed")
+
+
+def _implementation(kernel_module: str, device: torch.device) -> str:
+    from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, kernel_importable, reference_forced, triton_enabled
+
+    x = torch.empty(0, device=device)
+    if triton_enabled(x, kernel_module):
+        return f"Triton kernel (mamba_ssm.ops.triton.{kernel_module})"
+    if device.type == "cuda" and reference_forced():
+        return f"PyTorch reference ({FORCE_REFERENCE_ENV} is set)"
+    if device.type == "cuda" and not kernel_importable(kernel_module):
+        return "PyTorch reference (Triton kernel not importable)"
+    return f"PyTorch reference ({device.type} tensors)"
+
+
+def _conv_implementation(device: torch.device) -> str:
+    from causal_conv1d.causal_conv1d_interface import use_triton
+
+    from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, reference_forced
+
+    if use_triton(torch.empty(0, device=device)):
+        return "Triton kernel (causal_conv1d.triton_causal_conv1d)"
+    if device.type == "cuda":
+        return f"PyTorch reference ({FORCE_REFERENCE_ENV} is set)" if reference_forced() else \
+            "PyTorch reference (Triton kernel not importable)"
+    return f"PyTorch reference ({device.type} tensors)"
+
+
+def report() -> str:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    lines = [
+        f"python: {platform.python_version()} ({sys.platform})",
+        f"torch: {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
+        f"triton: {_version('triton')}",
+        f"timm: {_version('timm')}",
+        f"mamba_ssm: {_version('mamba_ssm')}, causal_conv1d: {_version('causal_conv1d')}",
+        f"gpu: {torch.cuda.get_device_name() + ' (capability %d.%d)' % torch.cuda.get_device_capability() if cuda else 'none'}",
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
+        f"MAMBA_FORCE_REFERENCE={os.environ.get('MAMBA_FORCE_REFERENCE', '')!r}",
+        f"ops on {device.type} tensors:",
+        f"  selective_scan_fn: {_implementation('selective_scan', device)}",
+        f"  bimamba_v2_inner_fn (DyVM scan): {_implementation('bimamba', device)}",
+        f"  rms_norm_fn / layer_norm_fn: {_implementation('layernorm_kernel', device)}",
+        f"  causal_conv1d_fn: {_conv_implementation(device)}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
