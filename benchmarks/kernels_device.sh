@@ -2,6 +2,9 @@
 # One device call: build (or unpack) the upstream kernels in the background, check and time ours
 # meanwhile, then time upstream in its own process and print the merged table. Logs and results go to
 # $OUT; freshly built upstream extensions too (carry them back as .upstream/built next time).
+# Needs .upstream/src (the two sdists unpacked, setup.py patched to build for sm_90 only; see docs/kernels.md)
+# carried with the call. The build alone takes about 7.5 minutes on 16 cores: more than one call's
+# limit once our benchmark shares the cores, so build in one call (bring the .so files back) and time in the next.
 #   usage (repo root, on the GPU machine): bash benchmarks/kernels_device.sh [extra args for kernels.py]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
