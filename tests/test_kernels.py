@@ -213,3 +213,13 @@ def test_env_report_names_every_op():
     for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch reference (cpu tensors)",
                    "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn"):
         assert needle in out.stdout, out.stdout
+
+
+def test_custom_op_registration():
+    """Schema, fake implementation (torch.compile), autograd registration: torch.library's own checks."""
+    b, d, L, N = 2, 8, 5, 4
+    args = [torch.randn(2, b, d, L), torch.randn(2, b, d, L), -torch.rand(2, d, N), torch.randn(2, b, 1, N, L),
+            torch.randn(2, b, 1, N, L), torch.randn(2, d), torch.randn(b, d, L), torch.randn(2, d), torch.rand(b, 2)]
+    args = [t.requires_grad_() for t in args]
+    result = torch.library.opcheck(torch.ops.mamba_ssm.scan_fwd.default, (*args, True, 0.5, False, True))
+    assert all(v == "SUCCESS" for v in result.values()), result
