@@ -5,7 +5,6 @@ returns (loss, weighted parts). A dense Vim trains with `ClassificationLoss` (th
 DyVM with dyvm.losses.DyVMLoss. Under DDP the model is wrapped in `AuxForward` so that DDP's forward hook
 sees the ForwardOutput call.
 """
-import math
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Callable, Optional
@@ -305,7 +304,3 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optio
 def global_batch_lr(lr: float, batch_size: int, world_size: int, unscale: bool) -> float:
     """DeiT rule: lr is given for a global batch of 512."""
     return lr if unscale else lr * batch_size * world_size / 512.0
-
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
