@@ -27,7 +27,7 @@ from torch import Tensor
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
 # "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
-FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 2, "unroll": 8}, "cl": {"block_d": 32, "num_warps": 4, "unroll": 4}}
+FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 1, "unroll": 4}, "cl": {"block_d": 32, "num_warps": 1, "unroll": 4}}
 BWD_TUNING = {"block_d": 32, "num_warps": 4, "chunk": 16}
 
 
@@ -59,7 +59,7 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     group_B = (pid_d * BLOCK_D) // dpg_B  # a block never straddles groups (see _block_d)
     group_C = (pid_d * BLOCK_D) // dpg_C
     o_base = out_ptr + pid_b * so_b + offs_d * so_d
@@ -72,8 +72,10 @@ def _scan_fwd_kernel(
     for r in tl.static_range(N_DIRS):
         gate = gate0 if r == 0 else gate1
         if gate != 0.0:
-            A2 = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
-                         mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+            # A is passed transposed, (R, N, d): the state tile is (N, channels) with channels along the
+            # lanes, so each thread owns whole channels (the y sum over N stays inside a warp or thread).
+            A2 = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
+                         mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
             if HAS_D:
                 Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -89,7 +91,7 @@ def _scan_fwd_kernel(
             if HAS_GATE:
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
-            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
             # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
             for s0 in range(0, seqlen, UNROLL):
@@ -112,8 +114,8 @@ def _scan_fwd_kernel(
                     if SOFTPLUS:
                         dt = _softplus(dt)
                     dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                    h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                    y = tl.sum(h * Ct[None, :], axis=1)
+                    h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+                    y = tl.sum(h * Ct[:, None], axis=0)
                     if HAS_D:
                         y += Dv * u
                     if HAS_Z:
@@ -123,8 +125,8 @@ def _scan_fwd_kernel(
                         y += prev
                     tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
             if STORE_LAST:
-                tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
-                         + offs_n[None, :], h, mask=mask_dn)
+                tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
+                         + offs_n[:, None], h, mask=mask_nd)
         tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
     if HAS_GATE:
         none_on = gate0 == 0.0
@@ -319,6 +321,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     num_warps = num_warps or tuning["num_warps"]
     unroll = unroll or tuning["unroll"]
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
+    A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
