@@ -194,7 +194,7 @@ def check_ours(checks, lean=False):
         torch.cuda.empty_cache()
 
 
-def run_ours(results, quick=False, lean=False):
+def run_ours(results, quick=False, lean=False, fwd_only=False):
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
     from mamba_ssm.ops.triton.layernorm import rms_norm_fn
@@ -211,7 +211,7 @@ def run_ours(results, quick=False, lean=False):
             results[f"scan_fwd/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*ins, delta_softplus=True))
             cl = scan_inputs(dim, dtype, channels_last=True)
             results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
-            if dim == 768 or not lean:
+            if (dim == 768 or not lean) and not fwd_only:
                 ins = scan_inputs(dim, dtype, requires_grad=True)
                 results[f"scan_fwdbwd/{dim}/{dname}/ours"] = bench(
                     fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
@@ -231,6 +231,8 @@ def run_ours(results, quick=False, lean=False):
                         else torch.full((BATCH, 2), on, device="cuda")
                     results[f"biscan_fwd_gate_{name}/{dim}/{dname}/ours"] = bench(
                         lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out))
+        if fwd_only:
+            continue
         conv_and_norm(results, dtype, dname, "ours", causal_conv1d_fn, rms_norm_fn)
         x = torch.randn(BATCH, 768, SEQLEN, device="cuda", dtype=dtype)
         w = torch.randn(768, 1, WIDTH, device="cuda", dtype=dtype)
@@ -308,6 +310,7 @@ def main():
     p.add_argument("--table-only", action="store_true", help="only merge --merge files and print the table")
     p.add_argument("--quick", action="store_true", help="skip the slow reference timing")
     p.add_argument("--sweep", action="store_true", help="first sweep the scan kernels' launch parameters")
+    p.add_argument("--fwd-only", action="store_true", help="scan forward only: full-size checks and timings")
     p.add_argument("--sweep-only", action="store_true", help="sweep, check the scan forward at full size, stop")
     p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
     args = p.parse_args()
@@ -322,7 +325,7 @@ def main():
     elif not args.table_only:
         if args.sweep or args.sweep_only:  # first, so that the checks below run the kernels as timed
             meta["tuning"] = sweep(results, args.lean or args.sweep_only)
-        if args.sweep_only:
+        if args.sweep_only or args.fwd_only:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
             from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
             for dname, dtype in DTYPES.items():
@@ -331,10 +334,11 @@ def main():
                     out, last = selective_scan_triton(*ins, delta_softplus=True, return_last_state=True)
                     ref, lref = selective_scan_ref(*ins, delta_softplus=True, return_last_state=True)
                     checks[f"scan_fwd/768/{dname}/{'cl' if layout else 'cf'}"] = [rel(out, ref), rel(last, lref)]
-                    results[f"scan_fwd{'_cl' if layout else ''}/768/{dname}/ours"] = bench(
-                        lambda: selective_scan_triton(*ins, delta_softplus=True))
+                    if args.sweep_only:
+                        results[f"scan_fwd{'_cl' if layout else ''}/768/{dname}/ours"] = bench(
+                            lambda: selective_scan_triton(*ins, delta_softplus=True))
             print(json.dumps(checks), flush=True)
-        if not args.skip_check and not args.sweep_only:
+        if not args.skip_check and not args.sweep_only and not args.fwd_only:
             try:
                 check_ours(checks, args.lean)
             except Exception as e:  # keep timing; the failure is recorded and printed
@@ -343,7 +347,7 @@ def main():
                 checks["error"] = repr(e)
             print(json.dumps(checks), flush=True)
         if not args.sweep_only:
-            run_ours(results, args.quick or args.lean, args.lean)
+            run_ours(results, args.quick or args.lean or args.fwd_only, args.lean, args.fwd_only)
     for path in args.merge:
         if os.path.exists(path):
             saved = json.load(open(path))

@@ -72,6 +72,7 @@ def scan_inputs(batch, dim, seqlen, d_state, dtype, b_layout="var", groups=1):
     (torch.float32, 23, "bare"),          # no D, z, delta_bias, softplus
     (torch.float32, 23, "fixed_B"),       # B (dim, N), as selective_scan_fn allows
     (torch.float32, 23, "groups"),        # B with 2 groups, C with 1
+    (torch.bfloat16, 50, "channels_last"),  # u, delta, z with channel-contiguous memory (the Vim mixer's)
 ])
 def test_selective_scan_matches_reference(dtype, seqlen, options):
     batch, dim = (1, 40) if seqlen == 197 else (2, 40)
@@ -79,6 +80,8 @@ def test_selective_scan_matches_reference(dtype, seqlen, options):
     u, delta, A, B, C, D, z, bias = scan_inputs(batch, dim, seqlen, 8, dtype, layout, 2 if options == "groups" else 1)
     if options == "bare":
         D = z = bias = None
+    if options == "channels_last":
+        u, delta, z = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (u, delta, z)]
     kw = dict(delta_softplus=options != "bare", return_last_state=True)
     with triton_on_cpu():
         out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, **kw)

@@ -27,7 +27,8 @@ from torch import Tensor
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
 # "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
-FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 1, "unroll": 4}, "cl": {"block_d": 32, "num_warps": 1, "unroll": 4}}
+FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
+              "cl": {"block_d": 32, "num_warps": 1, "unroll": 2, "lanes_on_channels": True}}
 BWD_TUNING = {"block_d": 32, "num_warps": 4, "chunk": 16}
 
 
@@ -51,7 +52,7 @@ def _scan_fwd_kernel(
     scale,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -60,6 +61,7 @@ def _scan_fwd_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
+    mask_dn = mask_d[:, None] & mask_n[None, :]
     group_B = (pid_d * BLOCK_D) // dpg_B  # a block never straddles groups (see _block_d)
     group_C = (pid_d * BLOCK_D) // dpg_C
     o_base = out_ptr + pid_b * so_b + offs_d * so_d
@@ -72,10 +74,19 @@ def _scan_fwd_kernel(
     for r in tl.static_range(N_DIRS):
         gate = gate0 if r == 0 else gate1
         if gate != 0.0:
-            # A is passed transposed, (R, N, d): the state tile is (N, channels) with channels along the
-            # lanes, so each thread owns whole channels (the y sum over N stays inside a warp or thread).
-            A2 = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
-                         mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
+            # The state tile's orientation decides Triton's layout. LANES_ON_CHANNELS: (N, channels), lanes
+            # along channels, so a thread owns whole channels (no replicated per-channel work, the y sum
+            # over N inside the thread): faster for channel-contiguous inputs. Otherwise (channels, N), the
+            # states of a channel spread over lanes: faster for time-contiguous inputs, whose strided loads
+            # are then shared by fewer lanes. A comes transposed, (R, N, d).
+            if LANES_ON_CHANNELS:
+                A2 = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
+                             mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
+                h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            else:
+                A2 = tl.load(A_ptr + r * dim * d_state + offs_n[None, :] * dim + offs_d[:, None],
+                             mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+                h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
             if HAS_D:
                 Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -91,7 +102,6 @@ def _scan_fwd_kernel(
             if HAS_GATE:
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
-            h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
             # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
             for s0 in range(0, seqlen, UNROLL):
@@ -114,8 +124,12 @@ def _scan_fwd_kernel(
                     if SOFTPLUS:
                         dt = _softplus(dt)
                     dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                    h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-                    y = tl.sum(h * Ct[:, None], axis=0)
+                    if LANES_ON_CHANNELS:
+                        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+                        y = tl.sum(h * Ct[:, None], axis=0)
+                    else:
+                        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                        y = tl.sum(h * Ct[None, :], axis=1)
                     if HAS_D:
                         y += Dv * u
                     if HAS_Z:
@@ -125,8 +139,12 @@ def _scan_fwd_kernel(
                         y += prev
                     tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
             if STORE_LAST:
-                tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
-                         + offs_n[:, None], h, mask=mask_nd)
+                if LANES_ON_CHANNELS:
+                    tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
+                             + offs_n[:, None], h, mask=mask_nd)
+                else:
+                    tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
+                             + offs_n[None, :], h, mask=mask_dn)
         tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
     if HAS_GATE:
         none_on = gate0 == 0.0
@@ -303,7 +321,8 @@ def _strides4(t: Tensor):
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, block_d: Optional[int] = None,
-                 num_warps: Optional[int] = None, unroll: Optional[int] = None):
+                 num_warps: Optional[int] = None, unroll: Optional[int] = None,
+                 lanes_on_channels: Optional[bool] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -320,6 +339,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     block_d = _block_d(dim, groups, block_d or tuning["block_d"])
     num_warps = num_warps or tuning["num_warps"]
     unroll = unroll or tuning["unroll"]
+    lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
     A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
     dummy = A
@@ -335,7 +355,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
+        LANES_ON_CHANNELS=lanes_on_channels, num_warps=num_warps,
     )
     return last
 
