@@ -78,13 +78,14 @@ def _scan_fwd_kernel(
             # along channels, so a thread owns whole channels (no replicated per-channel work, the y sum
             # over N inside the thread): faster for channel-contiguous inputs. Otherwise (channels, N), the
             # states of a channel spread over lanes: faster for time-contiguous inputs, whose strided loads
-            # are then shared by fewer lanes. A comes transposed, (R, N, d).
+            # are then shared by fewer lanes. A comes as (R, N, d) for the first, (R, d, N) for the second
+            # (the A load's contiguous axis steers the layout Triton picks for the whole tile).
             if LANES_ON_CHANNELS:
                 A2 = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
                              mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
                 h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             else:
-                A2 = tl.load(A_ptr + r * dim * d_state + offs_n[None, :] * dim + offs_d[:, None],
+                A2 = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
                              mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
                 h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
             if HAS_D:
@@ -341,7 +342,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     unroll = unroll or tuning["unroll"]
     lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
-    A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
+    A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A  # (R, N, d) or (R, d, N): see the kernel
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
