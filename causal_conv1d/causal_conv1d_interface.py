@@ -5,7 +5,6 @@ everything else to `causal_conv1d_ref`. Set MAMBA_FORCE_REFERENCE=1 to take the 
 """
 import os
 
-import torch
 import torch.nn.functional as F
 
 _ACTIVATIONS = (None, "silu", "swish")

@@ -104,7 +104,6 @@ def _conv_weight_2d(w):
 
 def _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
            A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, conv_fn, scan_fn):
-    seqlen = xz.shape[-1]
     delta_rank = delta_proj_weight.shape[1]
     d_state = A.shape[-1]
     x, z = xz.chunk(2, dim=1)
