@@ -2,6 +2,9 @@ import os
 
 # Tests never reach a model hub, and stay on the CPU's two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CI has no GPU: Triton kernels run on CPU tensors through Triton's interpreter. It must be set before any
+# kernel module is imported (the @triton.jit decorator reads it), whichever test file imports one first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
