@@ -1,11 +1,14 @@
 """Depthwise causal 1-D convolution, with the causal-conv1d (upstream) call signature.
 
-`causal_conv1d_fn` dispatches: CUDA tensors go to the Triton kernel (compiled at first use),
-everything else to `causal_conv1d_ref`. Set MAMBA_FORCE_REFERENCE=1 to take the reference on a GPU too.
+`causal_conv1d_fn` dispatches: CUDA tensors go to the Triton kernel (compiled at first use) through the
+custom op causal_conv1d::conv_fwd (conv_op.py), everything else to `causal_conv1d_ref`. Set MAMBA_FORCE_REFERENCE=1 to take the reference on a GPU too.
 """
 import os
+from contextlib import contextmanager
 
 import torch.nn.functional as F
+
+from causal_conv1d import conv_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -39,9 +42,23 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return out.to(dtype_in)
 
 
+_triton_on_cpu = False  # tests: run the kernels on CPU tensors under TRITON_INTERPRET=1
+
+
+@contextmanager
+def triton_on_cpu():
+    """Send CPU tensors to the Triton kernels (only meaningful with TRITON_INTERPRET=1; for tests)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
 def use_triton(x):
     """True when `x` should take the Triton kernel (CUDA tensor, Triton importable, not forced off)."""
-    if not x.is_cuda or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
+    if not (x.is_cuda or _triton_on_cpu) or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
         return False
     try:
         from causal_conv1d import triton_causal_conv1d  # noqa: F401

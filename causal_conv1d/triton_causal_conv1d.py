@@ -208,23 +208,10 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     return dx, dw_part.sum((1, 2)), dbias_part.sum((1, 2)) if dbias_part is not None else None
 
 
-class CausalConv1dTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu):
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        conv_forward(x, weight.contiguous()[None], None if bias is None else bias[None], None, silu, out[None])
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = conv_backward(x, weight.contiguous()[None], None if bias is None else bias[None], None,
-                                   ctx.silu, dout[None])
-        return dx, dw[0].to(weight.dtype), None if bias is None else db[0].to(bias.dtype), None
-
-
 def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """causal_conv1d_fn on the Triton kernels (arguments checked by the caller)."""
-    return CausalConv1dTriton.apply(x, weight, bias, activation is not None)
+    """causal_conv1d_fn on the Triton kernels, through the custom op causal_conv1d::conv_fwd (arguments
+    checked by the caller)."""
+    from causal_conv1d.conv_op import conv_fwd
+
+    return conv_fwd(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
+                    activation is not None, False)[0]

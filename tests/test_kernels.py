@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref  # noqa: E402
-from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton  # noqa: E402
+from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn, causal_conv1d_ref  # noqa: E402
+from causal_conv1d.conv_op import conv_macs  # noqa: E402
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn, bimamba_v2_inner_ref  # noqa: E402
 from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, triton_enabled, triton_on_cpu  # noqa: E402
 from mamba_ssm.ops.scan_op import scan_macs  # noqa: E402
@@ -158,10 +158,13 @@ def test_causal_conv1d_matches_reference(dtype, seqlen, activation, channels_las
     x = torch.randn(2, seqlen, dim, dtype=dtype).transpose(1, 2) if channels_last else torch.randn(2, dim, seqlen, dtype=dtype)
     w, b = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
     inputs = [t.detach().requires_grad_() for t in (x, w, b)]
-    out = causal_conv1d_triton(*inputs, activation=activation)
+    with triton_on_cpu():
+        out = causal_conv1d_fn(*inputs, activation=activation)
     ref = causal_conv1d_ref(*inputs, activation=activation)
     g = torch.randn_like(out)
-    assert_close_all([out, *grads(out, inputs, g)], [ref, *grads(ref, inputs, g)], dtype, ["out", "x", "w", "b"])
+    with triton_on_cpu():
+        got = grads(out, inputs, g)
+    assert_close_all([out, *got], [ref, *grads(ref, inputs, g)], dtype, ["out", "x", "w", "b"])
 
 
 @pytest.mark.parametrize("is_rms,residual,prenorm,res_fp32,dtype", [
@@ -195,6 +198,10 @@ def test_flop_counter_sees_the_scan():
         selective_scan_fn(u, delta, A, B, C, D, z, bias, delta_softplus=True)
     assert counter.get_total_flops() == 2 * (9 * 2 * 23 * 40 * 8 + 2 * 2 * 23 * 40)
     assert scan_macs((2, 2, 40, 23), 8) == 2 * (9 * 2 * 23 * 40 * 8 + 2 * 2 * 23 * 40)
+    x, w = torch.randn(2, 40, 23), torch.randn(40, 4)
+    with triton_on_cpu(), FlopCounterMode(display=False) as counter:
+        causal_conv1d_fn(x, w, None, activation="silu")
+    assert counter.get_total_flops() == 2 * conv_macs((2, 40, 23), (1, 40, 4)) == 2 * 2 * (23 + 3) * 40 * 4
 
 
 def test_dispatch_and_errors(monkeypatch):
@@ -225,4 +232,8 @@ def test_custom_op_registration():
             torch.randn(2, b, 1, N, L), torch.randn(2, d), torch.randn(b, d, L), torch.randn(2, d), torch.rand(b, 2)]
     args = [t.requires_grad_() for t in args]
     result = torch.library.opcheck(torch.ops.mamba_ssm.scan_fwd.default, (*args, True, 0.5, False, True))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    conv_args = [torch.randn(b, d, L), torch.randn(2, d, 4), torch.randn(2, d)]
+    conv_args = [t.requires_grad_() for t in conv_args] + [(torch.rand(b, L) > 0.3).float(), None]
+    result = torch.library.opcheck(torch.ops.causal_conv1d.conv_fwd.default, (*conv_args, True, True))
     assert all(v == "SUCCESS" for v in result.values()), result

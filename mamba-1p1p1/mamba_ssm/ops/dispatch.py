@@ -36,9 +36,12 @@ def triton_enabled(x, module: str) -> bool:
 @contextmanager
 def triton_on_cpu():
     """Send CPU tensors to the Triton kernels (only meaningful with TRITON_INTERPRET=1; for tests)."""
+    from causal_conv1d.causal_conv1d_interface import triton_on_cpu as conv_triton_on_cpu
+
     global _triton_on_cpu
     previous, _triton_on_cpu = _triton_on_cpu, True
     try:
-        yield
+        with conv_triton_on_cpu():
+            yield
     finally:
         _triton_on_cpu = previous

@@ -1,6 +1,7 @@
 """bimamba_v2_inner_fn on the Triton kernels: both directions of a Vim v2 layer, gates and token masks.
 
-    conv (both directions, one launch; direction 1 anti-causal, so nothing is flipped)
+    conv (both directions, one launch, custom op causal_conv1d::conv_fwd; direction 1 anti-causal, so
+    nothing is flipped)
     -> x_proj and dt_proj as batched matmuls over the direction axis (cuBLAS)
     -> selective scan (both directions, one launch; the custom op mamba_ssm::scan_fwd), which also applies
        D, z-gating, the per-sample gate, the sum of the directions and the halving, writing (batch, L,
@@ -16,26 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from causal_conv1d.triton_causal_conv1d import conv_backward, conv_forward
+from causal_conv1d.conv_op import conv_fwd
 from mamba_ssm.ops.scan_op import scan_fwd
-
-
-class _BiConv(torch.autograd.Function):
-    """x (b, d, L) -> (2, b, d, L) [causal, anti-causal] conv + SiLU with the token mask."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, gate_skip):
-        batch, dim, seqlen = x.shape
-        out = torch.empty((2, batch, seqlen, dim), device=x.device, dtype=x.dtype).transpose(2, 3)
-        conv_forward(x, weight, bias, mask, True, out, gate=gate_skip)
-        ctx.save_for_backward(x, weight, bias, mask)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, mask = ctx.saved_tensors
-        dx, dw, db = conv_backward(x, weight, bias, mask, True, dout)
-        return dx, dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), None, None
 
 
 def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
@@ -62,7 +45,7 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     if mask is not None:
         mask = mask.to(x.dtype)
     gate_skip = gate if gate is not None and not needs_grad else None
-    xc = _BiConv.apply(x, conv_w, conv_b, mask, gate_skip)  # (2, b, d, L), channels-last memory
+    xc = conv_fwd(x, conv_w, conv_b, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, _stack(fwd, bwd, "x_proj_weight").transpose(1, 2))  # (2, b*L, R + 2N)
     delta = torch.bmm(x_dbl[..., :dt_rank], _stack(fwd, bwd, "dt_proj_weight").transpose(1, 2))

@@ -1,0 +1,122 @@
+"""The (multi-direction) causal conv1d as torch.library custom ops, so torch.compile and FlopCounterMode
+see one op. Same stacked form as the kernels (triton_causal_conv1d.py):
+
+    x (b, d, L); weight (R, d, K); bias (R, d) or None; mask (b, L) or None; gate_skip (b, R) or None
+    -> out (R, b, d, L): direction 0 causal, direction 1 anti-causal (the causal conv of the reversed
+       sequence, in original order); channels-last memory when channels_last_out
+
+CUDA tensors run the Triton kernels, other devices the reference (the backward then runs autograd on the
+reference, outside the op). FLOPs: 2 per MAC (torch's convention) over (L + K - 1) * d * K MACs per
+sample and direction (dyvm/flops.py's count for the padded conv); backward twice the forward.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+_EMPTY = (0,)
+
+
+def _kernels(x: Tensor) -> bool:
+    from causal_conv1d.causal_conv1d_interface import use_triton
+
+    return use_triton(x)
+
+
+def _alloc(x: Tensor, R: int, channels_last_out: bool) -> Tensor:
+    batch, dim, seqlen = x.shape
+    if channels_last_out:
+        return torch.empty((R, batch, seqlen, dim), device=x.device, dtype=x.dtype).transpose(2, 3)
+    return torch.empty((R, batch, dim, seqlen), device=x.device, dtype=x.dtype)
+
+
+def _stacked_ref(x, weight, bias, mask, silu):
+    width = weight.shape[-1]
+    m = None if mask is None else mask[:, None].to(x.dtype)
+    xm = x if m is None else x * m
+    outs = []
+    for r in range(weight.shape[0]):
+        xi = xm.flip(-1) if r == 1 else xm
+        y = F.conv1d(xi.to(weight.dtype), weight[r].unsqueeze(1), None if bias is None else bias[r],
+                     padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
+        y = F.silu(y) if silu else y
+        y = y.flip(-1) if r == 1 else y
+        outs.append(y if m is None else y * m)
+    return torch.stack(outs).to(x.dtype)
+
+
+@torch.library.custom_op("causal_conv1d::conv_fwd", mutates_args=())
+def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gate_skip: Optional[Tensor],
+             silu: bool, channels_last_out: bool) -> Tensor:
+    out = _alloc(x, weight.shape[0], channels_last_out)
+    if _kernels(x):
+        from causal_conv1d.triton_causal_conv1d import conv_forward
+
+        return conv_forward(x, weight, bias, mask, silu, out, gate=gate_skip)
+    out.copy_(_stacked_ref(x, weight, bias, mask, silu))
+    return out
+
+
+@conv_fwd.register_fake
+def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
+    return _alloc(x, weight.shape[0], channels_last_out)
+
+
+@torch.library.custom_op("causal_conv1d::conv_bwd", mutates_args=())
+def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
+             dout: Tensor) -> List[Tensor]:
+    """[dx (x's dtype), dweight fp32, dbias fp32 (empty without bias)]; the Triton kernels only."""
+    if not _kernels(x):
+        raise RuntimeError("causal_conv1d::conv_bwd runs the Triton kernels only; the reference backward "
+                           "runs through autograd")
+    from causal_conv1d.triton_causal_conv1d import conv_backward
+
+    dx, dw, db = conv_backward(x, weight, bias, mask, silu, dout)
+    return [dx, dw, db if db is not None else x.new_empty(_EMPTY, dtype=torch.float32)]
+
+
+@conv_bwd.register_fake
+def _(x, weight, bias, mask, silu, dout):
+    db = bias.new_empty(bias.shape, dtype=torch.float32) if bias is not None else x.new_empty(_EMPTY)
+    return [torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32), db]
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, mask, _, silu, _ = inputs
+    ctx.save_for_backward(x, weight, bias, mask)
+    ctx.silu = silu
+
+
+def _backward(ctx, dout):
+    x, weight, bias, mask = ctx.saved_tensors
+    if _kernels(x):
+        dx, dw, db = conv_bwd(x, weight, bias, mask, ctx.silu, dout)
+    else:
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        with torch.enable_grad():
+            out = _stacked_ref(leaves[0], leaves[1], leaves[2], mask, ctx.silu)
+            got = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+        dx, dw, db = (*got, None) if bias is None else got
+    return (dx.to(x.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), None, None, None,
+            None)
+
+
+conv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def conv_macs(x_shape, weight_shape) -> int:
+    batch, dim, seqlen = x_shape
+    R, _, width = weight_shape
+    return R * batch * (seqlen + width - 1) * dim * width
+
+
+@register_flop_formula(torch.ops.causal_conv1d.conv_fwd)
+def _conv_fwd_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * conv_macs(x_shape, weight_shape)
+
+
+@register_flop_formula(torch.ops.causal_conv1d.conv_bwd)
+def _conv_bwd_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    return 4 * conv_macs(x_shape, weight_shape)
