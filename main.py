@@ -118,8 +118,9 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     res["raw"] = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                           progress=args.progress, desc="eval raw")
     if ema_state is not None:
-        ema_model = build_model(args, unwrap(model).cfg.num_classes).to(device)
-        ema_model.load_state_dict(ema_state)
+        ema_model = build_model(args, unwrap(model).cfg.num_classes)
+        load_checkpoint(ema_model, ema_state)  # also a dense EMA into a DyVM (fresh heads, as for the raw model)
+        ema_model.to(device)
         res["ema"] = evaluate(ema_model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
                               progress=args.progress, desc="eval EMA")
     base = unwrap(model)

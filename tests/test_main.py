@@ -166,3 +166,13 @@ def test_every_config_builds_its_model(name):
         params = {"vim-t.yaml": 7_367_086, "vim-s.yaml": 26_594_110, "vim-b.yaml": 100_631_134}[name]
         assert sum(p.numel() for p in model.parameters()) == params
         assert dyvm_cfg.pruning_loc == (6, 12, 18)
+
+
+def test_eval_a_dense_checkpoint_as_dyvm_under_bf16_autocast(dense_dir, tmp_path):
+    """--eval of a fresh DyVM made from a dense file (raw and EMA weights), bf16 autocast (inference only)."""
+    out = tmp_path / "eval"
+    assert run("--model", "Vim-Tiny", "--eval", "--amp", "--model-path", str(dense_dir / "checkpoint.pth"),
+               "--output_dir", str(out)) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["raw"]["block_keep_ratio"] == 1.0  # fresh gate heads: weight 0, bias 5 -> every direction on
+    assert res["ema"]["num_images"] == res["raw"]["num_images"] == 8
