@@ -113,16 +113,15 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     from dyvm.benchmark import measure_throughput
     from dyvm.flops import nominal_macs
     n_valid = valid_samples(len(splits.val), world_size, rank, args.dist_eval)
+    ev = dict(amp_dtype=amp_dtype, valid_samples=n_valid, distributed=args.dist_eval, progress=args.progress)
     res = {"model": args.model, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
            "num_patches": unwrap(model).cfg.num_patches}
-    res["raw"] = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
-                          progress=args.progress, desc="eval raw")
+    res["raw"] = evaluate(model, val_loader, device, desc="eval raw", **ev)
     if ema_state is not None:
         ema_model = build_model(args, unwrap(model).cfg.num_classes)
         load_checkpoint(ema_model, ema_state)  # also a dense EMA into a DyVM (fresh heads, as for the raw model)
         ema_model.to(device)
-        res["ema"] = evaluate(ema_model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
-                              progress=args.progress, desc="eval EMA")
+        res["ema"] = evaluate(ema_model, val_loader, device, desc="eval EMA", **ev)
     base = unwrap(model)
     kw = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
               device=device, dtype=amp_dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
@@ -283,6 +282,7 @@ def run(args) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     n_valid = valid_samples(len(splits.val), world_size, rank, args.dist_eval)
+    ev = dict(amp_dtype=amp_dtype, valid_samples=n_valid, distributed=args.dist_eval, progress=args.progress)
     print0(rank, f"training epochs {start_epoch}..{num_epochs - 1}, lr {lr:.3g} (global batch "
                  f"{args.batch_size * world_size}), output {args.output_dir or '(none)'}")
     stats = {}
@@ -297,10 +297,8 @@ def run(args) -> dict:
                                       global_step=global_step, scheduler=scheduler if args.sched_on_updates else None)
         global_step += train_stats["steps"]
         scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)
-        test_stats = evaluate(model, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
-                              progress=args.progress, desc=f"epoch {epoch} eval")
-        ema_stats = (evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype, valid_samples=n_valid,
-                              progress=args.progress, desc=f"epoch {epoch} eval EMA")
+        test_stats = evaluate(model, val_loader, device, desc=f"epoch {epoch} eval", **ev)
+        ema_stats = (evaluate(ema.module, val_loader, device, desc=f"epoch {epoch} eval EMA", **ev)
                      if ema is not None and args.eval_ema_each_epoch else {})
         is_best = test_stats["acc1"] > max_acc
         max_acc = max(max_acc, test_stats["acc1"])

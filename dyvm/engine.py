@@ -240,10 +240,12 @@ def _topk_correct(logits: Tensor, targets: Tensor, ks=(1, 5)) -> list:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
-             valid_samples: Optional[int] = None, progress: bool = False, desc: str = "eval") -> dict:
+             valid_samples: Optional[int] = None, progress: bool = False, desc: str = "eval",
+             distributed: bool = True) -> dict:
     """Top-1/top-5, loss, and what the model ran on this data: tokens kept per stage, gate keep ratio
     (overall and per layer), MACs per image in both conventions. `valid_samples`: how many of this rank's
-    samples are real (distributed evaluation pads the last rank), None = all. Results are summed over ranks."""
+    samples are real (distributed evaluation pads the last rank), None = all. Results are summed over ranks
+    when `distributed` (each rank saw its share); otherwise every rank reports its own full pass."""
     model = unwrap(model)
     model.eval()
     world_size, rank = world()
@@ -278,23 +280,24 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optio
             t = torch.stack([d.double().sum() for d in out.decisions])
             stage_tokens = t if stage_tokens is None else stage_tokens + t
         sums["seq_len_sum"] += float(sum(out.seq_lens)) * keep
+    reduce = all_reduce_sum if distributed else (lambda t: t)  # noqa: E731
     keys = ["n", "loss", "top1", "top5", "macs_paper", "macs_full", "seq_len_sum"]
     vec = torch.stack([sums[k] for k in keys])
-    vec = all_reduce_sum(vec)
+    vec = reduce(vec)
     n = max(1.0, float(vec[0]))
     res = {"num_images": int(vec[0]), "loss": float(vec[1]) / n, "acc1": 100 * float(vec[2]) / n,
            "acc5": 100 * float(vec[3]) / n, "gmacs_paper": float(vec[4]) / n / 1e9,
            "gmacs_full": float(vec[5]) / n / 1e9, "mean_seq_len": float(vec[6]) / n / max(1, len(model.layers))}
     depth = len(model.layers)
     if getattr(model, "dyvm_cfg", None) is not None and model.dyvm_cfg.block_selection:
-        gate_sum = all_reduce_sum(gate_sum if gate_sum is not None else torch.zeros(depth, 2, device=device,
+        gate_sum = reduce(gate_sum if gate_sum is not None else torch.zeros(depth, 2, device=device,
                                                                                    dtype=torch.float64))
         per_layer = (gate_sum / n).tolist()
         res["block_keep_ratio"] = float(gate_sum.sum()) / (n * 2 * depth)
         res["block_keep_per_layer"] = [[round(f, 4), round(b, 4)] for f, b in per_layer]
     stages = model.dyvm_cfg.num_stages if getattr(model, "dyvm_cfg", None) is not None else 0
     if stages:
-        st = all_reduce_sum(stage_tokens if stage_tokens is not None else
+        st = reduce(stage_tokens if stage_tokens is not None else
                             torch.zeros(stages, device=device, dtype=torch.float64))
         res["tokens_kept_per_stage"] = [round(float(v) / n, 2) for v in st]
         res["token_keep_ratio_per_stage"] = [round(float(v) / n / model.cfg.num_patches, 4) for v in st]

@@ -33,3 +33,13 @@ def test_two_gloo_processes(tmp_path):
     assert log[0]["train_cls_kl_loss"] > 0
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model is saved
+    # --eval under torchrun without distributed evaluation: every rank evaluates everything, nothing is summed
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py", *TINY,
+         "--model", "Vim-Tiny", "--model-path", str(out / "checkpoint.pth"), "--eval", "--no-dist-eval",
+         "--no-throughput", "--output_dir", str(tmp_path / "eval")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert res["raw"]["num_images"] == res["ema"]["num_images"] == 12
+    assert res["raw"]["acc1"] == log[0]["test_acc1"]  # the same weights as the distributed epoch-end evaluation
