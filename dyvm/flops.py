@@ -11,7 +11,7 @@ Per layer of sequence length L (class token included), width D, d_inner Di, dt_r
 Outside the layers: patch embedding conv, head (D*classes), token-score predictors (every Linear, times the
 tokens the predictor saw). Norms, activations, gathers and the class-token head bias are not counted.
 
-CLI: python -m dyvm.flops --model vim_small | dyvm_vim_small | Vim-Small [--block-keep-ratio 0.8]
+CLI: python -m dyvm.flops --model vim_small | dyvm_vim_small | Vim-Small (both) [--block-keep-ratio 0.8]
 """
 import argparse
 import sys
@@ -120,38 +120,46 @@ def format_macs(paper: float, full: float) -> str:
     return f"{paper / 1e9:.3f} G (paper convention: one scan direction) | {full / 1e9:.3f} G (full: both directions)"
 
 
-def main(argv=None) -> int:
+def _print_model(name: str, args) -> None:
     import timm
-
-    import dyvm  # noqa: F401  (registers the model names)
-    from dyvm.models.registry import resolve_model_name
-
-    p = argparse.ArgumentParser("python -m dyvm.flops", description="MACs of one image for a Vim or DyVM model")
-    p.add_argument("--model", required=True, help="vim_small, dyvm_vim_small, Vim-Small (= DyVM), ...")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--token-keep-ratio", type=float, default=0.7)
-    p.add_argument("--block-keep-ratio", type=float, default=None,
-                   help="DyVM: fraction of scan directions run in every layer (default: all)")
-    args = p.parse_args(argv)
-    try:
-        dynamic = args.model.startswith("dyvm_") or args.model.startswith("Vim-")
-        name = resolve_model_name(args.model, dynamic=dynamic)
-        kwargs = dict(img_size=args.img_size)
-        if dynamic:
-            kwargs["token_keep_ratio"] = args.token_keep_ratio
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            model = timm.create_model(name, **kwargs)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paper, full = nominal_macs(model, args.block_keep_ratio)
+    dynamic = name.startswith("dyvm_")
+    kwargs = dict(img_size=args.img_size)
+    if dynamic:
+        kwargs["token_keep_ratio"] = args.token_keep_ratio
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = timm.create_model(name, **kwargs)
+    paper, full = nominal_macs(model, args.block_keep_ratio if dynamic else None)
     params = sum(p.numel() for p in model.parameters())
     detail = ""
     if dynamic:
         ratio = "all" if args.block_keep_ratio is None else f"{args.block_keep_ratio:g} of the"
         detail = f", tokens kept {model.keep_counts()} of {model.cfg.num_patches}, {ratio} scan directions run"
     print(f"{name} at {args.img_size}x{args.img_size}{detail}: {params:,} parameters")
-    print(f"MACs per image: {format_macs(paper, full)}")
+    print(f"  MACs per image: {format_macs(paper, full)}")
+
+
+def main(argv=None) -> int:
+    import dyvm  # noqa: F401  (registers the model names)
+    from dyvm.models.registry import CLI_NAMES, resolve_model_name
+
+    p = argparse.ArgumentParser("python -m dyvm.flops", description="MACs of one image for a Vim or DyVM model")
+    p.add_argument("--model", required=True,
+                   help="vim_small (dense), dyvm_vim_small (DyVM), or Vim-Small (the authors' name: both)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--token-keep-ratio", type=float, default=0.7)
+    p.add_argument("--block-keep-ratio", type=float, default=None,
+                   help="DyVM: fraction of scan directions run in every layer (default: all)")
+    args = p.parse_args(argv)
+    try:
+        if args.model in CLI_NAMES:  # the authors' name covers the dense teacher and the DyVM student
+            names = [resolve_model_name(args.model, dynamic=False), resolve_model_name(args.model, dynamic=True)]
+        else:
+            names = [resolve_model_name(args.model, dynamic=args.model.startswith("dyvm_"))]
+        for name in names:
+            _print_model(name, args)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -110,5 +110,6 @@ def test_cli_prints_both_conventions(capsys):
     assert flops_main(["--model", "Vim-Small", "--block-keep-ratio", "0.8"]) == 0
     text = capsys.readouterr().out
     assert "dyvm_vim_small" in text and "3.239 G (paper convention" in text and "[137, 96, 67]" in text
+    assert "vim_small at 224x224: 25,796,584 parameters" in text and "5.077 G (paper" in text  # and the dense one
     assert flops_main(["--model", "resnet50"]) == 2
     assert "unknown model" in capsys.readouterr().err
