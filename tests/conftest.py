@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # CI has no GPU: Triton kernels run on CPU tensors through Triton's interpreter. It must be set before any
 # kernel module is imported (the @triton.jit decorator reads it), whichever test file imports one first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# OpenMP threads spin while waiting: with two processes on two cores (the torchrun test, subprocess runs of
+# main.py) that makes each step 10-20x slower. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -277,3 +277,15 @@ def test_bimamba_mask_makes_kept_prefix_equal_to_the_short_sequence():
     full = bimamba_v2_inner_ref(xz, fwd, bwd, mask=mask)
     short = bimamba_v2_inner_ref(xz[..., :keep], fwd, bwd)
     torch.testing.assert_close(full[..., :keep], short, rtol=1e-5, atol=1e-6)
+
+
+def test_selective_scan_ref_under_bf16_autocast_keeps_fp32_math_and_trains():
+    t = make_scan_inputs(length=19, requires_grad=True)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan_ref(*(t[k] for k in names), delta_softplus=True)
+    assert out.dtype == torch.float32  # fp32 inputs: no silent bf16 state
+    ref = selective_scan_ref(*(t[k] for k in names), delta_softplus=True)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), [t[k] for k in names])
+    assert all(g is not None and g.dtype == t[k].dtype and torch.isfinite(g).all() for g, k in zip(grads, names))

@@ -48,6 +48,12 @@ class SelectiveScanCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
+        # The state math stays in the inputs' fp32/fp64 even under autocast (einsum would drop to bf16).
+        with torch.autocast(u.device.type, enabled=False):
+            return SelectiveScanCore._forward(ctx, u, delta, A, B, C)
+
+    @staticmethod
+    def _forward(ctx, u, delta, A, B, C):
         decay = torch.exp(delta.unsqueeze(-1) * A)  # (L, b, G, dg, N)
         h = linear_scan(decay, (delta * u).unsqueeze(-1) * B)
         y = torch.einsum("lbgdn,lbgxn->lbgd", h, C)
@@ -56,9 +62,16 @@ class SelectiveScanCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
+        u = ctx.saved_tensors[0]
+        with torch.autocast(u.device.type, enabled=False):
+            return SelectiveScanCore._backward(ctx, grad_y, grad_last)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_last):
         u, delta, A, B, C, h = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(u)
+        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.to(u.dtype)
+        if grad_last is not None:
+            grad_last = grad_last.to(u.dtype)
         decay = torch.exp(delta.unsqueeze(-1) * A)
         q = grad_y.unsqueeze(-1) * C  # direct dL/dh_t
         if grad_last is not None:
