@@ -1,4 +1,4 @@
-"""Our DyVM against the authors' own code (/work/shared/golden, see its README): eval and training mode."""
+"""Our DyVM against the authors' own code (tests/golden, see its README): eval and training mode."""
 import os
 
 import pytest
@@ -11,7 +11,7 @@ from dyvm.checkpoint import load_checkpoint
 from dyvm.losses import LOSS_PARTS, DyVMLoss, build_teacher
 from dyvm.pruning import kept_first_order, to_original_order
 
-GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
+GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR", os.path.join(os.path.dirname(__file__), "golden"))
 EVAL_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny.pt")
 TRAIN_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny_train.pt")
 
