@@ -2,11 +2,4 @@
 # Ablation "token-only": token pruning only (no direction gates), Vim-S, token keep 0.8 (the authors' Token_Only vim-s.sh).
 # Only selects configs/ablations/token-only.yaml; the code is the same as the main runs.
 #   NGPUS=4 DATA_PATH=/data/imagenet MODEL_PATH=vim_?_midclstok_*.pth bash ablations/token-only.sh [extra main.py flags]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-NGPUS=${NGPUS:-4}
-DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet folder holding train/ and val/}
-MODEL_PATH=${MODEL_PATH:?set MODEL_PATH to the released dense Vim checkpoint of the model in the config}
-OUTPUT_DIR=${OUTPUT_DIR:-output/ablation-token-only}
-torchrun --standalone --nproc_per_node="$NGPUS" main.py --config configs/ablations/token-only.yaml \
-    --data-path "$DATA_PATH" --model-path "$MODEL_PATH" --output_dir "$OUTPUT_DIR" --no_amp "$@"
+exec bash "$(dirname "$0")/run.sh" token-only "$@"
