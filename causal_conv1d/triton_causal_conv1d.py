@@ -18,6 +18,23 @@ from torch import Tensor
 
 
 @triton.jit
+def _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, k,
+              r: tl.constexpr, WIDTH: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The (BLOCK_T, BLOCK_D) input tile that tap k of direction r reads (masked tokens as 0), fp32.
+    Direction 0 is causal (looks back), direction 1 anti-causal (looks ahead): nothing is flipped."""
+    if r == 0:
+        src = offs_t - (WIDTH - 1) + k
+    else:
+        src = offs_t + (WIDTH - 1) - k
+    ok = (src >= 0) & (src < seqlen)
+    xv = tl.load(x_base + src[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok[:, None] & mask_d[None, :],
+                 other=0.0).to(tl.float32)
+    if HAS_MASK:
+        xv *= tl.load(m_base + src * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+    return xv
+
+
+@triton.jit
 def _conv_pre(x_base, w_base, bias_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t,
               r: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Pre-activation (BLOCK_T, BLOCK_D) tile of direction r at times offs_t, fp32."""
@@ -25,15 +42,7 @@ def _conv_pre(x_base, w_base, bias_base, m_base, offs_t, offs_d, mask_d, seqlen,
     if HAS_BIAS:
         acc += tl.load(bias_base + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(WIDTH):
-        if r == 0:
-            src = offs_t - (WIDTH - 1) + k
-        else:
-            src = offs_t + (WIDTH - 1) - k
-        ok = (src >= 0) & (src < seqlen)
-        xv = tl.load(x_base + src[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
-        if HAS_MASK:
-            xv *= tl.load(m_base + src * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+        xv = _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, k, r, WIDTH, HAS_MASK)
         w = tl.load(w_base + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += xv * w[None, :]
     return acc
@@ -104,15 +113,7 @@ def _conv_bwd_pre_kernel(
         if HAS_BIAS:
             tl.store(dbias_ptr + part, tl.sum(dout, axis=0), mask=mask_d)
         for k in tl.static_range(WIDTH):
-            if r == 0:
-                src = offs_t - (WIDTH - 1) + k
-            else:
-                src = offs_t + (WIDTH - 1) - k
-            ok = (src >= 0) & (src < seqlen)
-            xv = tl.load(x_base + src[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok[:, None] & mask_d[None, :],
-                         other=0.0).to(tl.float32)
-            if HAS_MASK:
-                xv *= tl.load(m_base + src * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+            xv = _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, k, r, WIDTH, HAS_MASK)
             tl.store(dw_ptr + part * WIDTH + k, tl.sum(dout * xv, axis=0), mask=mask_d)
 
 

@@ -12,6 +12,15 @@ from torch import Tensor  # noqa: E402
 from dyvm.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
+
+def _finish(fig: plt.Figure, path: str) -> plt.Figure:
+    """Lay out; when a path is given, save there and release the figure (long runs draw many)."""
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
 def denormalize(images: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """(N, C, H, W) normalised -> (N, H, W, C) floats in [0, 1] for display."""
     m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
@@ -49,11 +58,7 @@ def plot_kept_tokens(images: Tensor, decisions: Sequence[Tensor], grid: int, tit
     axes[0, 0].set_title("input", fontsize=8)
     for s in range(stages):
         axes[0, s + 1].set_title(f"after stage {s + 1}", fontsize=8)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_training_curves(logs: Dict[str, List[dict]], path: str = "") -> plt.Figure:
@@ -72,11 +77,7 @@ def plot_training_curves(logs: Dict[str, List[dict]], path: str = "") -> plt.Fig
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_accuracy_vs_flops(points: Dict[str, tuple], path: str = "") -> plt.Figure:
@@ -87,8 +88,4 @@ def plot_accuracy_vs_flops(points: Dict[str, tuple], path: str = "") -> plt.Figu
         ax.annotate(name, (gmacs, acc), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="MACs per image (G, paper convention)", ylabel="top-1 (%)", title="accuracy vs FLOPs")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
