@@ -3,11 +3,4 @@
 # Hyper-parameters: configs/vim-b.yaml (the authors' recipe, 4 GPUs). The LR is given for a global batch of 512 and
 # scaled by batch x NGPUS / 512, so another GPU count changes the effective LR the way the authors' rule does.
 #   NGPUS=4 DATA_PATH=/data/imagenet MODEL_PATH=vim_b_midclstok_81p9acc.pth bash scripts/vim-b.sh [extra main.py flags]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-NGPUS=${NGPUS:-4}
-DATA_PATH=${DATA_PATH:?set DATA_PATH to the ImageNet folder holding train/ and val/}
-MODEL_PATH=${MODEL_PATH:-vim_b_midclstok_81p9acc.pth}
-OUTPUT_DIR=${OUTPUT_DIR:-output/vim-b}
-torchrun --standalone --nproc_per_node="$NGPUS" main.py --config configs/vim-b.yaml \
-    --data-path "$DATA_PATH" --model-path "$MODEL_PATH" --output_dir "$OUTPUT_DIR" --no_amp "$@"
+DEFAULT_MODEL_PATH=vim_b_midclstok_81p9acc.pth exec bash "$(dirname "$0")/train.sh" vim-b "$@"
