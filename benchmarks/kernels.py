@@ -95,6 +95,12 @@ def run_upstream(results):
             ins = scan_inputs(dim, dtype, requires_grad=True)
             results[f"scan_fwdbwd/{dim}/{dname}/upstream"] = bench(
                 fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
+            # Channel-contiguous inputs (the Vim mixer's in_proj output): upstream copies them first.
+            ins = scan_inputs(dim, dtype, channels_last=True)
+            results[f"scan_fwd_cl/{dim}/{dname}/upstream"] = bench(lambda: up_scan(*ins, delta_softplus=True))
+            ins = scan_inputs(dim, dtype, channels_last=True, requires_grad=True)
+            results[f"scan_fwdbwd_cl/{dim}/{dname}/upstream"] = bench(
+                fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
         conv_and_norm(results, dtype, dname, "upstream", up_conv, up_norm)
 
 
@@ -136,15 +142,17 @@ def check_ours(checks, lean=False):
     for dname, dtype in DTYPES.items():
         if lean and dname != "fp32":
             break
-        ins = scan_inputs(768, dtype, requires_grad=True)
-        out = selective_scan_triton(*ins, delta_softplus=True)
-        ref = selective_scan_ref(*ins, delta_softplus=True)
-        g = torch.randn_like(out)
-        ga = torch.autograd.grad(out, ins, g)
-        gr = torch.autograd.grad(ref, ins, g)
-        checks[f"scan/768/{dname}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in
-                                                                zip("u delta A B C D z bias".split(), ga, gr)}}
-        torch.cuda.empty_cache()
+        for layout in ("cf", "cl"):
+            ins = scan_inputs(768, dtype, channels_last=layout == "cl", requires_grad=True)
+            out = selective_scan_triton(*ins, delta_softplus=True)
+            ref = selective_scan_ref(*ins, delta_softplus=True)
+            g = torch.randn_like(out)
+            ga = torch.autograd.grad(out, ins, g)
+            gr = torch.autograd.grad(ref, ins, g)
+            checks[f"scan/768/{dname}/{layout}"] = {"out": rel(out, ref), **{
+                n: rel(a, r) for n, a, r in zip("u delta A B C D z bias".split(), ga, gr)}}
+            ins = out = ref = ga = gr = None
+            torch.cuda.empty_cache()
         dim, batch = 768, 16
         mk = lambda: ScanWeights(  # noqa: E731
             torch.randn(dim, 1, WIDTH, device="cuda") * 0.3, torch.randn(dim, device="cuda") * 0.1,
@@ -211,9 +219,10 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
             cl = scan_inputs(dim, dtype, channels_last=True)
             results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
             if (dim == 768 or not lean) and not fwd_only:
-                ins = scan_inputs(dim, dtype, requires_grad=True)
-                results[f"scan_fwdbwd/{dim}/{dname}/ours"] = bench(
-                    fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
+                for layout in ("cf", "cl"):
+                    ins = scan_inputs(dim, dtype, channels_last=layout == "cl", requires_grad=True)
+                    results[f"scan_fwdbwd{'_cl' if layout == 'cl' else ''}/{dim}/{dname}/ours"] = bench(
+                        fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
             if dim == 768 and dname == "fp32" and not quick:
                 ins = scan_inputs(dim, dtype)
                 results[f"scan_fwd/{dim}/{dname}/reference"] = bench(
@@ -248,8 +257,16 @@ class Results(dict):
         print(f"{key:<44}{value:10.1f}", flush=True)
 
 
+FWD_SWEEP = ((32, 1, 2, True), (32, 1, 4, True), (16, 1, 4, True), (8, 1, 4, True), (64, 2, 2, True),
+             (32, 2, 8, False), (32, 1, 8, False), (64, 2, 4, False))
+BWD_SWEEP = ((8, 1), (16, 1), (32, 1), (16, 2), (32, 2), (64, 2))
+
+
 def sweep(results, lean=False):
-    """Launch parameters of the scan kernels at Vim-S (d_inner 768, fp32); sets the fastest as defaults."""
+    """Launch parameters of the scan kernels at Vim-S (d_inner 768, fp32), per input layout; sets the
+    fastest as the defaults used by everything timed afterwards. Forward configurations are (block_d,
+    num_warps, unroll, lanes_on_channels); backward ones (block_d, num_warps), timed from the forward's
+    checkpoints (the backward kernel alone)."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
     timings = {}
@@ -258,24 +275,28 @@ def sweep(results, lean=False):
         out = torch.empty_like(u)
         args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
                 None, 1.0)
-        for cfg in ((32, 1, 2), (32, 1, 4), (32, 1, 8), (64, 2, 4), (128, 4, 4), (64, 1, 2)):
-            t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2]))
-            results[f"sweep_fwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}"] = t
+        for cfg in FWD_SWEEP:
+            t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
+                                              lanes_on_channels=cfg[3]))
+            results[f"sweep_fwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"] = t
             timings[("fwd", layout, cfg)] = t
-        if layout == "cf" and not lean:
-            dout = torch.randn_like(u)
-            for cfg in ((8, 4, 8), (16, 4, 4), (16, 4, 8)):
-                t = bench(lambda: ss.scan_backward(*args, dout, block_d=cfg[0], num_warps=cfg[1], chunk=cfg[2]))
-                results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_c{cfg[2]}"] = t
-                timings[("bwd", cfg)] = t
+        if lean:
+            continue
+        dout = torch.randn_like(u)
+        _, ckpt = ss.scan_forward(*args, out, want_ckpt=True)
+        for cfg in BWD_SWEEP:
+            t = bench(lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1]))
+            results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}"] = t
+            timings[("bwd", layout, cfg)] = t
     for layout in ("cf", "cl"):
         best = min((v, k[2]) for k, v in timings.items() if k[:2] == ("fwd", layout))[1]
-        ss.FWD_TUNING[layout] = {"block_d": best[0], "num_warps": best[1], "unroll": best[2]}
-    if not lean:
-        best_b = min((v, k[1]) for k, v in timings.items() if k[0] == "bwd")[1]
-        ss.BWD_TUNING.update(block_d=best_b[0], num_warps=best_b[1], chunk=best_b[2])
+        ss.FWD_TUNING[layout] = {"block_d": best[0], "num_warps": best[1], "unroll": best[2],
+                                 "lanes_on_channels": best[3]}
+        if not lean:
+            best_b = min((v, k[2]) for k, v in timings.items() if k[:2] == ("bwd", layout))[1]
+            ss.BWD_TUNING[layout] = {"block_d": best_b[0], "num_warps": best_b[1]}
     print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, flush=True)
-    return {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()}, "bwd": dict(ss.BWD_TUNING)}
+    return {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()}, "bwd": {k: dict(v) for k, v in ss.BWD_TUNING.items()}}
 
 
 def table(results):
@@ -288,8 +309,8 @@ def table(results):
         ours, up = results.get(key + "/ours"), results.get(key + "/upstream")
         esize = 4 if dname == "fp32" else 2
         bw = ""
-        if ours and op in ("scan_fwd", "scan_fwdbwd", "scan_fwd_cl"):
-            bw = f"{scan_bytes(int(shape), esize, op == 'scan_fwdbwd') / ours / 1e6:.2f}"
+        if ours and op.startswith("scan_"):
+            bw = f"{scan_bytes(int(shape), esize, op.startswith('scan_fwdbwd')) / ours / 1e6:.2f}"
         speed = f"{up / ours:.2f}x" if ours and up else ""
         rows.append(f"{op:<22}{shape:>6}{dname:>6}{ours or float('nan'):>10.1f}{up or float('nan'):>10.1f}"
                     f"{speed:>9}{bw:>10}")

@@ -15,7 +15,9 @@ for f in .upstream/src/*/setup.py; do
 import sys
 path = sys.argv[1]
 text = open(path).read()
-anchor = "    ext_modules.append(\n        CUDAExtension("
+# cc_flag must be replaced before extra_compile_args is built from it (the block that follows the arch
+# list starts with the FORCE_CXX11_ABI test in both setup.py files).
+anchor = "    if FORCE_CXX11_ABI:\n"
 assert text.count(anchor) == 1, f"unexpected setup.py layout in {path}"
 text = text.replace(anchor, '    cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]  # sm_90 only\n' + anchor)
 open(path, "w").write(text)

@@ -73,6 +73,7 @@ def scan_inputs(batch, dim, seqlen, d_state, dtype, b_layout="var", groups=1):
     (torch.float32, 23, "fixed_B"),       # B (dim, N), as selective_scan_fn allows
     (torch.float32, 23, "groups"),        # B with 2 groups, C with 1
     (torch.bfloat16, 50, "channels_last"),  # u, delta, z with channel-contiguous memory (the Vim mixer's)
+    (torch.float32, 37, "channels_last"),   # ... at fp32 tolerance; the output keeps u's layout
 ])
 def test_selective_scan_matches_reference(dtype, seqlen, options):
     batch, dim = (1, 40) if seqlen == 197 else (2, 40)
@@ -87,6 +88,8 @@ def test_selective_scan_matches_reference(dtype, seqlen, options):
         out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, **kw)
     ref, last_ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, **kw)
     assert out.dtype == dtype and out.shape == u.shape
+    if options == "channels_last":  # written in u's layout: coalesced stores, and no copy for the caller
+        assert out.stride(1) == 1
     inputs = (u, delta, A, B, C, D, z, bias)
     g, gl = torch.randn_like(out), torch.randn_like(last)
     with triton_on_cpu():

@@ -6,7 +6,9 @@
 
     u, delta: (R, b, d, L); A: (R, d, N) fp32; B, C: (R, b, G, N, L); D, delta_bias: (R, d) fp32 or None;
     z: (b, d, L) or None; gate: (b, R) or None
-    out (b, d, L) in u's dtype = scale * sum_r gate[:, r] * y_r;  last (R, b, d, N) fp32 if want_last
+    out (b, d, L) in u's dtype = scale * sum_r gate[:, r] * y_r;  last (R, b, d, N) fp32 if want_last;
+    ckpt: with want_ckpt (a backward will follow) and the kernels, the states every CKPT_CHUNK steps that
+    the backward kernel starts from, saved for it (R, b, n_chunks, N, d) fp32; else empty
 
 CUDA tensors run the Triton kernels; other devices run the PyTorch reference (and the backward recomputes
 it under autograd, outside the op: autograd does not run inside a custom op). The public functions use these ops on CUDA only: on CPU they call the
@@ -61,31 +63,39 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 @torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
-             want_last: bool, channels_last_out: bool) -> Tuple[Tensor, Tensor]:
+             want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    empty = lambda: u.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs must not alias)
     if _is_triton(u):
         from mamba_ssm.ops.triton.selective_scan import scan_forward
 
         out = _out_like(u, channels_last_out)
-        last = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, want_last)
-        return out, last if want_last else u.new_empty(_EMPTY, dtype=torch.float32)
+        last, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, want_last,
+                                  want_ckpt)
+        return out, last if want_last else empty(), ckpt if want_ckpt else empty()
     with torch.no_grad():
         y, last = _stacked_ref(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last)
     out = _out_like(u, channels_last_out)
     out.copy_(y)
-    return out, last
+    return out, last, empty()
 
 
 @scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out):
-    R, batch, dim, _ = u.shape
-    last_shape = (R, batch, dim, A.shape[-1]) if want_last else _EMPTY
-    return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=torch.float32)
+def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
+      want_ckpt=False):
+    from mamba_ssm.ops.triton.selective_scan import CKPT_CHUNK
+
+    R, batch, dim, seqlen = u.shape
+    d_state = A.shape[-1]
+    last_shape = (R, batch, dim, d_state) if want_last else _EMPTY
+    ckpt_shape = (R, batch, -(-seqlen // CKPT_CHUNK), d_state, dim) if want_ckpt and _is_triton(u) else _EMPTY
+    f32 = torch.float32
+    return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=f32), u.new_empty(ckpt_shape, dtype=f32)
 
 
 @torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
-             dlast: Optional[Tensor]) -> List[Tensor]:
+             dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
     """Returns fp32 [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]; empty tensors for absent inputs.
     Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
     if not _is_triton(u):
@@ -93,7 +103,8 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                            "through autograd (scan_op._reference_grads)")
     from mamba_ssm.ops.triton.selective_scan import scan_backward
 
-    g = scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout, dlast)
+    g = scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout, dlast,
+                      ckpt if ckpt is not None and ckpt.numel() else None)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
     return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=torch.float32) for n in names]
 
@@ -120,25 +131,25 @@ def _reference_grads(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, 
 
 
 @scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast):
+def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
     f32 = torch.float32
     like = lambda t: t.new_empty(t.shape, dtype=f32) if t is not None else u.new_empty(_EMPTY, dtype=f32)  # noqa
     return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(gate)]
 
 
 def _setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate)
+    u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last = inputs[:12]
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2])
     ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
 
 
-def _backward(ctx, dout, dlast):
-    u, delta, A, B, C, D, z, delta_bias, gate = ctx.saved_tensors
-    args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout.contiguous(),
+def _backward(ctx, dout, dlast, dckpt):
+    u, delta, A, B, C, D, z, delta_bias, gate, ckpt = ctx.saved_tensors
+    args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout,
             dlast if ctx.want_last else None)
-    grads = scan_bwd(*args) if _is_triton(u) else _reference_grads(*args)
+    grads = scan_bwd(*args, ckpt) if _is_triton(u) else _reference_grads(*args)
     cast = [None if t is None else g.to(t.dtype) for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias, gate))]
-    return (*cast, None, None, None, None)
+    return (*cast, None, None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)

@@ -55,5 +55,6 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     A = _stack(fwd, bwd, "A", torch.float32)
     D = _stack(fwd, bwd, "D", torch.float32)
     delta_bias = _stack(fwd, bwd, "dt_proj_bias", torch.float32)
-    out, _ = scan_fwd(xc, delta, A, B, C, D, z, delta_bias, gate, True, 0.5 if divide_out else 1.0, False, True)
+    out, _, _ = scan_fwd(xc, delta, A, B, C, D, z, delta_bias, gate, True, 0.5 if divide_out else 1.0, False, True,
+                         needs_grad)
     return out

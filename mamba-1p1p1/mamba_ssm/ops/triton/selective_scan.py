@@ -29,7 +29,10 @@ from torch import Tensor
 # "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
 FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
               "cl": {"block_d": 32, "num_warps": 1, "unroll": 2, "lanes_on_channels": True}}
-BWD_TUNING = {"block_d": 32, "num_warps": 4, "chunk": 16}
+BWD_TUNING = {"cf": {"block_d": 16, "num_warps": 1}, "cl": {"block_d": 16, "num_warps": 1}}
+# The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
+# recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
+CKPT_CHUNK = 16
 
 
 @triton.jit
@@ -40,7 +43,7 @@ def _softplus(x):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr,
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
@@ -53,7 +56,11 @@ def _scan_fwd_kernel(
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
+    CKPT_T: tl.constexpr,
 ):
+    """CKPT_T > 0 (training): store the state entering every CKPT_T-th step of each walk into ckpt
+    (r, b, n_chunks, n, d) fp32 for the backward, and run gated-off directions too (the backward needs
+    their states for the gate's gradient). UNROLL divides CKPT_T."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -71,9 +78,13 @@ def _scan_fwd_kernel(
         gate0 = tl.load(gate_ptr + pid_b * sg_b).to(tl.float32)
         if N_DIRS == 2:
             gate1 = tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32)
+    n_chunks = tl.cdiv(seqlen, CKPT_T) if CKPT_T > 0 else 1
     for r in tl.static_range(N_DIRS):
         gate = gate0 if r == 0 else gate1
-        if gate != 0.0:
+        run = gate
+        if CKPT_T > 0:
+            run = 1.0
+        if run != 0.0:
             # The state tile's orientation decides Triton's layout. LANES_ON_CHANNELS: (N, channels), lanes
             # along channels, so a thread owns whole channels (no replicated per-channel work, the y sum
             # over N inside the thread): faster for channel-contiguous inputs. Otherwise (channels, N), the
@@ -105,7 +116,15 @@ def _scan_fwd_kernel(
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
             # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
             # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
+            ckpt_base = ckpt_ptr + (r * tl.num_programs(0) + pid_b) * n_chunks * d_state * dim
             for s0 in range(0, seqlen, UNROLL):
+                if CKPT_T > 0:
+                    if s0 % CKPT_T == 0:
+                        c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
+                        if LANES_ON_CHANNELS:
+                            tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
+                        else:
+                            tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
                 for j in tl.static_range(UNROLL):
                     s = s0 + j
                     t = s if r == 0 else seqlen - 1 - s
@@ -147,7 +166,7 @@ def _scan_fwd_kernel(
                     tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
                              + offs_n[None, :], h, mask=mask_dn)
         tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
-    if HAS_GATE:
+    if HAS_GATE and CKPT_T == 0:
         none_on = gate0 == 0.0
         if N_DIRS == 2:
             none_on = none_on & (gate1 == 0.0)
@@ -170,37 +189,42 @@ def _scan_bwd_kernel(
     sC_r, sC_b, sC_g, sC_n, sC_t,
     sdo_b, sdo_d, sdo_t,
     sg_b, sg_r,
+    sdu_r, sdu_b, sdu_d, sdu_t,
+    sdz_b, sdz_d, sdz_t,
     scale,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr,
 ):
-    """Outputs (all fp32 unless noted): du, ddt (r, b, d, t) contiguous; dz (b, d, t) contiguous, summed
-    over directions; partial sums dB, dC (r, n_dblocks, b, n, t); dA (r, b, d, n); dD, dbias (r, b, d);
-    dgate (b, r, n_dblocks)."""
+    """Outputs (all fp32 unless noted): du, ddt (r, b, d, t) and dz (b, d, t, summed over directions), in
+    u's memory layout (strides sdu_*, sdz_*) so that the stores coalesce as the loads do; partial sums dB, dC (r, n_dblocks, b, n, t); dA (r, b, d, n); dD, dbias (r, b, d);
+    dgate (b, r, n_dblocks). ckpt (r, b, n_chunks, n, d): the state entering each CHUNK_T-step chunk of the
+    walk, as the forward kernel stored it. A comes as (r, n, d).
+
+    Tiles are (d_state, channels), the forward's "lanes on channels" orientation: with BLOCK_D = 32 per
+    warp a thread owns whole channels (sums over the states stay inside the thread); smaller blocks
+    spread a channel's states over 2 or 4 lanes, which shortens the cross-channel sums of dB and dC."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     batch = tl.num_programs(0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
+    offs_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # the scratch's (n, d) tile
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     group_B = (pid_d * BLOCK_D) // dpg_B
     group_C = (pid_d * BLOCK_D) // dpg_C
     n_chunks = tl.cdiv(seqlen, CHUNK_T)
-    prog = pid_b * n_dblocks + pid_d
-    ckpt_base = ckpt_ptr + prog * n_chunks * BLOCK_D * BLOCK_N
-    scratch_base = scratch_ptr + prog * (CHUNK_T + 1) * BLOCK_D * BLOCK_N
-    dz_base = dz_ptr + (pid_b * dim + offs_d) * seqlen
+    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK_T + 1) * BLOCK_D * BLOCK_N
+    dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
         if HAS_GATE:
             gate = tl.load(gate_ptr + pid_b * sg_b + r * sg_r).to(tl.float32)
             g_scale = gate * scale
-        A = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
-                    mask=mask_dn, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
+                    mask=mask_nd, other=0.0).to(tl.float32)
         A2 = A * 1.4426950408889634
         Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if HAS_D:
@@ -214,36 +238,26 @@ def _scan_bwd_kernel(
         C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n * sC_n
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
-        dud_base = ((r * batch + pid_b) * dim + offs_d) * seqlen  # du / ddt, contiguous (r, b, d, t)
+        dud_base = r * sdu_r + pid_b * sdu_b + offs_d * sdu_d  # du / ddt
         part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
-        # Pass 1: forward walk, keeping the state entering each chunk.
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-        for s in range(seqlen):
-            if s % CHUNK_T == 0:
-                tl.store(ckpt_base + (s // CHUNK_T) * BLOCK_D * BLOCK_N + offs_dn, h)
-            t = s if r == 0 else seqlen - 1 - s
-            u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-        # Pass 2: chunks from last to first; recompute the chunk's states, then walk it backwards.
-        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
+        ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim + offs_d[None, :]
+        g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
-            g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :],
-                        mask=mask_dn, other=0.0).to(tl.float32)
-        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None],
+                        mask=mask_nd, other=0.0).to(tl.float32)
+        dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dgate_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        # Chunks from last to first: recompute the chunk's states from its checkpoint into the scratch, then
+        # walk the chunk backwards with the adjoint state.
         for ci in range(n_chunks):
             c = n_chunks - 1 - ci
             s0 = c * CHUNK_T
             s1 = tl.minimum(s0 + CHUNK_T, seqlen)
             tl.debug_barrier()  # the scratch is reused: earlier reads must be done
-            h = tl.load(ckpt_base + c * BLOCK_D * BLOCK_N + offs_dn)
-            tl.store(scratch_base + offs_dn, h)
+            h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
+            tl.store(scratch_base + offs_tile, h)
             for s in range(s0, s1):
                 t = s if r == 0 else seqlen - 1 - s
                 u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
@@ -251,13 +265,13 @@ def _scan_bwd_kernel(
                 if SOFTPLUS:
                     dt = _softplus(dt)
                 Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-                h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_dn, h)
+                h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h)
             tl.debug_barrier()
             for i in range(s1 - s0):
                 s = s1 - 1 - i
                 t = s if r == 0 else seqlen - 1 - s
-                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_dn)
+                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile)
                 u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
                 dt_raw = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
                 dt = dt_raw
@@ -266,8 +280,8 @@ def _scan_bwd_kernel(
                 Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
                 Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
                 dout = tl.load(do_base + t * sdo_t, mask=mask_d, other=0.0).to(tl.float32)
-                a = tl.exp2(dt[:, None] * A2)
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                a = tl.exp2(dt[None, :] * A2)
+                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
                 if HAS_Z:
                     z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
                     sig = tl.sigmoid(z)
@@ -276,28 +290,29 @@ def _scan_bwd_kernel(
                     dyz = dout * g_scale
                     dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
                     if r > 0:
-                        dz += tl.load(dz_base + t, mask=mask_d, other=0.0)
-                    tl.store(dz_base + t, dz, mask=mask_d)
+                        dz += tl.load(dz_base + t * sdz_t, mask=mask_d, other=0.0)
+                    tl.store(dz_base + t * sdz_t, dz, mask=mask_d)
                     dy = dyz * silu
                 else:
                     dgate_acc += dout * y
                     dy = dout * g_scale
-                g += dy[:, None] * Ct[None, :]
-                dBu = tl.sum(g * Bt[None, :], axis=1)  # d (dt * u)
-                ddt = dBu * u + tl.sum(g * A * a * h_prev, axis=1)
-                dA_acc += g * a * h_prev * dt[:, None]
-                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
-                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
+                g += dy[None, :] * Ct[:, None]
+                dBu = tl.sum(g * Bt[:, None], axis=0)  # d (dt * u)
+                gah = g * a * h_prev
+                ddt = dBu * u + tl.sum(gah * A, axis=0)
+                dA_acc += gah * dt[None, :]
+                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
+                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
                 dD_acc += dy * u
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dt_raw)
                 dbias_acc += ddt
-                tl.store(du_ptr + dud_base + t, dBu * dt + Dv * dy, mask=mask_d)
-                tl.store(ddt_ptr + dud_base + t, ddt, mask=mask_d)
+                tl.store(du_ptr + dud_base + t * sdu_t, dBu * dt + Dv * dy, mask=mask_d)
+                tl.store(ddt_ptr + dud_base + t * sdu_t, ddt, mask=mask_d)
                 g = g * a
                 h = h_prev
-        tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc,
-                 mask=mask_dn)
+        tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
+                 mask=mask_nd)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
         tl.store(dbias_ptr + (r * batch + pid_b) * dim + offs_d, dbias_acc, mask=mask_d)
         if HAS_GATE:
@@ -321,15 +336,16 @@ def _strides4(t: Tensor):
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
-                 scale: float, out: Tensor, want_last: bool = False, block_d: Optional[int] = None,
-                 num_warps: Optional[int] = None, unroll: Optional[int] = None,
+                 scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
+                 block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
                  lanes_on_channels: Optional[bool] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
     z: (b, d, L) or None, shared by the directions; gate: (b, R) or None; out: (b, d, L) view, written
-    (sum over directions of gate * scale * y). Direction 1 runs in reverse time. Returns last states
-    (R, b, d, N) fp32 when want_last.
+    (sum over directions of gate * scale * y). Direction 1 runs in reverse time. Returns (last, ckpt):
+    the last states (R, b, d, N) fp32 if want_last, and if want_ckpt the states entering every
+    CKPT_CHUNK-th step (R, b, n_chunks, N, d) fp32 that scan_backward starts from (else None).
     """
     R, batch, dim, seqlen = u.shape
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
@@ -341,7 +357,13 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     num_warps = num_warps or tuning["num_warps"]
     unroll = unroll or tuning["unroll"]
     lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
-    last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=torch.float32) if want_last else None
+    ckpt_t = CKPT_CHUNK if want_ckpt else 0
+    if ckpt_t and ckpt_t % unroll:
+        raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
+    f32 = torch.float32
+    last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=f32) if want_last else None
+    ckpt = torch.empty((R, batch, triton.cdiv(seqlen, CKPT_CHUNK), d_state, dim), device=u.device, dtype=f32) \
+        if want_ckpt else None
     A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A  # (R, N, d) or (R, d, N): see the kernel
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
@@ -350,46 +372,53 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     _scan_fwd_kernel[grid](
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
-        last if last is not None else dummy,
+        last if last is not None else dummy, ckpt if ckpt is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1],
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(out), *gs,
         float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
-        LANES_ON_CHANNELS=lanes_on_channels, num_warps=num_warps,
+        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, num_warps=num_warps,
     )
-    return last
+    return last, ckpt
 
 
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
-                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, block_d: Optional[int] = None,
-                  num_warps: Optional[int] = None, chunk: Optional[int] = None):
-    """Gradients of `scan_forward` (same layouts). Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
+                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None):
+    """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
+    them the forward runs again to make them. Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dz (b, d, L) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
+    if ckpt is None:
+        _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
+                               want_ckpt=True)
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
-    A = A.contiguous()
+    A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    block_d = _block_d(dim, groups, block_d or BWD_TUNING["block_d"])
-    num_warps = num_warps or BWD_TUNING["num_warps"]
-    chunk = chunk or BWD_TUNING["chunk"]
+    tuning = BWD_TUNING["cf" if u.stride(-1) == 1 else "cl"]
+    block_d = _block_d(dim, groups, block_d or tuning["block_d"])
+    num_warps = num_warps or tuning["num_warps"]
+    chunk = CKPT_CHUNK
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
-    n_chunks = triton.cdiv(seqlen, chunk)
     dev, f32 = u.device, torch.float32
-    du = torch.empty((R, batch, dim, seqlen), device=dev, dtype=f32)
+    if u.stride(-1) == 1:  # time-contiguous inputs
+        du = torch.empty((R, batch, dim, seqlen), device=dev, dtype=f32)
+        dz = torch.empty((batch, dim, seqlen), device=dev, dtype=f32) if z is not None else None
+    else:  # channel-contiguous (the Vim mixer's layout)
+        du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=f32).transpose(2, 3)
+        dz = torch.empty((batch, seqlen, dim), device=dev, dtype=f32).transpose(1, 2) if z is not None else None
     ddelta = torch.empty_like(du)
-    dz = torch.empty((batch, dim, seqlen), device=dev, dtype=f32) if z is not None else None
     dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
     dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
     dbias_part = torch.empty_like(dD_part)
     dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
-    ckpt = torch.empty((batch * n_dblocks * n_chunks * block_d * block_n,), device=dev, dtype=f32)
     scratch = torch.empty((batch * n_dblocks * (chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
     if dlast is not None:
         dlast = dlast.contiguous()
@@ -404,7 +433,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         ckpt, scratch,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
-        float(scale),
+        *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, num_warps=num_warps,
@@ -440,8 +469,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     from mamba_ssm.ops.scan_op import scan_fwd
 
     batch, _, seqlen = u.shape
-    out, last = scan_fwd(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
-                         _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
-                         delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus, 1.0,
-                         return_last_state, False)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    out, last, _ = scan_fwd(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
+                            _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
+                            delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus,
+                            1.0, return_last_state, u.stride(-1) != 1, needs_grad)
     return (out, last[0]) if return_last_state else out
