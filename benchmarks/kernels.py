@@ -16,12 +16,28 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-import triton
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
 BATCH, SEQLEN, D_STATE, WIDTH = 128, 197, 16, 4
 DIMS = (384, 768, 1536)
+S_DIM, HIDDEN = 768, 384  # Vim-S: d_inner, and the width of the residual stream (norm)
+DEVICE = "cuda"
+
+
+def dry_run_setup():
+    """--dry-run: every code path on CPU through the Triton interpreter at tiny shapes, one call per
+    timing (timings meaningless): catches a broken benchmark before it costs GPU time; run by the tests."""
+    global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, bench
+    BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE = 2, 19, (32,), 32, 16, "cpu"
+
+    def bench(fn, warmup=0, rep=0):  # noqa: F811
+        fn()
+        return 1.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -34,19 +50,20 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def scan_inputs(dim, dtype, batch=BATCH, seqlen=SEQLEN, channels_last=False, requires_grad=False):
+def scan_inputs(dim, dtype, channels_last=False, requires_grad=False):
+    batch, seqlen = BATCH, SEQLEN
     def act(*shape):  # (b, d, L), optionally with channels-last memory
         if channels_last:
-            return torch.randn(shape[0], shape[2], shape[1], device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(*shape, device="cuda", dtype=dtype)
+            return torch.randn(shape[0], shape[2], shape[1], device=DEVICE, dtype=dtype).transpose(1, 2)
+        return torch.randn(*shape, device=DEVICE, dtype=dtype)
     u = act(batch, dim, seqlen)
     delta = act(batch, dim, seqlen) * 0.5 - 1.0
     z = act(batch, dim, seqlen)
-    A = -torch.exp(torch.rand(dim, D_STATE, device="cuda") * 2)
-    B = torch.randn(batch, D_STATE, seqlen, device="cuda", dtype=dtype)
-    C = torch.randn(batch, D_STATE, seqlen, device="cuda", dtype=dtype)
-    D = torch.randn(dim, device="cuda")
-    bias = torch.rand(dim, device="cuda") - 4.0
+    A = -torch.exp(torch.rand(dim, D_STATE, device=DEVICE) * 2)
+    B = torch.randn(batch, D_STATE, seqlen, device=DEVICE, dtype=dtype)
+    C = torch.randn(batch, D_STATE, seqlen, device=DEVICE, dtype=dtype)
+    D = torch.randn(dim, device=DEVICE)
+    bias = torch.rand(dim, device=DEVICE) - 4.0
     ins = [u, delta, A, B, C, D, z, bias]
     if requires_grad:
         ins = [t.detach().requires_grad_() for t in ins]
@@ -104,16 +121,17 @@ def run_upstream(results):
         conv_and_norm(results, dtype, dname, "upstream", up_conv, up_norm)
 
 
-def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn, dim=768, hidden=384):
-    x = torch.randn(BATCH, dim, SEQLEN, device="cuda", dtype=dtype)
-    w = torch.randn(dim, WIDTH, device="cuda", dtype=dtype)
-    b = torch.randn(dim, device="cuda", dtype=dtype)
+def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn):
+    dim, hidden = S_DIM, HIDDEN
+    x = torch.randn(BATCH, dim, SEQLEN, device=DEVICE, dtype=dtype)
+    w = torch.randn(dim, WIDTH, device=DEVICE, dtype=dtype)
+    b = torch.randn(dim, device=DEVICE, dtype=dtype)
     results[f"conv_fwd/{dim}/{dname}/{tag}"] = bench(lambda: conv_fn(x, w, b, activation="silu"))
     ins = [t.detach().requires_grad_() for t in (x, w, b)]
     results[f"conv_fwdbwd/{dim}/{dname}/{tag}"] = bench(fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
-    h = torch.randn(BATCH * SEQLEN, hidden, device="cuda", dtype=dtype)
-    res = torch.randn(BATCH * SEQLEN, hidden, device="cuda", dtype=torch.float32)
-    nw = torch.randn(hidden, device="cuda")
+    h = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=dtype)
+    res = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=torch.float32)
+    nw = torch.randn(hidden, device=DEVICE)
     norm = lambda a, r, ww: norm_fn(a, ww, None, residual=r, prenorm=True, residual_in_fp32=True,  # noqa: E731
                                     eps=1e-5)
     results[f"norm_fwd/{hidden}/{dname}/{tag}"] = bench(lambda: norm(h, res, nw))
@@ -143,7 +161,7 @@ def check_ours(checks, lean=False):
         if lean and dname != "fp32":
             break
         for layout in ("cf", "cl"):
-            ins = scan_inputs(768, dtype, channels_last=layout == "cl", requires_grad=True)
+            ins = scan_inputs(S_DIM, dtype, channels_last=layout == "cl", requires_grad=True)
             out = selective_scan_triton(*ins, delta_softplus=True)
             ref = selective_scan_ref(*ins, delta_softplus=True)
             g = torch.randn_like(out)
@@ -153,20 +171,20 @@ def check_ours(checks, lean=False):
                 n: rel(a, r) for n, a, r in zip("u delta A B C D z bias".split(), ga, gr)}}
             ins = out = ref = ga = gr = None
             torch.cuda.empty_cache()
-        dim, batch = 768, 16
+        dim, batch = S_DIM, 16
         mk = lambda: ScanWeights(  # noqa: E731
-            torch.randn(dim, 1, WIDTH, device="cuda") * 0.3, torch.randn(dim, device="cuda") * 0.1,
-            torch.randn(24 + 2 * D_STATE, dim, device="cuda") * 0.05, torch.randn(dim, 24, device="cuda") * 0.2,
-            torch.rand(dim, device="cuda") - 4.0, -torch.exp(torch.rand(dim, D_STATE, device="cuda") * 2),
-            torch.randn(dim, device="cuda"))
+            torch.randn(dim, 1, WIDTH, device=DEVICE) * 0.3, torch.randn(dim, device=DEVICE) * 0.1,
+            torch.randn(24 + 2 * D_STATE, dim, device=DEVICE) * 0.05, torch.randn(dim, 24, device=DEVICE) * 0.2,
+            torch.rand(dim, device=DEVICE) - 4.0, -torch.exp(torch.rand(dim, D_STATE, device=DEVICE) * 2),
+            torch.randn(dim, device=DEVICE))
         fw, bw = mk(), mk()
         if dtype != torch.float32:
             fw = ScanWeights(*[t.to(dtype) if i < 4 else t for i, t in enumerate(fw)])
             bw = ScanWeights(*[t.to(dtype) if i < 4 else t for i, t in enumerate(bw)])
-        xz = torch.randn(batch, SEQLEN, 2 * dim, device="cuda", dtype=dtype).transpose(1, 2)
-        gate = torch.rand(batch, 2, device="cuda")
+        xz = torch.randn(batch, SEQLEN, 2 * dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+        gate = torch.rand(batch, 2, device=DEVICE)
         gate[: batch // 2, 1] = 0
-        mask = (torch.rand(batch, SEQLEN, device="cuda") > 0.3).to(dtype)
+        mask = (torch.rand(batch, SEQLEN, device=DEVICE) > 0.3).to(dtype)
         leaves = [t.detach().requires_grad_() for t in (xz, gate, *fw, *bw)]
         xz_, gate_ = leaves[0], leaves[1]
         fw_, bw_ = ScanWeights(*leaves[2:9]), ScanWeights(*leaves[9:16])
@@ -180,17 +198,17 @@ def check_ours(checks, lean=False):
             out = bimamba_v2_inner_triton(xz, fw, bw, gate, mask, True)
             ref = bimamba_v2_inner_ref(xz, fw, bw, gate, mask, True)
         checks[f"bimamba_infer/768/b16/{dname}"] = {"out": rel(out, ref)}
-        x = torch.randn(BATCH, 768, SEQLEN, device="cuda", dtype=dtype)
-        w = torch.randn(768, WIDTH, device="cuda", dtype=dtype)
-        b = torch.randn(768, device="cuda", dtype=dtype)
+        x = torch.randn(BATCH, S_DIM, SEQLEN, device=DEVICE, dtype=dtype)
+        w = torch.randn(S_DIM, WIDTH, device=DEVICE, dtype=dtype)
+        b = torch.randn(S_DIM, device=DEVICE, dtype=dtype)
         ins = [t.requires_grad_() for t in (x, w, b)]
         out, ref = causal_conv1d_triton(*ins, activation="silu"), causal_conv1d_ref(*ins, activation="silu")
         g = torch.randn_like(out)
         checks[f"conv/768/{dname}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in zip(
             "x w b".split(), torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g))}}
-        h = torch.randn(BATCH * SEQLEN, 384, device="cuda", dtype=dtype)
-        res = torch.randn(BATCH * SEQLEN, 384, device="cuda")
-        nw = torch.randn(384, device="cuda")
+        h = torch.randn(BATCH * SEQLEN, HIDDEN, device=DEVICE, dtype=dtype)
+        res = torch.randn(BATCH * SEQLEN, HIDDEN, device=DEVICE)
+        nw = torch.randn(HIDDEN, device=DEVICE)
         ins = [t.requires_grad_() for t in (h, res, nw)]
         o1, r1 = layer_norm_triton(ins[0], ins[2], None, ins[1], 1e-5, True, True, True)
         o2, r2 = layer_norm_ref(ins[0], ins[2], None, ins[1], 1e-5, True, True, True)
@@ -208,7 +226,7 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
     from mamba_ssm.ops.triton.layernorm import rms_norm_fn
     from mamba_ssm.ops.triton.selective_scan import scan_forward, selective_scan_triton
 
-    src = torch.randn(2 ** 28, device="cuda")
+    src = torch.randn(2 ** 28 if DEVICE == "cuda" else 2 ** 10, device=DEVICE)
     dst = torch.empty_like(src)
     results["copy_TBps"] = 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e6
     src = dst = None  # free 2 GB before the scans
@@ -218,35 +236,35 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
             results[f"scan_fwd/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*ins, delta_softplus=True))
             cl = scan_inputs(dim, dtype, channels_last=True)
             results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
-            if (dim == 768 or not lean) and not fwd_only:
+            if (dim == S_DIM or not lean) and not fwd_only:
                 for layout in ("cf", "cl"):
                     ins = scan_inputs(dim, dtype, channels_last=layout == "cl", requires_grad=True)
                     results[f"scan_fwdbwd{'_cl' if layout == 'cl' else ''}/{dim}/{dname}/ours"] = bench(
                         fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
-            if dim == 768 and dname == "fp32" and not quick:
+            if dim == S_DIM and dname == "fp32" and not quick:
                 ins = scan_inputs(dim, dtype)
                 results[f"scan_fwd/{dim}/{dname}/reference"] = bench(
                     lambda: selective_scan_ref(*ins, delta_softplus=True), warmup=5, rep=20)
-            if dim == 768:  # the DyVM op: two directions in one launch, channels-last, gates
+            if dim == S_DIM:  # the DyVM op: two directions in one launch, channels-last, gates
                 u, delta, A, B, C, D, z, bias = scan_inputs(dim, dtype, channels_last=True)
                 cl2 = lambda t: torch.stack([t.transpose(1, 2)] * 2).transpose(2, 3)  # noqa: E731  (b, L, d) memory
                 u2, d2 = cl2(u), cl2(delta)
                 B2, C2 = torch.stack([B, B])[:, :, None], torch.stack([C, C])[:, :, None]
                 A2, D2, bias2 = torch.stack([A, A]), torch.stack([D, D]), torch.stack([bias, bias])
-                out = torch.empty(BATCH, SEQLEN, dim, device="cuda", dtype=dtype).transpose(1, 2)
+                out = torch.empty(BATCH, SEQLEN, dim, device=DEVICE, dtype=dtype).transpose(1, 2)
                 for name, on in (("on", 1.0), ("half", 0.5), ("off", 0.0)):
-                    gate = (torch.rand(BATCH, 2, device="cuda") < on).float() if on not in (0.0, 1.0) \
-                        else torch.full((BATCH, 2), on, device="cuda")
+                    gate = (torch.rand(BATCH, 2, device=DEVICE) < on).float() if on not in (0.0, 1.0) \
+                        else torch.full((BATCH, 2), on, device=DEVICE)
                     results[f"biscan_fwd_gate_{name}/{dim}/{dname}/ours"] = bench(
                         lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out))
         if fwd_only:
             continue
         conv_and_norm(results, dtype, dname, "ours", causal_conv1d_fn, rms_norm_fn)
-        x = torch.randn(BATCH, 768, SEQLEN, device="cuda", dtype=dtype)
-        w = torch.randn(768, 1, WIDTH, device="cuda", dtype=dtype)
-        b = torch.randn(768, device="cuda", dtype=dtype)
-        results[f"conv_fwd/768/{dname}/torch"] = bench(
-            lambda: F.silu(F.conv1d(x, w, b, padding=WIDTH - 1, groups=768)[..., :SEQLEN]))
+        x = torch.randn(BATCH, S_DIM, SEQLEN, device=DEVICE, dtype=dtype)
+        w = torch.randn(S_DIM, 1, WIDTH, device=DEVICE, dtype=dtype)
+        b = torch.randn(S_DIM, device=DEVICE, dtype=dtype)
+        results[f"conv_fwd/{S_DIM}/{dname}/torch"] = bench(
+            lambda: F.silu(F.conv1d(x, w, b, padding=WIDTH - 1, groups=S_DIM)[..., :SEQLEN]))
 
 
 class Results(dict):
@@ -260,6 +278,8 @@ class Results(dict):
 FWD_SWEEP = ((32, 1, 2, True), (32, 1, 4, True), (16, 1, 4, True), (8, 1, 4, True), (64, 2, 2, True),
              (32, 2, 8, False), (32, 1, 8, False), (64, 2, 4, False))
 BWD_SWEEP = ((8, 1), (16, 1), (32, 1), (16, 2), (32, 2), (64, 2))
+CONV_SWEEP = ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4), (32, 128, 4), (16, 128, 4),
+              (8, 256, 4), (64, 128, 8))
 
 
 def sweep(results, lean=False):
@@ -271,7 +291,7 @@ def sweep(results, lean=False):
 
     timings = {}
     for layout in ("cf", "cl"):
-        u, delta, A, B, C, D, z, bias = scan_inputs(768, torch.float32, channels_last=layout == "cl")
+        u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")
         out = torch.empty_like(u)
         args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
                 None, 1.0)
@@ -288,6 +308,18 @@ def sweep(results, lean=False):
             t = bench(lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1]))
             results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}"] = t
             timings[("bwd", layout, cfg)] = t
+    from causal_conv1d import triton_causal_conv1d as tc
+    for layout in ("cf", "cl"):  # the conv forward (+SiLU), Vim-S d_inner, fp32
+        x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
+        w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
+        out = torch.empty_like(x)[None]
+        for cfg in CONV_SWEEP:
+            t = bench(lambda: tc.conv_forward(x, w, b, None, True, out, block_t=cfg[0], block_d=cfg[1],
+                                              num_warps=cfg[2]))
+            results[f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
+            timings[("conv", layout, cfg)] = t
+        best = min((v, k[2]) for k, v in timings.items() if k[:2] == ("conv", layout))[1]
+        tc.CONV_TUNING[layout] = {"block_t": best[0], "block_d": best[1], "num_warps": best[2]}
     for layout in ("cf", "cl"):
         best = min((v, k[2]) for k, v in timings.items() if k[:2] == ("fwd", layout))[1]
         ss.FWD_TUNING[layout] = {"block_d": best[0], "num_warps": best[1], "unroll": best[2],
@@ -295,8 +327,9 @@ def sweep(results, lean=False):
         if not lean:
             best_b = min((v, k[2]) for k, v in timings.items() if k[:2] == ("bwd", layout))[1]
             ss.BWD_TUNING[layout] = {"block_d": best_b[0], "num_warps": best_b[1]}
-    print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, flush=True)
-    return {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()}, "bwd": {k: dict(v) for k, v in ss.BWD_TUNING.items()}}
+    print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, tc.CONV_TUNING, flush=True)
+    return {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()}, "bwd": {k: dict(v) for k, v in ss.BWD_TUNING.items()},
+            "conv": {k: dict(v) for k, v in tc.CONV_TUNING.items()}}
 
 
 def table(results):
@@ -333,12 +366,25 @@ def main():
     p.add_argument("--fwd-only", action="store_true", help="scan forward only: full-size checks and timings")
     p.add_argument("--sweep-only", action="store_true", help="sweep, check the scan forward at full size, stop")
     p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, Triton interpreter, tiny shapes, meaningless timings: tests the script itself")
     args = p.parse_args()
+    if args.dry_run:
+        dry_run_setup()
+        from mamba_ssm.ops.dispatch import triton_on_cpu
+
+        with triton_on_cpu():
+            return run(args)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --dry-run)")
+    run(args)
+
+
+def run(args):
     torch.manual_seed(0)
     results, checks = Results(), {}
-    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     if args.upstream_only:
         run_upstream(results)
@@ -350,7 +396,7 @@ def main():
             from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
             for dname, dtype in DTYPES.items():
                 for layout in (False, True):
-                    ins = scan_inputs(768, dtype, channels_last=layout)
+                    ins = scan_inputs(S_DIM, dtype, channels_last=layout)
                     out, last = selective_scan_triton(*ins, delta_softplus=True, return_last_state=True)
                     ref, lref = selective_scan_ref(*ins, delta_softplus=True, return_last_state=True)
                     checks[f"scan_fwd/768/{dname}/{'cl' if layout else 'cf'}"] = [rel(out, ref), rel(last, lref)]
@@ -362,6 +408,8 @@ def main():
             try:
                 check_ours(checks, args.lean)
             except Exception as e:  # keep timing; the failure is recorded and printed
+                if args.dry_run:
+                    raise
                 import traceback
                 traceback.print_exc()
                 checks["error"] = repr(e)

@@ -151,10 +151,19 @@ def _conv_bwd_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
 
-def _tiles(dim: int, seqlen: int):
-    block_d = min(64, triton.next_power_of_2(dim))
-    block_t = min(32, triton.next_power_of_2(seqlen))
-    return block_t, block_d
+# Tile (time x channels) and warps per program, per input layout: "cf" time-contiguous (b, d, L),
+# "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
+CONV_TUNING = {"cf": {"block_t": 32, "block_d": 64, "num_warps": 4},
+               "cl": {"block_t": 32, "block_d": 64, "num_warps": 4}}
+
+
+def _tiles(x: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,
+           num_warps: Optional[int] = None):
+    _, dim, seqlen = x.shape
+    tuning = CONV_TUNING["cf" if x.stride(-1) == 1 else "cl"]
+    block_d = min(block_d or tuning["block_d"], triton.next_power_of_2(dim))
+    block_t = min(block_t or tuning["block_t"], triton.next_power_of_2(seqlen))
+    return block_t, block_d, num_warps or tuning["num_warps"]
 
 
 def _strides(t: Optional[Tensor], n: int):
@@ -162,19 +171,21 @@ def _strides(t: Optional[Tensor], n: int):
 
 
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-                 out: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+                 out: Tensor, gate: Optional[Tensor] = None, block_t: Optional[int] = None,
+                 block_d: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
     """x: (b, d, L) view; weight: (R, d, K) contiguous; bias: (R, d) or None; mask: (b, L) or None;
-    out: (R, b, d, L) view, written. gate (b, R): skip the (sample, direction) pairs whose gate is 0."""
+    out: (R, b, d, L) view, written. gate (b, R): skip the (sample, direction) pairs whose gate is 0.
+    block_t, block_d, num_warps override CONV_TUNING (the benchmark's sweep)."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
-    block_t, block_d = _tiles(dim, seqlen)
+    block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps)
     grid = (batch, triton.cdiv(seqlen, block_t), triton.cdiv(dim, block_d))
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, mask if mask is not None else x,
         gate if gate is not None else x, out, dim, seqlen,
         *_strides(x, 3), *_strides(mask, 2), *_strides(gate, 2), *_strides(out, 4),
         N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
-        SKIP_OFF=gate is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        SKIP_OFF=gate is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
 
@@ -185,7 +196,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     dbias (R, d) fp32 or None. dout: (R, b, d, L) view."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
-    block_t, block_d = _tiles(dim, seqlen)
+    block_t, block_d, num_warps = _tiles(x)
     n_t = triton.cdiv(seqlen, block_t)
     grid = (batch, n_t, triton.cdiv(dim, block_d))
     dev, f32 = x.device, torch.float32
@@ -197,14 +208,14 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
         dbias_part if dbias_part is not None else dpre, dim, seqlen, n_t,
         *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4),
         N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
     dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
         else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
     _conv_bwd_dx_kernel[grid](
         dpre, weight, mask if mask is not None else x, dx, dim, seqlen,
         *_strides(mask, 2), *_strides(dx, 3),
-        N_DIRS=R, WIDTH=width, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        N_DIRS=R, WIDTH=width, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
     return dx, dw_part.sum((1, 2)), dbias_part.sum((1, 2)) if dbias_part is not None else None
 
