@@ -55,6 +55,27 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chan
 
 
 @torch.no_grad()
+def profile_top(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device,
+                dtype: Optional[torch.dtype] = None, top: int = 15) -> str:
+    """torch.profiler table of one warm batch: the `top` ops by their own device time (CPU time on CPU),
+    to see where a model's time goes (e.g. why fewer FLOPs did not give the expected speed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    model.eval()
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(x)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            model(x)
+            _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+@torch.no_grad()
 def calibrate_gates(model: nn.Module, keep: float, batch_size: int, img_size: int, in_chans: int, device,
                     seed: int = 0) -> float:
     """Give an untrained DyVM's gate heads random weights and biases such that about `keep` of the (image,
@@ -110,7 +131,7 @@ def environment() -> dict:
 
 
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
-        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int) -> list:
+        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0) -> list:
     import timm
 
     import dyvm  # noqa: F401  (registers the model names)
@@ -133,6 +154,8 @@ def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str]
                 rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
                 print(f"{timm_name:16s} {dt:5s} batch {bs:4d}: {r['images_per_s']:9.1f} images/s"
                       + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
+                if profile:
+                    print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
         del model
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
@@ -165,12 +188,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", default="", help="write environment, rows and speed-ups here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each timing, print the N ops that take the most device time (torch.profiler)")
     args = p.parse_args(argv)
     env = environment()
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     try:
         rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.gate_keep,
-                   args.token_keep_ratio, args.warmup, args.iters)
+                   args.token_keep_ratio, args.warmup, args.iters, args.profile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

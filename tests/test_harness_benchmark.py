@@ -48,3 +48,10 @@ def test_cli_table_and_json(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert {r["model"] for r in res["rows"]} == {"vim_tiny", "dyvm_vim_tiny"}
     assert res["speedups"][0]["model"] == "dyvm_vim_tiny" and res["speedups"][0]["speedup_vs_dense"] > 0
+
+
+def test_profile_names_where_the_time_goes():
+    from dyvm.benchmark import profile_top
+
+    table = profile_top(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", top=5)
+    assert "Self CPU" in table and "aten::" in table
