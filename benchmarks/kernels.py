@@ -277,38 +277,42 @@ class Results(dict):
 
 FWD_SWEEP = ((32, 1, 2, True), (32, 1, 4, True), (16, 1, 4, True), (8, 1, 4, True), (64, 2, 2, True),
              (32, 2, 8, False), (32, 1, 8, False), (64, 2, 4, False))
-BWD_SWEEP = ((8, 1), (16, 1), (32, 1), (16, 2), (32, 2), (64, 2))
+BWD_SWEEP = ((16, 1), (32, 1), (64, 2), (128, 4))
 CONV_SWEEP = ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4), (32, 128, 4), (16, 128, 4),
               (8, 256, 4), (64, 128, 8))
 
 
 def sweep(results, lean=False):
-    """Launch parameters of the scan kernels at Vim-S (d_inner 768, fp32), per input layout; sets the
-    fastest as the defaults used by everything timed afterwards. Forward configurations are (block_d,
-    num_warps, unroll, lanes_on_channels); backward ones (block_d, num_warps), timed from the forward's
-    checkpoints (the backward kernel alone)."""
+    """Launch parameters of the kernels at Vim-S (d_inner 768), per input layout and dtype; sets the fastest
+    as the defaults used by everything timed afterwards (and returns them: --save-tuning writes them for
+    MAMBA_TRITON_TUNING). Forward configurations are (block_d, num_warps, unroll, lanes_on_channels);
+    backward ones (block_d, num_warps), timed from the forward's checkpoints (the backward kernel alone,
+    channel-contiguous inputs: time-contiguous ones are copied to that layout first); conv ones (block_t,
+    block_d, num_warps), fp32."""
+    from causal_conv1d import triton_causal_conv1d as tc
     from mamba_ssm.ops.triton import selective_scan as ss
 
     timings = {}
-    for layout in ("cf", "cl"):
-        u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")
-        out = torch.empty_like(u)
-        args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None], True,
-                None, 1.0)
-        for cfg in FWD_SWEEP:
-            t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
-                                              lanes_on_channels=cfg[3]))
-            results[f"sweep_fwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"] = t
-            timings[("fwd", layout, cfg)] = t
-        if lean:
-            continue
-        dout = torch.randn_like(u)
-        _, ckpt = ss.scan_forward(*args, out, want_ckpt=True)
-        for cfg in BWD_SWEEP:
-            t = bench(lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1]))
-            results[f"sweep_bwd/{layout}/fp32/bd{cfg[0]}_w{cfg[1]}"] = t
-            timings[("bwd", layout, cfg)] = t
-    from causal_conv1d import triton_causal_conv1d as tc
+    for dname, dtype in DTYPES.items():
+        for layout in ("cf", "cl"):
+            u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, dtype, channels_last=layout == "cl")
+            key = ss._tuning_key(u)
+            out = torch.empty_like(u)
+            args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None],
+                    True, None, 1.0)
+            for cfg in FWD_SWEEP:
+                t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
+                                                  lanes_on_channels=cfg[3]))
+                results[f"sweep_fwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"] = t
+                timings[("fwd", key, cfg)] = t
+            if lean or layout == "cf":
+                continue
+            dout = torch.randn_like(u)
+            _, ckpt = ss.scan_forward(*args, out, want_ckpt=True)
+            for cfg in BWD_SWEEP:
+                t = bench(lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1]))
+                results[f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}"] = t
+                timings[("bwd", key, cfg)] = t
     for layout in ("cf", "cl"):  # the conv forward (+SiLU), Vim-S d_inner, fp32
         x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
         w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
@@ -318,18 +322,25 @@ def sweep(results, lean=False):
                                               num_warps=cfg[2]))
             results[f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
             timings[("conv", layout, cfg)] = t
-        best = min((v, k[2]) for k, v in timings.items() if k[:2] == ("conv", layout))[1]
-        tc.CONV_TUNING[layout] = {"block_t": best[0], "block_d": best[1], "num_warps": best[2]}
-    for layout in ("cf", "cl"):
-        best = min((v, k[2]) for k, v in timings.items() if k[:2] == ("fwd", layout))[1]
-        ss.FWD_TUNING[layout] = {"block_d": best[0], "num_warps": best[1], "unroll": best[2],
-                                 "lanes_on_channels": best[3]}
-        if not lean:
-            best_b = min((v, k[2]) for k, v in timings.items() if k[:2] == ("bwd", layout))[1]
-            ss.BWD_TUNING[layout] = {"block_d": best_b[0], "num_warps": best_b[1]}
-    print("tuning used below:", ss.FWD_TUNING, ss.BWD_TUNING, tc.CONV_TUNING, flush=True)
-    return {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()}, "bwd": {k: dict(v) for k, v in ss.BWD_TUNING.items()},
-            "conv": {k: dict(v) for k, v in tc.CONV_TUNING.items()}}
+
+    def best(kind, key):
+        return min((v, k[2]) for k, v in timings.items() if k[:2] == (kind, key))[1]
+
+    for key in ss.FWD_TUNING:
+        c = best("fwd", key)
+        ss.FWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "unroll": c[2], "lanes_on_channels": c[3]}
+    if not lean:
+        for key in ss.BWD_TUNING:
+            c = best("bwd", key)
+            ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1]}
+    for layout in tc.CONV_TUNING:
+        c = best("conv", layout)
+        tc.CONV_TUNING[layout] = {"block_t": c[0], "block_d": c[1], "num_warps": c[2]}
+    tuning = {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()},
+              "bwd": {k: dict(v) for k, v in ss.BWD_TUNING.items()},
+              "conv": {k: dict(v) for k, v in tc.CONV_TUNING.items()}}
+    print("tuning used below:", json.dumps(tuning), flush=True)
+    return tuning
 
 
 def table(results):
@@ -366,6 +377,8 @@ def main():
     p.add_argument("--fwd-only", action="store_true", help="scan forward only: full-size checks and timings")
     p.add_argument("--sweep-only", action="store_true", help="sweep, check the scan forward at full size, stop")
     p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
+    p.add_argument("--save-tuning", default="", metavar="JSON",
+                   help="with --sweep: write the chosen launch parameters here (use with MAMBA_TRITON_TUNING)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, Triton interpreter, tiny shapes, meaningless timings: tests the script itself")
     args = p.parse_args()
@@ -390,7 +403,9 @@ def run(args):
         run_upstream(results)
     elif not args.table_only:
         if args.sweep or args.sweep_only:  # first, so that the checks below run the kernels as timed
-            meta["tuning"] = sweep(results, args.lean or args.sweep_only)
+            meta["tuning"] = sweep(results, args.lean)
+            if args.save_tuning:
+                json.dump(meta["tuning"], open(args.save_tuning, "w"), indent=1)
         if args.sweep_only or args.fwd_only:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
             from mamba_ssm.ops.triton.selective_scan import selective_scan_triton

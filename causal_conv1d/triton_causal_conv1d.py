@@ -9,6 +9,8 @@ sequence, written back in original time order, i.e. an anti-causal conv: no flip
 m multiplies the input before the conv and the output after it. A (sample, direction) whose gate is
 off (SKIP_OFF, inference only) is not computed.
 """
+import json
+import os
 from typing import Optional
 
 import torch
@@ -153,8 +155,26 @@ def _conv_bwd_dx_kernel(
 
 # Tile (time x channels) and warps per program, per input layout: "cf" time-contiguous (b, d, L),
 # "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
-CONV_TUNING = {"cf": {"block_t": 32, "block_d": 64, "num_warps": 4},
+# MAMBA_TRITON_TUNING=file.json (benchmarks/kernels.py --sweep --save-tuning) overrides them ("conv" entry).
+CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
                "cl": {"block_t": 32, "block_d": 64, "num_warps": 4}}
+
+
+def _load_tuning_file():
+    path = os.environ.get("MAMBA_TRITON_TUNING")
+    if not path:
+        return
+    try:
+        saved = json.load(open(path)).get("conv", {})
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
+    for key, cfg in saved.items():
+        if key not in CONV_TUNING or set(cfg) != set(CONV_TUNING[key]):
+            raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected conv entry {key}: {cfg}")
+        CONV_TUNING[key] = dict(cfg)
+
+
+_load_tuning_file()
 
 
 def _tiles(x: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,

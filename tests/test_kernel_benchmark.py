@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernel_benchmark_dry_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'mamba-1p1p1'}{os.pathsep}{ROOT}")
     out = tmp_path / "bench.json"
+    tuning_file = tmp_path / "tuning.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--dry-run", "--sweep",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--save-tuning", str(tuning_file), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads(out.read_text())
     tuning = saved["meta"]["tuning"]
-    assert set(tuning) == {"fwd", "bwd", "conv"} and set(tuning["fwd"]) == {"cf", "cl"}
+    assert set(tuning) == {"fwd", "bwd", "conv"} and set(tuning["fwd"]) == {"cf/4", "cf/2", "cl/4", "cl/2"}
     # every check is a relative error against the reference, within the kernel tests' tolerances
     for name, errs in saved["checks"].items():
         errs = errs.values() if isinstance(errs, dict) else errs
@@ -28,3 +30,20 @@ def test_kernel_benchmark_dry_run(tmp_path):
                 "norm_fwdbwd"):
         assert any(k.startswith(key + "/") for k in saved["results"]), key
     assert "speed-up" in proc.stdout
+
+    # the saved launch parameters are what the kernels use under MAMBA_TRITON_TUNING
+    show = ("from mamba_ssm.ops.triton import selective_scan as s; from causal_conv1d import triton_causal_conv1d "
+            "as c; import json; print(json.dumps({'fwd': s.FWD_TUNING, 'bwd': s.BWD_TUNING, 'conv': c.CONV_TUNING}))")
+    env["MAMBA_TRITON_TUNING"] = str(tuning_file)
+    shown = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == json.loads(tuning_file.read_text()) == tuning
+
+
+def test_bad_tuning_file_is_named(tmp_path):
+    bad = tmp_path / "tuning.json"
+    bad.write_text(json.dumps({"fwd": {"cf/4": {"block_d": 32}}}))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'mamba-1p1p1'}{os.pathsep}{ROOT}", MAMBA_TRITON_TUNING=str(bad))
+    proc = subprocess.run([sys.executable, "-c", "import mamba_ssm.ops.triton.selective_scan"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "MAMBA_TRITON_TUNING" in proc.stderr and "cf/4" in proc.stderr

@@ -17,6 +17,8 @@ and reduced with torch, so results are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
+import json
+import os
 from typing import Optional
 
 import torch
@@ -27,12 +29,42 @@ from torch import Tensor
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
 # "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
-FWD_TUNING = {"cf": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
-              "cl": {"block_d": 32, "num_warps": 1, "unroll": 2, "lanes_on_channels": True}}
-BWD_TUNING = {"cf": {"block_d": 16, "num_warps": 1}, "cl": {"block_d": 16, "num_warps": 1}}
+# Keys: layout / element size ("cf/4": time-contiguous fp32, "cl/2": channel-contiguous bf16 or fp16).
+# MAMBA_TRITON_TUNING=file.json (written by benchmarks/kernels.py --sweep --save-tuning) overrides them.
+FWD_TUNING = {
+    "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
+    "cf/2": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
+    "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 8, "lanes_on_channels": False},
+    "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 8, "lanes_on_channels": False},
+}
+# The backward runs on channel-contiguous inputs only (time-contiguous ones are copied: its per-lane loads
+# would not coalesce; measured 2.9 ms against 1.6 ms at Vim-S, fp32, H200).
+BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1}, "cl/2": {"block_d": 32, "num_warps": 1}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
+
+
+def _load_tuning_file():
+    path = os.environ.get("MAMBA_TRITON_TUNING")
+    if not path:
+        return
+    try:
+        saved = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
+    for table, name in ((FWD_TUNING, "fwd"), (BWD_TUNING, "bwd")):
+        for key, cfg in saved.get(name, {}).items():
+            if key not in table or set(cfg) != set(table[key]):
+                raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected {name} entry {key}: {cfg}")
+            table[key] = dict(cfg)
+
+
+def _tuning_key(t: Tensor) -> str:
+    return f"{'cf' if t.stride(-1) == 1 else 'cl'}/{min(t.element_size(), 4)}"
+
+
+_load_tuning_file()
 
 
 @triton.jit
@@ -352,7 +384,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    tuning = FWD_TUNING["cf" if u.stride(-1) == 1 else "cl"]
+    tuning = FWD_TUNING[_tuning_key(u)]
     block_d = _block_d(dim, groups, block_d or tuning["block_d"])
     num_warps = num_warps or tuning["num_warps"]
     unroll = unroll or tuning["unroll"]
@@ -395,23 +427,24 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
                                want_ckpt=True)
+    if u.stride(-1) == 1:  # time-contiguous: channel-contiguous copies (the gradients come back in that layout)
+        u, delta = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (u, delta)]
+        z = z.transpose(-1, -2).contiguous().transpose(-1, -2) if z is not None else None
+    if dout.stride(-1) == 1:
+        dout = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
     A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    tuning = BWD_TUNING["cf" if u.stride(-1) == 1 else "cl"]
+    tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     block_d = _block_d(dim, groups, block_d or tuning["block_d"])
     num_warps = num_warps or tuning["num_warps"]
     chunk = CKPT_CHUNK
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
     dev, f32 = u.device, torch.float32
-    if u.stride(-1) == 1:  # time-contiguous inputs
-        du = torch.empty((R, batch, dim, seqlen), device=dev, dtype=f32)
-        dz = torch.empty((batch, dim, seqlen), device=dev, dtype=f32) if z is not None else None
-    else:  # channel-contiguous (the Vim mixer's layout)
-        du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=f32).transpose(2, 3)
-        dz = torch.empty((batch, seqlen, dim), device=dev, dtype=f32).transpose(1, 2) if z is not None else None
+    du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=f32).transpose(2, 3)  # channel-contiguous
+    dz = torch.empty((batch, seqlen, dim), device=dev, dtype=f32).transpose(1, 2) if z is not None else None
     ddelta = torch.empty_like(du)
     dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
     dC_part = torch.empty_like(dB_part)
