@@ -157,7 +157,7 @@ def _conv_bwd_dx_kernel(
 # "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
 # MAMBA_TRITON_TUNING=file.json (benchmarks/kernels.py --sweep --save-tuning) overrides them ("conv" entry).
 CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
-               "cl": {"block_t": 32, "block_d": 64, "num_warps": 4}}
+               "cl": {"block_t": 16, "block_d": 128, "num_warps": 4}}
 
 
 def _load_tuning_file():

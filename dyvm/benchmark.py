@@ -32,26 +32,55 @@ def _sync(device: torch.device):
 
 
 @torch.no_grad()
+def _graphed(model: nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]):
+    """model(x) captured once in a CUDA graph; returns the replay. Possible because nothing in the forward
+    waits on the host: token pruning keeps a fixed count (top-k and gathers) and a gated-off direction is
+    skipped inside the kernels, which read the gates on the device."""
+    autocast = lambda: torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None,  # noqa: E731
+                                      cache_enabled=False)  # the autocast cache cannot outlive a capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), autocast():
+        for _ in range(3):  # compile the kernels and settle the allocator outside the capture
+            model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast():
+        model(x)
+    return graph.replay
+
+
+@torch.no_grad()
 def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device,
-                       dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30) -> dict:
-    """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32)."""
+                       dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30,
+                       cuda_graph: bool = False) -> dict:
+    """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32). cuda_graph:
+    time the replay of a CUDA graph of the forward, which removes the Python and launch overhead (what a
+    deployment would do; eager small models are bound by that overhead, not by the GPU)."""
     device = torch.device(device)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda-graph needs a CUDA device")
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    if cuda_graph:
+        run, autocast = _graphed(model, x, dtype), torch.autocast(device.type, enabled=False)
+    else:
+        run = lambda: model(x)  # noqa: E731
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     times = []
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast:
         for i in range(warmup + iters):
             _sync(device)
             start = time.perf_counter()
-            model(x)
+            run()
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     model.train(was_training)
     median = statistics.median(times)
     return {"images_per_s": batch_size / median, "median_batch_s": median, "batch_size": batch_size,
-            "iters": iters, "warmup": warmup}
+            "iters": iters, "warmup": warmup, "cuda_graph": cuda_graph}
 
 
 @torch.no_grad()
@@ -131,7 +160,8 @@ def environment() -> dict:
 
 
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
-        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0) -> list:
+        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0,
+        cuda_graph: bool = False) -> list:
     import timm
 
     import dyvm  # noqa: F401  (registers the model names)
@@ -150,9 +180,10 @@ def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str]
             realised = calibrate_gates(model, gate_keep, min(64, max(batch_sizes)), img_size, 3, device)
         for dt in dtypes:
             for bs in batch_sizes:
-                r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters)
+                r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, cuda_graph)
                 rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
-                print(f"{timm_name:16s} {dt:5s} batch {bs:4d}: {r['images_per_s']:9.1f} images/s"
+                print(f"{timm_name:16s} {dt:5s} batch {bs:4d}{' (CUDA graph)' if cuda_graph else ''}: "
+                      f"{r['images_per_s']:9.1f} images/s"
                       + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
                 if profile:
                     print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
@@ -188,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", default="", help="write environment, rows and speed-ups here")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays of the forward (no Python or launch overhead)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
     args = p.parse_args(argv)
@@ -195,7 +228,7 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     try:
         rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.gate_keep,
-                   args.token_keep_ratio, args.warmup, args.iters, args.profile)
+                   args.token_keep_ratio, args.warmup, args.iters, args.profile, args.cuda_graph)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

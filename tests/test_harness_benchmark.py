@@ -55,3 +55,8 @@ def test_profile_names_where_the_time_goes():
 
     table = profile_top(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", top=5)
     assert "Self CPU" in table and "aten::" in table
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", cuda_graph=True)
