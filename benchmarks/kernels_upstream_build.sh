@@ -12,7 +12,7 @@ CONV_SRC=$SRC/causal_conv1d-1.7.0 SCAN_SRC=$SRC/mamba_ssm-2.3.2.post1  # not CC:
 t0=$(date +%s)
 build() {  # $1 source folder, $2 extension name: unpack the carried parts, or build and bring back parts
   local log=/tmp/build_$(basename "$1").log parts
-  parts=$(ls .upstream/built/$2*.gz.part* 2>/dev/null | sort)
+  parts=$(ls .upstream/built/$2*.gz.part* 2>/dev/null | sort) || true  # none carried: build
   if [ -n "$parts" ]; then
     cat $parts | gunzip > "$1/$(basename "${parts%%$'\n'*}" | sed 's/\.gz\.part.*//')"
     echo "upstream: reusing the carried $2" >&2
