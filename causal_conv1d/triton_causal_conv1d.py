@@ -9,14 +9,14 @@ sequence, written back in original time order, i.e. an anti-causal conv: no flip
 m multiplies the input before the conv and the output after it. A (sample, direction) whose gate is
 off (SKIP_OFF, inference only) is not computed.
 """
-import json
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from causal_conv1d.tuning import apply_tuning_file
 
 
 @triton.jit
@@ -160,21 +160,7 @@ CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
                "cl": {"block_t": 16, "block_d": 128, "num_warps": 4}}
 
 
-def _load_tuning_file():
-    path = os.environ.get("MAMBA_TRITON_TUNING")
-    if not path:
-        return
-    try:
-        saved = json.load(open(path)).get("conv", {})
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
-    for key, cfg in saved.items():
-        if key not in CONV_TUNING or set(cfg) != set(CONV_TUNING[key]):
-            raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected conv entry {key}: {cfg}")
-        CONV_TUNING[key] = dict(cfg)
-
-
-_load_tuning_file()
+apply_tuning_file("conv", CONV_TUNING)
 
 
 def _tiles(x: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,

@@ -17,14 +17,14 @@ and reduced with torch, so results are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
-import json
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from causal_conv1d.tuning import apply_tuning_file
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -45,26 +45,12 @@ BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1}, "cl/2": {"block_d": 32, "
 CKPT_CHUNK = 16
 
 
-def _load_tuning_file():
-    path = os.environ.get("MAMBA_TRITON_TUNING")
-    if not path:
-        return
-    try:
-        saved = json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
-    for table, name in ((FWD_TUNING, "fwd"), (BWD_TUNING, "bwd")):
-        for key, cfg in saved.get(name, {}).items():
-            if key not in table or set(cfg) != set(table[key]):
-                raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected {name} entry {key}: {cfg}")
-            table[key] = dict(cfg)
-
-
 def _tuning_key(t: Tensor) -> str:
     return f"{'cf' if t.stride(-1) == 1 else 'cl'}/{min(t.element_size(), 4)}"
 
 
-_load_tuning_file()
+apply_tuning_file("fwd", FWD_TUNING)
+apply_tuning_file("bwd", BWD_TUNING)
 
 
 @triton.jit
