@@ -123,12 +123,15 @@ def run_upstream(results):
 
 def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn):
     dim, hidden = S_DIM, HIDDEN
-    x = torch.randn(BATCH, dim, SEQLEN, device=DEVICE, dtype=dtype)
     w = torch.randn(dim, WIDTH, device=DEVICE, dtype=dtype)
     b = torch.randn(dim, device=DEVICE, dtype=dtype)
-    results[f"conv_fwd/{dim}/{dname}/{tag}"] = bench(lambda: conv_fn(x, w, b, activation="silu"))
-    ins = [t.detach().requires_grad_() for t in (x, w, b)]
-    results[f"conv_fwdbwd/{dim}/{dname}/{tag}"] = bench(fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
+    for sfx in ("", "_cl"):  # time-contiguous x, and the channel-contiguous view the Vim mixer passes
+        x = torch.randn(BATCH, SEQLEN, dim, device=DEVICE, dtype=dtype).transpose(1, 2) if sfx else \
+            torch.randn(BATCH, dim, SEQLEN, device=DEVICE, dtype=dtype)
+        results[f"conv_fwd{sfx}/{dim}/{dname}/{tag}"] = bench(lambda: conv_fn(x, w, b, activation="silu"))
+        ins = [t.detach().requires_grad_() for t in (x, w, b)]
+        results[f"conv_fwdbwd{sfx}/{dim}/{dname}/{tag}"] = bench(
+            fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
     h = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=dtype)
     res = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=torch.float32)
     nw = torch.randn(hidden, device=DEVICE)
@@ -198,14 +201,16 @@ def check_ours(checks, lean=False):
             out = bimamba_v2_inner_triton(xz, fw, bw, gate, mask, True)
             ref = bimamba_v2_inner_ref(xz, fw, bw, gate, mask, True)
         checks[f"bimamba_infer/768/b16/{dname}"] = {"out": rel(out, ref)}
-        x = torch.randn(BATCH, S_DIM, SEQLEN, device=DEVICE, dtype=dtype)
-        w = torch.randn(S_DIM, WIDTH, device=DEVICE, dtype=dtype)
-        b = torch.randn(S_DIM, device=DEVICE, dtype=dtype)
-        ins = [t.requires_grad_() for t in (x, w, b)]
-        out, ref = causal_conv1d_triton(*ins, activation="silu"), causal_conv1d_ref(*ins, activation="silu")
-        g = torch.randn_like(out)
-        checks[f"conv/768/{dname}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in zip(
-            "x w b".split(), torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g))}}
+        for layout in ("cf", "cl"):
+            x = torch.randn(BATCH, SEQLEN, S_DIM, device=DEVICE, dtype=dtype).transpose(1, 2) if layout == "cl" \
+                else torch.randn(BATCH, S_DIM, SEQLEN, device=DEVICE, dtype=dtype)
+            w = torch.randn(S_DIM, WIDTH, device=DEVICE, dtype=dtype)
+            b = torch.randn(S_DIM, device=DEVICE, dtype=dtype)
+            ins = [t.requires_grad_() for t in (x, w, b)]
+            out, ref = causal_conv1d_triton(*ins, activation="silu"), causal_conv1d_ref(*ins, activation="silu")
+            g = torch.randn_like(out)
+            checks[f"conv/768/{dname}/{layout}"] = {"out": rel(out, ref), **{n: rel(a, r) for n, a, r in zip(
+                "x w b".split(), torch.autograd.grad(out, ins, g), torch.autograd.grad(ref, ins, g))}}
         h = torch.randn(BATCH * SEQLEN, HIDDEN, device=DEVICE, dtype=dtype)
         res = torch.randn(BATCH * SEQLEN, HIDDEN, device=DEVICE)
         nw = torch.randn(HIDDEN, device=DEVICE)
@@ -280,6 +285,8 @@ FWD_SWEEP = ((32, 1, 2, True), (32, 1, 4, True), (16, 1, 4, True), (8, 1, 4, Tru
 BWD_SWEEP = ((16, 1), (32, 1), (64, 2), (128, 4))
 CONV_SWEEP = ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4), (32, 128, 4), (16, 128, 4),
               (8, 256, 4), (64, 128, 8))
+CONV_BWD_SWEEP = ((256, 4, 2), (256, 8, 4), (256, 16, 4), (128, 16, 4), (64, 32, 4), (32, 32, 2), (16, 32, 1),
+                  (16, 64, 2), (16, 128, 4), (8, 128, 2), (32, 64, 4))
 
 
 def sweep(results, lean=False):
@@ -288,7 +295,7 @@ def sweep(results, lean=False):
     MAMBA_TRITON_TUNING). Forward configurations are (block_d, num_warps, unroll, lanes_on_channels);
     backward ones (block_d, num_warps), timed from the forward's checkpoints (the backward kernel alone,
     channel-contiguous inputs: time-contiguous ones are copied to that layout first); conv ones (block_t,
-    block_d, num_warps), fp32."""
+    block_d, num_warps), fp32, forward and backward kernel."""
     from causal_conv1d import triton_causal_conv1d as tc
     from mamba_ssm.ops.triton import selective_scan as ss
 
@@ -322,6 +329,12 @@ def sweep(results, lean=False):
                                               num_warps=cfg[2]))
             results[f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
             timings[("conv", layout, cfg)] = t
+        dout = torch.randn_like(out)
+        for cfg in CONV_BWD_SWEEP:  # the backward kernel alone
+            t = bench(lambda: tc.conv_backward(x, w, b, None, True, dout, block_t=cfg[0], block_d=cfg[1],
+                                               num_warps=cfg[2]))
+            results[f"sweep_conv_bwd/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
+            timings[("conv", layout + "_bwd", cfg)] = t
 
     def best(kind, key):
         return min((v, k[2]) for k, v in timings.items() if k[:2] == (kind, key))[1]

@@ -7,7 +7,8 @@ and the channels-last views the Vim mixer passes both load coalesced (Triton spe
 Two directions (the DyVM bidirectional layer): direction 1 is the causal conv of the time-reversed
 sequence, written back in original time order, i.e. an anti-causal conv: no flipped copies. A token mask
 m multiplies the input before the conv and the output after it. A (sample, direction) whose gate is
-off (SKIP_OFF, inference only) is not computed.
+off (SKIP_OFF, inference only) is not computed. The backward is one kernel that recomputes the
+pre-activations it needs from shifted input tiles instead of storing their gradient (see _conv_bwd_kernel).
 """
 from typing import Optional
 
@@ -20,6 +21,17 @@ from causal_conv1d.tuning import apply_tuning_file
 
 
 @triton.jit
+def _load_shifted(x_base, m_base, src, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK: tl.constexpr):
+    """Input tile at times src (masked tokens and times outside the sequence as 0), fp32."""
+    ok = (src >= 0) & (src < seqlen)
+    xv = tl.load(x_base + src[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok[:, None] & mask_d[None, :],
+                 other=0.0).to(tl.float32)
+    if HAS_MASK:
+        xv *= tl.load(m_base + src * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+    return xv
+
+
+@triton.jit
 def _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, k,
               r: tl.constexpr, WIDTH: tl.constexpr, HAS_MASK: tl.constexpr):
     """The (BLOCK_T, BLOCK_D) input tile that tap k of direction r reads (masked tokens as 0), fp32.
@@ -28,12 +40,7 @@ def _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, 
         src = offs_t - (WIDTH - 1) + k
     else:
         src = offs_t + (WIDTH - 1) - k
-    ok = (src >= 0) & (src < seqlen)
-    xv = tl.load(x_base + src[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok[:, None] & mask_d[None, :],
-                 other=0.0).to(tl.float32)
-    if HAS_MASK:
-        xv *= tl.load(m_base + src * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
-    return xv
+    return _load_shifted(x_base, m_base, src, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
 
 
 @triton.jit
@@ -81,92 +88,133 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_pre_kernel(
-    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dpre_ptr, dw_ptr, dbias_ptr,
-    dim, seqlen, n_tblocks,
-    sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t,
-    N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dpre = d out / d pre-activation, (R, b, L, d) fp32; per-program partial dw (R, b, nT, d, K), dbias."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    batch = tl.num_programs(0)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = offs_t < seqlen
-    mask_d = offs_d < dim
-    mask_td = mask_t[:, None] & mask_d[None, :]
-    x_base = x_ptr + pid_b * sx_b
-    m_base = m_ptr + pid_b * sm_b
-    for r in tl.static_range(N_DIRS):
-        dout = tl.load(dout_ptr + r * sdo_r + pid_b * sdo_b + offs_t[:, None] * sdo_t + offs_d[None, :] * sdo_d,
-                       mask=mask_td, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            dout *= tl.load(m_base + offs_t * sm_t, mask=mask_t, other=0.0).to(tl.float32)[:, None]
-        if SILU:
-            pre = _conv_pre(x_base, w_ptr + r * dim * WIDTH, bias_ptr + r * dim, m_base, offs_t, offs_d, mask_d,
-                            seqlen, sx_d, sx_t, sm_t, r, WIDTH, HAS_BIAS, HAS_MASK)
-            sig = tl.sigmoid(pre)
-            dout = dout * sig * (1.0 + pre * (1.0 - sig))
-        row = (r * batch + pid_b) * seqlen + offs_t
-        tl.store(dpre_ptr + row[:, None] * dim + offs_d[None, :], dout, mask=mask_td)
-        part = ((r * batch + pid_b) * n_tblocks + pid_t) * dim + offs_d
-        if HAS_BIAS:
-            tl.store(dbias_ptr + part, tl.sum(dout, axis=0), mask=mask_d)
-        for k in tl.static_range(WIDTH):
-            xv = _conv_tap(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, k, r, WIDTH, HAS_MASK)
-            tl.store(dw_ptr + part * WIDTH + k, tl.sum(dout * xv, axis=0), mask=mask_d)
+def _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, e: tl.constexpr):
+    """The one of the seven input tiles that sits at time shift e (-3..3) from the output tile."""
+    v = x0
+    if e == -3:
+        v = xm3
+    if e == -2:
+        v = xm2
+    if e == -1:
+        v = xm1
+    if e == 1:
+        v = xp1
+    if e == 2:
+        v = xp2
+    if e == 3:
+        v = xp3
+    return v
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(
-    dpre_ptr, w_ptr, m_ptr, dx_ptr,
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
     dim, seqlen,
-    sm_b, sm_t, sdx_b, sdx_d, sdx_t,
-    N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
+    N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx[s] = m[s] * sum_r sum_k w[r, k] * dpre[r, t_k(s)], t_k the outputs that read s."""
+    """The whole backward in one pass, nothing written but dx and per-sample dw, dbias (R, b, d, K / 1).
+
+    One program per (sample, block of channels) walks the sequence in BLOCK_T-step tiles. For input times
+    s, dx[s] = m[s] * sum_r sum_j w_r[K-1-j] * g_r(s +- j) (+ for the causal direction 0, - for the
+    anti-causal direction 1), where g_r(t) = dout_r(t) m(t) silu'(pre_r(t)). The pre-activations at those
+    K output shifts read the input at shifts -(K-1)..K-1 of the tile: the 2K-1 shifted tiles are loaded
+    once (from cache after the first) and shared by both directions, so no pre-activation gradient is
+    stored and read back. WIDTH <= 4."""
     pid_b = tl.program_id(0).to(tl.int64)
     batch = tl.num_programs(0)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = offs_t < seqlen
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, 4)
     mask_d = offs_d < dim
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    x_base = x_ptr + pid_b * sx_b
+    m_base = m_ptr + pid_b * sm_b
+    dw0 = tl.zeros((4, BLOCK_D), dtype=tl.float32)  # (tap, channel), per direction
+    dw1 = tl.zeros((4, BLOCK_D), dtype=tl.float32)
+    db0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in range(0, seqlen, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < seqlen
+        # unused shifts (WIDTH < 4) are dead code and never loaded
+        xm3 = _load_shifted(x_base, m_base, offs_t - 3, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        xm2 = _load_shifted(x_base, m_base, offs_t - 2, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        xm1 = _load_shifted(x_base, m_base, offs_t - 1, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        x0 = _load_shifted(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        xp1 = _load_shifted(x_base, m_base, offs_t + 1, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        xp2 = _load_shifted(x_base, m_base, offs_t + 2, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        xp3 = _load_shifted(x_base, m_base, offs_t + 3, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for r in tl.static_range(N_DIRS):
+            w_base = w_ptr + r * dim * WIDTH + offs_d * WIDTH
+            for j in tl.static_range(WIDTH):
+                # output time t = s + j (direction 0) or s - j (direction 1) reads s through tap K-1-j
+                if r == 0:
+                    tj = offs_t + j
+                else:
+                    tj = offs_t - j
+                ok = (tj >= 0) & (tj < seqlen)
+                g = tl.load(dout_ptr + r * sdo_r + pid_b * sdo_b + tj[:, None] * sdo_t + offs_d[None, :] * sdo_d,
+                            mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                if HAS_MASK:
+                    g *= tl.load(m_base + tj * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+                if SILU:
+                    pre = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+                    if HAS_BIAS:
+                        pre += tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                    for k in tl.static_range(WIDTH):
+                        wk = tl.load(w_base + k, mask=mask_d, other=0.0).to(tl.float32)
+                        if r == 0:
+                            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, j + k - (WIDTH - 1))
+                        else:
+                            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, (WIDTH - 1) - j - k)
+                    sig = tl.sigmoid(pre)
+                    g = g * sig * (1.0 + pre * (1.0 - sig))
+                acc += tl.load(w_base + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
+                if j == 0:  # g at the tile's own times: the weight and bias gradients
+                    for k in tl.static_range(WIDTH):
+                        if r == 0:
+                            xk = _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, k - (WIDTH - 1))
+                        else:
+                            xk = _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, (WIDTH - 1) - k)
+                        dwk = tl.sum(g * xk, axis=0)
+                        if r == 0:
+                            dw0 += tl.where(offs_k[:, None] == k, dwk[None, :], 0.0)
+                        else:
+                            dw1 += tl.where(offs_k[:, None] == k, dwk[None, :], 0.0)
+                    if r == 0:
+                        db0 += tl.sum(g, axis=0)
+                    else:
+                        db1 += tl.sum(g, axis=0)
+        if HAS_MASK:
+            acc *= tl.load(m_base + offs_t * sm_t, mask=mask_t, other=0.0).to(tl.float32)[:, None]
+        tl.store(dx_ptr + pid_b * sdx_b + offs_t[:, None] * sdx_t + offs_d[None, :] * sdx_d,
+                 acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+    mask_kd = (offs_k < WIDTH)[:, None] & mask_d[None, :]
     for r in tl.static_range(N_DIRS):
-        for k in tl.static_range(WIDTH):
-            if r == 0:
-                dst = offs_t + (WIDTH - 1) - k
-            else:
-                dst = offs_t - (WIDTH - 1) + k
-            ok = (dst >= 0) & (dst < seqlen)
-            row = (r * batch + pid_b) * seqlen + dst
-            dp = tl.load(dpre_ptr + row[:, None] * dim + offs_d[None, :], mask=ok[:, None] & mask_d[None, :],
-                         other=0.0)
-            w = tl.load(w_ptr + r * dim * WIDTH + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-            acc += dp * w[None, :]
-    if HAS_MASK:
-        acc *= tl.load(m_ptr + pid_b * sm_b + offs_t * sm_t, mask=mask_t, other=0.0).to(tl.float32)[:, None]
-    tl.store(dx_ptr + pid_b * sdx_b + offs_t[:, None] * sdx_t + offs_d[None, :] * sdx_d,
-             acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+        row = (r * batch + pid_b) * dim + offs_d
+        tl.store(dw_ptr + row[None, :] * WIDTH + offs_k[:, None], dw0 if r == 0 else dw1, mask=mask_kd)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + row, db0 if r == 0 else db1, mask=mask_d)
 
 
 # Tile (time x channels) and warps per program, per input layout: "cf" time-contiguous (b, d, L),
 # "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
 # MAMBA_TRITON_TUNING=file.json (benchmarks/kernels.py --sweep --save-tuning) overrides them ("conv" entry).
+# The backward ("cf_bwd", "cl_bwd") walks the sequence in block_t steps, one program per block of channels.
 CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
-               "cl": {"block_t": 16, "block_d": 128, "num_warps": 4}}
+               "cl": {"block_t": 16, "block_d": 128, "num_warps": 4},
+               "cf_bwd": {"block_t": 256, "block_d": 8, "num_warps": 4},
+               "cl_bwd": {"block_t": 16, "block_d": 64, "num_warps": 2}}
 
 
 apply_tuning_file("conv", CONV_TUNING)
 
 
 def _tiles(x: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,
-           num_warps: Optional[int] = None):
+           num_warps: Optional[int] = None, backward: bool = False):
     _, dim, seqlen = x.shape
-    tuning = CONV_TUNING["cf" if x.stride(-1) == 1 else "cl"]
+    tuning = CONV_TUNING[("cf" if x.stride(-1) == 1 else "cl") + ("_bwd" if backward else "")]
     block_d = min(block_d or tuning["block_d"], triton.next_power_of_2(dim))
     block_t = min(block_t or tuning["block_t"], triton.next_power_of_2(seqlen))
     return block_t, block_d, num_warps or tuning["num_warps"]
@@ -197,33 +245,29 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-                  dout: Tensor):
-    """Gradients of conv_forward (without gates): dx like x's dtype (b, d, L); dweight (R, d, K) fp32;
-    dbias (R, d) fp32 or None. dout: (R, b, d, L) view."""
+                  dout: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,
+                  num_warps: Optional[int] = None):
+    """Gradients of conv_forward (without gates): dx like x's dtype and memory layout (b, d, L); dweight
+    (R, d, K) fp32; dbias (R, d) fp32 or None. dout: (R, b, d, L) view. block_t, block_d, num_warps
+    override CONV_TUNING's backward entries (the benchmark's sweep)."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
-    block_t, block_d, num_warps = _tiles(x)
-    n_t = triton.cdiv(seqlen, block_t)
-    grid = (batch, n_t, triton.cdiv(dim, block_d))
+    if width > 4:
+        raise ValueError(f"the conv backward kernel supports widths up to 4, got {width}")
+    block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps, backward=True)
     dev, f32 = x.device, torch.float32
-    dpre = torch.empty((R, batch, seqlen, dim), device=dev, dtype=f32)
-    dw_part = torch.empty((R, batch, n_t, dim, width), device=dev, dtype=f32)
-    dbias_part = torch.empty((R, batch, n_t, dim), device=dev, dtype=f32) if bias is not None else None
-    _conv_bwd_pre_kernel[grid](
-        x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dpre, dw_part,
-        dbias_part if dbias_part is not None else dpre, dim, seqlen, n_t,
-        *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4),
+    dw = torch.empty((R, batch, dim, width), device=dev, dtype=f32)
+    dbias = torch.empty((R, batch, dim), device=dev, dtype=f32) if bias is not None else None
+    dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
+        else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
+    _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](
+        x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dx, dw,
+        dbias if dbias is not None else dw, dim, seqlen,
+        *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4), *_strides(dx, 3),
         N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )
-    dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
-        else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
-    _conv_bwd_dx_kernel[grid](
-        dpre, weight, mask if mask is not None else x, dx, dim, seqlen,
-        *_strides(mask, 2), *_strides(dx, 3),
-        N_DIRS=R, WIDTH=width, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    return dx, dw_part.sum((1, 2)), dbias_part.sum((1, 2)) if dbias_part is not None else None
+    return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None):

@@ -170,6 +170,31 @@ def test_causal_conv1d_matches_reference(dtype, seqlen, activation, channels_las
     assert_close_all([out, *got], [ref, *grads(ref, inputs, g)], dtype, ["out", "x", "w", "b"])
 
 
+@pytest.mark.parametrize("channels_last,width,n_dirs,masked,silu", [
+    (False, 4, 2, True, True), (True, 4, 2, True, True), (True, 3, 1, False, True), (False, 2, 2, False, False),
+])
+def test_stacked_conv_small_tiles(channels_last, width, n_dirs, masked, silu):
+    """The stacked conv op (both directions, mask) with tiles smaller than the sequence and the channels, so
+    the backward's walk over time tiles and its tile edges are exercised in both layouts."""
+    from causal_conv1d.conv_op import _stacked_ref
+    from causal_conv1d.triton_causal_conv1d import conv_backward, conv_forward
+
+    batch, dim, seqlen = 2, 40, 37
+    x = torch.randn(batch, seqlen, dim).transpose(1, 2) if channels_last else torch.randn(batch, dim, seqlen)
+    w, b = torch.randn(n_dirs, dim, width), torch.randn(n_dirs, dim)
+    mask = (torch.rand(batch, seqlen) > 0.3).float() if masked else None
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    ref = _stacked_ref(*leaves, mask, silu)
+    dout = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, dout)
+    tiles = dict(block_t=8, block_d=16, num_warps=1)
+    with triton_on_cpu():
+        out = conv_forward(x, w, b, mask, silu, torch.empty_like(ref), **tiles)
+        dx, dw, db = conv_backward(x, w, b, mask, silu, dout, **tiles)
+    assert dx.stride() == x.stride()
+    assert_close_all([out, dx, dw, db], [ref, *want], torch.float32, ["out", "dx", "dw", "dbias"])
+
+
 @pytest.mark.parametrize("is_rms,residual,prenorm,res_fp32,dtype", [
     (True, True, True, True, torch.float32),
     (True, True, True, True, torch.bfloat16),
