@@ -289,7 +289,7 @@ CONV_BWD_SWEEP = ((256, 4, 2), (256, 8, 4), (256, 16, 4), (128, 16, 4), (64, 32,
                   (16, 64, 2), (16, 128, 4), (8, 128, 2), (32, 64, 4))
 
 
-def sweep(results, lean=False):
+def sweep(results, lean=False, ops=("scan", "conv")):
     """Launch parameters of the kernels at Vim-S (d_inner 768), per input layout and dtype; sets the fastest
     as the defaults used by everything timed afterwards (and returns them: --save-tuning writes them for
     MAMBA_TRITON_TUNING). Forward configurations are (block_d, num_warps, unroll, lanes_on_channels);
@@ -301,7 +301,7 @@ def sweep(results, lean=False):
 
     timings = {}
     for dname, dtype in DTYPES.items():
-        for layout in ("cf", "cl"):
+        for layout in ("cf", "cl") if "scan" in ops else ():
             u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, dtype, channels_last=layout == "cl")
             key = ss._tuning_key(u)
             out = torch.empty_like(u)
@@ -320,7 +320,7 @@ def sweep(results, lean=False):
                 t = bench(lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1]))
                 results[f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}"] = t
                 timings[("bwd", key, cfg)] = t
-    for layout in ("cf", "cl"):  # the conv forward (+SiLU), Vim-S d_inner, fp32
+    for layout in ("cf", "cl") if "conv" in ops else ():  # the conv forward (+SiLU) and backward, d_inner 768, fp32
         x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
         w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
         out = torch.empty_like(x)[None]
@@ -339,14 +339,13 @@ def sweep(results, lean=False):
     def best(kind, key):
         return min((v, k[2]) for k, v in timings.items() if k[:2] == (kind, key))[1]
 
-    for key in ss.FWD_TUNING:
+    for key in ss.FWD_TUNING if "scan" in ops else ():
         c = best("fwd", key)
         ss.FWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "unroll": c[2], "lanes_on_channels": c[3]}
-    if not lean:
-        for key in ss.BWD_TUNING:
-            c = best("bwd", key)
-            ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1]}
-    for layout in tc.CONV_TUNING:
+    for key in ss.BWD_TUNING if "scan" in ops and not lean else ():
+        c = best("bwd", key)
+        ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1]}
+    for layout in tc.CONV_TUNING if "conv" in ops else ():
         c = best("conv", layout)
         tc.CONV_TUNING[layout] = {"block_t": c[0], "block_d": c[1], "num_warps": c[2]}
     tuning = {"fwd": {k: dict(v) for k, v in ss.FWD_TUNING.items()},
@@ -389,6 +388,8 @@ def main():
     p.add_argument("--sweep", action="store_true", help="first sweep the scan kernels' launch parameters")
     p.add_argument("--fwd-only", action="store_true", help="scan forward only: full-size checks and timings")
     p.add_argument("--sweep-only", action="store_true", help="sweep, check the scan forward at full size, stop")
+    p.add_argument("--sweep-ops", nargs="+", choices=("scan", "conv"), default=["scan", "conv"],
+                   help="which kernels --sweep tunes (the others keep their tables or MAMBA_TRITON_TUNING's)")
     p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
     p.add_argument("--save-tuning", default="", metavar="JSON",
                    help="with --sweep: write the chosen launch parameters here (use with MAMBA_TRITON_TUNING)")
@@ -416,7 +417,7 @@ def run(args):
         run_upstream(results)
     elif not args.table_only:
         if args.sweep or args.sweep_only:  # first, so that the checks below run the kernels as timed
-            meta["tuning"] = sweep(results, args.lean)
+            meta["tuning"] = sweep(results, args.lean, args.sweep_ops)
             if args.save_tuning:
                 json.dump(meta["tuning"], open(args.save_tuning, "w"), indent=1)
         if args.sweep_only or args.fwd_only:

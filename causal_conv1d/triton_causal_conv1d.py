@@ -191,11 +191,15 @@ def _conv_bwd_kernel(
         tl.store(dx_ptr + pid_b * sdx_b + offs_t[:, None] * sdx_t + offs_d[None, :] * sdx_d,
                  acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
     mask_kd = (offs_k < WIDTH)[:, None] & mask_d[None, :]
-    for r in tl.static_range(N_DIRS):
-        row = (r * batch + pid_b) * dim + offs_d
-        tl.store(dw_ptr + row[None, :] * WIDTH + offs_k[:, None], dw0 if r == 0 else dw1, mask=mask_kd)
+    row = pid_b * dim + offs_d
+    tl.store(dw_ptr + row[None, :] * WIDTH + offs_k[:, None], dw0, mask=mask_kd)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + row, db0, mask=mask_d)
+    if N_DIRS == 2:
+        row += batch * dim
+        tl.store(dw_ptr + row[None, :] * WIDTH + offs_k[:, None], dw1, mask=mask_kd)
         if HAS_BIAS:
-            tl.store(dbias_ptr + row, db0 if r == 0 else db1, mask=mask_d)
+            tl.store(dbias_ptr + row, db1, mask=mask_d)
 
 
 # Tile (time x channels) and warps per program, per input layout: "cf" time-contiguous (b, d, L),

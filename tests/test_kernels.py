@@ -150,6 +150,34 @@ def test_bimamba_gated_off_sample_is_not_computed():
     assert rel(out[:2], ref) < 1e-5
 
 
+def test_mamba_inference_weight_cache_follows_parameter_updates():
+    """Inference on the kernels reuses the stacked scan weights while the parameters are unchanged, and
+    an in-place update (an optimizer step, load_state_dict) is seen at the next call."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=8, bimamba_type="v2", if_divide_out=True)
+    xz = torch.randn(2, 2 * mixer.d_inner, 21)
+    with torch.no_grad():
+        ref = mixer.mix(xz)  # CPU reference path: no cache
+        with triton_on_cpu():
+            out = mixer.mix(xz)
+            first = mixer.__dict__["_v2_cache"]
+            mixer.mix(xz)
+            assert mixer.__dict__["_v2_cache"] is first  # reused
+            assert rel(out, ref) < 1e-5
+            mixer.A_b_log.add_(0.3)
+            mixer.conv1d.weight.mul_(-1.0)
+            out = mixer.mix(xz)
+            assert mixer.__dict__["_v2_cache"] is not first
+        ref = mixer.mix(xz)
+    assert rel(out, ref) < 1e-5
+    with triton_on_cpu():  # training: no cache, gradients reach the parameters
+        mixer.__dict__.pop("_v2_cache")
+        mixer.mix(xz).sum().backward()
+    assert "_v2_cache" not in mixer.__dict__ and mixer.A_b_log.grad is not None
+
+
 @pytest.mark.parametrize("dtype,seqlen,activation,channels_last,width", [
     (torch.float32, 50, "silu", False, 4),
     (torch.float32, 1, None, False, 4),

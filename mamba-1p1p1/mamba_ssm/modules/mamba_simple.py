@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
+from mamba_ssm.ops.dispatch import triton_enabled
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 BIMAMBA_TYPES = ("none", "v2")
@@ -80,6 +81,26 @@ class Mamba(nn.Module):
         return ScanWeights(conv.weight, conv.bias, getattr(self, "x_proj" + sfx).weight, dt_proj.weight,
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
+    def _v2_weights(self, xz):
+        """(fwd, bwd ScanWeights, their stacked form or None). Inference on the kernels reuses them while the
+        parameters are unchanged: deriving A and stacking the directions is a dozen small ops per layer,
+        which the host pays on every call (eager inference is bound by the host, not the GPU)."""
+        params = [p for sfx in ("", "_b") for m in ("conv1d", "x_proj", "dt_proj") for p in
+                  getattr(self, m + sfx).parameters()] + [self.A_log, self.A_b_log, self.D, self.D_b]
+        cacheable = triton_enabled(xz, "bimamba") and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if not cacheable:
+            return self.scan_weights(), self.scan_weights(backward=True), None
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_v2_cache")
+        if cached is None or cached[0] != key:
+            from mamba_ssm.ops.triton.bimamba import stack_directions
+
+            fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
+            cached = (key, fwd, bwd, stack_directions(fwd, bwd))
+            self.__dict__["_v2_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
+        return cached[1:]
+
     def in_proj_xz(self, hidden_states):
         """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""
         xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)
@@ -91,8 +112,9 @@ class Mamba(nn.Module):
         gate (batch, 2) and mask (batch, L) are the DyVM options of bimamba_v2_inner_fn ("v2" only).
         """
         if self.bimamba_type == "v2":
-            y = bimamba_v2_inner_fn(xz, self.scan_weights(), self.scan_weights(backward=True), gate=gate,
-                                    mask=mask, divide_out=self.if_divide_out)
+            fwd, bwd, stacked = self._v2_weights(xz)
+            y = bimamba_v2_inner_fn(xz, fwd, bwd, gate=gate, mask=mask, divide_out=self.if_divide_out,
+                                    stacked=stacked)
             out = F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
         else:
             if gate is not None or mask is not None:

@@ -96,7 +96,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
              dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
-    """Returns fp32 [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]; empty tensors for absent inputs.
+    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
+    and z, the others fp32; empty tensors for absent inputs.
     Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
     if not _is_triton(u):
         raise RuntimeError("mamba_ssm::scan_bwd runs the Triton kernels only; the reference backward runs "
@@ -134,7 +135,12 @@ def _reference_grads(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, 
 def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
     f32 = torch.float32
     like = lambda t: t.new_empty(t.shape, dtype=f32) if t is not None else u.new_empty(_EMPTY, dtype=f32)  # noqa
-    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(gate)]
+
+    def same(t):  # the kernel's du / ddelta / dz: the input's dtype, channel-contiguous (see scan_backward)
+        if t is None:
+            return u.new_empty(_EMPTY, dtype=f32)
+        return t.new_empty((*t.shape[:-2], t.shape[-1], t.shape[-2])).transpose(-1, -2)
+    return [same(u), same(delta), like(A), like(B), like(C), like(D), same(z), like(delta_bias), like(gate)]
 
 
 def _setup(ctx, inputs, output):

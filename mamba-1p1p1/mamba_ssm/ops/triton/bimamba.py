@@ -12,7 +12,7 @@ Inference with gates: a (sample, direction) whose gate is 0 is skipped inside th
 to the scan: d_inner x (dt_rank + 2 d_state) and dt_rank x d_inner per token). Training: every direction
 runs and the gate multiplies its output, so the gate gets its gradient.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -31,30 +31,46 @@ def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
     return s if dtype is None else s.to(dtype)
 
 
+class StackedWeights(NamedTuple):
+    """Both directions' parameters stacked on a leading axis of 2, as the kernels take them."""
+    conv_weight: Tensor  # (2, d_inner, width)
+    conv_bias: Optional[Tensor]  # (2, d_inner)
+    x_proj_weight: Tensor  # (2, dt_rank + 2 d_state, d_inner)
+    dt_proj_weight: Tensor  # (2, d_inner, dt_rank)
+    A: Tensor  # (2, d_inner, d_state) fp32
+    D: Optional[Tensor]  # (2, d_inner) fp32
+    dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32
+
+
+def stack_directions(fwd, bwd) -> StackedWeights:
+    """Stack two ScanWeights (differentiable). Inference callers may cache the result (Mamba does)."""
+    dim = fwd.A.shape[0]
+    return StackedWeights(_stack(fwd, bwd, "conv_weight").reshape(2, dim, -1), _stack(fwd, bwd, "conv_bias"),
+                          _stack(fwd, bwd, "x_proj_weight"), _stack(fwd, bwd, "dt_proj_weight"),
+                          _stack(fwd, bwd, "A", torch.float32), _stack(fwd, bwd, "D", torch.float32),
+                          _stack(fwd, bwd, "dt_proj_bias", torch.float32))
+
+
 def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                            divide_out: bool = True) -> Tensor:
-    """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L)."""
+                            divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
+    """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
+    stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
     x, z = xz[:, :dim], xz[:, dim:]
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xz, gate, *fwd, *bwd))
-    conv_w = _stack(fwd, bwd, "conv_weight").reshape(2, dim, -1)
-    conv_b = _stack(fwd, bwd, "conv_bias")
+    w = stack_directions(fwd, bwd) if stacked is None else stacked
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, gate, *w))
     if mask is not None:
         mask = mask.to(x.dtype)
     gate_skip = gate if gate is not None and not needs_grad else None
-    xc = conv_fwd(x, conv_w, conv_b, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
+    xc = conv_fwd(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
-    x_dbl = torch.bmm(xc_rows, _stack(fwd, bwd, "x_proj_weight").transpose(1, 2))  # (2, b*L, R + 2N)
-    delta = torch.bmm(x_dbl[..., :dt_rank], _stack(fwd, bwd, "dt_proj_weight").transpose(1, 2))
+    x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
+    delta = torch.bmm(x_dbl[..., :dt_rank], w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = x_dbl[..., dt_rank:dt_rank + d_state].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = x_dbl[..., dt_rank + d_state:].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
-    A = _stack(fwd, bwd, "A", torch.float32)
-    D = _stack(fwd, bwd, "D", torch.float32)
-    delta_bias = _stack(fwd, bwd, "dt_proj_bias", torch.float32)
-    out, _, _ = scan_fwd(xc, delta, A, B, C, D, z, delta_bias, gate, True, 0.5 if divide_out else 1.0, False, True,
-                         needs_grad)
+    out, _, _ = scan_fwd(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0,
+                         False, True, needs_grad)
     return out

@@ -214,8 +214,9 @@ def _scan_bwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr,
 ):
-    """Outputs (all fp32 unless noted): du, ddt (r, b, d, t) and dz (b, d, t, summed over directions), in
-    u's memory layout (strides sdu_*, sdz_*) so that the stores coalesce as the loads do; partial sums dB, dC (r, n_dblocks, b, n, t); dA (r, b, d, n); dD, dbias (r, b, d);
+    """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
+    (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
+    dA (r, b, d, n); dD, dbias (r, b, d);
     dgate (b, r, n_dblocks). ckpt (r, b, n_chunks, n, d): the state entering each CHUNK_T-step chunk of the
     walk, as the forward kernel stored it. A comes as (r, n, d).
 
@@ -308,8 +309,8 @@ def _scan_bwd_kernel(
                     dyz = dout * g_scale
                     dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
                     if r > 0:
-                        dz += tl.load(dz_base + t * sdz_t, mask=mask_d, other=0.0)
-                    tl.store(dz_base + t * sdz_t, dz, mask=mask_d)
+                        dz += tl.load(dz_base + t * sdz_t, mask=mask_d, other=0.0).to(tl.float32)
+                    tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
                     dy = dyz * silu
                 else:
                     dgate_acc += dout * y
@@ -325,8 +326,8 @@ def _scan_bwd_kernel(
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dt_raw)
                 dbias_acc += ddt
-                tl.store(du_ptr + dud_base + t * sdu_t, dBu * dt + Dv * dy, mask=mask_d)
-                tl.store(ddt_ptr + dud_base + t * sdu_t, ddt, mask=mask_d)
+                tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
                 g = g * a
                 h = h_prev
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
@@ -407,8 +408,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
                   block_d: Optional[int] = None, num_warps: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
-    them the forward runs again to make them. Returns fp32 du, ddelta (R, b, d, L); dA (R, d, N);
-    dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dz (b, d, L) or None; dgate (b, R) or None."""
+    them the forward runs again to make them. Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in
+    the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
+    dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
@@ -429,9 +431,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
     dev, f32 = u.device, torch.float32
-    du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=f32).transpose(2, 3)  # channel-contiguous
-    dz = torch.empty((batch, seqlen, dim), device=dev, dtype=f32).transpose(1, 2) if z is not None else None
-    ddelta = torch.empty_like(du)
+    # channel-contiguous, in the inputs' dtypes (the kernel accumulates in fp32 and rounds once on store)
+    du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3)
+    ddelta = torch.empty((R, batch, seqlen, dim), device=dev, dtype=delta.dtype).transpose(2, 3)
+    dz = torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
     dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
