@@ -5,7 +5,8 @@ see one op. Same stacked form as the kernels (triton_causal_conv1d.py):
     -> out (R, b, d, L): direction 0 causal, direction 1 anti-causal (the causal conv of the reversed
        sequence, in original order); channels-last memory when channels_last_out
 
-CUDA tensors run the Triton kernels, other devices the reference (the backward then runs autograd on the
+Eager inference calls conv_fwd_impl directly (no dispatcher overhead). CUDA tensors run the Triton
+kernels, other devices the reference (the backward then runs autograd on the
 reference, outside the op). FLOPs: 2 per MAC (torch's convention) over (L + K - 1) * d * K MACs per
 sample and direction (dyvm/flops.py's count for the padded conv); backward twice the forward.
 """
@@ -47,9 +48,9 @@ def _stacked_ref(x, weight, bias, mask, silu):
     return torch.stack(outs).to(x.dtype)
 
 
-@torch.library.custom_op("causal_conv1d::conv_fwd", mutates_args=())
-def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gate_skip: Optional[Tensor],
-             silu: bool, channels_last_out: bool) -> Tensor:
+def conv_fwd_impl(x, weight, bias, mask, gate_skip, silu, channels_last_out):
+    """The implementation of conv_fwd, callable directly when the dispatcher is not needed (eager inference:
+    see causal_conv1d_interface.dispatcher_needed)."""
     out = _alloc(x, weight.shape[0], channels_last_out)
     if _kernels(x):
         from causal_conv1d.triton_causal_conv1d import conv_forward
@@ -57,6 +58,12 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[T
         return conv_forward(x, weight, bias, mask, silu, out, gate=gate_skip)
     out.copy_(_stacked_ref(x, weight, bias, mask, silu))
     return out
+
+
+@torch.library.custom_op("causal_conv1d::conv_fwd", mutates_args=())
+def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gate_skip: Optional[Tensor],
+             silu: bool, channels_last_out: bool) -> Tensor:
+    return conv_fwd_impl(x, weight, bias, mask, gate_skip, silu, channels_last_out)
 
 
 @conv_fwd.register_fake

@@ -275,9 +275,11 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """causal_conv1d_fn on the Triton kernels, through the custom op causal_conv1d::conv_fwd (arguments
-    checked by the caller)."""
-    from causal_conv1d.conv_op import conv_fwd
+    """causal_conv1d_fn on the Triton kernels, through the custom op causal_conv1d::conv_fwd, or its
+    implementation directly in eager inference (arguments checked by the caller)."""
+    from causal_conv1d.causal_conv1d_interface import dispatcher_needed
+    from causal_conv1d.conv_op import conv_fwd, conv_fwd_impl
 
-    return conv_fwd(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
-                    activation is not None, False)[0]
+    conv = conv_fwd if dispatcher_needed(x, weight, bias) else conv_fwd_impl  # eager inference: no dispatcher
+    return conv(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
+                activation is not None, False)[0]

@@ -260,6 +260,35 @@ def test_flop_counter_sees_the_scan():
     assert counter.get_total_flops() == 2 * conv_macs((2, 40, 23), (1, 40, 4)) == 2 * 2 * (23 + 3) * 40 * 4
 
 
+def test_eager_inference_calls_the_kernels_without_the_dispatcher():
+    """Eager inference skips the custom ops' dispatcher; autograd, FlopCounterMode and FakeTensorMode still
+    go through the ops (so gradients and FLOP counts are unchanged)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mamba_ssm.ops.dispatch import dispatcher_needed
+
+    x, w = torch.randn(2, 3), torch.randn(3).requires_grad_()
+    assert not dispatcher_needed(x, None)
+    assert dispatcher_needed(x, w)
+    with torch.no_grad():
+        assert not dispatcher_needed(x, w)
+        with FlopCounterMode(display=False):
+            assert dispatcher_needed(x)
+    with FakeTensorMode():
+        assert dispatcher_needed(x)
+    batch, dim, seqlen = 2, 40, 19
+    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
+    xz = torch.randn(batch, seqlen, 2 * dim).transpose(1, 2)
+    with torch.no_grad(), triton_on_cpu():
+        direct = bimamba_v2_inner_fn(xz, fwd, bwd)
+        with FlopCounterMode(display=False) as counter:
+            via_ops = bimamba_v2_inner_fn(xz, fwd, bwd)
+    assert torch.equal(direct, via_ops)
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts["mamba_ssm.scan_fwd"] == 2 * scan_macs((2, batch, dim, seqlen), 8)
+    assert counts["causal_conv1d.conv_fwd"] == 2 * conv_macs((batch, dim, seqlen), (2, dim, 4))
+
+
 def test_dispatch_and_errors(monkeypatch):
     x = torch.randn(2, 4, 8)
     assert not triton_enabled(x, "selective_scan")  # CPU tensors take the reference

@@ -85,8 +85,10 @@ class Mamba(nn.Module):
         """(fwd, bwd ScanWeights, their stacked form or None). Inference on the kernels reuses them while the
         parameters are unchanged: deriving A and stacking the directions is a dozen small ops per layer,
         which the host pays on every call (eager inference is bound by the host, not the GPU)."""
-        params = [p for sfx in ("", "_b") for m in ("conv1d", "x_proj", "dt_proj") for p in
-                  getattr(self, m + sfx).parameters()] + [self.A_log, self.A_b_log, self.D, self.D_b]
+        params = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                  self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
+                  self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # (not .parameters(): slow)
+        params = [p for p in params if p is not None]
         cacheable = triton_enabled(xz, "bimamba") and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params))
         if not cacheable:

@@ -10,7 +10,9 @@
     ckpt: with want_ckpt (a backward will follow) and the kernels, the states every CKPT_CHUNK steps that
     the backward kernel starts from, saved for it (R, b, n_chunks, N, d) fp32; else empty
 
-CUDA tensors run the Triton kernels; other devices run the PyTorch reference (and the backward recomputes
+Eager inference calls scan_fwd_impl directly (the same computation without the dispatcher's overhead;
+dispatch.dispatcher_needed says when the op is needed). CUDA tensors run the Triton kernels; other devices
+run the PyTorch reference (and the backward recomputes
 it under autograd, outside the op: autograd does not run inside a custom op). The public functions use these ops on CUDA only: on CPU they call the
 reference directly, which keeps its own analytic backward and is faster there.
 
@@ -60,10 +62,10 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
     return torch.empty((batch, dim, seqlen), device=u.device, dtype=u.dtype)
 
 
-@torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
-def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
-             want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
+                  want_ckpt=False):
+    """The implementation of scan_fwd, callable directly when the dispatcher is not needed (eager
+    inference: see mamba_ssm.ops.dispatch.dispatcher_needed)."""
     empty = lambda: u.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs must not alias)
     if _is_triton(u):
         from mamba_ssm.ops.triton.selective_scan import scan_forward
@@ -77,6 +79,14 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     out = _out_like(u, channels_last_out)
     out.copy_(y)
     return out, last, empty()
+
+
+@torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
+             want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    return scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last,
+                         channels_last_out, want_ckpt)
 
 
 @scan_fwd.register_fake

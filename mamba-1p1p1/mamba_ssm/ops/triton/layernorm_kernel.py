@@ -83,23 +83,30 @@ def _blocks(n_cols: int):
     return block_m, block_n
 
 
+def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm):
+    """-> out, residual_out (2-D), rstd, mean (rstd again for RMSNorm)."""
+    shape, dtype = x.shape, x.dtype
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    res2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+    n_rows, n_cols = x2.shape
+    res_dtype = torch.float32 if residual_in_fp32 else dtype
+    out = torch.empty_like(x2)
+    res_out = torch.empty((n_rows, n_cols), device=x.device, dtype=res_dtype)
+    rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
+    mean = torch.empty_like(rstd) if not is_rms_norm else rstd
+    block_m, block_n = _blocks(n_cols)
+    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, res2 if res2 is not None else x2, weight, bias if bias is not None else weight, out, res_out, rstd,
+        mean, n_rows, n_cols, eps, HAS_RES=res2 is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return out, res_out, rstd, mean
+
+
 class LayerNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm):
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        res2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-        n_rows, n_cols = x2.shape
-        res_dtype = torch.float32 if residual_in_fp32 else dtype
-        out = torch.empty_like(x2)
-        res_out = torch.empty((n_rows, n_cols), device=x.device, dtype=res_dtype)
-        rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
-        mean = torch.empty_like(rstd) if not is_rms_norm else rstd
-        block_m, block_n = _blocks(n_cols)
-        _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            x2, res2 if res2 is not None else x2, weight, bias if bias is not None else weight, out, res_out, rstd,
-            mean, n_rows, n_cols, eps, HAS_RES=res2 is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        out, res_out, rstd, mean = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
         # backward recomputes x_hat from residual_out (rounded to x's dtype unless residual_in_fp32, as upstream)
         ctx.save_for_backward(res_out, weight, bias, rstd, mean)
         ctx.meta = (shape, dtype, residual is not None, residual.dtype if residual is not None else None,
@@ -137,4 +144,9 @@ def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     """layer_norm_fn on the fused Triton kernels (same semantics as layer_norm_ref)."""
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
+    out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
+    out = out.reshape(x.shape)
+    return (out, res_out.reshape(x.shape)) if prenorm else out
