@@ -32,17 +32,44 @@ DEVICE = "cuda"
 def dry_run_setup():
     """--dry-run: every code path on CPU through the Triton interpreter at tiny shapes, one call per
     timing (timings meaningless): catches a broken benchmark before it costs GPU time; run by the tests."""
-    global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, bench
+    global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, bench, bench_graph
     BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE = 2, 19, (32,), 32, 16, "cpu"
 
     def bench(fn, warmup=0, rep=0):  # noqa: F811
         fn()
         return 1.0
+    bench_graph = bench  # noqa: F811
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
+
+
+def bench_graph(fn, warmup=25, rep=100):
+    """The GPU time of fn without the host: fn captured once in a CUDA graph, the replays timed as bench
+    times calls. Where an eager call's Python overhead (custom-op dispatch, Triton's launcher) exceeds its
+    GPU time, bench measures the host and this the kernels."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graph capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # keep going: the eager timing stands, the table shows nan
+        print(f"CUDA graph capture failed: {e!r}", flush=True)
+        return float("nan")
+    return bench(graph.replay, warmup, rep)
+
+
+def timed(results, key, fn):
+    """Eager time under key, graph-replay time under key + '_graph'."""
+    results[key] = bench(fn)
+    results[key + "_graph"] = bench_graph(fn)
 
 
 def rel(a, b):
@@ -107,17 +134,16 @@ def run_upstream(results):
     for dname, dtype in DTYPES.items():
         for dim in DIMS:
             ins = scan_inputs(dim, dtype)
-            f = lambda: up_scan(*ins, delta_softplus=True)  # noqa: E731
-            results[f"scan_fwd/{dim}/{dname}/upstream"] = bench(f)
+            timed(results, f"scan_fwd/{dim}/{dname}/upstream", lambda: up_scan(*ins, delta_softplus=True))
             ins = scan_inputs(dim, dtype, requires_grad=True)
-            results[f"scan_fwdbwd/{dim}/{dname}/upstream"] = bench(
-                fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
+            timed(results, f"scan_fwdbwd/{dim}/{dname}/upstream",
+                  fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
             # Channel-contiguous inputs (the Vim mixer's in_proj output): upstream copies them first.
             ins = scan_inputs(dim, dtype, channels_last=True)
-            results[f"scan_fwd_cl/{dim}/{dname}/upstream"] = bench(lambda: up_scan(*ins, delta_softplus=True))
+            timed(results, f"scan_fwd_cl/{dim}/{dname}/upstream", lambda: up_scan(*ins, delta_softplus=True))
             ins = scan_inputs(dim, dtype, channels_last=True, requires_grad=True)
-            results[f"scan_fwdbwd_cl/{dim}/{dname}/upstream"] = bench(
-                fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
+            timed(results, f"scan_fwdbwd_cl/{dim}/{dname}/upstream",
+                  fwd_bwd(lambda *a: up_scan(*a, delta_softplus=True), ins))
         conv_and_norm(results, dtype, dname, "upstream", up_conv, up_norm)
 
 
@@ -128,16 +154,15 @@ def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn):
     for sfx in ("", "_cl"):  # time-contiguous x, and the channel-contiguous view the Vim mixer passes
         x = torch.randn(BATCH, SEQLEN, dim, device=DEVICE, dtype=dtype).transpose(1, 2) if sfx else \
             torch.randn(BATCH, dim, SEQLEN, device=DEVICE, dtype=dtype)
-        results[f"conv_fwd{sfx}/{dim}/{dname}/{tag}"] = bench(lambda: conv_fn(x, w, b, activation="silu"))
+        timed(results, f"conv_fwd{sfx}/{dim}/{dname}/{tag}", lambda: conv_fn(x, w, b, activation="silu"))
         ins = [t.detach().requires_grad_() for t in (x, w, b)]
-        results[f"conv_fwdbwd{sfx}/{dim}/{dname}/{tag}"] = bench(
-            fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
+        timed(results, f"conv_fwdbwd{sfx}/{dim}/{dname}/{tag}", fwd_bwd(lambda *a: conv_fn(*a, activation="silu"), ins))
     h = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=dtype)
     res = torch.randn(BATCH * SEQLEN, hidden, device=DEVICE, dtype=torch.float32)
     nw = torch.randn(hidden, device=DEVICE)
     norm = lambda a, r, ww: norm_fn(a, ww, None, residual=r, prenorm=True, residual_in_fp32=True,  # noqa: E731
                                     eps=1e-5)
-    results[f"norm_fwd/{hidden}/{dname}/{tag}"] = bench(lambda: norm(h, res, nw))
+    timed(results, f"norm_fwd/{hidden}/{dname}/{tag}", lambda: norm(h, res, nw))
     ins = [t.detach().requires_grad_() for t in (h, res, nw)]
 
     def run():
@@ -145,7 +170,7 @@ def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn):
         torch.autograd.backward((out, r), (g1, g2))
     out, r = norm(*ins)
     g1, g2 = torch.randn_like(out), torch.randn_like(r)
-    results[f"norm_fwdbwd/{hidden}/{dname}/{tag}"] = bench(run)
+    timed(results, f"norm_fwdbwd/{hidden}/{dname}/{tag}", run)
 
 
 # ----------------------------------------------------------------------------- ours
@@ -238,14 +263,14 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
     for dname, dtype in DTYPES.items():
         for dim in DIMS:
             ins = scan_inputs(dim, dtype)
-            results[f"scan_fwd/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*ins, delta_softplus=True))
+            timed(results, f"scan_fwd/{dim}/{dname}/ours", lambda: selective_scan_triton(*ins, delta_softplus=True))
             cl = scan_inputs(dim, dtype, channels_last=True)
-            results[f"scan_fwd_cl/{dim}/{dname}/ours"] = bench(lambda: selective_scan_triton(*cl, delta_softplus=True))
+            timed(results, f"scan_fwd_cl/{dim}/{dname}/ours", lambda: selective_scan_triton(*cl, delta_softplus=True))
             if (dim == S_DIM or not lean) and not fwd_only:
                 for layout in ("cf", "cl"):
                     ins = scan_inputs(dim, dtype, channels_last=layout == "cl", requires_grad=True)
-                    results[f"scan_fwdbwd{'_cl' if layout == 'cl' else ''}/{dim}/{dname}/ours"] = bench(
-                        fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
+                    timed(results, f"scan_fwdbwd{'_cl' if layout == 'cl' else ''}/{dim}/{dname}/ours",
+                          fwd_bwd(lambda *a: selective_scan_triton(*a, delta_softplus=True), ins))
             if dim == S_DIM and dname == "fp32" and not quick:
                 ins = scan_inputs(dim, dtype)
                 results[f"scan_fwd/{dim}/{dname}/reference"] = bench(
@@ -285,8 +310,10 @@ FWD_SWEEP = ((32, 1, 2, True), (32, 1, 4, True), (16, 1, 4, True), (8, 1, 4, Tru
 BWD_SWEEP = ((16, 1), (32, 1), (64, 2), (128, 4))
 CONV_SWEEP = ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4), (32, 128, 4), (16, 128, 4),
               (8, 256, 4), (64, 128, 8))
-CONV_BWD_SWEEP = ((256, 4, 2), (256, 8, 4), (256, 16, 4), (128, 16, 4), (64, 32, 4), (32, 32, 2), (16, 32, 1),
-                  (16, 64, 2), (16, 128, 4), (8, 128, 2), (32, 64, 4))
+CONV_BWD_SWEEP = {  # (block_t, block_d, num_warps); channel-contiguous: block_t = the walk's unroll
+    "cf": ((256, 4, 2), (256, 8, 4), (256, 16, 4), (128, 16, 4), (64, 32, 4), (256, 4, 1), (256, 2, 1)),
+    "cl": ((2, 32, 1), (4, 32, 1), (8, 32, 1), (4, 64, 2), (8, 64, 2), (4, 128, 4), (2, 64, 2), (16, 32, 1)),
+}
 
 
 def sweep(results, lean=False, ops=("scan", "conv")):
@@ -330,7 +357,7 @@ def sweep(results, lean=False, ops=("scan", "conv")):
             results[f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
             timings[("conv", layout, cfg)] = t
         dout = torch.randn_like(out)
-        for cfg in CONV_BWD_SWEEP:  # the backward kernel alone
+        for cfg in CONV_BWD_SWEEP[layout]:  # the backward kernel alone
             t = bench(lambda: tc.conv_backward(x, w, b, None, True, dout, block_t=cfg[0], block_d=cfg[1],
                                                num_warps=cfg[2]))
             results[f"sweep_conv_bwd/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}"] = t
@@ -357,8 +384,10 @@ def sweep(results, lean=False, ops=("scan", "conv")):
 
 def table(results):
     copy = results.get("copy_TBps", float("nan"))
-    rows = [f"copy bandwidth {copy:.2f} TB/s (device-to-device, read + write)",
-            f"{'op':<22}{'shape':>6}{'dtype':>6}{'ours us':>10}{'upstr us':>10}{'speed-up':>9}{'ours TB/s':>10}"]
+    rows = [f"copy bandwidth {copy:.2f} TB/s (device-to-device, read + write); eager calls, then CUDA-graph "
+            "replays (GPU time without the host)",
+            f"{'op':<22}{'shape':>6}{'dtype':>6}{'ours us':>10}{'upstr us':>10}{'speed-up':>9}{'ours TB/s':>10}"
+            f"{'graph ours':>11}{'graph up':>10}{'speed-up':>9}"]
     keys = sorted({k.rsplit('/', 1)[0] for k in results if "/" in k and not k.startswith("sweep")})
     for key in keys:
         op, shape, dname = key.split("/")
@@ -368,8 +397,11 @@ def table(results):
         if ours and op.startswith("scan_"):
             bw = f"{scan_bytes(int(shape), esize, op.startswith('scan_fwdbwd')) / ours / 1e6:.2f}"
         speed = f"{up / ours:.2f}x" if ours and up else ""
+        g_ours, g_up = results.get(key + "/ours_graph"), results.get(key + "/upstream_graph")
+        g_speed = f"{g_up / g_ours:.2f}x" if g_ours and g_up else ""
+        graph = f"{g_ours or float('nan'):>11.1f}{g_up or float('nan'):>10.1f}{g_speed:>9}" if g_ours or g_up else ""
         rows.append(f"{op:<22}{shape:>6}{dname:>6}{ours or float('nan'):>10.1f}{up or float('nan'):>10.1f}"
-                    f"{speed:>9}{bw:>10}")
+                    f"{speed:>9}{bw:>10}{graph}")
         if key + "/reference" in results:
             rows.append(f"{'  reference (torch)':<34}{results[key + '/reference']:>10.1f}")
         if key + "/torch" in results:

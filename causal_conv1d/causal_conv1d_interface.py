@@ -69,14 +69,16 @@ def use_triton(x):
     return True
 
 
-def dispatcher_needed(*tensors) -> bool:
-    """Whether a call must go through our torch.library custom ops rather than their implementation
-    functions directly: when autograd needs the op (a tensor requires grad), torch.compile is tracing, or
-    a dispatch mode watches ops (FlopCounterMode, FakeTensorMode). Otherwise (eager inference) the direct
-    call computes the same thing without the dispatcher's Python overhead, which was 0.1 to 0.2 ms per
-    call on an H200 host (cProfile of an eager Vim-S forward), and eager inference is bound by the host."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return True
+def ops_watched() -> bool:
+    """Whether something watches ops, so that calls must go through our torch.library custom ops:
+    torch.compile tracing, or a dispatch mode (FlopCounterMode, FakeTensorMode). Otherwise (eager) the
+    ops' implementations run directly, under a torch.autograd.Function when a gradient is needed: the same
+    computation without the custom-op dispatcher's overhead (0.1 to 0.2 ms per call on an H200 host,
+    cProfile of an eager Vim-S forward), which bounds eager inference and small-batch training."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -5,7 +5,8 @@ see one op. Same stacked form as the kernels (triton_causal_conv1d.py):
     -> out (R, b, d, L): direction 0 causal, direction 1 anti-causal (the causal conv of the reversed
        sequence, in original order); channels-last memory when channels_last_out
 
-Eager inference calls conv_fwd_impl directly (no dispatcher overhead). CUDA tensors run the Triton
+Callers use conv_apply: the custom ops when torch.compile or a dispatch mode (FLOP counting) watches, the
+implementations directly otherwise (eager: no dispatcher overhead). CUDA tensors run the Triton
 kernels, other devices the reference (the backward then runs autograd on the
 reference, outside the op). FLOPs: 2 per MAC (torch's convention) over (L + K - 1) * d * K MACs per
 sample and direction (dyvm/flops.py's count for the padded conv); backward twice the forward.
@@ -49,8 +50,7 @@ def _stacked_ref(x, weight, bias, mask, silu):
 
 
 def conv_fwd_impl(x, weight, bias, mask, gate_skip, silu, channels_last_out):
-    """The implementation of conv_fwd, callable directly when the dispatcher is not needed (eager inference:
-    see causal_conv1d_interface.dispatcher_needed)."""
+    """The implementation of conv_fwd (conv_apply calls it directly in eager mode)."""
     out = _alloc(x, weight.shape[0], channels_last_out)
     if _kernels(x):
         from causal_conv1d.triton_causal_conv1d import conv_forward
@@ -71,10 +71,8 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     return _alloc(x, weight.shape[0], channels_last_out)
 
 
-@torch.library.custom_op("causal_conv1d::conv_bwd", mutates_args=())
-def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-             dout: Tensor) -> List[Tensor]:
-    """[dx (x's dtype), dweight fp32, dbias fp32 (empty without bias)]; the Triton kernels only."""
+def conv_bwd_impl(x, weight, bias, mask, silu, dout):
+    """The implementation of conv_bwd."""
     if not _kernels(x):
         raise RuntimeError("causal_conv1d::conv_bwd runs the Triton kernels only; the reference backward "
                            "runs through autograd")
@@ -82,6 +80,13 @@ def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[T
 
     dx, dw, db = conv_backward(x, weight, bias, mask, silu, dout)
     return [dx, dw, db if db is not None else x.new_empty(_EMPTY, dtype=torch.float32)]
+
+
+@torch.library.custom_op("causal_conv1d::conv_bwd", mutates_args=())
+def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
+             dout: Tensor) -> List[Tensor]:
+    """[dx (x's dtype), dweight fp32, dbias fp32 (empty without bias)]; the Triton kernels only."""
+    return conv_bwd_impl(x, weight, bias, mask, silu, dout)
 
 
 @conv_bwd.register_fake
@@ -96,10 +101,10 @@ def _setup(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _backward(ctx, dout):
+def _backward(ctx, dout, bwd=conv_bwd):
     x, weight, bias, mask = ctx.saved_tensors
     if _kernels(x):
-        dx, dw, db = conv_bwd(x, weight, bias, mask, ctx.silu, dout)
+        dx, dw, db = bwd(x, weight, bias, mask, ctx.silu, dout)
     else:
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
         with torch.enable_grad():
@@ -111,6 +116,33 @@ def _backward(ctx, dout):
 
 
 conv_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerConv(torch.autograd.Function):
+    """conv_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = conv_fwd_impl(*args)
+        _setup(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _backward(ctx, dout, bwd=conv_bwd_impl)
+
+
+def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool) -> Tensor:
+    """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
+    dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
+    needed (see causal_conv1d_interface.ops_watched)."""
+    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
+
+    args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
+    if ops_watched():
+        return conv_fwd(*args)
+    return _EagerConv.apply(*args) if needs_grad(x, weight, bias) else conv_fwd_impl(*args)
 
 
 def conv_macs(x_shape, weight_shape) -> int:

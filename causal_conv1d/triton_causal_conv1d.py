@@ -202,14 +202,158 @@ def _conv_bwd_kernel(
             tl.store(dbias_ptr + row, db1, mask=mask_d)
 
 
+@triton.jit
+def _silu_grad(pre, g, SILU: tl.constexpr):
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _conv_bwd_walk_kernel(
+    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    dim, seqlen,
+    sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
+    N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    SILU: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The backward for channel-contiguous inputs: each lane owns a channel and walks the sequence once,
+    keeping the inputs x[t-3 .. t+2] and the pre-activation gradients g_0[t+1 .. t+3] (causal) and
+    g_1[t-3 .. t-1] (anti-causal) of its channel in registers. Per step it loads x[t+3] and the output
+    gradients, computes one pre-activation per direction (g_0 at t+3, g_1 at t), and stores dx[t]: one
+    read of x and dout, one write of dx, one sigmoid per element and direction. Widths under 4 are run
+    as width 4 with leading zero taps (the same convolution). Outputs like _conv_bwd_kernel's."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    batch = tl.num_programs(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    pad = 4 - WIDTH  # tap k' of the width-4 form is tap k' - pad of the real one
+    w0 = w_ptr + offs_d * WIDTH - pad
+    a0 = tl.load(w0, mask=mask_d & (pad <= 0), other=0.0).to(tl.float32)
+    a1 = tl.load(w0 + 1, mask=mask_d & (pad <= 1), other=0.0).to(tl.float32)
+    a2 = tl.load(w0 + 2, mask=mask_d & (pad <= 2), other=0.0).to(tl.float32)
+    a3 = tl.load(w0 + 3, mask=mask_d, other=0.0).to(tl.float32)
+    w1 = w0 + dim * WIDTH
+    b0 = tl.load(w1, mask=mask_d & (pad <= 0) & (N_DIRS == 2), other=0.0).to(tl.float32)
+    b1 = tl.load(w1 + 1, mask=mask_d & (pad <= 1) & (N_DIRS == 2), other=0.0).to(tl.float32)
+    b2 = tl.load(w1 + 2, mask=mask_d & (pad <= 2) & (N_DIRS == 2), other=0.0).to(tl.float32)
+    b3 = tl.load(w1 + 3, mask=mask_d & (N_DIRS == 2), other=0.0).to(tl.float32)
+    bias0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias0 += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if N_DIRS == 2:
+            bias1 += tl.load(bias_ptr + dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    x_base = x_ptr + pid_b * sx_b + offs_d * sx_d
+    m_base = m_ptr + pid_b * sm_b
+    do0_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
+    do1_base = do0_base + sdo_r
+    dx_base = dx_ptr + pid_b * sdx_b + offs_d * sdx_d
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    xm3 = zero  # x[t-3] ... x[t+2] entering step t (masked tokens and times outside as 0)
+    xm2 = zero
+    xm1 = zero
+    x0 = zero
+    xp1 = zero
+    xp2 = zero
+    f1 = zero  # g_0[t+1], g_0[t+2], g_0[t+3]... entering step t: f1 = g_0[t], f2 = g_0[t+1], f3 = g_0[t+2]
+    f2 = zero
+    f3 = zero
+    h1 = zero  # g_1[t-1], g_1[t-2], g_1[t-3]
+    h2 = zero
+    h3 = zero
+    dw00 = zero
+    dw01 = zero
+    dw02 = zero
+    dw03 = zero
+    dw10 = zero
+    dw11 = zero
+    dw12 = zero
+    dw13 = zero
+    db0 = zero
+    db1 = zero
+    # Steps t = -3 .. seqlen-1: the first three only fill the windows (their outputs are masked off).
+    for t0 in range(-3, seqlen, UNROLL):
+        for j in tl.static_range(UNROLL):
+            t = t0 + j
+            tn = t + 3  # the newest input
+            ok_n = (tn >= 0) & (tn < seqlen)
+            ok_t = (t >= 0) & (t < seqlen)
+            md_n = mask_d & ((tn + tl.zeros((BLOCK_D,), tl.int32)) >= 0) & (
+                (tn + tl.zeros((BLOCK_D,), tl.int32)) < seqlen)
+            md_t = mask_d & ((t + tl.zeros((BLOCK_D,), tl.int32)) >= 0) & (
+                (t + tl.zeros((BLOCK_D,), tl.int32)) < seqlen)
+            xp3 = tl.load(x_base + tn * sx_t, mask=md_n, other=0.0).to(tl.float32)
+            go = tl.load(do0_base + tn * sdo_t, mask=md_n, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                m_n = tl.load(m_base + tn * sm_t, mask=ok_n, other=0.0).to(tl.float32)
+                m_t = tl.load(m_base + t * sm_t, mask=ok_t, other=0.0).to(tl.float32)
+                xp3 *= m_n
+                go *= m_n
+            # direction 0 (causal): g_0[t+3] from x[t .. t+3]
+            g0n = _silu_grad(bias0 + a0 * x0 + a1 * xp1 + a2 * xp2 + a3 * xp3, go, SILU)
+            acc = a3 * f1 + a2 * f2 + a1 * f3 + a0 * g0n
+            dw00 += f1 * xm3
+            dw01 += f1 * xm2
+            dw02 += f1 * xm1
+            dw03 += f1 * x0
+            db0 += f1
+            if N_DIRS == 2:  # direction 1 (anti-causal): g_1[t] from x[t .. t+3]
+                gb = tl.load(do1_base + t * sdo_t, mask=md_t, other=0.0).to(tl.float32)
+                if HAS_MASK:
+                    gb *= m_t
+                g1t = _silu_grad(bias1 + b3 * x0 + b2 * xp1 + b1 * xp2 + b0 * xp3, gb, SILU)
+                acc += b3 * g1t + b2 * h1 + b1 * h2 + b0 * h3
+                dw10 += g1t * xp3
+                dw11 += g1t * xp2
+                dw12 += g1t * xp1
+                dw13 += g1t * x0
+                db1 += g1t
+                h3 = h2
+                h2 = h1
+                h1 = g1t
+            if HAS_MASK:
+                acc *= m_t
+            tl.store(dx_base + t * sdx_t, acc.to(dx_ptr.dtype.element_ty), mask=md_t)
+            xm3 = xm2
+            xm2 = xm1
+            xm1 = x0
+            x0 = xp1
+            xp1 = xp2
+            xp2 = xp3
+            f1 = f2
+            f2 = f3
+            f3 = g0n
+    # tap k of the real kernel is tap k + pad of the width-4 form
+    row = pid_b * dim + offs_d
+    dwp = dw_ptr + row * WIDTH - pad
+    tl.store(dwp, dw00, mask=mask_d & (pad <= 0))
+    tl.store(dwp + 1, dw01, mask=mask_d & (pad <= 1))
+    tl.store(dwp + 2, dw02, mask=mask_d & (pad <= 2))
+    tl.store(dwp + 3, dw03, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + row, db0, mask=mask_d)
+    if N_DIRS == 2:
+        dwp += batch * dim * WIDTH
+        tl.store(dwp, dw10, mask=mask_d & (pad <= 0))
+        tl.store(dwp + 1, dw11, mask=mask_d & (pad <= 1))
+        tl.store(dwp + 2, dw12, mask=mask_d & (pad <= 2))
+        tl.store(dwp + 3, dw13, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + batch * dim + row, db1, mask=mask_d)
+
+
 # Tile (time x channels) and warps per program, per input layout: "cf" time-contiguous (b, d, L),
 # "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
 # MAMBA_TRITON_TUNING=file.json (benchmarks/kernels.py --sweep --save-tuning) overrides them ("conv" entry).
-# The backward ("cf_bwd", "cl_bwd") walks the sequence in block_t steps, one program per block of channels.
+# The backward ("cf_bwd", "cl_bwd"): one program per block of channels walks the sequence, in block_t-step
+# tiles (time-contiguous, _conv_bwd_kernel) or one step at a time unrolled block_t times (channel-contiguous,
+# _conv_bwd_walk_kernel).
 CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
                "cl": {"block_t": 16, "block_d": 128, "num_warps": 4},
-               "cf_bwd": {"block_t": 256, "block_d": 8, "num_warps": 4},
-               "cl_bwd": {"block_t": 16, "block_d": 64, "num_warps": 2}}
+               "cf_bwd": {"block_t": 256, "block_d": 4, "num_warps": 2},
+               "cl_bwd": {"block_t": 4, "block_d": 32, "num_warps": 1}}
 
 
 apply_tuning_file("conv", CONV_TUNING)
@@ -264,22 +408,21 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     dbias = torch.empty((R, batch, dim), device=dev, dtype=f32) if bias is not None else None
     dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
         else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
-    _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](
-        x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dx, dw,
-        dbias if dbias is not None else dw, dim, seqlen,
-        *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4), *_strides(dx, 3),
-        N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    args = (x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dx, dw,
+            dbias if dbias is not None else dw, dim, seqlen,
+            *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4), *_strides(dx, 3))
+    flags = dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
+                 BLOCK_D=block_d, num_warps=num_warps)
+    if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t = steps unrolled)
+        _conv_bwd_walk_kernel[(batch, triton.cdiv(dim, block_d))](*args, UNROLL=block_t, **flags)
+    else:
+        _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](*args, BLOCK_T=block_t, **flags)
     return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """causal_conv1d_fn on the Triton kernels, through the custom op causal_conv1d::conv_fwd, or its
-    implementation directly in eager inference (arguments checked by the caller)."""
-    from causal_conv1d.causal_conv1d_interface import dispatcher_needed
-    from causal_conv1d.conv_op import conv_fwd, conv_fwd_impl
+    """causal_conv1d_fn on the Triton kernels, through conv_op.conv_apply (arguments checked by the caller)."""
+    from causal_conv1d.conv_op import conv_apply
 
-    conv = conv_fwd if dispatcher_needed(x, weight, bias) else conv_fwd_impl  # eager inference: no dispatcher
-    return conv(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
+    return conv_apply(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
                 activation is not None, False)[0]

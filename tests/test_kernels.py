@@ -200,10 +200,12 @@ def test_causal_conv1d_matches_reference(dtype, seqlen, activation, channels_las
 
 @pytest.mark.parametrize("channels_last,width,n_dirs,masked,silu", [
     (False, 4, 2, True, True), (True, 4, 2, True, True), (True, 3, 1, False, True), (False, 2, 2, False, False),
+    (True, 2, 2, False, False), (True, 3, 2, True, True),
 ])
 def test_stacked_conv_small_tiles(channels_last, width, n_dirs, masked, silu):
     """The stacked conv op (both directions, mask) with tiles smaller than the sequence and the channels, so
-    the backward's walk over time tiles and its tile edges are exercised in both layouts."""
+    the backward's tile edges (time-contiguous) and its walk's unrolled steps and start/end (channel-
+    contiguous) are exercised, for widths 2 to 4."""
     from causal_conv1d.conv_op import _stacked_ref
     from causal_conv1d.triton_causal_conv1d import conv_backward, conv_forward
 
@@ -260,30 +262,41 @@ def test_flop_counter_sees_the_scan():
     assert counter.get_total_flops() == 2 * conv_macs((2, 40, 23), (1, 40, 4)) == 2 * 2 * (23 + 3) * 40 * 4
 
 
-def test_eager_inference_calls_the_kernels_without_the_dispatcher():
-    """Eager inference skips the custom ops' dispatcher; autograd, FlopCounterMode and FakeTensorMode still
-    go through the ops (so gradients and FLOP counts are unchanged)."""
+def test_eager_calls_skip_the_dispatcher_but_not_what_watches_ops():
+    """Eager calls run the implementations (an autograd.Function when a gradient is needed); torch.compile,
+    FlopCounterMode and FakeTensorMode get the custom ops. Same values and gradients either way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mamba_ssm.ops.dispatch import dispatcher_needed
+    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
 
     x, w = torch.randn(2, 3), torch.randn(3).requires_grad_()
-    assert not dispatcher_needed(x, None)
-    assert dispatcher_needed(x, w)
+    assert not ops_watched() and needs_grad(x, w) and not needs_grad(x, None)
     with torch.no_grad():
-        assert not dispatcher_needed(x, w)
+        assert not needs_grad(x, w)
         with FlopCounterMode(display=False):
-            assert dispatcher_needed(x)
+            assert ops_watched()
     with FakeTensorMode():
-        assert dispatcher_needed(x)
+        assert ops_watched()
     batch, dim, seqlen = 2, 40, 19
-    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
-    xz = torch.randn(batch, seqlen, 2 * dim).transpose(1, 2)
+    weights = [scan_weights(dim, 4, 8, torch.float32) for _ in range(2)]
+    leaves = [t.detach().requires_grad_() for t in (torch.randn(batch, seqlen, 2 * dim).transpose(1, 2),
+                                                   *weights[0], *weights[1])]
+    args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]))
+    g = torch.randn(batch, dim, seqlen)
+    results, backward_nodes = [], []
+    for watched in (False, True):
+        with triton_on_cpu(), FlopCounterMode(display=False) if watched else torch.enable_grad() as counter:
+            out = bimamba_v2_inner_fn(*args)
+            backward_nodes.append(type(out.grad_fn).__name__)
+            results.append([out, *grads(out, leaves, g)])
+    assert backward_nodes[0].startswith("_EagerScan") and not backward_nodes[1].startswith("_EagerScan")
+    counts = {str(k) for k in counter.get_flop_counts()["Global"]}
+    assert {"mamba_ssm.scan_bwd", "causal_conv1d.conv_bwd"} <= counts  # the watched backward ran the ops
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     with torch.no_grad(), triton_on_cpu():
-        direct = bimamba_v2_inner_fn(xz, fwd, bwd)
         with FlopCounterMode(display=False) as counter:
-            via_ops = bimamba_v2_inner_fn(xz, fwd, bwd)
-    assert torch.equal(direct, via_ops)
+            bimamba_v2_inner_fn(*args)
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     assert counts["mamba_ssm.scan_fwd"] == 2 * scan_macs((2, batch, dim, seqlen), 8)
     assert counts["causal_conv1d.conv_fwd"] == 2 * conv_macs((batch, dim, seqlen), (2, dim, 4))

@@ -8,8 +8,6 @@ import os
 from contextlib import contextmanager
 from functools import lru_cache
 
-from causal_conv1d.causal_conv1d_interface import dispatcher_needed  # noqa: F401  (shared by both packages)
-
 FORCE_REFERENCE_ENV = "MAMBA_FORCE_REFERENCE"
 _triton_on_cpu = False
 

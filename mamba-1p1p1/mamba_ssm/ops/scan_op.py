@@ -10,8 +10,9 @@
     ckpt: with want_ckpt (a backward will follow) and the kernels, the states every CKPT_CHUNK steps that
     the backward kernel starts from, saved for it (R, b, n_chunks, N, d) fp32; else empty
 
-Eager inference calls scan_fwd_impl directly (the same computation without the dispatcher's overhead;
-dispatch.dispatcher_needed says when the op is needed). CUDA tensors run the Triton kernels; other devices
+Callers use scan_apply: the custom ops when torch.compile or a dispatch mode (FLOP counting) watches, the
+implementations directly otherwise (eager: no dispatcher overhead, an autograd.Function when a gradient is
+needed). CUDA tensors run the Triton kernels; other devices
 run the PyTorch reference (and the backward recomputes
 it under autograd, outside the op: autograd does not run inside a custom op). The public functions use these ops on CUDA only: on CPU they call the
 reference directly, which keeps its own analytic backward and is faster there.
@@ -64,8 +65,7 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
                   want_ckpt=False):
-    """The implementation of scan_fwd, callable directly when the dispatcher is not needed (eager
-    inference: see mamba_ssm.ops.dispatch.dispatcher_needed)."""
+    """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
     empty = lambda: u.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs must not alias)
     if _is_triton(u):
         from mamba_ssm.ops.triton.selective_scan import scan_forward
@@ -102,13 +102,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
     return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=f32), u.new_empty(ckpt_shape, dtype=f32)
 
 
-@torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
-def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
-             dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
-    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
-    and z, the others fp32; empty tensors for absent inputs.
-    Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
+def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
+    """The implementation of scan_bwd."""
     if not _is_triton(u):
         raise RuntimeError("mamba_ssm::scan_bwd runs the Triton kernels only; the reference backward runs "
                            "through autograd (scan_op._reference_grads)")
@@ -118,6 +113,16 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                       ckpt if ckpt is not None and ckpt.numel() else None)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
     return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=torch.float32) for n in names]
+
+
+@torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
+def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
+             dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
+    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
+    and z, the others fp32; empty tensors for absent inputs.
+    Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
+    return scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt)
 
 
 def _reference_grads(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast):
@@ -159,16 +164,48 @@ def _setup(ctx, inputs, output):
     ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
 
 
-def _backward(ctx, dout, dlast, dckpt):
+def _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd):
     u, delta, A, B, C, D, z, delta_bias, gate, ckpt = ctx.saved_tensors
     args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout,
             dlast if ctx.want_last else None)
-    grads = scan_bwd(*args, ckpt) if _is_triton(u) else _reference_grads(*args)
+    grads = bwd(*args, ckpt) if _is_triton(u) else _reference_grads(*args)
     cast = [None if t is None else g.to(t.dtype) for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias, gate))]
     return (*cast, None, None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerScan(torch.autograd.Function):
+    """scan_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = scan_fwd_impl(*args)
+        _setup(ctx, args, out)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, dlast, dckpt):
+        return _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd_impl)
+
+
+def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+               delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
+               want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Run scan_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
+    dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
+    needed (see causal_conv1d.causal_conv1d_interface.ops_watched)."""
+    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
+
+    args = (u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
+            want_ckpt)
+    if ops_watched():
+        return scan_fwd(*args)
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
+        return _EagerScan.apply(*args)
+    return scan_fwd_impl(*args)
 
 
 def scan_macs(u_shape, d_state: int) -> int:

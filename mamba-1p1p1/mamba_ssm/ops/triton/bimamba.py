@@ -17,9 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from causal_conv1d.conv_op import conv_fwd, conv_fwd_impl
-from mamba_ssm.ops.dispatch import dispatcher_needed
-from mamba_ssm.ops.scan_op import scan_fwd, scan_fwd_impl
+from causal_conv1d.conv_op import conv_apply
+from mamba_ssm.ops.scan_op import scan_apply
 
 
 def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
@@ -62,18 +61,16 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, gate, *w))
-    via_ops = dispatcher_needed(xz, gate, *w)  # eager inference calls the implementations directly
-    conv, scan = (conv_fwd, scan_fwd) if via_ops else (conv_fwd_impl, scan_fwd_impl)
     if mask is not None:
         mask = mask.to(x.dtype)
     gate_skip = gate if gate is not None and not needs_grad else None
-    xc = conv(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
     delta = torch.bmm(x_dbl[..., :dt_rank], w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = x_dbl[..., dt_rank:dt_rank + d_state].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = x_dbl[..., dt_rank + d_state:].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
-    out, _, _ = scan(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0,
+    out, _, _ = scan_apply(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0,
                          False, True, needs_grad)
     return out
