@@ -211,19 +211,62 @@ def _silu_grad(pre, g, SILU: tl.constexpr):
 
 
 @triton.jit
+def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_t, sdo_t,
+                N_DIRS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """What step t of the walk reads: x[t+3] and dout_0[t+3] (masked), dout_1[t] (masked), m[t] (as a
+    vector: every returned value is a (BLOCK_D,) fp32 tensor, so that they can be carried by the loop)."""
+    tn = t + 3
+    ok_n = (tn >= 0) & (tn < seqlen)
+    ok_t = (t >= 0) & (t < seqlen)
+    vec = tl.zeros(mask_d.shape, dtype=tl.int32)  # broadcast the scalar tests first (for the interpreter)
+    md_n = mask_d & ((vec + tn) >= 0) & ((vec + tn) < seqlen)
+    md_t = mask_d & ((vec + t) >= 0) & ((vec + t) < seqlen)
+    xn = tl.load(x_base + tn * sx_t, mask=md_n, other=0.0).to(tl.float32)
+    go = tl.load(do0_base + tn * sdo_t, mask=md_n, other=0.0).to(tl.float32)
+    gb = tl.zeros(mask_d.shape, dtype=tl.float32)
+    if N_DIRS == 2:
+        gb += tl.load(do1_base + t * sdo_t, mask=md_t, other=0.0).to(tl.float32)
+    m_t = tl.zeros(mask_d.shape, dtype=tl.float32) + 1.0
+    if HAS_MASK:
+        m_n = tl.load(m_base + tn * sm_t, mask=ok_n, other=0.0).to(tl.float32)
+        m_t *= tl.load(m_base + t * sm_t, mask=ok_t, other=0.0).to(tl.float32)
+        xn *= m_n
+        go *= m_n
+        gb *= m_t
+    return xn, go, gb, m_t
+
+
+@triton.jit
+def pick4(v0, v1, v2, v3, j: tl.constexpr):
+    """v_j for a compile-time j (selecting among values loaded ahead of use)."""
+    v = v0
+    if j == 1:
+        v = v1
+    if j == 2:
+        v = v2
+    if j == 3:
+        v = v3
+    return v
+
+
+@triton.jit
 def _conv_bwd_walk_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
     dim, seqlen,
     sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
     N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SILU: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The backward for channel-contiguous inputs: each lane owns a channel and walks the sequence once,
     keeping the inputs x[t-3 .. t+2] and the pre-activation gradients g_0[t+1 .. t+3] (causal) and
     g_1[t-3 .. t-1] (anti-causal) of its channel in registers. Per step it loads x[t+3] and the output
     gradients, computes one pre-activation per direction (g_0 at t+3, g_1 at t), and stores dx[t]: one
     read of x and dout, one write of dx, one sigmoid per element and direction. Widths under 4 are run
-    as width 4 with leading zero taps (the same convolution). Outputs like _conv_bwd_kernel's."""
+    as width 4 with leading zero taps (the same convolution). Outputs like _conv_bwd_kernel's.
+
+    Steps go in groups of 4 whose loads are issued one group ahead (software pipelining): Triton cannot
+    tell that the dx stores do not alias the inputs, so a load written after a store waits for it in
+    program order, and without the prefetch every step would wait a full memory latency."""
     pid_b = tl.program_id(0).to(tl.int64)
     batch = tl.num_programs(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -248,7 +291,6 @@ def _conv_bwd_walk_kernel(
     x_base = x_ptr + pid_b * sx_b + offs_d * sx_d
     m_base = m_ptr + pid_b * sm_b
     do0_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
-    do1_base = do0_base + sdo_r
     dx_base = dx_ptr + pid_b * sdx_b + offs_d * sdx_d
     zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
     xm3 = zero  # x[t-3] ... x[t+2] entering step t (masked tokens and times outside as 0)
@@ -274,23 +316,35 @@ def _conv_bwd_walk_kernel(
     db0 = zero
     db1 = zero
     # Steps t = -3 .. seqlen-1: the first three only fill the windows (their outputs are masked off).
-    for t0 in range(-3, seqlen, UNROLL):
-        for j in tl.static_range(UNROLL):
+    nx0, ng0, nb0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -3, mask_d, seqlen, sx_t, sm_t,
+                                     sdo_t, N_DIRS, HAS_MASK)
+    nx1, ng1, nb1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -2, mask_d, seqlen, sx_t, sm_t,
+                                     sdo_t, N_DIRS, HAS_MASK)
+    nx2, ng2, nb2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -1, mask_d, seqlen, sx_t, sm_t,
+                                     sdo_t, N_DIRS, HAS_MASK)
+    nx3, ng3, nb3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, 0, mask_d, seqlen, sx_t, sm_t,
+                                     sdo_t, N_DIRS, HAS_MASK)
+    for t0 in range(-3, seqlen, 4):
+        cx0, cg0, cb0, cm0 = nx0, ng0, nb0, nm0
+        cx1, cg1, cb1, cm1 = nx1, ng1, nb1, nm1
+        cx2, cg2, cb2, cm2 = nx2, ng2, nb2, nm2
+        cx3, cg3, cb3, cm3 = nx3, ng3, nb3, nm3
+        nx0, ng0, nb0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 4, mask_d, seqlen, sx_t,
+                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
+        nx1, ng1, nb1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 5, mask_d, seqlen, sx_t,
+                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
+        nx2, ng2, nb2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 6, mask_d, seqlen, sx_t,
+                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
+        nx3, ng3, nb3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 7, mask_d, seqlen, sx_t,
+                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
+        for j in tl.static_range(4):
             t = t0 + j
-            tn = t + 3  # the newest input
-            ok_n = (tn >= 0) & (tn < seqlen)
-            ok_t = (t >= 0) & (t < seqlen)
-            md_n = mask_d & ((tn + tl.zeros((BLOCK_D,), tl.int32)) >= 0) & (
-                (tn + tl.zeros((BLOCK_D,), tl.int32)) < seqlen)
-            md_t = mask_d & ((t + tl.zeros((BLOCK_D,), tl.int32)) >= 0) & (
-                (t + tl.zeros((BLOCK_D,), tl.int32)) < seqlen)
-            xp3 = tl.load(x_base + tn * sx_t, mask=md_n, other=0.0).to(tl.float32)
-            go = tl.load(do0_base + tn * sdo_t, mask=md_n, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                m_n = tl.load(m_base + tn * sm_t, mask=ok_n, other=0.0).to(tl.float32)
-                m_t = tl.load(m_base + t * sm_t, mask=ok_t, other=0.0).to(tl.float32)
-                xp3 *= m_n
-                go *= m_n
+            vec_t = t + tl.zeros((BLOCK_D,), dtype=tl.int32)
+            md_t = mask_d & (vec_t >= 0) & (vec_t < seqlen)
+            xp3 = pick4(cx0, cx1, cx2, cx3, j)
+            go = pick4(cg0, cg1, cg2, cg3, j)
+            gb = pick4(cb0, cb1, cb2, cb3, j)
+            m_t = pick4(cm0, cm1, cm2, cm3, j)
             # direction 0 (causal): g_0[t+3] from x[t .. t+3]
             g0n = _silu_grad(bias0 + a0 * x0 + a1 * xp1 + a2 * xp2 + a3 * xp3, go, SILU)
             acc = a3 * f1 + a2 * f2 + a1 * f3 + a0 * g0n
@@ -300,9 +354,6 @@ def _conv_bwd_walk_kernel(
             dw03 += f1 * x0
             db0 += f1
             if N_DIRS == 2:  # direction 1 (anti-causal): g_1[t] from x[t .. t+3]
-                gb = tl.load(do1_base + t * sdo_t, mask=md_t, other=0.0).to(tl.float32)
-                if HAS_MASK:
-                    gb *= m_t
                 g1t = _silu_grad(bias1 + b3 * x0 + b2 * xp1 + b1 * xp2 + b0 * xp3, gb, SILU)
                 acc += b3 * g1t + b2 * h1 + b1 * h2 + b0 * h3
                 dw10 += g1t * xp3
@@ -325,6 +376,17 @@ def _conv_bwd_walk_kernel(
             f1 = f2
             f2 = f3
             f3 = g0n
+        # Workaround for a Triton 3.6 miscompile (found on an H200, invisible to the interpreter): when the
+        # loop yields values that are other loop-carried values passed through (here the window, rotated
+        # by 4 slots), the weight gradient came out wrong (relative error 0.4; dx and dbias right). Adding
+        # 0.0 makes them new values (x + 0.0 is not folded for floats). Checked at full size by
+        # benchmarks/kernels.py.
+        xm3 = xm3 + 0.0
+        xm2 = xm2 + 0.0
+        xm1 = xm1 + 0.0
+        x0 = x0 + 0.0
+        xp1 = xp1 + 0.0
+        xp2 = xp2 + 0.0
     # tap k of the real kernel is tap k + pad of the width-4 form
     row = pid_b * dim + offs_d
     dwp = dw_ptr + row * WIDTH - pad
@@ -348,12 +410,12 @@ def _conv_bwd_walk_kernel(
 # "cl" channel-contiguous (the Vim mixer's). Chosen by benchmarks/kernels.py --sweep on an H200.
 # MAMBA_TRITON_TUNING=file.json (benchmarks/kernels.py --sweep --save-tuning) overrides them ("conv" entry).
 # The backward ("cf_bwd", "cl_bwd"): one program per block of channels walks the sequence, in block_t-step
-# tiles (time-contiguous, _conv_bwd_kernel) or one step at a time unrolled block_t times (channel-contiguous,
-# _conv_bwd_walk_kernel).
+# tiles (time-contiguous, _conv_bwd_kernel) or one step at a time, 4 steps per group (channel-contiguous,
+# _conv_bwd_walk_kernel, which ignores block_t).
 CONV_TUNING = {"cf": {"block_t": 256, "block_d": 16, "num_warps": 4},
                "cl": {"block_t": 16, "block_d": 128, "num_warps": 4},
-               "cf_bwd": {"block_t": 256, "block_d": 4, "num_warps": 2},
-               "cl_bwd": {"block_t": 4, "block_d": 32, "num_warps": 1}}
+               "cf_bwd": {"block_t": 256, "block_d": 2, "num_warps": 1},
+               "cl_bwd": {"block_t": 4, "block_d": 64, "num_warps": 2}}
 
 
 apply_tuning_file("conv", CONV_TUNING)
@@ -413,8 +475,8 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
             *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4), *_strides(dx, 3))
     flags = dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
                  BLOCK_D=block_d, num_warps=num_warps)
-    if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t = steps unrolled)
-        _conv_bwd_walk_kernel[(batch, triton.cdiv(dim, block_d))](*args, UNROLL=block_t, **flags)
+    if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t unused)
+        _conv_bwd_walk_kernel[(batch, triton.cdiv(dim, block_d))](*args, **flags)
     else:
         _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](*args, BLOCK_T=block_t, **flags)
     return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None
@@ -424,5 +486,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None):
     """causal_conv1d_fn on the Triton kernels, through conv_op.conv_apply (arguments checked by the caller)."""
     from causal_conv1d.conv_op import conv_apply
 
+    # The output in x's memory layout (as upstream: channel-last in, channel-last out), so the stores
+    # coalesce; squeeze, not [0]: the gradient of a select is a zero-filled copy in the default layout.
     return conv_apply(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
-                activation is not None, False)[0]
+                      activation is not None, x.stride(1) == 1 and x.stride(2) != 1).squeeze(0)

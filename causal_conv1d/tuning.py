@@ -14,7 +14,7 @@ def apply_tuning_file(section: str, table: dict) -> None:
         saved = json.load(open(path)).get(section, {})
     except (OSError, ValueError) as e:
         raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
-    for key, cfg in saved.items():
-        if key not in table or set(cfg) != set(table[key]):
+    for key, cfg in saved.items():  # entries may omit parameters added later (they keep the built-in value)
+        if key not in table or not set(cfg) <= set(table[key]):
             raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected {section} entry {key}: {cfg}")
-        table[key] = dict(cfg)
+        table[key] = {**table[key], **cfg}

@@ -42,8 +42,21 @@ def test_kernel_benchmark_dry_run(tmp_path):
 
 def test_bad_tuning_file_is_named(tmp_path):
     bad = tmp_path / "tuning.json"
-    bad.write_text(json.dumps({"fwd": {"cf/4": {"block_d": 32}}}))
+    bad.write_text(json.dumps({"fwd": {"cf/4": {"block_d": 32, "blok_d": 16}}}))  # a misspelt parameter
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'mamba-1p1p1'}{os.pathsep}{ROOT}", MAMBA_TRITON_TUNING=str(bad))
     proc = subprocess.run([sys.executable, "-c", "import mamba_ssm.ops.triton.selective_scan"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "MAMBA_TRITON_TUNING" in proc.stderr and "cf/4" in proc.stderr
+
+
+def test_tuning_file_from_before_a_new_parameter_still_loads(tmp_path):
+    """An entry written before a parameter existed keeps the built-in value of that parameter."""
+    old = tmp_path / "tuning.json"
+    old.write_text(json.dumps({"fwd": {"cf/4": {"block_d": 16, "num_warps": 2, "unroll": 8,
+                                                "lanes_on_channels": False}}}))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'mamba-1p1p1'}{os.pathsep}{ROOT}", MAMBA_TRITON_TUNING=str(old))
+    code = "import json; from mamba_ssm.ops.triton import selective_scan as s; print(json.dumps(s.FWD_TUNING['cf/4']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(proc.stdout)
+    assert entry["block_d"] == 16 and "prefetch" in entry

@@ -9,9 +9,13 @@ no flipped copies are made), and both add into one output; the program runs dire
 which reads back and accumulates what direction 0 wrote. A (sample, direction) whose gate is exactly 0 is
 skipped in the forward pass (its contribution 0 * y is zero): no work, no copy.
 
-Backward: the program re-runs the forward walk, keeping the state at every CHUNK-th step (checkpoints),
-then for each chunk from last to first recomputes that chunk's states into a small per-program scratch
-and walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}. Cross-channel sums
+Backward: from the states the forward stored every CKPT_CHUNK steps (checkpoints), the program takes the
+chunks from last to first, recomputes each chunk's states into a small per-program scratch and walks it
+in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}.
+
+Prefetch (both walks): loads are issued ahead of the stores of the current step(s). Triton does not know
+that the stores cannot alias the inputs, so a load written after a store waits for it, and each step
+would expose a memory latency (docs/kernels.md). Cross-channel sums
 (dB, dC) and cross-sample sums (dA, dD, d delta_bias, d gate) are written as per-program partial sums
 and reduced with torch, so results are deterministic.
 
@@ -24,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from causal_conv1d.triton_causal_conv1d import pick4
 from causal_conv1d.tuning import apply_tuning_file
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
@@ -31,15 +36,17 @@ from causal_conv1d.tuning import apply_tuning_file
 # "cl", as the Vim mixer passes). Backward: chunk = checkpoint interval (steps).
 # Keys: layout / element size ("cf/4": time-contiguous fp32, "cl/2": channel-contiguous bf16 or fp16).
 # MAMBA_TRITON_TUNING=file.json (written by benchmarks/kernels.py --sweep --save-tuning) overrides them.
+# prefetch: walk in groups of 4 steps whose loads are issued one group ahead (unroll then unused).
 FWD_TUNING = {
-    "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
-    "cf/2": {"block_d": 32, "num_warps": 2, "unroll": 8, "lanes_on_channels": False},
-    "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 8, "lanes_on_channels": False},
-    "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": True},
+    "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
+    "cf/2": {"block_d": 64, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
+    "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
+    "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": True, "prefetch": True},
 }
 # The backward runs on channel-contiguous inputs only (time-contiguous ones are copied: its per-lane loads
 # would not coalesce; measured 2.9 ms against 1.6 ms at Vim-S, fp32, H200).
-BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1}, "cl/2": {"block_d": 32, "num_warps": 1}}
+BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True},
+              "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
@@ -60,6 +67,54 @@ def _softplus(x):
 
 
 @triton.jit
+def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t, so_t,
+               mask_d, mask_n, mask_acc, r: tl.constexpr, HAS_Z: tl.constexpr):
+    """What step s of direction r's walk reads, in fp32: u, dt, z, the output so far (direction 1 adds
+    to direction 0's), B and C. Zeros past the end (and for absent z)."""
+    t = s if r == 0 else seqlen - 1 - s
+    ok = (s + tl.zeros(mask_d.shape, tl.int32)) < seqlen
+    ok_n = (s + tl.zeros(mask_n.shape, tl.int32)) < seqlen
+    md = mask_d & ok
+    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+    z = tl.zeros(mask_d.shape, tl.float32)
+    if HAS_Z:
+        z += tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+    prev = tl.zeros(mask_d.shape, tl.float32)
+    if r == 1:
+        prev += tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+    return u, dt, z, prev, Bt, Ct
+
+
+@triton.jit
+def _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS: tl.constexpr,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              ACCUMULATE: tl.constexpr, ok):
+    """One step of the walk from its loaded inputs -> (new state, output y)."""
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
+    if LANES_ON_CHANNELS:
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+        y = tl.sum(h * Ct[:, None], axis=0)
+    else:
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        y *= z * tl.sigmoid(z)
+    y *= g_scale
+    if ACCUMULATE:
+        y += prev
+    return h, y
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C,
@@ -74,7 +129,7 @@ def _scan_fwd_kernel(
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
-    CKPT_T: tl.constexpr,
+    CKPT_T: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """CKPT_T > 0 (training): store the state entering every CKPT_T-th step of each walk into ckpt
     (r, b, n_chunks, n, d) fp32 for the backward, and run gated-off directions too (the backward needs
@@ -117,10 +172,12 @@ def _scan_fwd_kernel(
                 A2 = tl.load(A_ptr + r * dim * d_state + offs_d[:, None] * d_state + offs_n[None, :],
                              mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
                 h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
             if HAS_D:
-                Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                Dv += tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                bias += tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
             dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
             B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n * sB_n
@@ -135,47 +192,96 @@ def _scan_fwd_kernel(
             # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
             # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
             ckpt_base = ckpt_ptr + (r * tl.num_programs(0) + pid_b) * n_chunks * d_state * dim
-            for s0 in range(0, seqlen, UNROLL):
-                if CKPT_T > 0:
-                    if s0 % CKPT_T == 0:
-                        c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
+            if PREFETCH:
+                # Groups of 4 steps whose loads are issued one group ahead: Triton cannot tell that the
+                # output stores do not alias the inputs, so loads written after a store wait for it.
+                nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
+                    u_base, dt_base, B_base, C_base, z_base, o_base, 0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
+                    u_base, dt_base, B_base, C_base, z_base, o_base, 1, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
+                    u_base, dt_base, B_base, C_base, z_base, o_base, 2, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
+                    u_base, dt_base, B_base, C_base, z_base, o_base, 3, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                for s0 in range(0, seqlen, 4):
+                    if CKPT_T > 0:
+                        if s0 % CKPT_T == 0:
+                            c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
+                            if LANES_ON_CHANNELS:
+                                tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
+                            else:
+                                tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
+                    cu0, cdt0, cz0, cpv0, cB0, cC0 = nu0, ndt0, nz0, npv0, nB0, nC0
+                    cu1, cdt1, cz1, cpv1, cB1, cC1 = nu1, ndt1, nz1, npv1, nB1, nC1
+                    cu2, cdt2, cz2, cpv2, cB2, cC2 = nu2, ndt2, nz2, npv2, nB2, nC2
+                    cu3, cdt3, cz3, cpv3, cB3, cC3 = nu3, ndt3, nz3, npv3, nB3, nC3
+                    nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
+                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
+                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 5, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
+                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 6, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
+                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 7, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    for j in tl.static_range(4):
+                        s = s0 + j
+                        t = s if r == 0 else seqlen - 1 - s
+                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                        h, y = _fwd_step(h, A2, pick4(cu0, cu1, cu2, cu3, j), pick4(cdt0, cdt1, cdt2, cdt3, j),
+                                         pick4(cz0, cz1, cz2, cz3, j), pick4(cpv0, cpv1, cpv2, cpv3, j),
+                                         pick4(cB0, cB1, cB2, cB3, j), pick4(cC0, cC1, cC2, cC3, j), Dv, bias,
+                                         g_scale, LANES_ON_CHANNELS, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, r == 1, ok)
+                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
+            else:
+                for s0 in range(0, seqlen, UNROLL):
+                    if CKPT_T > 0:
+                        if s0 % CKPT_T == 0:
+                            c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
+                            if LANES_ON_CHANNELS:
+                                tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
+                            else:
+                                tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
+                    for j in tl.static_range(UNROLL):
+                        s = s0 + j
+                        t = s if r == 0 else seqlen - 1 - s
+                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                        ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
+                        md = mask_d & ok
+                        u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+                        dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+                        Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                        Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
+                        if HAS_Z:
+                            z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+                        if r == 1:
+                            prev = tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
+                        if HAS_BIAS:
+                            dt += bias
+                        if SOFTPLUS:
+                            dt = _softplus(dt)
+                        dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
                         if LANES_ON_CHANNELS:
-                            tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
+                            h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+                            y = tl.sum(h * Ct[:, None], axis=0)
                         else:
-                            tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
-                for j in tl.static_range(UNROLL):
-                    s = s0 + j
-                    t = s if r == 0 else seqlen - 1 - s
-                    ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
-                    ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
-                    md = mask_d & ok
-                    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-                    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-                    Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
-                    Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
-                    if HAS_Z:
-                        z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
-                    if r == 1:
-                        prev = tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        dt += bias
-                    if SOFTPLUS:
-                        dt = _softplus(dt)
-                    dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                    if LANES_ON_CHANNELS:
-                        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-                        y = tl.sum(h * Ct[:, None], axis=0)
-                    else:
-                        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                        y = tl.sum(h * Ct[None, :], axis=1)
-                    if HAS_D:
-                        y += Dv * u
-                    if HAS_Z:
-                        y *= z * tl.sigmoid(z)
-                    y *= g_scale
-                    if r == 1:
-                        y += prev
-                    tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
+                            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+                            y = tl.sum(h * Ct[None, :], axis=1)
+                        if HAS_D:
+                            y += Dv * u
+                        if HAS_Z:
+                            y *= z * tl.sigmoid(z)
+                        y *= g_scale
+                        if r == 1:
+                            y += prev
+                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
             if STORE_LAST:
                 if LANES_ON_CHANNELS:
                     tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
@@ -192,6 +298,44 @@ def _scan_fwd_kernel(
             zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
             for t in range(seqlen):
                 tl.store(o_base + t * so_t, zero, mask=mask_d)
+
+
+@triton.jit
+def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
+                     r: tl.constexpr):
+    """u, dt (before bias), B of step s for the backward's recompute walk; zeros when s >= s_end."""
+    t = s if r == 0 else seqlen - 1 - s
+    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s_end)
+    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s_end)
+    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
+    return u, dt, Bt
+
+
+@triton.jit
+def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
+                   seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n,
+                   r: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What step s of the backward's reverse walk reads: the state before the step (from the scratch), u,
+    dt (before bias), B, C, dout, z and direction 0's dz (direction 1); zeros when s < s0."""
+    t = s if r == 0 else seqlen - 1 - s
+    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
+    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
+    h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
+                     mask=(offs_tile * 0 + s) >= s0, other=0.0)
+    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
+    dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
+    z = tl.zeros(mask_d.shape, tl.float32)
+    dzp = tl.zeros(mask_d.shape, tl.float32)
+    if HAS_Z:
+        z += tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+        if r > 0:
+            dzp += tl.load(dz_base + t * sdz_t, mask=md, other=0.0).to(tl.float32)
+    return h_prev, u, dt, Bt, Ct, dout, z, dzp
 
 
 @triton.jit
@@ -212,7 +356,7 @@ def _scan_bwd_kernel(
     scale,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
@@ -277,39 +421,55 @@ def _scan_bwd_kernel(
             tl.debug_barrier()  # the scratch is reused: earlier reads must be done
             h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
             tl.store(scratch_base + offs_tile, h)
+            # PREFETCH: each step's loads are issued one step ahead, before the current step's stores
+            # (Triton cannot tell that the stores do not alias the inputs, so later loads wait for them).
+            if PREFETCH:
+                nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s0, s1, seqlen, su_t, sdt_t, sB_t, mask_d,
+                                               mask_n, r)
             for s in range(s0, s1):
-                t = s if r == 0 else seqlen - 1 - s
-                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                if PREFETCH:
+                    u, dt, Bt = nu, ndt, nB
+                    nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s1, seqlen, su_t, sdt_t, sB_t,
+                                                   mask_d, mask_n, r)
+                else:
+                    u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t, mask_d,
+                                                 mask_n, r)
+                dt += bias
                 if SOFTPLUS:
                     dt = _softplus(dt)
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
                 h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
                 tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h)
             tl.debug_barrier()
+            if PREFETCH:
+                nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
+                    scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s1 - 1, s0,
+                    seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
             for i in range(s1 - s0):
                 s = s1 - 1 - i
                 t = s if r == 0 else seqlen - 1 - s
-                h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile)
-                u = tl.load(u_base + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
-                dt_raw = tl.load(dt_base + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+                if PREFETCH:
+                    h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
+                    nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
+                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s - 1,
+                        s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
+                        BLOCK_N)
+                else:
+                    h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = _reverse_loads(
+                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
+                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
+                        BLOCK_N)
+                dt_raw += bias
                 dt = dt_raw
                 if SOFTPLUS:
                     dt = _softplus(dt_raw)
-                Bt = tl.load(B_base + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
-                dout = tl.load(do_base + t * sdo_t, mask=mask_d, other=0.0).to(tl.float32)
                 a = tl.exp2(dt[None, :] * A2)
                 y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
                 if HAS_Z:
-                    z = tl.load(z_base + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
                     sig = tl.sigmoid(z)
                     silu = z * sig
                     dgate_acc += dout * y * silu
                     dyz = dout * g_scale
-                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig))
-                    if r > 0:
-                        dz += tl.load(dz_base + t * sdz_t, mask=mask_d, other=0.0).to(tl.float32)
+                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
                     tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
                     dy = dyz * silu
                 else:
@@ -329,7 +489,7 @@ def _scan_bwd_kernel(
                 tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
                 g = g * a
-                h = h_prev
+                h = h_prev + 0.0  # a new value: see the Triton workaround in the conv walk kernel
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
                  mask=mask_nd)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -357,7 +517,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
                  block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
-                 lanes_on_channels: Optional[bool] = None):
+                 lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -376,6 +536,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     num_warps = num_warps or tuning["num_warps"]
     unroll = unroll or tuning["unroll"]
     lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
+    prefetch = tuning["prefetch"] if prefetch is None else prefetch
     ckpt_t = CKPT_CHUNK if want_ckpt else 0
     if ckpt_t and ckpt_t % unroll:
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
@@ -398,7 +559,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
-        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, num_warps=num_warps,
+        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, num_warps=num_warps,
     )
     return last, ckpt
 
@@ -406,7 +567,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
-                  block_d: Optional[int] = None, num_warps: Optional[int] = None):
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in
     the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
@@ -427,6 +588,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     block_d = _block_d(dim, groups, block_d or tuning["block_d"])
     num_warps = num_warps or tuning["num_warps"]
+    prefetch = tuning["prefetch"] if prefetch is None else prefetch
     chunk = CKPT_CHUNK
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
@@ -458,7 +620,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, PREFETCH=prefetch, num_warps=num_warps,
     )
     def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
         part = part[:, :, :, :d_state]
@@ -496,4 +658,4 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                               _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
                               delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus,
                               1.0, return_last_state, u.stride(-1) != 1, needs_grad)
-    return (out, last[0]) if return_last_state else out
+    return (out, last.squeeze(0)) if return_last_state else out  # squeeze: a view, also for the gradient
