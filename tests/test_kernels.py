@@ -99,6 +99,31 @@ def test_selective_scan_matches_reference(dtype, seqlen, options):
     assert_close_all([out, last, *got], [ref, last_ref, *want], dtype, ["out", "last_state", *names])
 
 
+@pytest.mark.parametrize("lanes_on_channels", [False, True])
+def test_scan_walk_variants_agree(lanes_on_channels):
+    """The plain unrolled walks and the prefetching ones (loads issued ahead of the stores) compute the same
+    thing, forward and backward, for both directions with gates, on lengths that end mid-group."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 3, 40, 8, 23
+    cl = lambda: torch.randn(R, b, L, d).transpose(2, 3)  # noqa: E731  (the mixer's channel-contiguous layout)
+    u, delta = cl(), 0.5 * cl()
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    D, z, bias = torch.randn(R, d), torch.randn(b, L, d).transpose(1, 2), torch.randn(R, d)
+    gate, dout = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3]]), torch.randn(b, L, d).transpose(1, 2)
+    args = (u, delta, A, B, C, D, z, bias, True, gate, 0.5)
+    results = []
+    with triton_on_cpu():
+        for prefetch in (False, True):
+            out = torch.empty(b, L, d).transpose(1, 2)
+            last, ckpt = ss.scan_forward(*args, out, want_last=True, want_ckpt=True, unroll=4, block_d=16,
+                                         lanes_on_channels=lanes_on_channels, prefetch=prefetch)
+            g = ss.scan_backward(*args, dout, ckpt=ckpt, block_d=16, prefetch=prefetch)
+            results.append([out, last, ckpt] + [g[k] for k in sorted(g)])
+    for a, c in zip(*results):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
 def scan_weights(dim, dt_rank, d_state, dtype):
     w = ScanWeights(0.5 * torch.randn(dim, 1, 4), 0.1 * torch.randn(dim), 0.2 * torch.randn(dt_rank + 2 * d_state, dim),
                     0.3 * torch.randn(dim, dt_rank), 0.3 * torch.randn(dim) - 1, -torch.rand(dim, d_state) - 0.5,

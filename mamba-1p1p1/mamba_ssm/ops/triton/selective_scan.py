@@ -115,6 +115,18 @@ def _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNEL
 
 
 @triton.jit
+def _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T: tl.constexpr,
+                LANES_ON_CHANNELS: tl.constexpr):
+    """At the start of every CKPT_T-step chunk, store the state entering it ((n, d) order) for the backward."""
+    if s0 % CKPT_T == 0:
+        c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
+        if LANES_ON_CHANNELS:
+            tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
+        else:
+            tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C,
@@ -189,8 +201,6 @@ def _scan_fwd_kernel(
             if HAS_GATE:
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
-            # Unrolled chunks of UNROLL steps: the loads of a step do not depend on h, so the compiler can
-            # issue them ahead of the arithmetic (the walk is latency-bound, not bandwidth-bound).
             ckpt_base = ckpt_ptr + (r * tl.num_programs(0) + pid_b) * n_chunks * d_state * dim
             if PREFETCH:
                 # Groups of 4 steps whose loads are issued one group ahead: Triton cannot tell that the
@@ -209,12 +219,8 @@ def _scan_fwd_kernel(
                     so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
                 for s0 in range(0, seqlen, 4):
                     if CKPT_T > 0:
-                        if s0 % CKPT_T == 0:
-                            c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
-                            if LANES_ON_CHANNELS:
-                                tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
-                            else:
-                                tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
+                        _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T,
+                                    LANES_ON_CHANNELS)
                     cu0, cdt0, cz0, cpv0, cB0, cC0 = nu0, ndt0, nz0, npv0, nB0, nC0
                     cu1, cdt1, cz1, cpv1, cB1, cC1 = nu1, ndt1, nz1, npv1, nB1, nC1
                     cu2, cdt2, cz2, cpv2, cB2, cC2 = nu2, ndt2, nz2, npv2, nB2, nC2
@@ -240,48 +246,21 @@ def _scan_fwd_kernel(
                                          pick4(cB0, cB1, cB2, cB3, j), pick4(cC0, cC1, cC2, cC3, j), Dv, bias,
                                          g_scale, LANES_ON_CHANNELS, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, r == 1, ok)
                         tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
-            else:
+            else:  # a plain unrolled walk: each step's loads wait for the previous step's store
                 for s0 in range(0, seqlen, UNROLL):
                     if CKPT_T > 0:
-                        if s0 % CKPT_T == 0:
-                            c_off = ckpt_base + (s0 // CKPT_T) * d_state * dim
-                            if LANES_ON_CHANNELS:
-                                tl.store(c_off + offs_n[:, None] * dim + offs_d[None, :], h, mask=mask_nd)
-                            else:
-                                tl.store(c_off + offs_n[None, :] * dim + offs_d[:, None], h, mask=mask_dn)
+                        _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T,
+                                    LANES_ON_CHANNELS)
                     for j in tl.static_range(UNROLL):
                         s = s0 + j
                         t = s if r == 0 else seqlen - 1 - s
                         ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
-                        ok_n = (s + tl.zeros((BLOCK_N,), tl.int32)) < seqlen
-                        md = mask_d & ok
-                        u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-                        dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-                        Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
-                        Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
-                        if HAS_Z:
-                            z = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
-                        if r == 1:
-                            prev = tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
-                        if HAS_BIAS:
-                            dt += bias
-                        if SOFTPLUS:
-                            dt = _softplus(dt)
-                        dt = tl.where(ok, dt, 0.0)  # steps past the end leave h unchanged
-                        if LANES_ON_CHANNELS:
-                            h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-                            y = tl.sum(h * Ct[:, None], axis=0)
-                        else:
-                            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-                            y = tl.sum(h * Ct[None, :], axis=1)
-                        if HAS_D:
-                            y += Dv * u
-                        if HAS_Z:
-                            y *= z * tl.sigmoid(z)
-                        y *= g_scale
-                        if r == 1:
-                            y += prev
-                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
+                        u, dt, z, prev, Bt, Ct = _fwd_loads(
+                            u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                            so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                        h, y = _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS, HAS_D,
+                                         HAS_Z, HAS_BIAS, SOFTPLUS, r == 1, ok)
+                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
             if STORE_LAST:
                 if LANES_ON_CHANNELS:
                     tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
