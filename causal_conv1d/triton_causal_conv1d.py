@@ -88,22 +88,34 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def pick4(v0, v1, v2, v3, j: tl.constexpr):
+    """v_j for a compile-time j (selecting among values loaded ahead of use)."""
+    v = v0
+    if j == 1:
+        v = v1
+    if j == 2:
+        v = v2
+    if j == 3:
+        v = v3
+    return v
+
+
+@triton.jit
 def _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, e: tl.constexpr):
     """The one of the seven input tiles that sits at time shift e (-3..3) from the output tile."""
-    v = x0
-    if e == -3:
-        v = xm3
-    if e == -2:
-        v = xm2
-    if e == -1:
-        v = xm1
-    if e == 1:
-        v = xp1
-    if e == 2:
-        v = xp2
-    if e == 3:
-        v = xp3
+    if e < 0:
+        v = pick4(x0, xm1, xm2, xm3, -e)
+    else:
+        v = pick4(x0, xp1, xp2, xp3, e)
     return v
+
+
+@triton.jit
+def _silu_grad(pre, g, SILU: tl.constexpr):
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
 
 
 @triton.jit
@@ -168,8 +180,7 @@ def _conv_bwd_kernel(
                             pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, j + k - (WIDTH - 1))
                         else:
                             pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, (WIDTH - 1) - j - k)
-                    sig = tl.sigmoid(pre)
-                    g = g * sig * (1.0 + pre * (1.0 - sig))
+                    g = _silu_grad(pre, g, SILU)
                 acc += tl.load(w_base + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
                 if j == 0:  # g at the tile's own times: the weight and bias gradients
                     for k in tl.static_range(WIDTH):
@@ -203,14 +214,6 @@ def _conv_bwd_kernel(
 
 
 @triton.jit
-def _silu_grad(pre, g, SILU: tl.constexpr):
-    if SILU:
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
-
-
-@triton.jit
 def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_t, sdo_t,
                 N_DIRS: tl.constexpr, HAS_MASK: tl.constexpr):
     """What step t of the walk reads: x[t+3] and dout_0[t+3] (masked), dout_1[t] (masked), m[t] (as a
@@ -234,19 +237,6 @@ def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_
         go *= m_n
         gb *= m_t
     return xn, go, gb, m_t
-
-
-@triton.jit
-def pick4(v0, v1, v2, v3, j: tl.constexpr):
-    """v_j for a compile-time j (selecting among values loaded ahead of use)."""
-    v = v0
-    if j == 1:
-        v = v1
-    if j == 2:
-        v = v2
-    if j == 3:
-        v = v3
-    return v
 
 
 @triton.jit

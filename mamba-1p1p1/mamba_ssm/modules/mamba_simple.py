@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 BIMAMBA_TYPES = ("none", "v2")
@@ -89,8 +89,8 @@ class Mamba(nn.Module):
                   self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
                   self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # (not .parameters(): slow)
         params = [p for p in params if p is not None]
-        cacheable = triton_enabled(xz, "bimamba") and not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops
+        cacheable = triton_enabled(xz, "bimamba") and not ops_watched() and not needs_grad(*params)
         if not cacheable:
             return self.scan_weights(), self.scan_weights(backward=True), None
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-from mamba_ssm.ops.dispatch import triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, triton_enabled
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
 
@@ -57,16 +57,11 @@ def scan_direction_ref(x, z, w: ScanWeights, mask=None):
     return selective_scan_ref(x, dt, w.A, B, C, w.D, z=z, delta_bias=w.dt_proj_bias, delta_softplus=True)
 
 
-def _needs_grad(xz, fwd, bwd, gate):
-    tensors = [xz, gate, *fwd, *bwd]
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True):
     """Reference for `bimamba_v2_inner_fn` (see the module docstring)."""
     _check(xz, fwd, gate, mask)
     x, z = xz.chunk(2, dim=1)
-    skip_off = gate is not None and not _needs_grad(xz, fwd, bwd, gate)
+    skip_off = gate is not None and not needs_grad(xz, gate, *fwd, *bwd)
     out = torch.zeros_like(x)
     for direction, w in enumerate((fwd, bwd)):
         flip = (lambda t: t.flip(-1)) if direction else (lambda t: t)  # noqa: E731

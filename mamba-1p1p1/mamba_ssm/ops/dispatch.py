@@ -8,6 +8,10 @@ import os
 from contextlib import contextmanager
 from functools import lru_cache
 
+# Shared with the causal_conv1d package (which cannot import this one): whether autograd needs a call's
+# tensors, and whether torch.compile or a dispatch mode watches ops (then calls go through the custom ops).
+from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched  # noqa: F401
+
 FORCE_REFERENCE_ENV = "MAMBA_FORCE_REFERENCE"
 _triton_on_cpu = False
 

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched
+
 _EMPTY = (0,)
 
 
@@ -196,9 +198,7 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
                want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Run scan_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d.causal_conv1d_interface.ops_watched)."""
-    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
-
+    needed (see mamba_ssm.ops.dispatch: needs_grad, ops_watched)."""
     args = (u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
             want_ckpt)
     if ops_watched():

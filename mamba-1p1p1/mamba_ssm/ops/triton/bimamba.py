@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply
+from mamba_ssm.ops.dispatch import needs_grad
 from mamba_ssm.ops.scan_op import scan_apply
 
 
@@ -60,10 +61,10 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     x, z = xz[:, :dim], xz[:, dim:]
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xz, gate, *w))
     if mask is not None:
         mask = mask.to(x.dtype)
-    gate_skip = gate if gate is not None and not needs_grad else None
+    training = needs_grad(xz, gate, *w)
+    gate_skip = gate if gate is not None and not training else None
     xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
@@ -72,5 +73,5 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     B = x_dbl[..., dt_rank:dt_rank + d_state].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = x_dbl[..., dt_rank + d_state:].view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     out, _, _ = scan_apply(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0,
-                         False, True, needs_grad)
+                         False, True, training)
     return out

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mamba_ssm.ops.dispatch import needs_grad
+
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_ptr, mean_ptr, n_rows, n_cols, eps,
@@ -144,7 +146,7 @@ def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     """layer_norm_fn on the fused Triton kernels (same semantics as layer_norm_ref)."""
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+    if needs_grad(x, weight, bias, residual):
         return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
     # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
     out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)

@@ -628,13 +628,13 @@ def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
     """selective_scan_fn on the Triton kernels, through scan_op.scan_apply (arguments checked by the caller)."""
+    from mamba_ssm.ops.dispatch import needs_grad
     from mamba_ssm.ops.scan_op import scan_apply
 
     batch, _, seqlen = u.shape
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     out, last, _ = scan_apply(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
                               _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
                               delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus,
-                              1.0, return_last_state, u.stride(-1) != 1, needs_grad)
+                              1.0, return_last_state, u.stride(-1) != 1,
+                              needs_grad(u, delta, A, B, C, D, z, delta_bias))
     return (out, last.squeeze(0)) if return_last_state else out  # squeeze: a view, also for the gradient
