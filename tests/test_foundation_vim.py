@@ -110,3 +110,22 @@ def test_bad_options_and_inputs_get_clear_errors():
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="multiple of patch_size"):
         Vim(VIM_SMALL.updated(img_size=30))
+
+
+def test_patch_embedding_matmul_equals_the_strided_conv():
+    """PatchEmbed runs its Conv2d as a matrix product over the patches: same values and gradients as the
+    conv itself (fresh random weights and images, RGB and one-channel patch sizes)."""
+    from dyvm.models.vim import PatchEmbed
+
+    for img, patch, chans, dim in ((64, 16, 3, 24), (28, 4, 1, 8)):
+        embed = PatchEmbed(img, patch, chans, dim)
+        x = torch.randn(2, chans, img, img, requires_grad=True)
+        got = embed(x)
+        want = embed.proj(x).flatten(2).transpose(1, 2)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(got)
+        params = [x, embed.proj.weight, embed.proj.bias]
+        for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="in_chans"):
+        embed(torch.randn(1, 3, 28, 28))

@@ -11,6 +11,7 @@ from typing import Optional, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
 from mamba_ssm.modules.mamba_simple import Mamba
@@ -60,7 +61,11 @@ VIM_BASE = VimConfig(embed_dim=768)
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, num_patches, D) by a strided conv; no norm."""
+    """(B, C, H, W) -> (B, num_patches, D) by a strided conv (stride = kernel size); no norm.
+
+    The conv runs as what it is, one matrix product over the non-overlapping patches: cuDNN picks a slow
+    implicit-GEMM kernel for this shape (0.83 ms of a 20 ms Vim-S forward at batch 128 in bf16 on an
+    H200). The weight stays the Conv2d's, so checkpoints load unchanged."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim):
         super().__init__()
@@ -70,10 +75,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.proj.in_channels, self.img_size, self.img_size):
             raise ValueError(f"expected images (B, {self.proj.in_channels}, {self.img_size}, {self.img_size}), "
-                             f"got {tuple(x.shape)}; set img_size to the input size")
-        return self.proj(x).flatten(2).transpose(1, 2)
+                             f"got {tuple(x.shape)}; set img_size and in_chans to match the input")
+        b, c = x.shape[:2]
+        p = self.proj.kernel_size[0]
+        g = self.img_size // p
+        patches = x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class Block(nn.Module):
