@@ -287,11 +287,14 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
                 B2, C2 = torch.stack([B, B])[:, :, None], torch.stack([C, C])[:, :, None]
                 A2, D2, bias2 = torch.stack([A, A]), torch.stack([D, D]), torch.stack([bias, bias])
                 out = torch.empty(BATCH, SEQLEN, dim, device=DEVICE, dtype=dtype).transpose(1, 2)
-                for name, on in (("on", 1.0), ("half", 0.5), ("off", 0.0)):
+                for name, on in (("on", 1.0), ("3q", 0.75), ("half", 0.5), ("off", 0.0)):
                     gate = (torch.rand(BATCH, 2, device=DEVICE) < on).float() if on not in (0.0, 1.0) \
                         else torch.full((BATCH, 2), on, device=DEVICE)
-                    results[f"biscan_fwd_gate_{name}/{dim}/{dname}/ours"] = bench(
-                        lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out))
+                    # a program per direction (the tuned default) and one program running both ("_joint")
+                    for split, suffix in ((None, ""), (False, "_joint")):
+                        results[f"biscan_fwd_gate_{name}{suffix}/{dim}/{dname}/ours"] = bench(
+                            lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out,
+                                                 split_dirs=split))
         if fwd_only:
             continue
         conv_and_norm(results, dtype, dname, "ours", causal_conv1d_fn, rms_norm_fn)
@@ -406,10 +409,10 @@ def sweep(results, lean=False, ops=("scan", "conv")):
     def best(kind, key):
         return min((v, k[2]) for k, v in timings.items() if k[:2] == (kind, key))[1]
 
-    for key in ss.FWD_TUNING if "scan" in ops else ():
+    for key in ss.FWD_TUNING if "scan" in ops else ():  # (split_dirs is not swept: biscan rows time it)
         c = best("fwd", key)
-        ss.FWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "unroll": c[2], "lanes_on_channels": c[3],
-                              "prefetch": c[4]}
+        ss.FWD_TUNING[key] = {**ss.FWD_TUNING[key], "block_d": c[0], "num_warps": c[1], "unroll": c[2],
+                              "lanes_on_channels": c[3], "prefetch": c[4]}
     for key in ss.BWD_TUNING if "scan" in ops and not lean else ():
         c = best("bwd", key)
         ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "prefetch": c[2]}

@@ -124,6 +124,34 @@ def test_scan_walk_variants_agree(lanes_on_channels):
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last,want_ckpt", [(True, False), (True, True), (False, False)])
+def test_scan_split_directions_agree(channels_last, want_ckpt):
+    """A program per direction with one output each, summed after the launch (split_dirs), computes what one
+    program running both directions computes: outputs, last states and checkpoints, with a sample whose
+    directions are both gated off and one with only direction 1 on."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 4, 40, 8, 21
+    act = (lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)) if channels_last else torch.randn
+    u, delta, z = act(R, b, d, L), 0.5 * act(R, b, d, L), act(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    D, bias = torch.randn(R, d), torch.randn(R, d)
+    gate = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3], [0.0, 0.0]])
+    results = []
+    with triton_on_cpu():
+        for split in (False, True):
+            out = act(b, d, L).fill_(float("nan"))  # every element must be written
+            last, ckpt = ss.scan_forward(u, delta, A, B, C, D, z, bias, True, gate, 0.5, out, want_last=True,
+                                         want_ckpt=want_ckpt, block_d=16, split_dirs=split)
+            assert out.stride() == z.stride()
+            ran = (gate.t() != 0) | want_ckpt  # (R, b): a gated-off walk leaves its last state unwritten
+            results.append([out, last[ran]] + ([ckpt] if want_ckpt else []))
+    assert torch.isfinite(results[1][0]).all()
+    assert (results[1][0][3] == 0).all()  # both directions off: zeros
+    for a, c in zip(*results):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
 def scan_weights(dim, dt_rank, d_state, dtype):
     w = ScanWeights(0.5 * torch.randn(dim, 1, 4), 0.1 * torch.randn(dim), 0.2 * torch.randn(dt_rank + 2 * d_state, dim),
                     0.3 * torch.randn(dim, dt_rank), 0.3 * torch.randn(dim) - 1, -torch.rand(dim, d_state) - 0.5,

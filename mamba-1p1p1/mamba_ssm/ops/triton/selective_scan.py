@@ -5,9 +5,10 @@ state h (BLOCK_D, d_state) in registers: at Vim's short sequences (L = 197) a se
 with many programs in flight beats a parallel scan, and nothing of size (B, D, L, N) is ever written.
 
 Two directions (the DyVM bidirectional layer): direction 1 walks time backwards over the same tensors (so
-no flipped copies are made), and both add into one output; the program runs direction 0, then direction 1,
-which reads back and accumulates what direction 0 wrote. A (sample, direction) whose gate is exactly 0 is
-skipped in the forward pass (its contribution 0 * y is zero): no work, no copy.
+no flipped copies are made). Either one program runs direction 0, then direction 1, which reads back and
+accumulates what direction 0 wrote, or (split_dirs) each direction has its own programs and output, summed
+after the launch. A (sample, direction) whose gate is exactly 0 is skipped in the forward pass (its
+contribution 0 * y is zero): no work, no copy.
 
 Backward: from the states the forward stored every CKPT_CHUNK steps (checkpoints), the program takes the
 chunks from last to first, recomputes each chunk's states into a small per-program scratch and walks it
@@ -37,11 +38,19 @@ from causal_conv1d.tuning import apply_tuning_file
 # Keys: layout / element size ("cf/4": time-contiguous fp32, "cl/2": channel-contiguous bf16 or fp16).
 # MAMBA_TRITON_TUNING=file.json (written by benchmarks/kernels.py --sweep --save-tuning) overrides them.
 # prefetch: walk in groups of 4 steps whose loads are issued one group ahead (unroll then unused).
+# split_dirs (two directions): a program per direction rather than one running both, then a gate-aware sum
+# of the two outputs. Such a program compiles one walk instead of two, never reads the other direction's
+# output back, and a gated-off direction leaves its slot at once: at Vim-S shapes on an H200, 536 against
+# 591 us (bf16, all directions on) and 510 against 576 us (3/4 on), the sum included (docs/kernels.md).
 FWD_TUNING = {
-    "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
-    "cf/2": {"block_d": 64, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
-    "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": False, "prefetch": True},
-    "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": True, "prefetch": True},
+    "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
+             "split_dirs": False},
+    "cf/2": {"block_d": 64, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
+             "split_dirs": False},
+    "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
+             "split_dirs": True},
+    "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": True, "prefetch": True,
+             "split_dirs": True},
 }
 # The backward runs on channel-contiguous inputs only (time-contiguous ones are copied: its per-lane loads
 # would not coalesce; measured 2.9 ms against 1.6 ms at Vim-S, fp32, H200).
@@ -67,11 +76,18 @@ def _softplus(x):
 
 
 @triton.jit
+def _walk_time(s, seqlen, r):
+    """The time index of step s of direction r's walk (direction 1 walks backwards); r may be a constant or,
+    with split directions, a run-time value."""
+    return s + r * (seqlen - 1 - 2 * s)
+
+
+@triton.jit
 def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t, so_t,
-               mask_d, mask_n, mask_acc, r: tl.constexpr, HAS_Z: tl.constexpr):
-    """What step s of direction r's walk reads, in fp32: u, dt, z, the output so far (direction 1 adds
-    to direction 0's), B and C. Zeros past the end (and for absent z)."""
-    t = s if r == 0 else seqlen - 1 - s
+               mask_d, mask_n, mask_acc, r, ACCUMULATE: tl.constexpr, HAS_Z: tl.constexpr):
+    """What step s of direction r's walk reads, in fp32: u, dt, z, the output so far (ACCUMULATE: direction
+    1 adds to direction 0's), B and C. Zeros past the end (and for absent z)."""
+    t = _walk_time(s, seqlen, r)
     ok = (s + tl.zeros(mask_d.shape, tl.int32)) < seqlen
     ok_n = (s + tl.zeros(mask_n.shape, tl.int32)) < seqlen
     md = mask_d & ok
@@ -81,7 +97,7 @@ def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t,
     if HAS_Z:
         z += tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
     prev = tl.zeros(mask_d.shape, tl.float32)
-    if r == 1:
+    if ACCUMULATE:
         prev += tl.load(o_base + t * so_t, mask=mask_acc & ok, other=0.0).to(tl.float32)
     Bt = tl.load(B_base + t * sB_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
     Ct = tl.load(C_base + t * sC_t, mask=mask_n & ok_n, other=0.0).to(tl.float32)
@@ -135,19 +151,24 @@ def _scan_fwd_kernel(
     sz_b, sz_d, sz_t,
     sB_r, sB_b, sB_g, sB_n, sB_t,
     sC_r, sC_b, sC_g, sC_n, sC_t,
-    so_b, so_d, so_t,
+    so_r, so_b, so_d, so_t,
     sg_b, sg_r,
     scale,
-    N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_DIRS: tl.constexpr, SPLIT_DIRS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
     CKPT_T: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """CKPT_T > 0 (training): store the state entering every CKPT_T-th step of each walk into ckpt
     (r, b, n_chunks, n, d) fp32 for the backward, and run gated-off directions too (the backward needs
-    their states for the gate's gradient). UNROLL divides CKPT_T."""
+    their states for the gate's gradient). UNROLL divides CKPT_T.
+    SPLIT_DIRS: program_id(2) picks the one direction this program runs, and each direction writes its
+    own output (out_ptr + r * so_r), which the launcher sums; otherwise one program runs both directions
+    and direction 1 adds to direction 0's output."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_r = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -164,11 +185,19 @@ def _scan_fwd_kernel(
         if N_DIRS == 2:
             gate1 = tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32)
     n_chunks = tl.cdiv(seqlen, CKPT_T) if CKPT_T > 0 else 1
-    for r in tl.static_range(N_DIRS):
-        gate = gate0 if r == 0 else gate1
+    for rr in tl.static_range(1 if SPLIT_DIRS else N_DIRS):
+        if SPLIT_DIRS:  # the direction is known at run time only: one walk is compiled, not two
+            r = pid_r
+            gate = tl.where(pid_r == 0, gate0, gate1)
+        else:
+            r = rr
+            gate = gate0 if rr == 0 else gate1
         run = gate
         if CKPT_T > 0:
             run = 1.0
+        # direction 1 adds to direction 0's output, unless each direction has its own
+        accumulate = False if SPLIT_DIRS else rr == 1  # (a compile-time constant)
+        o_dir = o_base + r * so_r
         if run != 0.0:
             # The state tile's orientation decides Triton's layout. LANES_ON_CHANNELS: (N, channels), lanes
             # along channels, so a thread owns whole channels (no replicated per-channel work, the y sum
@@ -196,7 +225,7 @@ def _scan_fwd_kernel(
             C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n * sC_n
             z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
             g_scale = gate * scale
-            # direction 1 adds to direction 0's output unless direction 0 was gated off
+            # ... and not where direction 0 was gated off (it wrote nothing there)
             mask_acc = mask_d
             if HAS_GATE:
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
@@ -206,17 +235,17 @@ def _scan_fwd_kernel(
                 # Groups of 4 steps whose loads are issued one group ahead: Triton cannot tell that the
                 # output stores do not alias the inputs, so loads written after a store wait for it.
                 nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_base, 0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    u_base, dt_base, B_base, C_base, z_base, o_dir, 0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                 nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_base, 1, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    u_base, dt_base, B_base, C_base, z_base, o_dir, 1, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                 nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_base, 2, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    u_base, dt_base, B_base, C_base, z_base, o_dir, 2, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                 nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_base, 3, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                    u_base, dt_base, B_base, C_base, z_base, o_dir, 3, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                 for s0 in range(0, seqlen, 4):
                     if CKPT_T > 0:
                         _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T,
@@ -226,26 +255,26 @@ def _scan_fwd_kernel(
                     cu2, cdt2, cz2, cpv2, cB2, cC2 = nu2, ndt2, nz2, npv2, nB2, nC2
                     cu3, cdt3, cz3, cpv3, cB3, cC3 = nu3, ndt3, nz3, npv3, nB3, nC3
                     nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 5, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 5, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 6, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 6, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 7, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 7, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     for j in tl.static_range(4):
                         s = s0 + j
-                        t = s if r == 0 else seqlen - 1 - s
+                        t = _walk_time(s, seqlen, r)
                         ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
                         h, y = _fwd_step(h, A2, pick4(cu0, cu1, cu2, cu3, j), pick4(cdt0, cdt1, cdt2, cdt3, j),
                                          pick4(cz0, cz1, cz2, cz3, j), pick4(cpv0, cpv1, cpv2, cpv3, j),
                                          pick4(cB0, cB1, cB2, cB3, j), pick4(cC0, cC1, cC2, cC3, j), Dv, bias,
-                                         g_scale, LANES_ON_CHANNELS, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, r == 1, ok)
-                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
+                                         g_scale, LANES_ON_CHANNELS, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, accumulate, ok)
+                        tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
             else:  # a plain unrolled walk: each step's loads wait for the previous step's store
                 for s0 in range(0, seqlen, UNROLL):
                     if CKPT_T > 0:
@@ -253,14 +282,14 @@ def _scan_fwd_kernel(
                                     LANES_ON_CHANNELS)
                     for j in tl.static_range(UNROLL):
                         s = s0 + j
-                        t = s if r == 0 else seqlen - 1 - s
+                        t = _walk_time(s, seqlen, r)
                         ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
                         u, dt, z, prev, Bt, Ct = _fwd_loads(
-                            u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                            so_t, mask_d, mask_n, mask_acc, r, HAS_Z)
+                            u_base, dt_base, B_base, C_base, z_base, o_dir, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                            so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                         h, y = _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS, HAS_D,
-                                         HAS_Z, HAS_BIAS, SOFTPLUS, r == 1, ok)
-                        tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
+                                         HAS_Z, HAS_BIAS, SOFTPLUS, accumulate, ok)
+                        tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
             if STORE_LAST:
                 if LANES_ON_CHANNELS:
                     tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
@@ -270,13 +299,33 @@ def _scan_fwd_kernel(
                              + offs_n[None, :], h, mask=mask_dn)
         tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
     if HAS_GATE and CKPT_T == 0:
-        none_on = gate0 == 0.0
-        if N_DIRS == 2:
-            none_on = none_on & (gate1 == 0.0)
-        if none_on:  # every direction gated off: this sample's output is zeros
-            zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
-            for t in range(seqlen):
-                tl.store(o_base + t * so_t, zero, mask=mask_d)
+        if not SPLIT_DIRS:  # (split: _sum_directions_kernel reads only the directions that ran)
+            none_on = gate0 == 0.0
+            if N_DIRS == 2:
+                none_on = none_on & (gate1 == 0.0)
+            if none_on:  # every direction gated off: this sample's output is zeros
+                zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
+                for t in range(seqlen):
+                    tl.store(o_base + t * so_t, zero, mask=mask_d)
+
+
+@triton.jit
+def _sum_directions_kernel(y_ptr, gate_ptr, out_ptr, n, sy_r, sg_b, sg_r, HAS_GATE: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """out[b] = y[0, b] + y[1, b] over a sample's n = d * L elements (buffers in the same dense layout),
+    skipping a direction whose gate is 0 for the sample: its program wrote nothing there."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n
+    mask0 = in_range
+    mask1 = in_range
+    if HAS_GATE:  # (scalars broadcast before the &: the interpreter cannot & a scalar with a vector)
+        zeros = tl.zeros((BLOCK,), tl.float32)
+        mask0 = in_range & ((tl.load(gate_ptr + pid_b * sg_b).to(tl.float32) + zeros) != 0.0)
+        mask1 = in_range & ((tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32) + zeros) != 0.0)
+    y0 = tl.load(y_ptr + pid_b * n + offs, mask=mask0, other=0.0).to(tl.float32)
+    y1 = tl.load(y_ptr + sy_r + pid_b * n + offs, mask=mask1, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_b * n + offs, (y0 + y1).to(out_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -496,7 +545,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
                  block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
-                 lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None):
+                 lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None,
+                 split_dirs: Optional[bool] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -504,6 +554,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     (sum over directions of gate * scale * y). Direction 1 runs in reverse time. Returns (last, ckpt):
     the last states (R, b, d, N) fp32 if want_last, and if want_ckpt the states entering every
     CKPT_CHUNK-th step (R, b, n_chunks, N, d) fp32 that scan_backward starts from (else None).
+    split_dirs (two directions): one program per direction, each writing its own output, summed after.
     """
     R, batch, dim, seqlen = u.shape
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
@@ -516,6 +567,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     unroll = unroll or tuning["unroll"]
     lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
     prefetch = tuning["prefetch"] if prefetch is None else prefetch
+    split_dirs = R == 2 and (tuning["split_dirs"] if split_dirs is None else split_dirs)
     ckpt_t = CKPT_CHUNK if want_ckpt else 0
     if ckpt_t and ckpt_t % unroll:
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
@@ -527,19 +579,35 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
-    grid = (batch, triton.cdiv(dim, block_d))
+    target = out
+    time_contiguous = out.is_contiguous()
+    # (the sum after the launch treats a sample's outputs as one dense block of d * L elements)
+    split_dirs = split_dirs and (time_contiguous or out.transpose(1, 2).is_contiguous())
+    if split_dirs:  # one output per direction, in out's memory order
+        out = torch.empty((R, *out.shape), device=out.device, dtype=out.dtype) if time_contiguous else \
+            torch.empty((R, batch, seqlen, dim), device=out.device, dtype=out.dtype).transpose(2, 3)
+        out_strides = _strides4(out)
+    else:
+        out_strides = [0] + _strides4(out)
+    grid = (batch, triton.cdiv(dim, block_d), R if split_dirs else 1)
     _scan_fwd_kernel[grid](
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
         last if last is not None else dummy, ckpt if ckpt is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1],
-        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(out), *gs,
+        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *out_strides, *gs,
         float(scale),
-        N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        N_DIRS=R, SPLIT_DIRS=split_dirs, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
         LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, num_warps=num_warps,
     )
+    if split_dirs:
+        n, block = dim * seqlen, 1024
+        _sum_directions_kernel[(batch, triton.cdiv(n, block))](
+            out, gate if gate is not None else dummy, target, n, out.stride(0), *gs, HAS_GATE=gate is not None,
+            BLOCK=block, num_warps=4)
     return last, ckpt
 
 
