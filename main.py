@@ -126,8 +126,11 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     kw = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
               device=device, dtype=amp_dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
     timed = args.throughput and rank == 0
+    graphed = timed and args.throughput_cuda_graph and torch.device(device).type == "cuda"
     if timed:
         res["throughput"] = measure_throughput(base, **kw)
+    if graphed:
+        res["throughput_cuda_graph"] = measure_throughput(base, cuda_graph=True, **kw)
     if getattr(base, "dyvm_cfg", None) is not None:  # the dense teacher, timed in the same run
         dense = build_dense_twin(base).to(device)
         note = "random weights (timing and FLOPs only)"
@@ -143,6 +146,10 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
             res["teacher"]["throughput"] = measure_throughput(dense, **kw)
             res["speedup_vs_teacher"] = (res["throughput"]["images_per_s"]
                                          / res["teacher"]["throughput"]["images_per_s"])
+        if graphed:
+            res["teacher"]["throughput_cuda_graph"] = measure_throughput(dense, cuda_graph=True, **kw)
+            res["speedup_vs_teacher_cuda_graph"] = (res["throughput_cuda_graph"]["images_per_s"]
+                                                    / res["teacher"]["throughput_cuda_graph"]["images_per_s"])
     return res
 
 
@@ -169,6 +176,12 @@ def summarize_eval(res: dict) -> str:
         if t is not None and "throughput" in t:
             text += f", dense teacher {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f})"
         lines.append(text + f" (batch {tp['batch_size']}, median of {tp['iters']} timed batches)")
+    if "throughput_cuda_graph" in res:
+        text = f"  images/s, CUDA graph: model {res['throughput_cuda_graph']['images_per_s']:.1f}"
+        if t is not None and "throughput_cuda_graph" in t:
+            text += (f", dense teacher {t['throughput_cuda_graph']['images_per_s']:.1f} "
+                     f"(x{res['speedup_vs_teacher_cuda_graph']:.2f})")
+        lines.append(text + " (the GPU's throughput without Python's launch overhead)")
     return "\n".join(lines)
 
 

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-eval", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
                    help="measure images/s of the model and its teacher in --eval")
+    g.add_argument("--throughput-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, also time CUDA-graph replays of the forward (GPU throughput without the Python "
+                   "launch overhead that bounds eager small models and bf16)")
     g.add_argument("--throughput-batch-size", type=int, default=128)
     g.add_argument("--throughput-iters", type=int, default=30)
     g.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs although the schedule "
