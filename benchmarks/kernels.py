@@ -292,9 +292,9 @@ def run_ours(results, quick=False, lean=False, fwd_only=False):
                         else torch.full((BATCH, 2), on, device=DEVICE)
                     # a program per direction (the tuned default) and one program running both ("_joint")
                     for split, suffix in ((None, ""), (False, "_joint")):
-                        results[f"biscan_fwd_gate_{name}{suffix}/{dim}/{dname}/ours"] = bench(
-                            lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out,
-                                                 split_dirs=split))
+                        timed(results, f"biscan_fwd_gate_{name}{suffix}/{dim}/{dname}/ours",
+                              lambda: scan_forward(u2, d2, A2, B2, C2, D2, z, bias2, True, gate, 0.5, out,
+                                                   split_dirs=split))
         if fwd_only:
             continue
         conv_and_norm(results, dtype, dname, "ours", causal_conv1d_fn, rms_norm_fn)
