@@ -105,6 +105,25 @@ def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t,
 
 
 @triton.jit
+def _fwd_group_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                     so_t, mask_d, mask_n, mask_acc, r, ACCUMULATE: tl.constexpr, HAS_Z: tl.constexpr):
+    """_fwd_loads of the 4 steps s0 .. s0 + 3 (the prefetching walk's group), flattened step by step."""
+    u0, dt0, z0, pv0, B0, C0 = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s0, seqlen, su_t, sdt_t,
+                                          sB_t, sC_t, sz_t, so_t, mask_d, mask_n, mask_acc, r, ACCUMULATE, HAS_Z)
+    u1, dt1, z1, pv1, B1, C1 = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 1, seqlen, su_t,
+                                          sdt_t, sB_t, sC_t, sz_t, so_t, mask_d, mask_n, mask_acc, r, ACCUMULATE,
+                                          HAS_Z)
+    u2, dt2, z2, pv2, B2, C2 = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 2, seqlen, su_t,
+                                          sdt_t, sB_t, sC_t, sz_t, so_t, mask_d, mask_n, mask_acc, r, ACCUMULATE,
+                                          HAS_Z)
+    u3, dt3, z3, pv3, B3, C3 = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s0 + 3, seqlen, su_t,
+                                          sdt_t, sB_t, sC_t, sz_t, so_t, mask_d, mask_n, mask_acc, r, ACCUMULATE,
+                                          HAS_Z)
+    return (u0, dt0, z0, pv0, B0, C0, u1, dt1, z1, pv1, B1, C1,
+            u2, dt2, z2, pv2, B2, C2, u3, dt3, z3, pv3, B3, C3)
+
+
+@triton.jit
 def _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS: tl.constexpr,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               ACCUMULATE: tl.constexpr, ok):
@@ -234,17 +253,9 @@ def _scan_fwd_kernel(
             if PREFETCH:
                 # Groups of 4 steps whose loads are issued one group ahead: Triton cannot tell that the
                 # output stores do not alias the inputs, so loads written after a store wait for it.
-                nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
+                (nu0, ndt0, nz0, npv0, nB0, nC0, nu1, ndt1, nz1, npv1, nB1, nC1,
+                 nu2, ndt2, nz2, npv2, nB2, nC2, nu3, ndt3, nz3, npv3, nB3, nC3) = _fwd_group_loads(
                     u_base, dt_base, B_base, C_base, z_base, o_dir, 0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_dir, 1, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_dir, 2, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                    so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_dir, 3, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
                     so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                 for s0 in range(0, seqlen, 4):
                     if CKPT_T > 0:
@@ -254,18 +265,10 @@ def _scan_fwd_kernel(
                     cu1, cdt1, cz1, cpv1, cB1, cC1 = nu1, ndt1, nz1, npv1, nB1, nC1
                     cu2, cdt2, cz2, cpv2, cB2, cC2 = nu2, ndt2, nz2, npv2, nB2, nC2
                     cu3, cdt3, cz3, cpv3, cB3, cC3 = nu3, ndt3, nz3, npv3, nB3, nC3
-                    nu0, ndt0, nz0, npv0, nB0, nC0 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                    nu1, ndt1, nz1, npv1, nB1, nC1 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 5, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                    nu2, ndt2, nz2, npv2, nB2, nC2 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 6, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                    nu3, ndt3, nz3, npv3, nB3, nC3 = _fwd_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 7, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
-                        so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
+                    (nu0, ndt0, nz0, npv0, nB0, nC0, nu1, ndt1, nz1, npv1, nB1, nC1,
+                     nu2, ndt2, nz2, npv2, nB2, nC2, nu3, ndt3, nz3, npv3, nB3, nC3) = _fwd_group_loads(
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t,
+                        sz_t, so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     for j in tl.static_range(4):
                         s = s0 + j
                         t = _walk_time(s, seqlen, r)
@@ -297,7 +300,8 @@ def _scan_fwd_kernel(
                 else:
                     tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
                              + offs_n[None, :], h, mask=mask_dn)
-        tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
+        if not SPLIT_DIRS:
+            tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
     if HAS_GATE and CKPT_T == 0:
         if not SPLIT_DIRS:  # (split: _sum_directions_kernel reads only the directions that ran)
             none_on = gate0 == 0.0
@@ -332,7 +336,7 @@ def _sum_directions_kernel(y_ptr, gate_ptr, out_ptr, n, sy_r, sg_b, sg_r, HAS_GA
 def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
                      r: tl.constexpr):
     """u, dt (before bias), B of step s for the backward's recompute walk; zeros when s >= s_end."""
-    t = s if r == 0 else seqlen - 1 - s
+    t = _walk_time(s, seqlen, r)
     md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s_end)
     mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s_end)
     u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
@@ -347,7 +351,7 @@ def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_
                    r: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """What step s of the backward's reverse walk reads: the state before the step (from the scratch), u,
     dt (before bias), B, C, dout, z and direction 0's dz (direction 1); zeros when s < s0."""
-    t = s if r == 0 else seqlen - 1 - s
+    t = _walk_time(s, seqlen, r)
     md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
     mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
     h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
@@ -474,7 +478,7 @@ def _scan_bwd_kernel(
                     seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
             for i in range(s1 - s0):
                 s = s1 - 1 - i
-                t = s if r == 0 else seqlen - 1 - s
+                t = _walk_time(s, seqlen, r)
                 if PREFETCH:
                     h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
                     nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
