@@ -12,8 +12,7 @@ CUDA-graph replays (dyvm.benchmark.measure_throughput), images/s for the four co
 """
 import torch
 
-import dyvm  # noqa: F401  (registers the model names)
-from dyvm.benchmark import calibrate_gates, measure_throughput
+from dyvm.benchmark import build_model, measure_throughput
 from dyvm.models import vim
 from mamba_ssm.ops.triton import selective_scan as ss
 
@@ -46,15 +45,10 @@ def kernel_rows():
 
 
 def model_rows():
-    import timm
-
     matmul_patch_embed = vim.PatchEmbed.forward
     print("model images/s (CUDA graph): model dtype | joint+conv, split+conv, joint+matmul, split+matmul")
     for name in ("vim_small", "dyvm_vim_small"):
-        kw = {"token_keep_ratio": 0.7} if name.startswith("dyvm") else {}
-        model = timm.create_model(name, **kw).cuda().eval()
-        if name.startswith("dyvm"):
-            calibrate_gates(model, 0.735, 64, 224, 3, "cuda")
+        _, model, _ = build_model(name, "cuda", gate_keep=0.735)
         for dtype in (None, torch.bfloat16):
             row = []
             for embed in (conv_patch_embed, matmul_patch_embed):

@@ -13,22 +13,17 @@ import pstats
 import statistics
 import time
 
-import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import dyvm  # noqa: F401  (registers the model names)
-from dyvm.benchmark import calibrate_gates
+from dyvm.benchmark import build_model
 
 
 def main():
     x = torch.randn(128, 3, 224, 224, device="cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for name in ("vim_small", "dyvm_vim_small"):
-        kw = {"token_keep_ratio": 0.7} if name.startswith("dyvm") else {}
-        model = timm.create_model(name, **kw).cuda().eval()
-        if name.startswith("dyvm"):
-            calibrate_gates(model, 0.735, 64, 224, 3, "cuda")
+        _, model, _ = build_model(name, "cuda", gate_keep=0.735)
         for dtype in (None, torch.bfloat16):
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
                 for _ in range(10):

@@ -159,25 +159,34 @@ def environment() -> dict:
     return info
 
 
-def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
-        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0,
-        cuda_graph: bool = False) -> list:
+def build_model(name: str, device, img_size: int = 224, token_keep_ratio: float = 0.7,
+                gate_keep: Optional[float] = None, calib_batch: int = 64):
+    """(timm name, eval model on device, realised gate keep or None) for a dense or DyVM name (timm or CLI
+    spelling); a DyVM gets token_keep_ratio, and with gate_keep its gate heads calibrated (calibrate_gates)."""
     import timm
 
     import dyvm  # noqa: F401  (registers the model names)
     from dyvm.models.registry import resolve_model_name
 
+    dynamic = name.startswith("dyvm_") or name.startswith("Vim-")
+    timm_name = resolve_model_name(name, dynamic)
+    kwargs = {"img_size": img_size}
+    if dynamic:
+        kwargs["token_keep_ratio"] = token_keep_ratio
+    model = timm.create_model(timm_name, **kwargs).to(device).eval()
+    realised = None
+    if dynamic and gate_keep is not None:
+        realised = calibrate_gates(model, gate_keep, calib_batch, img_size, 3, device)
+    return timm_name, model, realised
+
+
+def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
+        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0,
+        cuda_graph: bool = False) -> list:
     rows = []
     for name in models:
-        dynamic = name.startswith("dyvm_") or name.startswith("Vim-")
-        timm_name = resolve_model_name(name, dynamic)
-        kwargs = {"img_size": img_size}
-        if dynamic:
-            kwargs["token_keep_ratio"] = token_keep_ratio
-        model = timm.create_model(timm_name, **kwargs).to(device).eval()
-        realised = None
-        if dynamic and gate_keep is not None:
-            realised = calibrate_gates(model, gate_keep, min(64, max(batch_sizes)), img_size, 3, device)
+        timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, gate_keep,
+                                                 min(64, max(batch_sizes)))
         for dt in dtypes:
             for bs in batch_sizes:
                 r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, cuda_graph)
