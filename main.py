@@ -130,7 +130,7 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     if timed:
         res["throughput"] = measure_throughput(base, **kw)
     if graphed:
-        res["throughput_cuda_graph"] = measure_throughput(base, cuda_graph=True, **kw)
+        res["throughput_cuda_graph"] = measure_throughput(base, mode="cuda_graph", **kw)
     if getattr(base, "dyvm_cfg", None) is not None:  # the dense teacher, timed in the same run
         dense = build_dense_twin(base).to(device)
         note = "random weights (timing and FLOPs only)"
@@ -147,7 +147,7 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
             res["speedup_vs_teacher"] = (res["throughput"]["images_per_s"]
                                          / res["teacher"]["throughput"]["images_per_s"])
         if graphed:
-            res["teacher"]["throughput_cuda_graph"] = measure_throughput(dense, cuda_graph=True, **kw)
+            res["teacher"]["throughput_cuda_graph"] = measure_throughput(dense, mode="cuda_graph", **kw)
             res["speedup_vs_teacher_cuda_graph"] = (res["throughput_cuda_graph"]["images_per_s"]
                                                     / res["teacher"]["throughput_cuda_graph"]["images_per_s"])
     return res

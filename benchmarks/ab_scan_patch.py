@@ -57,7 +57,7 @@ def model_rows():
                     for key in ("cl/2", "cl/4"):
                         ss.FWD_TUNING[key]["split_dirs"] = split
                     row.append(measure_throughput(model, BATCH, 224, 3, "cuda", dtype, 10, 30,
-                                                  cuda_graph=True)["images_per_s"])
+                                                  mode="cuda_graph")["images_per_s"])
             vim.PatchEmbed.forward = matmul_patch_embed
             print(f"  {name:15s} {str(dtype):14s} " + " ".join(f"{v:8.1f}" for v in row), flush=True)
         del model

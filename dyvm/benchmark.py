@@ -31,56 +31,54 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def _graphed(model: nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]):
-    """model(x) captured once in a CUDA graph; returns the replay. Possible because nothing in the forward
-    waits on the host: token pruning keeps a fixed count (top-k and gathers) and a gated-off direction is
-    skipped inside the kernels, which read the gates on the device."""
-    autocast = lambda: torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None,  # noqa: E731
-                                      cache_enabled=False)  # the autocast cache cannot outlive a capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast():
-        for _ in range(3):  # compile the kernels and settle the allocator outside the capture
-            model(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast():
-        model(x)
-    return graph.replay
+MODES = ("eager", "cuda_graph", "compile")
+
+
+def _runner(model: nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype], mode: str):
+    """A no-argument callable running one forward of `model` on x the way `mode` says:
+    eager: plain calls; cuda_graph: replays of a captured CUDA graph (dyvm.serving), the GPU's throughput without
+    Python and launch overhead; compile: torch.compile(model) (inductor), compiled by the warm-up calls."""
+    from dyvm.serving import autocast_context, graphed
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "cuda_graph":
+        if x.device.type != "cuda":
+            raise ValueError("--cuda-graph needs a CUDA device")
+        fast = graphed(model, dtype=dtype)
+        return lambda: fast(x)
+    fn = torch.compile(model) if mode == "compile" else model
+
+    def run():
+        with autocast_context(x.device.type, dtype):
+            return fn(x)
+    return run
 
 
 @torch.no_grad()
 def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device,
                        dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30,
-                       cuda_graph: bool = False) -> dict:
-    """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32). cuda_graph:
-    time the replay of a CUDA graph of the forward, which removes the Python and launch overhead (what a
-    deployment would do; eager small models are bound by that overhead, not by the GPU)."""
+                       mode: str = "eager") -> dict:
+    """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32); mode: eager,
+    cuda_graph or compile (see _runner). Eager small models and bf16 are bound by the host's launch work:
+    cuda_graph shows what the GPU can do, which is what a deployment through dyvm.serving gets."""
     device = torch.device(device)
-    if cuda_graph and device.type != "cuda":
-        raise ValueError("--cuda-graph needs a CUDA device")
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
-    if cuda_graph:
-        run, autocast = _graphed(model, x, dtype), torch.autocast(device.type, enabled=False)
-    else:
-        run = lambda: model(x)  # noqa: E731
-        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    run = _runner(model, x, dtype, mode)
     times = []
-    with autocast:
-        for i in range(warmup + iters):
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
     model.train(was_training)
     median = statistics.median(times)
     return {"images_per_s": batch_size / median, "median_batch_s": median, "batch_size": batch_size,
-            "iters": iters, "warmup": warmup, "cuda_graph": cuda_graph}
+            "iters": iters, "warmup": warmup, "mode": mode}
 
 
 @torch.no_grad()
@@ -182,18 +180,18 @@ def build_model(name: str, device, img_size: int = 224, token_keep_ratio: float 
 
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
         gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0,
-        cuda_graph: bool = False) -> list:
+        modes: Sequence[str] = ("eager",)) -> list:
     rows = []
     for name in models:
         timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, gate_keep,
                                                  min(64, max(batch_sizes)))
         for dt in dtypes:
             for bs in batch_sizes:
-                r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, cuda_graph)
-                rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
-                print(f"{timm_name:16s} {dt:5s} batch {bs:4d}{' (CUDA graph)' if cuda_graph else ''}: "
-                      f"{r['images_per_s']:9.1f} images/s"
-                      + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
+                for mode in modes:
+                    r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, mode)
+                    rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
+                    print(f"{timm_name:16s} {dt:5s} batch {bs:4d} {mode:10s}: {r['images_per_s']:9.1f} images/s"
+                          + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
                 if profile:
                     print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
         del model
@@ -203,15 +201,17 @@ def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str]
 
 
 def speedups(rows: list) -> list:
-    """DyVM images/s over the dense model of the same size, dtype, batch and image size."""
-    dense = {(r["model"], r["dtype"], r["batch_size"], r["img_size"]): r["images_per_s"] for r in rows}
+    """DyVM images/s over the dense model of the same size, dtype, batch, image size and mode."""
+    def key(r, model):
+        return model, r["dtype"], r["batch_size"], r["img_size"], r.get("mode", "eager")
+    dense = {key(r, r["model"]): r["images_per_s"] for r in rows}
     out = []
     for r in rows:
         if r["model"].startswith("dyvm_"):
-            base = dense.get((r["model"][len("dyvm_"):], r["dtype"], r["batch_size"], r["img_size"]))
+            base = dense.get(key(r, r["model"][len("dyvm_"):]))
             if base:
                 out.append({"model": r["model"], "dtype": r["dtype"], "batch_size": r["batch_size"],
-                            "speedup_vs_dense": r["images_per_s"] / base})
+                            "mode": r.get("mode", "eager"), "speedup_vs_dense": r["images_per_s"] / base})
     return out
 
 
@@ -228,8 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", default="", help="write environment, rows and speed-ups here")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="time CUDA-graph replays of the forward (no Python or launch overhead)")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=MODES,
+                   help="eager calls, CUDA-graph replays (dyvm.serving: no Python or launch overhead) and/or "
+                        "torch.compile (inductor; compiled during the warm-up)")
+    p.add_argument("--cuda-graph", dest="modes", action="store_const", const=["cuda_graph"],
+                   help="shorthand for --modes cuda_graph")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
     args = p.parse_args(argv)
@@ -237,13 +240,14 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     try:
         rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.gate_keep,
-                   args.token_keep_ratio, args.warmup, args.iters, args.profile, args.cuda_graph)
+                   args.token_keep_ratio, args.warmup, args.iters, args.profile, args.modes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ups = speedups(rows)
     for s in ups:
-        print(f"{s['model']} {s['dtype']} batch {s['batch_size']}: {s['speedup_vs_dense']:.2f}x the dense model")
+        print(f"{s['model']} {s['dtype']} batch {s['batch_size']} {s['mode']}: {s['speedup_vs_dense']:.2f}x the dense "
+              "model")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "args": vars(args), "rows": rows, "speedups": ups}, f, indent=1)

@@ -59,4 +59,4 @@ def test_profile_names_where_the_time_goes():
 
 def test_cuda_graph_needs_cuda():
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
-        measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", cuda_graph=True)
+        measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", mode="cuda_graph")

@@ -89,8 +89,10 @@ class Mamba(nn.Module):
                   self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
                   self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # (not .parameters(): slow)
         params = [p for p in params if p is not None]
-        # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops
-        cacheable = triton_enabled(xz, "bimamba") and not ops_watched() and not needs_grad(*params)
+        # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops;
+        # not while a CUDA graph is captured: the graph must read the parameters, which may change in place
+        cacheable = (triton_enabled(xz, "bimamba") and not ops_watched() and not needs_grad(*params)
+                     and not (xz.is_cuda and torch.cuda.is_current_stream_capturing()))
         if not cacheable:
             return self.scan_weights(), self.scan_weights(backward=True), None
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
