@@ -66,8 +66,13 @@ class DyVMLoss(nn.Module):
         super().__init__()
         self.base_criterion = base_criterion
         self.teacher = teacher
+        self._teacher_fast = None
         if teacher is not None:
             freeze(teacher)
+            # The frozen teacher needs no autograd: on a GPU it replays a CUDA graph of its forward (captured per
+            # batch shape and autocast dtype), which takes its launch work off the training step's host time.
+            from dyvm.serving import GraphedModule
+            self._teacher_fast = GraphedModule(teacher, method="forward_with_tokens", dtype="auto", max_graphs=2)
         self.token_keep_ratios = tuple(float(r) for r in token_keep_ratios)
         self.block_keep_ratio = float(block_keep_ratio)
         self.clf_weight, self.token_weight, self.block_weight = clf_weight, token_weight, block_weight
@@ -103,8 +108,7 @@ class DyVMLoss(nn.Module):
         block = zero if out.gates is None else self.block_weight * block_ratio_loss(out.gates, self.block_keep_ratio)
         kl, td = zero, zero
         if self.teacher is not None and self.distill_weight:
-            with torch.no_grad():
-                teacher_logits, teacher_tokens = self.teacher.forward_with_tokens(images)
+            teacher_logits, teacher_tokens = self._teacher_fast(images)
             kl = self.distill_weight * distill_kl(out.logits, teacher_logits)
             if self.token_distill:
                 td = self.distill_weight * token_distill_mse(out.patch_tokens, out.final_policy, out.slot_to_patch,

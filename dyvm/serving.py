@@ -61,8 +61,10 @@ class _Graph(NamedTuple):
 class GraphedModule:
     """Replays CUDA graphs of `getattr(model, method)(x)` for inference (see the module docstring).
 
-    dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32. warmup: eager calls before a capture
-    (they compile the Triton kernels and settle the allocator; they run on a side stream, as capture requires).
+    dtype: autocast dtype (torch.bfloat16 / torch.float16), None for fp32, or "auto" to follow the autocast
+    state around each call (a graph per state: how a training loop's criterion runs its frozen teacher).
+    warmup: eager calls before a capture (they compile the Triton kernels and settle the allocator; they run on
+    a side stream, as capture requires).
     """
 
     def __init__(self, model: nn.Module, method: str = "forward", dtype: Optional[torch.dtype] = None,
@@ -81,9 +83,15 @@ class GraphedModule:
     def _fn(self, x: Tensor):
         return getattr(self.model, self.method)(x)
 
+    def _dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        if self.dtype != "auto":
+            return self.dtype
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
     def eager(self, x: Tensor):
         """The plain call, as a replay computes it: no_grad, autocast if a dtype was given."""
-        with torch.no_grad(), autocast_context(x.device.type, self.dtype):
+        with torch.no_grad(), autocast_context(x.device.type, self._dtype(x)):
             return self._fn(x)
 
     def reset(self) -> None:
@@ -94,17 +102,17 @@ class GraphedModule:
     def _moved(self) -> bool:
         return tuple(t.data_ptr() for t in self._tensors) != self._where
 
-    def _capture(self, x: Tensor) -> _Graph:
+    def _capture(self, x: Tensor, dtype: Optional[torch.dtype]) -> _Graph:
         static_input = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         # the autocast weight cache cannot outlive a capture: off during warm-up and capture alike
-        with torch.cuda.stream(side), torch.no_grad(), autocast_context("cuda", self.dtype, cache_enabled=False):
+        with torch.cuda.stream(side), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
             for _ in range(self.warmup):
                 self._fn(static_input)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad(), autocast_context("cuda", self.dtype, cache_enabled=False):
+        with torch.cuda.graph(graph), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
             static_output = self._fn(static_input)
         self.captures += 1
         return _Graph(graph, static_input, static_output)
@@ -118,12 +126,13 @@ class GraphedModule:
             self.reset()
             self._tensors = list(self.model.parameters()) + list(self.model.buffers())
             self._where = tuple(t.data_ptr() for t in self._tensors)
-        key = (tuple(x.shape), x.dtype, x.device, self.dtype)
+        dtype = self._dtype(x)
+        key = (tuple(x.shape), x.dtype, x.device, dtype)
         entry = self._graphs.get(key)
         if entry is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)  # least recently used; its memory pool goes with it
-            entry = self._graphs[key] = self._capture(x)
+            entry = self._graphs[key] = self._capture(x, dtype)
         else:
             self._graphs.move_to_end(key)
         entry.static_input.copy_(x)

@@ -99,7 +99,8 @@ def test_predictor_and_outside_counts_agree_with_torch_flop_counter():
     batch = 2
     assert counts["TokenScorePredictor"] == 2 * batch * per_token * (64 + 44 + 31)
     assert counts["PatchEmbed"] == 2 * batch * 64 * 32 * 3 * 16
-    assert counts["Linear"] == 2 * batch * (32 * 10 + 4 * 128 * 2)  # head + gate heads (full convention)
+    projections = sum(L * (32 * 128 + 64 * 32) for L in out.seq_lens)  # in_proj + out_proj at each length
+    assert counts["Linear"] == 2 * batch * (32 * 10 + 4 * 128 * 2 + projections)  # + head + gate heads
     assert out.logits.shape == (2, 10)
 
 

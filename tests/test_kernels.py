@@ -204,31 +204,43 @@ def test_bimamba_gated_off_sample_is_not_computed():
 
 
 def test_mamba_inference_weight_cache_follows_parameter_updates():
-    """Inference on the kernels reuses the stacked scan weights while the parameters are unchanged, and
-    an in-place update (an optimizer step, load_state_dict) is seen at the next call."""
+    """Inference on the kernels reuses the stacked scan weights and the Linear weights (cast to the autocast
+    dtype) while the parameters are unchanged, and an in-place update (an optimizer step, load_state_dict)
+    or another autocast dtype is seen at the next call."""
     from mamba_ssm.modules.mamba_simple import Mamba
 
     torch.manual_seed(0)
     mixer = Mamba(16, d_state=8, bimamba_type="v2", if_divide_out=True)
-    xz = torch.randn(2, 2 * mixer.d_inner, 21)
+    x = torch.randn(2, 21, 16)
+    cache = lambda: mixer.__dict__["_inference_cache"]  # noqa: E731
     with torch.no_grad():
-        ref = mixer.mix(xz)  # CPU reference path: no cache
+        ref = mixer(x)  # CPU reference path: no cache
         with triton_on_cpu():
-            out = mixer.mix(xz)
-            first = mixer.__dict__["_v2_cache"]
-            mixer.mix(xz)
-            assert mixer.__dict__["_v2_cache"] is first  # reused
+            out = mixer(x)
+            first = cache()
+            mixer(x)
+            assert cache() is first  # reused
             assert rel(out, ref) < 1e-5
             mixer.A_b_log.add_(0.3)
             mixer.conv1d.weight.mul_(-1.0)
-            out = mixer.mix(xz)
-            assert mixer.__dict__["_v2_cache"] is not first
-        ref = mixer.mix(xz)
+            mixer.out_proj.weight.mul_(0.5)
+            out = mixer(x)
+            assert cache() is not first
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out_bf16 = mixer(x)
+                assert cache()[1].linears["in_proj"][0].dtype == torch.bfloat16
+                assert cache()[1].stacked.x_proj_weight.dtype == torch.bfloat16
+                assert cache()[1].stacked.A.dtype == torch.float32
+        ref = mixer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16 = mixer(x)
     assert rel(out, ref) < 1e-5
+    assert out_bf16.dtype == ref_bf16.dtype == torch.bfloat16 and rel(out_bf16.float(), ref_bf16.float()) < 2e-2
     with triton_on_cpu():  # training: no cache, gradients reach the parameters
-        mixer.__dict__.pop("_v2_cache")
-        mixer.mix(xz).sum().backward()
-    assert "_v2_cache" not in mixer.__dict__ and mixer.A_b_log.grad is not None
+        mixer.__dict__.pop("_inference_cache")
+        mixer(x).sum().backward()
+    assert "_inference_cache" not in mixer.__dict__ and mixer.A_b_log.grad is not None
+    assert mixer.in_proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("dtype,seqlen,activation,channels_last,width", [

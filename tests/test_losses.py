@@ -103,7 +103,7 @@ def test_token_distill_can_be_switched_off():
     out = _output()
     teacher = FixedTeacher(torch.randn(2, 3), torch.randn(2, 4, 5))
     _, parts = DyVMLoss(nn.CrossEntropyLoss(), teacher, (0.7, 0.49), 0.8, token_distill=False)(
-        None, out, torch.tensor([0, 2]))
+        torch.zeros(2, 3, 4, 4), out, torch.tensor([0, 2]))
     assert parts["token_kl_loss"].item() == 0.0 and parts["cls_kl_loss"].item() > 0
 
 

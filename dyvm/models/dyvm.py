@@ -138,7 +138,8 @@ class DyVM(Vim):
     def _decide_gate(self, logits: Tensor) -> Tensor:
         if self.training:
             return gumbel_sigmoid_gate(logits, noise=self.dyvm_cfg.gumbel_noise, tau=GATE_TAU)
-        return (torch.sigmoid(logits) > 0.5).to(logits.dtype)
+        # sigmoid(l) > 0.5 exactly when l > 0 (the sigmoid would round to 0.5 for |l| < 3e-8), one op less
+        return (logits > 0).to(logits.dtype)
 
     def _prune(self, stage: int, hidden: Tensor, residual: Tensor, tokens: _Tokens, feature: Optional[Tensor]):
         """One pruning stage -> (hidden, residual, tokens, decision (B, M) over the original patches)."""
@@ -185,14 +186,15 @@ class DyVM(Vim):
                 decisions.append(decision)
             normed, residual = layer.add_norm(hidden, residual)
             mixer = layer.mixer
-            xz = mixer.in_proj_xz(normed)
+            weights = mixer.inference_weights(normed)  # None unless eager inference on the kernels
+            xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:
-                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_index))
+                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_index, weights))
                 gates.append(gate)
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
-            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask)
+            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, weights=weights)
             seq_lens.append(hidden.shape[1])
         cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_index)
         policy = tokens.policy.detach().unsqueeze(-1)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
 from dyvm.pruning import ClsIndex
-from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.modules.mamba_simple import InferenceWeights, Mamba
 
 GATE_INIT_BIAS = 5.0  # sigmoid(5) = 0.993: every direction starts on when a DyVM is made from a dense Vim
 SSM_FEATURES = ("ssm_B", "ssm_delta")
@@ -28,13 +28,19 @@ class DynamicMamba(Mamba):
         if self.block_head is not None:
             reset_gate_head(self.block_head)
 
-    def gate_logits(self, xz: Tensor, cls_index: ClsIndex) -> Tensor:
+    def _cached_linears(self) -> dict:
+        linears = super()._cached_linears()
+        if self.block_head is not None:
+            linears["block_head"] = self.block_head
+        return linears
+
+    def gate_logits(self, xz: Tensor, cls_index: ClsIndex, weights: Optional[InferenceWeights] = None) -> Tensor:
         """xz (B, 2*d_inner, L) -> gate logits (B, 2) [forward, backward] from the class token's column."""
         if isinstance(cls_index, int):
             cls_xz = xz[:, :, cls_index]
         else:
             cls_xz = xz.gather(2, cls_index.view(-1, 1, 1).expand(-1, xz.shape[1], 1)).squeeze(2)
-        return self.block_head(cls_xz)
+        return self.linear("block_head", cls_xz, weights)
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).

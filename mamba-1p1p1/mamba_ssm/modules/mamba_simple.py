@@ -5,6 +5,7 @@ conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b, sharing in_proj, z and out_proj
 summed (halved when if_divide_out). Parameter names match Vim's, so released Vim checkpoints load as-is.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,16 @@ from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 BIMAMBA_TYPES = ("none", "v2")
+
+
+class InferenceWeights(NamedTuple):
+    """A v2 layer's weights as inference on the kernels takes them (Mamba.inference_weights): the Linear
+    weights and biases by name and the stacked x_proj / dt_proj weights in the autocast dtype (no cast per
+    call), A = -exp(A_log) and the other fp32 parameters as the kernels read them."""
+    linears: dict  # name -> (weight, bias or None)
+    fwd: ScanWeights
+    bwd: ScanWeights
+    stacked: "StackedWeights"  # noqa: F821  (mamba_ssm.ops.triton.bimamba, imported with the kernels)
 
 
 class Mamba(nn.Module):
@@ -81,45 +92,73 @@ class Mamba(nn.Module):
         return ScanWeights(conv.weight, conv.bias, getattr(self, "x_proj" + sfx).weight, dt_proj.weight,
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
-    def _v2_weights(self, xz):
-        """(fwd, bwd ScanWeights, their stacked form or None). Inference on the kernels reuses them while the
-        parameters are unchanged: deriving A and stacking the directions is a dozen small ops per layer,
-        which the host pays on every call (eager inference is bound by the host, not the GPU)."""
-        params = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
-                  self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
-                  self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # (not .parameters(): slow)
+    def _cached_linears(self) -> dict:
+        """The Linear layers whose weights inference takes from the cache (subclasses add theirs)."""
+        return {"in_proj": self.in_proj, "out_proj": self.out_proj}
+
+    def inference_weights(self, x) -> Optional[InferenceWeights]:
+        """This layer's weights as the inference kernels take them, or None where nothing is cached (CPU,
+        training, torch.compile, a dispatch mode, CUDA-graph capture). Kept while the parameters and the
+        autocast dtype are unchanged: deriving A, stacking the directions and casting each weight to the
+        autocast dtype is some 15 small ops per layer, which the host pays on every eager call (eager
+        inference is bound by the host, not the GPU)."""
+        if self.bimamba_type != "v2":
+            return None
+        linears = self._cached_linears()
+        params = [self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                  self.dt_proj.bias, self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias,
+                  self.x_proj_b.weight, self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b]
+        params += [t for m in linears.values() for t in (m.weight, m.bias)]  # (not .parameters(): slow)
         params = [p for p in params if p is not None]
         # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops;
         # not while a CUDA graph is captured: the graph must read the parameters, which may change in place
-        cacheable = (triton_enabled(xz, "bimamba") and not ops_watched() and not needs_grad(*params)
-                     and not (xz.is_cuda and torch.cuda.is_current_stream_capturing()))
+        cacheable = (triton_enabled(x, "bimamba") and not ops_watched() and not needs_grad(*params)
+                     and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         if not cacheable:
-            return self.scan_weights(), self.scan_weights(backward=True), None
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_v2_cache")
+            return None
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:
             from mamba_ssm.ops.triton.bimamba import stack_directions
 
+            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
             fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
-            cached = (key, fwd, bwd, stack_directions(fwd, bwd))
-            self.__dict__["_v2_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
-        return cached[1:]
+            stacked = stack_directions(fwd, bwd)
+            stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
+                                       dt_proj_weight=cast(stacked.dt_proj_weight))
+            weights = InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in linears.items()},
+                                       fwd, bwd, stacked)
+            cached = (key, weights)
+            self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
+        return cached[1]
 
-    def in_proj_xz(self, hidden_states):
+    def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
+        """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given."""
+        if weights is None:
+            return self._cached_linears()[name](x)  # the module itself: hooks and FLOP counters see it
+        return F.linear(x, *weights.linears[name])
+
+    def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None):
         """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""
-        xz = F.linear(hidden_states, self.in_proj.weight, self.in_proj.bias)
-        return xz.transpose(1, 2)
+        return self.linear("in_proj", hidden_states, weights).transpose(1, 2)
 
-    def mix(self, xz, gate=None, mask=None):
+    def mix(self, xz, gate=None, mask=None, weights: Optional[InferenceWeights] = None):
         """xz (batch, 2*d_inner, L) -> (batch, L, d_model): conv, scans, z-gating, out_proj.
 
-        gate (batch, 2) and mask (batch, L) are the DyVM options of bimamba_v2_inner_fn ("v2" only).
+        gate (batch, 2) and mask (batch, L) are the DyVM options of bimamba_v2_inner_fn ("v2" only);
+        weights: inference_weights(xz), if the caller has them already.
         """
         if self.bimamba_type == "v2":
-            fwd, bwd, stacked = self._v2_weights(xz)
+            weights = weights if weights is not None else self.inference_weights(xz)
+            if weights is None:
+                fwd, bwd, stacked = self.scan_weights(), self.scan_weights(backward=True), None
+            else:
+                fwd, bwd, stacked = weights.fwd, weights.bwd, weights.stacked
             y = bimamba_v2_inner_fn(xz, fwd, bwd, gate=gate, mask=mask, divide_out=self.if_divide_out,
                                     stacked=stacked)
-            out = F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+            out = self.linear("out_proj", y.transpose(1, 2), weights)
         else:
             if gate is not None or mask is not None:
                 raise ValueError("gate and mask need bimamba_type='v2'")
@@ -134,4 +173,5 @@ class Mamba(nn.Module):
         if inference_params is not None:
             raise NotImplementedError("step-by-step decoding (inference_params) is not implemented: "
                                       "Vim and DyVM run whole sequences")
-        return self.mix(self.in_proj_xz(hidden_states), gate=gate, mask=mask)
+        weights = self.inference_weights(hidden_states)
+        return self.mix(self.in_proj_xz(hidden_states, weights), gate=gate, mask=mask, weights=weights)

@@ -1,0 +1,274 @@
+"""One GPU call: full-size checks of the inference and training fast paths, then end-to-end timings.
+
+    python3 benchmarks/gpu_check.py [--sections check infer train] [--out DIR]
+
+check  (before any timing) at Vim-S size:
+       - eager inference with the cached inference weights (autocast dtype) equals the uncached computation;
+       - dyvm.serving's CUDA-graph replays equal eager calls (dense and DyVM, fp32 and bf16), see parameters
+         updated in place, and stay correct across a cache eviction;
+       - DyVM training on the kernels against the PyTorch references (MAMBA_FORCE_REFERENCE): logits, every
+         loss term and the gradients, fp32, batch 8;
+       - the DyVM loss with the teacher replayed from a CUDA graph equals the eager teacher's.
+infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrated to a block keep ratio of
+       0.735), eager (and its host time), CUDA graph and torch.compile, bf16 batch 128 and fp32 batch 64 / 128.
+train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
+       with a profile of the bf16 steps.
+Prints a table of everything at the end; JSON under --out.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(summary):
+    import dyvm  # noqa: F401
+    from dyvm.benchmark import build_model
+    from dyvm.serving import graphed
+
+    dev = "cuda"
+    x = torch.randn(32, 3, 224, 224, device=dev)
+    for name in ("vim_small", "dyvm_vim_small"):
+        _, model, _ = build_model(name, dev, gate_keep=0.735 if name.startswith("dyvm") else None)
+        for dtype in (None, torch.bfloat16):
+            ac = dict(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
+            with torch.no_grad(), torch.autocast(**ac):
+                cached = model.forward_aux(x)
+            with torch.enable_grad(), torch.autocast(**ac):  # a gradient would be needed: nothing cached
+                uncached = model.forward_aux(x)
+            summary[f"check cache {name} {dtype}: logits rel"] = rel(cached.logits, uncached.logits.detach())
+            if cached.gates is not None:
+                summary[f"check cache {name} {dtype}: gates equal"] = bool(torch.equal(cached.gates,
+                                                                                 uncached.gates.detach()))
+            fast = graphed(model, dtype=dtype, method="forward_aux", max_graphs=1)
+            out = fast(x)
+            summary[f"check graph {name} {dtype}: logits rel"] = rel(out.logits, cached.logits)
+            out2 = fast(x[:7])  # evicts the batch-32 graph (max_graphs=1)
+            with torch.no_grad(), torch.autocast(**ac):
+                ref = model.forward_aux(x[:7])
+            summary[f"check graph {name} {dtype}: after eviction rel"] = rel(out2.logits, ref.logits)
+            with torch.no_grad():
+                model.head.weight.mul_(0.5)
+                out3 = fast(x[:7]).logits.clone()
+                with torch.autocast(**ac):
+                    ref3 = model(x[:7])
+                model.head.weight.mul_(2.0)
+            summary[f"check graph {name} {dtype}: in-place update seen rel"] = rel(out3, ref3)
+            summary[f"check graph {name} {dtype}: captures"] = fast.captures
+        del model
+    torch.cuda.empty_cache()
+    check_training(summary)
+
+
+def check_training(summary):
+    import timm
+    from timm.loss import SoftTargetCrossEntropy
+
+    from dyvm.checkpoint import load_checkpoint
+    from dyvm.losses import DyVMLoss, build_teacher
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vim_small")
+    student = timm.create_model("dyvm_vim_small", gumbel_noise=False)
+    load_checkpoint(student, dense.state_dict())
+    with torch.no_grad():  # gates that differ per image: a trained model's situation
+        for layer in student.layers:
+            layer.mixer.block_head.weight.normal_(0, 0.02)
+            layer.mixer.block_head.bias.normal_(0.5, 1.0)
+    teacher = build_teacher(student.cfg, {k: v + 0.01 * torch.randn_like(v) for k, v in dense.state_dict().items()})
+    student.cuda().train()
+    teacher.cuda()
+    criterion = DyVMLoss.from_model(student, SoftTargetCrossEntropy(), teacher, token_weight=10.0,
+                                    block_weight=10.0, distill_weight=0.5)
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    target = torch.softmax(torch.randn(8, 1000, device="cuda"), -1)
+    runs = {}
+    for mode in ("kernels", "reference"):
+        os.environ["MAMBA_FORCE_REFERENCE"] = "1" if mode == "reference" else "0"
+        student.zero_grad(set_to_none=True)
+        out = student.forward_aux(x)
+        loss, parts = criterion(x, out, target)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+        runs[mode] = (out.logits.detach(), parts, grads, out.gates.detach())
+    os.environ["MAMBA_FORCE_REFERENCE"] = "0"
+    (lk, pk, gk, gatek), (lr, pr, gr, gater) = runs["kernels"], runs["reference"]
+    summary["check train fp32: logits rel"] = rel(lk, lr)
+    summary["check train fp32: gates equal"] = bool(torch.equal(gatek, gater))
+    summary["check train fp32: loss parts max rel"] = max(rel(pk[k].reshape(1), pr[k].reshape(1)) for k in pk
+                                                          if float(pr[k]) != 0)
+    worst = max(((rel(gk[n], gr[n]), n) for n in gr if gr[n].norm() > 0))
+    summary["check train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]})"
+    summary["check train fp32: grads compared"] = len(gr)
+    # the teacher through its CUDA graph against the plain teacher
+    with torch.no_grad():
+        eager = teacher.forward_with_tokens(x)
+    graph = criterion._teacher_fast(x)
+    summary["check teacher graph: logits rel"] = rel(graph[0], eager[0])
+    summary["check teacher graph: tokens rel"] = rel(graph[1], eager[1])
+    del student, teacher, criterion
+    torch.cuda.empty_cache()
+
+
+def host_and_total(model, x, dtype, iters=20):
+    """Median host time (until model(x) returns) and total time (until the GPU is done), ms."""
+    host, total = [], []
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i in range(5 + iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            if i >= 5:
+                host.append(t1 - t0)
+                total.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(total)
+
+
+def timed_images_per_s(run, batch, warmup, iters=30):
+    times = []
+    for i in range(warmup + iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def capture(model, x, dtype):
+    """A CUDA graph of model(x) (no dyvm.serving: this also runs against older revisions as their baseline)."""
+    ac = lambda: torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None,  # noqa: E731
+                                cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad(), ac():
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), ac():
+        model(x)
+    return graph.replay
+
+
+def infer(summary, rows, configs, modes):
+    from dyvm.benchmark import build_model
+
+    models = {}
+    for name in ("vim_small", "dyvm_vim_small"):
+        models[name] = build_model(name, "cuda", gate_keep=0.735 if name.startswith("dyvm") else None)
+    for dtype, batch in configs:
+        for name, (_, model, realised) in models.items():
+            model.eval()
+            x = torch.randn(batch, 3, 224, 224, device="cuda")
+            host, total = host_and_total(model, x, dtype)
+            for mode in modes:
+                try:
+                    if mode == "cuda_graph":
+                        run, warmup = capture(model, x, dtype), 10
+                    else:
+                        fn = torch.compile(model) if mode == "compile" else model
+
+                        def run(fn=fn):
+                            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
+                                                                 enabled=dtype is not None):
+                                fn(x)
+                        warmup = 3 if mode == "compile" else 10
+                    ips = timed_images_per_s(run, batch, warmup)
+                except Exception as e:  # noqa: BLE001  (a compile failure must not lose the other numbers)
+                    ips = float("nan")
+                    print(f"{name} {mode} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                row = {"model": name, "dtype": str(dtype), "batch": batch, "mode": mode, "gate_keep": realised,
+                       "images_per_s": ips}
+                if mode == "eager":
+                    row.update(host_ms=host, total_ms=total)
+                rows.append(row)
+                print(f"{name:15s} {str(dtype):15s} b{batch:4d} {mode:10s} {ips:9.1f} img/s"
+                      + (f"  host {host:6.2f} ms total {total:6.2f} ms" if mode == "eager" else ""), flush=True)
+    for dtype, batch in configs:
+        for mode in modes:
+            got = {r["model"]: r["images_per_s"] for r in rows
+                   if r["dtype"] == str(dtype) and r["batch"] == batch and r["mode"] == mode}
+            if len(got) == 2:
+                summary[f"infer {dtype} b{batch} {mode}: dense / dyvm img/s, ratio"] = (
+                    f"{got['vim_small']:.0f} / {got['dyvm_vim_small']:.0f}, "
+                    f"{got['dyvm_vim_small'] / got['vim_small']:.2f}x")
+            hosts = {r["model"]: (r["host_ms"], r["total_ms"]) for r in rows
+                     if r["dtype"] == str(dtype) and r["batch"] == batch and r["mode"] == "eager"}
+            if mode == "eager" and len(hosts) == 2:
+                summary[f"infer {dtype} b{batch} eager host/total ms: dense | dyvm"] = (
+                    "{:.1f}/{:.1f} | {:.1f}/{:.1f}".format(*hosts["vim_small"], *hosts["dyvm_vim_small"]))
+
+
+def train(summary, rows, dtypes):
+    import train_step
+
+    ns = argparse.Namespace(batch_size=128, img_size=224, warmup=4, steps=12, profile=0, ddp_static=False)
+    for name in ("vim_small", "dyvm_vim_small"):
+        for dtype in dtypes:
+            ns.profile = 25 if dtype == "bf16" else 0
+            try:
+                row = train_step.measure(name, dtype, ns, torch.device("cuda"), 1, 0)
+            except torch.cuda.OutOfMemoryError:
+                row = {"model": name, "dtype": dtype, "error": "OOM"}
+                torch.cuda.empty_cache()
+            rows.append(row)
+            if "profile" in row:
+                print(f"===== profile {name} {dtype}\n{row['profile']}", flush=True)
+            if "error" not in row:
+                summary[f"train {name} {dtype}: img/s, ms/step, peak GiB"] = (
+                    f"{row['images_per_s_per_gpu']:.0f}, {row['step_ms']:.1f}, {row['peak_memory_gib']:.1f}")
+            print(row.get("model"), dtype, {k: v for k, v in row.items() if k != "profile"}, flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sections", nargs="+", default=["check", "infer", "train"])
+    p.add_argument("--modes", nargs="+", default=["eager", "cuda_graph"], help="infer: eager cuda_graph compile")
+    p.add_argument("--train-dtypes", nargs="+", default=["bf16", "fp32"])
+    p.add_argument("--tag", default="", help="a name for this run's JSON (e.g. baseline)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    from dyvm.benchmark import environment
+
+    env = environment()
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    summary, rows = {}, {"infer": [], "train": []}
+    t0 = time.time()
+    for section in args.sections:
+        start = time.time()
+        try:
+            if section == "check":
+                check(summary)
+            elif section == "infer":
+                infer(summary, rows["infer"], [(torch.bfloat16, 128), (None, 64), (None, 128)], args.modes)
+            elif section == "train":
+                train(summary, rows["train"], args.train_dtypes)
+        except Exception as e:  # noqa: BLE001  (report and go on to the next section)
+            import traceback
+            traceback.print_exc()
+            summary[f"{section}: FAILED"] = f"{type(e).__name__}: {str(e)[:300]}"
+        summary[f"{section}: seconds"] = round(time.time() - start, 1)
+        with open(os.path.join(args.out, f"gpu_check{'_' + args.tag if args.tag else ''}.json"), "w") as f:
+            json.dump({"environment": env, "summary": summary, "rows": rows}, f, indent=1, default=str)
+    print(f"\n===== summary {args.tag} ({time.time() - t0:.0f} s) {env.get('device')} {env.get('date')}")
+    for k, v in summary.items():
+        print(f"{k:70s} {v:.3g}" if isinstance(v, float) else f"{k:70s} {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""What a training step costs: images/s, peak memory and where the GPU time goes, for dense Vim and for DyVM
+fine-tuning (student + frozen dense teacher + the full DyVM loss), through the same code main.py trains with
+(dyvm.engine.train_one_epoch: mixup, autocast, the loss, backward, AdamW from timm, the EMA update).
+
+    python benchmarks/train_step.py --models vim_small dyvm_vim_small --dtypes fp32 bf16 --batch-size 128
+    torchrun --nproc_per_node=2 benchmarks/train_step.py --models vim_small dyvm_vim_small   # images/s per GPU
+
+Random weights and a fixed random batch on the device (no data loading in the timing); DyVM starts from the dense
+model's weights (gates open), token keep 0.7, block keep target 0.8, loss weights 10 / 10 / 0.5 (configs/vim-s.yaml).
+Each row: `--warmup` steps, then `--steps` timed steps bracketed by device synchronisation. Under torchrun every
+process runs its own batch (per-GPU batch = --batch-size), and DDP is set up as main.py does unless --ddp-static.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class DeviceBatches:
+    """A loader of one random batch on the device, `steps` times (mixup makes every step's targets differ)."""
+
+    def __init__(self, batch: int, img_size: int, num_classes: int, steps: int, device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.images = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+        self.targets = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([(self.images, self.targets)] * self.steps)
+
+
+def build(name: str, device, img_size: int):
+    """(model, criterion) for a dense timm name or a DyVM one (then with its frozen dense teacher)."""
+    import timm
+    from timm.loss import SoftTargetCrossEntropy
+
+    import dyvm  # noqa: F401  (registers the model names)
+    from dyvm.checkpoint import load_checkpoint
+    from dyvm.engine import ClassificationLoss
+    from dyvm.losses import DyVMLoss, build_teacher
+
+    torch.manual_seed(0)
+    if not name.startswith("dyvm_"):
+        return timm.create_model(name, img_size=img_size).to(device), ClassificationLoss(SoftTargetCrossEntropy())
+    dense = timm.create_model(name[len("dyvm_"):], img_size=img_size)
+    model = timm.create_model(name, img_size=img_size, token_keep_ratio=0.7, block_keep_ratio=0.8)
+    load_checkpoint(model, dense.state_dict())
+    teacher = build_teacher(model.cfg, dense.state_dict()).to(device)
+    criterion = DyVMLoss.from_model(model, SoftTargetCrossEntropy(), teacher, token_weight=10.0, block_weight=10.0,
+                                    distill_weight=0.5)
+    return model.to(device), criterion
+
+
+def profile_steps(run, top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(2)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / 2
+    table = events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+    return f"GPU busy per step: {gpu_us / 1e3:.1f} ms\n{table}"
+
+
+def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    from dyvm.engine import AuxForward, train_one_epoch
+
+    model, criterion = build(name, device, args.img_size)
+    amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+    ema = ModelEmaV3(model, decay=0.99996)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
+    train_model = AuxForward(model)
+    if world > 1:
+        ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=True)
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index], **ddp)
+
+    def run(steps):
+        loader = DeviceBatches(args.batch_size, args.img_size, 1000, steps, device)
+        return train_one_epoch(train_model, criterion, loader, optimizer, device, 0, mixup_fn=mixup, ema=ema,
+                               amp_dtype=amp, progress=False)
+
+    run(args.warmup)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    stats = run(args.steps)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    row = {"model": name, "dtype": dtype, "batch_size_per_gpu": args.batch_size, "world_size": world,
+           "images_per_s_per_gpu": args.batch_size * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30, "loss": stats["loss"],
+           "ddp": ("static_graph" if args.ddp_static else "find_unused_parameters") if world > 1 else None}
+    if args.profile and rank == 0:
+        row["profile"] = profile_steps(run, args.profile)
+    del model, criterion, optimizer, ema, train_model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("benchmarks/train_step.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vim_tiny", "vim_small", "vim_base", "dyvm_vim_small"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=128, help="per GPU")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with the most GPU time")
+    p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "
+                   "find_unused_parameters=True")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark times GPU training steps; no CUDA device is visible", file=sys.stderr)
+        return 2
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl")
+    from dyvm.benchmark import environment
+
+    env = environment()
+    if rank == 0:
+        print(" | ".join(f"{k}: {v}" for k, v in env.items()), f"| world size {world}", flush=True)
+    rows = []
+    for name in args.models:
+        for dtype in args.dtypes:
+            try:
+                row = measure(name, dtype, args, device, world, rank)
+            except torch.cuda.OutOfMemoryError:
+                row = {"model": name, "dtype": dtype, "error": "out of GPU memory"}
+                torch.cuda.empty_cache()
+            rows.append(row)
+            if rank == 0:
+                if "error" in row:
+                    print(f"{name:16s} {dtype:5s} {row['error']}", flush=True)
+                    continue
+                print(f"{name:16s} {dtype:5s} batch {args.batch_size} x {world}: "
+                      f"{row['images_per_s_per_gpu']:8.1f} images/s per GPU, {row['step_ms']:7.1f} ms/step, "
+                      f"peak {row['peak_memory_gib']:5.1f} GiB", flush=True)
+                if "profile" in row:
+                    print(row["profile"], flush=True)
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
