@@ -236,6 +236,12 @@ def test_mamba_inference_weight_cache_follows_parameter_updates():
             ref_bf16 = mixer(x)
     assert rel(out, ref) < 1e-5
     assert out_bf16.dtype == ref_bf16.dtype == torch.bfloat16 and rel(out_bf16.float(), ref_bf16.float()) < 2e-2
+    seen = []
+    with torch.no_grad(), triton_on_cpu():  # a forward hook still sees its module's call with the cache on
+        handle = mixer.out_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        mixer(x)
+        handle.remove()
+    assert seen == [(2, 21, 16)]
     with triton_on_cpu():  # training: no cache, gradients reach the parameters
         mixer.__dict__.pop("_inference_cache")
         mixer(x).sum().backward()

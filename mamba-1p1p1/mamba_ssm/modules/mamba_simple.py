@@ -136,8 +136,9 @@ class Mamba(nn.Module):
 
     def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
         """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given."""
-        if weights is None:
-            return self._cached_linears()[name](x)  # the module itself: hooks and FLOP counters see it
+        module = self._cached_linears()[name]
+        if weights is None or module._forward_hooks or module._forward_pre_hooks:
+            return module(x)  # the module itself: its hooks and FLOP counters see the call
         return F.linear(x, *weights.linears[name])
 
     def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None):
