@@ -260,6 +260,8 @@ def run(args) -> dict:
     lr = global_batch_lr(args.lr, args.batch_size, world_size, args.unscale_lr)
     opt_kw = optimizer_kwargs(cfg=args)
     opt_kw["lr"] = lr
+    if args.cuda_graph_train and device.type == "cuda" and args.opt.lower() in ("adam", "adamw"):
+        opt_kw.update(fused=True, capturable=True)  # an update that a CUDA graph can capture
     optimizer = create_optimizer_v2(model, **opt_kw)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -285,6 +287,14 @@ def run(args) -> dict:
         global_step = resumed.get("global_step", 0)
 
     train_model = AuxForward(model)
+    graph_step = None
+    if args.cuda_graph_train:
+        from dyvm.train_graph import GraphedTrainStep, graph_step_problem
+        problem = graph_step_problem(device, world_size, optimizer, scaler)
+        if problem:
+            print0(rank, f"note: {problem}; training steps run eagerly")
+        else:
+            graph_step = GraphedTrainStep(train_model, criterion, optimizer, amp_dtype, args.clip_grad)
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -307,7 +317,8 @@ def run(args) -> dict:
         train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch,
                                       mixup_fn=mixup_fn, clip_grad=args.clip_grad, ema=ema, amp_dtype=amp_dtype,
                                       scaler=scaler, max_steps=args.max_steps_per_epoch, progress=args.progress,
-                                      global_step=global_step, scheduler=scheduler if args.sched_on_updates else None)
+                                      global_step=global_step, scheduler=scheduler if args.sched_on_updates else None,
+                                      graph_step=graph_step)
         global_step += train_stats["steps"]
         scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)
         test_stats = evaluate(model, val_loader, device, desc=f"epoch {epoch} eval", **ev)

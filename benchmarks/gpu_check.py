@@ -69,6 +69,7 @@ def check(summary):
         del model
     torch.cuda.empty_cache()
     check_training(summary)
+    check_graph_training(summary)
 
 
 def check_training(summary):
@@ -118,6 +119,62 @@ def check_training(summary):
     summary["check teacher graph: logits rel"] = rel(graph[0], eager[0])
     summary["check teacher graph: tokens rel"] = rel(graph[1], eager[1])
     del student, teacher, criterion
+    torch.cuda.empty_cache()
+
+
+def check_graph_training(summary):
+    """dyvm.train_graph against eager steps: the same 6 training steps of DyVM-S (batch 16, no Gumbel noise,
+    fused AdamW in both, a learning-rate change after step 3) from the same weights; then a non-finite batch."""
+    import copy
+
+    import timm
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    from dyvm.checkpoint import load_checkpoint
+    from dyvm.engine import AuxForward, NonFiniteLossError, train_one_epoch
+    from dyvm.losses import DyVMLoss, build_teacher
+    from dyvm.train_graph import GraphedTrainStep
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vim_small")
+    student = timm.create_model("dyvm_vim_small", gumbel_noise=False)
+    load_checkpoint(student, dense.state_dict())
+    teacher = build_teacher(student.cfg, dense.state_dict()).cuda()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 224, 224, generator=g).cuda(),
+                torch.softmax(torch.randn(16, 1000, generator=g), -1).cuda()) for _ in range(6)]
+    start = torch.cat([p.detach().flatten() for p in student.parameters()]).cuda()
+    for dtype in (None, torch.bfloat16):
+        finals = {}
+        for mode in ("eager", "graph"):
+            model = copy.deepcopy(student).cuda()
+            opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, fused=True, capturable=True)
+            crit = DyVMLoss.from_model(model, SoftTargetCrossEntropy(), teacher, token_weight=10.0, block_weight=10.0)
+            step = GraphedTrainStep(AuxForward(model), crit, opt, dtype) if mode == "graph" else None
+            losses = []
+            for epoch, part in enumerate((batches[:3], batches[3:])):
+                stats = train_one_epoch(AuxForward(model), crit, part, opt, torch.device("cuda"), epoch,
+                                        amp_dtype=dtype, graph_step=step)
+                losses.append(stats["loss"])
+                for group in opt.param_groups:
+                    group["lr"] = group["lr"] * 0.5
+            finals[mode] = (torch.cat([p.detach().flatten() for p in model.parameters()]), losses, step, model, opt,
+                            crit)
+        (pe, le, _, _, _, _), (pg, lg, step, model, opt, crit) = finals["eager"], finals["graph"]
+        summary[f"check graph train {dtype}: params after 6 steps rel"] = rel(pg, pe)
+        summary[f"check graph train {dtype}: (graph - eager) / (eager - start)"] = rel(pg - pe, pe - start)
+        summary[f"check graph train {dtype}: epoch losses eager | graph"] = f"{le} | {lg}"
+        summary[f"check graph train {dtype}: captured"] = step.graph is not None
+        bad = [(torch.full_like(batches[0][0], float("nan")), batches[0][1])]
+        params_before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        try:
+            train_one_epoch(AuxForward(model), crit, bad, opt, torch.device("cuda"), 2, amp_dtype=dtype,
+                            graph_step=step)
+            summary[f"check graph train {dtype}: non-finite"] = "NOT raised"
+        except NonFiniteLossError as e:
+            unchanged = torch.equal(params_before, torch.cat([p.detach().flatten() for p in model.parameters()]))
+            summary[f"check graph train {dtype}: non-finite"] = f"raised ({str(e)[:50]}); weights kept: {unchanged}"
     torch.cuda.empty_cache()
 
 
@@ -177,6 +234,8 @@ def infer(summary, rows, configs, modes):
             x = torch.randn(batch, 3, 224, 224, device="cuda")
             host, total = host_and_total(model, x, dtype)
             for mode in modes:
+                if mode == "compile" and (dtype is None or batch != 128):
+                    continue  # one compiled configuration (bf16, batch 128): each compile takes a minute or more
                 try:
                     if mode == "cuda_graph":
                         run, warmup = capture(model, x, dtype), 10
@@ -214,10 +273,11 @@ def infer(summary, rows, configs, modes):
                     "{:.1f}/{:.1f} | {:.1f}/{:.1f}".format(*hosts["vim_small"], *hosts["dyvm_vim_small"]))
 
 
-def train(summary, rows, dtypes):
+def train(summary, rows, dtypes, graph=False):
     import train_step
 
-    ns = argparse.Namespace(batch_size=128, img_size=224, warmup=4, steps=12, profile=0, ddp_static=False)
+    ns = argparse.Namespace(batch_size=128, img_size=224, warmup=4, steps=12, profile=0, ddp_static=False,
+                            cuda_graph=graph)
     for name in ("vim_small", "dyvm_vim_small"):
         for dtype in dtypes:
             ns.profile = 25 if dtype == "bf16" else 0
@@ -230,7 +290,7 @@ def train(summary, rows, dtypes):
             if "profile" in row:
                 print(f"===== profile {name} {dtype}\n{row['profile']}", flush=True)
             if "error" not in row:
-                summary[f"train {name} {dtype}: img/s, ms/step, peak GiB"] = (
+                summary[f"train {name} {dtype}{' graph' if graph else ''}: img/s, ms/step, peak GiB"] = (
                     f"{row['images_per_s_per_gpu']:.0f}, {row['step_ms']:.1f}, {row['peak_memory_gib']:.1f}")
             print(row.get("model"), dtype, {k: v for k, v in row.items() if k != "profile"}, flush=True)
 
@@ -258,6 +318,8 @@ def main():
                 infer(summary, rows["infer"], [(torch.bfloat16, 128), (None, 64), (None, 128)], args.modes)
             elif section == "train":
                 train(summary, rows["train"], args.train_dtypes)
+            elif section == "train_graph":
+                train(summary, rows["train"], args.train_dtypes, graph=True)
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)
             import traceback
             traceback.print_exc()

@@ -80,7 +80,9 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
     model, criterion = build(name, device, args.img_size)
     amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
+    graphed = args.cuda_graph and world == 1
+    extra = dict(fused=True, capturable=True) if graphed else {}
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **extra)
     ema = ModelEmaV3(model, decay=0.99996)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
     train_model = AuxForward(model)
@@ -88,10 +90,15 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
         ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=True)
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index], **ddp)
 
+    step = {}
+    if graphed:  # (imported here: the script also times revisions from before dyvm.train_graph as baselines)
+        from dyvm.train_graph import GraphedTrainStep
+        step = {"graph_step": GraphedTrainStep(train_model, criterion, optimizer, amp)}
+
     def run(steps):
         loader = DeviceBatches(args.batch_size, args.img_size, 1000, steps, device)
         return train_one_epoch(train_model, criterion, loader, optimizer, device, 0, mixup_fn=mixup, ema=ema,
-                               amp_dtype=amp, progress=False)
+                               amp_dtype=amp, progress=False, **step)
 
     run(args.warmup)
     torch.cuda.synchronize()
@@ -103,10 +110,11 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     row = {"model": name, "dtype": dtype, "batch_size_per_gpu": args.batch_size, "world_size": world,
            "images_per_s_per_gpu": args.batch_size * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30, "loss": stats["loss"],
-           "ddp": ("static_graph" if args.ddp_static else "find_unused_parameters") if world > 1 else None}
+           "ddp": ("static_graph" if args.ddp_static else "find_unused_parameters") if world > 1 else None,
+           "cuda_graph": graphed}
     if args.profile and rank == 0:
         row["profile"] = profile_steps(run, args.profile)
-    del model, criterion, optimizer, ema, train_model
+    del model, criterion, optimizer, ema, train_model, step
     torch.cuda.empty_cache()
     return row
 
@@ -122,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with the most GPU time")
     p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "
                    "find_unused_parameters=True")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
+                   "(dyvm.train_graph; fused AdamW; one process only)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -150,7 +160,8 @@ def main(argv=None) -> int:
                 if "error" in row:
                     print(f"{name:16s} {dtype:5s} {row['error']}", flush=True)
                     continue
-                print(f"{name:16s} {dtype:5s} batch {args.batch_size} x {world}: "
+                mode = "graph" if row["cuda_graph"] else "eager"
+                print(f"{name:16s} {dtype:5s} {mode} batch {args.batch_size} x {world}: "
                       f"{row['images_per_s_per_gpu']:8.1f} images/s per GPU, {row['step_ms']:7.1f} ms/step, "
                       f"peak {row['peak_memory_gib']:5.1f} GiB", flush=True)
                 if "profile" in row:

@@ -156,12 +156,52 @@ def _log_parts(meter: dict, parts: dict, n: int):
         meter[k] += float(v) * n
 
 
+def _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler, clip_grad, world_size, epoch,
+                step):
+    """One eager training step -> (loss, parts, out); raises NonFiniteLossError (on every rank together)."""
+    autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+    try:
+        with autocast:
+            out = model(images)
+            loss, parts = criterion(images, out, targets)
+        local_ok = bool(torch.isfinite(loss.detach()))
+    except FloatingPointError as e:  # DyVMLoss refuses a non-finite total itself, naming the terms
+        loss, parts, out, local_ok, loss_note = None, {}, None, False, str(e)
+    else:
+        loss_note = ""
+    if world_size > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
+        flag = torch.tensor([float(local_ok)], device=images.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        all_ok = bool(flag.item() > 0)
+    else:
+        all_ok = local_ok
+    if not all_ok:
+        where = locate_nonfinite(unwrap(model), images, parts, loss_note) if not local_ok else "in another process"
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss, parts, out
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,
                     *, mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None, ema=None,
                     amp_dtype: Optional[torch.dtype] = None, scaler=None, max_steps: Optional[int] = None,
-                    progress: bool = False, global_step: int = 0, scheduler=None) -> dict:
+                    progress: bool = False, global_step: int = 0, scheduler=None, graph_step=None) -> dict:
     """One epoch; returns the mean of every logged quantity over the processed images (all ranks).
-    scheduler: a timm scheduler stepped after every update (--sched-on-updates), None = stepped per epoch."""
+    scheduler: a timm scheduler stepped after every update (--sched-on-updates), None = stepped per epoch.
+    graph_step: a dyvm.train_graph.GraphedTrainStep over (model, criterion, optimizer) that runs each step as a
+    CUDA-graph replay (mixup and the EMA stay here); None = eager steps."""
     model.train()
     criterion.train()
     world_size, rank = world()
@@ -176,38 +216,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
-        try:
-            with autocast:
-                out = model(images)
-                loss, parts = criterion(images, out, targets)
-            local_ok = bool(torch.isfinite(loss.detach()))
-        except FloatingPointError as e:  # DyVMLoss refuses a non-finite total itself, naming the terms
-            loss, parts, local_ok, loss_note = None, {}, False, str(e)
+        if graph_step is not None:
+            loss, parts, out, finite = graph_step(images, targets)
+            if not bool(finite):  # the update was skipped on the device: the weights never saw this step
+                where = locate_nonfinite(unwrap(model), images, parts)
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
         else:
-            loss_note = ""
-        if world_size > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
-            flag = torch.tensor([float(local_ok)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            all_ok = bool(flag.item() > 0)
-        else:
-            all_ok = local_ok
-        if not all_ok:
-            where = locate_nonfinite(unwrap(model), images, parts, loss_note) if not local_ok else "in another process"
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+            loss, parts, out = _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler,
+                                           clip_grad, world_size, epoch, step)
         if ema is not None:
             ema.update(unwrap(model), step=global_step + step)
         if scheduler is not None:

@@ -114,7 +114,10 @@ class DyVMLoss(nn.Module):
                 td = self.distill_weight * token_distill_mse(out.patch_tokens, out.final_policy, out.slot_to_patch,
                                                              teacher_tokens)
         total = cls + token + block + kl + td
-        if not torch.isfinite(total):
+        # (not while a CUDA graph of the step is captured: the check waits on the device; the graphed step
+        # checks the loss after each replay instead, dyvm.train_graph)
+        capturing = total.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.isfinite(total):
             bad = [n for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td)) if not torch.isfinite(v)]
             raise FloatingPointError(f"non-finite loss term(s) {bad}")
         parts = {n: v.detach() for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td))}

@@ -122,6 +122,8 @@ class GraphedModule:
             return self.eager(x)
         if self.model.training:
             raise ValueError("CUDA graphs here serve inference: call model.eval() first")
+        if torch.cuda.is_current_stream_capturing():  # inside the capture of another graph: becomes part of it
+            return self.eager(x)
         if not self._graphs or self._moved():
             self.reset()
             self._tensors = list(self.model.parameters()) + list(self.model.buffers())

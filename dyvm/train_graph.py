@@ -1,0 +1,128 @@
+"""A training step captured in a CUDA graph and replayed: forward, loss, backward, gradient clipping and the
+optimizer step launched at once, so the GPU, not the host, sets the pace.
+
+Why: an eager DyVM fine-tuning step launches thousands of small kernels (24 layers of gates and masks, three
+pruning stages, their autograd, the loss terms, the teacher): measured on an H200 at batch 128 in bf16, the
+GPU is busy 137 ms of a 230 ms step (docs/results.md). A replay costs the host a few microseconds.
+
+What makes it possible: every shape in a training step is fixed (the training forward keeps the full sequence
+and masks pruned tokens; train loaders drop the last partial batch), and nothing waits on the host. What it
+needs, checked at construction with one-line errors: a CUDA device, one process (no DDP), no fp16 GradScaler,
+and an Adam/AdamW optimizer made with fused=True, capturable=True (their update is captured, reads its learning
+rate from the device, and skips the update on the device when the loss is not finite).
+
+Semantics kept from the eager step:
+- a non-finite loss stops training: its update is skipped on the device (the fused optimizer's found_inf),
+  and the caller raises as the eager step does, so the weights never see it;
+- learning-rate schedules work: the rate lives in a device tensor that each call refreshes from the param
+  group (timm's schedulers keep writing floats there);
+- random decisions (Gumbel noise, drop path) differ per step: the graph advances the CUDA generator;
+- mixup and the EMA update stay outside the graph (mixup draws its box on the host).
+The first `warmup` calls run eager steps on a side stream (kernel compilation, lazy state, allocator), the next
+call captures and replays; each call is exactly one training step. A batch of another shape runs eagerly.
+"""
+from contextlib import nullcontext
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class StepResult(NamedTuple):
+    """What one step produced. The tensors are overwritten by the next replay: read them before the next call."""
+    loss: Tensor
+    parts: dict
+    out: object  # the model's ForwardOutput
+    finite: Tensor  # bool, device: False when the loss was not finite and the update was skipped
+
+
+def graph_step_problem(device: torch.device, world_size: int, optimizer, scaler) -> Optional[str]:
+    """Why a graphed training step cannot run here (one line), or None."""
+    if device.type != "cuda":
+        return "a CUDA-graph training step needs a CUDA device"
+    if world_size > 1:
+        return "a CUDA-graph training step runs in a single process (DDP steps run eagerly)"
+    if scaler is not None:
+        return "a CUDA-graph training step does not support the fp16 GradScaler: use bf16 or fp32"
+    groups = optimizer.param_groups
+    if not isinstance(optimizer, torch.optim.Adam) or not all(g.get("fused") and g.get("capturable")
+                                                              for g in groups):
+        return "a CUDA-graph training step needs torch's Adam/AdamW made with fused=True, capturable=True"
+    return None
+
+
+class GraphedTrainStep:
+    """Calls run one training step each (see the module docstring). model: the module whose call returns the
+    ForwardOutput (engine.AuxForward); criterion(images, out, targets) -> (loss, parts)."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer, amp_dtype: Optional[torch.dtype] = None,
+                 clip_grad: Optional[float] = None, warmup: int = 2):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
+        self.steps = 0
+        self.graph = None
+        self._static = None  # (images, targets, StepResult) of the captured step
+        self._lr = None  # per param group: the device tensor the captured update reads its rate from
+        device = next(model.parameters()).device
+        self._found_inf = torch.zeros(1, device=device)
+        self._side = torch.cuda.Stream(device=device)
+
+    def _autocast(self, cache_enabled: bool):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype, cache_enabled=cache_enabled)
+
+    def _forward_backward(self, images: Tensor, targets: Tensor, cache_enabled: bool) -> StepResult:
+        with self._autocast(cache_enabled):
+            out = self.model(images)
+            loss, parts = self.criterion(images, out, targets)
+        finite = torch.isfinite(loss.detach())
+        self._found_inf.copy_((~finite).float().reshape(1))  # the fused update skips itself when this is 1
+        loss.backward()
+        if self.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.optimizer.step()
+        return StepResult(loss.detach(), parts, out, finite)
+
+    def _eager(self, images: Tensor, targets: Tensor) -> StepResult:
+        # gradients may be the graph's buffers: zero them in place so the eager backward does not add to them
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            result = self._forward_backward(images, targets, cache_enabled=True)
+        torch.cuda.current_stream().wait_stream(self._side)
+        return result
+
+    def _capture(self, images: Tensor, targets: Tensor) -> None:
+        self._lr = []
+        for group in self.optimizer.param_groups:  # the captured update reads its rate from here
+            lr = torch.tensor(float(group["lr"]), device=images.device)
+            self._lr.append(lr)
+            group["lr"] = lr
+        static_images, static_targets = images.clone(), targets.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # the backward captures fresh gradient buffers
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                result = self._forward_backward(static_images, static_targets, cache_enabled=False)
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, self._lr):
+                group["lr"] = float(lr)  # schedulers and logs keep seeing floats
+        self.graph, self._static = graph, (static_images, static_targets, result)
+
+    def __call__(self, images: Tensor, targets: Tensor) -> StepResult:
+        self.optimizer.found_inf = self._found_inf
+        self.steps += 1
+        if self.steps <= self.warmup or (self._static is not None and (
+                images.shape != self._static[0].shape or targets.shape != self._static[1].shape)):
+            return self._eager(images, targets)
+        if self.graph is None:
+            self._capture(images, targets)
+        static_images, static_targets, result = self._static
+        static_images.copy_(images)
+        static_targets.copy_(targets)
+        for group, lr in zip(self.optimizer.param_groups, self._lr):
+            lr.fill_(float(group["lr"]))
+        self.graph.replay()
+        return result
