@@ -65,7 +65,7 @@ class GraphedTrainStep:
         self._static = None  # (images, targets, StepResult) of the captured step
         self._lr = None  # per param group: the device tensor the captured update reads its rate from
         device = next(model.parameters()).device
-        self._found_inf = torch.zeros(1, device=device)
+        self._found_inf = torch.zeros((), device=device)  # the shape the fused optimizer expects
         self._side = torch.cuda.Stream(device=device)
 
     def _autocast(self, cache_enabled: bool):
@@ -78,7 +78,7 @@ class GraphedTrainStep:
             out = self.model(images)
             loss, parts = self.criterion(images, out, targets)
         finite = torch.isfinite(loss.detach())
-        self._found_inf.copy_((~finite).float().reshape(1))  # the fused update skips itself when this is 1
+        self._found_inf.copy_((~finite).float())  # the fused update skips itself when this is 1
         loss.backward()
         if self.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)

@@ -170,19 +170,21 @@ def test_bimamba_matches_reference(dtype, seqlen, gated, masked):
     fwd, bwd = scan_weights(dim, 4, 8, dtype), scan_weights(dim, 4, 8, dtype)
     xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
     gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]]) if gated else None
-    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype) if masked else None
+    # the mask of DyVM training carries the straight-through gradient of the keep decisions: it must get one
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype).requires_grad_() if masked else None
     leaves = [t.detach().requires_grad_() for t in (xz, *fwd, *bwd)]
     gate_leaf = gate.clone().requires_grad_() if gated else None
     args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate_leaf, mask)
     with triton_on_cpu():
         out = bimamba_v2_inner_fn(*args)
     ref = bimamba_v2_inner_ref(*args)
-    inputs = [*leaves, gate_leaf]
+    inputs = [*leaves, gate_leaf, mask]
     g = torch.randn_like(out)
     with triton_on_cpu():
         got = grads(out, inputs, g)
     want = grads(ref, inputs, g)
-    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate"]
+    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate",
+             "mask"]
     names = [n for n, t in zip(names, inputs) if t is not None]
     assert_close_all([out, *got], [ref, *want], dtype, ["out", *names])
 

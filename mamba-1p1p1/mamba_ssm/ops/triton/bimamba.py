@@ -1,7 +1,7 @@
 """bimamba_v2_inner_fn on the Triton kernels: both directions of a Vim v2 layer, gates and token masks.
 
     conv (both directions, one launch, custom op causal_conv1d::conv_fwd; direction 1 anti-causal, so
-    nothing is flipped)
+    nothing is flipped; a token mask that needs a gradient is applied by autograd ops around it)
     -> x_proj and dt_proj as batched matmuls over the direction axis (cuBLAS)
     -> selective scan (both directions, one launch; the custom op mamba_ssm::scan_fwd), which also applies
        D, z-gating, the per-sample gate, the sum of the directions and the halving, writing (batch, L,
@@ -67,7 +67,13 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
         mask = mask.to(x.dtype)
     training = needs_grad(xz, gate, *w)
     gate_skip = gate if gate is not None and not training else None
-    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last memory
+    if mask is not None and needs_grad(mask):
+        # DyVM training: the mask holds the straight-through keep decisions, and their gradient flows through
+        # both multiplications (the conv kernels give the mask none): apply them with autograd around the conv
+        m = mask.unsqueeze(1)
+        xc = conv_apply(x * m, w.conv_weight, w.conv_bias, None, None, True, True) * m
+    else:
+        xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
     dt, B, C = x_dbl.split((dt_rank, d_state, d_state), dim=-1)
