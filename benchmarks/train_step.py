@@ -100,9 +100,10 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
         return train_one_epoch(train_model, criterion, loader, optimizer, device, 0, mixup_fn=mixup, ema=ema,
                                amp_dtype=amp, progress=False, **step)
 
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)  # before the warm-up: a graphed step allocates when it captures
     run(args.warmup)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     stats = run(args.steps)
     torch.cuda.synchronize()
