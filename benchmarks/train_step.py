@@ -87,7 +87,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
     train_model = AuxForward(model)
     if world > 1:
-        ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=True)
+        ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=args.ddp_find_unused)
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index], **ddp)
 
     step = {}
@@ -111,7 +111,8 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     row = {"model": name, "dtype": dtype, "batch_size_per_gpu": args.batch_size, "world_size": world,
            "images_per_s_per_gpu": args.batch_size * args.steps / elapsed, "step_ms": 1e3 * elapsed / args.steps,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30, "loss": stats["loss"],
-           "ddp": ("static_graph" if args.ddp_static else "find_unused_parameters") if world > 1 else None,
+           "ddp": (("static_graph" if args.ddp_static else f"find_unused_parameters={args.ddp_find_unused}")
+                   if world > 1 else None),
            "cuda_graph": graphed}
     if args.profile and rank == 0:
         row["profile"] = profile_steps(run, args.profile)
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with the most GPU time")
+    p.add_argument("--ddp-find-unused", action=argparse.BooleanOptionalAction, default=True,
+                   help="DDP's find_unused_parameters (main.py's setting)")
     p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "
                    "find_unused_parameters=True")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
