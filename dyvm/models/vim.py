@@ -67,6 +67,11 @@ class VimConfig:
     def d_inner(self):
         return self.expand * self.embed_dim
 
+    @property
+    def family(self) -> str:
+        """The backbone family these options describe: Vim, VideoMamba or MambaReg."""
+        return {"middle": "Vim", "first": "VideoMamba", "registers": "MambaReg"}[self.cls_position]
+
     def updated(self, **overrides):
         """A copy with `overrides`; unknown names raise instead of being swallowed."""
         known = {f.name for f in fields(self)}
