@@ -6,7 +6,8 @@ All counts are multiply-accumulates (MACs, no factor 2), analytical, per image. 
          224x224: 1.449 / 5.077 / 18.868 G (VideoMamba-T/S/M/B 1.449 / 5.077 / 14.481 / 18.868 G, MambaReg-S/B/L
          5.360 / 19.918 / 70.642 G).
   full:  every direction that actually ran, plus the gate heads: what the hardware did.
-Per layer of sequence length L (class tokens / registers included), width D, d_inner Di, dt_rank R, d_state N, conv width K:
+Per layer of sequence length L (class tokens / registers included), width D, d_inner Di, dt_rank R, d_state N,
+conv width K:
   in_proj L*D*2Di, out_proj L*Di*D                                         (always run)
   per direction: conv (L+K-1)*Di*K, x_proj L*Di*(R+2N), dt_proj L*R*Di, scan 9*L*Di*N + 2*L*Di
 Outside the layers: patch embedding conv, head (its input width * classes), MambaReg's neck (a Linear on each

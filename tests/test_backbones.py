@@ -146,7 +146,8 @@ def test_pos_embed_resize_for_each_family():
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
 
 
-VIM_S_ARGS = argparse.Namespace(model="vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
+VIM_S_ARGS = argparse.Namespace(  # what a Vim training run records
+    model="vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
 
 
 def test_a_vim_file_is_refused_by_a_videomamba(tmp_path):

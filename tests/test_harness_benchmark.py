@@ -60,3 +60,14 @@ def test_profile_names_where_the_time_goes():
 def test_cuda_graph_needs_cuda():
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
         measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", cuda_graph=True)
+
+
+def test_other_backbones_by_timm_and_authors_names(capsys):
+    """The authors' names are DyVM students; dense and DyVM models of a family pair up for the speed-up."""
+    from dyvm.benchmark import build_model
+
+    name, model, realised = build_model("MambaReg-Tiny", "cpu", img_size=32, gate_keep=0.5, calib_batch=8)
+    assert name == "dyvm_mambareg_tiny" and model.cfg.family == "MambaReg" and 0 < realised < 1
+    assert bench_main(["--models", "videomamba_tiny", "VideoMamba-Tiny", "--img-size", "32", "--batch-sizes", "2",
+                       "--dtypes", "fp32", "--warmup", "1", "--iters", "1"]) == 0
+    assert "dyvm_videomamba_tiny fp32 batch 2:" in capsys.readouterr().out
