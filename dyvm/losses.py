@@ -1,5 +1,5 @@
-"""The DyVM training loss (reference-implementation.md section 3) and the frozen dense teacher (Vim, VideoMamba or
-MambaReg: the dense model of the student's backbone).
+"""The DyVM training loss and the frozen dense teacher (Vim, VideoMamba or MambaReg: the dense model of the
+student's backbone).
 
     loss = w_clf * L_cls + w_tok * L_tok / S + w_blk * L_blk + w_dist * (L_kl + L_td)
 

@@ -209,3 +209,16 @@ def test_a_checkpoint_of_another_backbone_is_a_one_line_error(dense_dir, capsys)
     assert run("--model", "VideoMamba-Tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--epochs", "1") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "'vim_tiny', a Vim, but the model is a VideoMamba" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith("ablations/")])
+def test_ablation_configs_apply_to_every_backbone(name):
+    """An ablation is its options: with --model VideoMamba-Small or MambaReg-Small it builds that backbone."""
+    from dyvm.config import parse_args
+    base = parse_args(["--config", os.path.join(CONFIG_DIR, name)])
+    with torch.device("meta"):
+        reference = harness.build_model(base, 1000)
+        for model_name, family in (("VideoMamba-Small", "VideoMamba"), ("MambaReg-Small", "MambaReg")):
+            args = parse_args(["--config", os.path.join(CONFIG_DIR, name), "--model", model_name])
+            model = harness.build_model(args, 1000)
+            assert model.cfg.family == family and model.dyvm_cfg == reference.dyvm_cfg
