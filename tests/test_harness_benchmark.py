@@ -66,8 +66,8 @@ def test_other_backbones_by_timm_and_authors_names(capsys):
     """The authors' names are DyVM students; dense and DyVM models of a family pair up for the speed-up."""
     from dyvm.benchmark import build_model
 
-    name, model, realised = build_model("MambaReg-Tiny", "cpu", img_size=32, gate_keep=0.5, calib_batch=8)
-    assert name == "dyvm_mambareg_tiny" and model.cfg.family == "MambaReg" and 0 < realised < 1
+    name, model, _ = build_model("MambaReg-Tiny", "cpu", img_size=32)
+    assert name == "dyvm_mambareg_tiny" and model.cfg.family == "MambaReg" and not model.training
     assert bench_main(["--models", "videomamba_tiny", "VideoMamba-Tiny", "--img-size", "32", "--batch-sizes", "2",
                        "--dtypes", "fp32", "--warmup", "1", "--iters", "1"]) == 0
     assert "dyvm_videomamba_tiny fp32 batch 2:" in capsys.readouterr().out
