@@ -166,7 +166,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, u
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         old = state["pos_embed"]
-        cls_entries = getattr(model, "pos_embed_cls_positions", _vim_cls_entries)
+        cls_entries = getattr(model, "pos_embed_class_entries", _vim_cls_entries)
         c = len(cls_entries(own["pos_embed"].shape[1]))  # the same number of class entries for every grid
         num_patches = own["pos_embed"].shape[1] - c
         state = dict(state, pos_embed=resize_pos_embed(old, num_patches, cls_entries))

@@ -170,3 +170,13 @@ def test_a_vim_file_is_refused_by_a_videomamba(tmp_path):
     ours = {"model": src.state_dict(), "args": {"model": "MambaReg-Small"}}  # main.py records its --model
     with pytest.raises(CheckpointError, match="a MambaReg, but the model is a VideoMamba"):
         load_checkpoint(student, ours)
+
+
+def test_the_authors_names_and_timm_names_resolve():
+    from dyvm.models.registry import resolve_model_name
+
+    assert resolve_model_name("VideoMamba-Middle", dynamic=True) == "dyvm_videomamba_middle"
+    assert resolve_model_name("MambaReg-Large", dynamic=False) == "mambareg_large"
+    assert resolve_model_name("dyvm_mambareg_tiny", dynamic=False) == "mambareg_tiny"
+    with pytest.raises(ValueError, match="unknown model 'videomamba_huge'"):
+        resolve_model_name("videomamba_huge", dynamic=False)

@@ -1,6 +1,6 @@
 """timm registration of the Vim model names, and the authors' CLI names (Vim-Tiny, VideoMamba-Small, ...) mapped
 onto timm names. VideoMamba and MambaReg register themselves in dyvm.models.backbones."""
-from timm.models import register_model
+from timm.models import is_model, register_model
 
 from dyvm.models import backbones  # also registers videomamba_* / mambareg_* and their DyVM students
 from dyvm.models.dyvm import create_dyvm
@@ -54,7 +54,8 @@ def resolve_model_name(name: str, dynamic: bool) -> str:
     """'Vim-Small' or 'vim_small' or 'dyvm_vim_small' (or the VideoMamba / MambaReg equivalents) -> the timm
     name of the dense or DyVM model."""
     dense = CLI_NAMES.get(name, name[len("dyvm_"):] if name.startswith("dyvm_") else name)
-    if not any(dense.startswith(f + "_") for f in FAMILIES):
+    resolved = f"dyvm_{dense}" if dynamic else dense
+    if not any(dense.startswith(f + "_") for f in FAMILIES) or not is_model(resolved):
         raise ValueError(f"unknown model {name!r}: use one of {sorted(CLI_NAMES)} or a timm name such as "
                          "vim_small / dyvm_vim_small / videomamba_small / mambareg_small")
-    return f"dyvm_{dense}" if dynamic else dense
+    return resolved

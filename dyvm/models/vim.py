@@ -180,7 +180,7 @@ class Vim(nn.Module):
             raise ValueError(f"this model has {len(positions)} class tokens (registers): use cls_positions")
         return positions[0]
 
-    def pos_embed_cls_positions(self, num_patches: int) -> tuple:
+    def pos_embed_class_entries(self, num_patches: int) -> tuple:
         """Which entries of pos_embed belong to class tokens for a grid of num_patches (for resizing)."""
         return () if self.cfg.cls_pos_embed else self.layout.positions(num_patches)
 
