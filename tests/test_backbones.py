@@ -180,3 +180,36 @@ def test_the_authors_names_and_timm_names_resolve():
     assert resolve_model_name("dyvm_mambareg_tiny", dynamic=False) == "mambareg_tiny"
     with pytest.raises(ValueError, match="unknown model 'videomamba_huge'"):
         resolve_model_name("videomamba_huge", dynamic=False)
+
+
+@pytest.mark.parametrize("name,extra", [("dyvm_videomamba_tiny", {}), ("dyvm_mambareg_small", dict(num_cls_tokens=3))])
+def test_kernels_agree_with_the_reference_on_the_other_backbones(name, extra):
+    """The GPU kernels (here in Triton's interpreter, about 7 s) against the reference path on VideoMamba's
+    unhalved sum and MambaReg's registers: the training forward with every gradient, including the predictors',
+    which reach them only through the token mask of the scans (the same code for Vim), then the eval forward."""
+    import contextlib
+
+    from mamba_ssm.ops.dispatch import triton_on_cpu
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=16, patch_size=4, depth=2, embed_dim=16, num_classes=5,
+                              pruning_loc=(1,), token_keep_ratios=(0.5,), gumbel_noise=False, **extra)
+    x = torch.randn(2, 3, 16, 16)
+    results = []
+    for kernels in (False, True):
+        with triton_on_cpu() if kernels else contextlib.nullcontext():
+            model.train()
+            out = model.forward_aux(x)
+            (out.logits.square().sum() + out.patch_tokens.sum()).backward()
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((out.logits.detach(), logits, grads))
+    (train_ref, eval_ref, grads_ref), (train_k, eval_k, grads_k) = results
+    torch.testing.assert_close(train_k, train_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_k, eval_ref, rtol=1e-4, atol=1e-5)
+    assert set(grads_k) == set(grads_ref) and any(n.startswith("score_predictors.") for n in grads_ref)
+    for n, g in grads_ref.items():
+        assert (grads_k[n] - g).norm() <= 1e-4 * g.norm() + 1e-9, n
