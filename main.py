@@ -4,8 +4,9 @@
         --data-path /imagenet --output_dir output/vim-s
     python main.py --config configs/vim-s.yaml --model-path output/vim-s/best_checkpoint.pth --eval ...
 
---model Vim-Tiny/Small/Base (the authors' names) or dyvm_vim_*: a DyVM student distilled from the frozen dense
-Vim of --teacher-path (default --model-path). --model vim_*: a plain dense Vim trained with the classification
+--model Vim-Tiny/Small/Base (the authors' names; also VideoMamba-* and MambaReg-*) or dyvm_vim_* (dyvm_videomamba_*,
+dyvm_mambareg_*): a DyVM student distilled from the frozen dense model of its backbone from --teacher-path (default
+--model-path). --model vim_* (videomamba_*, mambareg_*): a plain dense model trained with the classification
 loss (the demo's teacher stage). Flags: dyvm/config.py. Outputs in --output_dir: args.yaml, checkpoint.pth,
 best_checkpoint.pth, log.txt (one JSON line per epoch), tensorboard events, eval.json (--eval).
 """
@@ -31,7 +32,7 @@ from dyvm.models.registry import resolve_model_name
 
 
 def build_dense_twin(model: nn.Module) -> nn.Module:
-    """A dense Vim with the student's configuration (random weights): a timing/FLOPs baseline."""
+    """The dense model of the student's backbone and configuration (random weights): a timing/FLOPs baseline."""
     from dyvm.models.vim import Vim
     return Vim(model.cfg)
 
@@ -242,10 +243,10 @@ def run(args) -> dict:
     teacher = None
     if getattr(model, "dyvm_cfg", None) is not None and args.teacher and args.distill_weight > 0:
         if not teacher_path:
-            raise ConfigError("DyVM training distils from a dense teacher: give --model-path (dense Vim) or "
-                              "--teacher-path, or pass --no-teacher")
+            raise ConfigError(f"DyVM training distils from a dense teacher: give --model-path (dense "
+                              f"{model.cfg.family}) or --teacher-path, or pass --no-teacher")
         teacher = load_teacher(args, model, teacher_path, device)
-        print0(rank, f"teacher: frozen dense Vim from {teacher_path}")
+        print0(rank, f"teacher: frozen dense {model.cfg.family} from {teacher_path}")
 
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup_active and args.batch_size % 2:

@@ -101,6 +101,16 @@ def _setup(ctx, inputs, output):
     ctx.silu = silu
 
 
+def _mask_grad(x, weight, bias, mask, silu, dout):
+    """d loss / d mask. In DyVM training the token mask holds the straight-through keep decisions, so the
+    predictors learn through it (as in the authors' code, where x * mask is plain autograd); the kernels do
+    not compute this gradient, autograd on the reference conv does."""
+    m = mask.detach().requires_grad_()
+    with torch.enable_grad():
+        out = _stacked_ref(x.detach(), weight.detach(), None if bias is None else bias.detach(), m, silu)
+        return torch.autograd.grad(out, m, dout)[0]
+
+
 def _backward(ctx, dout, bwd=conv_bwd):
     x, weight, bias, mask = ctx.saved_tensors
     if _kernels(x):
@@ -111,7 +121,10 @@ def _backward(ctx, dout, bwd=conv_bwd):
             out = _stacked_ref(leaves[0], leaves[1], leaves[2], mask, ctx.silu)
             got = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
         dx, dw, db = (*got, None) if bias is None else got
-    return (dx.to(x.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), None, None, None,
+    dmask = None
+    if mask is not None and ctx.needs_input_grad[3]:
+        dmask = _mask_grad(x, weight, bias, mask, ctx.silu, dout).to(mask.dtype)
+    return (dx.to(x.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), dmask, None, None,
             None)
 
 

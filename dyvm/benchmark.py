@@ -164,9 +164,9 @@ def build_model(name: str, device, img_size: int = 224, token_keep_ratio: float 
     import timm
 
     import dyvm  # noqa: F401  (registers the model names)
-    from dyvm.models.registry import resolve_model_name
+    from dyvm.models.registry import CLI_NAMES, resolve_model_name
 
-    dynamic = name.startswith("dyvm_") or name.startswith("Vim-")
+    dynamic = name.startswith("dyvm_") or name in CLI_NAMES  # the authors' names (Vim-Small, ...) are students
     timm_name = resolve_model_name(name, dynamic)
     kwargs = {"img_size": img_size}
     if dynamic:

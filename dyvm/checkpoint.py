@@ -1,5 +1,6 @@
-"""Loading and saving checkpoints: official Vim files, DyVM files (ours and the authors' layout, which are the
-same key names), 'model' / 'model_ema' wrappers, 'module.' prefixes, position-embedding interpolation.
+"""Loading and saving checkpoints: official Vim, VideoMamba and MambaReg files, DyVM files (ours and the authors'
+layout, which are the same key names), 'model' / 'model_ema' wrappers, 'module.' prefixes, position-embedding
+interpolation (each family keeps its class entries elsewhere in pos_embed).
 
 Only the DyVM heads (score_predictors.*, layers.*.mixer.block_head.*) may be missing (a DyVM made from a
 dense Vim) or left over (a dense model or a non-learned ablation loading a DyVM file); any other missing,
@@ -12,13 +13,14 @@ import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dyvm.models.mixer import reset_gate_head
+from dyvm.pruning import insert_cls, split_cls
 
 _DYVM_KEY = re.compile(r"^(score_predictors\.|layers\.\d+\.mixer\.block_head\.)")
 _GATE_KEY = re.compile(r"^layers\.\d+\.mixer\.block_head\.")
@@ -84,44 +86,91 @@ def extract_state_dict(obj, use_ema: bool = False, name: str = "checkpoint") -> 
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def load_state_dict_file(path: str, use_ema: bool = False) -> dict:
-    """The model weights in a checkpoint file (see extract_state_dict)."""
+def read_checkpoint_file(path: str):
+    """The object a checkpoint file holds (weights, and for training checkpoints 'args', 'epoch', ...)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return extract_state_dict(_torch_load(path), use_ema=use_ema, name=path)
+    return _torch_load(path)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(1, M0+1, D) with the class token's entry at M0//2 -> (1, M+1, D) with it at M//2.
+def load_state_dict_file(path: str, use_ema: bool = False) -> dict:
+    """The model weights in a checkpoint file (see extract_state_dict)."""
+    return extract_state_dict(read_checkpoint_file(path), use_ema=use_ema, name=path)
 
-    The class entry is set aside (it is not a grid position), the patch grid is resized bicubically, and the
-    class entry is put back in the middle of the new patches.
+
+# Backbone families by a fragment of the model names their training runs record ('args.model' of Vim, VideoMamba,
+# Mamba-R and DyVM runs, ours included): checked in this order ("videomamba" before "vim" is not needed, but
+# "mambar" covers mambar_small_patch16_224 and MambaReg-Small).
+_FAMILY_NAMES = (("videomamba", "VideoMamba"), ("mambar", "MambaReg"), ("vim", "Vim"))
+
+
+def recorded_family(obj) -> Optional[tuple]:
+    """(recorded model name, backbone family) from a checkpoint's 'args', or None when it records none we know."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    if not isinstance(name, str):
+        return None
+    for fragment, family in _FAMILY_NAMES:
+        if fragment in name.lower():
+            return name, family
+    return None
+
+
+def check_family(model: nn.Module, obj, name: str) -> None:
+    """Refuse a checkpoint whose run recorded another backbone family than the model's. Vim and VideoMamba weights
+    have the same names and shapes, so a Vim file loads silently into a VideoMamba (the class token then sits
+    where those weights never saw it): the authors' VideoMamba-S script starts from the Vim-S file that way."""
+    cfg, recorded = getattr(model, "cfg", None), recorded_family(obj)
+    family = getattr(cfg, "family", None)
+    if recorded is not None and family is not None and recorded[1] != family:
+        raise CheckpointError(f"{name} was trained as {recorded[0]!r}, a {recorded[1]}, but the model is a {family}: "
+                              f"start from a {family} checkpoint")
+
+
+def _vim_cls_entries(num_patches: int) -> tuple:
+    return (num_patches // 2,)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int,
+                     cls_entries: Callable[[int], tuple] = _vim_cls_entries) -> torch.Tensor:
+    """(1, M0+c, D) -> (1, M+c, D), where cls_entries(m) gives the positions of the c class-token entries for m
+    patches: Vim's one in the middle (the default), VideoMamba's first, none for MambaReg (its registers have
+    their own pos_embed_cls, which no grid size changes).
+
+    The class entries are set aside (they are not grid positions), the patch grid is resized bicubically, and
+    the class entries are put back where the new number of patches puts them.
     """
-    old = pos_embed.shape[1] - 1
+    c = len(cls_entries(num_patches))
+    old = pos_embed.shape[1] - c
     g0, g = math.isqrt(old), math.isqrt(num_patches)
     if g0 * g0 != old or g * g != num_patches:
         raise CheckpointError(f"pos_embed for {old} patches cannot be resized to {num_patches}: not square grids")
-    cls = pos_embed[:, old // 2:old // 2 + 1]
-    patches = torch.cat([pos_embed[:, :old // 2], pos_embed[:, old // 2 + 1:]], dim=1)
+    cls, patches = split_cls(pos_embed, cls_entries(old)) if c else (None, pos_embed)
     grid = patches.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1).to(pos_embed.dtype)
-    return torch.cat([patches[:, :num_patches // 2], cls, patches[:, num_patches // 2:]], dim=1)
+    return insert_cls(patches, cls, cls_entries(num_patches)) if c else patches
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, use_ema: bool = False) -> LoadReport:
-    """Load a Vim or DyVM checkpoint into a dense Vim or a DyVM; raise CheckpointError on any real mismatch."""
+    """Load a dense (Vim, VideoMamba, MambaReg) or DyVM checkpoint into a dense model or a DyVM of the same
+    backbone; raise CheckpointError on any real mismatch."""
     if isinstance(path_or_state_dict, dict):
-        state = extract_state_dict(path_or_state_dict, use_ema=use_ema, name="state dict")
+        obj, name = path_or_state_dict, "state dict"
     else:
-        state = load_state_dict_file(path_or_state_dict, use_ema=use_ema)
+        obj, name = read_checkpoint_file(path_or_state_dict), path_or_state_dict
+    state = extract_state_dict(obj, use_ema=use_ema, name=name)
+    check_family(model, obj, name)
     own = model.state_dict()
     report = LoadReport(source="dyvm" if any(is_dyvm_key(k) for k in state) else "dense")
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         old = state["pos_embed"]
-        state = dict(state, pos_embed=resize_pos_embed(old, own["pos_embed"].shape[1] - 1))
-        report.pos_embed_resized = (math.isqrt(old.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1))
+        cls_entries = getattr(model, "pos_embed_class_entries", _vim_cls_entries)
+        c = len(cls_entries(own["pos_embed"].shape[1]))  # the same number of class entries for every grid
+        num_patches = own["pos_embed"].shape[1] - c
+        state = dict(state, pos_embed=resize_pos_embed(old, num_patches, cls_entries))
+        report.pos_embed_resized = (math.isqrt(old.shape[1] - c), math.isqrt(num_patches))
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

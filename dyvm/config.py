@@ -23,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="Vim-Tiny",
-                   help="Vim-Tiny/Vim-Small/Vim-Base (authors' names: a DyVM student with a dense Vim teacher), "
-                        "dyvm_vim_* (DyVM) or vim_* (a plain dense Vim trained with the classification loss)")
+                   help="Vim-Tiny/Vim-Small/Vim-Base, VideoMamba-Tiny/Small/Middle/Base, "
+                        "MambaReg-Tiny/Small/Base/Large (authors' names: a DyVM student with the dense teacher of its backbone), dyvm_vim_* / "
+                        "dyvm_videomamba_* / dyvm_mambareg_* (DyVM) or vim_* / videomamba_* / mambareg_* (a plain "
+                        "dense model trained with the classification loss)")
     g.add_argument("--model-path", default="", help="checkpoint that initialises the model (official Vim or DyVM)")
     g.add_argument("--input-size", type=int, default=224)
     g.add_argument("--patch-size", type=int, default=None, help="override (small models only; default 16)")

@@ -1,17 +1,21 @@
-"""FLOPs of Vim and DyVM, counted from what the model actually ran (targets.md, reference-implementation.md s.4).
+"""FLOPs of Vim and DyVM (and of VideoMamba / MambaReg), counted from what the model actually ran.
 
 All counts are multiply-accumulates (MACs, no factor 2), analytical, per image. Two conventions:
   paper: the published one. The SSM part (conv, x_proj, dt_proj, scan) of only ONE scan direction per layer,
          scaled for DyVM by the fraction of that layer's directions that ran for the image. Dense Vim-T/S/B at
-         224x224: 1.449 / 5.077 / 18.868 G.
+         224x224: 1.449 / 5.077 / 18.868 G (VideoMamba-T/S/M/B 1.449 / 5.077 / 14.481 / 18.868 G, MambaReg-S/B/L
+         5.360 / 19.918 / 70.642 G).
   full:  every direction that actually ran, plus the gate heads: what the hardware did.
-Per layer of sequence length L (class token included), width D, d_inner Di, dt_rank R, d_state N, conv width K:
+Per layer of sequence length L (class tokens / registers included), width D, d_inner Di, dt_rank R, d_state N,
+conv width K:
   in_proj L*D*2Di, out_proj L*Di*D                                         (always run)
   per direction: conv (L+K-1)*Di*K, x_proj L*Di*(R+2N), dt_proj L*R*Di, scan 9*L*Di*N + 2*L*Di
-Outside the layers: patch embedding conv, head (D*classes), token-score predictors (every Linear, times the
-tokens the predictor saw). Norms, activations, gathers and the class-token head bias are not counted.
+Outside the layers: patch embedding conv, head (its input width * classes), MambaReg's neck (a Linear on each
+register), token-score predictors (every Linear, times the tokens the predictor saw). Norms, activations, gathers
+and the head bias are not counted.
 
 CLI: python -m dyvm.flops --model vim_small | dyvm_vim_small | Vim-Small (both) [--block-keep-ratio 0.8]
+     (also videomamba_* / mambareg_* / VideoMamba-Small / MambaReg-Base ...)
 """
 import argparse
 import sys
@@ -53,7 +57,7 @@ def count_macs(model: nn.Module, seq_lens: Sequence[int], directions: Tensor,
                predictor_tokens: Sequence[int] = ()) -> tuple:
     """MACs per image -> (paper (B,), full (B,)) float64 tensors.
 
-    seq_lens: per layer, the length it processed (class token included); directions: (depth, B) how many of
+    seq_lens: per layer, the length it processed (class tokens included); directions: (depth, B) how many of
     the two scans ran in each layer for each image (2 everywhere for a dense Vim); predictor_tokens: per
     pruning stage, how many patch tokens its predictor scored.
     """
@@ -63,6 +67,9 @@ def count_macs(model: nn.Module, seq_lens: Sequence[int], directions: Tensor,
     outside = cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size ** 2
     if isinstance(model.head, nn.Linear):
         outside += model.head.in_features * model.head.out_features
+    neck = getattr(model, "neck", None)
+    if neck is not None:  # MambaReg: one Linear per register
+        outside += cfg.num_cls_tokens * neck.in_features * neck.out_features
     predictors = getattr(model, "score_predictors", None)
     if predictors is not None:
         outside += sum(n * _linear_macs_per_token(p) for n, p in zip(predictor_tokens, predictors))
@@ -90,7 +97,8 @@ def macs_from_output(model: nn.Module, out) -> tuple:
     dyvm_cfg = getattr(model, "dyvm_cfg", None)
     if dyvm_cfg is not None and getattr(model, "score_predictors", None) is not None:
         # the predictor before layer p scores the patch tokens of the sequence layer p-1 processed
-        predictor_tokens = [out.seq_lens[p - 1] - 1 for p in dyvm_cfg.pruning_loc[:len(model.score_predictors)]]
+        n = model.cfg.num_cls_tokens
+        predictor_tokens = [out.seq_lens[p - 1] - n for p in dyvm_cfg.pruning_loc[:len(model.score_predictors)]]
     return count_macs(model, out.seq_lens, directions, predictor_tokens)
 
 
@@ -100,7 +108,8 @@ def nominal_macs(model: nn.Module, block_keep_ratio: Optional[float] = None) -> 
     the realised count from macs_from_output."""
     cfg = model.cfg
     dyvm_cfg = getattr(model, "dyvm_cfg", None)
-    lens = [cfg.num_patches + 1] * cfg.depth
+    n = cfg.num_cls_tokens
+    lens = [cfg.num_patches + n] * cfg.depth
     predictor_tokens = []
     if dyvm_cfg is not None and dyvm_cfg.num_stages:
         counts = model.keep_counts()
@@ -109,7 +118,7 @@ def nominal_macs(model: nn.Module, block_keep_ratio: Optional[float] = None) -> 
             predictor_tokens.append(tokens)
             tokens = k
             for i in range(loc, cfg.depth):
-                lens[i] = k + 1
+                lens[i] = k + n
     ratio = 1.0 if block_keep_ratio is None else block_keep_ratio
     directions = torch.full((cfg.depth, 1), 2.0 * ratio, dtype=torch.float64)
     paper, full = count_macs(model, lens, directions, predictor_tokens)
@@ -144,7 +153,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser("python -m dyvm.flops", description="MACs of one image for a Vim or DyVM model")
     p.add_argument("--model", required=True,
-                   help="vim_small (dense), dyvm_vim_small (DyVM), or Vim-Small (the authors' name: both)")
+                   help="vim_small (dense), dyvm_vim_small (DyVM), or Vim-Small (the authors' name: both); also "
+                        "videomamba_* / mambareg_* and VideoMamba-Small / MambaReg-Small ...")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--token-keep-ratio", type=float, default=0.7)
     p.add_argument("--block-keep-ratio", type=float, default=None,

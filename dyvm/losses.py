@@ -1,4 +1,5 @@
-"""The DyVM training loss (reference-implementation.md section 3) and the frozen dense teacher.
+"""The DyVM training loss and the frozen dense teacher (Vim, VideoMamba or MambaReg: the dense model of the
+student's backbone).
 
     loss = w_clf * L_cls + w_tok * L_tok / S + w_blk * L_blk + w_dist * (L_kl + L_td)
 
@@ -133,18 +134,22 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def build_teacher(student_cfg: VimConfig, path: Union[str, dict], use_ema: bool = False) -> Vim:
-    """The frozen dense Vim teacher from the original dense checkpoint (a path or a state dict).
+    """The frozen dense teacher of a DyVM student: the dense model of the same backbone (Vim, VideoMamba or
+    MambaReg, as the student's config says), from the original dense checkpoint (a path or a state dict).
 
     Refuses a DyVM checkpoint: the teacher must be the dense model the student started from, never the
     student's own weights (the reference took them on resume and evaluation).
     """
-    from dyvm.checkpoint import CheckpointError, is_dyvm_key, load_checkpoint, load_state_dict_file
+    from dyvm.checkpoint import (CheckpointError, extract_state_dict, is_dyvm_key, load_checkpoint,
+                                 read_checkpoint_file)
 
-    state = path if isinstance(path, dict) else load_state_dict_file(path, use_ema=use_ema)
+    obj = path if isinstance(path, dict) else read_checkpoint_file(path)
+    state = extract_state_dict(obj, use_ema=use_ema, name=path if isinstance(path, str) else "state dict")
     dyvm_keys = [k for k in state if is_dyvm_key(k)]
     if dyvm_keys:
         raise CheckpointError(f"teacher checkpoint {path if isinstance(path, str) else '<state dict>'} holds a DyVM "
-                              f"model ({dyvm_keys[0]}, ...): the teacher must be the original dense Vim checkpoint")
+                              f"model ({dyvm_keys[0]}, ...): the teacher must be the original dense "
+                              f"{student_cfg.family} checkpoint")
     teacher = Vim(student_cfg)
-    load_checkpoint(teacher, state)
+    load_checkpoint(teacher, obj, use_ema=use_ema)
     return freeze(teacher)

@@ -1,21 +1,39 @@
 """Token pruning as small pure functions on (B, N, C) tensors, plus the keep-set selection rules.
 
-Vocabulary: a sequence holds N patch tokens and one class token at `cls_index` (an int when it is the same
-for every sample, as at inference; a (B,) LongTensor when it differs per sample, as in training). A
-"slot" is a position of the patch-token sequence (class token removed); `slot_to_patch` (B, N) maps a
-slot to the original patch index. `policy` (B, N) is 1 for a slot holding a kept token, 0 for a pruned one.
+Vocabulary: a sequence holds N patch tokens and n class tokens (one for Vim and VideoMamba, n registers for
+MambaReg) at `cls_positions`: a tuple of ints (or one int) when they are the same for every sample, as at
+inference; a (B, n) (or (B,)) LongTensor when they differ per sample, as in training. Several class tokens
+are listed in ascending order. A "slot" is a position of the patch-token sequence (class tokens removed);
+`slot_to_patch` (B, N) maps a slot to the original patch index. `policy` (B, N) is 1 for a slot holding a
+kept token, 0 for a pruned one. Where the class tokens go is the backbone's choice (dyvm.models.layout).
 
 Training keeps the full length: pruned tokens are moved behind the kept ones (both in original order) and
-masked out of the scans. Inference gathers the kept tokens, so the sequence physically shrinks. Both put
-the class token in the middle of the kept tokens, so a kept token sees the same neighbours either way.
+masked out of the scans. Inference gathers the kept tokens, so the sequence physically shrinks. Both place
+the class tokens by the same rule from the number of kept tokens, so a kept token sees the same neighbours
+either way.
 """
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ClsIndex = Union[int, Tensor]
+ClsPositions = Union[int, Tuple[int, ...], Tensor]
+ClsIndex = ClsPositions  # the name from when there was always exactly one class token
+
+
+def is_static(cls_positions: ClsPositions) -> bool:
+    """True when the class tokens sit at the same positions in every sample (ints, not a tensor)."""
+    return not isinstance(cls_positions, Tensor)
+
+
+def _static(cls_positions) -> tuple:
+    return (cls_positions,) if isinstance(cls_positions, int) else tuple(cls_positions)
+
+
+def _per_sample(cls_positions: Tensor) -> Tensor:
+    """(B,) or (B, n) -> (B, n)."""
+    return cls_positions.unsqueeze(1) if cls_positions.dim() == 1 else cls_positions
 
 
 def keep_count(ratio: float, num_patches: int) -> int:
@@ -29,38 +47,88 @@ def batch_gather(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, idx)
 
 
-def _others_index(cls_index: Tensor, num_others: int) -> Tensor:
-    """(B,) class positions -> (B, N) position in the full sequence of each patch slot."""
-    slots = torch.arange(num_others, device=cls_index.device).unsqueeze(0)
-    return slots + (slots >= cls_index.unsqueeze(1)).long()
+def _others_index(cls_positions: Tensor, num_others: int) -> Tensor:
+    """(B, n) class positions -> (B, N) position in the full sequence of each patch slot: the slot plus the
+    number of class tokens before it (class token j has p_j - j patch slots before it)."""
+    slots = torch.arange(num_others, device=cls_positions.device).unsqueeze(0)
+    if cls_positions.shape[1] == 1:
+        return slots + (slots >= cls_positions).long()
+    before = cls_positions - torch.arange(cls_positions.shape[1], device=cls_positions.device)
+    return slots + (slots.unsqueeze(-1) >= before.unsqueeze(1)).sum(-1)
 
 
-def split_cls(x: Tensor, cls_index: ClsIndex) -> tuple[Tensor, Tensor]:
-    """x (B, N+1, C) -> (class token (B, 1, C), patch tokens (B, N, C))."""
-    if isinstance(cls_index, int):
-        return x[:, cls_index:cls_index + 1], torch.cat([x[:, :cls_index], x[:, cls_index + 1:]], dim=1)
-    cls = batch_gather(x, cls_index.unsqueeze(1))
-    return cls, batch_gather(x, _others_index(cls_index, x.shape[1] - 1))
+def split_cls(x: Tensor, cls_positions: ClsPositions) -> tuple[Tensor, Tensor]:
+    """x (B, N+n, C) -> (class tokens (B, n, C) in position order, patch tokens (B, N, C))."""
+    cls = take_cls(x, cls_positions)
+    if is_static(cls_positions):
+        edges = (-1,) + _static(cls_positions) + (x.shape[1],)
+        return cls, torch.cat([x[:, a + 1:b] for a, b in zip(edges[:-1], edges[1:])], dim=1)
+    pos = _per_sample(cls_positions)
+    return cls, batch_gather(x, _others_index(pos, x.shape[1] - pos.shape[1]))
 
 
-def insert_cls(others: Tensor, cls: Tensor, cls_index: ClsIndex) -> Tensor:
-    """Patch tokens (B, N, C) and class token (B, 1, C) -> (B, N+1, C) with the class token at cls_index."""
-    if isinstance(cls_index, int):
-        return torch.cat([others[:, :cls_index], cls, others[:, cls_index:]], dim=1)
+def take_cls(x: Tensor, cls_positions: ClsPositions) -> Tensor:
+    """x (B, N+n, C) -> the class tokens (B, n, C) in position order (split_cls without the patch tokens)."""
+    if is_static(cls_positions):
+        pos = _static(cls_positions)
+        return x[:, pos[0]:pos[0] + 1] if len(pos) == 1 else torch.cat([x[:, p:p + 1] for p in pos], dim=1)
+    return batch_gather(x, _per_sample(cls_positions))
+
+
+def insert_cls(others: Tensor, cls: Tensor, cls_positions: ClsPositions) -> Tensor:
+    """Patch tokens (B, N, C) and class tokens (B, n, C) -> (B, N+n, C) with the class tokens at cls_positions."""
+    if is_static(cls_positions):
+        pieces, start = [], 0
+        for j, p in enumerate(_static(cls_positions)):  # p - j patch slots come before class token j
+            pieces += [others[:, start:p - j], cls[:, j:j + 1]]
+            start = p - j
+        return torch.cat(pieces + [others[:, start:]], dim=1)
+    pos = _per_sample(cls_positions)
     num_others = others.shape[1]
-    pos = torch.arange(num_others + 1, device=others.device).unsqueeze(0)
-    # source row in cat([others, cls]): slots before the class token, then the class token (row N), then the rest
-    c = cls_index.unsqueeze(1)
-    src = torch.where(pos < c, pos, torch.where(pos == c, torch.full_like(pos, num_others), pos - 1))
+    seq = torch.arange(num_others + pos.shape[1], device=others.device).unsqueeze(0)
+    # source row in cat([others, cls]): a patch slot is its position minus the class tokens before it; class
+    # token j (j class tokens before it) is row N + j
+    if pos.shape[1] == 1:
+        c = pos
+        src = torch.where(seq < c, seq, torch.where(seq == c, torch.full_like(seq, num_others), seq - 1))
+    else:
+        before = (seq.unsqueeze(-1) > pos.unsqueeze(1)).sum(-1)
+        is_cls = (seq.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
+        src = torch.where(is_cls, num_others + before, seq - before)
     return batch_gather(torch.cat([others, cls.to(others.dtype)], dim=1), src)
 
 
-def gather_tokens(x: Tensor, index: Tensor, cls_index: int, new_cls_index: int) -> Tensor:
-    """x (B, N+1, C) with the class token at cls_index, index (B, k) of patch slots to keep
-    -> (B, k+1, C): those tokens in index order, the class token at new_cls_index. One gather, no concat."""
-    position = index + (index >= cls_index).long()  # slot -> position in the sequence
-    cls = torch.full((index.shape[0], 1, 1), cls_index, dtype=index.dtype, device=index.device)
-    return batch_gather(x, insert_cls(position.unsqueeze(-1), cls, new_cls_index).squeeze(-1))
+def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: ClsPositions) -> Tensor:
+    """index (B, k) of the patch slots to keep, in a sequence with the class tokens at cls_positions (static)
+    -> (B, k+n) sequence positions to gather: those slots in index order, the class tokens moved to
+    new_cls_positions. One index for every stream (hidden, residual) of the stage."""
+    old = _static(cls_positions)
+    position = index
+    for j, p in enumerate(old):  # slot -> position in the sequence: + the class tokens before it
+        position = position + (index >= p - j).long()
+    cls = [torch.full((index.shape[0], 1, 1), p, dtype=index.dtype, device=index.device) for p in old]
+    cls = cls[0] if len(cls) == 1 else torch.cat(cls, dim=1)
+    return insert_cls(position.unsqueeze(-1), cls, new_cls_positions).squeeze(-1)
+
+
+def gather_tokens(x: Tensor, index: Tensor, cls_positions: ClsPositions,
+                  new_cls_positions: ClsPositions) -> Tensor:
+    """x (B, N+n, C) with the class tokens at cls_positions, index (B, k) of patch slots to keep
+    -> (B, k+n, C): those tokens in index order, the class tokens at new_cls_positions. One gather, no concat."""
+    return batch_gather(x, gather_index(index, cls_positions, new_cls_positions))
+
+
+def cls_columns_mean(xz: Tensor, cls_positions: ClsPositions) -> Tensor:
+    """xz (B, C, L), channels first -> (B, C): the column of the class token, or the mean of the columns of
+    several class tokens (MambaReg's gates read the mean over its registers)."""
+    if is_static(cls_positions):
+        pos = _static(cls_positions)
+        if len(pos) == 1:
+            return xz[:, :, pos[0]]
+        return torch.stack([xz[:, :, p] for p in pos], dim=-1).mean(-1)
+    pos = _per_sample(cls_positions)
+    cols = xz.gather(2, pos.unsqueeze(1).expand(-1, xz.shape[1], -1))
+    return cols.squeeze(2) if pos.shape[1] == 1 else cols.mean(-1)
 
 
 def kept_first_order(policy: Tensor) -> Tensor:

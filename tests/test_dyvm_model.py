@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
 import dyvm  # noqa: F401  (registers the timm names)
+from dyvm.benchmark import calibrate_gates
 from dyvm.losses import DyVMLoss
 from dyvm.models.dyvm import DyVM, ForwardOutput
 from dyvm.models.mixer import reset_gate_head
@@ -109,8 +110,37 @@ def _spread_gates(model, seed=0):
 @pytest.mark.parametrize("predictor_input", ["residual", "ssm_B", "ssm_delta"])
 def test_training_and_inference_paths_agree_for_the_same_decisions(predictor_input):
     torch.manual_seed(1)
-    model = tiny(gumbel_noise=False, predictor_input=predictor_input)
+    _check_training_and_inference_agree(tiny(gumbel_noise=False, predictor_input=predictor_input))
+
+
+# The other backbones at the TINY size: VideoMamba's class token first; MambaReg with 4 registers and a neck.
+BACKBONES = {"videomamba": ("dyvm_videomamba_tiny", {}),
+             "mambareg": ("dyvm_mambareg_small", dict(num_cls_tokens=4, cls_reduce=2))}
+
+
+def tiny_backbone(family, **options) -> DyVM:
+    name, extra = BACKBONES[family]
+    return timm.create_model(name, **{**TINY, **extra, **options})
+
+
+@pytest.mark.parametrize("predictor_input", ["residual", "ssm_B"])
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_training_and_inference_paths_agree_on_every_backbone(family, predictor_input):
+    """The masked full-length training forward (class token / registers placed per image from its kept count)
+    equals the gathered inference forward for the same decisions, on VideoMamba and MambaReg too."""
+    torch.manual_seed(1)
+    model = tiny_backbone(family, gumbel_noise=False, predictor_input=predictor_input)
     _spread_gates(model)
+    # Gate biases set layer by layer so that each direction runs for some images and not others. (VideoMamba's
+    # first class token sees the image only through backward scans: with fixed random biases all of them can be
+    # off, and then every image gets the same decisions.)
+    calibrate_gates(model, 0.5, batch_size=16, img_size=32, in_chans=3, device="cpu", seed=1)
+    _check_training_and_inference_agree(model, spread=False)
+
+
+def _check_training_and_inference_agree(model, spread=True):
+    if spread:
+        _spread_gates(model)
     model.selection = TopKInTraining()
     x = torch.randn(6, 3, 32, 32)
     model.train()
@@ -118,7 +148,8 @@ def test_training_and_inference_paths_agree_for_the_same_decisions(predictor_inp
     model.eval()
     with torch.no_grad():
         infer = model.forward_aux(x)
-    assert train.seq_lens == [M + 1] * 4 and infer.seq_lens == [M + 1, 45, 32, 22]
+    n = model.cfg.num_cls_tokens
+    assert train.seq_lens == [M + n] * 4 and infer.seq_lens == [M + n, 44 + n, 31 + n, 21 + n]
     gates = infer.gates
     assert torch.equal(train.gates.detach(), gates)
     assert (gates == 0).any() and (gates == 1).any()
@@ -256,3 +287,22 @@ def test_token_pruning_only_equals_dyvm_with_open_gates(training):
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     for d1, d2 in zip(a.decisions, b.decisions):
         assert torch.equal(d1, d2)
+
+
+@pytest.mark.parametrize("options", [dict(pruning="random"), dict(pruning="static"), dict(pruning="none"),
+                                     dict(block_selection=False)])
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_ablation_options_on_every_backbone(family, options):
+    """The ablations are options of the shared code, so they hold for VideoMamba and MambaReg as for Vim: exact,
+    nested keep counts for the rules without a predictor, gates only with block selection."""
+    model = tiny_backbone(family, **options)
+    x = torch.randn(3, 3, 32, 32)
+    for training in (True, False):
+        model.train(training)
+        out = model.forward_aux(x)
+        assert out.logits.shape == (3, 10) and torch.isfinite(out.logits).all()
+        assert (out.gates is None) == (not model.dyvm_cfg.block_selection)
+        assert len(out.decisions) == model.dyvm_cfg.num_stages
+        if options.get("pruning") in ("random", "static"):
+            for d, k in zip(out.decisions, model.keep_counts()):
+                assert d.sum(1).tolist() == [k] * 3

@@ -114,3 +114,61 @@ def test_cli_prints_both_conventions(capsys):
     assert "vim_small at 224x224: 25,796,584 parameters" in text and "5.077 G (paper" in text  # and the dense one
     assert flops_main(["--model", "resnet50"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+# ---- VideoMamba and MambaReg ---------------------------------------------------------------------------------
+# Paper convention; the authors' get_flops on their own models gives these (dense, and DyVM with every direction
+# run and at the block ratio of their scripts).
+
+@pytest.mark.parametrize("name,published", [
+    ("videomamba_tiny", 1.449), ("videomamba_small", 5.077), ("videomamba_middle", 14.481),
+    ("videomamba_base", 18.868), ("mambareg_small", 5.360), ("mambareg_base", 19.918), ("mambareg_large", 70.642)])
+def test_dense_other_backbones_match_the_authors_count(name, published):
+    model = meta_model(name)
+    paper, full = nominal_macs(model)
+    assert round(paper / 1e9, 3) == published
+    cfg = model.cfg
+    n = cfg.num_cls_tokens
+    want_paper, want_full = hand_count([196 + n] * cfg.depth, cfg.embed_dim)
+    head_and_neck = model.head.in_features * 1000 - cfg.embed_dim * 1000  # hand_count has a head on one token
+    if model.neck is not None:  # MambaReg's neck, a Linear on each register
+        head_and_neck += n * cfg.embed_dim * (cfg.embed_dim // cfg.cls_reduce)
+    assert paper == want_paper + head_and_neck and full == want_full + head_and_neck
+
+
+@pytest.mark.parametrize("name,ratio,all_on,block_ratio,at_target", [
+    ("videomamba_tiny", 0.9, 1.279, 0.8, 1.215), ("videomamba_small", 0.7, 3.345, 0.8, 3.239),
+    ("videomamba_middle", 0.7, 8.411, 0.7, 8.100), ("videomamba_base", 0.7, 12.426, 0.7, 12.042),
+    ("mambareg_small", 0.7, 3.628, 0.8, 3.513), ("mambareg_base", 0.7, 13.476, 0.7, 13.058),
+    ("mambareg_large", 0.7, 37.960, 0.7, 36.941)])
+def test_dyvm_other_backbones_match_the_authors_count(name, ratio, all_on, block_ratio, at_target):
+    model = meta_model("dyvm_" + name, token_keep_ratio=ratio)
+    assert round(nominal_macs(model, 1.0)[0] / 1e9, 3) == all_on
+    assert round(nominal_macs(model, block_ratio)[0] / 1e9, 3) == at_target
+
+
+@pytest.mark.parametrize("name,extra", [("dyvm_vim_tiny", {}), ("dyvm_videomamba_tiny", {}),
+                                        ("dyvm_mambareg_small", dict(num_cls_tokens=4, cls_reduce=2))])
+def test_counts_from_what_ran_equal_the_nominal_count_with_every_gate_open(name, extra):
+    """Fresh gates run every direction: the per-image count must equal the nominal one, whatever the number of
+    class tokens (which count in every layer's length but are never scored by a predictor)."""
+    model = timm.create_model(name, img_size=32, patch_size=4, depth=4, embed_dim=32, num_classes=10,
+                              pruning_loc=(1, 2, 3), token_keep_ratio=0.7, **extra).eval()
+    with torch.no_grad():
+        out = model.forward_aux(torch.randn(2, 3, 32, 32))
+    n = model.cfg.num_cls_tokens
+    assert out.seq_lens == [64 + n, 44 + n, 31 + n, 21 + n]
+    paper, full = macs_from_output(model, out)
+    nominal = nominal_macs(model, 1.0)
+    assert paper.tolist() == [nominal[0]] * 2 and full.tolist() == [nominal[1]] * 2
+
+
+def test_cli_takes_the_authors_names_of_the_other_backbones(capsys):
+    assert flops_main(["--model", "MambaReg-Small", "--block-keep-ratio", "0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "mambareg_small at 224x224: 27,801,064 parameters" in text and "5.360 G (paper" in text
+    assert "dyvm_mambareg_small" in text and "3.513 G (paper" in text
+    assert flops_main(["--model", "dyvm_videomamba_tiny", "--token-keep-ratio", "0.9",
+                       "--block-keep-ratio", "0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "7,367,086 parameters" in text and "1.215 G (paper" in text and "[176, 158, 142]" in text

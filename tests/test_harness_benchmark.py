@@ -60,3 +60,14 @@ def test_profile_names_where_the_time_goes():
 def test_cuda_graph_needs_cuda():
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
         measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", mode="cuda_graph")
+
+
+def test_other_backbones_by_timm_and_authors_names(capsys):
+    """The authors' names are DyVM students; dense and DyVM models of a family pair up for the speed-up."""
+    from dyvm.benchmark import build_model
+
+    name, model, _ = build_model("MambaReg-Tiny", "cpu", img_size=32)
+    assert name == "dyvm_mambareg_tiny" and model.cfg.family == "MambaReg" and not model.training
+    assert bench_main(["--models", "videomamba_tiny", "VideoMamba-Tiny", "--img-size", "32", "--batch-sizes", "2",
+                       "--dtypes", "fp32", "--warmup", "1", "--iters", "1"]) == 0
+    assert "dyvm_videomamba_tiny fp32 batch 2 eager:" in capsys.readouterr().out

@@ -143,6 +143,7 @@ CONFIGS = sorted(os.path.relpath(os.path.join(d, f), CONFIG_DIR) for d, _, files
 
 def test_configs_cover_every_table_row_and_ablation():
     assert {"vim-t.yaml", "vim-s.yaml", "vim-b.yaml", "demo-dense.yaml", "demo-dyvm.yaml"} <= set(CONFIGS)
+    assert {"videomamba-t.yaml", "videomamba-s.yaml", "mambareg-s.yaml", "mambareg-b.yaml"} <= set(CONFIGS)
     assert {f"ablations/{a}.yaml" for a in ("token-only", "block-only", "random", "static", "predictor-b",
                                             "predictor-delta")} <= set(CONFIGS)
 
@@ -163,10 +164,14 @@ def test_every_config_builds_its_model(name):
                   "static": ("static", False), "predictor-b": ("learned", False),
                   "predictor-delta": ("learned", False)}[stem]
         assert (dyvm_cfg.pruning, dyvm_cfg.block_selection) == expect
-    if name in ("vim-t.yaml", "vim-s.yaml", "vim-b.yaml"):
-        params = {"vim-t.yaml": 7_367_086, "vim-s.yaml": 26_594_110, "vim-b.yaml": 100_631_134}[name]
-        assert sum(p.numel() for p in model.parameters()) == params
+    params = {"vim-t.yaml": 7_367_086, "vim-s.yaml": 26_594_110, "vim-b.yaml": 100_631_134,
+              "videomamba-t.yaml": 7_367_086, "videomamba-s.yaml": 26_594_110, "mambareg-s.yaml": 28_598_590,
+              "mambareg-b.yaml": 102_333_790}
+    if name in params:
+        assert sum(p.numel() for p in model.parameters()) == params[name]
         assert dyvm_cfg.pruning_loc == (6, 12, 18)
+        family = {"vim": "Vim", "videomamba": "VideoMamba", "mambareg": "MambaReg"}[name.split("-")[0]]
+        assert model.cfg.family == family
 
 
 def test_eval_a_dense_checkpoint_as_dyvm_under_bf16_autocast(dense_dir, tmp_path):
@@ -177,3 +182,43 @@ def test_eval_a_dense_checkpoint_as_dyvm_under_bf16_autocast(dense_dir, tmp_path
     res = json.loads((out / "eval.json").read_text())
     assert res["raw"]["block_keep_ratio"] == 1.0  # fresh gate heads: weight 0, bias 5 -> every direction on
     assert res["ema"]["num_images"] == res["raw"]["num_images"] == 8
+
+
+@pytest.mark.parametrize("family", ["VideoMamba", "MambaReg"])
+def test_other_backbones_train_with_their_dense_teacher_and_evaluate(family, tmp_path, capsys):
+    """The authors' names (VideoMamba-Tiny, MambaReg-Small) build a DyVM student of that backbone, distilled from
+    the dense model of the same backbone; --eval times that dense model beside it."""
+    dense, student = {"VideoMamba": ("videomamba_tiny", "VideoMamba-Tiny"),
+                      "MambaReg": ("mambareg_small", "MambaReg-Small")}[family]
+    few = ["--epochs", "1", "--max-steps-per-epoch", "2", "--no-model-ema"]
+    assert run("--model", dense, *few, "--output_dir", str(tmp_path / "dense")) == 0
+    dense_ckpt = str(tmp_path / "dense" / "checkpoint.pth")
+    assert run("--model", student, "--model-path", dense_ckpt, *few, "--output_dir", str(tmp_path / "dyvm")) == 0
+    assert f"teacher: frozen dense {family} from {dense_ckpt}" in capsys.readouterr().out
+    line = json.loads((tmp_path / "dyvm" / "log.txt").read_text())
+    assert line["train_cls_kl_loss"] > 0 and line["train_token_kl_loss"] > 0
+    assert run("--model", student, "--eval", "--model-path", str(tmp_path / "dyvm" / "checkpoint.pth"),
+               "--output_dir", str(tmp_path / "eval")) == 0
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert res["raw"]["tokens_kept_per_stage"] == [11.0, 7.0, 5.0]  # int(0.7^s * 16) of the 4x4 patches
+    assert res["teacher"]["weights"] == dense_ckpt and res["teacher"]["gmacs_paper"] > res["raw"]["gmacs_paper"]
+
+
+def test_a_checkpoint_of_another_backbone_is_a_one_line_error(dense_dir, capsys):
+    """The authors' VideoMamba-S script starts from the Vim-S file; here that is refused."""
+    assert run("--model", "VideoMamba-Tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--epochs", "1") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "'vim_tiny', a Vim, but the model is a VideoMamba" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith("ablations/")])
+def test_ablation_configs_apply_to_every_backbone(name):
+    """An ablation is its options: with --model VideoMamba-Small or MambaReg-Small it builds that backbone."""
+    from dyvm.config import parse_args
+    base = parse_args(["--config", os.path.join(CONFIG_DIR, name)])
+    with torch.device("meta"):
+        reference = harness.build_model(base, 1000)
+        for model_name, family in (("VideoMamba-Small", "VideoMamba"), ("MambaReg-Small", "MambaReg")):
+            args = parse_args(["--config", os.path.join(CONFIG_DIR, name), "--model", model_name])
+            model = harness.build_model(args, 1000)
+            assert model.cfg.family == family and model.dyvm_cfg == reference.dyvm_cfg

@@ -108,3 +108,31 @@ def test_gather_tokens_equals_split_gather_insert():
     from dyvm.pruning import gather_tokens
 
     torch.testing.assert_close(gather_tokens(x, index, 5, 3), expected)
+
+
+def test_several_class_tokens_split_insert_and_gather_match_a_loop():
+    """MambaReg's registers: n class tokens at per-sample or shared positions."""
+    from dyvm.pruning import cls_columns_mean, gather_tokens, take_cls
+
+    x = torch.randn(3, 12, 2)
+    positions = torch.tensor([[0, 5, 11], [2, 3, 7], [9, 10, 11]])
+    cls, others = split_cls(x, positions)
+    for b in range(3):
+        pos = positions[b].tolist()
+        torch.testing.assert_close(cls[b], x[b, pos])
+        torch.testing.assert_close(others[b], x[b, [i for i in range(12) if i not in pos]])
+    torch.testing.assert_close(insert_cls(others, cls, positions), x)
+    torch.testing.assert_close(take_cls(x, positions), cls)
+    static = (1, 6, 8)  # the same positions for every sample: slicing, and the same result as a tensor
+    cls_s, others_s = split_cls(x, static)
+    torch.testing.assert_close(others_s, split_cls(x, torch.tensor([static] * 3))[1])
+    torch.testing.assert_close(insert_cls(others_s, cls_s, static), x)
+    # the gate input: the mean over the class tokens' columns (channels first)
+    xz = x.transpose(1, 2)
+    torch.testing.assert_close(cls_columns_mean(xz, static), x[:, list(static)].mean(1))
+    torch.testing.assert_close(cls_columns_mean(xz, positions), cls.mean(1))
+    torch.testing.assert_close(cls_columns_mean(xz, (4,)), x[:, 4])
+    # inference gather: keep 5 of the 9 patch slots, move the class tokens to new positions
+    index = sorted_topk(torch.randn(3, 9), 5)
+    expected = insert_cls(batch_gather(others_s, index), cls_s, (0, 2, 7))
+    torch.testing.assert_close(gather_tokens(x, index, static, (0, 2, 7)), expected)

@@ -1,4 +1,5 @@
-"""Models: the Vim backbone, DyVM, and (registered on import) the timm names vim_* and dyvm_vim_*."""
+"""Models: the Vim backbone (and its VideoMamba / MambaReg presets), DyVM, and (registered on import) the timm names
+vim_*, videomamba_*, mambareg_* and their DyVM students dyvm_*."""
 from dyvm.models import registry  # noqa: F401  (registers the timm names)
 from dyvm.models.dyvm import DyVM, DyVMConfig, ForwardOutput
 from dyvm.models.vim import VIM_BASE, VIM_SMALL, VIM_TINY, Block, Vim, VimConfig, count_parameters

@@ -3,9 +3,10 @@
 reference-implementation.md section 2. Before each pruning location a score predictor rates the patch
 tokens; training keeps the full sequence, moves pruned tokens behind the kept ones and masks them out of
 the scans (so gradients reach the decisions), inference gathers the top-k tokens so the sequence
-physically shrinks. Both orderings are the same (kept tokens in original order, class token in their
-middle), which makes the two paths compute the same function for the same decisions. Each layer's gate
-head decides per image which of the two scans run.
+physically shrinks. Both orderings are the same (kept tokens in original order, the class token(s) placed
+among them by the backbone's layout: Vim's in their middle, VideoMamba's first, MambaReg's registers spread
+evenly; dyvm.models.layout), which makes the two paths compute the same function for the same decisions.
+Each layer's gate head decides per image which of the two scans run.
 """
 from dataclasses import dataclass, fields
 from functools import partial
@@ -18,7 +19,7 @@ from torch import Tensor
 from dyvm.models.mixer import DynamicMamba, reset_gate_head
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
-from dyvm.pruning import (ClsIndex, batch_gather, gather_tokens, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
+from dyvm.pruning import (ClsPositions, batch_gather, gather_index, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
                           keep_count, kept_first_order, make_selection, split_cls, to_original_order)
 
 PRUNING_MODES = ("learned", "random", "static", "none")
@@ -36,7 +37,7 @@ class ForwardOutput:
     decisions: per pruning stage, (B, M) cumulative 0/1 keep over the original patch order (training:
     straight-through, carries gradients). gates (depth, B, 2) [forward, backward] or None without block
     selection (training: straight-through; eval: 0/1 of what ran). seq_lens: per layer, the sequence length
-    (class token included) it processed.
+    (class tokens included) it processed.
     """
 
     logits: Tensor
@@ -102,8 +103,8 @@ def make_dyvm_config(*, token_keep_ratio: Optional[float] = None, token_keep_rat
 
 
 class _Tokens(NamedTuple):
-    """Where the tokens are: class position, keep policy (B, N), slot -> patch map (B, N), scan mask (B, N+1)."""
-    cls_index: ClsIndex
+    """Where the tokens are: class positions, keep policy (B, N), slot -> patch map (B, N), scan mask (B, N+n)."""
+    cls_positions: ClsPositions
     policy: Tensor
     slot_to_patch: Tensor
     mask: Optional[Tensor]
@@ -147,35 +148,38 @@ class DyVM(Vim):
         k = keep_count(self.dyvm_cfg.token_keep_ratios[stage], M)
         log_probs = None
         if self.score_predictors is not None:
-            features = split_cls(hidden + residual if feature is None else feature, tokens.cls_index)[1]
+            features = split_cls(hidden + residual if feature is None else feature, tokens.cls_positions)[1]
             log_probs = self.score_predictors[stage](features, tokens.policy.unsqueeze(-1).to(features.dtype))
         if not self.training:  # the sequence shrinks to the k best tokens, still in original order
             index = self.selection.eval_indices(log_probs, tokens.policy, k)
-            hidden = gather_tokens(hidden, index, tokens.cls_index, k // 2)
-            residual = gather_tokens(residual, index, tokens.cls_index, k // 2)
+            cls_positions = self.layout.positions(k)
+            source = gather_index(index, tokens.cls_positions, cls_positions)
+            hidden, residual = batch_gather(hidden, source), batch_gather(residual, source)
             slot_to_patch = tokens.slot_to_patch.gather(1, index)
             policy = torch.ones(index.shape, device=index.device)
-            return hidden, residual, _Tokens(k // 2, policy, slot_to_patch, None), indices_to_mask(slot_to_patch, M)
+            return (hidden, residual, _Tokens(cls_positions, policy, slot_to_patch, None),
+                    indices_to_mask(slot_to_patch, M))
         # training: full length, kept tokens first (original order), pruned ones masked out of the scans
         keep = self.selection.train_keep(log_probs, tokens.policy, k)
         decision = to_original_order(keep, tokens.slot_to_patch, M)
         order = kept_first_order(keep)
         policy = keep.gather(1, order)
-        cls_index = (policy > 0.5).sum(1) // 2
+        cls_positions = self.layout.positions((policy > 0.5).sum(1))  # per image, from its own kept count
         streams = []
         for x in (hidden, residual):
-            cls, others = split_cls(x, tokens.cls_index)
-            streams.append(insert_cls(batch_gather(others, order), cls, cls_index))
+            cls, others = split_cls(x, tokens.cls_positions)
+            streams.append(insert_cls(batch_gather(others, order), cls, cls_positions))
         slot_to_patch = tokens.slot_to_patch.gather(1, order)
-        mask = insert_cls(policy.unsqueeze(-1), policy.new_ones(policy.shape[0], 1, 1), cls_index).squeeze(-1)
-        return streams[0], streams[1], _Tokens(cls_index, policy, slot_to_patch, mask), decision
+        cls_ones = policy.new_ones(policy.shape[0], self.layout.num_tokens, 1)
+        mask = insert_cls(policy.unsqueeze(-1), cls_ones, cls_positions).squeeze(-1)
+        return streams[0], streams[1], _Tokens(cls_positions, policy, slot_to_patch, mask), decision
 
     def forward_aux(self, x: Tensor) -> ForwardOutput:
         """Images (B, C, H, W) -> ForwardOutput (see its docstring)."""
         M = self.cfg.num_patches
         hidden, residual = self.embed(x), None
         batch = hidden.shape[0]
-        tokens = _Tokens(M // 2, hidden.new_ones(batch, M, dtype=torch.float32),
+        tokens = _Tokens(self.cls_positions, hidden.new_ones(batch, M, dtype=torch.float32),
                          torch.arange(M, device=x.device).expand(batch, M), None)
         stage_at = self.stage_at
         ssm_input = self.dyvm_cfg.predictor_input if self.dyvm_cfg.predictor_input != "residual" else None
@@ -190,15 +194,15 @@ class DyVM(Vim):
             xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:
-                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_index, weights))
+                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_positions, weights))
                 gates.append(gate)
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
             hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, weights=weights)
             seq_lens.append(hidden.shape[1])
-        cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_index)
+        cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_positions)
         policy = tokens.policy.detach().unsqueeze(-1)
-        return ForwardOutput(logits=self.head(cls[:, 0]), patch_tokens=patches, final_policy=policy,
+        return ForwardOutput(logits=self.classify(cls), patch_tokens=patches, final_policy=policy,
                              slot_to_patch=tokens.slot_to_patch, decisions=decisions,
                              gates=torch.stack(gates) if gates else None, seq_lens=seq_lens)
 

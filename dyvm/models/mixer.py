@@ -1,8 +1,9 @@
 """DynamicMamba: the Vim bidirectional mixer plus DyVM's per-image direction gate head.
 
 The gate head `block_head` Linear(2*d_inner, 2) reads the in_proj output xz (x and z) at the class token's
-position; column 0 gates the forward scan, column 1 the backward scan. The gated scan itself lives in
-mamba_ssm (bimamba_v2_inner_fn): at inference a direction whose gate is 0 for a sample is not computed.
+position (MambaReg: the mean over its registers' positions); column 0 gates the forward scan, column 1 the
+backward scan. The gated scan itself lives in mamba_ssm (bimamba_v2_inner_fn): at inference a direction whose
+gate is 0 for a sample is not computed.
 """
 from typing import Optional
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
-from dyvm.pruning import ClsIndex
+from dyvm.pruning import ClsPositions, cls_columns_mean
 from mamba_ssm.modules.mamba_simple import InferenceWeights, Mamba
 
 GATE_INIT_BIAS = 5.0  # sigmoid(5) = 0.993: every direction starts on when a DyVM is made from a dense Vim
@@ -34,13 +35,11 @@ class DynamicMamba(Mamba):
             linears["block_head"] = self.block_head
         return linears
 
-    def gate_logits(self, xz: Tensor, cls_index: ClsIndex, weights: Optional[InferenceWeights] = None) -> Tensor:
-        """xz (B, 2*d_inner, L) -> gate logits (B, 2) [forward, backward] from the class token's column."""
-        if isinstance(cls_index, int):
-            cls_xz = xz[:, :, cls_index]
-        else:
-            cls_xz = xz.gather(2, cls_index.view(-1, 1, 1).expand(-1, xz.shape[1], 1)).squeeze(2)
-        return self.linear("block_head", cls_xz, weights)
+    def gate_logits(self, xz: Tensor, cls_positions: ClsPositions,
+                    weights: Optional[InferenceWeights] = None) -> Tensor:
+        """xz (B, 2*d_inner, L) -> gate logits (B, 2) [forward, backward] from the class token's column (the mean
+        of the register columns for MambaReg's several class tokens)."""
+        return self.linear("block_head", cls_columns_mean(xz, cls_positions), weights)
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).

@@ -1,6 +1,8 @@
-"""timm registration of the model names, and the authors' CLI names (Vim-Tiny, ...) mapped onto them."""
-from timm.models import register_model
+"""timm registration of the Vim model names, and the authors' CLI names (Vim-Tiny, VideoMamba-Small, ...) mapped
+onto timm names. VideoMamba and MambaReg register themselves in dyvm.models.backbones."""
+from timm.models import is_model, register_model
 
+from dyvm.models import backbones  # also registers videomamba_* / mambareg_* and their DyVM students
 from dyvm.models.dyvm import create_dyvm
 from dyvm.models.vim import VIM_BASE, VIM_SMALL, VIM_TINY, create_vim
 
@@ -41,19 +43,19 @@ def dyvm_vim_base(**kwargs):
     return create_dyvm(VIM_BASE, **kwargs)
 
 
-# The authors' --model names; main.py and dyvm.flops accept either form.
-CLI_NAMES = {"Vim-Tiny": "tiny", "Vim-Small": "small", "Vim-Base": "base"}
+# ---- backbone families and the authors' --model names (issue 12: VideoMamba and MambaReg) ----------------------
+# The authors' --model names -> the dense timm name; the DyVM student of a family is "dyvm_" + the dense name.
+# main.py and dyvm.flops accept either form.
+CLI_NAMES = {"Vim-Tiny": "vim_tiny", "Vim-Small": "vim_small", "Vim-Base": "vim_base", **backbones.CLI_NAMES}
+FAMILIES = ("vim",) + backbones.FAMILIES
 
 
 def resolve_model_name(name: str, dynamic: bool) -> str:
-    """'Vim-Small' or 'vim_small' or 'dyvm_vim_small' -> the timm name of the dense or DyVM model."""
-    if name in CLI_NAMES:
-        size = CLI_NAMES[name]
-    elif name.startswith("dyvm_vim_"):
-        size = name[len("dyvm_vim_"):]
-    elif name.startswith("vim_"):
-        size = name[len("vim_"):]
-    else:
+    """'Vim-Small' or 'vim_small' or 'dyvm_vim_small' (or the VideoMamba / MambaReg equivalents) -> the timm
+    name of the dense or DyVM model."""
+    dense = CLI_NAMES.get(name, name[len("dyvm_"):] if name.startswith("dyvm_") else name)
+    resolved = f"dyvm_{dense}" if dynamic else dense
+    if not any(dense.startswith(f + "_") for f in FAMILIES) or not is_model(resolved):
         raise ValueError(f"unknown model {name!r}: use one of {sorted(CLI_NAMES)} or a timm name such as "
-                         "vim_small / dyvm_vim_small")
-    return f"dyvm_vim_{size}" if dynamic else f"vim_{size}"
+                         "vim_small / dyvm_vim_small / videomamba_small / mambareg_small")
+    return resolved

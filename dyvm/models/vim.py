@@ -1,9 +1,18 @@
-"""Vision Mamba (Vim) backbone as DyVM uses it (reference-implementation.md, section 1).
+"""Vision Mamba (Vim) backbone as DyVM uses it, and its two variants (VideoMamba, MambaReg).
 
-Sequence: 14x14 patch tokens with a class token inserted at index M//2, absolute position embedding added
-after the insertion. Each layer: residual += drop_path(hidden) (fp32 residual stream), hidden =
-RMSNorm(residual), hidden = bidirectional Mamba(hidden) with the two directions' sum halved.
-Then norm_f(residual + hidden) and a linear head on the class token.
+Vim: 14x14 patch tokens with a class token inserted at index M//2, absolute position embedding added after
+the insertion. Each layer: residual += drop_path(hidden) (fp32 residual stream), hidden = RMSNorm(residual),
+hidden = bidirectional Mamba(hidden) with the two directions' sum halved. Then norm_f(residual + hidden) and
+a linear head on the class token.
+
+The same class builds VideoMamba and MambaReg, whose differences are options of VimConfig:
+  VideoMamba: the class token first (cls_position="first"), the two directions summed without halving
+              (divide_out=False).
+  MambaReg:   n registers spread among the patches (cls_position="registers", num_cls_tokens=n), each with its
+              own position embedding (cls_pos_embed: pos_embed then covers the patches only, added before the
+              registers are inserted); the head reads every register: norm_f -> neck Linear(D, D/c) per register
+              -> flatten -> norm_neck RMSNorm -> head (cls_reduce=c; c=1: no neck, as the official Mamba-R).
+Where the class tokens sit is dyvm.models.layout's job; the presets are in dyvm.models.backbones.
 """
 import math
 from dataclasses import dataclass, fields, replace
@@ -14,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
+from dyvm.models.layout import make_layout
+from dyvm.pruning import insert_cls, split_cls, take_cls
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
 
@@ -32,7 +43,17 @@ class VimConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
-    divide_out: bool = True  # halve the sum of the two directions (Vim, MambaReg)
+    divide_out: bool = True  # halve the sum of the two directions (Vim, MambaReg; VideoMamba does not)
+    cls_position: str = "middle"  # "middle" (Vim), "first" (VideoMamba), "registers" (MambaReg): dyvm.models.layout
+    num_cls_tokens: int = 1  # MambaReg's registers: 12 (16 for Large)
+    cls_reduce: int = 1  # MambaReg's neck: each register Linear(D, D // cls_reduce) before the head; 1 = no neck
+    cls_pos_embed: bool = False  # class tokens get their own pos_embed_cls; pos_embed covers the patches (MambaReg)
+
+    def __post_init__(self):
+        make_layout(self.cls_position, self.num_cls_tokens)  # raises on a bad combination
+        if self.cls_reduce < 1 or self.embed_dim % self.cls_reduce:
+            raise ValueError(f"cls_reduce must be a positive divisor of embed_dim {self.embed_dim}, "
+                             f"got {self.cls_reduce}")
 
     @property
     def grid_size(self):
@@ -45,6 +66,11 @@ class VimConfig:
     @property
     def d_inner(self):
         return self.expand * self.embed_dim
+
+    @property
+    def family(self) -> str:
+        """The backbone family these options describe: Vim, VideoMamba or MambaReg."""
+        return {"middle": "Vim", "first": "VideoMamba", "registers": "MambaReg"}[self.cls_position]
 
     def updated(self, **overrides):
         """A copy with `overrides`; unknown names raise instead of being swallowed."""
@@ -120,9 +146,11 @@ class Vim(nn.Module):
         self.num_classes = cfg.num_classes
         self.embed_dim = self.num_features = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        num_patches = cfg.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.embed_dim))
+        num_patches, n = cfg.num_patches, cfg.num_cls_tokens
+        self.layout = make_layout(cfg.cls_position, n)
+        self.cls_token = nn.Parameter(torch.zeros(1, n, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (0 if cfg.cls_pos_embed else n), cfg.embed_dim))
+        self.pos_embed_cls = nn.Parameter(torch.zeros(1, n, cfg.embed_dim)) if cfg.cls_pos_embed else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         # Layer i drops with rate*(i-1)/(depth-1) (0 for the first), the final add+norm with the full rate.
         steps = max(cfg.depth - 1, 1)
@@ -131,13 +159,30 @@ class Vim(nn.Module):
             Block(cfg.embed_dim, make_mixer(cfg, i, mixer_cls), rates[i], cfg.norm_eps) for i in range(cfg.depth))
         self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.neck = self.norm_neck = None
+        head_width = n * cfg.embed_dim // cfg.cls_reduce
+        if cfg.cls_reduce > 1:
+            self.neck = nn.Linear(cfg.embed_dim, cfg.embed_dim // cfg.cls_reduce, bias=False)
+            self.norm_neck = RMSNorm(head_width, eps=cfg.norm_eps)
+        self.head = nn.Linear(head_width, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self._init_weights()
 
     @property
-    def cls_index(self):
-        """Position of the class token in the dense sequence: the middle of the patches."""
-        return self.cfg.num_patches // 2
+    def cls_positions(self) -> tuple:
+        """Positions of the class token(s) in the dense sequence (Vim: the middle of the patches)."""
+        return self.layout.positions(self.cfg.num_patches)
+
+    @property
+    def cls_index(self) -> int:
+        """Position of the single class token in the dense sequence (Vim, VideoMamba)."""
+        positions = self.cls_positions
+        if len(positions) != 1:
+            raise ValueError(f"this model has {len(positions)} class tokens (registers): use cls_positions")
+        return positions[0]
+
+    def pos_embed_class_entries(self, num_patches: int) -> tuple:
+        """Which entries of pos_embed belong to class tokens for a grid of num_patches (for resizing)."""
+        return () if self.cfg.cls_pos_embed else self.layout.positions(num_patches)
 
     def _init_weights(self):
         trunc_normal_(self.pos_embed, std=0.02)
@@ -154,38 +199,50 @@ class Vim(nn.Module):
             nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
             with torch.no_grad():
                 layer.mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
+        if self.pos_embed_cls is not None:
+            trunc_normal_(self.pos_embed_cls, std=0.02)
+        if self.neck is not None:
+            trunc_normal_(self.neck.weight, std=0.02)
 
     def no_weight_decay(self):
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "pos_embed_cls"}
 
     def embed(self, x):
-        """Images -> (B, num_patches + 1, D): patches, class token inserted at M//2, + position embedding."""
+        """Images -> (B, num_patches + n, D): patches and class token(s) at cls_positions, + position embedding
+        (Vim, VideoMamba: over the whole sequence; MambaReg: pos_embed on the patches, pos_embed_cls on the
+        registers, before they are interleaved)."""
         patches = self.patch_embed(x)
-        mid = self.cls_index
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        tokens = torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
-        return self.pos_drop(tokens + self.pos_embed)
+        if self.pos_embed_cls is not None:
+            return insert_cls(self.pos_drop(patches + self.pos_embed), cls + self.pos_embed_cls, self.cls_positions)
+        return self.pos_drop(insert_cls(patches, cls, self.cls_positions) + self.pos_embed)
+
+    def classify(self, cls_tokens):
+        """Final-normed class tokens (B, n, D) in position order -> logits. MambaReg: each register through the
+        neck, flattened, norm_neck; Vim / VideoMamba: the head on the single class token."""
+        if self.neck is not None:
+            return self.head(self.norm_neck(self.neck(cls_tokens).flatten(1)))
+        return self.head(cls_tokens.flatten(1))
 
     def final_norm(self, hidden, residual):
         return rms_norm_fn(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, prenorm=False,
                            residual_in_fp32=True, eps=self.norm_f.eps)
 
     def forward_features(self, x):
-        """-> final-normed sequence (B, num_patches + 1, D), class token at `cls_index`."""
+        """-> final-normed sequence (B, num_patches + n, D), class token(s) at `cls_positions`."""
         hidden, residual = self.embed(x), None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
         return self.final_norm(hidden, residual)
 
     def forward_with_tokens(self, x):
-        """-> (logits, patch tokens (B, num_patches, D) after norm_f, class token removed): the teacher's view."""
-        feats = self.forward_features(x)
-        mid = self.cls_index
-        patches = torch.cat([feats[:, :mid], feats[:, mid + 1:]], dim=1)
-        return self.head(feats[:, mid]), patches
+        """-> (logits, patch tokens (B, num_patches, D) after norm_f in original order, class tokens removed): the
+        teacher's view."""
+        cls, patches = split_cls(self.forward_features(x), self.cls_positions)
+        return self.classify(cls), patches
 
     def forward(self, x):
-        return self.head(self.forward_features(x)[:, self.cls_index])
+        return self.classify(take_cls(self.forward_features(x), self.cls_positions))
 
     def forward_aux(self, x):
         """-> dyvm.models.dyvm.ForwardOutput, the type a DyVM returns: every token kept, no gates."""
@@ -196,7 +253,7 @@ class Vim(nn.Module):
         return ForwardOutput(
             logits=logits, patch_tokens=patches, final_policy=patches.new_ones(batch, num_patches, 1),
             slot_to_patch=torch.arange(num_patches, device=x.device).expand(batch, num_patches),
-            decisions=[], gates=None, seq_lens=[num_patches + 1] * len(self.layers))
+            decisions=[], gates=None, seq_lens=[num_patches + self.cfg.num_cls_tokens] * len(self.layers))
 
 
 def build_config(base: VimConfig, kwargs) -> VimConfig:
