@@ -72,7 +72,7 @@ def check(summary):
     check_graph_training(summary)
 
 
-def check_training(summary):
+def check_training(summary, dense_name="vim_small", tag="train fp32"):
     import timm
     from timm.loss import SoftTargetCrossEntropy
 
@@ -80,8 +80,8 @@ def check_training(summary):
     from dyvm.losses import DyVMLoss, build_teacher
 
     torch.manual_seed(0)
-    dense = timm.create_model("vim_small")
-    student = timm.create_model("dyvm_vim_small", gumbel_noise=False)
+    dense = timm.create_model(dense_name)
+    student = timm.create_model("dyvm_" + dense_name, gumbel_noise=False)
     load_checkpoint(student, dense.state_dict())
     with torch.no_grad():  # gates that differ per image: a trained model's situation
         for layer in student.layers:
@@ -105,13 +105,15 @@ def check_training(summary):
         runs[mode] = (out.logits.detach(), parts, grads, out.gates.detach())
     os.environ["MAMBA_FORCE_REFERENCE"] = "0"
     (lk, pk, gk, gatek), (lr, pr, gr, gater) = runs["kernels"], runs["reference"]
-    summary["check train fp32: logits rel"] = rel(lk, lr)
-    summary["check train fp32: gates equal"] = bool(torch.equal(gatek, gater))
-    summary["check train fp32: loss parts max rel"] = max(rel(pk[k].reshape(1), pr[k].reshape(1)) for k in pk
-                                                          if float(pr[k]) != 0)
+    summary[f"check {tag}: logits rel"] = rel(lk, lr)
+    summary[f"check {tag}: gates equal"] = bool(torch.equal(gatek, gater))
+    summary[f"check {tag}: loss parts max rel"] = max(rel(pk[k].reshape(1), pr[k].reshape(1)) for k in pk
+                                                      if float(pr[k]) != 0)
     worst = max(((rel(gk[n], gr[n]), n) for n in gr if gr[n].norm() > 0))
-    summary["check train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]})"
-    summary["check train fp32: grads compared"] = len(gr)
+    summary[f"check {tag}: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]})"
+    summary[f"check {tag}: grads compared"] = len(gr)
+    if dense_name != "vim_small":
+        return
     # the teacher through its CUDA graph against the plain teacher
     with torch.no_grad():
         eager = teacher.forward_with_tokens(x)
@@ -273,6 +275,40 @@ def infer(summary, rows, configs, modes):
                     "{:.1f}/{:.1f} | {:.1f}/{:.1f}".format(*hosts["vim_small"], *hosts["dyvm_vim_small"]))
 
 
+def backbones(summary, rows):
+    """VideoMamba-S and MambaReg-S: DyVM training on the kernels against the references at full size, then
+    dense and DyVM images/s (eager and CUDA graph, fp32 and bf16, batch 128)."""
+    from dyvm.benchmark import build_model
+
+    for dense_name in ("videomamba_small", "mambareg_small"):
+        check_training(summary, dense_name, tag=f"train fp32 {dense_name}")
+    for dense_name in ("videomamba_small", "mambareg_small"):
+        built = {name: build_model(name, "cuda", gate_keep=0.735 if name.startswith("dyvm") else None)
+                 for name in (dense_name, "dyvm_" + dense_name)}
+        for dtype in (torch.bfloat16, None):
+            got = {}
+            for name, (_, model, realised) in built.items():
+                model.eval()
+                x = torch.randn(128, 3, 224, 224, device="cuda")
+                for mode in ("eager", "cuda_graph"):
+                    if mode == "cuda_graph":
+                        run = capture(model, x, dtype)
+                    else:
+                        def run(model=model):
+                            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
+                                                                 enabled=dtype is not None):
+                                model(x)
+                    got[name, mode] = timed_images_per_s(run, 128, 10)
+                    rows.append({"model": name, "dtype": str(dtype), "batch": 128, "mode": mode,
+                                 "gate_keep": realised, "images_per_s": got[name, mode]})
+            for mode in ("eager", "cuda_graph"):
+                dense, dy = got[dense_name, mode], got["dyvm_" + dense_name, mode]
+                summary[f"infer {dense_name} {dtype} b128 {mode}: dense / dyvm img/s, ratio"] = (
+                    f"{dense:.0f} / {dy:.0f}, {dy / dense:.2f}x")
+        del built
+        torch.cuda.empty_cache()
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -318,6 +354,8 @@ def main():
                 infer(summary, rows["infer"], [(torch.bfloat16, 128), (None, 64), (None, 128)], args.modes)
             elif section == "train":
                 train(summary, rows["train"], args.train_dtypes)
+            elif section == "backbones":
+                backbones(summary, rows["infer"])
             elif section == "train_graph":
                 train(summary, rows["train"], args.train_dtypes, graph=True)
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)
