@@ -26,14 +26,8 @@ from dyvm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
-                         global_batch_lr, is_dynamic, train_one_epoch, unwrap)
-from dyvm.models.registry import resolve_model_name
-
-
-def build_dense_twin(model: nn.Module) -> nn.Module:
-    """A dense Vim with the student's configuration (random weights): a timing/FLOPs baseline."""
-    from dyvm.models.vim import Vim
-    return Vim(model.cfg)
+                         global_batch_lr, train_one_epoch, unwrap)
+from dyvm.models.registry import dense_twin, resolve
 
 
 def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_active: bool) -> nn.Module:
@@ -93,7 +87,7 @@ def load_teacher(args, model: nn.Module, path: str, device) -> Optional[nn.Modul
     if not path:
         return None
     from dyvm.losses import build_teacher
-    return build_teacher(model.cfg, path).to(device)
+    return build_teacher(model, path).to(device)
 
 
 def valid_samples(n_val: int, world_size: int, rank: int, dist_eval: bool) -> Optional[int]:
@@ -132,7 +126,7 @@ def run_eval(args, model, ema_state, splits, val_loader, device, world_size, ran
     if graphed:
         res["throughput_cuda_graph"] = measure_throughput(base, cuda_graph=True, **kw)
     if getattr(base, "dyvm_cfg", None) is not None:  # the dense teacher, timed in the same run
-        dense = build_dense_twin(base).to(device)
+        dense = dense_twin(base).to(device)
         note = "random weights (timing and FLOPs only)"
         if teacher_path:
             try:
@@ -218,7 +212,7 @@ def run(args) -> dict:
         print0(rank, f"model: {args.model_path}: {report.summary()}")
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print0(rank, f"model: {resolve_model_name(args.model, is_dynamic(args.model))}, {n_params:,} parameters")
+    print0(rank, f"model: {resolve(args.model).timm_name}, {n_params:,} parameters")
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
     teacher_path = teacher_path_for(args, resumed)
 

@@ -11,20 +11,25 @@ from typing import Optional, Sequence
 
 import yaml
 
+from dyvm.cli import ArgumentParser, flag_name
+from dyvm.models.registry import (DEFAULT_BLOCK_KEEP_RATIO, DEFAULT_TOKEN_KEEP_RATIO, ModelOptionError,
+                                  check_keep_ratios, describe_names)
+
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option and says what is wrong."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DyVM training and evaluation", allow_abbrev=False)
+    p = ArgumentParser("python main.py", description="DyVM training and evaluation (single process or torchrun)")
     p.add_argument("--config", default="", help="YAML file of defaults (keys = flag names with _); "
                    "flags given on the command line win")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="Vim-Tiny",
-                   help="Vim-Tiny/Vim-Small/Vim-Base (authors' names: a DyVM student with a dense Vim teacher), "
-                        "dyvm_vim_* (DyVM) or vim_* (a plain dense Vim trained with the classification loss)")
+                   help=f"{describe_names()}. The authors' names (Vim-Small) and dyvm_* build a DyVM student "
+                        "distilled from its dense teacher; vim_* a plain dense model trained with the "
+                        "classification loss")
     g.add_argument("--model-path", default="", help="checkpoint that initialises the model (official Vim or DyVM)")
     g.add_argument("--input-size", type=int, default=224)
     g.add_argument("--patch-size", type=int, default=None, help="override (small models only; default 16)")
@@ -37,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, default=0.1)
 
     g = p.add_argument_group("DyVM")
-    g.add_argument("--token-keep-ratio", type=float, default=0.7, help="r: stages keep r, r^2, r^3 of the patches")
+    g.add_argument("--token-keep-ratio", type=float, default=DEFAULT_TOKEN_KEEP_RATIO,
+                   help="r in (0, 1]: stages keep r, r^2, r^3 of the patches")
     g.add_argument("--token-keep-ratios", type=float, nargs=3, default=None, help="explicit cumulative ratios")
-    g.add_argument("--block-keep-ratio", type=float, default=0.7, help="target fraction of scan directions run")
+    g.add_argument("--block-keep-ratio", type=float, default=DEFAULT_BLOCK_KEEP_RATIO,
+                   help="in [0, 1]: the target fraction of scan directions run (the mean of the gates)")
     g.add_argument("--pruning-loc", type=int, nargs="+", default=None, help="layers before which tokens are "
                    "pruned (default 6 12 18, or spread evenly over a smaller --depth)")
     g.add_argument("--pruning", default="learned", choices=("learned", "random", "static", "none"))
@@ -166,12 +173,10 @@ def validate(args) -> None:
     def need(cond, msg):
         if not cond:
             raise ConfigError(msg)
-    need(0 < args.token_keep_ratio <= 1, f"--token-keep-ratio must be in (0, 1], got {args.token_keep_ratio}")
-    if args.token_keep_ratios is not None:
-        r = args.token_keep_ratios
-        need(all(0 < v <= 1 for v in r) and list(r) == sorted(r, reverse=True),
-             f"--token-keep-ratios must be non-increasing values in (0, 1], got {list(r)}")
-    need(0 <= args.block_keep_ratio <= 1, f"--block-keep-ratio must be in [0, 1], got {args.block_keep_ratio}")
+    try:  # the one keep-ratio rule of every entry point
+        check_keep_ratios(args.token_keep_ratio, args.token_keep_ratios, args.block_keep_ratio, spell=flag_name)
+    except ModelOptionError as e:
+        raise ConfigError(str(e)) from None
     need(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
     need(args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}")
     need(args.lr > 0, f"--lr must be positive, got {args.lr}")

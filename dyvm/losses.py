@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyvm.models.dyvm import ForwardOutput
+from dyvm.models.output import ForwardOutput
 from dyvm.models.vim import Vim, VimConfig
 from dyvm.pruning import batch_gather
 
@@ -125,8 +125,9 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_teacher(student_cfg: VimConfig, path: Union[str, dict], use_ema: bool = False) -> Vim:
-    """The frozen dense Vim teacher from the original dense checkpoint (a path or a state dict).
+def build_teacher(student: Union[nn.Module, VimConfig], path: Union[str, dict], use_ema: bool = False) -> nn.Module:
+    """The frozen dense teacher from the original dense checkpoint (a path or a state dict): the dense twin of
+    the student model (dyvm.models.registry.dense_twin), or a dense Vim of the given config.
 
     Refuses a DyVM checkpoint: the teacher must be the dense model the student started from, never the
     student's own weights (the reference took them on resume and evaluation).
@@ -138,6 +139,10 @@ def build_teacher(student_cfg: VimConfig, path: Union[str, dict], use_ema: bool 
     if dyvm_keys:
         raise CheckpointError(f"teacher checkpoint {path if isinstance(path, str) else '<state dict>'} holds a DyVM "
                               f"model ({dyvm_keys[0]}, ...): the teacher must be the original dense Vim checkpoint")
-    teacher = Vim(student_cfg)
+    if isinstance(student, nn.Module):
+        from dyvm.models.registry import dense_twin
+        teacher = dense_twin(student)
+    else:
+        teacher = Vim(student)
     load_checkpoint(teacher, state)
     return freeze(teacher)

@@ -113,3 +113,18 @@ def test_cli_prints_both_conventions(capsys):
     assert "vim_small at 224x224: 25,796,584 parameters" in text and "5.077 G (paper" in text  # and the dense one
     assert flops_main(["--model", "resnet50"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vim_smal"], "unknown model 'vim_smal'; did you mean 'vim_small'?"),
+    (["--model", "dyvm_vim_small", "--block-keep-ratio", "-1"], "--block-keep-ratio must be in [0, 1], got -1.0"),
+    (["--model", "dyvm_vim_small", "--block-keep-ratio", "1.5"], "--block-keep-ratio must be in [0, 1], got 1.5"),
+    (["--model", "Vim-Small", "--token-keep-ratio", "0"], "--token-keep-ratio must be in (0, 1], got 0.0"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    """The flops CLI applies the same keep-ratio rule as main.py and prints no MAC count for a bad value."""
+    assert flops_main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == f"error: {err[7:]}" and message in err and "\n" not in err, err
+    assert "MACs" not in captured.out

@@ -116,6 +116,7 @@ def test_nonfinite_loss_names_the_first_module(dense_dir, tmp_path, capsys):
     (["--token-keep-ratios", "0.5", "0.7", "0.3"], "--token-keep-ratios must be non-increasing"),
     (["--model-path", "/nonexistent/vim.pth"], "--model-path /nonexistent/vim.pth does not exist"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--model", "vim_smal"], "unknown model 'vim_smal'; did you mean 'vim_small'?"),
     (["--model", "Vim-Tiny", "--pruning-loc", "1", "9", "2"], "pruning_loc"),
     (["--model", "Vim-Tiny"], "distils from a dense teacher"),
 ])

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
+from dyvm.models.output import ForwardOutput
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
 
@@ -188,9 +189,7 @@ class Vim(nn.Module):
         return self.head(self.forward_features(x)[:, self.cls_index])
 
     def forward_aux(self, x):
-        """-> dyvm.models.dyvm.ForwardOutput, the type a DyVM returns: every token kept, no gates."""
-        from dyvm.models.dyvm import ForwardOutput  # late import: dyvm.py builds on this module
-
+        """-> ForwardOutput, the type a DyVM returns: every token kept, no gates."""
         logits, patches = self.forward_with_tokens(x)
         batch, num_patches = patches.shape[:2]
         return ForwardOutput(
