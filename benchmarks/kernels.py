@@ -7,7 +7,7 @@ against the upstream CUDA kernels (mamba-ssm 2.3.2.post1 / causal-conv1d 1.7.0) 
 The upstream packages are installed into their own folder (`--target`) and timed in a separate process
 whose sys.path holds them instead of this repository, because both packages are named mamba_ssm.
 Timings: median of triton.testing.do_bench (which flushes L2 between runs), on fresh random inputs.
-Shapes (targets.md): batch 128, L 197, d_inner 384 / 768 / 1536, d_state 16, one B/C group, with D,
+Shapes (docs/reference.md section 5): batch 128, L 197, d_inner 384 / 768 / 1536, d_state 16, one B/C group, with D,
 z, delta_bias and softplus. "min bytes" counts each input read once and each output written once.
 """
 import argparse

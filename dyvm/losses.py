@@ -1,4 +1,4 @@
-"""The DyVM training loss (reference-implementation.md section 3) and the frozen dense teacher.
+"""The DyVM training loss (docs/reference.md section 3) and the frozen dense teacher.
 
     loss = w_clf * L_cls + w_tok * L_tok / S + w_blk * L_blk + w_dist * (L_kl + L_td)
 

@@ -136,6 +136,7 @@ def read_eval(run_dir: str) -> dict:
 @torch.no_grad()
 def kept_tokens_figure(dyvm_dir: str, path: str, num_images: int = 6) -> None:
     """Load the DyVM run's best checkpoint and draw the eval-mode decisions on the first validation images."""
+    from dyvm.checkpoint import load_checkpoint
     from dyvm.config import parse_args
     from dyvm.data import build_datasets
     from dyvm.engine import build_model
@@ -143,8 +144,7 @@ def kept_tokens_figure(dyvm_dir: str, path: str, num_images: int = 6) -> None:
     args = parse_args(["--config", os.path.join(dyvm_dir, "args.yaml")])
     splits = build_datasets(args)
     model = build_model(args, args.nb_classes or splits.num_classes)
-    state = torch.load(os.path.join(dyvm_dir, "best_checkpoint.pth"), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_checkpoint(model, os.path.join(dyvm_dir, "best_checkpoint.pth"))  # one-line errors for a bad file
     model.eval()
     # one image of each of the first classes, so the figure shows different shapes
     picked, seen = [], set()
@@ -234,9 +234,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--wall-clock-s", type=float, default=None, help="the demo's total time, for the report")
     args = p.parse_args(argv)
+    from dyvm.checkpoint import CheckpointError
+    from dyvm.config import ConfigError
+    from dyvm.data import DataError
+    from dyvm.models.registry import ModelOptionError
+
     try:
         summary = build_report(args.dense, args.dyvm, args.out, args.wall_clock_s)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError, CheckpointError, DataError, ModelOptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(open(os.path.join(args.out, "report.md")).read().split("![kept tokens]")[0].rstrip())

@@ -19,7 +19,7 @@ def meta_model(name, **kw):
 
 
 def hand_count(L_per_layer, D, N=16, K=4, directions=2.0, classes=1000, patches=196, patch=16, chans=3):
-    """Independent closed form (reference-implementation.md section 4), both conventions, one image."""
+    """Independent closed form (docs/reference.md section 4), both conventions, one image."""
     Di, R = 2 * D, math.ceil(D / 16)
     paper = full = patches * D * chans * patch * patch + D * classes
     for L in L_per_layer:

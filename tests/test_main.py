@@ -226,3 +226,15 @@ def test_a_flag_typo_is_one_line_with_a_hint(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments: --tokn-keep-ratio 0.5" in err
     assert "did you mean --token-keep-ratio?" in err
+
+
+def test_under_torchrun_only_rank_0_says_a_shared_error(monkeypatch, capsys):
+    """Every process meets the same bad option: one line in all, from rank 0 (exit status 1 everywhere)."""
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert run("--model", "vim_smal") == 1
+        assert capsys.readouterr().err.count("error: unknown model") == lines
+    nonfinite = harness.NonFiniteLossError
+    monkeypatch.setenv("RANK", "1")  # a non-finite loss is said by the process that found it
+    assert harness.says_error(nonfinite("non-finite loss at epoch 0 step 3: module 'layers.2'"))
+    assert not harness.says_error(nonfinite("non-finite loss at epoch 0 step 3: in another process"))

@@ -1,6 +1,6 @@
 """Dynamic Vision Mamba: a Vim with learned token pruning and per-image scan-direction selection.
 
-reference-implementation.md section 2. Before each pruning location a score predictor rates the patch
+docs/reference.md section 2. Before each pruning location a score predictor rates the patch
 tokens; training keeps the full sequence, moves pruned tokens behind the kept ones and masks them out of
 the scans (so gradients reach the decisions), inference gathers the top-k tokens so the sequence
 physically shrinks. Both orderings are the same (kept tokens in original order, class token in their

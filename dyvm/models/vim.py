@@ -1,4 +1,4 @@
-"""Vision Mamba (Vim) backbone as DyVM uses it (reference-implementation.md, section 1).
+"""Vision Mamba (Vim) backbone as DyVM uses it (docs/reference.md, section 1).
 
 Sequence: 14x14 patch tokens with a class token inserted at index M//2, absolute position embedding added
 after the insertion. Each layer: residual += drop_path(hidden) (fp32 residual stream), hidden =
