@@ -40,7 +40,7 @@ def dry_run_setup():
     replays (CUDA only) are not repeated as second eager calls: the interpreter is slow."""
     global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH, bench, bench_graph
     global FWD_SWEEP, BWD_SWEEP, CONV_SWEEP, CONV_BWD_SWEEP
-    BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH = 2, 19, (32,), 32, 16, "cpu", 4
+    BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH = 2, 11, (32,), 32, 16, "cpu", 4
     FWD_SWEEP = tuple({(c[3], c[4]): c for c in FWD_SWEEP}.values())  # (lanes_on_channels, prefetch)
     BWD_SWEEP = tuple({c[2]: c for c in BWD_SWEEP}.values())  # prefetch
     CONV_SWEEP = (CONV_SWEEP[0], CONV_SWEEP[-1])
