@@ -4,7 +4,13 @@ A backbone family is one row of FAMILIES: its CLI prefix (the authors' names, "V
 ("vim_small" dense, "dyvm_vim_small" DyVM), its sizes (size -> base config) and the functions that build a
 dense model and a DyVM from a base config and keyword overrides. Every name of every row is registered with
 timm on import, and every entry point (main.py, python -m dyvm.flops / dyvm.benchmark, the teacher and the
-dense timing twin) builds models through `create_model` here. A new backbone is a new row.
+dense timing twin) builds models through `create_model` here. A new backbone is a new row, e.g.
+
+    BackboneFamily("VideoMamba", "VideoMamba-", "videomamba_", {"tiny": VIDEOMAMBA_TINY, "small": ...},
+                   create_videomamba, create_dyvm_videomamba, VideoMamba, DyVMVideoMamba)
+
+gives VideoMamba-Tiny (DyVM), dyvm_videomamba_tiny and videomamba_tiny, and main.py, dyvm.flops and
+dyvm.benchmark accept them with no other change.
 
 Name rules (`resolve`):
   Vim-Small        the authors' name: the DyVM student (its dense teacher is vim_small)
