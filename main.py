@@ -31,7 +31,7 @@ from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_che
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
-                         global_batch_lr, train_one_epoch, unwrap)
+                         global_batch_lr, train_one_epoch)
 from dyvm.models.registry import resolve
 from dyvm.report import eval_report, summarize_eval
 

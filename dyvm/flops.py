@@ -13,7 +13,6 @@ tokens the predictor saw). Norms, activations, gathers and the class-token head 
 
 CLI: python -m dyvm.flops --model vim_small | dyvm_vim_small | Vim-Small (both) [--block-keep-ratio 0.8]
 """
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
