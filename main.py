@@ -8,13 +8,17 @@
 dyvm_mambareg_*): a DyVM student distilled from the frozen dense model of its backbone from --teacher-path (default
 --model-path). --model vim_* (videomamba_*, mambareg_*): a plain dense model trained with the classification
 loss (the demo's teacher stage). Flags: dyvm/config.py. Outputs in --output_dir: args.yaml, checkpoint.pth,
-best_checkpoint.pth, log.txt (one JSON line per epoch), tensorboard events, eval.json (--eval).
+best_checkpoint.pth (format: dyvm/checkpoint.py), log.txt (one JSON line per epoch), tensorboard events;
+--eval writes eval.json and eval_args.yaml (dyvm/report.py).
 """
+import dyvm  # noqa: F401  (first: thread settings that do not spin, before torch loads; registers the models)
+
 import json
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -22,19 +26,45 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import dyvm  # noqa: F401  (registers the timm model names)
-from dyvm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_checkpoint, read_checkpoint,
+                             recorded_teacher_path, restore_training_state, save_training_checkpoint,
+                             training_state)
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
-                         global_batch_lr, is_dynamic, train_one_epoch, unwrap)
-from dyvm.models.registry import resolve_model_name
+                         global_batch_lr, train_one_epoch)
+from dyvm.models.registry import resolve
+from dyvm.report import eval_report, summarize_eval
+
+# The errors that main.py prints as one line (`error: ...`) instead of a traceback.
+USER_ERRORS = (ConfigError, ModelOptionError, DataError, CheckpointError, NonFiniteLossError)
 
 
-def build_dense_twin(model: nn.Module) -> nn.Module:
-    """The dense model of the student's backbone and configuration (random weights): a timing/FLOPs baseline."""
-    from dyvm.models.vim import Vim
-    return Vim(model.cfg)
+@dataclass
+class Session:
+    """What training and --eval both start from: processes, data, and the model with its weights loaded.
+    source: the checkpoint dict the weights came from (a --resume or a --model-path file), None if none."""
+    args: object
+    world_size: int
+    rank: int
+    device: torch.device
+    splits: object
+    train_loader: object
+    val_loader: object
+    num_classes: int
+    model: nn.Module
+    source: Optional[dict]
+    amp_dtype: Optional[torch.dtype]
+
+    def print(self, *msg):
+        if self.rank == 0:
+            print(*msg, flush=True)
+
+    def eval_kw(self) -> dict:
+        """dyvm.engine.evaluate's options for this run."""
+        n_valid = valid_samples(len(self.splits.val), self.world_size, self.rank, self.args.dist_eval)
+        return dict(amp_dtype=self.amp_dtype, valid_samples=n_valid, distributed=self.args.dist_eval,
+                    progress=self.args.progress)
 
 
 def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_active: bool) -> nn.Module:
@@ -82,21 +112,6 @@ def epoch_seed(args, epoch: int, rank: int) -> int:
     return args.seed * 1_000_003 + epoch * 1009 + rank
 
 
-def teacher_path_for(args, resumed: Optional[dict]) -> str:
-    if args.teacher_path:
-        return args.teacher_path
-    if resumed is not None and resumed.get("teacher_path"):
-        return resumed["teacher_path"]
-    return args.model_path
-
-
-def load_teacher(args, model: nn.Module, path: str, device) -> Optional[nn.Module]:
-    if not path:
-        return None
-    from dyvm.losses import build_teacher
-    return build_teacher(model.cfg, path).to(device)
-
-
 def valid_samples(n_val: int, world_size: int, rank: int, dist_eval: bool) -> Optional[int]:
     """How many of this rank's evaluation samples are real: timm's OrderedDistributedSampler deals indices
     round-robin and pads the end of the short ranks' streams by wrapping around."""
@@ -105,163 +120,128 @@ def valid_samples(n_val: int, world_size: int, rank: int, dist_eval: bool) -> Op
     return max(0, (n_val + world_size - 1 - rank) // world_size)
 
 
-def print0(rank: int, *msg):
-    if rank == 0:
-        print(*msg, flush=True)
+def load_weights(args, model: nn.Module, say) -> Optional[dict]:
+    """--resume (a training checkpoint) or --model-path (any Vim / DyVM file) into the model -> that file's dict."""
+    if args.resume:
+        ckpt = load_training_checkpoint(args.resume)
+        load_checkpoint(model, ckpt["model"])
+        say(f"resuming from {args.resume} (epoch {ckpt['epoch']} done)")
+        return ckpt
+    if args.model_path:
+        say(f"model: {args.model_path}: {load_checkpoint(model, args.model_path).summary()}")
+        ckpt = read_checkpoint(args.model_path)
+        return ckpt if isinstance(ckpt, dict) else None
+    return None
 
 
-def run_eval(args, model, ema_state, splits, val_loader, device, world_size, rank, amp_dtype, teacher_path):
-    from dyvm.benchmark import measure_throughput
-    from dyvm.flops import nominal_macs
-    n_valid = valid_samples(len(splits.val), world_size, rank, args.dist_eval)
-    ev = dict(amp_dtype=amp_dtype, valid_samples=n_valid, distributed=args.dist_eval, progress=args.progress)
-    res = {"model": args.model, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
-           "num_patches": unwrap(model).cfg.num_patches}
-    res["raw"] = evaluate(model, val_loader, device, desc="eval raw", **ev)
+def prepare(args) -> Session:
+    """Processes, seeds, output folder, data, model and weights: what training and --eval share."""
+    world_size, rank, device = init_distributed(args)
+    seed_everything(args.seed)  # the same on every rank: fresh heads (and their EMA copies) start identical
+    if args.output_dir and rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        save_args(args, args.output_dir, "eval_args.yaml" if args.eval else "args.yaml")
+    splits = build_datasets(args, training=not args.eval)
+    num_classes = args.nb_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise ConfigError(f"--nb-classes {num_classes} is smaller than the {splits.num_classes} classes of the data")
+    train_loader, val_loader = build_loaders(splits, args, world_size, rank, training=not args.eval)
+    say = (lambda *m: print(*m, flush=True)) if rank == 0 else (lambda *m: None)
+    for note in getattr(args, "_notes", ()):
+        say(note)
+    say(f"data: {args.data_set} {describe(splits)}; {world_size} process(es) on {device}")
+    model = build_model(args, num_classes)
+    source = load_weights(args, model, say)
+    model.to(device)
+    say(f"model: {resolve(args.model).timm_name}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    return Session(args, world_size, rank, device, splits, train_loader, val_loader, num_classes, model, source,
+                   amp_dtype)
+
+
+def teacher_path_for(s: Session) -> str:
+    """--teacher-path, else the teacher recorded in the checkpoint the weights came from (resolved against its
+    folder), else (a fresh run) the starting checkpoint --model-path."""
+    args = s.args
+    if args.teacher_path:
+        return args.teacher_path
+    where = args.resume or args.model_path
+    recorded = recorded_teacher_path(s.source, where) if s.source is not None else None
+    if recorded:
+        return recorded
+    return "" if args.resume or args.eval else args.model_path
+
+
+def run_evaluation(s: Session) -> dict:
+    """--eval: the report of dyvm/report.py, printed and written to eval.json."""
+    args = s.args
+    ema_model = None
+    ema_state = s.source.get("model_ema") if s.source is not None else None
     if ema_state is not None:
-        ema_model = build_model(args, unwrap(model).cfg.num_classes)
+        ema_model = build_model(args, s.num_classes)
         load_checkpoint(ema_model, ema_state)  # also a dense EMA into a DyVM (fresh heads, as for the raw model)
-        ema_model.to(device)
-        res["ema"] = evaluate(ema_model, val_loader, device, desc="eval EMA", **ev)
-    base = unwrap(model)
-    kw = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
-              device=device, dtype=amp_dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
-    timed = args.throughput and rank == 0
-    graphed = timed and args.throughput_cuda_graph and torch.device(device).type == "cuda"
-    if timed:
-        res["throughput"] = measure_throughput(base, **kw)
-    if graphed:
-        res["throughput_cuda_graph"] = measure_throughput(base, mode="cuda_graph", **kw)
-    if getattr(base, "dyvm_cfg", None) is not None:  # the dense teacher, timed in the same run
-        dense = build_dense_twin(base).to(device)
-        note = "random weights (timing and FLOPs only)"
-        if teacher_path:
-            try:
-                load_checkpoint(dense, teacher_path)
-                note = teacher_path
-            except CheckpointError:
-                pass
-        res["teacher"] = {"weights": note, "parameters": sum(p.numel() for p in dense.parameters())}
-        res["teacher"]["gmacs_paper"], res["teacher"]["gmacs_full"] = (v / 1e9 for v in nominal_macs(dense))
-        if timed:
-            res["teacher"]["throughput"] = measure_throughput(dense, **kw)
-            res["speedup_vs_teacher"] = (res["throughput"]["images_per_s"]
-                                         / res["teacher"]["throughput"]["images_per_s"])
-        if graphed:
-            res["teacher"]["throughput_cuda_graph"] = measure_throughput(dense, mode="cuda_graph", **kw)
-            res["speedup_vs_teacher_cuda_graph"] = (res["throughput_cuda_graph"]["images_per_s"]
-                                                    / res["teacher"]["throughput_cuda_graph"]["images_per_s"])
+        ema_model.to(s.device)
+    teacher_path = teacher_path_for(s)
+    if teacher_path and not os.path.isfile(teacher_path):
+        s.print(f"note: teacher {teacher_path} not found; accuracy needs no teacher, and the dense baseline "
+                "below is its dense twin (timing and FLOPs need no weights)")
+    res = eval_report(args, s.model, ema_model, s.val_loader, s.eval_kw(), s.rank, teacher_path)
+    s.print(summarize_eval(res))
+    if args.output_dir and s.rank == 0:
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump(res, f, indent=1)
     return res
 
 
-def summarize_eval(res: dict) -> str:
-    raw = res["raw"]
-    lines = [f"{res['model']}: {res['parameters']:,} parameters, {raw['num_images']} images",
-             f"  top-1 {raw['acc1']:.2f}  top-5 {raw['acc5']:.2f}  (raw model)"]
-    if "ema" in res:
-        lines.append(f"  top-1 {res['ema']['acc1']:.2f}  top-5 {res['ema']['acc5']:.2f}  (EMA)")
-    lines.append(f"  MACs/image as run: {raw['gmacs_paper']:.4f} G paper convention (one scan direction), "
-                 f"{raw['gmacs_full']:.4f} G full (both directions)")
-    if "tokens_kept_per_stage" in raw:
-        lines.append(f"  tokens kept per stage: {raw['tokens_kept_per_stage']} "
-                     f"(ratios {raw['token_keep_ratio_per_stage']})")
-    if "block_keep_ratio" in raw:
-        lines.append(f"  block keep ratio: {raw['block_keep_ratio']:.4f} overall; per layer [fwd, bwd]: "
-                     f"{raw['block_keep_per_layer']}")
-    t = res.get("teacher")
-    if t is not None:
-        lines.append(f"  dense teacher ({t['weights']}): {t['gmacs_paper']:.4f} G paper / {t['gmacs_full']:.4f} G full")
-    if "throughput" in res:
-        tp = res["throughput"]
-        text = f"  images/s: model {tp['images_per_s']:.1f}"
-        if t is not None and "throughput" in t:
-            text += f", dense teacher {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f})"
-        lines.append(text + f" (batch {tp['batch_size']}, median of {tp['iters']} timed batches)")
-    if "throughput_cuda_graph" in res:
-        text = f"  images/s, CUDA graph: model {res['throughput_cuda_graph']['images_per_s']:.1f}"
-        if t is not None and "throughput_cuda_graph" in t:
-            text += (f", dense teacher {t['throughput_cuda_graph']['images_per_s']:.1f} "
-                     f"(x{res['speedup_vs_teacher_cuda_graph']:.2f})")
-        lines.append(text + " (the GPU's throughput without Python's launch overhead)")
-    return "\n".join(lines)
+def build_teacher_for(s: Session) -> tuple:
+    """(the frozen dense teacher or None, its path) for DyVM training with distillation."""
+    args, model = s.args, s.model
+    if getattr(model, "dyvm_cfg", None) is None or not args.teacher or args.distill_weight <= 0:
+        return None, ""
+    path = teacher_path_for(s)
+    if not path:
+        raise ConfigError(f"DyVM training distils from a dense teacher: give --model-path (dense "
+                          f"{model.cfg.family}) or --teacher-path, or pass --no-teacher")
+    if not os.path.isfile(path):
+        raise ConfigError(f"the teacher {path} (recorded in {args.resume or args.model_path}) does not exist: "
+                          "give --teacher-path, or pass --no-teacher")
+    from dyvm.losses import build_teacher
+    teacher = build_teacher(model, path).to(s.device)
+    s.print(f"teacher: frozen dense {model.cfg.family} from {path}")
+    return teacher, path
 
 
-def run(args) -> dict:
+@dataclass
+class Optimization:
+    """Everything that updates the weights, built from the flags (timm's factories)."""
+    optimizer: object
+    scheduler: object
+    num_epochs: int
+    lr: float
+    scaler: Optional[torch.amp.GradScaler]
+    ema: object
+    mixup_fn: object
+    criterion: nn.Module
+    graph_step: object = None  # dyvm.train_graph.GraphedTrainStep with --cuda-graph-train, else None
+
+
+def build_optimization(s: Session, teacher: Optional[nn.Module]) -> Optimization:
     from timm.data import Mixup
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    world_size, rank, device = init_distributed(args)
-    seed_everything(args.seed)  # the same on every rank: fresh heads (and their EMA copies) start identical
-    if args.output_dir and rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        save_args(args, args.output_dir)
-
-    splits = build_datasets(args)
-    num_classes = args.nb_classes or splits.num_classes
-    if num_classes < splits.num_classes:
-        raise ConfigError(f"--nb-classes {num_classes} is smaller than the {splits.num_classes} classes of the data")
-    train_loader, val_loader = build_loaders(splits, args, world_size, rank)
-    print0(rank, f"data: {args.data_set} {describe(splits)}; {world_size} process(es) on {device}")
-
-    model = build_model(args, num_classes)
-    resumed = None
-    if args.resume:
-        resumed = torch.load(args.resume, map_location="cpu", weights_only=False)
-        if "model" not in resumed or "epoch" not in resumed:
-            raise CheckpointError(f"--resume {args.resume} is not a training checkpoint of main.py (needs 'model' "
-                                  "and 'epoch'); to start from weights use --model-path")
-        model.load_state_dict(resumed["model"])
-        print0(rank, f"resuming from {args.resume} (epoch {resumed['epoch']} done)")
-    elif args.model_path:
-        report = load_checkpoint(model, args.model_path)
-        print0(rank, f"model: {args.model_path}: {report.summary()}")
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(rank, f"model: {resolve_model_name(args.model, is_dynamic(args.model))}, {n_params:,} parameters")
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    teacher_path = teacher_path_for(args, resumed)
-
-    if args.eval:
-        ema_state = None
-        if args.model_path and not args.resume:
-            ckpt = torch.load(args.model_path, map_location="cpu", weights_only=False)
-            if isinstance(ckpt, dict) and "model_ema" in ckpt:
-                ema_state = ckpt["model_ema"]
-                teacher_path = args.teacher_path or ckpt.get("teacher_path") or teacher_path
-        elif resumed is not None:
-            ema_state = resumed.get("model_ema")
-        res = run_eval(args, model, ema_state, splits, val_loader, device, world_size, rank, amp_dtype,
-                       teacher_path)
-        print0(rank, summarize_eval(res))
-        if args.output_dir and rank == 0:
-            with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-                json.dump(res, f, indent=1)
-        return res
-
-    teacher = None
-    if getattr(model, "dyvm_cfg", None) is not None and args.teacher and args.distill_weight > 0:
-        if not teacher_path:
-            raise ConfigError(f"DyVM training distils from a dense teacher: give --model-path (dense "
-                              f"{model.cfg.family}) or --teacher-path, or pass --no-teacher")
-        teacher = load_teacher(args, model, teacher_path, device)
-        print0(rank, f"teacher: frozen dense {model.cfg.family} from {teacher_path}")
-
+    args, model = s.args, s.model
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixup_active and args.batch_size % 2:
         raise ConfigError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                     label_smoothing=args.smoothing, num_classes=num_classes) if mixup_active else None
-    criterion = build_criterion(args, model, teacher, mixup_active)
-
-    steps_per_epoch = len(train_loader) if args.max_steps_per_epoch is None else min(args.max_steps_per_epoch,
-                                                                                     len(train_loader))
-    lr = global_batch_lr(args.lr, args.batch_size, world_size, args.unscale_lr)
-    opt_kw = optimizer_kwargs(cfg=args)
-    opt_kw["lr"] = lr
-    if args.cuda_graph_train and device.type == "cuda" and args.opt.lower() in ("adam", "adamw"):
+                     label_smoothing=args.smoothing, num_classes=s.num_classes) if mixup_active else None
+    steps_per_epoch = min(args.max_steps_per_epoch or len(s.train_loader), len(s.train_loader))
+    lr = global_batch_lr(args.lr, args.batch_size, s.world_size, args.unscale_lr)
+    opt_kw = {**optimizer_kwargs(cfg=args), "lr": lr}
+    if args.cuda_graph_train and s.device.type == "cuda" and args.opt.lower() in ("adam", "adamw"):
         opt_kw.update(fused=True, capturable=True)  # an update that a CUDA graph can capture
     optimizer = create_optimizer_v2(model, **opt_kw)
     scheduler, num_epochs = create_scheduler_v2(
@@ -270,90 +250,99 @@ def run(args) -> dict:
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == "float16" else None
-    ema = None
-    if args.model_ema:
-        ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                         device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    scaler = torch.amp.GradScaler(s.device.type) if args.amp and args.amp_dtype == "float16" else None
+    ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                     device=torch.device("cpu") if args.model_ema_force_cpu else None) if args.model_ema else None
+    return Optimization(optimizer, scheduler, num_epochs, lr, scaler, ema, mixup_fn,
+                        build_criterion(args, model, teacher, mixup_active))
 
+
+def run_epoch(s: Session, opt: Optimization, train_model: nn.Module, epoch: int, global_step: int) -> tuple:
+    """Train one epoch, evaluate the model (and its EMA if asked) -> (train stats, val stats, EMA stats)."""
+    args = s.args
+    seed_everything(epoch_seed(args, epoch, s.rank))
+    set_epoch(s.train_loader, epoch)
+    train_stats = train_one_epoch(train_model, opt.criterion, s.train_loader, opt.optimizer, s.device, epoch,
+                                  mixup_fn=opt.mixup_fn, clip_grad=args.clip_grad, ema=opt.ema,
+                                  amp_dtype=s.amp_dtype, scaler=opt.scaler, max_steps=args.max_steps_per_epoch,
+                                  progress=args.progress, global_step=global_step,
+                                  scheduler=opt.scheduler if args.sched_on_updates else None,
+                                  graph_step=opt.graph_step)
+    opt.scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)
+    test_stats = evaluate(s.model, s.val_loader, s.device, desc=f"epoch {epoch} eval", **s.eval_kw())
+    ema_stats = {}
+    if opt.ema is not None and args.eval_ema_each_epoch:
+        ema_stats = evaluate(opt.ema.module, s.val_loader, s.device, desc=f"epoch {epoch} eval EMA", **s.eval_kw())
+    return train_stats, test_stats, ema_stats
+
+
+def log_epoch(s: Session, writer, stats: dict) -> None:
+    if writer is not None:
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                writer.add_scalar(k, v, stats["epoch"])
+        writer.flush()
+    if s.args.output_dir and s.rank == 0:
+        with open(os.path.join(s.args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def run_training(s: Session) -> dict:
+    """The epoch loop: train, evaluate, checkpoint (atomically), one JSON line per epoch in log.txt."""
+    args, model = s.args, s.model
+    teacher, teacher_path = build_teacher_for(s)
+    opt = build_optimization(s, teacher)
     start_epoch, max_acc, global_step = args.start_epoch, -1.0, 0  # -1: the first epoch is always the best yet
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["lr_scheduler"])
-        if scaler is not None and resumed.get("scaler") is not None:
-            scaler.load_state_dict(resumed["scaler"])
-        if ema is not None and resumed.get("model_ema") is not None:
-            ema.module.load_state_dict(resumed["model_ema"])
-        start_epoch, max_acc = resumed["epoch"] + 1, resumed.get("max_accuracy", 0.0)
-        global_step = resumed.get("global_step", 0)
-
+    if args.resume:
+        start_epoch, max_acc, global_step = restore_training_state(s.source, opt.optimizer, opt.scheduler,
+                                                                   opt.scaler, opt.ema)
     train_model = AuxForward(model)
-    graph_step = None
     if args.cuda_graph_train:
         from dyvm.train_graph import GraphedTrainStep, graph_step_problem
-        problem = graph_step_problem(device, world_size, optimizer, scaler)
+        problem = graph_step_problem(s.device, s.world_size, opt.optimizer, opt.scaler)
         if problem:
-            print0(rank, f"note: {problem}; training steps run eagerly")
+            s.print(f"note: {problem}; training steps run eagerly")
         else:
-            graph_step = GraphedTrainStep(train_model, criterion, optimizer, amp_dtype, args.clip_grad)
-    if world_size > 1:
+            opt.graph_step = GraphedTrainStep(train_model, opt.criterion, opt.optimizer, s.amp_dtype, args.clip_grad)
+    if s.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None,
+            train_model, device_ids=[s.device.index] if s.device.type == "cuda" else None,
             find_unused_parameters=True)  # e.g. predictors of a stage no sample reached
-
     writer = None
-    if args.output_dir and rank == 0:
+    if args.output_dir and s.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
-    n_valid = valid_samples(len(splits.val), world_size, rank, args.dist_eval)
-    ev = dict(amp_dtype=amp_dtype, valid_samples=n_valid, distributed=args.dist_eval, progress=args.progress)
-    print0(rank, f"training epochs {start_epoch}..{num_epochs - 1}, lr {lr:.3g} (global batch "
-                 f"{args.batch_size * world_size}), output {args.output_dir or '(none)'}")
-    stats = {}
-    last_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
-    for epoch in range(start_epoch, last_epoch):
+    s.print(f"training epochs {start_epoch}..{opt.num_epochs - 1}, lr {opt.lr:.3g} (global batch "
+            f"{args.batch_size * s.world_size}), output {args.output_dir or '(none)'}")
+    stats, n_params = {}, sum(p.numel() for p in model.parameters())
+    for epoch in range(start_epoch, opt.num_epochs if args.stop_epoch is None else min(opt.num_epochs,
+                                                                                       args.stop_epoch)):
         t0 = time.time()
-        seed_everything(epoch_seed(args, epoch, rank))
-        set_epoch(train_loader, epoch)
-        train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch,
-                                      mixup_fn=mixup_fn, clip_grad=args.clip_grad, ema=ema, amp_dtype=amp_dtype,
-                                      scaler=scaler, max_steps=args.max_steps_per_epoch, progress=args.progress,
-                                      global_step=global_step, scheduler=scheduler if args.sched_on_updates else None,
-                                      graph_step=graph_step)
+        train_stats, test_stats, ema_stats = run_epoch(s, opt, train_model, epoch, global_step)
         global_step += train_stats["steps"]
-        scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)
-        test_stats = evaluate(model, val_loader, device, desc=f"epoch {epoch} eval", **ev)
-        ema_stats = (evaluate(ema.module, val_loader, device, desc=f"epoch {epoch} eval EMA", **ev)
-                     if ema is not None and args.eval_ema_each_epoch else {})
-        is_best = test_stats["acc1"] > max_acc
-        max_acc = max(max_acc, test_stats["acc1"])
-        if args.output_dir and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                     "model_ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
-                     "global_step": global_step, "max_accuracy": max_acc, "args": vars(args),
-                     "teacher_path": teacher_path if teacher is not None else ""}
-            save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.output_dir, "best_checkpoint.pth"))
+        is_best, max_acc = test_stats["acc1"] > max_acc, max(max_acc, test_stats["acc1"])
+        if args.output_dir and s.rank == 0:
+            state = training_state(model, opt.optimizer, opt.scheduler, opt.scaler, opt.ema, epoch=epoch,
+                                   global_step=global_step, max_accuracy=max_acc, args=args,
+                                   teacher_path=teacher_path, checkpoint_dir=args.output_dir)
+            save_training_checkpoint(state, args.output_dir, is_best)
         stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in test_stats.items()},
                  **{f"ema_test_{k}": v for k, v in ema_stats.items() if not isinstance(v, list)},
                  "max_accuracy": max_acc, "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)}
-        print0(rank, f"epoch {epoch}: loss {train_stats['loss']:.4f}, val top-1 {test_stats['acc1']:.2f} "
-                     f"(EMA {ema_stats.get('acc1', float('nan')):.2f}, best {max_acc:.2f}), "
-                     f"{test_stats['gmacs_paper']:.4f} G paper MACs, {stats['epoch_time_s']:.0f} s")
-        if writer is not None:
-            for k, v in stats.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    writer.add_scalar(k, v, epoch)
-            writer.flush()
-        if args.output_dir and rank == 0:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
+        ema_text = f"EMA {ema_stats['acc1']:.2f}, " if ema_stats else ""  # only when it was evaluated
+        s.print(f"epoch {epoch}: loss {train_stats['loss']:.4f}, val top-1 {test_stats['acc1']:.2f} "
+                f"({ema_text}best {max_acc:.2f}), {test_stats['gmacs_paper']:.4f} G paper MACs, "
+                f"{stats['epoch_time_s']:.0f} s")
+        log_epoch(s, writer, stats)
     if writer is not None:
         writer.close()
     return stats
+
+
+def run(args) -> dict:
+    session = prepare(args)
+    return run_evaluation(session) if args.eval else run_training(session)
 
 
 def one_line(e: BaseException) -> str:
@@ -366,12 +355,21 @@ def one_line(e: BaseException) -> str:
     return last
 
 
+def says_error(e: BaseException) -> bool:
+    """Under torchrun every process meets the same bad option, file or data: rank 0 alone says it. A
+    non-finite loss is said by the process that found it (the others know only that one did)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return True
+    return isinstance(e, NonFiniteLossError) and "in another process" not in str(e)
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         run(args)
-    except (ConfigError, ModelOptionError, DataError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if says_error(e):
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

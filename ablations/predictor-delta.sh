@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Ablation "predictor-delta": the token-score predictor reads the previous layer's raw SSM delta (direction-averaged) instead of the
-# Only selects configs/ablations/predictor-delta.yaml; the code is the same as the main runs.
-#   NGPUS=4 DATA_PATH=/data/imagenet MODEL_PATH=vim_?_midclstok_*.pth bash ablations/predictor-delta.sh [extra main.py flags]
-exec bash "$(dirname "$0")/run.sh" predictor-delta "$@"
+# residual stream; token pruning only, Vim-T (Predictor_Input/Predictor-delta; 1 GPU x 128, lr 5e-4 for 512).
+# Only selects configs/ablations/predictor-delta.yaml (which inherits the Vim-Tiny table row and holds what differs); the code
+# is that of the main runs. Runner and environment: scripts/train.sh.
+#   DATA_PATH=/data/imagenet bash ablations/predictor-delta.sh [extra main.py flags]
+DEFAULT_MODEL_PATH=vim_t_midclstok_76p1acc.pth \
+MODEL_SOURCE="the dense Vim-Tiny released by the Vim authors (hustvl/Vim-tiny-midclstok on the Hugging Face hub): download it and set MODEL_PATH" \
+    exec bash "$(dirname "$0")/../scripts/train.sh" ablations/predictor-delta "$@"

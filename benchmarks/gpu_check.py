@@ -40,7 +40,7 @@ def check(summary):
     dev = "cuda"
     x = torch.randn(32, 3, 224, 224, device=dev)
     for name in ("vim_small", "dyvm_vim_small"):
-        _, model, _ = build_model(name, dev, gate_keep=0.735 if name.startswith("dyvm") else None)
+        _, model, _ = build_model(name, dev, 224, 0.7, 0.735 if name.startswith("dyvm") else None)
         for dtype in (None, torch.bfloat16):
             ac = dict(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
             with torch.no_grad(), torch.autocast(**ac):
@@ -73,15 +73,15 @@ def check(summary):
 
 
 def check_training(summary, dense_name="vim_small", tag="train fp32"):
-    import timm
     from timm.loss import SoftTargetCrossEntropy
 
     from dyvm.checkpoint import load_checkpoint
     from dyvm.losses import DyVMLoss, build_teacher
+    from dyvm.models.registry import create_model
 
     torch.manual_seed(0)
-    dense = timm.create_model(dense_name)
-    student = timm.create_model("dyvm_" + dense_name, gumbel_noise=False)
+    dense = create_model(dense_name)
+    student = create_model("dyvm_" + dense_name, gumbel_noise=False)
     load_checkpoint(student, dense.state_dict())
     with torch.no_grad():  # gates that differ per image: a trained model's situation
         for layer in student.layers:
@@ -129,18 +129,18 @@ def check_graph_training(summary):
     fused AdamW in both, a learning-rate change after step 3) from the same weights; then a non-finite batch."""
     import copy
 
-    import timm
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
 
     from dyvm.checkpoint import load_checkpoint
     from dyvm.engine import AuxForward, NonFiniteLossError, train_one_epoch
     from dyvm.losses import DyVMLoss, build_teacher
+    from dyvm.models.registry import create_model
     from dyvm.train_graph import GraphedTrainStep
 
     torch.manual_seed(0)
-    dense = timm.create_model("vim_small")
-    student = timm.create_model("dyvm_vim_small", gumbel_noise=False)
+    dense = create_model("vim_small")
+    student = create_model("dyvm_vim_small", gumbel_noise=False)
     load_checkpoint(student, dense.state_dict())
     teacher = build_teacher(student.cfg, dense.state_dict()).cuda()
     g = torch.Generator().manual_seed(1)
@@ -229,7 +229,7 @@ def infer(summary, rows, configs, modes):
 
     models = {}
     for name in ("vim_small", "dyvm_vim_small"):
-        models[name] = build_model(name, "cuda", gate_keep=0.735 if name.startswith("dyvm") else None)
+        models[name] = build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
     for dtype, batch in configs:
         for name, (_, model, realised) in models.items():
             model.eval()
@@ -283,7 +283,7 @@ def backbones(summary, rows):
     for dense_name in ("videomamba_small", "mambareg_small"):
         check_training(summary, dense_name, tag=f"train fp32 {dense_name}")
     for dense_name in ("videomamba_small", "mambareg_small"):
-        built = {name: build_model(name, "cuda", gate_keep=0.735 if name.startswith("dyvm") else None)
+        built = {name: build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
                  for name in (dense_name, "dyvm_" + dense_name)}
         for dtype in (torch.bfloat16, None):
             got = {}

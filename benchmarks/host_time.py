@@ -1,5 +1,5 @@
 """Where eager inference time goes, on one GPU: for vim_small and dyvm_vim_small (token keep 0.7, gates
-calibrated to 0.735), batch 128 of 224x224, no_grad, fp32 and bf16 autocast:
+calibrated to the authors' realised block keep ratio), batch 128 of 224x224, no_grad, fp32 and bf16 autocast:
   1. host time (until model(x) returns, no sync) and total time (until the GPU is done), medians of 15 forwards
      after 10 warm-ups: host close to total means the host sets the pace;
   2. cProfile of 5 bf16 forwards (host cost per call);
@@ -16,14 +16,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dyvm.benchmark import build_model
+from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model
 
 
 def main():
     x = torch.randn(128, 3, 224, 224, device="cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for name in ("vim_small", "dyvm_vim_small"):
-        _, model, _ = build_model(name, "cuda", gate_keep=0.735)
+        _, model, _ = build_model(name, "cuda", block_keep_ratio=AUTHORS_REALISED_BLOCK_KEEP_RATIO)
         for dtype in (None, torch.bfloat16):
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
                 for _ in range(10):

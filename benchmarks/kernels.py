@@ -7,7 +7,7 @@ against the upstream CUDA kernels (mamba-ssm 2.3.2.post1 / causal-conv1d 1.7.0) 
 The upstream packages are installed into their own folder (`--target`) and timed in a separate process
 whose sys.path holds them instead of this repository, because both packages are named mamba_ssm.
 Timings: median of triton.testing.do_bench (which flushes L2 between runs), on fresh random inputs.
-Shapes (targets.md): batch 128, L 197, d_inner 384 / 768 / 1536, d_state 16, one B/C group, with D,
+Shapes (docs/reference.md section 5): batch 128, L 197, d_inner 384 / 768 / 1536, d_state 16, one B/C group, with D,
 z, delta_bias and softplus. "min bytes" counts each input read once and each output written once.
 """
 import argparse
@@ -18,6 +18,7 @@ import time
 
 if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: CPU threads that do not spin
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -29,16 +30,28 @@ S_DIM, HIDDEN = 768, 384  # Vim-S: d_inner, and the width of the residual stream
 DEVICE = "cuda"
 
 
+CHECK_BATCH = 16  # batch of the DyVM-op check (check_ours)
+
+
 def dry_run_setup():
     """--dry-run: every code path on CPU through the Triton interpreter at tiny shapes, one call per
-    timing (timings meaningless): catches a broken benchmark before it costs GPU time; run by the tests."""
-    global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, bench, bench_graph
-    BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE = 2, 19, (32,), 32, 16, "cpu"
+    timing (timings meaningless): catches a broken benchmark before it costs GPU time; run by the tests.
+    The sweeps keep one configuration per code path (layout of the lanes, prefetch or not), and graph
+    replays (CUDA only) are not repeated as second eager calls: the interpreter is slow."""
+    global BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH, bench, bench_graph
+    global FWD_SWEEP, BWD_SWEEP, CONV_SWEEP, CONV_BWD_SWEEP
+    BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH = 2, 11, (32,), 32, 16, "cpu", 4
+    FWD_SWEEP = tuple({(c[3], c[4]): c for c in FWD_SWEEP}.values())  # (lanes_on_channels, prefetch)
+    BWD_SWEEP = tuple({c[2]: c for c in BWD_SWEEP}.values())  # prefetch
+    CONV_SWEEP = (CONV_SWEEP[0], CONV_SWEEP[-1])
+    CONV_BWD_SWEEP = {k: (v[0], v[-1]) for k, v in CONV_BWD_SWEEP.items()}
 
     def bench(fn, warmup=0, rep=0):  # noqa: F811
         fn()
         return 1.0
-    bench_graph = bench  # noqa: F811
+
+    def bench_graph(fn, warmup=0, rep=0):  # noqa: F811
+        return 1.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -204,7 +217,7 @@ def check_ours(checks, lean=False):
                 n: rel(a, r) for n, a, r in zip("u delta A B C D z bias".split(), ga, gr)}}
             ins = out = ref = ga = gr = None
             torch.cuda.empty_cache()
-        dim, batch = S_DIM, 16
+        dim, batch = S_DIM, CHECK_BATCH
         mk = lambda: ScanWeights(  # noqa: E731
             torch.randn(dim, 1, WIDTH, device=DEVICE) * 0.3, torch.randn(dim, device=DEVICE) * 0.1,
             torch.randn(24 + 2 * D_STATE, dim, device=DEVICE) * 0.05, torch.randn(dim, 24, device=DEVICE) * 0.2,

@@ -38,20 +38,21 @@ class DeviceBatches:
 
 
 def build(name: str, device, img_size: int):
-    """(model, criterion) for a dense timm name or a DyVM one (then with its frozen dense teacher)."""
-    import timm
+    """(model, criterion) for a dense timm name or a DyVM one (then with its frozen dense teacher). Built with
+    dyvm.benchmark.build_model (positional arguments: the script also times earlier revisions as baselines)."""
     from timm.loss import SoftTargetCrossEntropy
 
-    import dyvm  # noqa: F401  (registers the model names)
+    from dyvm.benchmark import build_model
     from dyvm.checkpoint import load_checkpoint
     from dyvm.engine import ClassificationLoss
     from dyvm.losses import DyVMLoss, build_teacher
 
     torch.manual_seed(0)
     if not name.startswith("dyvm_"):
-        return timm.create_model(name, img_size=img_size).to(device), ClassificationLoss(SoftTargetCrossEntropy())
-    dense = timm.create_model(name[len("dyvm_"):], img_size=img_size)
-    model = timm.create_model(name, img_size=img_size, token_keep_ratio=0.7, block_keep_ratio=0.8)
+        model = build_model(name, device, img_size)[1].train()
+        return model, ClassificationLoss(SoftTargetCrossEntropy())
+    dense = build_model(name[len("dyvm_"):], "cpu", img_size)[1]
+    model = build_model(name, "cpu", img_size, 0.7)[1].train()
     load_checkpoint(model, dense.state_dict())
     teacher = build_teacher(model.cfg, dense.state_dict()).to(device)
     criterion = DyVMLoss.from_model(model, SoftTargetCrossEntropy(), teacher, token_weight=10.0, block_weight=10.0,

@@ -4,12 +4,13 @@ Method: model.eval(), no_grad, a fixed random batch on the device, `warmup` unti
 timed forwards, each bracketed by device synchronisation; images/s = batch / median batch time.
 
 An untrained DyVM (gate heads at weight 0 / bias 5) would run every scan direction, which is not what a
-trained one does. `--gate-keep` gives it a realistic per-image gate pattern: each gate head gets random
+trained one does. `--block-keep-ratio` gives it a realistic per-image gate pattern: each gate head gets random
 weights, and its biases are calibrated on a random batch so that the chosen fraction of (image, direction)
-pairs is on, differing from image to image. Token keep is top-k, so token counts are realistic already.
+pairs is on, differing from image to image (AUTHORS_REALISED_BLOCK_KEEP_RATIO: the fraction the authors'
+trained DyVM-Vim-S ran on ImageNet val). Token keep is top-k, so token counts are realistic already.
 
     python -m dyvm.benchmark --models vim_small dyvm_vim_small --batch-sizes 128 --dtypes fp32 bf16 \
-        --gate-keep 0.735 --json benchmarks/e2e_h100.json
+        --block-keep-ratio authors --json benchmarks/e2e_h100.json
 """
 import argparse
 import datetime
@@ -24,6 +25,9 @@ import torch
 import torch.nn as nn
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The realised block keep ratio (mean of the eval gates) of the authors' trained DyVM-Vim-S on ImageNet val:
+# what an untrained model's gates are calibrated to when a timing should look like the trained model's.
+AUTHORS_REALISED_BLOCK_KEEP_RATIO = 0.735
 
 
 def _sync(device: torch.device):
@@ -113,9 +117,9 @@ def calibrate_gates(model: nn.Module, keep: float, batch_size: int, img_size: in
     Returns the realised fraction on a fresh random batch."""
     heads = [layer.mixer.block_head for layer in model.layers if getattr(layer.mixer, "block_head", None) is not None]
     if not heads:
-        raise ValueError("this model has no gate heads (block selection off): --gate-keep does not apply")
+        raise ValueError("this model has no gate heads (block selection off): --block-keep-ratio does not apply")
     if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"--gate-keep must be in [0, 1], got {keep}")
+        raise ValueError(f"--block-keep-ratio must be in [0, 1], got {keep}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     x = torch.randn(batch_size, in_chans, img_size, img_size, generator=g).to(device)
@@ -157,41 +161,37 @@ def environment() -> dict:
     return info
 
 
-def build_model(name: str, device, img_size: int = 224, token_keep_ratio: float = 0.7,
-                gate_keep: Optional[float] = None, calib_batch: int = 64):
-    """(timm name, eval model on device, realised gate keep or None) for a dense or DyVM name (timm or CLI
-    spelling); a DyVM gets token_keep_ratio, and with gate_keep its gate heads calibrated (calibrate_gates)."""
-    import timm
+def build_model(name: str, device, img_size: int = 224, token_keep_ratio: Optional[float] = None,
+                block_keep_ratio: Optional[float] = None, calib_batch: int = 64):
+    """(timm name, eval model on device, realised block keep ratio or None) for any name the registry knows;
+    a DyVM gets token_keep_ratio (default: the registry's), and with block_keep_ratio its gate heads
+    calibrated so that this fraction of the scan directions runs (calibrate_gates)."""
+    from dyvm.models.registry import create_model, resolve
 
-    import dyvm  # noqa: F401  (registers the model names)
-    from dyvm.models.registry import CLI_NAMES, resolve_model_name
-
-    dynamic = name.startswith("dyvm_") or name in CLI_NAMES  # the authors' names (Vim-Small, ...) are students
-    timm_name = resolve_model_name(name, dynamic)
-    kwargs = {"img_size": img_size}
-    if dynamic:
-        kwargs["token_keep_ratio"] = token_keep_ratio
-    model = timm.create_model(timm_name, **kwargs).to(device).eval()
+    spec = resolve(name)
+    model = create_model(name, img_size=img_size, token_keep_ratio=token_keep_ratio).to(device).eval()
     realised = None
-    if dynamic and gate_keep is not None:
-        realised = calibrate_gates(model, gate_keep, calib_batch, img_size, 3, device)
-    return timm_name, model, realised
+    if spec.dynamic and block_keep_ratio is not None:
+        realised = calibrate_gates(model, block_keep_ratio, calib_batch, img_size, 3, device)
+    return spec.timm_name, model, realised
 
 
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
-        gate_keep: Optional[float], token_keep_ratio: float, warmup: int, iters: int, profile: int = 0,
-        modes: Sequence[str] = ("eager",)) -> list:
+        block_keep_ratio: Optional[float], token_keep_ratio: Optional[float], warmup: int, iters: int,
+        profile: int = 0, modes: Sequence[str] = ("eager",)) -> list:
     rows = []
     for name in models:
-        timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, gate_keep,
+        timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, block_keep_ratio,
                                                  min(64, max(batch_sizes)))
         for dt in dtypes:
             for bs in batch_sizes:
                 for mode in modes:
                     r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, mode)
-                    rows.append({"model": timm_name, "dtype": dt, "img_size": img_size, "gate_keep": realised, **r})
+                    rows.append({"model": timm_name, "dtype": dt, "img_size": img_size,
+                                 "block_keep_ratio": realised, **r})
                     print(f"{timm_name:16s} {dt:5s} batch {bs:4d} {mode:10s}: {r['images_per_s']:9.1f} images/s"
-                          + (f" (realised gate keep {realised:.3f})" if realised is not None else ""), flush=True)
+                          + (f" (realised block keep ratio {realised:.3f})" if realised is not None else ""),
+                          flush=True)
                 if profile:
                     print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
         del model
@@ -202,31 +202,51 @@ def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str]
 
 def speedups(rows: list) -> list:
     """DyVM images/s over the dense model of the same size, dtype, batch, image size and mode."""
+    from dyvm.models.registry import resolve
+
     def key(r, model):
         return model, r["dtype"], r["batch_size"], r["img_size"], r.get("mode", "eager")
     dense = {key(r, r["model"]): r["images_per_s"] for r in rows}
     out = []
     for r in rows:
-        if r["model"].startswith("dyvm_"):
-            base = dense.get(key(r, r["model"][len("dyvm_"):]))
+        spec = resolve(r["model"])
+        if spec.dynamic:
+            base = dense.get(key(r, spec.dense_name))
             if base:
                 out.append({"model": r["model"], "dtype": r["dtype"], "batch_size": r["batch_size"],
                             "mode": r.get("mode", "eager"), "speedup_vs_dense": r["images_per_s"] / base})
     return out
 
 
+def _block_keep_ratio(text: str) -> float:
+    """--block-keep-ratio: a fraction, or 'authors' for AUTHORS_REALISED_BLOCK_KEEP_RATIO."""
+    if text == "authors":
+        return AUTHORS_REALISED_BLOCK_KEEP_RATIO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or 'authors', got {text!r}") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser("python -m dyvm.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["vim_small", "dyvm_vim_small"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--token-keep-ratio", type=float, default=0.7)
-    p.add_argument("--gate-keep", type=float, default=None,
-                   help="give untrained DyVM gates this fraction of (image, direction) pairs on, e.g. 0.735")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=30)
+    from dyvm.cli import ArgumentParser, flag_name
+    from dyvm.models.registry import DEFAULT_TOKEN_KEEP_RATIO, ModelOptionError, check_keep_ratios
+
+    p = ArgumentParser("python -m dyvm.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vim_small", "dyvm_vim_small"], help="names to time")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="batch sizes to time")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
+                   help="fp32, or autocast to bf16 / fp16")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution (square)")
+    p.add_argument("--token-keep-ratio", type=float, default=DEFAULT_TOKEN_KEEP_RATIO,
+                   help="DyVM: r in (0, 1]; the stages keep r, r^2, r^3 of the patches")
+    p.add_argument("--block-keep-ratio", "--gate-keep", type=_block_keep_ratio, default=None,
+                   help="DyVM: calibrate the untrained gates so that this fraction in [0, 1] of the (image, "
+                        f"direction) pairs runs; 'authors' = {AUTHORS_REALISED_BLOCK_KEEP_RATIO}, the authors' "
+                        "trained DyVM-Vim-S (--gate-keep: the old name)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    p.add_argument("--warmup", type=int, default=10, help="untimed forwards first")
+    p.add_argument("--iters", type=int, default=30, help="timed forwards (median)")
     p.add_argument("--json", default="", help="write environment, rows and speed-ups here")
     p.add_argument("--modes", nargs="+", default=["eager"], choices=MODES,
                    help="eager calls, CUDA-graph replays (dyvm.serving: no Python or launch overhead) and/or "
@@ -236,10 +256,15 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
     args = p.parse_args(argv)
+    try:
+        check_keep_ratios(args.token_keep_ratio, None, args.block_keep_ratio, spell=flag_name)
+    except ModelOptionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     env = environment()
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     try:
-        rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.gate_keep,
+        rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.block_keep_ratio,
                    args.token_keep_ratio, args.warmup, args.iters, args.profile, args.modes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

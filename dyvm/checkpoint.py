@@ -1,10 +1,21 @@
-"""Loading and saving checkpoints: official Vim, VideoMamba and MambaReg files, DyVM files (ours and the authors'
-layout, which are the same key names), 'model' / 'model_ema' wrappers, 'module.' prefixes, position-embedding
-interpolation (each family keeps its class entries elsewhere in pos_embed).
+"""Checkpoints: loading model weights, and main.py's training-checkpoint format.
 
-Only the DyVM heads (score_predictors.*, layers.*.mixer.block_head.*) may be missing (a DyVM made from a
-dense Vim) or left over (a dense model or a non-learned ablation loading a DyVM file); any other missing,
-unexpected or mis-shaped key is an error that names them all.
+Model weights: official Vim, VideoMamba and MambaReg files, DyVM files (ours and the authors' layout, which are
+the same key names), 'model' / 'model_ema' wrappers, 'module.' prefixes, position-embedding interpolation (each
+family keeps its class entries elsewhere in pos_embed). Only the DyVM heads
+(score_predictors.*, layers.*.mixer.block_head.*) may be missing (a DyVM made from a dense Vim) or left over
+(a dense model or a non-learned ablation loading a DyVM file); any other missing, unexpected or mis-shaped key
+is an error that counts them and shows the first three.
+
+Training checkpoints (checkpoint.pth / best_checkpoint.pth of main.py): a dict with
+  model, model_ema        state dicts (model_ema None without EMA)
+  optimizer, lr_scheduler, scaler   their state dicts (scaler None without fp16)
+  epoch, global_step      the last finished epoch and the optimizer steps so far
+  max_accuracy            the best validation top-1 so far
+  args                    every option of the run (--resume restores them; flags given again win)
+  teacher_path            the frozen dense teacher's file, relative to the checkpoint's folder when it lies
+                          on the same drive ('' without a teacher), so a moved output tree still finds it
+Written atomically (a temporary file, then a rename), so an interrupted save never leaves a broken file.
 """
 import argparse
 import math
@@ -60,12 +71,28 @@ def is_dyvm_key(key: str) -> bool:
     return bool(_DYVM_KEY.match(key))
 
 
-def _torch_load(path: str):
-    try:  # the released Vim files pickle their argparse Namespace next to the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a local training checkpoint with other Python objects in its args
-        return torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: str, what: str = "checkpoint"):
+    """torch.load, with a file that is not a checkpoint (a text file, a truncated download) as a one-line
+    CheckpointError. mmap: a training checkpoint is read only as far as it is used."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not exist")
+    def load(weights_only: bool):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # files in torch's legacy (pre-zip) format cannot be mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+    try:
+        try:  # the released Vim files pickle their argparse Namespace next to the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return load(True)
+        except pickle.UnpicklingError:  # a local training checkpoint with other Python objects in its args
+            return load(False)
+    except Exception as e:  # torch.load fails in many ways on a file that is not one (KeyError, EOFError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{what} {path} is not a checkpoint that torch.load can read ({first})") from None
 
 
 def extract_state_dict(obj, use_ema: bool = False, name: str = "checkpoint") -> dict:
@@ -86,16 +113,9 @@ def extract_state_dict(obj, use_ema: bool = False, name: str = "checkpoint") -> 
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def read_checkpoint_file(path: str):
-    """The object a checkpoint file holds (weights, and for training checkpoints 'args', 'epoch', ...)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return _torch_load(path)
-
-
 def load_state_dict_file(path: str, use_ema: bool = False) -> dict:
     """The model weights in a checkpoint file (see extract_state_dict)."""
-    return extract_state_dict(read_checkpoint_file(path), use_ema=use_ema, name=path)
+    return extract_state_dict(read_checkpoint(path), use_ema=use_ema, name=path)
 
 
 # Backbone families by a fragment of the model names their training runs record ('args.model' of Vim, VideoMamba,
@@ -158,7 +178,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, u
     if isinstance(path_or_state_dict, dict):
         obj, name = path_or_state_dict, "state dict"
     else:
-        obj, name = read_checkpoint_file(path_or_state_dict), path_or_state_dict
+        obj, name = read_checkpoint(path_or_state_dict), path_or_state_dict
     state = extract_state_dict(obj, use_ema=use_ema, name=name)
     check_family(model, obj, name)
     own = model.state_dict()
@@ -184,14 +204,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, u
     mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing {missing}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatch {mismatched}")
-        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+        raise CheckpointError(mismatch_message(missing, unexpected, mismatched, state, own))
 
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     gate_heads = [m.block_head for m in model.modules() if getattr(m, "block_head", None) is not None]
@@ -200,6 +213,22 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, dict], *, u
             reset_gate_head(head)
         report.gates_initialised = True
     return report
+
+
+def mismatch_message(missing: list, unexpected: list, mismatched: list, state: dict, own: dict) -> str:
+    """One short line: how many tensors differ, of which kind, the first three, and a likely cause."""
+    counts = [f"{len(v)} {what}" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                 (mismatched, "of another shape")) if v]
+    kinds = [[f"missing {k}" for k in missing], [f"unexpected {k}" for k in unexpected],
+             [f"shape {m}" for m in mismatched]]
+    examples = [e for i in range(3) for kind in kinds for e in kind[i:i + 1]][:3]  # every kind shown first
+    n = len(missing) + len(unexpected) + len(mismatched)
+    msg = f"checkpoint does not fit the model: {n} tensor(s) differ ({', '.join(counts)}), e.g. {'; '.join(examples)}"
+    key = "patch_embed.proj.weight"
+    if key in state and key in own and state[key].shape[0] != own[key].shape[0]:
+        msg += (f" (the file holds a model of width {state[key].shape[0]}, this one is {own[key].shape[0]}: "
+                "check --model and the size options)")
+    return msg
 
 
 def save_checkpoint(obj, path: str) -> None:
@@ -217,3 +246,70 @@ def save_checkpoint(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- main.py's training checkpoints
+def record_teacher_path(teacher_path: str, checkpoint_dir: str) -> str:
+    """The teacher's path as stored in a checkpoint: relative to the checkpoint's folder where possible."""
+    if not teacher_path:
+        return ""
+    try:
+        return os.path.relpath(os.path.abspath(teacher_path), os.path.abspath(checkpoint_dir))
+    except ValueError:  # another drive (Windows): keep it absolute
+        return os.path.abspath(teacher_path)
+
+
+def recorded_teacher_path(checkpoint: dict, checkpoint_path: str) -> Optional[str]:
+    """Where the teacher recorded in a training checkpoint is now, or None when none is recorded. A relative
+    record resolves against the checkpoint's folder (older checkpoints recorded it relative to the working
+    directory: tried second). The returned path may not exist (the caller decides whether that matters)."""
+    recorded = checkpoint.get("teacher_path") if isinstance(checkpoint, dict) else None
+    if not recorded:
+        return None
+    if os.path.isabs(recorded):
+        return recorded
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), recorded))
+    return beside if os.path.exists(beside) or not os.path.exists(recorded) else recorded
+
+
+def training_state(model: nn.Module, optimizer, scheduler, scaler, ema, *, epoch: int, global_step: int,
+                   max_accuracy: float, args, teacher_path: str, checkpoint_dir: str) -> dict:
+    """Everything --resume needs to continue exactly (the format in this module's docstring)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "model_ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
+            "global_step": global_step, "max_accuracy": max_accuracy,
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "teacher_path": record_teacher_path(teacher_path, checkpoint_dir)}
+
+
+def save_training_checkpoint(state: dict, output_dir: str, is_best: bool) -> None:
+    save_checkpoint(state, os.path.join(output_dir, "checkpoint.pth"))
+    if is_best:
+        save_checkpoint(state, os.path.join(output_dir, "best_checkpoint.pth"))
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """A checkpoint.pth of main.py for --resume; anything else is a one-line CheckpointError."""
+    ckpt = read_checkpoint(path, "--resume")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise CheckpointError(f"--resume {path} is not a training checkpoint of main.py (it needs 'model' and "
+                              "'epoch'); to start from weights use --model-path")
+    return ckpt
+
+
+def saved_args(path: str) -> dict:
+    """The options a training checkpoint was written with ({} for a file without them)."""
+    args = load_training_checkpoint(path).get("args") or {}
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+
+
+def restore_training_state(ckpt: dict, optimizer, scheduler, scaler=None, ema=None) -> tuple:
+    """Load the optimisation state of a training checkpoint -> (first epoch to run, best top-1, global step)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("model_ema") is not None:
+        ema.module.load_state_dict(ckpt["model_ema"])
+    return ckpt["epoch"] + 1, ckpt.get("max_accuracy", 0.0), ckpt.get("global_step", 0)

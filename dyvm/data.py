@@ -61,16 +61,19 @@ def _image_folder(root: str, transform) -> tv_datasets.ImageFolder:
         raise DataError(f"malformed image folder {root}: {e}; expected one sub-folder of images per class") from None
 
 
-def _split_folders(data_path: str, train_tf, val_tf):
-    """ImageNet layout: data_path/train/<class>/* and data_path/val/<class>/* with the same classes."""
+def _split_folders(data_path: str, train_tf, val_tf, training: bool = True):
+    """ImageNet layout: data_path/train/<class>/* and data_path/val/<class>/* with the same classes.
+    training=False (--eval): only val/ is needed and read."""
     if not os.path.isdir(data_path):
         raise DataError(f"--data-path {data_path} does not exist")
     missing = [d for d in ("train", "val") if not os.path.isdir(os.path.join(data_path, d))]
-    if missing:
+    if missing and (training or "val" in missing):
         raise DataError(f"--data-path {data_path} has no {' or '.join(missing)}/ folder; expected the ImageNet "
                         "layout train/<class>/*.JPEG and val/<class>/*.JPEG")
-    train = _image_folder(os.path.join(data_path, "train"), train_tf)
     val = _image_folder(os.path.join(data_path, "val"), val_tf)
+    if not training:
+        return DataSplits(None, val, len(val.classes), tuple(val.classes))
+    train = _image_folder(os.path.join(data_path, "train"), train_tf)
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))[:5]
         raise DataError(f"train/ and val/ in {data_path} hold different classes (e.g. {only})")
@@ -187,7 +190,9 @@ def build_transform(is_train: bool, args) -> Callable:
                             crop_pct=args.eval_crop_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def build_datasets(args) -> DataSplits:
+def build_datasets(args, training: bool = True) -> DataSplits:
+    """The train and val splits of --data-set. training=False (--eval): the val split is what matters; an
+    ImageNet folder needs no train/ then (splits.train is None)."""
     name = args.data_set
     if name == "SYNTHETIC":
         classes = args.nb_classes or 10
@@ -203,7 +208,7 @@ def build_datasets(args) -> DataSplits:
     if not args.data_path:
         raise DataError(f"--data-set {name} needs --data-path")
     if name == "IMNET":
-        return _split_folders(args.data_path, train_tf, val_tf)
+        return _split_folders(args.data_path, train_tf, val_tf, training)
     if name == "IMAGEFOLDER":
         return _plain_folder(args.data_path, train_tf, val_tf, args.val_fraction, args.data_seed)
     raise DataError(f"unknown --data-set {name!r}; choose from {DATA_SETS}")
@@ -226,11 +231,14 @@ class SeededSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def build_loaders(splits: DataSplits, args, world_size: int, rank: int):
+def build_loaders(splits: DataSplits, args, world_size: int, rank: int, training: bool = True):
     """Train loader (repeated-augmentation sampler under DDP if asked) and a val loader split across ranks
-    (distributed evaluation) unless --no-dist-eval."""
+    (distributed evaluation) unless --no-dist-eval. training=False (--eval): no train loader (None), and
+    none of the training set's checks."""
     from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSampler
-    if world_size > 1:
+    if not training:
+        train_sampler = None
+    elif world_size > 1:
         if args.repeated_aug:
             train_sampler = RepeatAugSampler(splits.train, num_replicas=world_size, rank=rank, shuffle=True)
         else:
@@ -245,10 +253,12 @@ def build_loaders(splits: DataSplits, args, world_size: int, rank: int):
     # No persistent workers: fresh workers per epoch take their seeds from the (per-epoch reseeded) global RNG,
     # which is what makes --resume exact.
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem)
-    train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
-                              worker_init_fn=_seed_worker, **common)
     val_loader = DataLoader(splits.val, batch_size=args.eval_batch_size or int(1.5 * args.batch_size),
                             sampler=val_sampler, drop_last=False, **common)
+    if not training:
+        return None, val_loader
+    train_loader = DataLoader(splits.train, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              worker_init_fn=_seed_worker, **common)
     if len(train_loader) == 0:
         raise DataError(f"the training set has {len(splits.train)} images per epoch, fewer than one batch of "
                         f"{args.batch_size} per process: lower --batch-size")
@@ -263,7 +273,8 @@ def _seed_worker(worker_id: int):
 
 
 def describe(splits: DataSplits) -> str:
-    return f"{len(splits.train)} train / {len(splits.val)} val images, {splits.num_classes} classes"
+    train = f"{len(splits.train)} train / " if splits.train is not None else ""
+    return f"{train}{len(splits.val)} val images, {splits.num_classes} classes"
 
 
 def set_epoch(loader: DataLoader, epoch: int):

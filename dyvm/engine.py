@@ -16,11 +16,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dyvm.flops import macs_from_output
-from dyvm.models.registry import CLI_NAMES, resolve_model_name
+from dyvm.models.registry import ModelOptionError, create_model
 
-
-class ModelOptionError(ValueError):
-    """Model options that do not make a model (unknown name, inconsistent pruning settings, ...)."""
+__all__ = ["AuxForward", "ClassificationLoss", "ModelOptionError", "NonFiniteLossError", "build_model", "evaluate",
+           "global_batch_lr", "model_options", "train_one_epoch", "unwrap"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,41 +49,27 @@ class ClassificationLoss(nn.Module):
         return loss, {"cls_loss": loss.detach()}
 
 
-MODEL_OVERRIDES = ("patch_size", "depth", "embed_dim", "d_state")
+MODEL_OVERRIDES = ("patch_size", "depth", "embed_dim", "d_state")  # small-model flags of main.py
 
 
-def is_dynamic(name: str) -> bool:
-    """The authors' names (Vim-Small) and dyvm_vim_* build a DyVM; vim_* a dense Vim."""
-    return name in CLI_NAMES or name.startswith("dyvm_")
-
-
-def default_pruning_loc(depth: int) -> tuple:
-    """(6, 12, 18) at depth 24, the same quarters of a smaller depth."""
-    return tuple(max(1, round(depth * s / 4)) for s in (1, 2, 3))
+def model_options(args, num_classes: int) -> dict:
+    """main.py's flags as options of the model factory (dyvm.models.registry.create_model)."""
+    options = dict(img_size=args.input_size, in_chans=args.in_chans, num_classes=num_classes, drop_rate=args.drop,
+                   drop_path_rate=args.drop_path, pruning=args.pruning, block_selection=args.block_selection,
+                   predictor_input=args.predictor_input, gumbel_noise=args.gumbel_noise,
+                   block_keep_ratio=args.block_keep_ratio,
+                   pruning_loc=tuple(args.pruning_loc) if args.pruning_loc else None)
+    options.update({k: getattr(args, k) for k in MODEL_OVERRIDES})
+    if args.token_keep_ratios is not None:
+        options["token_keep_ratios"] = tuple(args.token_keep_ratios)
+    else:
+        options["token_keep_ratio"] = args.token_keep_ratio
+    return options
 
 
 def build_model(args, num_classes: int) -> nn.Module:
-    import timm
-    try:
-        name = resolve_model_name(args.model, is_dynamic(args.model))
-    except ValueError as e:
-        raise ModelOptionError(str(e)) from None
-    kwargs = dict(img_size=args.input_size, in_chans=args.in_chans, num_classes=num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path)
-    kwargs.update({k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None})
-    if is_dynamic(args.model):
-        depth = args.depth or 24
-        kwargs.update(pruning_loc=tuple(args.pruning_loc or default_pruning_loc(depth)), pruning=args.pruning,
-                      block_selection=args.block_selection, predictor_input=args.predictor_input,
-                      gumbel_noise=args.gumbel_noise, block_keep_ratio=args.block_keep_ratio)
-        if args.token_keep_ratios is not None:
-            kwargs["token_keep_ratios"] = tuple(args.token_keep_ratios)
-        else:
-            kwargs["token_keep_ratio"] = args.token_keep_ratio
-    try:
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ModelOptionError(f"cannot build {name}: {e}") from None
+    """The model main.py's flags describe (the registry's factory; ModelOptionError on bad options)."""
+    return create_model(args.model, **model_options(args, num_classes))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -258,7 +243,7 @@ def _topk_correct(logits: Tensor, targets: Tensor, ks=(1, 5)) -> list:
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
              valid_samples: Optional[int] = None, progress: bool = False, desc: str = "eval",
              distributed: bool = True) -> dict:
-    """Top-1/top-5, loss, and what the model ran on this data: tokens kept per stage, gate keep ratio
+    """Top-1/top-5, loss, and what the model ran on this data: tokens kept per stage, block keep ratio
     (overall and per layer), MACs per image in both conventions. `valid_samples`: how many of this rank's
     samples are real (distributed evaluation pads the last rank), None = all. Results are summed over ranks
     when `distributed` (each rank saw its share); otherwise every rank reports its own full pass."""

@@ -1,4 +1,5 @@
-"""FLOPs of Vim and DyVM (and of VideoMamba / MambaReg), counted from what the model actually ran.
+"""FLOPs of Vim and DyVM (and of VideoMamba / MambaReg), counted from what the model actually ran (docs/flops.md has
+the convention).
 
 All counts are multiply-accumulates (MACs, no factor 2), analytical, per image. Two conventions:
   paper: the published one. The SSM part (conv, x_proj, dt_proj, scan) of only ONE scan direction per layer,
@@ -17,7 +18,6 @@ and the head bias are not counted.
 CLI: python -m dyvm.flops --model vim_small | dyvm_vim_small | Vim-Small (both) [--block-keep-ratio 0.8]
      (also videomamba_* / mambareg_* / VideoMamba-Small / MambaReg-Base ...)
 """
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -130,13 +130,11 @@ def format_macs(paper: float, full: float) -> str:
 
 
 def _print_model(name: str, args) -> None:
-    import timm
-    dynamic = name.startswith("dyvm_")
-    kwargs = dict(img_size=args.img_size)
-    if dynamic:
-        kwargs["token_keep_ratio"] = args.token_keep_ratio
+    from dyvm.models.registry import create_model, resolve
+
+    dynamic = resolve(name).dynamic
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = timm.create_model(name, **kwargs)
+        model = create_model(name, img_size=args.img_size, token_keep_ratio=args.token_keep_ratio)
     paper, full = nominal_macs(model, args.block_keep_ratio if dynamic else None)
     params = sum(p.numel() for p in model.parameters())
     detail = ""
@@ -148,26 +146,27 @@ def _print_model(name: str, args) -> None:
 
 
 def main(argv=None) -> int:
-    import dyvm  # noqa: F401  (registers the model names)
-    from dyvm.models.registry import CLI_NAMES, resolve_model_name
+    from dyvm.cli import ArgumentParser, flag_name
+    from dyvm.models.registry import (DEFAULT_TOKEN_KEEP_RATIO, ModelOptionError, check_keep_ratios,
+                                      describe_names, resolve)
 
-    p = argparse.ArgumentParser("python -m dyvm.flops", description="MACs of one image for a Vim or DyVM model")
+    p = ArgumentParser("python -m dyvm.flops", description="MACs of one image for a Vim or DyVM model")
     p.add_argument("--model", required=True,
-                   help="vim_small (dense), dyvm_vim_small (DyVM), or Vim-Small (the authors' name: both); also "
-                        "videomamba_* / mambareg_* and VideoMamba-Small / MambaReg-Small ...")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--token-keep-ratio", type=float, default=0.7)
+                   help=f"{describe_names()}; the authors' name (Vim-Small) prints the dense model and the DyVM")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution (square)")
+    p.add_argument("--token-keep-ratio", type=float, default=DEFAULT_TOKEN_KEEP_RATIO,
+                   help="DyVM: r in (0, 1]; the stages keep r, r^2, r^3 of the patches")
     p.add_argument("--block-keep-ratio", type=float, default=None,
-                   help="DyVM: fraction of scan directions run in every layer (default: all)")
+                   help="DyVM: fraction in [0, 1] of the scan directions run in every layer (default: all)")
     args = p.parse_args(argv)
     try:
-        if args.model in CLI_NAMES:  # the authors' name covers the dense teacher and the DyVM student
-            names = [resolve_model_name(args.model, dynamic=False), resolve_model_name(args.model, dynamic=True)]
-        else:
-            names = [resolve_model_name(args.model, dynamic=args.model.startswith("dyvm_"))]
-        for name in names:
+        spec = resolve(args.model)
+        check_keep_ratios(args.token_keep_ratio, None, args.block_keep_ratio,
+                          spell=flag_name)
+        # the authors' name covers the dense teacher and the DyVM student
+        for name in [spec.dense_name, spec.dyvm_name] if spec.cli else [spec.timm_name]:
             _print_model(name, args)
-    except (ValueError, TypeError) as e:
+    except ModelOptionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

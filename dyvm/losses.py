@@ -1,5 +1,5 @@
-"""The DyVM training loss and the frozen dense teacher (Vim, VideoMamba or MambaReg: the dense model of the
-student's backbone).
+"""The DyVM training loss (docs/reference.md section 3) and the frozen dense teacher (Vim, VideoMamba or
+MambaReg: the dense model of the student's backbone).
 
     loss = w_clf * L_cls + w_tok * L_tok / S + w_blk * L_blk + w_dist * (L_kl + L_td)
 
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyvm.models.dyvm import ForwardOutput
+from dyvm.models.output import ForwardOutput
 from dyvm.models.vim import Vim, VimConfig
 from dyvm.pruning import batch_gather
 
@@ -133,23 +133,29 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_teacher(student_cfg: VimConfig, path: Union[str, dict], use_ema: bool = False) -> Vim:
-    """The frozen dense teacher of a DyVM student: the dense model of the same backbone (Vim, VideoMamba or
-    MambaReg, as the student's config says), from the original dense checkpoint (a path or a state dict).
+def build_teacher(student: Union[nn.Module, VimConfig], path: Union[str, dict], use_ema: bool = False) -> nn.Module:
+    """The frozen dense teacher of a DyVM student, from the original dense checkpoint (a path or a state dict):
+    the dense model of the same backbone (Vim, VideoMamba or MambaReg: the student's dense twin,
+    dyvm.models.registry.dense_twin), or a dense model of the given config.
 
     Refuses a DyVM checkpoint: the teacher must be the dense model the student started from, never the
     student's own weights (the reference took them on resume and evaluation).
     """
     from dyvm.checkpoint import (CheckpointError, extract_state_dict, is_dyvm_key, load_checkpoint,
-                                 read_checkpoint_file)
+                                 read_checkpoint)
 
-    obj = path if isinstance(path, dict) else read_checkpoint_file(path)
+    cfg = student.cfg if isinstance(student, nn.Module) else student
+    obj = path if isinstance(path, dict) else read_checkpoint(path)
     state = extract_state_dict(obj, use_ema=use_ema, name=path if isinstance(path, str) else "state dict")
     dyvm_keys = [k for k in state if is_dyvm_key(k)]
     if dyvm_keys:
         raise CheckpointError(f"teacher checkpoint {path if isinstance(path, str) else '<state dict>'} holds a DyVM "
                               f"model ({dyvm_keys[0]}, ...): the teacher must be the original dense "
-                              f"{student_cfg.family} checkpoint")
-    teacher = Vim(student_cfg)
+                              f"{cfg.family} checkpoint")
+    if isinstance(student, nn.Module):
+        from dyvm.models.registry import dense_twin
+        teacher = dense_twin(student)
+    else:
+        teacher = Vim(student)
     load_checkpoint(teacher, obj, use_ema=use_ema)
     return freeze(teacher)

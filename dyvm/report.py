@@ -1,20 +1,122 @@
-"""The demo report: dense Vim and DyVM side by side, with figures.
+"""Reports: what main.py --eval measures and prints (eval_report, summarize_eval), and the demo report.
+
+The --eval report (eval.json): top-1 / top-5 of the raw and the EMA weights, tokens kept per stage, the
+realised block keep ratio, MACs in both conventions, parameters, and images/s of the model and, for a DyVM, of
+its dense twin (the teacher's shape with fresh weights: timing and FLOPs need no teacher weights, so a teacher
+file that moved is only a note).
+
+The demo report, dense Vim and DyVM side by side, with figures:
 
     python -m dyvm.report --dense output/demo/dense --dyvm output/demo/dyvm --out output/demo
 
-Reads each run's eval.json (main.py --eval), log.txt and args.yaml; draws the tokens the trained DyVM keeps
+reads each run's eval.json (main.py --eval), log.txt and args.yaml; draws the tokens the trained DyVM keeps
 over validation images at each stage and the training curves; writes report.md and report.json.
 """
-import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from dyvm.visualize import plot_accuracy_vs_flops, plot_kept_tokens, plot_training_curves
 
 
+# ----------------------------------------------------------------------------- main.py --eval
+def teacher_note(path: Optional[str]) -> str:
+    """How the --eval report names the dense baseline: the teacher file it stands for, or why there is none."""
+    if not path:
+        return "no teacher recorded: the dense twin of the model (fresh weights)"
+    if not os.path.isfile(path):
+        return f"teacher {path} not found: its dense twin (fresh weights; timing and FLOPs need no weights)"
+    return f"dense twin of the teacher {path} (timing and FLOPs need no weights)"
+
+
+def dense_baseline(model: nn.Module, teacher_path: Optional[str], timing: Optional[dict], graphed: bool) -> dict:
+    """FLOPs and images/s of the DyVM's dense twin, timed in the same process as the model."""
+    from dyvm.benchmark import measure_throughput
+    from dyvm.flops import nominal_macs
+    from dyvm.models.registry import dense_twin
+
+    device = next(model.parameters()).device
+    dense = dense_twin(model).to(device)
+    res = {"path": teacher_path or None, "weights": teacher_note(teacher_path),
+           "parameters": sum(p.numel() for p in dense.parameters())}
+    res["gmacs_paper"], res["gmacs_full"] = (v / 1e9 for v in nominal_macs(dense))
+    if timing is not None:
+        res["throughput"] = measure_throughput(dense, **timing)
+        if graphed:
+            res["throughput_cuda_graph"] = measure_throughput(dense, mode="cuda_graph", **timing)
+    return res
+
+
+def eval_report(args, model: nn.Module, ema_model: Optional[nn.Module], val_loader, eval_kw: dict, rank: int,
+                teacher_path: Optional[str]) -> dict:
+    """What main.py --eval writes to eval.json. eval_kw: dyvm.engine.evaluate's options; images/s are timed
+    on rank 0 only (--throughput), also as CUDA-graph replays on a GPU (--throughput-cuda-graph)."""
+    from dyvm.benchmark import measure_throughput
+    from dyvm.engine import evaluate
+
+    device = next(model.parameters()).device
+    res = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()),
+           "num_patches": model.cfg.num_patches}
+    res["raw"] = evaluate(model, val_loader, device, desc="eval raw", **eval_kw)
+    if ema_model is not None:
+        res["ema"] = evaluate(ema_model, val_loader, device, desc="eval EMA", **eval_kw)
+    timing = None
+    if args.throughput and rank == 0:
+        timing = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
+                      device=device, dtype=eval_kw.get("amp_dtype"), warmup=max(2, args.throughput_iters // 3),
+                      iters=args.throughput_iters)
+    graphed = timing is not None and args.throughput_cuda_graph and device.type == "cuda"
+    if timing is not None:
+        res["throughput"] = measure_throughput(model, **timing)
+    if graphed:
+        res["throughput_cuda_graph"] = measure_throughput(model, mode="cuda_graph", **timing)
+    if getattr(model, "dyvm_cfg", None) is not None:  # the dense teacher's shape, timed in the same run
+        t = res["teacher"] = dense_baseline(model, teacher_path, timing, graphed)
+        for key in ("throughput", "throughput_cuda_graph"):
+            if key in t:
+                suffix = key[len("throughput"):]
+                res["speedup_vs_teacher" + suffix] = res[key]["images_per_s"] / t[key]["images_per_s"]
+    return res
+
+
+def summarize_eval(res: dict) -> str:
+    """The --eval report as the lines main.py prints."""
+    raw = res["raw"]
+    lines = [f"{res['model']}: {res['parameters']:,} parameters, {raw['num_images']} images",
+             f"  top-1 {raw['acc1']:.2f}  top-5 {raw['acc5']:.2f}  (raw model)"]
+    if "ema" in res:
+        lines.append(f"  top-1 {res['ema']['acc1']:.2f}  top-5 {res['ema']['acc5']:.2f}  (EMA)")
+    lines.append(f"  MACs/image as run: {raw['gmacs_paper']:.4f} G paper convention (one scan direction), "
+                 f"{raw['gmacs_full']:.4f} G full (both directions)")
+    if "tokens_kept_per_stage" in raw:
+        lines.append(f"  tokens kept per stage: {raw['tokens_kept_per_stage']} "
+                     f"(ratios {raw['token_keep_ratio_per_stage']})")
+    if "block_keep_ratio" in raw:
+        lines.append(f"  block keep ratio: {raw['block_keep_ratio']:.4f} overall; per layer [fwd, bwd]: "
+                     f"{raw['block_keep_per_layer']}")
+    t = res.get("teacher")
+    if t is not None:
+        lines.append(f"  dense baseline, {t['weights']}: {t['gmacs_paper']:.4f} G paper / {t['gmacs_full']:.4f} G full")
+    if "throughput" in res:
+        tp = res["throughput"]
+        text = f"  images/s: model {tp['images_per_s']:.1f}"
+        if t is not None and "throughput" in t:
+            text += f", dense baseline {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f})"
+        lines.append(text + f" (batch {tp['batch_size']}, median of {tp['iters']} timed batches)")
+    if "throughput_cuda_graph" in res:
+        text = f"  images/s, CUDA graph: model {res['throughput_cuda_graph']['images_per_s']:.1f}"
+        if t is not None and "throughput_cuda_graph" in t:
+            text += (f", dense baseline {t['throughput_cuda_graph']['images_per_s']:.1f} "
+                     f"(x{res['speedup_vs_teacher_cuda_graph']:.2f})")
+        lines.append(text + " (the GPU's throughput without Python's launch overhead)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the demo report
 def read_log(run_dir: str) -> list:
     path = os.path.join(run_dir, "log.txt")
     if not os.path.isfile(path):
@@ -34,6 +136,7 @@ def read_eval(run_dir: str) -> dict:
 @torch.no_grad()
 def kept_tokens_figure(dyvm_dir: str, path: str, num_images: int = 6) -> None:
     """Load the DyVM run's best checkpoint and draw the eval-mode decisions on the first validation images."""
+    from dyvm.checkpoint import load_checkpoint
     from dyvm.config import parse_args
     from dyvm.data import build_datasets
     from dyvm.engine import build_model
@@ -41,8 +144,7 @@ def kept_tokens_figure(dyvm_dir: str, path: str, num_images: int = 6) -> None:
     args = parse_args(["--config", os.path.join(dyvm_dir, "args.yaml")])
     splits = build_datasets(args)
     model = build_model(args, args.nb_classes or splits.num_classes)
-    state = torch.load(os.path.join(dyvm_dir, "best_checkpoint.pth"), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_checkpoint(model, os.path.join(dyvm_dir, "best_checkpoint.pth"))  # one-line errors for a bad file
     model.eval()
     # one image of each of the first classes, so the figure shows different shapes
     picked, seen = [], set()
@@ -124,15 +226,22 @@ def build_report(dense_dir: str, dyvm_dir: str, out_dir: str, wall_clock_s: floa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser("python -m dyvm.report", description="dense vs DyVM demo report with figures")
+    from dyvm.cli import ArgumentParser
+
+    p = ArgumentParser("python -m dyvm.report", description="dense vs DyVM demo report with figures")
     p.add_argument("--dense", required=True, help="output_dir of the dense run (with eval.json)")
     p.add_argument("--dyvm", required=True, help="output_dir of the DyVM run (with eval.json, best_checkpoint.pth)")
     p.add_argument("--out", required=True)
     p.add_argument("--wall-clock-s", type=float, default=None, help="the demo's total time, for the report")
     args = p.parse_args(argv)
+    from dyvm.checkpoint import CheckpointError
+    from dyvm.config import ConfigError
+    from dyvm.data import DataError
+    from dyvm.models.registry import ModelOptionError
+
     try:
         summary = build_report(args.dense, args.dyvm, args.out, args.wall_clock_s)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError, CheckpointError, DataError, ModelOptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(open(os.path.join(args.out, "report.md")).read().split("![kept tokens]")[0].rstrip())

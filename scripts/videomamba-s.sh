@@ -7,4 +7,6 @@
 # but those weights expect the class token in the middle and the halved sum of the two directions, not VideoMamba's
 # first class token and plain sum. main.py refuses a checkpoint that records another backbone.
 #   NGPUS=4 DATA_PATH=/data/imagenet MODEL_PATH=videomamba_s16_in1k_res224.pth bash scripts/videomamba-s.sh [flags]
-DEFAULT_MODEL_PATH=videomamba_s16_in1k_res224.pth exec bash "$(dirname "$0")/train.sh" videomamba-s "$@"
+DEFAULT_MODEL_PATH=videomamba_s16_in1k_res224.pth \
+MODEL_SOURCE="the dense VideoMamba-S ImageNet-1K model released by the VideoMamba authors (OpenGVLab/VideoMamba model zoo): download it and set MODEL_PATH" \
+    exec bash "$(dirname "$0")/train.sh" videomamba-s "$@"

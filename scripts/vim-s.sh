@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# DyVM-Vim-S (token keep 0.7, block keep 0.8): fine-tune from the released dense Vim on ImageNet, distilling from it.
+# DyVM-Vim-S (token keep 0.7, block keep 0.8): fine-tune from the released dense Vim-Small on ImageNet, distilling from it.
 # Hyper-parameters: configs/vim-s.yaml (the authors' recipe, 4 GPUs). The LR is given for a global batch of 512 and
-# scaled by batch x NGPUS / 512, so another GPU count changes the effective LR the way the authors' rule does.
-#   NGPUS=4 DATA_PATH=/data/imagenet MODEL_PATH=vim_s_midclstok_80p5acc.pth bash scripts/vim-s.sh [extra main.py flags]
-DEFAULT_MODEL_PATH=vim_s_midclstok_80p5acc.pth exec bash "$(dirname "$0")/train.sh" vim-s "$@"
+# scaled by batch x processes / 512, so another GPU count changes the effective LR the way the authors' rule does.
+#   DATA_PATH=/data/imagenet bash scripts/vim-s.sh [extra main.py flags]     (runner and environment: scripts/train.sh)
+# The starting checkpoint (vim_s_midclstok_80p5acc.pth, weights under 'model') is the dense Vim-Small released by the Vim authors
+# (github.com/hustvl/Vim; Hugging Face hub: hustvl/Vim-small-midclstok); MODEL_PATH says where it is.
+DEFAULT_MODEL_PATH=vim_s_midclstok_80p5acc.pth \
+MODEL_SOURCE="the dense Vim-Small released by the Vim authors (hustvl/Vim-small-midclstok on the Hugging Face hub): download it and set MODEL_PATH" \
+    exec bash "$(dirname "$0")/train.sh" vim-s "$@"

@@ -173,13 +173,14 @@ def test_a_vim_file_is_refused_by_a_videomamba(tmp_path):
 
 
 def test_the_authors_names_and_timm_names_resolve():
-    from dyvm.models.registry import resolve_model_name
+    from dyvm.models.registry import UnknownModelError, resolve
 
-    assert resolve_model_name("VideoMamba-Middle", dynamic=True) == "dyvm_videomamba_middle"
-    assert resolve_model_name("MambaReg-Large", dynamic=False) == "mambareg_large"
-    assert resolve_model_name("dyvm_mambareg_tiny", dynamic=False) == "mambareg_tiny"
-    with pytest.raises(ValueError, match="unknown model 'videomamba_huge'"):
-        resolve_model_name("videomamba_huge", dynamic=False)
+    assert resolve("VideoMamba-Middle").timm_name == "dyvm_videomamba_middle"
+    assert resolve("MambaReg-Large").dense_name == "mambareg_large"
+    assert resolve("dyvm_mambareg_tiny").dense_name == "mambareg_tiny" and resolve("dyvm_mambareg_tiny").dynamic
+    assert resolve("videomamba_small").family.name == "VideoMamba" and not resolve("videomamba_small").dynamic
+    with pytest.raises(UnknownModelError, match="unknown model 'videomamba_huge'"):
+        resolve("videomamba_huge")
 
 
 @pytest.mark.parametrize("name,extra", [("dyvm_videomamba_tiny", {}), ("dyvm_mambareg_small", dict(num_cls_tokens=3))])

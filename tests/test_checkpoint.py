@@ -91,7 +91,7 @@ def test_dyvm_file_into_dense_or_ablations_ignores_only_dyvm_heads():
     assert all(k.startswith("score_predictors.") for k in report.ignored_keys) and not report.gates_initialised
 
 
-def test_errors_name_every_missing_unexpected_and_misshaped_key():
+def test_errors_count_the_keys_and_show_one_of_each_kind():
     sd = dense().state_dict()
     del sd["norm_f.weight"], sd["layers.1.mixer.D_b"]
     sd["layers.9.mixer.in_proj.weight"] = torch.zeros(1)
@@ -100,7 +100,9 @@ def test_errors_name_every_missing_unexpected_and_misshaped_key():
         load_checkpoint(dense(), sd)
     message = str(err.value)
     assert "\n" not in message
-    for key in ("norm_f.weight", "layers.1.mixer.D_b", "layers.9.mixer.in_proj.weight", "head.weight (1000, 32)"):
+    assert "4 tensor(s) differ (2 missing, 1 unexpected, 1 of another shape)" in message, message
+    for key in ("missing layers.1.mixer.D_b", "unexpected layers.9.mixer.in_proj.weight",
+                "shape head.weight (1000, 32)"):  # one of each kind, three in all
         assert key in message
 
 
@@ -136,8 +138,13 @@ def test_loading_at_another_image_size_interpolates():
 
 
 def test_load_state_dict_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
         load_state_dict_file(str(tmp_path / "nope.pth"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="notes.txt is not a checkpoint that torch.load can read") as err:
+        load_state_dict_file(str(text))
+    assert "\n" not in str(err.value)
     path = str(tmp_path / "odd.pth")
     torch.save({"model": {"a": 1}}, path)
     with pytest.raises(CheckpointError, match="state dict"):
@@ -175,3 +182,15 @@ def test_build_teacher_is_frozen_dense_and_refuses_a_dyvm_file(tmp_path):
     torch.save({"model": dynamic().state_dict()}, dyvm_path)
     with pytest.raises(CheckpointError, match="original dense Vim"):
         build_teacher(dynamic().cfg, dyvm_path)
+
+
+def test_a_wrong_size_checkpoint_is_one_short_line():
+    """Counts the tensors that differ, shows three, and names the likely cause (another model width)."""
+    wide = dense(embed_dim=64)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(dense(), wide.state_dict())
+    msg = str(err.value)
+    n_shapes = sum(1 for k, v in wide.state_dict().items() if v.shape != dense().state_dict()[k].shape)
+    assert f"{n_shapes} tensor(s) differ ({n_shapes} of another shape)" in msg
+    assert msg.count("shape ") == 3 and "\n" not in msg and len(msg) < 500, msg
+    assert "width 64, this one is 32" in msg

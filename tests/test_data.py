@@ -123,3 +123,17 @@ def test_distributed_eval_split_counts_every_image_once():
             seen += indices[:harness.valid_samples(n, world, r, True)]
         assert sorted(seen) == list(range(n))
     assert harness.valid_samples(10, 1, 0, True) is None
+
+
+def test_evaluation_needs_only_the_validation_folder(tmp_path):
+    """--eval on the ImageNet layout reads val/ alone: no train/ needed, no training-set checks."""
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200 if c == "a" else 20, 90, 90)).save(tmp_path / "val" / c / "0.png")
+    args = args_for(data_set="IMNET", data_path=str(tmp_path), batch_size=64)
+    with pytest.raises(DataError, match="has no train/ folder"):
+        build_datasets(args)
+    splits = build_datasets(args, training=False)
+    assert splits.train is None and splits.num_classes == 2 and len(splits.val) == 2
+    train_loader, val_loader = build_loaders(splits, args, 1, 0, training=False)
+    assert train_loader is None and next(iter(val_loader))[0].shape == (2, 3, 32, 32)

@@ -19,7 +19,7 @@ def meta_model(name, **kw):
 
 
 def hand_count(L_per_layer, D, N=16, K=4, directions=2.0, classes=1000, patches=196, patch=16, chans=3):
-    """Independent closed form (reference-implementation.md section 4), both conventions, one image."""
+    """Independent closed form (docs/reference.md section 4), both conventions, one image."""
     Di, R = 2 * D, math.ceil(D / 16)
     paper = full = patches * D * chans * patch * patch + D * classes
     for L in L_per_layer:
@@ -172,3 +172,16 @@ def test_cli_takes_the_authors_names_of_the_other_backbones(capsys):
                        "--block-keep-ratio", "0.8"]) == 0
     text = capsys.readouterr().out
     assert "7,367,086 parameters" in text and "1.215 G (paper" in text and "[176, 158, 142]" in text
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vim_smal"], "unknown model 'vim_smal'; did you mean 'vim_small'?"),
+    (["--model", "dyvm_vim_small", "--block-keep-ratio", "-1"], "--block-keep-ratio must be in [0, 1], got -1.0"),
+    (["--model", "dyvm_vim_small", "--block-keep-ratio", "1.5"], "--block-keep-ratio must be in [0, 1], got 1.5"),
+    (["--model", "Vim-Small", "--token-keep-ratio", "0"], "--token-keep-ratio must be in (0, 1], got 0.0"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    """The flops CLI applies the same keep-ratio rule as main.py and prints no MAC count for a bad value."""
+    assert flops_main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == f"error: {err[7:]}" and message in err and "\n" not in err, err
+    assert "MACs" not in captured.out

@@ -1,6 +1,6 @@
 """Dynamic Vision Mamba: a Vim with learned token pruning and per-image scan-direction selection.
 
-reference-implementation.md section 2. Before each pruning location a score predictor rates the patch
+docs/reference.md section 2. Before each pruning location a score predictor rates the patch
 tokens; training keeps the full sequence, moves pruned tokens behind the kept ones and masks them out of
 the scans (so gradients reach the decisions), inference gathers the top-k tokens so the sequence
 physically shrinks. Both orderings are the same (kept tokens in original order, the class token(s) placed
@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from dyvm.models.mixer import DynamicMamba, reset_gate_head
+from dyvm.models.output import ForwardOutput
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
 from dyvm.pruning import (ClsPositions, batch_gather, gather_index, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
@@ -25,39 +26,24 @@ from dyvm.pruning import (ClsPositions, batch_gather, gather_index, gumbel_sigmo
 PRUNING_MODES = ("learned", "random", "static", "none")
 PREDICTOR_INPUTS = ("residual", "ssm_B", "ssm_delta")
 GATE_TAU = 2.0
-
-
-@dataclass
-class ForwardOutput:
-    """What a forward pass computed; the same type in train and eval mode, for dense Vim and DyVM.
-
-    logits (B, num_classes). patch_tokens (B, S, D): final-normed patch tokens in slot order (training
-    DyVM: S = M, kept first; eval DyVM: S = k of the last stage; dense: original order). final_policy
-    (B, S, 1): 1 where a slot holds a kept token. slot_to_patch (B, S): original patch index of each slot.
-    decisions: per pruning stage, (B, M) cumulative 0/1 keep over the original patch order (training:
-    straight-through, carries gradients). gates (depth, B, 2) [forward, backward] or None without block
-    selection (training: straight-through; eval: 0/1 of what ran). seq_lens: per layer, the sequence length
-    (class tokens included) it processed.
-    """
-
-    logits: Tensor
-    patch_tokens: Tensor
-    final_policy: Tensor
-    slot_to_patch: Tensor
-    decisions: list
-    gates: Optional[Tensor]
-    seq_lens: list
+# The defaults of the two keep ratios are the authors' main.py defaults (--token-keep-ratio 0.7,
+# --block-keep-ratio 0.7); a table row sets its own in its config. dyvm.models.registry re-exports them
+# for every entry point, so a flag, a config key and a model built from Python agree.
+DEFAULT_TOKEN_KEEP_RATIO = 0.7
+DEFAULT_BLOCK_KEEP_RATIO = 0.7
+DEFAULT_PRUNING_LOC = (6, 12, 18)
 
 
 @dataclass(frozen=True)
 class DyVMConfig:
-    token_keep_ratios: tuple = (0.7, 0.49, 0.343)  # cumulative fractions of the original patches, per stage
-    pruning_loc: tuple = (6, 12, 18)  # a stage prunes before these layers
+    # cumulative fractions of the original patches, per stage: r, r^2, r^3
+    token_keep_ratios: tuple = tuple(DEFAULT_TOKEN_KEEP_RATIO ** s for s in (1, 2, 3))
+    pruning_loc: tuple = DEFAULT_PRUNING_LOC  # a stage prunes before these layers
     pruning: str = "learned"  # "learned" | "random" | "static" | "none" (block selection only)
     block_selection: bool = True  # False: token pruning only
     predictor_input: str = "residual"  # "residual" | "ssm_B" | "ssm_delta" (previous layer's SSM B / raw delta)
     gumbel_noise: bool = True  # False: deterministic training decisions (argmax / sigmoid > 0.5)
-    block_keep_ratio: float = 0.8  # target of the block-ratio loss (read by the training harness)
+    block_keep_ratio: float = DEFAULT_BLOCK_KEEP_RATIO  # target of the block-ratio loss (mean of the gates)
 
     @property
     def num_stages(self) -> int:
@@ -92,7 +78,7 @@ def make_dyvm_config(*, token_keep_ratio: Optional[float] = None, token_keep_rat
     if token_keep_ratio is not None and token_keep_ratios is not None:
         raise ValueError("give token_keep_ratio (r -> r, r^2, r^3) or token_keep_ratios, not both")
     if token_keep_ratios is None:
-        r = 0.7 if token_keep_ratio is None else token_keep_ratio
+        r = DEFAULT_TOKEN_KEEP_RATIO if token_keep_ratio is None else token_keep_ratio
         token_keep_ratios = tuple(r ** (s + 1) for s in range(len(pruning_loc)))
     known = {f.name for f in fields(DyVMConfig)}
     unknown = sorted(set(options) - known)

@@ -1,4 +1,4 @@
-"""The token-score predictor (reference-implementation.md section 2, PredictorLG).
+"""The token-score predictor (docs/reference.md section 2; the authors call it PredictorLG).
 
 Module names (in_conv.0/1, out_conv.0/2/4) follow the authors' state-dict layout so their files load.
 """

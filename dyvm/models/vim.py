@@ -1,4 +1,5 @@
-"""Vision Mamba (Vim) backbone as DyVM uses it, and its two variants (VideoMamba, MambaReg).
+"""Vision Mamba (Vim) backbone as DyVM uses it (docs/reference.md, section 1), and its two variants (VideoMamba,
+MambaReg).
 
 Vim: 14x14 patch tokens with a class token inserted at index M//2, absolute position embedding added after
 the insertion. Each layer: residual += drop_path(hidden) (fp32 residual stream), hidden = RMSNorm(residual),
@@ -25,6 +26,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 
 from dyvm.models.layout import make_layout
 from dyvm.pruning import insert_cls, split_cls, take_cls
+from dyvm.models.output import ForwardOutput
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
 
@@ -245,9 +247,7 @@ class Vim(nn.Module):
         return self.classify(take_cls(self.forward_features(x), self.cls_positions))
 
     def forward_aux(self, x):
-        """-> dyvm.models.dyvm.ForwardOutput, the type a DyVM returns: every token kept, no gates."""
-        from dyvm.models.dyvm import ForwardOutput  # late import: dyvm.py builds on this module
-
+        """-> ForwardOutput, the type a DyVM returns: every token kept, no gates."""
         logits, patches = self.forward_with_tokens(x)
         batch, num_patches = patches.shape[:2]
         return ForwardOutput(

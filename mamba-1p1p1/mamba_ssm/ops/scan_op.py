@@ -18,7 +18,7 @@ it under autograd, outside the op: autograd does not run inside a custom op). Th
 reference directly, which keeps its own analytic backward and is faster there.
 
 FLOPs for FlopCounterMode follow torch's convention (2 per multiply-accumulate) over the MAC count of
-targets.md: 9*b*L*d*N + 2*b*L*d per direction. Gates are not visible at trace time, so every direction
+docs/reference.md section 4: 9*b*L*d*N + 2*b*L*d per direction. Gates are not visible at trace time, so every direction
 is counted; the backward counts twice the forward.
 """
 from typing import List, Optional, Tuple
@@ -209,7 +209,7 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 
 
 def scan_macs(u_shape, d_state: int) -> int:
-    """Multiply-accumulates of the scan (targets.md): 9*b*L*d*N + 2*b*L*d per direction."""
+    """Multiply-accumulates of the scan (docs/reference.md section 4): 9*b*L*d*N + 2*b*L*d per direction."""
     R, batch, dim, seqlen = u_shape
     return R * (9 * batch * seqlen * dim * d_state + 2 * batch * seqlen * dim)
 

@@ -6,6 +6,9 @@ import sys
 
 import torch
 
+import dyvm  # noqa: F401
+from dyvm.models.registry import create_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data-set", "SYNTHETIC", "--synthetic-size", "48", "--input-size", "32", "--patch-size", "8",
         "--depth", "4", "--embed-dim", "32", "--batch-size", "4", "--num_workers", "0", "--no-progress",
@@ -14,10 +17,10 @@ TINY = ["--data-set", "SYNTHETIC", "--synthetic-size", "48", "--input-size", "32
 
 def test_two_gloo_processes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    dense = tmp_path / "dense"
-    subprocess.run([sys.executable, "main.py", *TINY, "--model", "vim_tiny", "--epochs", "1",
-                    "--max-steps-per-epoch", "1", "--output_dir", str(dense)], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    dense = tmp_path / "dense"  # the teacher: a dense Vim of the student's shape (weights do not matter here)
+    dense.mkdir()
+    teacher = create_model("vim_tiny", img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10)
+    torch.save({"model": teacher.state_dict()}, dense / "checkpoint.pth")
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "main.py", *TINY,

@@ -11,7 +11,7 @@ from dyvm.losses import DyVMLoss
 from dyvm.models.dyvm import DyVM, ForwardOutput
 from dyvm.models.mixer import reset_gate_head
 from dyvm.models.vim import count_parameters
-from dyvm.pruning import LearnedSelection, indices_to_mask, straight_through
+from dyvm.pruning import LearnedSelection, indices_to_mask, split_cls, straight_through
 
 TINY = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_classes=10, pruning_loc=(1, 2, 3))
 M = 64  # patches of TINY
@@ -306,3 +306,40 @@ def test_ablation_options_on_every_backbone(family, options):
         if options.get("pruning") in ("random", "static"):
             for d, k in zip(out.decisions, model.keep_counts()):
                 assert d.sum(1).tolist() == [k] * 3
+def test_predictor_input_changes_what_the_predictor_reads_and_its_scores():
+    """--predictor-input is live: on one batch and one backbone, the residual stream, the previous layer's SSM B
+    and its raw delta reach the first predictor as different features and give different keep scores.
+    (Equal early losses of the two SSM ablations are no sign of a bug: freshly initialised predictors score
+    every token about alike, so the Gumbel noise alone decides, and the hard decisions' loss is the same.)"""
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(3)
+    backbone = {k: v for k, v in tiny(block_selection=False).state_dict().items() if "score_predictors" not in k}
+    seen = {}
+    for kind in ("residual", "ssm_B", "ssm_delta"):
+        model = tiny(block_selection=False, predictor_input=kind).eval()
+        model.load_state_dict(backbone, strict=False)
+        _spread_predictors(model, seed=0)  # the same seed for every kind: only the input differs
+        hook = model.score_predictors[0].register_forward_hook(
+            lambda m, inputs, out: seen.update({kind: (inputs[0].detach(), out.detach())}) and None)
+        with torch.no_grad():
+            model.forward_aux(x)
+            if kind != "residual":  # what layer 0's SSM computes, the stage before layer 1 reads it
+                mixer = model.layers[0].mixer
+                xz = mixer.in_proj_xz(model.layers[0].add_norm(model.embed(x), None)[0])
+                expected = split_cls(mixer.ssm_feature(xz, kind), M // 2)[1]
+                torch.testing.assert_close(seen[kind][0], expected)
+        hook.remove()
+    widths = {k: f.shape[-1] for k, (f, _) in seen.items()}
+    assert widths == {"residual": 32, "ssm_B": 16, "ssm_delta": 64}  # embed_dim, d_state, d_inner
+    scores = {k: out[..., 0] for k, (_, out) in seen.items()}  # log p(keep), (B, M)
+    for a, b in (("residual", "ssm_B"), ("residual", "ssm_delta"), ("ssm_B", "ssm_delta")):
+        assert (scores[a] - scores[b]).abs().max() > 1e-3, (a, b)
+    assert seen["ssm_B"][0].std() > 0 and seen["ssm_delta"][0].std() > 0
+
+
+def _spread_predictors(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.score_predictors.named_parameters():
+        if p.dim() == 2:  # Linear weights of a useful scale (the init's 0.02 makes every score alike)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)

@@ -11,7 +11,8 @@ from dyvm.checkpoint import load_checkpoint
 from dyvm.losses import LOSS_PARTS, DyVMLoss, build_teacher
 from dyvm.pruning import kept_first_order, to_original_order
 
-GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR", os.path.join(os.path.dirname(__file__), "golden"))
+GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR",
+                            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden"))
 EVAL_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny.pt")
 TRAIN_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny_train.pt")
 

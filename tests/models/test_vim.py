@@ -19,7 +19,7 @@ def test_parameter_counts_match_the_paper_models_exactly(name, expected):
 
 
 def released_vim_small_keys():
-    """The key list and shapes of vim_s_midclstok_80p5acc.pth (reference-implementation.md, section 1)."""
+    """The key list and shapes of vim_s_midclstok_80p5acc.pth (docs/reference.md, section 1)."""
     D, Di, R, N = 384, 768, 24, 16
     keys = {"cls_token": (1, 1, D), "pos_embed": (1, 197, D), "patch_embed.proj.weight": (D, 3, 16, 16),
             "patch_embed.proj.bias": (D,), "head.weight": (1000, D), "head.bias": (1000,), "norm_f.weight": (D,)}

@@ -41,7 +41,7 @@ def test_measure_throughput_restores_mode():
 def test_cli_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_main(["--models", "vim_tiny", "dyvm_vim_tiny", "--img-size", "32", "--batch-sizes", "2",
-                       "--dtypes", "fp32", "--gate-keep", "0.7", "--warmup", "1", "--iters", "2",
+                       "--dtypes", "fp32", "--block-keep-ratio", "0.7", "--warmup", "1", "--iters", "2",
                        "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "torch:" in text and "date:" in text and "x the dense model" in text
@@ -71,3 +71,15 @@ def test_other_backbones_by_timm_and_authors_names(capsys):
     assert bench_main(["--models", "videomamba_tiny", "VideoMamba-Tiny", "--img-size", "32", "--batch-sizes", "2",
                        "--dtypes", "fp32", "--warmup", "1", "--iters", "1"]) == 0
     assert "dyvm_videomamba_tiny fp32 batch 2 eager:" in capsys.readouterr().out
+
+
+def test_block_keep_ratio_flag(capsys):
+    """--block-keep-ratio takes a fraction or 'authors' (the authors' realised 0.735); --gate-keep is its old
+    name; a ratio outside [0, 1] is the same one-line error as in main.py and dyvm.flops."""
+    from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, _block_keep_ratio
+
+    assert _block_keep_ratio("authors") == AUTHORS_REALISED_BLOCK_KEEP_RATIO == 0.735
+    assert _block_keep_ratio("0.5") == 0.5
+    for flag in ("--block-keep-ratio", "--gate-keep"):
+        assert bench_main(["--models", "dyvm_vim_tiny", flag, "1.5"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --block-keep-ratio must be in [0, 1], got 1.5"

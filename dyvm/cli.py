@@ -1,0 +1,55 @@
+"""Command-line conventions shared by every entry point (main.py, python -m dyvm.flops / benchmark / report).
+
+--help shows every flag's default; a bad flag or value is one line that names it (with the closest flag for a
+typo), not the whole usage text followed by the error.
+"""
+import argparse
+import difflib
+import sys
+
+
+def flag_name(dest: str) -> str:
+    """token_keep_ratio -> --token-keep-ratio (how a message names an option)."""
+    return "--" + dest.replace("_", "-")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless there is nothing to show (None, '', False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, "", False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the house conventions: defaults in --help, no abbreviations, one-line errors."""
+
+    def __init__(self, prog=None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(prog, **kwargs)
+
+    def _closest_flag(self, message: str) -> str:
+        if "unrecognized arguments:" not in message:
+            return ""
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for token in message.split("unrecognized arguments:", 1)[1].split():
+            if token.startswith("-"):
+                close = difflib.get_close_matches(token.split("=")[0], flags, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
+
+    def error(self, message):
+        """One line on stderr and exit status 2 (argparse's usual code), instead of usage + error."""
+        hint = self._closest_flag(message)
+        self.exit(2, f"error: {message}{hint} ({self.prog} --help lists every flag)\n")
+
+    def exit(self, status=0, message=None):
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)

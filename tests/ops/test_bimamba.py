@@ -1,0 +1,144 @@
+"""The DyVM op bimamba_v2_inner_fn (both scan directions in one call, per-image gates, token masks): the
+reference against its definition, the Triton path against the reference, and the inference weight cache."""
+import pytest
+import torch
+
+from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn, bimamba_v2_inner_ref, scan_direction_ref
+from mamba_ssm.ops.dispatch import triton_on_cpu
+from tests.ops.helpers import assert_close_all, grads, rel, scan_weights
+
+
+def _scan_weights(d_inner=16, dt_rank=2, d_state=4, width=4):
+    return ScanWeights(torch.randn(d_inner, width) * 0.5, torch.randn(d_inner) * 0.1,
+                       torch.randn(dt_rank + 2 * d_state, d_inner) * 0.3, torch.randn(d_inner, dt_rank) * 0.3,
+                       torch.randn(d_inner) * 0.1, -(torch.rand(d_inner, d_state) + 0.5), torch.randn(d_inner))
+
+
+def test_bimamba_is_the_halved_sum_of_a_forward_and_a_flipped_scan():
+    fwd, bwd = _scan_weights(), _scan_weights()
+    xz = torch.randn(3, 32, 10)
+    x, z = xz.chunk(2, dim=1)
+    want = (scan_direction_ref(x, z, fwd) + scan_direction_ref(x.flip(-1), z.flip(-1), bwd).flip(-1)) / 2
+    torch.testing.assert_close(bimamba_v2_inner_ref(xz, fwd, bwd), want)
+    torch.testing.assert_close(bimamba_v2_inner_ref(xz, fwd, bwd, divide_out=False), 2 * want)
+
+
+def test_bimamba_gates_skip_or_multiply_to_the_same_result():
+    fwd, bwd = _scan_weights(), _scan_weights()
+    xz = torch.randn(4, 32, 9)
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    with torch.no_grad():  # inference: gated-off (sample, direction) pairs are not computed
+        skipped = bimamba_v2_inner_ref(xz, fwd, bwd, gate=gate)
+    xz_train = xz.clone().requires_grad_(True)
+    gate_train = gate.clone().requires_grad_(True)
+    multiplied = bimamba_v2_inner_ref(xz_train, fwd, bwd, gate=gate_train)
+    torch.testing.assert_close(skipped, multiplied.detach())
+    assert torch.count_nonzero(skipped[2]) == 0
+    multiplied.sum().backward()
+    assert gate_train.grad is not None and torch.count_nonzero(gate_train.grad[2]) == 2  # off gates still learn
+    x, z = xz.chunk(2, dim=1)
+    torch.testing.assert_close(skipped[0], scan_direction_ref(x[:1], z[:1], fwd)[0] / 2)
+
+
+def test_bimamba_mask_makes_kept_prefix_equal_to_the_short_sequence():
+    """Training rearranges kept tokens first and masks the rest: both directions must then see only the kept ones."""
+    fwd, bwd = _scan_weights(), _scan_weights()
+    keep = 6
+    xz = torch.randn(2, 32, 10)
+    mask = torch.zeros(2, 10)
+    mask[:, :keep] = 1
+    full = bimamba_v2_inner_ref(xz, fwd, bwd, mask=mask)
+    short = bimamba_v2_inner_ref(xz[..., :keep], fwd, bwd)
+    torch.testing.assert_close(full[..., :keep], short, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,seqlen,gated,masked", [
+    (torch.float32, 35, False, False),
+    (torch.float32, 35, True, True),
+    (torch.bfloat16, 21, True, True),
+    (torch.float32, 1, True, False),
+])
+def test_bimamba_matches_reference(dtype, seqlen, gated, masked):
+    batch, dim = 3, 40
+    fwd, bwd = scan_weights(dim, 4, 8, dtype), scan_weights(dim, 4, 8, dtype)
+    xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
+    gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]]) if gated else None
+    # the mask of DyVM training carries the straight-through gradient of the keep decisions: it must get one
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype).requires_grad_() if masked else None
+    leaves = [t.detach().requires_grad_() for t in (xz, *fwd, *bwd)]
+    gate_leaf = gate.clone().requires_grad_() if gated else None
+    args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate_leaf, mask)
+    with triton_on_cpu():
+        out = bimamba_v2_inner_fn(*args)
+    ref = bimamba_v2_inner_ref(*args)
+    inputs = [*leaves, gate_leaf, mask]
+    g = torch.randn_like(out)
+    with triton_on_cpu():
+        got = grads(out, inputs, g)
+    want = grads(ref, inputs, g)
+    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate",
+             "mask"]
+    names = [n for n, t in zip(names, inputs) if t is not None]
+    assert_close_all([out, *got], [ref, *want], dtype, ["out", *names])
+
+
+def test_bimamba_gated_off_sample_is_not_computed():
+    """Inference: a sample whose two gates are 0 is never read by the conv or the scan (NaN input stays
+    out of the result) and gets zeros; a direction gated off contributes nothing."""
+    batch, dim, seqlen = 3, 40, 29
+    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
+    xz = torch.randn(batch, seqlen, 2 * dim).transpose(1, 2)
+    xz[2] = float("nan")
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    with torch.no_grad(), triton_on_cpu():
+        out = bimamba_v2_inner_fn(xz, fwd, bwd, gate)
+    with torch.no_grad():
+        ref = bimamba_v2_inner_ref(xz[:2], fwd, bwd, gate[:2])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert rel(out[:2], ref) < 1e-5
+
+
+def test_mamba_inference_weight_cache_follows_parameter_updates():
+    """Inference on the kernels reuses the stacked scan weights and the Linear weights (cast to the autocast
+    dtype) while the parameters are unchanged, and an in-place update (an optimizer step, load_state_dict)
+    or another autocast dtype is seen at the next call."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=8, bimamba_type="v2", if_divide_out=True)
+    x = torch.randn(2, 21, 16)
+    cache = lambda: mixer.__dict__["_inference_cache"]  # noqa: E731
+    with torch.no_grad():
+        ref = mixer(x)  # CPU reference path: no cache
+        with triton_on_cpu():
+            out = mixer(x)
+            first = cache()
+            mixer(x)
+            assert cache() is first  # reused
+            assert rel(out, ref) < 1e-5
+            mixer.A_b_log.add_(0.3)
+            mixer.conv1d.weight.mul_(-1.0)
+            mixer.out_proj.weight.mul_(0.5)
+            out = mixer(x)
+            assert cache() is not first
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out_bf16 = mixer(x)
+                assert cache()[1].linears["in_proj"][0].dtype == torch.bfloat16
+                assert cache()[1].stacked.x_proj_weight.dtype == torch.bfloat16
+                assert cache()[1].stacked.A.dtype == torch.float32
+        ref = mixer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16 = mixer(x)
+    assert rel(out, ref) < 1e-5
+    assert out_bf16.dtype == ref_bf16.dtype == torch.bfloat16 and rel(out_bf16.float(), ref_bf16.float()) < 2e-2
+    seen = []
+    with torch.no_grad(), triton_on_cpu():  # a forward hook still sees its module's call with the cache on
+        handle = mixer.out_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        mixer(x)
+        handle.remove()
+    assert seen == [(2, 21, 16)]
+    with triton_on_cpu():  # training: no cache, gradients reach the parameters
+        mixer.__dict__.pop("_inference_cache")
+        mixer(x).sum().backward()
+    assert "_inference_cache" not in mixer.__dict__ and mixer.A_b_log.grad is not None
+    assert mixer.in_proj.weight.grad is not None

@@ -1,0 +1,227 @@
+"""The selective scan (mamba_ssm.ops.selective_scan_interface, ops/triton/selective_scan.py): the reference
+against a float64 step loop (every B/C layout, options, dtypes, gradcheck), the Triton kernel against the
+reference (values and every gradient), and mamba_inner against its pieces."""
+import pytest
+import torch
+
+from mamba_ssm.ops.dispatch import triton_on_cpu
+from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, mamba_inner_ref, selective_scan_fn, selective_scan_ref
+from tests.ops.helpers import assert_close_all, conv_by_taps, grads, make_scan_inputs, scan_by_steps, scan_inputs
+
+
+def _inner_args(d_model=8, d_inner=16, dt_rank=2, d_state=4, width=4, length=11):
+    return dict(
+        xz=torch.randn(2, 2 * d_inner, length),
+        conv1d_weight=torch.randn(d_inner, 1, width) * 0.5, conv1d_bias=torch.randn(d_inner) * 0.1,
+        x_proj_weight=torch.randn(dt_rank + 2 * d_state, d_inner) * 0.3,
+        delta_proj_weight=torch.randn(d_inner, dt_rank) * 0.3, out_proj_weight=torch.randn(d_model, d_inner) * 0.3,
+        out_proj_bias=None, A=-(torch.rand(d_inner, d_state) + 0.5), D=torch.randn(d_inner),
+        delta_bias=torch.randn(d_inner) * 0.1)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 50, 197])
+@pytest.mark.parametrize("bc", ["fixed", "variable", "grouped"])
+@pytest.mark.parametrize("options", [dict(), dict(D=True, z=True, delta_bias=True, delta_softplus=True)])
+def test_selective_scan_ref_matches_step_loop(length, bc, options):
+    t = make_scan_inputs(length=length, bc=bc)
+    kw = {k: t[k] for k in ("D", "z", "delta_bias") if options.get(k)}
+    out, last = selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], **kw,
+                                   delta_softplus=options.get("delta_softplus", False), return_last_state=True)
+    ref, ref_last = scan_by_steps(t["u"], t["delta"], t["A"], t["B"], t["C"], **kw,
+                                  delta_softplus=options.get("delta_softplus", False))
+    assert out.dtype == torch.float32 and last.dtype == torch.float32
+    # Without softplus, negative deltas make the state grow: fp32 error is relative to the output's scale.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(last.double(), ref_last, rtol=1e-4, atol=1e-5 * ref_last.abs().max().item())
+    # The public dispatcher takes the same path on CPU.
+    torch.testing.assert_close(selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"], **kw,
+                                                 delta_softplus=options.get("delta_softplus", False)), out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_selective_scan_ref_low_precision_inputs_keep_fp32_state(dtype, tol):
+    t = make_scan_inputs(length=33, dtype=dtype)
+    out = selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    ref, _ = scan_by_steps(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    assert out.dtype == dtype
+    assert (out.double() - ref).norm() / ref.norm() < tol
+
+
+@pytest.mark.parametrize("bc", ["fixed", "variable", "grouped"])
+def test_selective_scan_ref_gradcheck(bc):
+    t = make_scan_inputs(batch=2, dim=4, length=9, d_state=3, bc=bc)
+    args = [t[k].double().requires_grad_(True) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+
+    def f(*a):
+        out, last = selective_scan_ref(*a, delta_softplus=True, return_last_state=True)
+        return out, last
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_selective_scan_gradients_match_step_loop_in_fp32():
+    t = make_scan_inputs(length=50, requires_grad=True)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    out = selective_scan_ref(*(t[k] for k in names), delta_softplus=True)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [t[k] for k in names], grad_out)
+    ref = scan_by_steps(*(t[k] for k in names), delta_softplus=True)[0]
+    want = torch.autograd.grad(ref, [t[k] for k in names], grad_out.double())
+    for name, g, w in zip(names, got, want):
+        assert (g.double() - w).norm() / w.norm() < 1e-5, name
+
+
+def test_zero_input_at_the_end_leaves_earlier_outputs_unchanged():
+    """DyVM puts pruned tokens at the end with u = 0: the kept tokens' outputs must not move."""
+    t = make_scan_inputs(length=20)
+    keep = 13
+    u_padded = t["u"].clone()
+    u_padded[..., keep:] = 0
+    full = selective_scan_ref(u_padded, t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    short = selective_scan_ref(t["u"][..., :keep], t["delta"][..., :keep], t["A"], t["B"][..., :keep],
+                               t["C"][..., :keep], t["D"], t["z"][..., :keep], t["delta_bias"], True)
+    torch.testing.assert_close(full[..., :keep], short, rtol=0, atol=1e-6)
+
+
+def test_zero_input_at_the_start_keeps_the_state_at_zero():
+    """The reversed scan meets the pruned tokens first: zero inputs there must leave h = 0."""
+    t = make_scan_inputs(length=20)
+    lead = 7
+    u = t["u"].clone()
+    u[..., :lead] = 0
+    out, _ = selective_scan_ref(u[..., :lead], t["delta"][..., :lead], t["A"], t["B"][..., :lead],
+                                t["C"][..., :lead], return_last_state=True, delta_softplus=True)
+    _, state = selective_scan_ref(u[..., :lead], t["delta"][..., :lead], t["A"], t["B"][..., :lead],
+                                  t["C"][..., :lead], return_last_state=True, delta_softplus=True)
+    assert torch.count_nonzero(state) == 0 and torch.count_nonzero(out) == 0
+    full = selective_scan_ref(u, t["delta"], t["A"], t["B"], t["C"], delta_softplus=True)
+    rest = selective_scan_ref(u[..., lead:], t["delta"][..., lead:], t["A"], t["B"][..., lead:],
+                              t["C"][..., lead:], delta_softplus=True)
+    torch.testing.assert_close(full[..., lead:], rest, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_rejects_bad_shapes_with_a_clear_message():
+    t = make_scan_inputs()
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan_ref(t["u"], t["delta"], t["A"][:-1], t["B"], t["C"])
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_ref(t["u"], t["delta"], t["A"], t["B"][..., :-1], t["C"])
+    with pytest.raises(NotImplementedError, match="complex"):
+        selective_scan_ref(t["u"], t["delta"], t["A"].to(torch.cfloat), t["B"], t["C"])
+
+
+def test_mamba_inner_matches_its_pieces():
+    a = _inner_args()
+    out = mamba_inner_fn(**a)
+    ref = mamba_inner_ref(**a)
+    torch.testing.assert_close(out, ref)
+    x, z = a["xz"].chunk(2, dim=1)
+    xc = conv_by_taps(x, a["conv1d_weight"][:, 0], a["conv1d_bias"], "silu")
+    x_dbl = xc.transpose(1, 2) @ a["x_proj_weight"].t()
+    delta = (x_dbl[..., :2] @ a["delta_proj_weight"].t()).transpose(1, 2)
+    y, _ = scan_by_steps(xc, delta, a["A"], x_dbl[..., 2:6].transpose(1, 2), x_dbl[..., 6:].transpose(1, 2),
+                         a["D"], z, a["delta_bias"], True)
+    want = y.transpose(1, 2) @ a["out_proj_weight"].double().t()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_selective_scan_ref_under_bf16_autocast_keeps_fp32_math_and_trains():
+    t = make_scan_inputs(length=19, requires_grad=True)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan_ref(*(t[k] for k in names), delta_softplus=True)
+    assert out.dtype == torch.float32  # fp32 inputs: no silent bf16 state
+    ref = selective_scan_ref(*(t[k] for k in names), delta_softplus=True)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), [t[k] for k in names])
+    assert all(g is not None and g.dtype == t[k].dtype and torch.isfinite(g).all() for g, k in zip(grads, names))
+
+
+@pytest.mark.parametrize("dtype,seqlen,options", [
+    (torch.float32, 50, "all"),
+    (torch.bfloat16, 50, "all"),
+    (torch.float32, 1, "all"),
+    (torch.float32, 197, "all"),
+    (torch.float32, 23, "bare"),          # no D, z, delta_bias, softplus
+    (torch.float32, 23, "fixed_B"),       # B (dim, N), as selective_scan_fn allows
+    (torch.float32, 19, "groups"),        # B with 2 groups, C with 1
+    (torch.bfloat16, 50, "channels_last"),  # u, delta, z with channel-contiguous memory (the Vim mixer's)
+    (torch.float32, 37, "channels_last"),   # ... at fp32 tolerance; the output keeps u's layout
+])
+def test_selective_scan_matches_reference(dtype, seqlen, options):
+    batch, dim = (1, 40) if seqlen == 197 else (2, 40)
+    if options == "fixed_B":  # a fixed B is a group per channel, a program per channel: fewer keep it fast
+        dim = 8
+    layout = "fixed" if options == "fixed_B" else "var"
+    u, delta, A, B, C, D, z, bias = scan_inputs(batch, dim, seqlen, 8, dtype, layout, 2 if options == "groups" else 1)
+    if options == "bare":
+        D = z = bias = None
+    if options == "channels_last":
+        u, delta, z = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (u, delta, z)]
+    kw = dict(delta_softplus=options != "bare", return_last_state=True)
+    with triton_on_cpu():
+        out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, **kw)
+    ref, last_ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, **kw)
+    assert out.dtype == dtype and out.shape == u.shape
+    if options == "channels_last":  # written in u's layout: coalesced stores, and no copy for the caller
+        assert out.stride(1) == 1
+    inputs = (u, delta, A, B, C, D, z, bias)
+    g, gl = torch.randn_like(out), torch.randn_like(last)
+    with triton_on_cpu():
+        got = grads((out, last), inputs, (g, gl))
+    want = grads((ref, last_ref), inputs, (g, gl))
+    names = [n for n, t in zip("u delta A B C D z bias".split(), inputs) if t is not None]
+    assert_close_all([out, last, *got], [ref, last_ref, *want], dtype, ["out", "last_state", *names])
+
+
+@pytest.mark.parametrize("lanes_on_channels", [False, True])
+def test_scan_walk_variants_agree(lanes_on_channels):
+    """The plain unrolled walks and the prefetching ones (loads issued ahead of the stores) compute the same
+    thing, forward and backward, for both directions with gates, on lengths that end mid-group."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 3, 24, 8, 19  # two 16-channel blocks (one partial), two checkpoint chunks, a partial group
+    cl = lambda: torch.randn(R, b, L, d).transpose(2, 3)  # noqa: E731  (the mixer's channel-contiguous layout)
+    u, delta = cl(), 0.5 * cl()
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    D, z, bias = torch.randn(R, d), torch.randn(b, L, d).transpose(1, 2), torch.randn(R, d)
+    gate, dout = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3]]), torch.randn(b, L, d).transpose(1, 2)
+    args = (u, delta, A, B, C, D, z, bias, True, gate, 0.5)
+    results = []
+    with triton_on_cpu():
+        for prefetch in (False, True):
+            out = torch.empty(b, L, d).transpose(1, 2)
+            last, ckpt = ss.scan_forward(*args, out, want_last=True, want_ckpt=True, unroll=4, block_d=16,
+                                         lanes_on_channels=lanes_on_channels, prefetch=prefetch)
+            g = ss.scan_backward(*args, dout, ckpt=ckpt, block_d=16, prefetch=prefetch)
+            results.append([out, last, ckpt] + [g[k] for k in sorted(g)])
+    for a, c in zip(*results):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last,want_ckpt", [(True, False), (True, True), (False, False)])
+def test_scan_split_directions_agree(channels_last, want_ckpt):
+    """A program per direction with one output each, summed after the launch (split_dirs), computes what one
+    program running both directions computes: outputs, last states and checkpoints, with a sample whose
+    directions are both gated off and one with only direction 1 on."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 4, 24, 8, 19
+    act = (lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)) if channels_last else torch.randn
+    u, delta, z = act(R, b, d, L), 0.5 * act(R, b, d, L), act(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    D, bias = torch.randn(R, d), torch.randn(R, d)
+    gate = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3], [0.0, 0.0]])
+    results = []
+    with triton_on_cpu():
+        for split in (False, True):
+            out = act(b, d, L).fill_(float("nan"))  # every element must be written
+            last, ckpt = ss.scan_forward(u, delta, A, B, C, D, z, bias, True, gate, 0.5, out, want_last=True,
+                                         want_ckpt=want_ckpt, block_d=16, split_dirs=split)
+            assert out.stride() == z.stride()
+            ran = (gate.t() != 0) | want_ckpt  # (R, b): a gated-off walk leaves its last state unwritten
+            results.append([out, last[ran]] + ([ckpt] if want_ckpt else []))
+    assert torch.isfinite(results[1][0]).all()
+    assert (results[1][0][3] == 0).all()  # both directions off: zeros
+    for a, c in zip(*results):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)

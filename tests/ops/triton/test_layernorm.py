@@ -1,0 +1,61 @@
+"""mamba_ssm.ops.triton.layernorm: fused add + RMSNorm / LayerNorm, the reference against the unfused maths and
+the Triton kernel against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_ssm.ops.triton.layernorm import RMSNorm, layer_norm_fn, layer_norm_ref, rms_norm_fn
+from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
+from tests.ops.helpers import assert_close_all, grads
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_rmsnorm_matches_unfused(residual_in_fp32, dtype):
+    x = torch.randn(3, 7, 16).to(dtype)
+    residual = torch.randn(3, 7, 16)
+    weight = torch.randn(16)
+    out, res_out = rms_norm_fn(x, weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
+                               eps=1e-5)
+    s = x.float() + residual
+    want = (s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * weight).to(dtype)
+    assert res_out.dtype == (torch.float32 if residual_in_fp32 else dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(res_out.float(), s.to(res_out.dtype).float())
+    torch.testing.assert_close(out, want)
+    # Without prenorm only the normalised tensor comes back; LayerNorm flavour matches F.layer_norm.
+    assert torch.equal(rms_norm_fn(x, weight, None, residual=residual, eps=1e-5), out)
+    ln = layer_norm_fn(x.float(), weight, torch.zeros(16), eps=1e-5)
+    torch.testing.assert_close(ln, F.layer_norm(x.float(), (16,), weight, torch.zeros(16), 1e-5))
+
+
+def test_rmsnorm_module_first_layer_residual_is_the_input_in_fp32():
+    norm = RMSNorm(8)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    out, residual = norm(x, prenorm=True, residual_in_fp32=True)
+    assert residual.dtype == torch.float32 and torch.equal(residual, x.float())
+    assert norm.bias is None
+
+
+@pytest.mark.parametrize("is_rms,residual,prenorm,res_fp32,dtype", [
+    (True, True, True, True, torch.float32),
+    (True, True, True, True, torch.bfloat16),
+    (True, False, False, False, torch.float32),
+    (False, True, True, False, torch.float32),
+    (False, False, True, True, torch.bfloat16),
+])
+def test_add_norm_matches_reference(is_rms, residual, prenorm, res_fp32, dtype):
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    res = torch.randn(3, 5, 96, dtype=torch.float32) if residual else None
+    w = torch.randn(96)
+    b = None if is_rms else torch.randn(96)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, res, w, b)]
+    args = (inputs[0], inputs[2], inputs[3], inputs[1], 1e-5, prenorm, res_fp32, is_rms)
+    out, ref = layer_norm_triton(*args), layer_norm_ref(*args)
+    out, ref = (out if prenorm else (out,)), (ref if prenorm else (ref,))
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+    gs = [torch.randn_like(o, dtype=torch.float32).to(o.dtype) for o in out]
+    got, want = grads(out, inputs, gs), grads(ref, inputs, gs)
+    assert_close_all([*out, *got], [*ref, *want], dtype, ["out", "residual_out", "x", "res", "w", "b"][:len(out)] +
+                     [n for n, t in zip(["x", "res", "w", "b"], inputs) if t is not None])
