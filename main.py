@@ -64,7 +64,7 @@ class Session:
         """dyvm.engine.evaluate's options for this run."""
         n_valid = valid_samples(len(self.splits.val), self.world_size, self.rank, self.args.dist_eval)
         return dict(amp_dtype=self.amp_dtype, valid_samples=n_valid, distributed=self.args.dist_eval,
-                    progress=self.args.progress)
+                    progress=self.args.progress, cuda_graph=self.args.cuda_graph_eval)
 
 
 def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_active: bool) -> nn.Module:

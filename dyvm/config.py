@@ -171,6 +171,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="under torchrun, split evaluation over the processes")
     g.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
                    help="measure images/s of the model and its teacher in --eval")
+    g.add_argument("--cuda-graph-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, evaluate (accuracy, tokens, gates, MACs) through CUDA-graph replays of the "
+                        "forward (dyvm.serving): the same results without the host's launch work")
     g.add_argument("--throughput-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, also time CUDA-graph replays of the forward (GPU throughput without the Python "
                    "launch overhead that bounds eager small models and bf16)")

@@ -242,13 +242,18 @@ def _topk_correct(logits: Tensor, targets: Tensor, ks=(1, 5)) -> list:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
              valid_samples: Optional[int] = None, progress: bool = False, desc: str = "eval",
-             distributed: bool = True) -> dict:
+             distributed: bool = True, cuda_graph: bool = False) -> dict:
     """Top-1/top-5, loss, and what the model ran on this data: tokens kept per stage, block keep ratio
     (overall and per layer), MACs per image in both conventions. `valid_samples`: how many of this rank's
     samples are real (distributed evaluation pads the last rank), None = all. Results are summed over ranks
-    when `distributed` (each rank saw its share); otherwise every rank reports its own full pass."""
+    when `distributed` (each rank saw its share); otherwise every rank reports its own full pass.
+    cuda_graph: on a GPU, run the forwards as CUDA-graph replays (dyvm.serving; the same results, without the
+    host's launch work that bounds eager small models and bf16)."""
+    from dyvm.serving import graphed
+
     model = unwrap(model)
     model.eval()
+    forward = graphed(model, dtype=amp_dtype, method="forward_aux") if cuda_graph else None
     world_size, rank = world()
     ce = nn.CrossEntropyLoss(reduction="sum")
     sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
@@ -262,9 +267,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp_dtype: Optio
         if keep == 0:
             continue
         images, targets = images[:keep], targets[:keep]
-        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
-        with autocast:
-            out = model.forward_aux(images)
+        if forward is not None:  # (a plain forward where the tensors are not on a GPU)
+            out = forward(images)
+        else:
+            with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()):
+                out = model.forward_aux(images)
         logits = out.logits.float()
         top1, top5 = _topk_correct(logits, targets)
         sums["n"] += keep
