@@ -1,0 +1,282 @@
+"""The selective scan's CPU implementation: forward and analytic backward of the stacked-directions op.
+
+Same contract as the Triton kernels (mamba_ssm/ops/triton/selective_scan.py, scan_forward / scan_backward),
+so the custom ops mamba_ssm::scan_fwd / scan_bwd run it for the tensors the kernels do not take (CPU):
+
+    u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
+    z: (b, d, L) or None (shared by the directions); gate: (b, R) or None
+    out = scale * sum_r gate[:, r] * (y_r + D_r u_r) * silu(z),   direction 1 runs in reverse time,
+    y_r[t] = sum_n C_t[n] h_t[n],  h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,  dt = softplus(delta + bias).
+
+Plain PyTorch (any device runs it), written for a CPU, where the cost is memory traffic and the number of
+ops rather than arithmetic:
+- "Scan order": the per-token inputs are copied once into a time-major layout (L, R, b, ...) in which
+  direction 1 is already reversed, so one step of the walk is one contiguous slice holding both directions:
+  nothing of state size is flipped, and both directions advance in the same op.
+- The state is laid out (N, d), channels innermost, so every elementwise op vectorises over channels.
+- Time is walked in chunks of CHUNK steps whose buffers (CHUNK x R x b x N x d) stay in the caches: a chunk's
+  decays exp(dt A) and inputs dt u B are one op each, the walk is one fused multiply-add per step, and the
+  outputs are one batched product. Nothing of size (L, b, d, N) is kept: the forward saves the state
+  entering each chunk and the outputs y (the checkpoint), and the backward recomputes one chunk at a time
+  from it, walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}, and reduces the
+  chunk's gradients in whole-chunk ops.
+- exp is computed as exp2 and softplus without log1p: torch's exp, log1p and softplus are 7x to 100x slower
+  than exp2 on some CPUs (MKL's vector math on AMD: for 131k floats, exp 141 us, exp2 20 us, softplus
+  2.8 ms on the 2-core EPYC of the demo).
+Math in fp32 (fp64 for fp64 inputs) whatever the input dtype; du, ddelta, dz in the inputs' dtypes.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Steps per chunk. The chunk's buffers should stay in the caches: at the demo's shapes (R=2, b=64, d=128,
+# N=8: 0.5 MB per step) 4 steps measured best on a 2-core EPYC (benchmarks/cpu_step.py).
+CHUNK = 4
+LOG2E = 1.4426950408889634
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), with log1p(e) = log(1 + e) * e / ((1 + e) - 1),
+    exact to a few ulps (e itself where 1 + e rounds to 1)."""
+    e = torch.exp2(x.abs().mul_(-LOG2E))  # exp(-|x|), in (0, 1]
+    w = e + 1
+    den = w - 1
+    return torch.where(den == 0, e, torch.log(w).mul_(e).div_(den)).add_(x.clamp(min=0))
+
+
+def checkpoint_numel(R: int, batch: int, dim: int, seqlen: int, d_state: int) -> int:
+    """Size of the flat checkpoint: the state entering every chunk, then the outputs y."""
+    return R * batch * (-(-seqlen // CHUNK) * d_state * dim + seqlen * dim)
+
+
+def _scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(R, ..., L) -> contiguous (L, R, ...) in `dtype`, direction 1's time reversed (its walk order)."""
+    out = torch.empty((t.shape[-1], *t.shape[:-1]), dtype=dtype, device=t.device)
+    for r in range(t.shape[0]):
+        src = t[r].movedim(-1, 0)
+        out[:, r].copy_(src.flip(0) if r == 1 else src)
+    return out
+
+
+def _time_order(t: Tensor) -> list:
+    """Inverse of _scan_order: (L, R, ...) -> per direction (..., L) in time order (views but direction 1)."""
+    return [t[:, r].movedim(0, -1).flip(-1) if r == 1 else t[:, r].movedim(0, -1) for r in range(t.shape[1])]
+
+
+def _from_scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(L, R, ...) -> (R, ..., L) in time order and `dtype`."""
+    return torch.stack(_time_order(t)).to(dtype)
+
+
+class _Grouped:
+    """Products of state-shaped tensors (..., N, d) with per-channel (..., d) and per-group (..., G, N) ones:
+    B or C comes in G groups of d / G channels (G = 1 in Vim; G = d for a fixed (d, N) B or C)."""
+
+    def __init__(self, dim: int, groups: int, d_state: int):
+        self.dim, self.groups, self.d_state = dim, groups, d_state
+        self.per_group = dim // groups
+
+    def outer(self, M: Tensor, v: Tensor, out: Tensor) -> Tensor:
+        """M (..., G, N), v (..., d) -> out (..., N, d) = M[g(c), n] * v[c]."""
+        lead, G, N = v.shape[:-1], self.groups, self.d_state
+        torch.mul(M.transpose(-1, -2).reshape(*lead, N, G, 1), v.reshape(*lead, 1, G, self.per_group),
+                  out=out.view(*lead, N, G, self.per_group))
+        return out
+
+    def sum_n(self, H: Tensor, M: Tensor) -> Tensor:
+        """H (..., N, d), M (..., G, N) -> (..., d) = sum_n M[g(c), n] H[n, c]."""
+        lead, G, N = H.shape[:-2], self.groups, self.d_state
+        if G == 1:
+            return torch.bmm(M.reshape(-1, 1, N), H.reshape(-1, N, self.dim)).view(*lead, self.dim)
+        prod = H.view(*lead, N, G, self.per_group) * M.transpose(-1, -2).reshape(*lead, N, G, 1)
+        return prod.sum(-3).view(*lead, self.dim)
+
+    def sum_d(self, H: Tensor, v: Tensor) -> Tensor:
+        """H (..., N, d), v (..., d) -> (..., G, N) = sum over each group's channels of H[n, c] v[c]."""
+        lead, G, N = H.shape[:-2], self.groups, self.d_state
+        prod = H.view(*lead, N, G, self.per_group) * v.view(*lead, 1, G, self.per_group)
+        return prod.sum(-1).transpose(-1, -2)
+
+
+class _Inputs:
+    """The scan-order inputs: u, pre-softplus delta, dt, dt * u (L, R, b, d); A as (R, N, d), also scaled by
+    log2(e) for exp2; B and C (L, R, b, G, N)."""
+
+    def __init__(self, u, delta, A, B, C, delta_bias, softplus_dt: bool):
+        cdt = compute_dtype(u.dtype)
+        self.U = _scan_order(u, cdt)
+        self.pre = _scan_order(delta, cdt)
+        if delta_bias is not None:
+            self.pre += delta_bias.to(cdt)[None, :, None, :]
+        self.DT = softplus(self.pre) if softplus_dt else self.pre
+        self.DU = self.DT * self.U
+        self.At = A.to(cdt).transpose(-1, -2).contiguous()
+        self.At2 = self.At * LOG2E
+        self.Bs, self.Cs = _scan_order(B, cdt), _scan_order(C, cdt)
+        self.gB = _Grouped(u.shape[2], B.shape[2], A.shape[-1])
+        self.gC = _Grouped(u.shape[2], C.shape[2], A.shape[-1])
+
+    def chunk_states(self, t0: int, t1: int, h0: Optional[Tensor], decay: Tensor, states: Tensor) -> None:
+        """Steps t0..t1-1 from the state h0 (None: zero): decays exp(dt A) into `decay`, states into `states`
+        ((t1 - t0, R, b, N, d) buffers)."""
+        torch.mul(self.DT[t0:t1].unsqueeze(-2), self.At2[:, None], out=decay).exp2_()
+        self.gB.outer(self.Bs[t0:t1], self.DU[t0:t1], out=states)
+        prev = h0
+        for i in range(t1 - t0):
+            if prev is not None:
+                states[i].addcmul_(decay[i], prev)
+            prev = states[i]
+
+
+def _chunks(seqlen: int):
+    return [(t0, min(t0 + CHUNK, seqlen)) for t0 in range(0, seqlen, CHUNK)]
+
+
+def _buffer(n: int, like: Tensor, d_state: int) -> Tensor:
+    _, R, batch, dim = like.shape
+    return torch.empty((n, R, batch, d_state, dim), dtype=like.dtype, device=like.device)
+
+
+def _direction_sum(ys, gate: Optional[Tensor], scale: float) -> Tensor:
+    """scale * sum_r gate[:, r] * ys[r] over per-direction (b, d, L) tensors. A gate of exactly 0 gives 0
+    even where y is not finite (the kernels never read a gated-off sample's inputs)."""
+    acc = None
+    for r, y in enumerate(ys):
+        if gate is None:
+            term = y * scale
+        else:
+            g = gate[:, r, None, None].to(y.dtype)
+            term = torch.where(g != 0, y * (g * scale), 0.0)
+        acc = term if acc is None else acc.add_(term)
+    return acc
+
+
+def _with_skip(Y: Tensor, U: Tensor, D: Optional[Tensor]) -> Tensor:
+    """y + D u, in place on scan-order (L, R, b, d) tensors."""
+    return Y if D is None else Y.addcmul_(U, D.to(Y.dtype)[None, :, None, :])
+
+
+def _split_checkpoint(ckpt: Tensor, R: int, batch: int, dim: int, seqlen: int, d_state: int):
+    n_states = -(-seqlen // CHUNK) * R * batch * d_state * dim
+    states = ckpt[:n_states].view(-1, R, batch, d_state, dim)  # (n_chunks, R, b, N, d)
+    return states, ckpt[n_states:].view(seqlen, R, batch, dim)
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
+                 scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False):
+    """Forward over stacked directions (see the module docstring); writes `out` (b, d, L). Returns
+    (last, ckpt): the last states (R, b, d, N) if want_last, and if want_ckpt a flat tensor (see
+    checkpoint_numel) that scan_backward starts from; the compute dtype (fp32, fp64 for fp64 inputs)."""
+    R, batch, dim, seqlen = u.shape
+    d_state = A.shape[-1]
+    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
+    cdt = x.U.dtype
+    if want_ckpt:
+        ckpt = torch.empty(checkpoint_numel(R, batch, dim, seqlen, d_state), dtype=cdt, device=u.device)
+        starts, Y = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
+    else:
+        ckpt, Y = None, torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
+    decay, states = _buffer(min(CHUNK, seqlen), x.U, d_state), _buffer(min(CHUNK, seqlen), x.U, d_state)
+    h = None
+    for c, (t0, t1) in enumerate(_chunks(seqlen)):
+        if ckpt is not None:
+            starts[c] = 0 if h is None else h
+        x.chunk_states(t0, t1, h, decay[:t1 - t0], states[:t1 - t0])
+        h = states[t1 - t0 - 1].clone()  # the next chunk overwrites the buffers before it reads h
+        Y[t0:t1] = x.gC.sum_n(states[:t1 - t0], x.Cs[t0:t1])
+    last = h.transpose(-1, -2).contiguous() if want_last else None  # (R, b, d, N)
+    Yfull = _with_skip(Y.clone() if ckpt is not None else Y, x.U, D)
+    acc = _direction_sum(_time_order(Yfull), gate, scale)
+    if z is not None:
+        acc = acc.mul_(F.silu(z.to(cdt)))
+    out.copy_(acc)
+    return last, ckpt
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
+                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
+    """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
+    and dz (b, d, L) in the dtypes of u, delta and z; dA (R, d, N), dB, dC (R, b, G, N, L), dD, ddelta_bias
+    (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's checkpoint
+    (want_ckpt); without it the forward runs again to make it."""
+    R, batch, dim, seqlen = u.shape
+    d_state = A.shape[-1]
+    if ckpt is None:
+        _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
+                               torch.empty_like(dout), want_ckpt=True)
+    starts, Y = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
+    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
+    cdt = x.U.dtype
+    # the gradient reaching each direction's y + D u: dout * scale * gate_r * silu(z), in scan order
+    dsz = dout.to(cdt) * scale
+    if z is not None:
+        zf = z.to(cdt)
+        sig = torch.sigmoid(zf)
+        dsz_y = dsz * (zf * sig)
+    else:
+        dsz_y = dsz
+    dY = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
+    for r in range(R):
+        g = dsz_y if gate is None else dsz_y * gate[:, r, None, None].to(cdt)
+        dY[:, r].copy_((g.flip(-1) if r == 1 else g).permute(2, 0, 1))
+    dB = torch.empty((seqlen, R, batch, B.shape[2], d_state), dtype=cdt, device=u.device)
+    dC = torch.empty((seqlen, R, batch, C.shape[2], d_state), dtype=cdt, device=u.device)
+    gB = torch.empty_like(dY)  # sum_n g_t B_t: the gradient of dt_t u_t
+    sQA = torch.empty_like(dY)  # sum_n q_t A, q_t = g_t a_t h_{t-1}: the gradient of dt_t through the decay
+    dA = torch.zeros((R, batch, d_state, dim), dtype=cdt, device=u.device)  # summed over samples at the end
+    n_max = min(CHUNK, seqlen)
+    decay, states, adj = (_buffer(n_max, x.U, d_state) for _ in range(3))
+    carry = None if dlast is None else dlast.to(cdt).transpose(-1, -2)  # a_{t+1} g_{t+1} entering the chunk
+    chunks = _chunks(seqlen)
+    for c in reversed(range(len(chunks))):
+        t0, t1 = chunks[c]
+        n = t1 - t0
+        dec, st, g = decay[:n], states[:n], adj[:n]
+        h0 = starts[c] if c else None
+        x.chunk_states(t0, t1, h0, dec, st)
+        x.gC.outer(x.Cs[t0:t1], dY[t0:t1], out=g)  # C_t dy_t, then the adjoint walk
+        if carry is not None:
+            g[n - 1].add_(carry)
+        for i in range(n - 2, -1, -1):
+            g[i].addcmul_(dec[i + 1], g[i + 1])
+        q = dec.mul_(g)  # a_t g_t (the decays are not needed any more)
+        carry = q[0].clone()
+        dC[t0:t1] = x.gC.sum_d(st, dY[t0:t1])
+        dB[t0:t1] = x.gB.sum_d(g, x.DU[t0:t1])
+        gB[t0:t1] = x.gB.sum_n(g, x.Bs[t0:t1])
+        if n > 1:  # q_t = a_t g_t h_{t-1} (h_{-1} = 0)
+            q[1:].mul_(st[:-1])
+        if h0 is None:
+            q[0].zero_()
+        else:
+            q[0].mul_(h0)
+        sQA[t0:t1] = (q * x.At[:, None]).sum(-2)
+        dA.add_((q * x.DT[t0:t1].unsqueeze(-2)).sum(0))
+    dU = gB * x.DT
+    dpre = gB.mul_(x.U).add_(sQA)  # d dt
+    dD = None
+    if D is not None:
+        dU.addcmul_(dY, D.to(cdt)[None, :, None, :])
+        dD = (dY * x.U).sum(2).sum(0)
+    if softplus_dt:
+        dpre.mul_(torch.sigmoid(x.pre))
+    dbias = dpre.sum(2).sum(0) if delta_bias is not None else None
+    dgate = dz = None
+    if gate is not None or z is not None:
+        ys = _time_order(_with_skip(Y.clone(), x.U, D))  # y_r + D u_r per direction, (b, d, L), time order
+        if gate is not None:
+            dgate = torch.stack([(dsz_y * y).sum((1, 2)) for y in ys], 1)
+        if z is not None:
+            dsilu = sig * (1 + zf * (1 - sig))
+            dz = (dsz * _direction_sum(ys, gate, 1.0) * dsilu).to(z.dtype)
+    return dict(du=_from_scan_order(dU, u.dtype), ddelta=_from_scan_order(dpre, delta.dtype),
+                dA=dA.sum(1).transpose(-1, -2), dB=_from_scan_order(dB, cdt), dC=_from_scan_order(dC, cdt),
+                dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)

@@ -1,0 +1,165 @@
+"""The CPU implementations of the stacked scan and conv ops (mamba_ssm/ops/cpu/selective_scan.py,
+causal_conv1d/cpu_causal_conv1d.py) against the straightforward formulas, written here as plain loops over
+time and taps with autograd: values and every gradient, fp64 (to rounding) and fp32, one and two
+directions, gates, D / z / bias / softplus on and off, grouped and fixed B, lengths across chunk edges."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from causal_conv1d import cpu_causal_conv1d as cpu_conv
+from mamba_ssm.ops.cpu import selective_scan as cpu_scan
+
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
+GRAD_NAMES = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def scan_by_steps(u, delta, A, B, C, D, z, delta_bias, gate, softplus, scale):
+    """The stacked op's definition, one direction and one step at a time (direction 1 walks time backwards)."""
+    R, batch, dim, seqlen = u.shape
+    groups = B.shape[2]
+    out, lasts = 0, []
+    for r in range(R):
+        dt = delta[r] + (delta_bias[r][:, None] if delta_bias is not None else 0)
+        dt = F.softplus(dt) if softplus else dt
+        h = u.new_zeros(batch, dim, A.shape[-1])
+        ys = [None] * seqlen
+        for t in (reversed(range(seqlen)) if r == 1 else range(seqlen)):
+            Bt = B[r, :, :, :, t].repeat_interleave(dim // groups, dim=1)  # (b, d, N)
+            Ct = C[r, :, :, :, t].repeat_interleave(dim // C.shape[2], dim=1)
+            h = torch.exp(dt[:, :, t, None] * A[r]) * h + (dt[:, :, t] * u[r, :, :, t])[..., None] * Bt
+            ys[t] = (h * Ct).sum(-1)
+        y = torch.stack(ys, -1)
+        if D is not None:
+            y = y + D[r][:, None] * u[r]
+        if z is not None:
+            y = y * F.silu(z)
+        w = scale if gate is None else gate[:, r, None, None] * scale
+        out = out + y * w
+        lasts.append(h)
+    return out, torch.stack(lasts)
+
+
+def scan_case(R, batch, dim, seqlen, d_state, dtype, groups=1, full=True, fixed_B=False):
+    g = torch.Generator().manual_seed(seqlen * 100 + R * 10 + groups)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    u = rnd(R, batch, seqlen, dim).transpose(2, 3)  # the mixer's channel-contiguous layout
+    delta = 0.5 * rnd(R, batch, dim, seqlen)
+    A = -torch.rand(R, dim, d_state, generator=g, dtype=dtype) - 0.5
+    if fixed_B:  # a (dim, N) B: one group per channel
+        B = rnd(R, dim, d_state)[:, None, :, :, None].expand(R, batch, dim, d_state, seqlen)
+    else:
+        B = rnd(R, batch, groups, d_state, seqlen)
+    C = rnd(R, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)  # strided, as x_proj's output gives it
+    D = rnd(R, dim) if full else None
+    z = rnd(batch, seqlen, dim).transpose(1, 2) if full else None
+    bias = 0.3 * rnd(R, dim) if full else None
+    gate = (torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]], dtype=dtype)[:batch, :R] if full else None)
+    return [t.detach().requires_grad_() if t is not None else None for t in (u, delta, A, B, C, D, z, bias, gate)]
+
+
+@pytest.mark.parametrize("R,seqlen,dtype,groups,full,fixed_B", [
+    (2, 37, torch.float64, 1, True, False),   # chunk edges inside the sequence, both directions, every option
+    (1, 23, torch.float64, 1, False, False),  # one direction, no D / z / bias / softplus / gate
+    (2, 20, torch.float64, 2, True, False),   # B and C in 2 groups of channels
+    (1, 9, torch.float64, 1, True, True),     # fixed (dim, N) B: a group per channel
+    (2, 1, torch.float64, 1, True, False),    # a single step
+    (2, 50, torch.float32, 1, True, False),
+])
+def test_cpu_scan_matches_step_loop(R, seqlen, dtype, groups, full, fixed_B):
+    inputs = scan_case(R, 3, 8, seqlen, 4, dtype, groups, full, fixed_B)
+    u, delta, A, B, C, D, z, bias, gate = inputs
+    softplus, scale = full, 0.5
+    ref, ref_last = scan_by_steps(*inputs, softplus, scale)
+    dout, dlast = torch.randn_like(ref), torch.randn_like(ref_last)
+    wrt = [t for t in inputs if t is not None]
+    want = torch.autograd.grad([ref, ref_last], wrt, [dout, dlast])
+    with torch.no_grad():
+        out = torch.empty_like(ref)
+        last, ckpt = cpu_scan.scan_forward(u, delta, A, B, C, D, z, bias, softplus, gate, scale, out, True, True)
+        got = cpu_scan.scan_backward(u, delta, A, B, C, D, z, bias, softplus, gate, scale, dout, dlast, ckpt)
+    assert out.dtype == dtype and got["du"].dtype == dtype
+    assert rel(out, ref) < TOL[dtype] and rel(last, ref_last) < TOL[dtype]
+    names = [n for n, t in zip(GRAD_NAMES, inputs) if t is not None]
+    for name, w in zip(names, want):
+        assert got[name].shape == w.shape, name
+        assert rel(got[name], w) < TOL[dtype], f"{name}: relative error {rel(got[name], w):.2e}"
+    # without the forward's checkpoint the backward recomputes it: the same gradients
+    with torch.no_grad():
+        again = cpu_scan.scan_backward(u, delta, A, B, C, D, z, bias, softplus, gate, scale, dout, dlast)
+    assert all(torch.equal(again[n], got[n]) for n in names)
+
+
+def test_cpu_scan_gated_off_sample_ignores_its_inputs():
+    """A (sample, direction) whose gate is exactly 0 contributes 0 even when its inputs are not finite."""
+    u, delta, A, B, C, D, z, bias, _ = scan_case(2, 2, 8, 11, 4, torch.float32)
+    gate = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    u = u.detach().clone()
+    u[1] = float("nan")
+    out = torch.empty(2, 8, 11)
+    with torch.no_grad():
+        cpu_scan.scan_forward(u, delta, A, B, C, D, z, bias, True, gate, 1.0, out)
+    assert torch.isfinite(out[0]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_cpu_softplus_is_exact():
+    """To rounding: exp(-|x|) is computed as exp2(-|x| log2(e)), whose product rounds to a relative error of
+    |x| ulps in the result (the Triton kernels' exp2 does the same); no loss where exp(x) is tiny."""
+    x = torch.cat([torch.linspace(-80, 40, 20001, dtype=torch.float64), torch.tensor([0.0, 1e-20, -1e-20])])
+    for dtype, eps in ((torch.float64, 2.2e-16), (torch.float32, 1.2e-7)):
+        xd = x.to(dtype)
+        want = torch.log1p(torch.exp(xd.double()))  # no overflow in this range
+        got = cpu_scan.softplus(xd).double()
+        assert ((got - want).abs() / want <= 4 * eps * (1 + xd.double().abs())).all()
+
+
+def conv_by_taps(x, weight, bias, mask, silu):
+    """out[r] = m * act(bias + sum_k w[r, :, k] x_m[t - K + 1 + k]) for r = 0; x_m[t + K - 1 - k] for r = 1."""
+    R, dim, width = weight.shape
+    seqlen = x.shape[-1]
+    xm = x if mask is None else x * mask[:, None]
+    outs = []
+    for r in range(R):
+        taps = []
+        for t in range(seqlen):
+            acc = bias[r] if bias is not None else torch.zeros_like(xm[:, :, 0])
+            for k in range(width):
+                src = t - (width - 1) + k if r == 0 else t + (width - 1) - k
+                if 0 <= src < seqlen:
+                    acc = acc + weight[r, :, k] * xm[:, :, src]
+            taps.append(acc)
+        y = torch.stack(taps, -1)
+        y = F.silu(y) if silu else y
+        outs.append(y if mask is None else y * mask[:, None])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("R,width,seqlen,masked,silu,channels_last,dtype", [
+    (2, 4, 19, True, True, True, torch.float64),
+    (2, 4, 19, True, True, False, torch.float64),
+    (1, 3, 12, False, True, True, torch.float64),
+    (2, 2, 7, False, False, False, torch.float64),
+    (2, 4, 1, True, True, True, torch.float64),
+    (2, 4, 50, True, True, True, torch.float32),
+])
+def test_cpu_conv_matches_tap_sum(R, width, seqlen, masked, silu, channels_last, dtype):
+    batch, dim = 2, 12
+    x = torch.randn(batch, seqlen, dim, dtype=dtype).transpose(1, 2) if channels_last else \
+        torch.randn(batch, dim, seqlen, dtype=dtype)
+    weight, bias = torch.randn(R, dim, width, dtype=dtype), torch.randn(R, dim, dtype=dtype)
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype) if masked else None
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    ref = conv_by_taps(*leaves, mask, silu)
+    dout = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, dout)
+    out = cpu_conv.conv_forward(x, weight, bias, mask, silu, torch.empty_like(ref))
+    dx, dw, db = cpu_conv.conv_backward(x, weight, bias, mask, silu, dout)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    for name, a, b in zip(("out", "dx", "dweight", "dbias"), (out, dx, dw, db), (ref, *want)):
+        assert rel(a, b) < TOL[dtype], f"{name}: relative error {rel(a, b):.2e}"
+    _, dw_nobias, db_none = cpu_conv.conv_backward(x, weight, None, mask, silu, dout)
+    assert db_none is None and dw_nobias.shape == dw.shape
