@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
+
 _EMPTY = (0,)
 
 
 def _kernels(x: Tensor) -> bool:
-    from causal_conv1d.causal_conv1d_interface import use_triton
-
-    return use_triton(x)
+    return triton_enabled(x, "causal_conv1d.triton_causal_conv1d")
 
 
 def _alloc(x: Tensor, R: int, channels_last_out: bool) -> Tensor:
@@ -136,9 +136,7 @@ def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional
                gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool) -> Tensor:
     """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d_interface.ops_watched)."""
-    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
-
+    needed (see causal_conv1d.kernel_utils.ops_watched)."""
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)

@@ -11,7 +11,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 for _name in ("causal_conv1d.triton_causal_conv1d", "mamba_ssm.ops.triton.selective_scan",
-              "mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.triton.bimamba"):
+              "mamba_ssm.ops.triton.layernorm_kernel"):
     if _name in sys.modules:  # imported before the variable was set: re-decorate the kernels
         importlib.reload(sys.modules[_name])
 
@@ -25,8 +25,7 @@ from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn, bi
 from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, triton_enabled, triton_on_cpu  # noqa: E402
 from mamba_ssm.ops.scan_op import scan_macs  # noqa: E402
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref  # noqa: E402
-from mamba_ssm.ops.triton.layernorm import layer_norm_ref  # noqa: E402
-from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton  # noqa: E402
+from mamba_ssm.ops.triton.layernorm import layer_norm_ref, layer_norm_triton  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative L2 error (see benchmarks for full-size numbers)
 
@@ -322,7 +321,7 @@ def test_eager_calls_skip_the_dispatcher_but_not_what_watches_ops():
     FlopCounterMode and FakeTensorMode get the custom ops. Same values and gradients either way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
+    from causal_conv1d.kernel_utils import needs_grad, ops_watched
 
     x, w = torch.randn(2, 3), torch.randn(3).requires_grad_()
     assert not ops_watched() and needs_grad(x, w) and not needs_grad(x, None)
@@ -390,3 +389,28 @@ def test_custom_op_registration():
     conv_args = [t.requires_grad_() for t in conv_args] + [(torch.rand(b, L) > 0.3).float(), None]
     result = torch.library.opcheck(torch.ops.causal_conv1d.conv_fwd.default, (*conv_args, True, True))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_kernel_files_are_leaves():
+    """The Triton kernel files import only torch, Triton and the shared kernel utilities (no op module, no
+    interface), so the op layers sit on top of them without import cycles, as in upstream mamba."""
+    import ast
+    import pathlib
+
+    import causal_conv1d
+    import mamba_ssm
+
+    allowed = {"typing", "torch", "triton", "causal_conv1d.kernel_utils", "causal_conv1d.triton_utils",
+               "mamba_ssm.ops.triton.layernorm_kernel"}  # (the norm's interface may load its kernel)
+    files = [pathlib.Path(causal_conv1d.__file__).with_name(n) for n in ("triton_causal_conv1d.py", "kernel_utils.py",
+                                                                         "triton_utils.py", "cpu_causal_conv1d.py")]
+    files += sorted(pathlib.Path(mamba_ssm.__file__).parent.joinpath("ops", "triton").glob("*.py"))
+    files += sorted(pathlib.Path(mamba_ssm.__file__).parent.joinpath("ops", "cpu").glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                root = name.split(".")[0]
+                assert root in {"typing", "torch", "triton", "json", "os", "importlib", "contextlib", "functools"} \
+                    or name in allowed, f"{path.name} imports {name}"

@@ -96,7 +96,7 @@ class Mamba(nn.Module):
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         cached = self.__dict__.get("_v2_cache")
         if cached is None or cached[0] != key:
-            from mamba_ssm.ops.triton.bimamba import stack_directions
+            from mamba_ssm.ops.bimamba_stacked import stack_directions
 
             fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
             cached = (key, fwd, bwd, stack_directions(fwd, bwd))

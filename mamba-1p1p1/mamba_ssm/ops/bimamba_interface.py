@@ -83,10 +83,10 @@ def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask
 def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True,
                         stacked=None):
     """Both directions of a Vim v2 layer in one call; Triton kernels on CUDA tensors. stacked: optionally
-    mamba_ssm.ops.triton.bimamba.stack_directions(fwd, bwd), cached by the caller (the kernels' form)."""
+    mamba_ssm.ops.bimamba_stacked.stack_directions(fwd, bwd), cached by the caller (the kernels' form)."""
     _check(xz, fwd, gate, mask)
     if triton_enabled(xz, "bimamba"):
-        from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
+        from mamba_ssm.ops.bimamba_stacked import bimamba_v2_inner_triton
 
         return bimamba_v2_inner_triton(xz, fwd, bwd, gate, mask, divide_out, stacked)
     return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out)

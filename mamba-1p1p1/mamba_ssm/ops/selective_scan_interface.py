@@ -7,11 +7,13 @@ The references are vectorised (see scan_core.py) and keep the state in fp32 what
 """
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops import scan_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
-from mamba_ssm.ops.dispatch import triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, triton_enabled
 from mamba_ssm.ops.scan_core import SelectiveScanCore
+from mamba_ssm.ops.scan_op import scan_apply
 
 
 def use_triton(x):
@@ -87,13 +89,32 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, last.reshape(batch, dim, -1)) if return_last_state else out
 
 
+def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
+    """B or C as accepted by selective_scan_fn -> (1, b, G, N, L) view (a fixed (dim, N) is G = dim)."""
+    if M.dim() == 2:
+        return M[None, None, :, :, None].expand(1, batch, M.shape[0], M.shape[1], seqlen)
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    return M.unsqueeze(0)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """selective_scan_fn on the Triton kernels, through scan_op.scan_apply (arguments checked by the caller)."""
+    batch, _, seqlen = u.shape
+    out, last, _ = scan_apply(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
+                              _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
+                              delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus,
+                              1.0, return_last_state, u.stride(-1) != 1,
+                              needs_grad(u, delta, A, B, C, D, z, delta_bias))
+    return (out, last.squeeze(0)) if return_last_state else out  # squeeze: a view, also for the gradient
+
+
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
     """Same contract as `selective_scan_ref`; Triton kernels for CUDA tensors."""
     if use_triton(u):
         _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-        from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
-
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
