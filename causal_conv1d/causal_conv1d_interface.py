@@ -1,13 +1,14 @@
 """Depthwise causal 1-D convolution, with the causal-conv1d (upstream) call signature.
 
-`causal_conv1d_fn` dispatches: CUDA tensors go to the Triton kernel (compiled at first use) through the
-custom op causal_conv1d::conv_fwd (conv_op.py), everything else to `causal_conv1d_ref`. Set MAMBA_FORCE_REFERENCE=1 to take the reference on a GPU too.
+`causal_conv1d_fn` runs through the custom op causal_conv1d::conv_fwd (conv_op.py): the Triton kernel for
+CUDA tensors (compiled at first use), the PyTorch implementation (cpu_causal_conv1d.py) for other devices.
+MAMBA_FORCE_REFERENCE=1 sends it to `causal_conv1d_ref` (F.conv1d) instead.
 """
 import torch.nn.functional as F
 
 from causal_conv1d import conv_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
 from causal_conv1d.conv_op import conv_apply
-from causal_conv1d.kernel_utils import triton_enabled
+from causal_conv1d.kernel_utils import reference_forced, triton_enabled
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -46,8 +47,8 @@ def use_triton(x):
     return triton_enabled(x, "causal_conv1d.triton_causal_conv1d")
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """causal_conv1d_fn on the Triton kernels, through conv_op.conv_apply (arguments checked by the caller)."""
+def causal_conv1d_op(x, weight, bias=None, activation=None):
+    """causal_conv1d_fn through conv_op.conv_apply, on any device (arguments checked by the caller)."""
     # The output in x's memory layout (as upstream: channel-last in, channel-last out), so the stores
     # coalesce; squeeze, not [0]: the gradient of a select is a zero-filled copy in the default layout.
     return conv_apply(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
@@ -55,8 +56,8 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None):
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """Same as `causal_conv1d_ref`; Triton kernel for CUDA tensors."""
+    """Same as `causal_conv1d_ref`, through the custom op (see the module docstring)."""
+    if reference_forced():
+        return causal_conv1d_ref(x, weight, bias, activation)
     _check_args(x, weight, bias, activation)
-    if use_triton(x):
-        return causal_conv1d_triton(x, weight, bias, activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+    return causal_conv1d_op(x, weight, bias, activation)

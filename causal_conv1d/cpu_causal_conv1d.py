@@ -55,6 +55,15 @@ def _pre_activation(xp: Tensor, weight: Tensor, bias: Optional[Tensor], seqlen: 
     return pre
 
 
+def dx_like(x: Tensor) -> Tensor:
+    """The input gradient's memory, as the Triton kernel lays it out: channel-contiguous for a channel-
+    contiguous x (the Vim mixer's), else (b, d, L) contiguous."""
+    batch, dim, seqlen = x.shape
+    if x.stride(1) == 1:
+        return x.new_empty((batch, seqlen, dim)).transpose(1, 2)
+    return x.new_empty((batch, dim, seqlen))
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -77,8 +86,8 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
                   dout: Tensor):
-    """Gradients of conv_forward: dx (x's dtype, channel-contiguous (b, d, L)); dweight (R, d, K) and dbias
-    (R, d) or None in fp32 (fp64 for fp64 inputs). dout: (R, b, d, L) view."""
+    """Gradients of conv_forward: dx (x's dtype, laid out by dx_like); dweight (R, d, K) and dbias (R, d) or
+    None in fp32 (fp64 for fp64 inputs). dout: (R, b, d, L) view."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     cdt = _compute_dtype(x)
@@ -104,6 +113,6 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     if m is not None:
         dx = dx * m[0]
     dbias = g.reshape(R, rows, dim).sum(1) if bias is not None else None
-    dx_out = torch.empty((batch, seqlen, dim), dtype=x.dtype, device=x.device)
-    dx_out.copy_(dx)
-    return dx_out.transpose(1, 2), dw, dbias
+    dx_out = dx_like(x)
+    dx_out.copy_(dx.transpose(1, 2))
+    return dx_out, dw, dbias

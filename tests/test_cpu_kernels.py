@@ -163,3 +163,57 @@ def test_cpu_conv_matches_tap_sum(R, width, seqlen, masked, silu, channels_last,
         assert rel(a, b) < TOL[dtype], f"{name}: relative error {rel(a, b):.2e}"
     _, dw_nobias, db_none = cpu_conv.conv_backward(x, weight, None, mask, silu, dout)
     assert db_none is None and dw_nobias.shape == dw.shape
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], g)
+
+
+@pytest.mark.parametrize("dtype,gated,masked", [(torch.float64, True, True), (torch.float64, False, False),
+                                                (torch.float32, True, True)])
+def test_public_ops_on_cpu_match_the_references(dtype, gated, masked):
+    """bimamba_v2_inner_fn, selective_scan_fn and causal_conv1d_fn on CPU (the stacked ops on these
+    implementations) against bimamba_v2_inner_ref / selective_scan_ref / causal_conv1d_ref: values and every
+    gradient, including the gates'."""
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+    from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn, bimamba_v2_inner_ref
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref
+
+    tol = 1e-9 if dtype == torch.float64 else 2e-5  # the references round the directions' sum in fp32
+    batch, dim, seqlen, d_state, dt_rank = 3, 16, 21, 4, 2
+
+    def weights():
+        return ScanWeights(0.5 * torch.randn(dim, 1, 4, dtype=dtype), 0.1 * torch.randn(dim, dtype=dtype),
+                           0.2 * torch.randn(dt_rank + 2 * d_state, dim, dtype=dtype),
+                           0.3 * torch.randn(dim, dt_rank, dtype=dtype), 0.3 * torch.randn(dim, dtype=dtype) - 1,
+                           -torch.rand(dim, d_state, dtype=dtype) - 0.5, torch.randn(dim, dtype=dtype))
+    xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
+    leaves = [t.detach().requires_grad_() for t in (xz, *weights(), *weights())]
+    gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]], dtype=dtype).requires_grad_() if gated else None
+    # a training mask carries the pruning decisions' straight-through gradient
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype).requires_grad_() if masked else None
+    args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate, mask)
+    out, ref = bimamba_v2_inner_fn(*args), bimamba_v2_inner_ref(*args)
+    g = torch.randn_like(out)
+    inputs = [*leaves, gate, mask]
+    for name, a, b in zip(["out", "xz", *ScanWeights._fields * 2, "gate", "mask"],
+                          [out, *_grads(out, inputs, g)], [ref, *_grads(ref, inputs, g)]):
+        assert rel(a, b) < tol, f"bimamba {name}: {rel(a, b):.2e}"
+
+    u, delta, z = (torch.randn(2, dim, seqlen, dtype=dtype, requires_grad=True) for _ in range(3))
+    A = (-torch.rand(dim, d_state, dtype=dtype) - 0.5).requires_grad_()
+    B, C = (torch.randn(2, d_state, seqlen, dtype=dtype, requires_grad=True) for _ in range(2))
+    D, bias = torch.randn(dim, dtype=dtype, requires_grad=True), torch.randn(dim, dtype=dtype, requires_grad=True)
+    inputs = (u, delta, A, B, C, D, z, bias)
+    out, last = selective_scan_fn(*inputs, delta_softplus=True, return_last_state=True)
+    ref, ref_last = selective_scan_ref(*inputs, delta_softplus=True, return_last_state=True)
+    g = torch.randn_like(out)
+    assert rel(last, ref_last) < tol
+    for a, b in zip([out, *_grads(out, inputs, g)], [ref, *_grads(ref, inputs, g)]):
+        assert rel(a, b) < tol
+
+    x, w, b = (torch.randn(*s, dtype=dtype, requires_grad=True) for s in ((2, dim, seqlen), (dim, 4), (dim,)))
+    out, ref = causal_conv1d_fn(x, w, b, activation="silu"), causal_conv1d_ref(x, w, b, activation="silu")
+    g = torch.randn_like(out)
+    for a, c in zip([out, *_grads(out, (x, w, b), g)], [ref, *_grads(ref, (x, w, b), g)]):
+        assert rel(a, c) < tol

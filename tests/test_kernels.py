@@ -169,19 +169,21 @@ def test_bimamba_matches_reference(dtype, seqlen, gated, masked):
     fwd, bwd = scan_weights(dim, 4, 8, dtype), scan_weights(dim, 4, 8, dtype)
     xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
     gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.0, 0.0]]) if gated else None
-    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype) if masked else None
+    # a training mask carries the pruning decisions' straight-through gradient
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype).requires_grad_() if masked else None
     leaves = [t.detach().requires_grad_() for t in (xz, *fwd, *bwd)]
     gate_leaf = gate.clone().requires_grad_() if gated else None
     args = (leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate_leaf, mask)
     with triton_on_cpu():
         out = bimamba_v2_inner_fn(*args)
     ref = bimamba_v2_inner_ref(*args)
-    inputs = [*leaves, gate_leaf]
+    inputs = [*leaves, gate_leaf, mask]
     g = torch.randn_like(out)
     with triton_on_cpu():
         got = grads(out, inputs, g)
     want = grads(ref, inputs, g)
-    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate"]
+    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate",
+             "mask"]
     names = [n for n, t in zip(names, inputs) if t is not None]
     assert_close_all([out, *got], [ref, *want], dtype, ["out", *names])
 
@@ -372,7 +374,7 @@ def test_env_report_names_every_op():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "dyvm.env"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch reference (cpu tensors)",
+    for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch implementation (cpu tensors)",
                    "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn"):
         assert needle in out.stdout, out.stdout
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 BIMAMBA_TYPES = ("none", "v2")
@@ -82,15 +82,15 @@ class Mamba(nn.Module):
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
     def _v2_weights(self, xz):
-        """(fwd, bwd ScanWeights, their stacked form or None). Inference on the kernels reuses them while the
-        parameters are unchanged: deriving A and stacking the directions is a dozen small ops per layer,
-        which the host pays on every call (eager inference is bound by the host, not the GPU)."""
+        """(fwd, bwd ScanWeights, their stacked form or None). Inference reuses them while the parameters are
+        unchanged: deriving A and stacking the directions is a dozen small ops per layer, which the host pays
+        on every call (eager inference on a GPU is bound by the host, not the GPU)."""
         params = (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
                   self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
                   self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # (not .parameters(): slow)
         params = [p for p in params if p is not None]
         # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops
-        cacheable = triton_enabled(xz, "bimamba") and not ops_watched() and not needs_grad(*params)
+        cacheable = not reference_forced() and not ops_watched() and not needs_grad(*params)
         if not cacheable:
             return self.scan_weights(), self.scan_weights(backward=True), None
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)

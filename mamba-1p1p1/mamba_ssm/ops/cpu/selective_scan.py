@@ -70,8 +70,18 @@ def _time_order(t: Tensor) -> list:
 
 
 def _from_scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """(L, R, ...) -> (R, ..., L) in time order and `dtype`."""
+    """(L, R, ...) -> (R, ..., L) in time order and `dtype`, contiguous."""
     return torch.stack(_time_order(t)).to(dtype)
+
+
+def _channels_last(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Scan-order (L, R, b, d) -> (R, b, d, L) in time order and `dtype`, channel-contiguous (the layout of
+    the Triton kernels' du / ddelta)."""
+    seqlen, R, batch, dim = t.shape
+    out = torch.empty((R, batch, seqlen, dim), dtype=dtype, device=t.device)
+    for r in range(R):
+        out[r].copy_((t[:, r].flip(0) if r == 1 else t[:, r]).transpose(0, 1))
+    return out.transpose(2, 3)
 
 
 class _Grouped:
@@ -204,8 +214,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
     """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
-    and dz (b, d, L) in the dtypes of u, delta and z; dA (R, d, N), dB, dC (R, b, G, N, L), dD, ddelta_bias
-    (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's checkpoint
+    and dz (b, d, L) in the dtypes of u, delta and z, channel-contiguous; dA (R, d, N), dB, dC (R, b, G, N, L),
+    dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's checkpoint
     (want_ckpt); without it the forward runs again to make it."""
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
@@ -276,7 +286,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             dgate = torch.stack([(dsz_y * y).sum((1, 2)) for y in ys], 1)
         if z is not None:
             dsilu = sig * (1 + zf * (1 - sig))
-            dz = (dsz * _direction_sum(ys, gate, 1.0) * dsilu).to(z.dtype)
-    return dict(du=_from_scan_order(dU, u.dtype), ddelta=_from_scan_order(dpre, delta.dtype),
-                dA=dA.sum(1).transpose(-1, -2), dB=_from_scan_order(dB, cdt), dC=_from_scan_order(dC, cdt),
+            dz_tm = dsz * _direction_sum(ys, gate, 1.0) * dsilu  # (b, d, L)
+            dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=z.device).transpose(1, 2)
+            dz.copy_(dz_tm)
+    return dict(du=_channels_last(dU, u.dtype), ddelta=_channels_last(dpre, delta.dtype),
+                dA=dA.sum(1).transpose(-1, -2).contiguous(), dB=_from_scan_order(dB, cdt),
+                dC=_from_scan_order(dC, cdt),
                 dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)
