@@ -5,11 +5,13 @@ references (MAMBA_FORCE_REFERENCE=1), interleaved in the same process, so that a
 alike. Random images; the DyVM's teacher is a random dense twin (the same cost as the real one).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_step.py [--rounds 5] [--steps 4] [--paths impl ref]
-        [--configs dense dyvm] [--profile dyvm] [--out benchmarks/results/cpu_step_<date>.txt]
+        [--configs dense dyvm] [--threads 1] [--profile dyvm] [--out benchmarks/results/cpu_step_<date>.txt]
 
 Prints the median over rounds of the mean over `steps` steps, in ms, with the machine, its load and the
-command; --out also writes that text to a file. --profile CONFIG prints torch.profiler's op table of a few
-training steps of CONFIG on the implementations.
+command, and the process's CPU time per training step; --out also writes that text to a file. On a machine
+shared with other jobs, wall times swing with the load (a thread that loses its core stalls every op that
+waits for it): with --threads 1 the CPU time per step is the steadier measure for comparing code.
+--profile CONFIG prints torch.profiler's op table of a few training steps of CONFIG on the implementations.
 """
 import argparse
 import os
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 PATHS = {"impl": "0", "ref": "1"}  # MAMBA_FORCE_REFERENCE per path
-PHASES = ("forward", "loss", "backward", "update", "step", "eval")
+PHASES = ("forward", "loss", "backward", "update", "step", "eval", "step_cpu")
 
 
 def build(config: str):
@@ -59,6 +61,7 @@ def time_steps(setup, steps: int) -> dict:
     model.train()
     criterion.train()
     totals = dict.fromkeys(PHASES, 0.0)
+    cpu0 = time.process_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         out = train_model(images)
@@ -73,6 +76,7 @@ def time_steps(setup, steps: int) -> dict:
         t4 = time.perf_counter()
         for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
             totals[phase] += dt
+    totals["step_cpu"] = time.process_time() - cpu0
     model.eval()
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -139,10 +143,13 @@ def main(argv=None) -> int:
     p.add_argument("--paths", nargs="+", default=["impl", "ref"], choices=list(PATHS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--profile", choices=["dense", "dyvm"], help="print the op profile of this config instead")
     p.add_argument("--out", help="also write the results to this file")
     args = p.parse_args(argv)
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     text = profile(args.profile) if args.profile else run(args)
     print(text)
     if args.out:

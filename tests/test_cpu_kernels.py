@@ -78,6 +78,7 @@ def test_cpu_scan_matches_step_loop(R, seqlen, dtype, groups, full, fixed_B):
     dout, dlast = torch.randn_like(ref), torch.randn_like(ref_last)
     wrt = [t for t in inputs if t is not None]
     want = torch.autograd.grad([ref, ref_last], wrt, [dout, dlast])
+    before = [t.detach().clone() for t in inputs if t is not None]
     with torch.no_grad():
         out = torch.empty_like(ref)
         last, ckpt = cpu_scan.scan_forward(u, delta, A, B, C, D, z, bias, softplus, gate, scale, out, True, True)
@@ -92,6 +93,7 @@ def test_cpu_scan_matches_step_loop(R, seqlen, dtype, groups, full, fixed_B):
     with torch.no_grad():
         again = cpu_scan.scan_backward(u, delta, A, B, C, D, z, bias, softplus, gate, scale, dout, dlast)
     assert all(torch.equal(again[n], got[n]) for n in names)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in inputs if t is not None]))  # inputs untouched
 
 
 def test_cpu_scan_gated_off_sample_ignores_its_inputs():

@@ -20,9 +20,11 @@ ops rather than arithmetic:
   entering each chunk and the outputs y (the checkpoint), and the backward recomputes one chunk at a time
   from it, walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}, and reduces the
   chunk's gradients in whole-chunk ops.
-- exp is computed as exp2 and softplus without log1p: torch's exp, log1p and softplus are 7x to 100x slower
-  than exp2 on some CPUs (MKL's vector math on AMD: for 131k floats, exp 141 us, exp2 20 us, softplus
-  2.8 ms on the 2-core EPYC of the demo).
+- Few and reused temporaries: every chunk-sized product and sum writes into buffers allocated once per call
+  (a fresh multi-megabyte tensor costs its page faults again each time on a glibc system).
+- exp is computed as exp2, and softplus with fp64's log1p: torch's fp32 exp, log1p and softplus are 7x to
+  100x slower than exp2 on some CPUs (for 131k floats on the demo's 2-core AMD EPYC: exp 141 us, exp2 20
+  us, fp32 log1p 2.5 ms, fp64 log1p 0.2 ms).
 Math in fp32 (fp64 for fp64 inputs) whatever the input dtype; du, ddelta, dz in the inputs' dtypes.
 """
 from typing import Optional
@@ -42,36 +44,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def softplus(x: Tensor) -> Tensor:
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), with log1p(e) = log(1 + e) * e / ((1 + e) - 1),
-    exact to a few ulps (e itself where 1 + e rounds to 1)."""
-    e = torch.exp2(x.abs().mul_(-LOG2E))  # exp(-|x|), in (0, 1]
-    w = e + 1
-    den = w - 1
-    return torch.where(den == 0, e, torch.log(w).mul_(e).div_(den)).add_(x.clamp(min=0))
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), exact to rounding (log1p in fp64, see above)."""
+    e = x.abs().mul_(-LOG2E).exp2_()  # exp(-|x|), in (0, 1]
+    l1p = e.log1p_() if x.dtype == torch.float64 else e.double().log1p_().to(x.dtype)
+    return l1p.add_(x.clamp(min=0))
 
 
 def checkpoint_numel(R: int, batch: int, dim: int, seqlen: int, d_state: int) -> int:
-    """Size of the flat checkpoint: the state entering every chunk, then the outputs y."""
-    return R * batch * (-(-seqlen // CHUNK) * d_state * dim + seqlen * dim)
+    """Size of the flat checkpoint: the state entering every chunk, then the outputs y and the step sizes dt
+    (both in scan order)."""
+    return R * batch * (-(-seqlen // CHUNK) * d_state * dim + 2 * seqlen * dim)
 
 
-def _scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _split_checkpoint(ckpt: Tensor, R: int, batch: int, dim: int, seqlen: int, d_state: int):
+    """-> states entering the chunks (n_chunks, R, b, N, d), y and dt (L, R, b, d), views of the checkpoint."""
+    n_states = -(-seqlen // CHUNK) * R * batch * d_state * dim
+    n_tok = seqlen * R * batch * dim
+    tokens = (seqlen, R, batch, dim)
+    return (ckpt[:n_states].view(-1, R, batch, d_state, dim), ckpt[n_states:n_states + n_tok].view(tokens),
+            ckpt[n_states + n_tok:].view(tokens))
+
+
+def _scan_order(t: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
     """(R, ..., L) -> contiguous (L, R, ...) in `dtype`, direction 1's time reversed (its walk order)."""
-    out = torch.empty((t.shape[-1], *t.shape[:-1]), dtype=dtype, device=t.device)
+    if out is None:
+        out = torch.empty((t.shape[-1], *t.shape[:-1]), dtype=dtype, device=t.device)
     for r in range(t.shape[0]):
         src = t[r].movedim(-1, 0)
         out[:, r].copy_(src.flip(0) if r == 1 else src)
     return out
 
 
-def _time_order(t: Tensor) -> list:
-    """Inverse of _scan_order: (L, R, ...) -> per direction (..., L) in time order (views but direction 1)."""
-    return [t[:, r].movedim(0, -1).flip(-1) if r == 1 else t[:, r].movedim(0, -1) for r in range(t.shape[1])]
-
-
-def _from_scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """(L, R, ...) -> (R, ..., L) in time order and `dtype`, contiguous."""
-    return torch.stack(_time_order(t)).to(dtype)
+def _time_major(t: Tensor, r: int) -> Tensor:
+    """Direction r of a scan-order (L, R, ...) tensor in time order: a view (direction 0), a copy (1)."""
+    return t[:, r].flip(0) if r == 1 else t[:, r]
 
 
 def _channels_last(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -80,13 +86,19 @@ def _channels_last(t: Tensor, dtype: torch.dtype) -> Tensor:
     seqlen, R, batch, dim = t.shape
     out = torch.empty((R, batch, seqlen, dim), dtype=dtype, device=t.device)
     for r in range(R):
-        out[r].copy_((t[:, r].flip(0) if r == 1 else t[:, r]).transpose(0, 1))
+        out[r].copy_(_time_major(t, r).transpose(0, 1))
     return out.transpose(2, 3)
+
+
+def _from_scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Scan-order (L, R, ...) -> (R, ..., L) in time order and `dtype`, contiguous."""
+    return torch.stack([_time_major(t, r).movedim(0, -1) for r in range(t.shape[1])]).to(dtype)
 
 
 class _Grouped:
     """Products of state-shaped tensors (..., N, d) with per-channel (..., d) and per-group (..., G, N) ones:
-    B or C comes in G groups of d / G channels (G = 1 in Vim; G = d for a fixed (d, N) B or C)."""
+    B or C comes in G groups of d / G channels (G = 1 in Vim; G = d for a fixed (d, N) B or C). `tmp`: a
+    state-shaped buffer at least as large as the operands, for the products that are summed."""
 
     def __init__(self, dim: int, groups: int, d_state: int):
         self.dim, self.groups, self.d_state = dim, groups, d_state
@@ -99,33 +111,38 @@ class _Grouped:
                   out=out.view(*lead, N, G, self.per_group))
         return out
 
-    def sum_n(self, H: Tensor, M: Tensor) -> Tensor:
-        """H (..., N, d), M (..., G, N) -> (..., d) = sum_n M[g(c), n] H[n, c]."""
+    def sum_n(self, H: Tensor, M: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+        """H (..., N, d), M (..., G, N) -> out (..., d) = sum_n M[g(c), n] H[n, c]."""
         lead, G, N = H.shape[:-2], self.groups, self.d_state
         if G == 1:
-            return torch.bmm(M.reshape(-1, 1, N), H.reshape(-1, N, self.dim)).view(*lead, self.dim)
-        prod = H.view(*lead, N, G, self.per_group) * M.transpose(-1, -2).reshape(*lead, N, G, 1)
-        return prod.sum(-3).view(*lead, self.dim)
+            torch.bmm(M.reshape(-1, 1, N), H.reshape(-1, N, self.dim), out=out.view(-1, 1, self.dim))
+            return out
+        prod = torch.mul(H.view(*lead, N, G, self.per_group), M.transpose(-1, -2).reshape(*lead, N, G, 1),
+                         out=tmp.view(-1)[:H.numel()].view(*lead, N, G, self.per_group))
+        torch.sum(prod, -3, out=out.view(*lead, G, self.per_group))
+        return out
 
-    def sum_d(self, H: Tensor, v: Tensor) -> Tensor:
-        """H (..., N, d), v (..., d) -> (..., G, N) = sum over each group's channels of H[n, c] v[c]."""
+    def sum_d(self, H: Tensor, v: Tensor, out: Tensor, tmp: Tensor) -> Tensor:
+        """H (..., N, d), v (..., d) -> out (..., G, N) = sum over each group's channels of H[n, c] v[c]."""
         lead, G, N = H.shape[:-2], self.groups, self.d_state
-        prod = H.view(*lead, N, G, self.per_group) * v.view(*lead, 1, G, self.per_group)
-        return prod.sum(-1).transpose(-1, -2)
+        prod = torch.mul(H.view(*lead, N, G, self.per_group), v.view(*lead, 1, G, self.per_group),
+                         out=tmp.view(-1)[:H.numel()].view(*lead, N, G, self.per_group))
+        torch.sum(prod, -1, out=out.transpose(-1, -2))
+        return out
 
 
 class _Inputs:
-    """The scan-order inputs: u, pre-softplus delta, dt, dt * u (L, R, b, d); A as (R, N, d), also scaled by
-    log2(e) for exp2; B and C (L, R, b, G, N)."""
+    """The scan-order inputs: u, dt, dt * u (L, R, b, d); A as (R, N, d), also scaled by log2(e) for exp2;
+    B and C (L, R, b, G, N). dt = softplus(delta + bias) is computed, or taken from `dt` (the checkpoint)."""
 
-    def __init__(self, u, delta, A, B, C, delta_bias, softplus_dt: bool):
+    def __init__(self, u, delta, A, B, C, delta_bias, softplus_dt: bool, dt: Optional[Tensor] = None):
         cdt = compute_dtype(u.dtype)
         self.U = _scan_order(u, cdt)
-        self.pre = _scan_order(delta, cdt)
-        if delta_bias is not None:
-            self.pre += delta_bias.to(cdt)[None, :, None, :]
-        self.DT = softplus(self.pre) if softplus_dt else self.pre
-        self.DU = self.DT * self.U
+        if dt is None:
+            dt = pre_activation(delta, delta_bias, cdt)
+            dt = softplus(dt) if softplus_dt else dt
+        self.DT = dt
+        self.DU = dt * self.U
         self.At = A.to(cdt).transpose(-1, -2).contiguous()
         self.At2 = self.At * LOG2E
         self.Bs, self.Cs = _scan_order(B, cdt), _scan_order(C, cdt)
@@ -144,6 +161,14 @@ class _Inputs:
             prev = states[i]
 
 
+def pre_activation(delta: Tensor, delta_bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """delta + bias in scan order (L, R, b, d)."""
+    pre = _scan_order(delta, dtype)
+    if delta_bias is not None:
+        pre += delta_bias.to(dtype)[None, :, None, :]
+    return pre
+
+
 def _chunks(seqlen: int):
     return [(t0, min(t0 + CHUNK, seqlen)) for t0 in range(0, seqlen, CHUNK)]
 
@@ -153,29 +178,28 @@ def _buffer(n: int, like: Tensor, d_state: int) -> Tensor:
     return torch.empty((n, R, batch, d_state, dim), dtype=like.dtype, device=like.device)
 
 
-def _direction_sum(ys, gate: Optional[Tensor], scale: float) -> Tensor:
-    """scale * sum_r gate[:, r] * ys[r] over per-direction (b, d, L) tensors. A gate of exactly 0 gives 0
-    even where y is not finite (the kernels never read a gated-off sample's inputs)."""
+def _gate_weights(gate: Optional[Tensor], R: int, scale: float, dtype: torch.dtype):
+    """Per direction, the (b, 1) factor scale * gate[:, r] (a float without gates)."""
+    if gate is None:
+        return [scale] * R
+    return [(gate[:, r, None] * scale).to(dtype) for r in range(R)]
+
+
+def _direction_sum(Yfull: Tensor, gate: Optional[Tensor], scale: float) -> Tensor:
+    """scale * sum_r gate[:, r] * y_r over a scan-order (L, R, b, d) tensor -> (L, b, d) in time order. A
+    gate of exactly 0 gives 0 even where y is not finite (the kernels never read a gated-off sample)."""
     acc = None
-    for r, y in enumerate(ys):
-        if gate is None:
-            term = y * scale
-        else:
-            g = gate[:, r, None, None].to(y.dtype)
-            term = torch.where(g != 0, y * (g * scale), 0.0)
+    for r, w in enumerate(_gate_weights(gate, Yfull.shape[1], scale, Yfull.dtype)):
+        term = _time_major(Yfull, r) * w
+        if gate is not None:
+            term = torch.where(w != 0, term, 0.0)
         acc = term if acc is None else acc.add_(term)
     return acc
 
 
 def _with_skip(Y: Tensor, U: Tensor, D: Optional[Tensor]) -> Tensor:
-    """y + D u, in place on scan-order (L, R, b, d) tensors."""
-    return Y if D is None else Y.addcmul_(U, D.to(Y.dtype)[None, :, None, :])
-
-
-def _split_checkpoint(ckpt: Tensor, R: int, batch: int, dim: int, seqlen: int, d_state: int):
-    n_states = -(-seqlen // CHUNK) * R * batch * d_state * dim
-    states = ckpt[:n_states].view(-1, R, batch, d_state, dim)  # (n_chunks, R, b, N, d)
-    return states, ckpt[n_states:].view(seqlen, R, batch, dim)
+    """y + D u on scan-order (L, R, b, d) tensors (a new tensor)."""
+    return Y.clone() if D is None else torch.addcmul(Y, U, D.to(Y.dtype)[None, :, None, :])
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -186,27 +210,32 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     checkpoint_numel) that scan_backward starts from; the compute dtype (fp32, fp64 for fp64 inputs)."""
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
-    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
-    cdt = x.U.dtype
+    cdt = compute_dtype(u.dtype)
+    ckpt = starts = None
     if want_ckpt:
         ckpt = torch.empty(checkpoint_numel(R, batch, dim, seqlen, d_state), dtype=cdt, device=u.device)
-        starts, Y = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
+        starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
+        dt.copy_(pre_activation(delta, delta_bias, cdt))
+        if softplus_dt:
+            dt.copy_(softplus(dt))
+        x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt, dt)
     else:
-        ckpt, Y = None, torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
-    decay, states = _buffer(min(CHUNK, seqlen), x.U, d_state), _buffer(min(CHUNK, seqlen), x.U, d_state)
+        x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
+        Y = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
+    n_max = min(CHUNK, seqlen)
+    decay, states = _buffer(n_max, x.U, d_state), _buffer(n_max, x.U, d_state)
     h = None
     for c, (t0, t1) in enumerate(_chunks(seqlen)):
-        if ckpt is not None:
+        if starts is not None:
             starts[c] = 0 if h is None else h
         x.chunk_states(t0, t1, h, decay[:t1 - t0], states[:t1 - t0])
         h = states[t1 - t0 - 1].clone()  # the next chunk overwrites the buffers before it reads h
-        Y[t0:t1] = x.gC.sum_n(states[:t1 - t0], x.Cs[t0:t1])
+        x.gC.sum_n(states[:t1 - t0], x.Cs[t0:t1], Y[t0:t1], decay)
     last = h.transpose(-1, -2).contiguous() if want_last else None  # (R, b, d, N)
-    Yfull = _with_skip(Y.clone() if ckpt is not None else Y, x.U, D)
-    acc = _direction_sum(_time_order(Yfull), gate, scale)
+    acc = _direction_sum(_with_skip(Y, x.U, D), gate, scale)  # (L, b, d)
     if z is not None:
-        acc = acc.mul_(F.silu(z.to(cdt)))
-    out.copy_(acc)
+        acc.mul_(F.silu(z.to(cdt)).permute(2, 0, 1))
+    out.permute(2, 0, 1).copy_(acc)
     return last, ckpt
 
 
@@ -215,41 +244,42 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
     """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
     and dz (b, d, L) in the dtypes of u, delta and z, channel-contiguous; dA (R, d, N), dB, dC (R, b, G, N, L),
-    dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's checkpoint
-    (want_ckpt); without it the forward runs again to make it."""
+    dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's
+    checkpoint (want_ckpt); without it the forward runs again to make it."""
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
                                torch.empty_like(dout), want_ckpt=True)
-    starts, Y = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
-    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
+    starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
+    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt, dt)
     cdt = x.U.dtype
-    # the gradient reaching each direction's y + D u: dout * scale * gate_r * silu(z), in scan order
-    dsz = dout.to(cdt) * scale
+    # S: the gradient reaching y_r + D u_r before the gate, dout * scale * silu(z), in scan order (L, R, b, d)
+    dsz = dout.to(cdt).permute(2, 0, 1) * scale  # (L, b, d), time order
     if z is not None:
-        zf = z.to(cdt)
+        zf = z.to(cdt).permute(2, 0, 1)
         sig = torch.sigmoid(zf)
-        dsz_y = dsz * (zf * sig)
-    else:
-        dsz_y = dsz
-    dY = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
+        silu_z = zf * sig
+    S = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
     for r in range(R):
-        g = dsz_y if gate is None else dsz_y * gate[:, r, None, None].to(cdt)
-        dY[:, r].copy_((g.flip(-1) if r == 1 else g).permute(2, 0, 1))
+        torch.mul(dsz, silu_z, out=S[:, r]) if z is not None else S[:, r].copy_(dsz)
+    if R == 2:
+        S[:, 1] = S[:, 1].flip(0)
+    dY = S if gate is None else S * torch.stack(_gate_weights(gate, R, 1.0, cdt))[None]
     dB = torch.empty((seqlen, R, batch, B.shape[2], d_state), dtype=cdt, device=u.device)
     dC = torch.empty((seqlen, R, batch, C.shape[2], d_state), dtype=cdt, device=u.device)
-    gB = torch.empty_like(dY)  # sum_n g_t B_t: the gradient of dt_t u_t
-    sQA = torch.empty_like(dY)  # sum_n q_t A, q_t = g_t a_t h_{t-1}: the gradient of dt_t through the decay
+    gB = torch.empty_like(S)  # sum_n g_t B_t: the gradient of dt_t u_t
+    sQA = torch.empty_like(S)  # sum_n q_t A, q_t = g_t a_t h_{t-1}: the gradient of dt_t through the decay
     dA = torch.zeros((R, batch, d_state, dim), dtype=cdt, device=u.device)  # summed over samples at the end
     n_max = min(CHUNK, seqlen)
-    decay, states, adj = (_buffer(n_max, x.U, d_state) for _ in range(3))
+    decay, states, adj, tmp = (_buffer(n_max, x.U, d_state) for _ in range(4))
+    dA_chunk = torch.empty_like(dA)
     carry = None if dlast is None else dlast.to(cdt).transpose(-1, -2)  # a_{t+1} g_{t+1} entering the chunk
     chunks = _chunks(seqlen)
     for c in reversed(range(len(chunks))):
         t0, t1 = chunks[c]
         n = t1 - t0
-        dec, st, g = decay[:n], states[:n], adj[:n]
+        dec, st, g, tm = decay[:n], states[:n], adj[:n], tmp[:n]
         h0 = starts[c] if c else None
         x.chunk_states(t0, t1, h0, dec, st)
         x.gC.outer(x.Cs[t0:t1], dY[t0:t1], out=g)  # C_t dy_t, then the adjoint walk
@@ -259,37 +289,36 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             g[i].addcmul_(dec[i + 1], g[i + 1])
         q = dec.mul_(g)  # a_t g_t (the decays are not needed any more)
         carry = q[0].clone()
-        dC[t0:t1] = x.gC.sum_d(st, dY[t0:t1])
-        dB[t0:t1] = x.gB.sum_d(g, x.DU[t0:t1])
-        gB[t0:t1] = x.gB.sum_n(g, x.Bs[t0:t1])
+        x.gC.sum_d(st, dY[t0:t1], dC[t0:t1], tm)
+        x.gB.sum_d(g, x.DU[t0:t1], dB[t0:t1], tm)
+        x.gB.sum_n(g, x.Bs[t0:t1], gB[t0:t1], tm)
         if n > 1:  # q_t = a_t g_t h_{t-1} (h_{-1} = 0)
             q[1:].mul_(st[:-1])
         if h0 is None:
             q[0].zero_()
         else:
             q[0].mul_(h0)
-        sQA[t0:t1] = (q * x.At[:, None]).sum(-2)
-        dA.add_((q * x.DT[t0:t1].unsqueeze(-2)).sum(0))
+        torch.sum(torch.mul(q, x.At[:, None], out=tm), -2, out=sQA[t0:t1])
+        torch.sum(torch.mul(q, x.DT[t0:t1].unsqueeze(-2), out=tm), 0, out=dA_chunk)
+        dA += dA_chunk
     dU = gB * x.DT
     dpre = gB.mul_(x.U).add_(sQA)  # d dt
     dD = None
     if D is not None:
         dU.addcmul_(dY, D.to(cdt)[None, :, None, :])
-        dD = (dY * x.U).sum(2).sum(0)
+        dD = torch.mul(dY, x.U, out=sQA).sum(2).sum(0)
     if softplus_dt:
-        dpre.mul_(torch.sigmoid(x.pre))
+        dpre.mul_(pre_activation(delta, delta_bias, cdt).sigmoid_())
     dbias = dpre.sum(2).sum(0) if delta_bias is not None else None
     dgate = dz = None
     if gate is not None or z is not None:
-        ys = _time_order(_with_skip(Y.clone(), x.U, D))  # y_r + D u_r per direction, (b, d, L), time order
-        if gate is not None:
-            dgate = torch.stack([(dsz_y * y).sum((1, 2)) for y in ys], 1)
+        Yfull = _with_skip(Y, x.U, D)
+        if gate is not None:  # sum over time and channels of S * (y_r + D u_r), time order irrelevant
+            dgate = torch.mul(S, Yfull, out=sQA).sum(3).sum(0).transpose(0, 1)
         if z is not None:
-            dsilu = sig * (1 + zf * (1 - sig))
-            dz_tm = dsz * _direction_sum(ys, gate, 1.0) * dsilu  # (b, d, L)
+            dsilu = (1 - sig).mul_(zf).add_(1).mul_(sig)  # silu'(z) = sig (1 + z (1 - sig)); zf may be z itself
             dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=z.device).transpose(1, 2)
-            dz.copy_(dz_tm)
+            dz.permute(2, 0, 1).copy_(_direction_sum(Yfull, gate, 1.0).mul_(dsz).mul_(dsilu))
     return dict(du=_channels_last(dU, u.dtype), ddelta=_channels_last(dpre, delta.dtype),
                 dA=dA.sum(1).transpose(-1, -2).contiguous(), dB=_from_scan_order(dB, cdt),
-                dC=_from_scan_order(dC, cdt),
-                dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)
+                dC=_from_scan_order(dC, cdt), dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)
