@@ -151,14 +151,25 @@ class _Inputs:
 
     def chunk_states(self, t0: int, t1: int, h0: Optional[Tensor], decay: Tensor, states: Tensor) -> None:
         """Steps t0..t1-1 from the state h0 (None: zero): decays exp(dt A) into `decay`, states into `states`
-        ((t1 - t0, R, b, N, d) buffers)."""
-        torch.mul(self.DT[t0:t1].unsqueeze(-2), self.At2[:, None], out=decay).exp2_()
-        self.gB.outer(self.Bs[t0:t1], self.DU[t0:t1], out=states)
+        (_Buffers of at least t1 - t0 steps)."""
+        n = t1 - t0
+        torch.mul(self.DT[t0:t1].unsqueeze(-2), self.At2[:, None], out=decay.all[:n]).exp2_()
+        self.gB.outer(self.Bs[t0:t1], self.DU[t0:t1], out=states.all[:n])
         prev = h0
-        for i in range(t1 - t0):
+        for a, h in zip(decay.steps[:n], states.steps[:n]):
             if prev is not None:
-                states[i].addcmul_(decay[i], prev)
-            prev = states[i]
+                h.addcmul_(a, prev)
+            prev = h
+
+
+class _Buffer:
+    """A chunk-sized state buffer (CHUNK, R, b, N, d), reused across chunks, with its per-step views made once
+    (indexing a step per op would cost a dispatch each)."""
+
+    def __init__(self, n: int, like: Tensor, d_state: int):
+        _, R, batch, dim = like.shape
+        self.all = torch.empty((n, R, batch, d_state, dim), dtype=like.dtype, device=like.device)
+        self.steps = self.all.unbind(0)
 
 
 def pre_activation(delta: Tensor, delta_bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -171,11 +182,6 @@ def pre_activation(delta: Tensor, delta_bias: Optional[Tensor], dtype: torch.dty
 
 def _chunks(seqlen: int):
     return [(t0, min(t0 + CHUNK, seqlen)) for t0 in range(0, seqlen, CHUNK)]
-
-
-def _buffer(n: int, like: Tensor, d_state: int) -> Tensor:
-    _, R, batch, dim = like.shape
-    return torch.empty((n, R, batch, d_state, dim), dtype=like.dtype, device=like.device)
 
 
 def _gate_weights(gate: Optional[Tensor], R: int, scale: float, dtype: torch.dtype):
@@ -222,15 +228,19 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     else:
         x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt)
         Y = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
-    n_max = min(CHUNK, seqlen)
-    decay, states = _buffer(n_max, x.U, d_state), _buffer(n_max, x.U, d_state)
-    h = None
-    for c, (t0, t1) in enumerate(_chunks(seqlen)):
-        if starts is not None:
-            starts[c] = 0 if h is None else h
-        x.chunk_states(t0, t1, h, decay[:t1 - t0], states[:t1 - t0])
-        h = states[t1 - t0 - 1].clone()  # the next chunk overwrites the buffers before it reads h
-        x.gC.sum_n(states[:t1 - t0], x.Cs[t0:t1], Y[t0:t1], decay)
+    n_max, chunks = min(CHUNK, seqlen), _chunks(seqlen)
+    decay, states = _Buffer(n_max, x.U, d_state), _Buffer(n_max, x.U, d_state)
+    # the state entering each chunk: the next chunk overwrites the buffers before it reads it, so it is copied
+    # out (into the checkpoint, which keeps them for the backward)
+    h, h_next = None, (starts.unbind(0) if starts is not None else [torch.empty_like(states.steps[0])] * len(chunks))
+    if starts is not None:
+        starts[0].zero_()
+    for c, (t0, t1) in enumerate(chunks):
+        x.chunk_states(t0, t1, h, decay, states)
+        h = states.steps[t1 - t0 - 1]
+        if c + 1 < len(chunks):
+            h = h_next[c + 1].copy_(h)
+        x.gC.sum_n(states.all[:t1 - t0], x.Cs[t0:t1], Y[t0:t1], decay.all)
     last = h.transpose(-1, -2).contiguous() if want_last else None  # (R, b, d, N)
     acc = _direction_sum(_with_skip(Y, x.U, D), gate, scale)  # (L, b, d)
     if z is not None:
@@ -272,23 +282,26 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     sQA = torch.empty_like(S)  # sum_n q_t A, q_t = g_t a_t h_{t-1}: the gradient of dt_t through the decay
     dA = torch.zeros((R, batch, d_state, dim), dtype=cdt, device=u.device)  # summed over samples at the end
     n_max = min(CHUNK, seqlen)
-    decay, states, adj, tmp = (_buffer(n_max, x.U, d_state) for _ in range(4))
+    decay, states, adj, tmp = (_Buffer(n_max, x.U, d_state) for _ in range(4))
     dA_chunk = torch.empty_like(dA)
-    carry = None if dlast is None else dlast.to(cdt).transpose(-1, -2)  # a_{t+1} g_{t+1} entering the chunk
+    # a_{t+1} g_{t+1} entering each chunk from the one after it (dlast at the end)
+    carry = None if dlast is None else dlast.to(cdt).transpose(-1, -2).contiguous()
+    carry_buf = torch.empty_like(states.steps[0])
     chunks = _chunks(seqlen)
     for c in reversed(range(len(chunks))):
         t0, t1 = chunks[c]
         n = t1 - t0
-        dec, st, g, tm = decay[:n], states[:n], adj[:n], tmp[:n]
+        dec, st, g, tm = decay.all[:n], states.all[:n], adj.all[:n], tmp.all[:n]
         h0 = starts[c] if c else None
-        x.chunk_states(t0, t1, h0, dec, st)
+        x.chunk_states(t0, t1, h0, decay, states)
         x.gC.outer(x.Cs[t0:t1], dY[t0:t1], out=g)  # C_t dy_t, then the adjoint walk
+        g_steps, a_steps = adj.steps, decay.steps
         if carry is not None:
-            g[n - 1].add_(carry)
+            g_steps[n - 1].add_(carry)
         for i in range(n - 2, -1, -1):
-            g[i].addcmul_(dec[i + 1], g[i + 1])
+            g_steps[i].addcmul_(a_steps[i + 1], g_steps[i + 1])
         q = dec.mul_(g)  # a_t g_t (the decays are not needed any more)
-        carry = q[0].clone()
+        carry = carry_buf.copy_(q[0])
         x.gC.sum_d(st, dY[t0:t1], dC[t0:t1], tm)
         x.gB.sum_d(g, x.DU[t0:t1], dB[t0:t1], tm)
         x.gB.sum_n(g, x.Bs[t0:t1], gB[t0:t1], tm)
