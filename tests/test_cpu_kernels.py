@@ -219,3 +219,34 @@ def test_public_ops_on_cpu_match_the_references(dtype, gated, masked):
     g = torch.randn_like(out)
     for a, c in zip([out, *_grads(out, (x, w, b), g)], [ref, *_grads(ref, (x, w, b), g)]):
         assert rel(a, c) < tol
+
+
+@pytest.mark.parametrize("is_rms,residual,prenorm,res_fp32,dtype", [
+    (True, True, True, True, torch.float32),
+    (True, False, True, True, torch.float32),   # the first layer: residual_out is the input itself
+    (True, True, False, False, torch.bfloat16),
+    (False, True, True, False, torch.float32),
+    (False, False, False, False, torch.float32),
+])
+def test_cpu_add_norm_matches_reference(is_rms, residual, prenorm, res_fp32, dtype):
+    """layer_norm_fn on CPU with a gradient (the analytic FusedAddNorm) against layer_norm_ref: values, dtypes
+    and the gradients of x, residual, weight and bias, with and without the residual_out output's gradient."""
+    from mamba_ssm.ops.triton.layernorm import layer_norm_fn, layer_norm_ref
+
+    x = torch.randn(3, 5, 48, dtype=dtype)
+    res = torch.randn(3, 5, 48) if residual else None
+    w, b = torch.randn(48), None if is_rms else torch.randn(48)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, res, w, b)]
+    args = (inputs[0], inputs[2], inputs[3], inputs[1], 1e-5, prenorm, res_fp32, is_rms)
+    outs, refs = layer_norm_fn(*args), layer_norm_ref(*args)
+    outs, refs = (outs, refs) if prenorm else ((outs,), (refs,))
+    assert type(outs[0].grad_fn).__name__.startswith("FusedAddNorm")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for o, r in zip(outs, refs):
+        assert o.dtype == r.dtype and rel(o, r) < tol
+    wrt = [t for t in inputs if t is not None]
+    for used in (outs, outs[:1]):  # with and without residual_out in the loss
+        gs = [torch.randn_like(o) for o in used]
+        got = torch.autograd.grad(used, wrt, gs, retain_graph=True)
+        for a, c in zip(got, torch.autograd.grad(refs[:len(used)], wrt, gs, retain_graph=True)):
+            assert a.dtype == c.dtype and rel(a, c) < tol

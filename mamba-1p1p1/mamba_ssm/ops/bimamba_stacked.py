@@ -55,13 +55,38 @@ def stack_directions(fwd, bwd) -> StackedWeights:
                           _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
+class _SplitXZ(torch.autograd.Function):
+    """xz -> (x, z), its two channel halves (views). The backward writes both gradients into one tensor in
+    xz's memory layout; slicing's backward zero-fills a full tensor per half and adds them (a CPU training
+    step of the demo spent 2 ms per layer there)."""
+
+    @staticmethod
+    def forward(ctx, xz: Tensor):
+        ctx.set_materialize_grads(False)
+        channels_last = xz.transpose(1, 2).is_contiguous()  # in_proj's output: the gradient goes back that way
+        ctx.xz_meta = (xz.shape, channels_last, xz.dtype, xz.device)
+        dim = xz.shape[1] // 2
+        return xz[:, :dim], xz[:, dim:]
+
+    @staticmethod
+    def backward(ctx, dx, dz):
+        shape, channels_last, dtype, device = ctx.xz_meta
+        batch, channels, seqlen = shape
+        grad = torch.empty((batch, seqlen, channels), dtype=dtype, device=device).transpose(1, 2) if channels_last \
+            else torch.empty(shape, dtype=dtype, device=device)
+        dim = shape[1] // 2
+        for half, g in ((grad[:, :dim], dx), (grad[:, dim:], dz)):
+            half.zero_() if g is None else half.copy_(g)
+        return grad
+
+
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                              divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
     """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    x, z = xz[:, :dim], xz[:, dim:]
+    x, z = _SplitXZ.apply(xz) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
