@@ -194,14 +194,11 @@ def conv_and_norm(results, dtype, dname, tag, conv_fn, norm_fn):
 # ----------------------------------------------------------------------------- ours
 def check_ours(checks, lean=False):
     """Full-size agreement with the references (values and gradients), printed and recorded."""
-    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-    from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_op as causal_conv1d_triton, causal_conv1d_ref
     from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_ref
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-    from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
-    from mamba_ssm.ops.triton.layernorm import layer_norm_ref
-    from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
-    from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
+    from mamba_ssm.ops.bimamba_stacked import bimamba_v2_inner_stacked as bimamba_v2_inner_triton
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_op as selective_scan_triton, selective_scan_ref
+    from mamba_ssm.ops.triton.layernorm import layer_norm_ref, layer_norm_triton
 
     for dname, dtype in DTYPES.items():
         if lean and dname != "fp32":
@@ -270,9 +267,9 @@ def check_ours(checks, lean=False):
 
 def run_ours(results, quick=False, lean=False, fwd_only=False):
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_op as selective_scan_triton, selective_scan_ref
     from mamba_ssm.ops.triton.layernorm import rms_norm_fn
-    from mamba_ssm.ops.triton.selective_scan import scan_forward, selective_scan_triton
+    from mamba_ssm.ops.triton.selective_scan import scan_forward
 
     src = torch.randn(2 ** 28 if DEVICE == "cuda" else 2 ** 10, device=DEVICE)
     dst = torch.empty_like(src)
@@ -510,8 +507,8 @@ def run(args):
             if args.save_tuning:
                 json.dump(meta["tuning"], open(args.save_tuning, "w"), indent=1)
         if args.sweep_only or args.fwd_only:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_op as selective_scan_triton
             from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-            from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
             for dname, dtype in DTYPES.items():
                 for layout in (False, True):
                     ins = scan_inputs(S_DIM, dtype, channels_last=layout)

@@ -1,16 +1,14 @@
 """Depthwise causal 1-D convolution, with the causal-conv1d (upstream) call signature.
 
-`causal_conv1d_fn` dispatches: CUDA tensors go to the Triton kernel (compiled at first use) through the
-custom op causal_conv1d::conv_fwd (conv_op.py), everything else to `causal_conv1d_ref`. Set MAMBA_FORCE_REFERENCE=1 to take the reference on a GPU too.
+`causal_conv1d_fn` runs through the custom op causal_conv1d::conv_fwd (conv_op.py): the Triton kernel for
+CUDA tensors (compiled at first use), the PyTorch implementation (cpu_causal_conv1d.py) for other devices.
+MAMBA_FORCE_REFERENCE=1 sends it to `causal_conv1d_ref` (F.conv1d) instead.
 """
-import os
-from contextlib import contextmanager
-
-import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from causal_conv1d import conv_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
+from causal_conv1d.conv_op import conv_apply
+from causal_conv1d.kernel_utils import reference_forced, triton_enabled
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -44,49 +42,22 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return out.to(dtype_in)
 
 
-_triton_on_cpu = False  # tests: run the kernels on CPU tensors under TRITON_INTERPRET=1
-
-
-@contextmanager
-def triton_on_cpu():
-    """Send CPU tensors to the Triton kernels (only meaningful with TRITON_INTERPRET=1; for tests)."""
-    global _triton_on_cpu
-    previous, _triton_on_cpu = _triton_on_cpu, True
-    try:
-        yield
-    finally:
-        _triton_on_cpu = previous
-
-
 def use_triton(x):
     """True when `x` should take the Triton kernel (CUDA tensor, Triton importable, not forced off)."""
-    if not (x.is_cuda or _triton_on_cpu) or os.environ.get("MAMBA_FORCE_REFERENCE", "0") not in ("", "0"):
-        return False
-    try:
-        from causal_conv1d import triton_causal_conv1d  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_enabled(x, "causal_conv1d.triton_causal_conv1d")
 
 
-def ops_watched() -> bool:
-    """Whether something watches ops, so that calls must go through our torch.library custom ops:
-    torch.compile tracing, or a dispatch mode (FlopCounterMode, FakeTensorMode). Otherwise (eager) the
-    ops' implementations run directly, under a torch.autograd.Function when a gradient is needed: the same
-    computation without the custom-op dispatcher's overhead (0.1 to 0.2 ms per call on an H200 host,
-    cProfile of an eager Vim-S forward), which bounds eager inference and small-batch training."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def causal_conv1d_op(x, weight, bias=None, activation=None):
+    """causal_conv1d_fn through conv_op.conv_apply, on any device (arguments checked by the caller)."""
+    # The output in x's memory layout (as upstream: channel-last in, channel-last out), so the stores
+    # coalesce; squeeze, not [0]: the gradient of a select is a zero-filled copy in the default layout.
+    return conv_apply(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
+                      activation is not None, x.stride(1) == 1 and x.stride(2) != 1).squeeze(0)
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """Same as `causal_conv1d_ref`; Triton kernel for CUDA tensors."""
+    """Same as `causal_conv1d_ref`, through the custom op (see the module docstring)."""
+    if reference_forced():
+        return causal_conv1d_ref(x, weight, bias, activation)
     _check_args(x, weight, bias, activation)
-    if use_triton(x):
-        from causal_conv1d.triton_causal_conv1d import causal_conv1d_triton
-
-        return causal_conv1d_triton(x, weight, bias, activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+    return causal_conv1d_op(x, weight, bias, activation)

@@ -6,10 +6,10 @@ see one op. Same stacked form as the kernels (triton_causal_conv1d.py):
        sequence, in original order); channels-last memory when channels_last_out
 
 Callers use conv_apply: the custom ops when torch.compile or a dispatch mode (FLOP counting) watches, the
-implementations directly otherwise (eager: no dispatcher overhead). CUDA tensors run the Triton
-kernels, other devices the reference (the backward then runs autograd on the
-reference, outside the op). FLOPs: 2 per MAC (torch's convention) over (L + K - 1) * d * K MACs per
-sample and direction (dyvm/flops.py's count for the padded conv); backward twice the forward.
+implementations directly otherwise (eager: no dispatcher overhead). CUDA tensors run the Triton kernels,
+other devices the PyTorch implementation with the same contract (cpu_causal_conv1d.py). FLOPs: 2 per MAC
+(torch's convention) over (L + K - 1) * d * K MACs per sample and direction (dyvm/flops.py's count for
+the padded conv); backward twice the forward.
 """
 from typing import List, Optional
 
@@ -18,13 +18,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from causal_conv1d import cpu_causal_conv1d
+from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
+
 _EMPTY = (0,)
 
 
-def _kernels(x: Tensor) -> bool:
-    from causal_conv1d.causal_conv1d_interface import use_triton
+def _implementation(x: Tensor):
+    """The module with conv_forward / conv_backward for tensor `x`: the Triton kernels or the PyTorch one."""
+    if triton_enabled(x, "causal_conv1d.triton_causal_conv1d"):
+        from causal_conv1d import triton_causal_conv1d
 
-    return use_triton(x)
+        return triton_causal_conv1d
+    return cpu_causal_conv1d
+
+
+def _grad_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the weight and bias gradients: fp32 (fp64 on the PyTorch implementation for fp64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 and _implementation(x) is cpu_causal_conv1d else torch.float32
 
 
 def _alloc(x: Tensor, R: int, channels_last_out: bool) -> Tensor:
@@ -35,6 +46,8 @@ def _alloc(x: Tensor, R: int, channels_last_out: bool) -> Tensor:
 
 
 def _stacked_ref(x, weight, bias, mask, silu):
+    """The op's definition on F.conv1d (one direction at a time, direction 1 on flipped copies): the
+    reference the implementations are tested against."""
     width = weight.shape[-1]
     m = None if mask is None else mask[:, None].to(x.dtype)
     xm = x if m is None else x * m
@@ -52,12 +65,7 @@ def _stacked_ref(x, weight, bias, mask, silu):
 def conv_fwd_impl(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     """The implementation of conv_fwd (conv_apply calls it directly in eager mode)."""
     out = _alloc(x, weight.shape[0], channels_last_out)
-    if _kernels(x):
-        from causal_conv1d.triton_causal_conv1d import conv_forward
-
-        return conv_forward(x, weight, bias, mask, silu, out, gate=gate_skip)
-    out.copy_(_stacked_ref(x, weight, bias, mask, silu))
-    return out
+    return _implementation(x).conv_forward(x, weight, bias, mask, silu, out, gate=gate_skip)
 
 
 @torch.library.custom_op("causal_conv1d::conv_fwd", mutates_args=())
@@ -73,26 +81,22 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
 
 def conv_bwd_impl(x, weight, bias, mask, silu, dout):
     """The implementation of conv_bwd."""
-    if not _kernels(x):
-        raise RuntimeError("causal_conv1d::conv_bwd runs the Triton kernels only; the reference backward "
-                           "runs through autograd")
-    from causal_conv1d.triton_causal_conv1d import conv_backward
-
-    dx, dw, db = conv_backward(x, weight, bias, mask, silu, dout)
-    return [dx, dw, db if db is not None else x.new_empty(_EMPTY, dtype=torch.float32)]
+    dx, dw, db = _implementation(x).conv_backward(x, weight, bias, mask, silu, dout)
+    return [dx, dw, db if db is not None else x.new_empty(_EMPTY, dtype=_grad_dtype(x))]
 
 
 @torch.library.custom_op("causal_conv1d::conv_bwd", mutates_args=())
 def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
              dout: Tensor) -> List[Tensor]:
-    """[dx (x's dtype), dweight fp32, dbias fp32 (empty without bias)]; the Triton kernels only."""
+    """[dx (x's dtype and layout, see dx_like), dweight, dbias (empty without bias)] in fp32 (_grad_dtype)."""
     return conv_bwd_impl(x, weight, bias, mask, silu, dout)
 
 
 @conv_bwd.register_fake
 def _(x, weight, bias, mask, silu, dout):
-    db = bias.new_empty(bias.shape, dtype=torch.float32) if bias is not None else x.new_empty(_EMPTY)
-    return [torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32), db]
+    f = _grad_dtype(x)
+    db = bias.new_empty(bias.shape, dtype=f) if bias is not None else x.new_empty(_EMPTY, dtype=f)
+    return [cpu_causal_conv1d.dx_like(x), weight.new_empty(weight.shape, dtype=f), db]
 
 
 def _setup(ctx, inputs, output):
@@ -113,14 +117,7 @@ def _mask_grad(x, weight, bias, mask, silu, dout):
 
 def _backward(ctx, dout, bwd=conv_bwd):
     x, weight, bias, mask = ctx.saved_tensors
-    if _kernels(x):
-        dx, dw, db = bwd(x, weight, bias, mask, ctx.silu, dout)
-    else:
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
-        with torch.enable_grad():
-            out = _stacked_ref(leaves[0], leaves[1], leaves[2], mask, ctx.silu)
-            got = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
-        dx, dw, db = (*got, None) if bias is None else got
+    dx, dw, db = bwd(x, weight, bias, mask, ctx.silu, dout)
     dmask = None
     if mask is not None and ctx.needs_input_grad[3]:
         dmask = _mask_grad(x, weight, bias, mask, ctx.silu, dout).to(mask.dtype)
@@ -149,9 +146,7 @@ def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional
                gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool) -> Tensor:
     """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d_interface.ops_watched)."""
-    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
-
+    needed (see causal_conv1d.kernel_utils.ops_watched)."""
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from causal_conv1d.tuning import apply_tuning_file
+from causal_conv1d.kernel_utils import apply_tuning_file
+from causal_conv1d.triton_utils import pick4
 
 
 @triton.jit
@@ -85,19 +86,6 @@ def _conv_fwd_kernel(
                 acc *= tl.load(m_base + offs_t * sm_t, mask=mask_t, other=0.0).to(tl.float32)[:, None]
             o_ptrs = out_ptr + r * so_r + pid_b * so_b + offs_t[:, None] * so_t + offs_d[None, :] * so_d
             tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def pick4(v0, v1, v2, v3, j: tl.constexpr):
-    """v_j for a compile-time j (selecting among values loaded ahead of use)."""
-    v = v0
-    if j == 1:
-        v = v1
-    if j == 2:
-        v = v2
-    if j == 3:
-        v = v3
-    return v
 
 
 @triton.jit
@@ -471,12 +459,3 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
         _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](*args, BLOCK_T=block_t, **flags)
     return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None
 
-
-def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """causal_conv1d_fn on the Triton kernels, through conv_op.conv_apply (arguments checked by the caller)."""
-    from causal_conv1d.conv_op import conv_apply
-
-    # The output in x's memory layout (as upstream: channel-last in, channel-last out), so the stores
-    # coalesce; squeeze, not [0]: the gradient of a select is a zero-filled copy in the default layout.
-    return conv_apply(x, weight.contiguous()[None], None if bias is None else bias[None], None, None,
-                      activation is not None, x.stride(1) == 1 and x.stride(2) != 1).squeeze(0)

@@ -1,7 +1,8 @@
 """Environment report for bug reports: `python -m dyvm.env`.
 
 Prints the versions of Python, torch, CUDA, Triton and timm, the GPU, and which implementation each op
-takes (Triton kernel or PyTorch reference) for a tensor on the default device. One line per item.
+takes (Triton kernel, PyTorch implementation, or the plain PyTorch reference when forced) for a tensor on
+the default device. One line per item.
 """
 import os
 import platform
@@ -18,30 +19,34 @@ def _version(module_name: str) -> str:
     return getattr(module, "__version__", "installed")
 
 
-def _implementation(kernel_module: str, device: torch.device) -> str:
-    from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, kernel_importable, reference_forced, triton_enabled
+def _fallback(device: torch.device, kernel_found: bool, has_implementation: bool = True) -> str:
+    """What runs instead of a Triton kernel: the PyTorch implementation, or the plain reference when forced
+    (or when the op has no separate implementation)."""
+    from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, reference_forced
 
-    x = torch.empty(0, device=device)
-    if triton_enabled(x, kernel_module):
-        return f"Triton kernel (mamba_ssm.ops.triton.{kernel_module})"
-    if device.type == "cuda" and reference_forced():
+    kind = "PyTorch implementation" if has_implementation else "PyTorch reference"
+    if reference_forced():
         return f"PyTorch reference ({FORCE_REFERENCE_ENV} is set)"
-    if device.type == "cuda" and not kernel_importable(kernel_module):
-        return "PyTorch reference (Triton kernel not importable)"
-    return f"PyTorch reference ({device.type} tensors)"
+    if device.type == "cuda" and not kernel_found:
+        return f"{kind} (Triton kernel not importable)"
+    return f"{kind} ({device.type} tensors)"
+
+
+def _implementation(kernel_module: str, device: torch.device, has_implementation: bool = True) -> str:
+    from mamba_ssm.ops.dispatch import kernel_importable, triton_enabled
+
+    if triton_enabled(torch.empty(0, device=device), kernel_module):
+        return f"Triton kernel (mamba_ssm.ops.triton.{kernel_module})"
+    return _fallback(device, kernel_importable(kernel_module), has_implementation)
 
 
 def _conv_implementation(device: torch.device) -> str:
     from causal_conv1d.causal_conv1d_interface import use_triton
-
-    from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, reference_forced
+    from causal_conv1d.kernel_utils import module_importable
 
     if use_triton(torch.empty(0, device=device)):
         return "Triton kernel (causal_conv1d.triton_causal_conv1d)"
-    if device.type == "cuda":
-        return f"PyTorch reference ({FORCE_REFERENCE_ENV} is set)" if reference_forced() else \
-            "PyTorch reference (Triton kernel not importable)"
-    return f"PyTorch reference ({device.type} tensors)"
+    return _fallback(device, module_importable("causal_conv1d.triton_causal_conv1d"))
 
 
 def report() -> str:

@@ -172,6 +172,8 @@ def test_cli_takes_the_authors_names_of_the_other_backbones(capsys):
                        "--block-keep-ratio", "0.8"]) == 0
     text = capsys.readouterr().out
     assert "7,367,086 parameters" in text and "1.215 G (paper" in text and "[176, 158, 142]" in text
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "vim_smal"], "unknown model 'vim_smal'; did you mean 'vim_small'?"),
     (["--model", "dyvm_vim_small", "--block-keep-ratio", "-1"], "--block-keep-ratio must be in [0, 1], got -1.0"),
@@ -185,3 +187,21 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     err = captured.err.strip()
     assert err == f"error: {err[7:]}" and message in err and "\n" not in err, err
     assert "MACs" not in captured.out
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "dyvm_vim_tiny"])
+def test_torch_flop_counter_matches_the_full_count_on_cpu(name):
+    """On CPU the scan and the conv run as the same custom ops as on a GPU, so torch's FlopCounterMode sees them
+    with their formulas and counts exactly 2x dyvm.flops' full convention (the norms, activations, gathers and
+    the scan's elementwise work are outside both counts). Fresh DyVM gates are open: every direction runs,
+    as the op's count assumes (it cannot see the gates)."""
+    torch.manual_seed(0)
+    kw = dict(pruning_loc=(1, 2, 3), token_keep_ratio=0.7) if name.startswith("dyvm") else {}
+    model = timm.create_model(name, img_size=32, patch_size=4, depth=4, embed_dim=32, num_classes=10, **kw).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        out = model.forward_aux(torch.randn(3, 3, 32, 32))
+    _, full = macs_from_output(model, out)
+    assert out.gates is None or bool((out.gates > 0.5).all())
+    ops = {str(k) for k in counter.get_flop_counts()["Global"]}
+    assert {"mamba_ssm.scan_fwd", "causal_conv1d.conv_fwd"} <= ops
+    assert counter.get_total_flops() == 2 * int(full.sum())

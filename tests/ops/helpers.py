@@ -9,7 +9,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 for _name in ("causal_conv1d.triton_causal_conv1d", "mamba_ssm.ops.triton.selective_scan",
-              "mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.triton.bimamba"):
+              "mamba_ssm.ops.triton.layernorm_kernel"):
     if _name in sys.modules:  # imported before the variable was set: re-decorate the kernels
         importlib.reload(sys.modules[_name])
 

@@ -36,7 +36,7 @@ def test_eager_calls_skip_the_dispatcher_but_not_what_watches_ops():
     FlopCounterMode and FakeTensorMode get the custom ops. Same values and gradients either way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from causal_conv1d.causal_conv1d_interface import needs_grad, ops_watched
+    from causal_conv1d.kernel_utils import needs_grad, ops_watched
 
     x, w = torch.randn(2, 3), torch.randn(3).requires_grad_()
     assert not ops_watched() and needs_grad(x, w) and not needs_grad(x, None)
@@ -87,7 +87,7 @@ def test_env_report_names_every_op():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "dyvm.env"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch reference (cpu tensors)",
+    for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch implementation (cpu tensors)",
                    "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn"):
         assert needle in out.stdout, out.stdout
 
@@ -104,3 +104,30 @@ def test_custom_op_registration():
     conv_args = [t.requires_grad_() for t in conv_args] + [(torch.rand(b, L) > 0.3).float(), None]
     result = torch.library.opcheck(torch.ops.causal_conv1d.conv_fwd.default, (*conv_args, True, True))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_kernel_files_are_leaves():
+    """The kernel files (Triton and CPU) import only the standard library, torch, Triton and the shared kernel
+    utilities (no op module, no interface), so the op layers sit on top of them without import cycles, as in
+    upstream mamba. ops/triton/layernorm.py is the norm's API module (upstream's import path): it may load its
+    two implementations, which are leaves themselves."""
+    import ast
+    import pathlib
+
+    import causal_conv1d
+    import mamba_ssm
+
+    stdlib_and_deps = {"typing", "json", "os", "importlib", "contextlib", "functools", "torch", "triton"}
+    shared = {"causal_conv1d.kernel_utils", "causal_conv1d.triton_utils"}
+    implementations = {"mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.cpu.layernorm"}
+    conv_dir, ops_dir = pathlib.Path(causal_conv1d.__file__).parent, pathlib.Path(mamba_ssm.__file__).parent / "ops"
+    files = [conv_dir / n for n in ("triton_causal_conv1d.py", "cpu_causal_conv1d.py", "kernel_utils.py",
+                                    "triton_utils.py")]
+    files += sorted((ops_dir / "triton").glob("*.py")) + sorted((ops_dir / "cpu").glob("*.py"))
+    for path in files:
+        allowed = shared | (implementations if path.name == "layernorm.py" and path.parent.name == "triton" else set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] in stdlib_and_deps or name in allowed, f"{path.name} imports {name}"

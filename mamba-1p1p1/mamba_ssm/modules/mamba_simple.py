@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 BIMAMBA_TYPES = ("none", "v2")
@@ -25,7 +25,7 @@ class InferenceWeights(NamedTuple):
     linears: dict  # name -> (weight, bias or None)
     fwd: ScanWeights
     bwd: ScanWeights
-    stacked: "StackedWeights"  # noqa: F821  (mamba_ssm.ops.triton.bimamba, imported with the kernels)
+    stacked: "StackedWeights"  # noqa: F821  (mamba_ssm.ops.bimamba_stacked)
 
 
 class Mamba(nn.Module):
@@ -97,10 +97,10 @@ class Mamba(nn.Module):
         return {"in_proj": self.in_proj, "out_proj": self.out_proj}
 
     def inference_weights(self, x) -> Optional[InferenceWeights]:
-        """This layer's weights as the inference kernels take them, or None where nothing is cached (CPU,
-        training, torch.compile, a dispatch mode, CUDA-graph capture). Kept while the parameters and the
-        autocast dtype are unchanged: deriving A, stacking the directions and casting each weight to the
-        autocast dtype is some 15 small ops per layer, which the host pays on every eager call (eager
+        """This layer's weights as the inference kernels take them, or None where nothing is cached (forced
+        references, training, torch.compile, a dispatch mode, CUDA-graph capture). Kept while the parameters
+        and the autocast dtype are unchanged: deriving A, stacking the directions and casting each weight to
+        the autocast dtype is some 15 small ops per layer, which the host pays on every eager call (eager
         inference is bound by the host, not the GPU)."""
         if self.bimamba_type != "v2":
             return None
@@ -112,7 +112,7 @@ class Mamba(nn.Module):
         params = [p for p in params if p is not None]
         # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops;
         # not while a CUDA graph is captured: the graph must read the parameters, which may change in place
-        cacheable = (triton_enabled(x, "bimamba") and not ops_watched() and not needs_grad(*params)
+        cacheable = (not reference_forced() and not ops_watched() and not needs_grad(*params)
                      and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         if not cacheable:
             return None
@@ -121,7 +121,7 @@ class Mamba(nn.Module):
         key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:
-            from mamba_ssm.ops.triton.bimamba import stack_directions
+            from mamba_ssm.ops.bimamba_stacked import stack_directions
 
             cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
             fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)

@@ -9,7 +9,12 @@ backward], None = both on; mask: (batch, L) token mask of the rearranged trainin
 0 pruned; the backward scan sees it flipped), None = all kept. Returns (batch, d_inner, L), before out_proj.
 
 Gates multiply their direction's output, so gradients reach them. A (sample, direction) whose gate is
-exactly 0 is not computed at all when no gradient is needed (inference): it contributes zeros.
+exactly 0 contributes zeros whatever its input; with no gradient needed (inference) the kernels do not
+compute it at all.
+
+`bimamba_v2_inner_fn` runs both directions at once on the stacked conv and scan ops (bimamba_stacked.py;
+Triton kernels for CUDA tensors, the PyTorch implementations otherwise); `bimamba_v2_inner_ref` is the
+formula above computed one direction at a time on flipped copies (MAMBA_FORCE_REFERENCE=1 selects it).
 """
 from typing import NamedTuple, Optional
 
@@ -18,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-from mamba_ssm.ops.dispatch import needs_grad, triton_enabled
+from mamba_ssm.ops.bimamba_stacked import bimamba_v2_inner_stacked
+from mamba_ssm.ops.dispatch import needs_grad, reference_forced
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
 
@@ -82,11 +88,9 @@ def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask
 
 def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True,
                         stacked=None):
-    """Both directions of a Vim v2 layer in one call; Triton kernels on CUDA tensors. stacked: optionally
-    mamba_ssm.ops.triton.bimamba.stack_directions(fwd, bwd), cached by the caller (the kernels' form)."""
+    """Both directions of a Vim v2 layer in one call (see the module docstring). stacked: optionally
+    mamba_ssm.ops.bimamba_stacked.stack_directions(fwd, bwd), cached by the caller (the ops' form)."""
     _check(xz, fwd, gate, mask)
-    if triton_enabled(xz, "bimamba"):
-        from mamba_ssm.ops.triton.bimamba import bimamba_v2_inner_triton
-
-        return bimamba_v2_inner_triton(xz, fwd, bwd, gate, mask, divide_out, stacked)
-    return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out)
+    if reference_forced():
+        return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out)
+    return bimamba_v2_inner_stacked(xz, fwd, bwd, gate, mask, divide_out, stacked)

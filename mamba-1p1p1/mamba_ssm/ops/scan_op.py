@@ -12,13 +12,12 @@
 
 Callers use scan_apply: the custom ops when torch.compile or a dispatch mode (FLOP counting) watches, the
 implementations directly otherwise (eager: no dispatcher overhead, an autograd.Function when a gradient is
-needed). CUDA tensors run the Triton kernels; other devices
-run the PyTorch reference (and the backward recomputes
-it under autograd, outside the op: autograd does not run inside a custom op). The public functions use these ops on CUDA only: on CPU they call the
-reference directly, which keeps its own analytic backward and is faster there.
+needed). CUDA tensors run the Triton kernels (mamba_ssm/ops/triton/selective_scan.py), other devices the
+PyTorch implementation with the same contract (mamba_ssm/ops/cpu/selective_scan.py): the same ops, the
+same analytic backward and the same FLOP formulas on every device.
 
-FLOPs for FlopCounterMode follow torch's convention (2 per multiply-accumulate) over the MAC count of
-docs/reference.md section 4: 9*b*L*d*N + 2*b*L*d per direction. Gates are not visible at trace time, so every direction
+FLOPs for FlopCounterMode follow torch's convention (2 per multiply-accumulate) over the MAC count of the
+selective scan, 9*b*L*d*N + 2*b*L*d per direction. Gates are not visible at trace time, so every direction
 is counted; the backward counts twice the forward.
 """
 from typing import List, Optional, Tuple
@@ -27,35 +26,29 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched
+from mamba_ssm.ops.cpu import selective_scan as cpu_scan
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 
 _EMPTY = (0,)
 
 
 def _is_triton(t: Tensor) -> bool:
-    from mamba_ssm.ops.dispatch import triton_enabled
-
     return triton_enabled(t, "selective_scan")
 
 
-def _stacked_ref(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last):
-    """Reference of the stacked op, built on selective_scan_ref (differentiable)."""
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+def _implementation(t: Tensor):
+    """The module with scan_forward / scan_backward for tensor `t`: the Triton kernels or the PyTorch one."""
+    if _is_triton(t):
+        from mamba_ssm.ops.triton import selective_scan
 
-    R = u.shape[0]
-    out, lasts = None, []
-    for r in range(R):
-        flip = (lambda t: t.flip(-1)) if r == 1 else (lambda t: t)  # noqa: E731
-        y, last = selective_scan_ref(flip(u[r]), flip(delta[r]), A[r], flip(B[r]), flip(C[r]),
-                                     None if D is None else D[r], None if z is None else flip(z),
-                                     None if delta_bias is None else delta_bias[r], delta_softplus, True)
-        y = flip(y).float() * scale
-        if gate is not None:
-            y = y * gate[:, r, None, None].float()
-        out = y if out is None else out + y
-        lasts.append(last)
-    last = torch.stack(lasts) if want_last else u.new_empty(_EMPTY, dtype=torch.float32)
-    return out.to(u.dtype), last
+        return selective_scan
+    return cpu_scan
+
+
+def _state_dtype(u: Tensor) -> torch.dtype:
+    """dtype of the last state, the checkpoint and the fp32 gradients: fp32 (fp64 on the PyTorch
+    implementation for fp64 inputs)."""
+    return torch.float64 if u.dtype == torch.float64 and not _is_triton(u) else torch.float32
 
 
 def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
@@ -68,19 +61,11 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
                   want_ckpt=False):
     """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
-    empty = lambda: u.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731  (outputs must not alias)
-    if _is_triton(u):
-        from mamba_ssm.ops.triton.selective_scan import scan_forward
-
-        out = _out_like(u, channels_last_out)
-        last, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, want_last,
-                                  want_ckpt)
-        return out, last if want_last else empty(), ckpt if want_ckpt else empty()
-    with torch.no_grad():
-        y, last = _stacked_ref(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last)
+    empty = lambda: u.new_empty(_EMPTY, dtype=_state_dtype(u))  # noqa: E731  (outputs must not alias)
     out = _out_like(u, channels_last_out)
-    out.copy_(y)
-    return out, last, empty()
+    last, ckpt = _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale,
+                                                 out, want_last, want_ckpt)
+    return out, last if want_last else empty(), ckpt if want_ckpt else empty()
 
 
 @torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
@@ -94,27 +79,27 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 @scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
       want_ckpt=False):
-    from mamba_ssm.ops.triton.selective_scan import CKPT_CHUNK
-
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
     last_shape = (R, batch, dim, d_state) if want_last else _EMPTY
-    ckpt_shape = (R, batch, -(-seqlen // CKPT_CHUNK), d_state, dim) if want_ckpt and _is_triton(u) else _EMPTY
-    f32 = torch.float32
-    return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=f32), u.new_empty(ckpt_shape, dtype=f32)
+    if not want_ckpt:
+        ckpt_shape = _EMPTY
+    elif _is_triton(u):
+        from mamba_ssm.ops.triton.selective_scan import CKPT_CHUNK
+
+        ckpt_shape = (R, batch, -(-seqlen // CKPT_CHUNK), d_state, dim)
+    else:
+        ckpt_shape = (cpu_scan.checkpoint_numel(R, batch, dim, seqlen, d_state),)
+    f = _state_dtype(u)
+    return _out_like(u, channels_last_out), u.new_empty(last_shape, dtype=f), u.new_empty(ckpt_shape, dtype=f)
 
 
 def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
     """The implementation of scan_bwd."""
-    if not _is_triton(u):
-        raise RuntimeError("mamba_ssm::scan_bwd runs the Triton kernels only; the reference backward runs "
-                           "through autograd (scan_op._reference_grads)")
-    from mamba_ssm.ops.triton.selective_scan import scan_backward
-
-    g = scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout, dlast,
-                      ckpt if ckpt is not None and ckpt.numel() else None)
+    g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
+                                         dlast, ckpt if ckpt is not None and ckpt.numel() else None)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
-    return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=torch.float32) for n in names]
+    return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=_state_dtype(u)) for n in names]
 
 
 @torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
@@ -122,40 +107,18 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
              dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
     """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
-    and z, the others fp32; empty tensors for absent inputs.
-    Kernels only: the reference's backward needs autograd, which does not run inside a custom op."""
+    and z (channel-contiguous), the others fp32 (see _state_dtype); empty tensors for absent inputs."""
     return scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt)
-
-
-def _reference_grads(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast):
-    """The backward of scan_fwd on devices without the kernels: autograd through the reference."""
-    inputs = [t.detach().requires_grad_() if t is not None else None
-              for t in (u, delta, A, B, C, D, z, delta_bias, gate)]
-    with torch.enable_grad():
-        out, last = _stacked_ref(*inputs, delta_softplus, scale, dlast is not None)
-        outs, grads = [out], [dout.to(out.dtype)]
-        if dlast is not None:
-            outs.append(last)
-            grads.append(dlast.float())
-        wrt = [t for t in inputs if t is not None]
-        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-    res = []
-    for t in inputs:
-        g = next(got) if t is not None else None
-        if t is not None and g is None:
-            g = torch.zeros_like(t)
-        res.append(g)
-    return res
 
 
 @scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
-    f32 = torch.float32
-    like = lambda t: t.new_empty(t.shape, dtype=f32) if t is not None else u.new_empty(_EMPTY, dtype=f32)  # noqa
+    f = _state_dtype(u)
+    like = lambda t: t.new_empty(t.shape, dtype=f) if t is not None else u.new_empty(_EMPTY, dtype=f)  # noqa
 
     def same(t):  # the kernel's du / ddelta / dz: the input's dtype, channel-contiguous (see scan_backward)
         if t is None:
-            return u.new_empty(_EMPTY, dtype=f32)
+            return u.new_empty(_EMPTY, dtype=f)
         return t.new_empty((*t.shape[:-2], t.shape[-1], t.shape[-2])).transpose(-1, -2)
     return [same(u), same(delta), like(A), like(B), like(C), like(D), same(z), like(delta_bias), like(gate)]
 
@@ -164,13 +127,18 @@ def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last = inputs[:12]
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2])
     ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
+    # No zero-filled gradients for the outputs nothing differentiates (the checkpoint: a zero tensor of its
+    # size per call was 9% of a CPU training step of the demo): they arrive as None.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd):
     u, delta, A, B, C, D, z, delta_bias, gate, ckpt = ctx.saved_tensors
+    if dout is None:
+        dout = u.new_zeros(u.shape[1:])
     args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout,
             dlast if ctx.want_last else None)
-    grads = bwd(*args, ckpt) if _is_triton(u) else _reference_grads(*args)
+    grads = bwd(*args, ckpt)
     cast = [None if t is None else g.to(t.dtype) for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias, gate))]
     return (*cast, None, None, None, None, None)
 
@@ -209,7 +177,7 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 
 
 def scan_macs(u_shape, d_state: int) -> int:
-    """Multiply-accumulates of the scan (docs/reference.md section 4): 9*b*L*d*N + 2*b*L*d per direction."""
+    """Multiply-accumulates of the scan: 9*b*L*d*N + 2*b*L*d per direction."""
     R, batch, dim, seqlen = u_shape
     return R * (9 * batch * seqlen * dim * d_state + 2 * batch * seqlen * dim)
 

@@ -1,22 +1,19 @@
 """Selective scan and the Mamba inner function, with the mamba-ssm 1.1.1 call signatures.
 
-`selective_scan_fn` / `mamba_inner_fn` dispatch (mamba_ssm/ops/dispatch.py): CUDA tensors go to the Triton
-kernels (compiled at first use) through the custom op mamba_ssm::scan_fwd (scan_op.py), everything else to
-the references in this file. MAMBA_FORCE_REFERENCE=1 forces the references.
-The references are vectorised (see scan_core.py) and keep the state in fp32 whatever the input dtype.
+`selective_scan_fn` / `mamba_inner_fn` run through the custom op mamba_ssm::scan_fwd (scan_op.py): the Triton
+kernels for CUDA tensors (compiled at first use), the PyTorch implementation (ops/cpu/selective_scan.py)
+for other devices. MAMBA_FORCE_REFERENCE=1 sends them to the references in this file instead, which are
+vectorised (see scan_core.py) and keep the state in fp32 whatever the input dtype.
 """
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops import scan_op  # noqa: F401  (registers the custom ops and their FLOP formulas up front)
-from mamba_ssm.ops.dispatch import triton_enabled
+from mamba_ssm.ops.dispatch import needs_grad, reference_forced
 from mamba_ssm.ops.scan_core import SelectiveScanCore
-
-
-def use_triton(x):
-    """True when `x` should take the Triton scan kernels (CUDA tensor, Triton importable, not forced off)."""
-    return triton_enabled(x, "selective_scan")
+from mamba_ssm.ops.scan_op import scan_apply
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
@@ -87,15 +84,34 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, last.reshape(batch, dim, -1)) if return_last_state else out
 
 
+def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
+    """B or C as accepted by selective_scan_fn -> (1, b, G, N, L) view (a fixed (dim, N) is G = dim)."""
+    if M.dim() == 2:
+        return M[None, None, :, :, None].expand(1, batch, M.shape[0], M.shape[1], seqlen)
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    return M.unsqueeze(0)
+
+
+def selective_scan_op(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """selective_scan_fn through scan_op.scan_apply, on any device (arguments checked by the caller)."""
+    batch, _, seqlen = u.shape
+    wide = lambda t: None if t is None else (t if t.dtype == torch.float64 else t.float())[None]  # noqa: E731
+    out, last, _ = scan_apply(u[None], delta[None], wide(A), _as_stacked_bc(B, batch, seqlen),
+                              _as_stacked_bc(C, batch, seqlen), wide(D), z, wide(delta_bias), None, delta_softplus,
+                              1.0, return_last_state, u.stride(-1) != 1,
+                              needs_grad(u, delta, A, B, C, D, z, delta_bias))
+    return (out, last.squeeze(0)) if return_last_state else out  # squeeze: a view, also for the gradient
+
+
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
-    """Same contract as `selective_scan_ref`; Triton kernels for CUDA tensors."""
-    if use_triton(u):
-        _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-        from mamba_ssm.ops.triton.selective_scan import selective_scan_triton
-
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """Same contract as `selective_scan_ref`, through the custom op (see the module docstring)."""
+    if reference_forced():
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _conv_weight_2d(w):
@@ -138,7 +154,7 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
                    C_proj_bias=None, delta_softplus=True):
-    """Same contract as `mamba_inner_ref`; kernels for CUDA tensors."""
+    """Same contract as `mamba_inner_ref`, on the conv and scan ops (kernels for CUDA tensors)."""
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                   out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                   causal_conv1d_fn, selective_scan_fn)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_ssm.ops.triton.layernorm import RMSNorm, layer_norm_fn, layer_norm_ref, rms_norm_fn
-from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
+from mamba_ssm.ops.triton.layernorm import layer_norm_triton
 from tests.ops.helpers import assert_close_all, grads
 
 

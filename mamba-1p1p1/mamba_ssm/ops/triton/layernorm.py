@@ -1,24 +1,27 @@
 """Residual add + LayerNorm / RMSNorm with the mamba-ssm 1.1.1 signatures (prenorm, residual_in_fp32).
 
 `layer_norm_fn` / `rms_norm_fn` dispatch: CUDA tensors go to the fused Triton kernel
-(`layernorm_kernel.py`, compiled at first use), everything else to `layer_norm_ref`
-(MAMBA_FORCE_REFERENCE=1 forces the reference).
+(`layernorm_kernel.py`, compiled at first use); other tensors that need a gradient to the CPU implementation
+(`mamba_ssm/ops/cpu/layernorm.py`: one autograd.Function with an analytic backward), the rest to
+`layer_norm_ref` (MAMBA_FORCE_REFERENCE=1 forces the reference).
 Semantics of the fused op: residual_out = x + residual (in fp32 when residual_in_fp32, else in x's dtype),
 out = norm(residual_out) in fp32, cast back to x's dtype; with prenorm it returns (out, residual_out).
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from mamba_ssm.ops.dispatch import triton_enabled
+from causal_conv1d.kernel_utils import needs_grad, reference_forced, triton_enabled
 
 
 def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
                    is_rms_norm=False):
     dtype = x.dtype
+    _check_residual(x, residual)
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
         x = x.float() + residual.float()
     residual_out = x.to(torch.float32 if residual_in_fp32 else dtype)
     xf = x.float()
@@ -32,21 +35,44 @@ def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, resi
     return (out, residual_out) if prenorm else out
 
 
+def _check_residual(x, residual):
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+
+
 def rms_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
     return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm=True)
 
 
 def use_triton(x):
     """True when `x` should take the fused Triton kernel (CUDA tensor, Triton importable, not forced off)."""
-    return triton_enabled(x, "layernorm_kernel")
+    return triton_enabled(x, "mamba_ssm.ops.triton.layernorm_kernel")
+
+
+def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None,
+                      eps: float = 1e-6, prenorm: bool = False, residual_in_fp32: bool = False,
+                      is_rms_norm: bool = False):
+    """layer_norm_fn on the fused Triton kernels (same semantics as layer_norm_ref)."""
+    from mamba_ssm.ops.triton.layernorm_kernel import LayerNormTriton, _norm_forward
+
+    _check_residual(x, residual)
+    if needs_grad(x, weight, bias, residual):
+        return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
+    out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
+    out = out.reshape(x.shape)
+    return (out, res_out.reshape(x.shape)) if prenorm else out
 
 
 def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
                   is_rms_norm=False):
     if use_triton(x):
-        from mamba_ssm.ops.triton.layernorm_kernel import layer_norm_triton
-
         return layer_norm_triton(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    if not reference_forced() and needs_grad(x, weight, bias, residual):
+        from mamba_ssm.ops.cpu.layernorm import layer_norm_cpu
+
+        _check_residual(x, residual)
+        return layer_norm_cpu(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
     return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
 
 

@@ -12,8 +12,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba_ssm.ops.dispatch import needs_grad
-
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_ptr, mean_ptr, n_rows, n_cols, eps,
@@ -139,16 +137,3 @@ class LayerNormTriton(torch.autograd.Function):
         return (dx.to(dtype), dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype),
                 dx.to(res_dtype) if has_res else None, None, None, None, None)
 
-
-def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None,
-                      eps: float = 1e-6, prenorm: bool = False, residual_in_fp32: bool = False,
-                      is_rms_norm: bool = False):
-    """layer_norm_fn on the fused Triton kernels (same semantics as layer_norm_ref)."""
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    if needs_grad(x, weight, bias, residual):
-        return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
-    # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
-    out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
-    out = out.reshape(x.shape)
-    return (out, res_out.reshape(x.shape)) if prenorm else out

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from causal_conv1d.triton_causal_conv1d import pick4
-from causal_conv1d.tuning import apply_tuning_file
+from causal_conv1d.kernel_utils import apply_tuning_file
+from causal_conv1d.triton_utils import pick4
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -687,26 +687,3 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         dz=dz, dgate=dgate_part.sum(2) if gate is not None else None,
     )
 
-
-def _as_stacked_bc(M: Tensor, batch: int, seqlen: int) -> Tensor:
-    """B or C as accepted by selective_scan_fn -> (1, b, G, N, L) view (a fixed (dim, N) is G = dim)."""
-    if M.dim() == 2:
-        return M[None, None, :, :, None].expand(1, batch, M.shape[0], M.shape[1], seqlen)
-    if M.dim() == 3:
-        M = M.unsqueeze(1)
-    return M.unsqueeze(0)
-
-
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
-    """selective_scan_fn on the Triton kernels, through scan_op.scan_apply (arguments checked by the caller)."""
-    from mamba_ssm.ops.dispatch import needs_grad
-    from mamba_ssm.ops.scan_op import scan_apply
-
-    batch, _, seqlen = u.shape
-    out, last, _ = scan_apply(u[None], delta[None], A.float()[None], _as_stacked_bc(B, batch, seqlen),
-                              _as_stacked_bc(C, batch, seqlen), D.float()[None] if D is not None else None, z,
-                              delta_bias.float()[None] if delta_bias is not None else None, None, delta_softplus,
-                              1.0, return_last_state, u.stride(-1) != 1,
-                              needs_grad(u, delta, A, B, C, D, z, delta_bias))
-    return (out, last.squeeze(0)) if return_last_state else out  # squeeze: a view, also for the gradient

@@ -1,8 +1,9 @@
-"""bimamba_v2_inner_fn on the Triton kernels: both directions of a Vim v2 layer, gates and token masks.
+"""bimamba_v2_inner_fn on the stacked ops: both directions of a Vim v2 layer, gates and token masks, on any
+device (the ops run the Triton kernels for CUDA tensors, the PyTorch implementations otherwise).
 
     conv (both directions, one launch, custom op causal_conv1d::conv_fwd; direction 1 anti-causal, so
-    nothing is flipped; a token mask that needs a gradient is applied by autograd ops around it)
-    -> x_proj and dt_proj as batched matmuls over the direction axis (cuBLAS)
+    nothing is flipped)
+    -> x_proj and dt_proj as batched matmuls over the direction axis
     -> selective scan (both directions, one launch; the custom op mamba_ssm::scan_fwd), which also applies
        D, z-gating, the per-sample gate, the sum of the directions and the halving, writing (batch, L,
        d_inner) once.
@@ -29,6 +30,8 @@ def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
             raise ValueError(f"{name} must be given for both directions or neither")
         return None
     s = torch.stack([a, b])
+    if dtype == torch.float32 and s.dtype == torch.float64:  # fp32 at least: fp64 stays exact
+        return s
     return s if dtype is None else s.to(dtype)
 
 
@@ -38,9 +41,9 @@ class StackedWeights(NamedTuple):
     conv_bias: Optional[Tensor]  # (2, d_inner)
     x_proj_weight: Tensor  # (2, dt_rank + 2 d_state, d_inner)
     dt_proj_weight: Tensor  # (2, d_inner, dt_rank)
-    A: Tensor  # (2, d_inner, d_state) fp32
-    D: Optional[Tensor]  # (2, d_inner) fp32
-    dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32
+    A: Tensor  # (2, d_inner, d_state) fp32 (fp64 if given in fp64)
+    D: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
+    dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
 
 
 def stack_directions(fwd, bwd) -> StackedWeights:
@@ -52,15 +55,38 @@ def stack_directions(fwd, bwd) -> StackedWeights:
                           _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
-def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                            divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
+class _SplitXZ(torch.autograd.Function):
+    """xz -> (x, z), its two channel halves (views). The backward writes both gradients into one tensor in
+    xz's memory layout; slicing's backward zero-fills a full tensor per half and adds them (a CPU training
+    step of the demo spent 2 ms per layer there)."""
+
+    @staticmethod
+    def forward(ctx, xz: Tensor):
+        ctx.set_materialize_grads(False)
+        channels_last = xz.transpose(1, 2).is_contiguous()  # in_proj's output: the gradient goes back that way
+        ctx.xz_meta = (xz.shape, channels_last, xz.dtype, xz.device)
+        dim = xz.shape[1] // 2
+        return xz[:, :dim], xz[:, dim:]
+
+    @staticmethod
+    def backward(ctx, dx, dz):
+        shape, channels_last, dtype, device = ctx.xz_meta
+        batch, channels, seqlen = shape
+        grad = torch.empty((batch, seqlen, channels), dtype=dtype, device=device).transpose(1, 2) if channels_last \
+            else torch.empty(shape, dtype=dtype, device=device)
+        dim = shape[1] // 2
+        for half, g in ((grad[:, :dim], dx), (grad[:, dim:], dz)):
+            half.zero_() if g is None else half.copy_(g)
+        return grad
+
+
+def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                             divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
     """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    # split, not two slices: the backward of a split is one cat of the gradients, where each slice's backward
-    # zero-fills a full-size buffer and autograd then adds the two (6% of a Vim-S training step's GPU time)
-    x, z = xz.split(dim, dim=1)
+    x, z = _SplitXZ.apply(xz) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
@@ -68,10 +94,10 @@ def bimamba_v2_inner_triton(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None,
     training = needs_grad(xz, gate, *w)
     gate_skip = gate if gate is not None and not training else None
     if mask is not None and needs_grad(mask):
-        # DyVM training: the mask holds the straight-through keep decisions, and their gradient flows through
-        # both multiplications (the conv kernels give the mask none): apply them with autograd around the conv
-        m = mask.unsqueeze(1)
-        xc = conv_apply(x * m, w.conv_weight, w.conv_bias, None, None, True, True) * m
+        # The conv op takes its mask as a constant; a training mask carries the straight-through gradient of
+        # the pruning decisions, so it is applied around the op, where autograd sees it.
+        xc = conv_apply(x * mask[:, None], w.conv_weight, w.conv_bias, None, gate_skip, True, True)
+        xc = xc * mask[None, :, None]
     else:
         xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)

@@ -1,0 +1,83 @@
+"""Utilities shared by the kernels and the op layers of both packages (causal_conv1d and mamba_ssm, which
+imports this one): which implementation a call takes, whether something watches it, and the tuning-file
+loader of the Triton kernels. A leaf: plain Python and torch, importable without Triton (the Triton device
+helpers shared by the kernels live in causal_conv1d/triton_utils.py).
+
+Implementations: the Triton kernels for CUDA tensors (and for CPU tensors inside triton_on_cpu(), which the
+tests use with TRITON_INTERPRET=1), the PyTorch implementations otherwise; MAMBA_FORCE_REFERENCE=1 sends
+every call to the plain references instead (to rule an implementation out when debugging).
+"""
+import importlib
+import json
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+FORCE_REFERENCE_ENV = "MAMBA_FORCE_REFERENCE"
+_triton_on_cpu = False
+
+
+def reference_forced() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0")
+
+
+@contextmanager
+def triton_on_cpu():
+    """Send CPU tensors to the Triton kernels (only meaningful with TRITON_INTERPRET=1; for tests)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+@lru_cache(maxsize=None)
+def module_importable(module: str) -> bool:
+    """True when the (kernel) module of this dotted name imports, i.e. Triton is installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def triton_enabled(x: torch.Tensor, module: str) -> bool:
+    """True when tensor `x` should take the Triton kernels of the dotted module `module`."""
+    if reference_forced() or not (x.is_cuda or _triton_on_cpu):
+        return False
+    return module_importable(module)
+
+
+def ops_watched() -> bool:
+    """Whether something watches ops, so that calls must go through our torch.library custom ops:
+    torch.compile tracing, or a dispatch mode (FlopCounterMode, FakeTensorMode). Otherwise (eager) the
+    ops' implementations run directly, under a torch.autograd.Function when a gradient is needed: the same
+    computation without the custom-op dispatcher's overhead (0.1 to 0.2 ms per call on an H200 host,
+    cProfile of an eager Vim-S forward), which bounds eager inference and small-batch training."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apply_tuning_file(section: str, table: dict) -> None:
+    """Launch-parameter overrides of the Triton kernels: MAMBA_TRITON_TUNING=file.json (written by
+    benchmarks/kernels.py --sweep --save-tuning) replaces entries of the built-in table `table` in place
+    from the file's `section` ("fwd", "bwd" or "conv"); a bad file or entry is a clear error naming the
+    variable, the file and the entry."""
+    path = os.environ.get("MAMBA_TRITON_TUNING")
+    if not path:
+        return
+    try:
+        saved = json.load(open(path)).get(section, {})
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: cannot read the tuning file ({e})") from None
+    for key, cfg in saved.items():  # entries may omit parameters added later (they keep the built-in value)
+        if key not in table or not set(cfg) <= set(table[key]):
+            raise RuntimeError(f"MAMBA_TRITON_TUNING={path}: unexpected {section} entry {key}: {cfg}")
+        table[key] = {**table[key], **cfg}
