@@ -117,8 +117,6 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
            "cuda_graph": graphed}
     if args.profile and rank == 0:
         row["profile"] = profile_steps(run, args.profile)
-    del model, criterion, optimizer, ema, train_model, step
-    torch.cuda.empty_cache()
     return row
 
 
@@ -161,6 +159,7 @@ def main(argv=None) -> int:
                 row = {"model": name, "dtype": dtype, "error": "out of GPU memory"}
                 torch.cuda.empty_cache()
             rows.append(row)
+            torch.cuda.empty_cache()  # the row's models are gone: give their memory back before the next
             if rank == 0:
                 if "error" in row:
                     print(f"{name:16s} {dtype:5s} {row['error']}", flush=True)

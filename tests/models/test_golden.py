@@ -1,7 +1,4 @@
 """Our DyVM against the authors' own code (tests/golden, see its README): eval and training mode."""
-import os
-
-import pytest
 import timm
 import torch
 from timm.loss import SoftTargetCrossEntropy
@@ -9,18 +6,9 @@ from timm.loss import SoftTargetCrossEntropy
 import dyvm  # noqa: F401  (registers the timm names)
 from dyvm.checkpoint import load_checkpoint
 from dyvm.losses import LOSS_PARTS, DyVMLoss, build_teacher
-from dyvm.pruning import kept_first_order, to_original_order
+from tests.models.golden import decisions_in_original_order, load_golden, rel
 
-GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR",
-                            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden"))
-EVAL_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny.pt")
-TRAIN_FILE = os.path.join(GOLDEN_DIR, "authors_dyvm_tiny_train.pt")
-
-
-def _load(path):
-    if not os.path.isfile(path):
-        pytest.fail(f"golden file {path} not found: set DYVM_GOLDEN_DIR to the folder holding it")
-    return torch.load(path, map_location="cpu")
+EVAL_FILE, TRAIN_FILE = "authors_dyvm_tiny.pt", "authors_dyvm_tiny_train.pt"
 
 
 def _model(golden, **options):
@@ -31,19 +19,15 @@ def _model(golden, **options):
                              block_keep_ratio=p["block_keep_ratio"], **options)
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-
-
 def test_eval_matches_authors():
-    golden = _load(EVAL_FILE)
+    golden = load_golden(EVAL_FILE)
     model = _model(golden)
     report = load_checkpoint(model, golden["dyvm_state_dict"])
     assert report.source == "dyvm" and not report.gates_initialised and not report.missing_dyvm_heads
     model.eval()
     with torch.no_grad():
         out = model.forward_aux(golden["input"])
-    assert _rel(out.logits, golden["dyvm_logits"]) < 1e-4
+    assert rel(out.logits, golden["dyvm_logits"]) < 1e-4
     assert torch.equal(out.gates, golden["dyvm_block_policy"][:, :, 0])
     m = golden["config"]["img_size"] // golden["config"]["patch_size"]
     counts = [int(r * m * m) for r in golden["pruning"]["token_ratio"]]
@@ -51,20 +35,8 @@ def test_eval_matches_authors():
     assert out.patch_tokens.shape[1] == counts[-1]
 
 
-def _golden_decisions_in_original_order(golden_decisions):
-    """The authors store each stage's decision in the slot order it was made in (the previous stage's
-    arrangement); replay the rearrangement to map them to original patch order, and return the slot map."""
-    batch, m = golden_decisions[0].shape
-    slot_to_patch = torch.arange(m).expand(batch, m)
-    original = []
-    for decision in golden_decisions:
-        original.append(to_original_order(decision, slot_to_patch, m))
-        slot_to_patch = slot_to_patch.gather(1, kept_first_order(decision))
-    return original, slot_to_patch
-
-
 def test_training_step_matches_authors():
-    golden, train = _load(EVAL_FILE), _load(TRAIN_FILE)
+    golden, train = load_golden(EVAL_FILE), load_golden(TRAIN_FILE)
     model = _model(golden, gumbel_noise=False)
     load_checkpoint(model, {"model": train["dyvm_state_dict"]})
     teacher = build_teacher(model.cfg, train["teacher_state_dict"])
@@ -75,8 +47,8 @@ def test_training_step_matches_authors():
     images = golden["input"]
     out = model.forward_aux(images)
 
-    assert _rel(out.logits, train["train_logits"]) < 1e-4
-    decisions, slot_to_patch = _golden_decisions_in_original_order(train["train_decisions"])
+    assert rel(out.logits, train["train_logits"]) < 1e-4
+    decisions, slot_to_patch = decisions_in_original_order(train["train_decisions"])
     assert len(out.decisions) == len(decisions)
     for ours, theirs in zip(out.decisions, decisions):
         assert torch.equal(ours.detach(), theirs)
@@ -84,7 +56,7 @@ def test_training_step_matches_authors():
     assert torch.equal(out.slot_to_patch, train["train_slot_to_patch"])
     assert torch.equal(out.final_policy, train["train_final_policy"])
     assert torch.equal(out.gates.detach(), train["train_block_policy"][:, :, 0])
-    assert _rel(out.patch_tokens, train["train_patch_tokens"]) < 1e-4
+    assert rel(out.patch_tokens, train["train_patch_tokens"]) < 1e-4
 
     loss, parts = criterion(images, out, train["target"])
     assert list(parts) == list(LOSS_PARTS)
@@ -96,4 +68,4 @@ def test_training_step_matches_authors():
     assert set(train["grads"]) <= set(params)
     for name, expected in train["grads"].items():
         assert params[name].grad is not None, name
-        assert _rel(params[name].grad, expected) < 1e-4, name
+        assert rel(params[name].grad, expected) < 1e-4, name

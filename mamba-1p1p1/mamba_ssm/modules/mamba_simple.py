@@ -5,7 +5,7 @@ conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b, sharing in_proj, z and out_proj
 summed (halved when if_divide_out). Parameter names match Vim's, so released Vim checkpoints load as-is.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
 from mamba_ssm.ops.dispatch import needs_grad, ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+if TYPE_CHECKING:
+    from mamba_ssm.ops.bimamba_stacked import StackedWeights
 
 BIMAMBA_TYPES = ("none", "v2")
 
@@ -25,7 +28,7 @@ class InferenceWeights(NamedTuple):
     linears: dict  # name -> (weight, bias or None)
     fwd: ScanWeights
     bwd: ScanWeights
-    stacked: "StackedWeights"  # noqa: F821  (mamba_ssm.ops.bimamba_stacked)
+    stacked: "StackedWeights"
 
 
 class Mamba(nn.Module):

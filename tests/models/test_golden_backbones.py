@@ -3,8 +3,6 @@
 One golden file per backbone holds a dense pass, an eval pass and a training pass (Gumbel noise off) with one set
 of weights. Each file is loaded and each pass run once per module (fixtures); the tests compare what they need.
 """
-import os
-
 import pytest
 import timm
 import torch
@@ -13,14 +11,9 @@ from timm.loss import SoftTargetCrossEntropy
 import dyvm  # noqa: F401  (registers the timm names)
 from dyvm.checkpoint import load_checkpoint
 from dyvm.losses import LOSS_PARTS, DyVMLoss, build_teacher
-from dyvm.pruning import kept_first_order, to_original_order
+from tests.models.golden import decisions_in_original_order, load_golden, rel
 
-GOLDEN_DIR = os.environ.get("DYVM_GOLDEN_DIR", os.path.join(os.path.dirname(__file__), "golden"))
 BACKBONES = {"videomamba": "dyvm_videomamba_tiny", "mambareg": "dyvm_mambareg_small"}  # sizes set by the golden
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
 def _options(golden):
@@ -59,10 +52,7 @@ class Run:
     """A golden file and what our model computed for it: dense, eval and training passes."""
 
     def __init__(self, family):
-        path = os.path.join(GOLDEN_DIR, f"authors_dyvm_{family}_tiny.pt")
-        if not os.path.isfile(path):
-            pytest.fail(f"golden file {path} not found: set DYVM_GOLDEN_DIR to the folder holding it")
-        self.golden = g = torch.load(path, map_location="cpu")
+        self.golden = g = load_golden(f"authors_dyvm_{family}_tiny.pt")
         options, p = _options(g), g["pruning"]
         name = BACKBONES[family]
         self.dense = timm.create_model(name[len("dyvm_"):], **options).eval()
@@ -98,19 +88,19 @@ def run(request):
 def test_dense_teacher_matches(run):
     g = run.golden
     assert run.dense_report.source == "dense"
-    assert _rel(run.dense_logits, g["dense_logits"]) < 1e-4
-    assert _rel(run.dense_tokens, g["dense_patch_tokens"]) < 1e-4  # original patch order, class tokens removed
+    assert rel(run.dense_logits, g["dense_logits"]) < 1e-4
+    assert rel(run.dense_tokens, g["dense_patch_tokens"]) < 1e-4  # original patch order, class tokens removed
     with torch.no_grad():
         teacher_logits, teacher_tokens = run.teacher.forward_with_tokens(g["input"])
-    assert _rel(teacher_logits, g["teacher_logits"]) < 1e-4
-    assert _rel(teacher_tokens, g["teacher_patch_tokens"]) < 1e-4
+    assert rel(teacher_logits, g["teacher_logits"]) < 1e-4
+    assert rel(teacher_tokens, g["teacher_patch_tokens"]) < 1e-4
 
 
 def test_eval_matches(run):
     g, out = run.golden, run.eval
     assert run.report.source == "dyvm" and not run.report.gates_initialised and not run.report.missing_dyvm_heads
-    assert _rel(out.logits, g["dyvm_logits"]) < 1e-4
-    assert _rel(run.eval_gate_logits, g["dyvm_gate_logits"]) < 1e-4
+    assert rel(out.logits, g["dyvm_logits"]) < 1e-4
+    assert rel(run.eval_gate_logits, g["dyvm_gate_logits"]) < 1e-4
     assert torch.equal(out.gates, g["dyvm_block_policy"][:, :, 0])
     for decision, kept in zip(out.decisions, g["dyvm_kept_patches"], strict=True):
         assert torch.equal(decision.nonzero()[:, 1].view(kept.shape), kept)
@@ -121,30 +111,18 @@ def test_eval_matches(run):
         assert all(p.eq(0).all() for p in run.eval_positions)
 
 
-def _golden_decisions_in_original_order(golden_decisions):
-    """The authors store each stage's decision in the slot order it was made in (the previous stage's
-    arrangement); replay the rearrangement to map them to original patch order, and return the slot map."""
-    batch, m = golden_decisions[0].shape
-    slot_to_patch = torch.arange(m).expand(batch, m)
-    original = []
-    for decision in golden_decisions:
-        original.append(to_original_order(decision, slot_to_patch, m))
-        slot_to_patch = slot_to_patch.gather(1, kept_first_order(decision))
-    return original, slot_to_patch
-
-
 def test_training_forward_matches(run):
     g, out = run.golden, run.train
-    assert _rel(out.logits, g["train_logits"]) < 1e-4
-    decisions, slot_to_patch = _golden_decisions_in_original_order(g["train_decisions"])
+    assert rel(out.logits, g["train_logits"]) < 1e-4
+    decisions, slot_to_patch = decisions_in_original_order(g["train_decisions"])
     for ours, theirs in zip(out.decisions, decisions, strict=True):
         assert torch.equal(ours.detach(), theirs)
     assert torch.equal(slot_to_patch, g["train_slot_to_patch"])
     assert torch.equal(out.slot_to_patch, g["train_slot_to_patch"])
     assert torch.equal(out.final_policy, g["train_final_policy"])
     assert torch.equal(out.gates.detach(), g["train_block_policy"][:, :, 0])
-    assert _rel(run.train_gate_logits, g["train_gate_logits"]) < 1e-4
-    assert _rel(out.patch_tokens, g["train_patch_tokens"]) < 1e-4
+    assert rel(run.train_gate_logits, g["train_gate_logits"]) < 1e-4
+    assert rel(out.patch_tokens, g["train_patch_tokens"]) < 1e-4
     if "train_reg_positions" in g:  # per image, from its own kept count
         assert all(torch.equal(a, b) for a, b in zip(run.train_positions, g["train_reg_positions"],
                                                      strict=True))
@@ -161,4 +139,4 @@ def test_loss_terms_and_gradients_match(run):
     assert set(g["grads"]) <= set(params)
     for name, expected in g["grads"].items():
         assert params[name].grad is not None, name
-        assert _rel(params[name].grad, expected) < 1e-4, name
+        assert rel(params[name].grad, expected) < 1e-4, name
