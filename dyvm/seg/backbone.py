@@ -86,8 +86,9 @@ class SegBackbone(DyVM):
             raise ValueError(f"out_indices {out_indices} must be strictly increasing layer indices in "
                              f"[0, {cfg.depth - 1}]")
         self.out_indices = out_indices
-        # no class token, no final norm, no head: a state dict holds only what the forward uses
-        del self.cls_token, self.norm_f, self.head
+        # no class token and no final norm (the head is already an empty Identity): a state dict holds only
+        # what the forward uses
+        del self.cls_token, self.norm_f
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
 
