@@ -8,6 +8,7 @@
 Vim of --teacher-path (default --model-path). --model vim_*: a plain dense Vim trained with the classification
 loss (the demo's teacher stage). Flags: dyvm/config.py. Outputs in --output_dir: args.yaml, checkpoint.pth,
 best_checkpoint.pth, log.txt (one JSON line per epoch), tensorboard events, eval.json (--eval).
+`python main.py seg ...`: semantic segmentation (UperNet on a Vim or DyVM backbone), options in dyvm/seg/config.py.
 """
 import json
 import os
@@ -355,6 +356,10 @@ def one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["seg"]:  # semantic segmentation (dyvm/seg/run.py): its own options
+        from dyvm.seg.run import main as seg_main
+        return seg_main(argv[1:])
     try:
         args = parse_args(argv)
         run(args)
