@@ -2,8 +2,8 @@
 
 Layer ids over a backbone of depth L: position and patch embeddings 0, layer i (its gate head included) i + 1,
 everything else (neck, heads, token predictors: newly initialised) L + 1. A parameter of layer id l trains with
-lr x decay^(L + 1 - l). No weight decay on biases, 1-D parameters (norms), the position embedding, and
-parameters marked _no_weight_decay (the SSM's A_log and D; the authors' constructor decayed A_log).
+lr x decay^(L + 1 - l). No weight decay on biases, 1-D parameters (norms, the SSM's D) and the position
+embedding; the SSM's A_log (2-D) decays, as in the authors' constructor and in the classifier's timm rule.
 
 Schedule, per iteration it (0-based, the update about to be made), as mmcv's poly policy with linear warm-up:
     factor(it) = (1 - it / max_iters) ^ power                          (lr = (base - min_lr) x factor + min_lr)
@@ -33,8 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> l
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim == 1 or name.endswith(".bias") or name == "backbone.pos_embed" or \
-            getattr(p, "_no_weight_decay", False)
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name == "backbone.pos_embed"
         lid = layer_id(name, depth)
         key = (lid, no_decay)
         if key not in groups:

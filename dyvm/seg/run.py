@@ -213,6 +213,10 @@ def train(args, model, splits, device, world_size: int, rank: int, resumed, amp_
             meter[k] += v
         n += 1
         if it % args.log_interval == 0 or it == stop:
+            if world_size > 1:  # the mean over every process's steps
+                total = torch.tensor(list(meter.values()), dtype=torch.float64, device=device)
+                dist.all_reduce(total)
+                meter = dict(zip(meter, (total / world_size).tolist()))
             record = {"iter": it, "lr": lr, **{f"train_{k}": v / n for k, v in meter.items()},
                       "seconds_per_iter": round((time.time() - t0) / n, 4)}
             _log(args, writer, rank, record)
