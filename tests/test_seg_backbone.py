@@ -12,9 +12,9 @@ CFG = VimConfig(img_size=32, patch_size=4, depth=4, embed_dim=32, d_state=8)  # 
 M, G = 64, 8
 
 
-def dyvm_backbone(**options) -> SegBackbone:
+def dyvm_backbone(feature_source="mixer", **options) -> SegBackbone:
     options = {"pruning_loc": (1, 2, 3), "token_keep_ratio": 0.7, "gumbel_noise": False, **options}
-    return SegBackbone(CFG, make_dyvm_config(**options), out_indices=(0, 1, 2, 3))
+    return SegBackbone(CFG, make_dyvm_config(**options), out_indices=(0, 1, 2, 3), feature_source=feature_source)
 
 
 class TopKInTraining(LearnedSelection):
@@ -41,11 +41,12 @@ def decisive(model: SegBackbone, seed: int = 0) -> SegBackbone:
     return model
 
 
-@pytest.fixture(scope="module")
-def paths():
-    """The same model and images through the training and the inference forward."""
+@pytest.fixture(scope="module", params=["mixer", "stream"])
+def paths(request):
+    """The same model and images through the training and the inference forward (features: mixer outputs, the
+    authors' choice, or the residual stream)."""
     torch.manual_seed(3)
-    model = decisive(dyvm_backbone())
+    model = decisive(dyvm_backbone(request.param))
     x = torch.randn(6, 3, 32, 32)
     model.train()
     train = model(x)
@@ -121,5 +122,7 @@ def test_gate_pooling_is_the_mean_over_kept_tokens():
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ValueError, match="out_indices"):
         SegBackbone(CFG, DENSE, out_indices=(2, 1))
+    with pytest.raises(ValueError, match="feature_source"):
+        SegBackbone(CFG, DENSE, feature_source="norm")
     with pytest.raises(ValueError, match="residual"):
         SegBackbone(CFG, make_dyvm_config(pruning_loc=(1, 2, 3), predictor_input="ssm_B"))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dyvm.data import DataError
 from dyvm.seg.data import (IGNORE_INDEX, EpochSampler, EvalTransform, PairedFolder, SceneDataset, SceneSpec,
-                           TrainTransform, Transformed, ade20k_splits, compose_scene, rescale_size,
+                           TrainTransform, Transformed, ade20k_splits, compose_scene, rescale_size, scene_splits,
                            split_silhouettes)
 from dyvm.seg.metrics import confusion_matrix, segmentation_metrics
 
@@ -50,6 +50,20 @@ def test_scene_pixels_are_labelled_with_their_animal(silhouettes):
         assert (mask > 0).sum() > 50
         # the pasted colour is bright (>= 120 per channel before noise-free blending) against a darker field
         assert image[mask > 0].astype(float).mean() > image[mask == 0].astype(float).mean() + 30
+
+
+def test_scenes_of_chosen_classes():
+    splits = scene_splits(SceneSpec(size=32), 4, 4, 0.15, 0, classes=("giraffe", "bird"))
+    assert splits.class_names == ("background", "giraffe", "bird") and splits.num_classes == 3
+    labels = set()
+    for i in range(4):
+        _, mask, placements = splits.train.scene(i)
+        labels |= set(np.unique(mask).tolist())
+        for cls, *_ in placements:
+            assert cls in (0, 1)
+    assert labels <= {0, 1, 2}
+    with pytest.raises(DataError, match="distinct names"):
+        scene_splits(SceneSpec(size=32), 4, 4, 0.15, 0, classes=("unicorn",))
 
 
 def test_validation_silhouettes_are_kept_apart(silhouettes):

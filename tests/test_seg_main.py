@@ -41,18 +41,21 @@ def test_dense_training_writes_the_house_outputs(dense_dir):
     assert yaml.safe_load((dense_dir / "args.yaml").read_text())["model"] == "vim_tiny"
 
 
-def test_dyvm_fine_tuned_from_the_dense_segmenter_then_evaluated(dense_dir, tmp_path, capsys):
-    out = tmp_path / "dyvm"
+@pytest.fixture(scope="module")
+def dyvm_dir(dense_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg_dyvm")
     assert seg("--model", "dyvm_vim_tiny", "--token-keep-ratio", "0.7", "--model-path",
                str(dense_dir / "checkpoint.pth"), "--max-iters", "2", "--output_dir", str(out)) == 0
-    text = capsys.readouterr().out
-    assert "gate heads initialised open" in text
-    line = json.loads((out / "log.txt").read_text().splitlines()[0])
+    return out
+
+
+def test_dyvm_fine_tuned_from_the_dense_segmenter_then_evaluated(dyvm_dir, capsys):
+    line = json.loads((dyvm_dir / "log.txt").read_text().splitlines()[0])
     for term in ("token_pruning_loss", "block_pruning_loss", "block_keep_ratio", "token_keep_stage0"):
         assert f"train_{term}" in line, term
-    assert seg("--model", "dyvm_vim_tiny", "--token-keep-ratio", "0.7", "--model-path", str(out / "checkpoint.pth"),
-               "--eval", "--output_dir", str(tmp_path / "eval")) == 0
-    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert seg("--model", "dyvm_vim_tiny", "--token-keep-ratio", "0.7", "--model-path",
+               str(dyvm_dir / "checkpoint.pth"), "--eval", "--output_dir", str(dyvm_dir)) == 0
+    res = json.loads((dyvm_dir / "eval.json").read_text())
     val = res["val"]
     assert val["num_images"] == 3 and val["windows_per_image"] == 4.0  # 40x40 scenes, 32 crops, stride 21
     assert val["tokens_kept_per_stage"] == [44.0, 31.0, 21.0]  # int(64 * 0.7^s)
@@ -63,6 +66,26 @@ def test_dyvm_fine_tuned_from_the_dense_segmenter_then_evaluated(dense_dir, tmp_
     assert {"model", "backbone", "dense_model", "dense_backbone"} <= set(res["throughput"])
     text = capsys.readouterr().out
     assert "mIoU" in text and "paper" in text and "dense twin" in text
+
+
+def test_loading_the_dense_segmenter_opens_the_gates(dense_dir, capsys):
+    assert seg("--model", "dyvm_vim_tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--eval",
+               "--no-throughput", "--max-val-images", "1") == 0
+    assert "gate heads initialised open" in capsys.readouterr().out
+
+
+def test_demo_report(dense_dir, dyvm_dir, tmp_path):
+    from dyvm.seg.report import build_report
+    assert seg("--model", "vim_tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--eval",
+               "--no-throughput", "--output_dir", str(dense_dir)) == 0
+    if not (dyvm_dir / "eval.json").exists():
+        assert seg("--model", "dyvm_vim_tiny", "--token-keep-ratio", "0.7", "--model-path",
+                   str(dyvm_dir / "checkpoint.pth"), "--eval", "--output_dir", str(dyvm_dir)) == 0
+    summary = build_report(str(dense_dir), str(dyvm_dir), str(tmp_path), wall_clock_s=1.0)
+    text = (tmp_path / "report.md").read_text()
+    assert "| mIoU |" in text and "figures/segmentation.png" in text
+    assert (tmp_path / "figures" / "segmentation.png").stat().st_size > 10_000
+    assert summary["dyvm"]["tokens_kept_per_stage"] == [44.0, 31.0, 21.0]
 
 
 def test_resume_is_exact(dense_dir, tmp_path):

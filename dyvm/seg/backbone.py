@@ -5,7 +5,8 @@ the keep-set selection rules, the gate heads and the gated, masked bidirectional
 - no class token: the sequence is the patch grid in raster order, with a position embedding for that grid;
   no final norm and no head;
 - the mixer outputs after the layers in `out_indices` (default the last layer of each quarter: 5/11/17/23 at
-  depth 24) are returned as (B, D, grid, grid) maps;
+  depth 24) are returned as (B, D, grid, grid) maps (feature_source="mixer", the authors'; "stream" returns the
+  residual stream after the layer instead, mixer output included: Vim's use_residual_as_feature);
 - a pruned token does not vanish from the maps: it keeps the feature it had when it was dropped (the mixer
   output of the layer just before its pruning stage), frozen, at its own grid position;
 - the gate head of each layer reads the mean of the in_proj output over the tokens the layer processes
@@ -30,6 +31,7 @@ from dyvm.pruning import batch_gather, indices_to_mask, keep_count, kept_first_o
 
 # A dense Vim is the same module tree without predictors and gate heads.
 DENSE = DyVMConfig(pruning="none", block_selection=False)
+FEATURE_SOURCES = ("mixer", "stream")
 
 
 def default_out_indices(depth: int) -> tuple:
@@ -75,7 +77,10 @@ def pooled_gate_input(xz: Tensor, mask: Optional[Tensor]) -> Tensor:
 class SegBackbone(DyVM):
     """Dense Vim (dyvm_cfg=DENSE) or DyVM backbone for segmentation; forward(images) -> SegBackboneOutput."""
 
-    def __init__(self, cfg: VimConfig, dyvm_cfg: DyVMConfig = DENSE, out_indices: Optional[Sequence[int]] = None):
+    def __init__(self, cfg: VimConfig, dyvm_cfg: DyVMConfig = DENSE, out_indices: Optional[Sequence[int]] = None,
+                 feature_source: str = "mixer"):
+        if feature_source not in FEATURE_SOURCES:
+            raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
         if dyvm_cfg.predictor_input != "residual":
             raise ValueError("the segmentation backbone's predictors read the residual stream only "
                              f"(predictor_input='residual'), got {dyvm_cfg.predictor_input!r}")
@@ -86,6 +91,7 @@ class SegBackbone(DyVM):
             raise ValueError(f"out_indices {out_indices} must be strictly increasing layer indices in "
                              f"[0, {cfg.depth - 1}]")
         self.out_indices = out_indices
+        self.feature_source = feature_source
         # no class token and no final norm (the head is already an empty Identity): a state dict holds only
         # what the forward uses
         del self.cls_token, self.norm_f
@@ -114,28 +120,34 @@ class SegBackbone(DyVM):
         g = self.cfg.grid_size
         return hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], g, g)
 
+    def _feature(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        """What a layer contributes to the maps: its mixer output, or the residual stream after it."""
+        return hidden if self.feature_source == "mixer" else hidden + residual.to(hidden.dtype)
+
     def _prune(self, stage: int, hidden: Tensor, residual: Tensor, tokens: _Tokens, frozen: Optional[Tensor]):
-        """One pruning stage -> (hidden, residual, tokens, frozen, decision (B, M) over the raster patches)."""
+        """One pruning stage -> (hidden, residual, tokens, frozen, decision (B, M) over the raster patches).
+        A dropped token's frozen feature is what the maps showed for it after the previous layer."""
         M = self.cfg.num_patches
         k = keep_count(self.dyvm_cfg.token_keep_ratios[stage], M)
         log_probs = None
         if self.score_predictors is not None:
             features = hidden + residual
             log_probs = self.score_predictors[stage](features, tokens.policy.unsqueeze(-1).to(features.dtype))
+        feature = self._feature(hidden, residual)
         if frozen is None:
-            frozen = hidden.new_zeros(hidden.shape[0], M, hidden.shape[2])
+            frozen = feature.new_zeros(feature.shape[0], M, feature.shape[2])
         if not self.training:  # the sequence shrinks to the k best tokens, still in raster order
             index = self.selection.eval_indices(log_probs, tokens.policy, k)
             dropped = 1 - indices_to_mask(index, hidden.shape[1])
-            frozen = frozen + scatter_tokens(hidden * dropped.unsqueeze(-1).to(hidden.dtype), tokens.slot_to_patch, M)
+            frozen = frozen + scatter_tokens(feature * dropped.unsqueeze(-1).to(feature.dtype), tokens.slot_to_patch, M)
             slot_to_patch = tokens.slot_to_patch.gather(1, index)
             tokens = _Tokens(torch.ones(index.shape, device=index.device), slot_to_patch, None)
             return (batch_gather(hidden, index), batch_gather(residual, index), tokens, frozen,
                     indices_to_mask(slot_to_patch, M))
         # training: full length, kept tokens first (raster order), pruned ones masked out of the scans
         keep = self.selection.train_keep(log_probs, tokens.policy, k)
-        newly_dropped = (tokens.policy - keep).unsqueeze(-1).to(hidden.dtype)  # 0/1 (straight-through)
-        frozen = frozen + scatter_tokens(hidden * newly_dropped, tokens.slot_to_patch, M)
+        newly_dropped = (tokens.policy - keep).unsqueeze(-1).to(feature.dtype)  # 0/1 (straight-through)
+        frozen = frozen + scatter_tokens(feature * newly_dropped, tokens.slot_to_patch, M)
         decision = to_original_order(keep, tokens.slot_to_patch, M)
         order = kept_first_order(keep)
         policy = keep.gather(1, order)
@@ -165,5 +177,5 @@ class SegBackbone(DyVM):
             hidden = mixer.mix(xz, gate=gate, mask=tokens.mask)
             seq_lens.append(hidden.shape[1])
             if i in self.out_indices:
-                features.append(self._restore(hidden, tokens, frozen))
+                features.append(self._restore(self._feature(hidden, residual), tokens, frozen))
         return SegBackboneOutput(features, decisions, torch.stack(gates) if gates else None, seq_lens)

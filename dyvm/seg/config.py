@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, default=0.1)
     g.add_argument("--out-indices", type=int, nargs=4, default=None, help="layers whose outputs feed the neck "
                    "(default: the last layer of each quarter, 5 11 17 23 at depth 24)")
+    g.add_argument("--feature-source", default="mixer", choices=("mixer", "stream"), help="what a layer gives the "
+                   "neck: its mixer output (the authors') or the residual stream after it")
     g.add_argument("--decode-channels", type=int, default=None, help="UPerHead width (default: the embed dim)")
     g.add_argument("--aux-channels", type=int, default=256, help="FCN auxiliary head width")
     g.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight (0: no auxiliary head)")
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--animals-per-scene", type=int, nargs=2, default=(2, 4), help="SCENES: min max")
     g.add_argument("--animal-scale", type=float, nargs=2, default=(0.35, 0.6), help="SCENES: animal side as a "
                    "fraction of the scene side, min max")
+    g.add_argument("--scene-classes", nargs="+", default=None, help="SCENES: only these animals (default all "
+                   "ten: bear bird cat cow dog elephant giraffe horse sheep zebra)")
     g.add_argument("--train-scenes", type=int, default=100000, help="SCENES: scenes per training epoch")
     g.add_argument("--val-scenes", type=int, default=500, help="SCENES: validation scenes")
     g.add_argument("--val-fraction", type=float, default=0.15, help="SCENES: silhouettes kept for validation")

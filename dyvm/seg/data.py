@@ -38,7 +38,6 @@ from dyvm.data import EMBEDDED_CLASSES, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENE
 
 SEG_DATA_SETS = ("SCENES", "ADE20K", "FOLDER")
 IGNORE_INDEX = 255
-SCENE_CLASSES = ("background",) + EMBEDDED_CLASSES
 ADE20K_NUM_CLASSES = 150
 
 
@@ -124,11 +123,30 @@ class SceneDataset(Dataset):
         return Image.fromarray(image), mask
 
 
-def scene_splits(spec: SceneSpec, train_scenes: int, val_scenes: int, val_fraction: float, seed: int) -> SegSplits:
+def select_classes(images: np.ndarray, labels: np.ndarray, names: Sequence[str]):
+    """Only the silhouettes of the named animals, relabelled 0..len(names)-1 in the order given."""
+    unknown = [n for n in names if n not in EMBEDDED_CLASSES]
+    if unknown or len(set(names)) != len(names):
+        raise DataError(f"--scene-classes {list(names)}: give distinct names among {list(EMBEDDED_CLASSES)}")
+    old = [EMBEDDED_CLASSES.index(n) for n in names]
+    keep = np.isin(labels, old)
+    remap = np.full(len(EMBEDDED_CLASSES), -1)
+    remap[old] = np.arange(len(old))
+    return images[keep], remap[labels[keep]]
+
+
+def scene_splits(spec: SceneSpec, train_scenes: int, val_scenes: int, val_fraction: float, seed: int,
+                 classes: Sequence[str] = ()) -> SegSplits:
+    """Scenes of every animal class, or of the `classes` named (labels 1..len(classes) in that order)."""
     (train_x, train_y), (val_x, val_y) = split_silhouettes(val_fraction, seed)
+    names = EMBEDDED_CLASSES
+    if classes:
+        (train_x, train_y), (val_x, val_y) = select_classes(train_x, train_y, classes), select_classes(val_x, val_y,
+                                                                                                      classes)
+        names = tuple(classes)
     return SegSplits(SceneDataset(train_x, train_y, train_scenes, spec, seed, stream=0),
                      SceneDataset(val_x, val_y, val_scenes, spec, seed, stream=1),
-                     len(SCENE_CLASSES), SCENE_CLASSES, (spec.size, spec.size))
+                     len(names) + 1, ("background",) + names, (spec.size, spec.size))
 
 
 # ---- folders: ADE20K and any image/mask pairs -------------------------------------------------------------------
@@ -360,7 +378,8 @@ def build_seg_splits(args) -> SegSplits:
     """The splits a command line asks for (dyvm.seg.config: --data-set, --data-path, scene options)."""
     if args.data_set == "SCENES":
         spec = SceneSpec(args.scene_size, tuple(args.animals_per_scene), tuple(args.animal_scale))
-        splits = scene_splits(spec, args.train_scenes, args.val_scenes, args.val_fraction, args.data_seed)
+        splits = scene_splits(spec, args.train_scenes, args.val_scenes, args.val_fraction, args.data_seed,
+                              args.scene_classes or ())
     else:
         if not args.data_path:
             raise DataError(f"--data-set {args.data_set} needs --data-path")

@@ -78,7 +78,7 @@ def build_model(args, num_classes: int):
             args.model, num_classes=num_classes, img_size=args.crop_size, patch_size=args.patch_size,
             depth=args.depth, embed_dim=args.embed_dim, d_state=args.d_state, drop_path_rate=args.drop_path,
             out_indices=args.out_indices, decode_channels=args.decode_channels, aux_channels=args.aux_channels,
-            aux_head=args.aux_weight > 0, pruning_loc=args.pruning_loc,
+            aux_head=args.aux_weight > 0, pruning_loc=args.pruning_loc, feature_source=args.feature_source,
             **options)
     except (TypeError, ValueError) as e:
         raise SegOptionError(f"cannot build {args.model}: {e}") from None

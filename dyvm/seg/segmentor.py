@@ -76,11 +76,13 @@ def build_segmentor(name: str, *, num_classes: int, img_size: int = 512, patch_s
                     drop_path_rate: float = 0.0, out_indices: Optional[Sequence[int]] = None,
                     decode_channels: Optional[int] = None, aux_channels: int = 256,
                     pool_scales: Sequence[int] = (1, 2, 3, 6), aux_head: bool = True,
-                    pruning_loc: Optional[Sequence[int]] = None, **dyvm_options) -> Segmentor:
+                    pruning_loc: Optional[Sequence[int]] = None, feature_source: str = "mixer",
+                    **dyvm_options) -> Segmentor:
     """The one factory of segmentation models. dyvm_options (DyVM names only): token_keep_ratio (r -> r, r^2,
     r^3) or token_keep_ratios, pruning, block_selection, gumbel_noise, block_keep_ratio. pruning_loc defaults
     to the layer after each of the first three out indices (6, 12, 18 at depth 24). decode_channels defaults to
-    the embedding width (the authors' configs)."""
+    the embedding width (the authors' configs). feature_source: "mixer" (the authors') or "stream" (see
+    dyvm.seg.backbone)."""
     dynamic = is_dynamic_name(name)
     size = resolve_model_name(name, dynamic).rsplit("_", 1)[1]
     if size not in SIZES:
@@ -98,14 +100,14 @@ def build_segmentor(name: str, *, num_classes: int, img_size: int = 512, patch_s
         if given or pruning_loc is not None:
             raise ValueError(f"{name} is a dense Vim: DyVM options {given or ['pruning_loc']} need a dyvm_vim_* name")
         dyvm_cfg = DENSE
-    backbone = SegBackbone(cfg, dyvm_cfg, out_indices)
+    backbone = SegBackbone(cfg, dyvm_cfg, out_indices, feature_source)
     return Segmentor(backbone, decode_channels or cfg.embed_dim, num_classes, aux_channels, pool_scales, aux_head)
 
 
 def dense_twin(model: Segmentor) -> Segmentor:
     """A dense segmentor of the same shape (random weights): the timing and MACs baseline of a DyVM one."""
     b = model.backbone
-    twin = Segmentor(SegBackbone(b.cfg, DENSE, b.out_indices), model.decode_head.classifier[-1].in_channels,
+    twin = Segmentor(SegBackbone(b.cfg, DENSE, b.out_indices, b.feature_source), model.decode_head.classifier[-1].in_channels,
                      model.num_classes, aux_head=False,
                      pool_scales=[stage[0].output_size for stage in model.decode_head.psp.stages])
     return twin.to(next(model.parameters()).device)
