@@ -101,8 +101,29 @@ def test_resume_is_exact(dense_dir, tmp_path):
     assert a["iteration"] == b["iteration"] == 3
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    last = lambda d: [json.loads(x) for x in (d / "log.txt").read_text().splitlines() if '"train_loss"' in x][-1]  # noqa: E731
-    assert last(tmp_path / "straight")["train_loss"] == last(tmp_path / "split")["train_loss"]
+    def last_train_line(d):
+        return [json.loads(x) for x in (d / "log.txt").read_text().splitlines() if '"train_loss"' in x][-1]
+    assert last_train_line(tmp_path / "straight")["train_loss"] == last_train_line(tmp_path / "split")["train_loss"]
+
+
+SEG_CONFIGS = sorted(f for f in os.listdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                                                        "seg")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", SEG_CONFIGS)
+def test_every_segmentation_config_builds_its_model(name):
+    from dyvm.seg.config import parse_args
+    from dyvm.seg.run import build_model
+    args = parse_args(["--config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "seg",
+                                                name)])
+    with torch.device("meta"):
+        model = build_model(args, 150 if args.data_set == "ADE20K" else 3)
+    b = model.backbone
+    if name.startswith("dyvm-vim-"):  # the paper's rows: 512 crops, 32x32 grid, layers 5/11/17/23, 80k iterations
+        assert (b.cfg.grid_size, b.out_indices, b.dyvm_cfg.pruning_loc) == (32, (5, 11, 17, 23), (6, 12, 18))
+        assert args.max_iters == 80000 and "80k" in name and args.layer_decay == 0.92
+        assert b.keep_counts() == ([921, 829, 746] if "-t-" in name else [819, 655, 524])
+    assert b.is_dynamic == ("dyvm" in name)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -130,8 +130,8 @@ def validate(args) -> None:
     def need(cond, msg):
         if not cond:
             raise ConfigError(msg)
-    positive = ("batch_size", "eval_batch_size", "max_iters", "crop_size", "log_interval", "throughput_batch_size", "scene_size",
-                "train_scenes", "val_scenes")
+    positive = ("batch_size", "eval_batch_size", "max_iters", "crop_size", "log_interval", "throughput_batch_size",
+                "scene_size", "train_scenes", "val_scenes")
     for name in positive:
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     need(args.lr > 0, f"--lr must be positive, got {args.lr}")

@@ -107,8 +107,8 @@ def build_segmentor(name: str, *, num_classes: int, img_size: int = 512, patch_s
 def dense_twin(model: Segmentor) -> Segmentor:
     """A dense segmentor of the same shape (random weights): the timing and MACs baseline of a DyVM one."""
     b = model.backbone
-    twin = Segmentor(SegBackbone(b.cfg, DENSE, b.out_indices, b.feature_source), model.decode_head.classifier[-1].in_channels,
-                     model.num_classes, aux_head=False,
+    twin = Segmentor(SegBackbone(b.cfg, DENSE, b.out_indices, b.feature_source),
+                     model.decode_head.classifier[-1].in_channels, model.num_classes, aux_head=False,
                      pool_scales=[stage[0].output_size for stage in model.decode_head.psp.stages])
     return twin.to(next(model.parameters()).device)
 

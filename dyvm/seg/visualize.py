@@ -16,7 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from dyvm.seg.heads import resize  # noqa: E402
 from dyvm.seg.segmentor import Segmentor, slide_inference, window_starts  # noqa: E402
-from dyvm.visualize import _finish, denormalize  # noqa: E402
+from dyvm.visualize import denormalize  # noqa: E402
 
 _PALETTE = np.array([[0.12, 0.12, 0.12], [0.90, 0.10, 0.29], [0.24, 0.71, 0.29], [1.0, 0.88, 0.10],
                      [0.0, 0.51, 0.78], [0.96, 0.51, 0.19], [0.57, 0.12, 0.71], [0.27, 0.94, 0.94],
@@ -61,8 +61,8 @@ def predict_with_kept_tokens(model: Segmentor, image: torch.Tensor, crop: int, s
 
 
 def plot_segmentation(images: torch.Tensor, masks: Sequence[np.ndarray], dense_preds: Sequence[np.ndarray],
-                      dyvm_preds: Sequence[np.ndarray], kept: Sequence[Sequence[np.ndarray]], class_names: Sequence[str],
-                      path: str = "", titles: Sequence[str] = ()):
+                      dyvm_preds: Sequence[np.ndarray], kept: Sequence[Sequence[np.ndarray]],
+                      class_names: Sequence[str], path: str = "", titles: Sequence[str] = ()):
     """Rows = scenes; columns = input, ground truth, dense prediction, DyVM prediction, DyVM kept tokens after
     each stage. kept[i][s]: (H, W) fraction of windows that kept the pixel's token after stage s."""
     pics = denormalize(images)
