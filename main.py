@@ -10,6 +10,7 @@ dyvm_mambareg_*): a DyVM student distilled from the frozen dense model of its ba
 loss (the demo's teacher stage). Flags: dyvm/config.py. Outputs in --output_dir: args.yaml, checkpoint.pth,
 best_checkpoint.pth (format: dyvm/checkpoint.py), log.txt (one JSON line per epoch), tensorboard events;
 --eval writes eval.json and eval_args.yaml (dyvm/report.py).
+`python main.py seg ...`: semantic segmentation (UperNet on a Vim or DyVM backbone), options in dyvm/seg/config.py.
 """
 import dyvm  # noqa: F401  (first: thread settings that do not spin, before torch loads; registers the models)
 
@@ -364,6 +365,10 @@ def says_error(e: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["seg"]:  # semantic segmentation (dyvm/seg/run.py): its own options
+        from dyvm.seg.run import main as seg_main
+        return seg_main(argv[1:])
     try:
         args = parse_args(argv)
         run(args)
