@@ -2,6 +2,8 @@
 causal_conv1d/cpu_causal_conv1d.py) against the straightforward formulas, written here as plain loops over
 time and taps with autograd: values and every gradient, fp64 (to rounding) and fp32, one and two
 directions, gates, D / z / bias / softplus on and off, grouped and fixed B, lengths across chunk edges."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,3 +282,22 @@ def test_cpu_ops_pass_gradcheck():
     D, bias = rnd(3).requires_grad_(), rnd(3).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: selective_scan_fn(*a, delta_softplus=True, return_last_state=True),
                                     (u, delta, A, B, C, D, z, bias))
+
+
+def test_cpu_step_benchmark_runs(tmp_path, capsys):
+    """benchmarks/cpu_step.py end to end at its smallest (one step of the demo's dense model on both paths)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cpu_step.py"
+    spec = importlib.util.spec_from_file_location("cpu_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "result.txt"
+    cwd = os.getcwd()
+    try:
+        assert module.main(["--configs", "dense", "--rounds", "1", "--steps", "1", "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    text = out.read_text()
+    assert "dense    impl" in text and "dense    ref" in text and "faster on the implementations" in text
