@@ -98,6 +98,16 @@ def machine() -> str:
 
 
 def run(args) -> str:
+    previous = os.environ.get("MAMBA_FORCE_REFERENCE")
+    try:
+        return _run(args)
+    finally:  # the paths are switched through the environment: leave it as it was
+        os.environ.pop("MAMBA_FORCE_REFERENCE", None)
+        if previous is not None:
+            os.environ["MAMBA_FORCE_REFERENCE"] = previous
+
+
+def _run(args) -> str:
     setups = {c: build(c) for c in args.configs}
     results = {(c, p): [] for c in args.configs for p in args.paths}
     for c in args.configs:  # warm-up: first calls allocate and fill caches
@@ -109,7 +119,6 @@ def run(args) -> str:
             for p in args.paths:
                 os.environ["MAMBA_FORCE_REFERENCE"] = PATHS[p]
                 results[(c, p)].append(time_steps(setups[c], args.steps))
-    os.environ.pop("MAMBA_FORCE_REFERENCE")
     lines = [f"# benchmarks/cpu_step.py, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}",
              f"# machine: {machine()}",

@@ -2,6 +2,8 @@
 causal_conv1d/cpu_causal_conv1d.py) against the straightforward formulas, written here as plain loops over
 time and taps with autograd: values and every gradient, fp64 (to rounding) and fp32, one and two
 directions, gates, D / z / bias / softplus on and off, grouped and fixed B, lengths across chunk edges."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,3 +252,52 @@ def test_cpu_add_norm_matches_reference(is_rms, residual, prenorm, res_fp32, dty
         got = torch.autograd.grad(used, wrt, gs, retain_graph=True)
         for a, c in zip(got, torch.autograd.grad(refs[:len(used)], wrt, gs, retain_graph=True)):
             assert a.dtype == c.dtype and rel(a, c) < tol
+
+
+def test_cpu_ops_pass_gradcheck():
+    """torch.autograd.gradcheck (finite differences, fp64) of the public ops on the CPU implementations:
+    bimamba_v2_inner_fn with gates and a token mask that needs a gradient, and selective_scan_fn with every
+    option and the last state."""
+    from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    dim, seqlen, d_state, dt_rank = 4, 6, 2, 1
+
+    def weights():
+        return [0.5 * rnd(dim, 1, 4), 0.1 * rnd(dim), 0.2 * rnd(dt_rank + 2 * d_state, dim), 0.3 * rnd(dim, dt_rank),
+                0.3 * rnd(dim) - 1, -torch.rand(dim, d_state, generator=g, dtype=torch.float64) - 0.5, rnd(dim)]
+    mask = (torch.rand(2, seqlen, generator=g) > 0.3).double()
+    inputs = [rnd(2, seqlen, 2 * dim).transpose(1, 2), *weights(), *weights(),
+              torch.tensor([[1.0, 0.5], [0.7, 1.3]], dtype=torch.float64), mask]
+    inputs = [t.requires_grad_() for t in inputs]
+
+    def bimamba(xz, *rest):
+        return bimamba_v2_inner_fn(xz, ScanWeights(*rest[:7]), ScanWeights(*rest[7:14]), rest[14], rest[15])
+    assert torch.autograd.gradcheck(bimamba, inputs, eps=1e-6, atol=1e-5)
+
+    u, delta, z, B, C = (rnd(2, *s).requires_grad_() for s in ((3, 9), (3, 9), (3, 9), (2, 9), (2, 9)))
+    A = (-torch.rand(3, 2, generator=g, dtype=torch.float64) - 0.5).requires_grad_()
+    D, bias = rnd(3).requires_grad_(), rnd(3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: selective_scan_fn(*a, delta_softplus=True, return_last_state=True),
+                                    (u, delta, A, B, C, D, z, bias))
+
+
+def test_cpu_step_benchmark_runs(tmp_path, capsys):
+    """benchmarks/cpu_step.py end to end at its smallest (one step of the demo's dense model on both paths)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cpu_step.py"
+    spec = importlib.util.spec_from_file_location("cpu_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "result.txt"
+    cwd = os.getcwd()
+    try:
+        assert module.main(["--configs", "dense", "--rounds", "1", "--steps", "1", "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    text = out.read_text()
+    assert "dense    impl" in text and "dense    ref" in text and "faster on the implementations" in text

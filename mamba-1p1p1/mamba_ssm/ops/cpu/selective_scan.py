@@ -17,9 +17,10 @@ ops rather than arithmetic:
 - Time is walked in chunks of CHUNK steps whose buffers (CHUNK x R x b x N x d) stay in the caches: a chunk's
   decays exp(dt A) and inputs dt u B are one op each, the walk is one fused multiply-add per step, and the
   outputs are one batched product. Nothing of size (L, b, d, N) is kept: the forward saves the state
-  entering each chunk and the outputs y (the checkpoint), and the backward recomputes one chunk at a time
-  from it, walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}, and reduces the
-  chunk's gradients in whole-chunk ops.
+  entering each chunk, the outputs y and the step sizes dt (the checkpoint), and the backward recomputes one
+  chunk at a time from it, walks it in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}, and
+  reduces the chunk's gradients in whole-chunk ops. (Doing the per-token work chunk by chunk as well, on
+  cache-sized slices, measured 10% slower at the demo's shapes: more ops, each too small.)
 - Few and reused temporaries: every chunk-sized product and sum writes into buffers allocated once per call
   (a fresh multi-megabyte tensor costs its page faults again each time on a glibc system).
 - exp is computed as exp2, and softplus with fp64's log1p: torch's fp32 exp, log1p and softplus are 7x to
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Steps per chunk. The chunk's buffers should stay in the caches: at the demo's shapes (R=2, b=64, d=128,
-# N=8: 0.5 MB per step) 4 steps measured best on a 2-core EPYC (benchmarks/cpu_step.py).
+# N=8: 0.5 MB per step) 4 steps measured best on the 2-core EPYC (forward + backward of one layer, 1 thread:
+# 31 / 30 / 31 / 39 / 47 ms at 2 / 4 / 8 / 16 / 25 steps).
 CHUNK = 4
 LOG2E = 1.4426950408889634
 
@@ -65,19 +67,29 @@ def _split_checkpoint(ckpt: Tensor, R: int, batch: int, dim: int, seqlen: int, d
             ckpt[n_states + n_tok:].view(tokens))
 
 
-def _scan_order(t: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
-    """(R, ..., L) -> contiguous (L, R, ...) in `dtype`, direction 1's time reversed (its walk order)."""
+def _reversed(src: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """src (L, ...) in reverse order along dim 0, written into `out` when given: one gathering copy
+    (flip() then copy_() costs a temporary and a second pass: 4x slower here)."""
+    rev = torch.arange(src.shape[0] - 1, -1, -1, device=src.device)
     if out is None:
-        out = torch.empty((t.shape[-1], *t.shape[:-1]), dtype=dtype, device=t.device)
+        return src.index_select(0, rev)
+    if out.dtype != src.dtype:
+        return out.copy_(src.index_select(0, rev))
+    return torch.index_select(src, 0, rev, out=out)
+
+
+def _scan_order(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(R, ..., L) -> contiguous (L, R, ...) in `dtype`, direction 1's time reversed (its walk order)."""
+    out = torch.empty((t.shape[-1], *t.shape[:-1]), dtype=dtype, device=t.device)
     for r in range(t.shape[0]):
         src = t[r].movedim(-1, 0)
-        out[:, r].copy_(src.flip(0) if r == 1 else src)
+        _reversed(src, out[:, r]) if r == 1 else out[:, r].copy_(src)
     return out
 
 
 def _time_major(t: Tensor, r: int) -> Tensor:
     """Direction r of a scan-order (L, R, ...) tensor in time order: a view (direction 0), a copy (1)."""
-    return t[:, r].flip(0) if r == 1 else t[:, r]
+    return _reversed(t[:, r]) if r == 1 else t[:, r]
 
 
 def _channels_last(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -86,7 +98,8 @@ def _channels_last(t: Tensor, dtype: torch.dtype) -> Tensor:
     seqlen, R, batch, dim = t.shape
     out = torch.empty((R, batch, seqlen, dim), dtype=dtype, device=t.device)
     for r in range(R):
-        out[r].copy_(_time_major(t, r).transpose(0, 1))
+        dest = out[r].transpose(0, 1)  # (L, b, d) view
+        _reversed(t[:, r], dest) if r == 1 else dest.copy_(t[:, r])
     return out.transpose(2, 3)
 
 
@@ -251,41 +264,33 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     return last, ckpt
 
 
-def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
-                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
-    """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
-    and dz (b, d, L) in the dtypes of u, delta and z, channel-contiguous; dA (R, d, N), dB, dC (R, b, G, N, L),
-    dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's
-    checkpoint (want_ckpt); without it the forward runs again to make it."""
-    R, batch, dim, seqlen = u.shape
-    d_state = A.shape[-1]
-    if ckpt is None:
-        _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
-                               torch.empty_like(dout), want_ckpt=True)
-    starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
-    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt, dt)
-    cdt = x.U.dtype
-    # S: the gradient reaching y_r + D u_r before the gate, dout * scale * silu(z), in scan order (L, R, b, d)
-    dsz = dout.to(cdt).permute(2, 0, 1) * scale  # (L, b, d), time order
-    if z is not None:
-        zf = z.to(cdt).permute(2, 0, 1)
-        sig = torch.sigmoid(zf)
-        silu_z = zf * sig
-    S = torch.empty((seqlen, R, batch, dim), dtype=cdt, device=u.device)
-    for r in range(R):
-        torch.mul(dsz, silu_z, out=S[:, r]) if z is not None else S[:, r].copy_(dsz)
+def _output_gradients(dout: Tensor, z: Optional[Tensor], gate: Optional[Tensor], scale: float, R: int,
+                      dtype: torch.dtype):
+    """The gradient reaching y_r + D u_r: S = dout * scale * silu(z) in walk order (L, R, b, d), dY = S times
+    each direction's gate; also dout * scale (L, b, d) time-major for z's and the gate's gradients."""
+    dsz = dout.to(dtype).permute(2, 0, 1) * scale
+    S = torch.empty((dsz.shape[0], R, *dsz.shape[1:]), dtype=dtype, device=dout.device)
+    torch.mul(dsz, F.silu(z.to(dtype)).permute(2, 0, 1), out=S[:, 0]) if z is not None else S[:, 0].copy_(dsz)
     if R == 2:
-        S[:, 1] = S[:, 1].flip(0)
-    dY = S if gate is None else S * torch.stack(_gate_weights(gate, R, 1.0, cdt))[None]
-    dB = torch.empty((seqlen, R, batch, B.shape[2], d_state), dtype=cdt, device=u.device)
-    dC = torch.empty((seqlen, R, batch, C.shape[2], d_state), dtype=cdt, device=u.device)
-    gB = torch.empty_like(S)  # sum_n g_t B_t: the gradient of dt_t u_t
-    sQA = torch.empty_like(S)  # sum_n q_t A, q_t = g_t a_t h_{t-1}: the gradient of dt_t through the decay
-    dA = torch.zeros((R, batch, d_state, dim), dtype=cdt, device=u.device)  # summed over samples at the end
+        _reversed(S[:, 0], S[:, 1])
+    dY = S if gate is None else S * torch.stack(_gate_weights(gate, R, 1.0, dtype))[None]
+    return S, dY, dsz
+
+
+def _adjoint_walk(x: _Inputs, starts: Tensor, dY: Tensor, dlast: Optional[Tensor]):
+    """Chunk by chunk from the end: recompute the states from the checkpoint, walk the adjoint state
+    g_t = C_t dy_t + a_{t+1} g_{t+1} backwards, and reduce the chunk's gradients. Returns dB, dC (L, R, b, G, N)
+    in walk order, gB = sum_n g_t B_t (the gradient of dt u) and sQA = sum_n q_t A (of dt through the decay,
+    q_t = a_t g_t h_{t-1}) as (L, R, b, d), and dA (R, N, d)."""
+    seqlen, R, batch, dim = x.U.shape
+    d_state, cdt, dev = x.At.shape[1], x.U.dtype, x.U.device
+    dB = torch.empty((seqlen, R, batch, x.gB.groups, d_state), dtype=cdt, device=dev)
+    dC = torch.empty((seqlen, R, batch, x.gC.groups, d_state), dtype=cdt, device=dev)
+    gB, sQA = torch.empty_like(x.U), torch.empty_like(x.U)
+    dA = torch.zeros((R, batch, d_state, dim), dtype=cdt, device=dev)  # summed over samples at the end
+    dA_chunk = torch.empty_like(dA)
     n_max = min(CHUNK, seqlen)
     decay, states, adj, tmp = (_Buffer(n_max, x.U, d_state) for _ in range(4))
-    dA_chunk = torch.empty_like(dA)
     # a_{t+1} g_{t+1} entering each chunk from the one after it (dlast at the end)
     carry = None if dlast is None else dlast.to(cdt).transpose(-1, -2).contiguous()
     carry_buf = torch.empty_like(states.steps[0])
@@ -297,11 +302,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         h0 = starts[c] if c else None
         x.chunk_states(t0, t1, h0, decay, states)
         x.gC.outer(x.Cs[t0:t1], dY[t0:t1], out=g)  # C_t dy_t, then the adjoint walk
-        g_steps, a_steps = adj.steps, decay.steps
         if carry is not None:
-            g_steps[n - 1].add_(carry)
+            adj.steps[n - 1].add_(carry)
         for i in range(n - 2, -1, -1):
-            g_steps[i].addcmul_(a_steps[i + 1], g_steps[i + 1])
+            adj.steps[i].addcmul_(decay.steps[i + 1], adj.steps[i + 1])
         q = dec.mul_(g)  # a_t g_t (the decays are not needed any more)
         carry = carry_buf.copy_(q[0])
         x.gC.sum_d(st, dY[t0:t1], dC[t0:t1], tm)
@@ -316,6 +320,26 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         torch.sum(torch.mul(q, x.At[:, None], out=tm), -2, out=sQA[t0:t1])
         torch.sum(torch.mul(q, x.DT[t0:t1].unsqueeze(-2), out=tm), 0, out=dA_chunk)
         dA += dA_chunk
+    return dB, dC, gB, sQA, dA.sum(1)
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
+                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
+    """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
+    and dz (b, d, L) in the dtypes of u, delta and z, channel-contiguous; dA (R, d, N), dB, dC (R, b, G, N, L),
+    dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's
+    checkpoint (want_ckpt); without it the forward runs again to make it."""
+    R, batch, dim, seqlen = u.shape
+    if ckpt is None:
+        _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
+                               torch.empty_like(dout), want_ckpt=True)
+    starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, A.shape[-1])
+    x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt, dt)
+    cdt = x.U.dtype
+    S, dY, dsz = _output_gradients(dout, z, gate, scale, R, cdt)
+    dB, dC, gB, sQA, dA = _adjoint_walk(x, starts, dY, dlast)
+    # per-token gradients: u, dt (then delta through softplus), D, the bias, the gates, z
     dU = gB * x.DT
     dpre = gB.mul_(x.U).add_(sQA)  # d dt
     dD = None
@@ -331,9 +355,11 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         if gate is not None:  # sum over time and channels of S * (y_r + D u_r), time order irrelevant
             dgate = torch.mul(S, Yfull, out=sQA).sum(3).sum(0).transpose(0, 1)
         if z is not None:
+            zf = z.to(cdt).permute(2, 0, 1)
+            sig = torch.sigmoid(zf)
             dsilu = (1 - sig).mul_(zf).add_(1).mul_(sig)  # silu'(z) = sig (1 + z (1 - sig)); zf may be z itself
             dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=z.device).transpose(1, 2)
             dz.permute(2, 0, 1).copy_(_direction_sum(Yfull, gate, 1.0).mul_(dsz).mul_(dsilu))
     return dict(du=_channels_last(dU, u.dtype), ddelta=_channels_last(dpre, delta.dtype),
-                dA=dA.sum(1).transpose(-1, -2).contiguous(), dB=_from_scan_order(dB, cdt),
+                dA=dA.transpose(-1, -2).contiguous(), dB=_from_scan_order(dB, cdt),
                 dC=_from_scan_order(dC, cdt), dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)

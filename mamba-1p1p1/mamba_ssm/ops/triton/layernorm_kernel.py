@@ -5,12 +5,9 @@ Forward, per row: r = x + residual (fp32), residual_out = r (fp32 when residual_
 widths are 192 to 768). Backward recomputes x_hat from the saved residual_out and rstd; the weight and
 bias gradients are per-program partial sums reduced with torch (deterministic).
 """
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 
 @triton.jit
