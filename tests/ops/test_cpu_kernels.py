@@ -289,7 +289,7 @@ def test_cpu_step_benchmark_runs(tmp_path, capsys):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "cpu_step.py"
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "cpu_step.py"
     spec = importlib.util.spec_from_file_location("cpu_step", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
