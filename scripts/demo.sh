@@ -4,7 +4,7 @@
 #   2. fine-tune DyVM from it, distilling from it               (configs/demo-dyvm.yaml)
 #   3. evaluate both (accuracy, MACs in both conventions, tokens kept, block ratio, images/s)
 #   4. write $OUT/report.md with figures (kept tokens per stage over images, training curves)
-# About 6.6 minutes on 2 cores with another job on one of them (docs/results.md). OUT (default output/demo) and
+# 6.6 to 7.9 minutes on 2 cores (docs/results.md). OUT (default output/demo) and
 # extra main.py flags for every step (e.g. --epochs 1 --no-progress) can be given:
 #   OUT=/tmp/demo bash scripts/demo.sh --epochs 1
 set -euo pipefail
