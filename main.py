@@ -16,13 +16,11 @@ import dyvm  # noqa: F401  (first: thread settings that do not spin, before torc
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,7 +31,7 @@ from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_che
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
-                         global_batch_lr, train_one_epoch)
+                         global_batch_lr, init_distributed, seed_everything, train_one_epoch)
 from dyvm.models.registry import resolve
 from dyvm.report import eval_report, summarize_eval
 
@@ -86,26 +84,6 @@ def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_
     return DyVMLoss.from_model(model, base, teacher, clf_weight=args.clf_weight,
                                token_weight=args.token_pruning_weight, block_weight=args.block_pruning_weight,
                                distill_weight=args.distill_weight, token_distill=args.token_distill)
-
-
-def init_distributed(args) -> tuple:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", args.local_rank))
-    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world_size, rank, device
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def epoch_seed(args, epoch: int, rank: int) -> int:

@@ -5,10 +5,13 @@ returns (loss, weighted parts). A dense Vim trains with `ClassificationLoss` (th
 DyVM with dyvm.losses.DyVMLoss. Under DDP the model is wrapped in `AuxForward` so that DDP's forward hook
 sees the ForwardOutput call.
 """
+import os
+import random
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -19,7 +22,7 @@ from dyvm.flops import macs_from_output
 from dyvm.models.registry import ModelOptionError, create_model
 
 __all__ = ["AuxForward", "ClassificationLoss", "ModelOptionError", "NonFiniteLossError", "build_model", "evaluate",
-           "global_batch_lr", "model_options", "train_one_epoch", "unwrap"]
+           "backward_and_step", "global_batch_lr", "init_distributed", "model_options", "seed_everything", "train_one_epoch", "unwrap"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +85,26 @@ def world() -> tuple:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def init_distributed(args) -> tuple:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", args.local_rank))
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world_size, rank, device
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -163,20 +186,27 @@ def _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler,
     if not all_ok:
         where = locate_nonfinite(unwrap(model), images, parts, loss_note) if not local_ok else "in another process"
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
+    backward_and_step(model, optimizer, loss, scaler, clip_grad)
+    return loss, parts, out
+
+
+def backward_and_step(model: nn.Module, optimizer, loss: Tensor, scaler=None,
+                      clip_grad: Optional[float] = None) -> Optional[Tensor]:
+    """Zero the gradients, backward (scaled by the fp16 GradScaler if any), clip to clip_grad (None or 0: no
+    clipping), optimizer step. Returns the gradient norm before clipping when clipping, else None."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad) if clip_grad else None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return loss, parts, out
+    return grad_norm
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,

@@ -216,8 +216,13 @@ def build_report(dense_dir: str, dyvm_dir: str, out_dir: str, wall_clock_s: floa
         "Tokens kept at each stage over validation images (dropped patches tinted red; row label: true -> "
         "predicted class).", "", "![training curves](figures/training_curves.png)", "",
         "![accuracy vs FLOPs](figures/accuracy_vs_flops.png)", ""]
+    return write_report(out_dir, lines, summary, wall_clock_s)
+
+
+def write_report(out_dir: str, lines: list, summary: dict, wall_clock_s: Optional[float] = None) -> dict:
+    """report.md (the lines, and the demo's wall-clock time if given) and report.json (summary) in out_dir."""
     if wall_clock_s is not None:
-        lines.append(f"Whole demo (both trainings, evaluations, report): {wall_clock_s / 60:.1f} minutes.")
+        lines = lines + [f"Whole demo (both trainings, evaluations, report): {wall_clock_s / 60:.1f} minutes."]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "report.json"), "w") as f:

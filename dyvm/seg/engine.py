@@ -15,24 +15,11 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+from dyvm.engine import NonFiniteLossError, backward_and_step, unwrap, world
 from dyvm.seg.flops import backbone_macs, decode_macs
 from dyvm.seg.heads import resize
 from dyvm.seg.metrics import confusion_matrix, segmentation_metrics
-from dyvm.seg.segmentor import Segmentor, slide_inference
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a non-finite loss."""
-
-
-def unwrap(model: nn.Module) -> Segmentor:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from dyvm.seg.segmentor import slide_inference
 
 
 def autocast_for(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -57,23 +44,10 @@ def train_step(model: nn.Module, loss_fn: nn.Module, images: Tensor, masks: Tens
         all_ok = bool(flag.item() > 0)
     if not all_ok:
         raise NonFiniteLossError(f"non-finite loss at iteration {it}: {problem or 'in another process'}")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    grad_norm = None
-    if clip_grad:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    grad_norm = backward_and_step(model, optimizer, loss, scaler, clip_grad)
     stats = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
     if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
+        stats["grad_norm"] = float(grad_norm)
     b = out.backbone
     if b.gates is not None:
         stats["block_keep_ratio"] = float((b.gates.detach() > 0.5).float().mean())

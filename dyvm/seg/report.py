@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from dyvm.report import write_report
 from dyvm.seg.visualize import plot_segmentation, predict_with_kept_tokens
 
 
@@ -144,13 +145,7 @@ def build_report(dense_dir: str, dyvm_dir: str, out_dir: str, wall_clock_s: floa
         "![segmentation](figures/segmentation.png)", "",
         "Validation scenes: ground truth, the dense and the DyVM predictions, and the tokens DyVM kept after each "
         "stage (dropped ones tinted red; a pixel's shade is the fraction of the windows covering it that kept it).", ""]
-    if wall_clock_s is not None:
-        lines.append(f"Whole demo (both trainings, evaluations, report): {wall_clock_s / 60:.1f} minutes.")
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return write_report(out_dir, lines, summary, wall_clock_s)
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,10 @@ line per log interval and per evaluation), tensorboard events, eval.json (--eval
 """
 import json
 import os
-import random
 import sys
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
 from dyvm.data import DataError
+from dyvm.engine import init_distributed, seed_everything
 from dyvm.seg.checkpoint import load_seg_checkpoint
 from dyvm.seg.config import DYVM_OPTIONS, ConfigError, parse_args, save_args
 from dyvm.seg.data import (EpochSampler, EvalTransform, TrainTransform, Transformed, build_seg_splits, collate_eval,
@@ -38,25 +37,6 @@ from dyvm.seg.segmentor import build_segmentor, dense_twin, to_sync_batchnorm
 
 class SegOptionError(ValueError):
     """Options that do not make a segmentation model."""
-
-
-def init_distributed(args) -> tuple:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", args.local_rank))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world_size, rank, device
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def print0(rank: int, *msg):
