@@ -28,6 +28,7 @@ import torch.nn as nn
 from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_checkpoint, read_checkpoint,
                              recorded_teacher_path, restore_training_state, save_training_checkpoint,
                              training_state)
+from dyvm.cli import one_line, says_error
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
@@ -322,24 +323,6 @@ def run_training(s: Session) -> dict:
 def run(args) -> dict:
     session = prepare(args)
     return run_evaluation(session) if args.eval else run_training(session)
-
-
-def one_line(e: BaseException) -> str:
-    """The last line of a message (DataLoader workers wrap errors in their traceback text)."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    name = f"{type(e).__name__}: "
-    if name in last and last.split(name, 1)[0].replace(".", "").replace("_", "").isalnum() or last.startswith(name):
-        return last.split(name, 1)[1]  # "pkg.module.SomeError: message" -> "message"
-    return last
-
-
-def says_error(e: BaseException) -> bool:
-    """Under torchrun every process meets the same bad option, file or data: rank 0 alone says it. A
-    non-finite loss is said by the process that found it (the others know only that one did)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        return True
-    return isinstance(e, NonFiniteLossError) and "in another process" not in str(e)
 
 
 def main(argv=None) -> int:

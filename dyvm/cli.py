@@ -5,6 +5,7 @@ typo), not the whole usage text followed by the error.
 """
 import argparse
 import difflib
+import os
 import sys
 
 
@@ -53,3 +54,23 @@ class ArgumentParser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise SystemExit(status)
+
+
+def one_line(e: BaseException) -> str:
+    """The last line of a message (DataLoader workers wrap errors in their traceback text)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    name = f"{type(e).__name__}: "
+    if name in last and last.split(name, 1)[0].replace(".", "").replace("_", "").isalnum() or last.startswith(name):
+        return last.split(name, 1)[1]  # "pkg.module.SomeError: message" -> "message"
+    return last
+
+
+def says_error(e: BaseException) -> bool:
+    """Under torchrun every process meets the same bad option, file or data: rank 0 alone says it. A
+    non-finite loss is said by the process that found it (the others know only that one did)."""
+    from dyvm.engine import NonFiniteLossError
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        return True
+    return isinstance(e, NonFiniteLossError) and "in another process" not in str(e)

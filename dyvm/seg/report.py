@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from dyvm.report import write_report
+from dyvm.report import read_log, write_report
 from dyvm.seg.visualize import plot_segmentation, predict_with_kept_tokens
 
 
@@ -22,14 +22,6 @@ def _read_json(path: str) -> dict:
         raise FileNotFoundError(f"{path} is missing: run `main.py seg --eval --output_dir {os.path.dirname(path)}`")
     with open(path) as f:
         return json.load(f)
-
-
-def read_log(run_dir: str) -> list:
-    path = os.path.join(run_dir, "log.txt")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _load_run(run_dir: str):

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
+from dyvm.cli import one_line, says_error
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
 from dyvm.seg.checkpoint import load_seg_checkpoint
@@ -261,16 +262,12 @@ def run(args) -> dict:
     return train(args, model, splits, device, world_size, rank, resumed, amp_dtype)
 
 
-def one_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def main(argv=None) -> int:
     try:
         run(parse_args(argv))
     except (ConfigError, SegOptionError, DataError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if says_error(e):  # under torchrun: once, not once per process
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():
