@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_checkpoint, read_checkpoint,
                              recorded_teacher_path, restore_training_state, save_training_checkpoint,
                              training_state)
-from dyvm.cli import one_line, says_error
+from dyvm.cli import run_cli
 from dyvm.config import ConfigError, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
@@ -330,17 +329,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["seg"]:  # semantic segmentation (dyvm/seg/run.py): its own options
         from dyvm.seg.run import main as seg_main
         return seg_main(argv[1:])
-    try:
-        args = parse_args(argv)
-        run(args)
-    except USER_ERRORS as e:
-        if says_error(e):
-            print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: run(parse_args(argv)), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import argparse
 import difflib
 import os
 import sys
+from typing import Callable
 
 
 def flag_name(dest: str) -> str:
@@ -74,3 +75,20 @@ def says_error(e: BaseException) -> bool:
     if int(os.environ.get("RANK", "0")) == 0:
         return True
     return isinstance(e, NonFiniteLossError) and "in another process" not in str(e)
+
+
+def run_cli(work: Callable[[], object], user_errors: tuple) -> int:
+    """An entry point's main: run `work`; a user error (one of user_errors) is one line on stderr, said once under
+    torchrun (says_error), exit status 1; the process group is torn down either way."""
+    import torch.distributed as dist
+
+    try:
+        work()
+    except user_errors as e:
+        if says_error(e):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -261,7 +261,8 @@ def test_under_torchrun_only_rank_0_says_a_shared_error(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert run("--model", "vim_smal") == 1
         assert capsys.readouterr().err.count("error: unknown model") == lines
+    from dyvm.cli import says_error
     nonfinite = harness.NonFiniteLossError
     monkeypatch.setenv("RANK", "1")  # a non-finite loss is said by the process that found it
-    assert harness.says_error(nonfinite("non-finite loss at epoch 0 step 3: module 'layers.2'"))
-    assert not harness.says_error(nonfinite("non-finite loss at epoch 0 step 3: in another process"))
+    assert says_error(nonfinite("non-finite loss at epoch 0 step 3: module 'layers.2'"))
+    assert not says_error(nonfinite("non-finite loss at epoch 0 step 3: in another process"))

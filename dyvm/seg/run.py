@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
-from dyvm.cli import one_line, says_error
+from dyvm.cli import run_cli
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
 from dyvm.seg.checkpoint import load_seg_checkpoint
@@ -263,16 +263,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except (ConfigError, SegOptionError, DataError, CheckpointError, NonFiniteLossError) as e:
-        if says_error(e):  # under torchrun: once, not once per process
-            print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: run(parse_args(argv)),
+                   (ConfigError, SegOptionError, DataError, CheckpointError, NonFiniteLossError))
 
 
 if __name__ == "__main__":
