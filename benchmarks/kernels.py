@@ -42,7 +42,7 @@ def dry_run_setup():
     global FWD_SWEEP, BWD_SWEEP, CONV_SWEEP, CONV_BWD_SWEEP
     BATCH, SEQLEN, DIMS, S_DIM, HIDDEN, DEVICE, CHECK_BATCH = 2, 11, (32,), 32, 16, "cpu", 4
     FWD_SWEEP = tuple({(c[3], c[4]): c for c in FWD_SWEEP}.values())  # (lanes_on_channels, prefetch)
-    BWD_SWEEP = tuple({c[2]: c for c in BWD_SWEEP}.values())  # prefetch
+    BWD_SWEEP = tuple({(c[2], c[3] == 16): c for c in BWD_SWEEP}.values())  # prefetch, sub-chunks or not
     CONV_SWEEP = (CONV_SWEEP[0], CONV_SWEEP[-1])
     CONV_BWD_SWEEP = {k: (v[0], v[-1]) for k, v in CONV_BWD_SWEEP.items()}
 
@@ -328,8 +328,11 @@ FWD_SWEEP = ((32, 1, 2, True, False), (32, 1, 4, True, False), (16, 1, 4, True, 
              (64, 2, 2, True, False), (32, 2, 8, False, False), (32, 1, 8, False, False), (64, 2, 4, False, False),
              (32, 1, 4, True, True), (16, 1, 4, True, True), (64, 2, 4, True, True), (32, 1, 4, False, True),
              (32, 2, 4, False, True), (64, 2, 4, False, True))
-BWD_SWEEP = ((16, 1, False), (32, 1, False), (64, 2, False), (128, 4, False), (16, 1, True), (32, 1, True),
-             (64, 2, True))  # (block_d, num_warps, prefetch)
+# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg): sub_chunk steps recomputed into the scratch at a
+# time; maxnreg caps the registers per thread (0: none)
+BWD_SWEEP = ((32, 1, False, 16, "", 0), (32, 1, True, 16, "", 0), (32, 1, True, 8, "", 0),
+             (32, 1, True, 8, "evict_last", 0), (32, 1, True, 4, "evict_last", 0), (16, 1, True, 8, "evict_last", 0),
+             (64, 2, True, 8, "evict_last", 0), (32, 1, True, 8, "evict_last", 168))
 CONV_SWEEP = ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 4), (256, 16, 4), (32, 128, 4), (16, 128, 4),
               (8, 256, 4), (64, 128, 8))
 CONV_BWD_SWEEP = {  # (block_t, block_d, num_warps); channel-contiguous: the walk kernel (block_t unused)
@@ -342,9 +345,10 @@ def sweep(results, lean=False, ops=("scan", "conv")):
     """Launch parameters of the kernels at Vim-S (d_inner 768), per input layout and dtype; sets the fastest
     as the defaults used by everything timed afterwards (and returns them: --save-tuning writes them for
     MAMBA_TRITON_TUNING). Forward configurations are (block_d, num_warps, unroll, lanes_on_channels, prefetch);
-    backward ones (block_d, num_warps, prefetch), timed from the forward's checkpoints (the backward kernel alone,
-    channel-contiguous inputs: time-contiguous ones are copied to that layout first); conv ones (block_t,
-    block_d, num_warps), fp32, forward and backward kernel."""
+    backward ones (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg), timed from the forward's
+    checkpoints (the backward kernel alone, one direction, channel-contiguous inputs: time-contiguous ones are
+    copied to that layout first; benchmarks/scan_train_tuning.py times both directions at training shapes);
+    conv ones (block_t, block_d, num_warps), fp32, forward and backward kernel."""
     from causal_conv1d import triton_causal_conv1d as tc
     from causal_conv1d.conv_op import _stacked_ref
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
@@ -366,14 +370,14 @@ def sweep(results, lean=False, ops=("scan", "conv")):
         results[name] = t
 
     for dname, dtype in DTYPES.items():
-        for layout in ("cf", "cl") if "scan" in ops else ():
+        for layout in ("cf", "cl") if {"scan", "scan_bwd"} & set(ops) else ():
             u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, dtype, channels_last=layout == "cl")
             key = ss._tuning_key(u)
             out = torch.empty_like(u)
             args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None],
                     True, None, 1.0)
             want = [selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)]
-            for cfg in FWD_SWEEP:
+            for cfg in FWD_SWEEP if "scan" in ops else ():
                 t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
                                                   lanes_on_channels=cfg[3], prefetch=cfg[4]))
                 record(f"sweep_fwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"
@@ -390,12 +394,14 @@ def sweep(results, lean=False, ops=("scan", "conv")):
             want = torch.autograd.grad(ref, leaves, dout[:n].float())
             for cfg in BWD_SWEEP:
                 call = lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1],  # noqa
-                                                prefetch=cfg[2])
+                                                prefetch=cfg[2], sub_chunk=cfg[3], scratch_evict=cfg[4],
+                                                maxnreg=cfg[5])
                 t = bench(call)
                 g = call()
                 got = [g["du"][0, :n], g["ddelta"][0, :n], g["dB"][0, :n, 0], g["dC"][0, :n, 0], g["dz"][:n]]
-                record(f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}{'_prefetch' if cfg[2] else ''}", "bwd", key,
-                       cfg, t, got, want, dtype)
+                record(f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}{'_prefetch' if cfg[2] else ''}_sub{cfg[3]}"
+                       f"{'_' + cfg[4] if cfg[4] else ''}{f'_r{cfg[5]}' if cfg[5] else ''}", "bwd", key, cfg, t, got,
+                       want, dtype)
     for layout in ("cf", "cl") if "conv" in ops else ():  # the conv forward (+SiLU) and backward, d_inner 768, fp32
         x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
         w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
@@ -423,9 +429,10 @@ def sweep(results, lean=False, ops=("scan", "conv")):
         c = best("fwd", key)
         ss.FWD_TUNING[key] = {**ss.FWD_TUNING[key], "block_d": c[0], "num_warps": c[1], "unroll": c[2],
                               "lanes_on_channels": c[3], "prefetch": c[4]}
-    for key in ss.BWD_TUNING if "scan" in ops and not lean else ():
+    for key in ss.BWD_TUNING if {"scan", "scan_bwd"} & set(ops) and not lean else ():
         c = best("bwd", key)
-        ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "prefetch": c[2]}
+        ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "prefetch": c[2], "sub_chunk": c[3],
+                              "scratch_evict": c[4], "maxnreg": c[5]}
     for layout in tc.CONV_TUNING if "conv" in ops else ():
         c = best("conv", layout)
         tc.CONV_TUNING[layout] = {"block_t": c[0], "block_d": c[1], "num_warps": c[2]}
@@ -474,8 +481,9 @@ def main():
     p.add_argument("--sweep", action="store_true", help="first sweep the scan kernels' launch parameters")
     p.add_argument("--fwd-only", action="store_true", help="scan forward only: full-size checks and timings")
     p.add_argument("--sweep-only", action="store_true", help="sweep, check the scan forward at full size, stop")
-    p.add_argument("--sweep-ops", nargs="+", choices=("scan", "conv"), default=["scan", "conv"],
-                   help="which kernels --sweep tunes (the others keep their tables or MAMBA_TRITON_TUNING's)")
+    p.add_argument("--sweep-ops", nargs="+", choices=("scan", "scan_bwd", "conv"), default=["scan", "conv"],
+                   help="which kernels --sweep tunes (the others keep their tables or MAMBA_TRITON_TUNING's); "
+                        "scan: the scan's forward and backward, scan_bwd: its backward only")
     p.add_argument("--lean", action="store_true", help="fewer checks, sweeps and backward timings (short device calls)")
     p.add_argument("--save-tuning", default="", metavar="JSON",
                    help="with --sweep: write the chosen launch parameters here (use with MAMBA_TRITON_TUNING)")

@@ -179,7 +179,8 @@ def test_selective_scan_matches_reference(dtype, seqlen, options):
 @pytest.mark.parametrize("lanes_on_channels", [False, True])
 def test_scan_walk_variants_agree(lanes_on_channels):
     """The plain unrolled walks and the prefetching ones (loads issued ahead of the stores) compute the same
-    thing, forward and backward, for both directions with gates, on lengths that end mid-group."""
+    thing, forward and backward, for both directions with gates, on lengths that end mid-group; so does the
+    backward that recomputes each checkpoint chunk in pieces (sub_chunk), a partial last piece included."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
     R, b, d, N, L = 2, 3, 24, 8, 19  # two 16-channel blocks (one partial), two checkpoint chunks, a partial group
@@ -191,14 +192,16 @@ def test_scan_walk_variants_agree(lanes_on_channels):
     args = (u, delta, A, B, C, D, z, bias, True, gate, 0.5)
     results = []
     with triton_on_cpu():
-        for prefetch in (False, True):
+        for prefetch, sub_chunk in ((False, 16), (True, 16), (True, 4 if lanes_on_channels else 8)):
             out = torch.empty(b, L, d).transpose(1, 2)
             last, ckpt = ss.scan_forward(*args, out, want_last=True, want_ckpt=True, unroll=4, block_d=16,
                                          lanes_on_channels=lanes_on_channels, prefetch=prefetch)
-            g = ss.scan_backward(*args, dout, ckpt=ckpt, block_d=16, prefetch=prefetch)
+            g = ss.scan_backward(*args, dout, ckpt=ckpt, block_d=16, prefetch=prefetch, sub_chunk=sub_chunk,
+                                 scratch_evict="evict_last" if sub_chunk == 4 else "")
             results.append([out, last, ckpt] + [g[k] for k in sorted(g)])
-    for a, c in zip(*results):
-        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last,want_ckpt", [(True, False), (True, True), (False, False)])

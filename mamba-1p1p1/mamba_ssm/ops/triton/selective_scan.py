@@ -12,7 +12,9 @@ contribution 0 * y is zero): no work, no copy.
 
 Backward: from the states the forward stored every CKPT_CHUNK steps (checkpoints), the program takes the
 chunks from last to first, recomputes each chunk's states into a small per-program scratch and walks it
-in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}.
+in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}. A chunk may be taken in pieces of
+sub_chunk steps (last piece first, each recomputed from the chunk's checkpoint): a smaller scratch, which
+then stays in L2, for some steps walked twice.
 
 Prefetch (both walks): loads are issued ahead of the stores of the current step(s). Triton does not know
 that the stores cannot alias the inputs, so a load written after a store waits for it, and each step
@@ -42,20 +44,31 @@ from causal_conv1d.triton_utils import pick4
 # of the two outputs. Such a program compiles one walk instead of two, never reads the other direction's
 # output back, and a gated-off direction leaves its slot at once: at Vim-S shapes on an H200, 536 against
 # 591 us (bf16, all directions on) and 510 against 576 us (3/4 on), the sum included (docs/kernels.md).
+# ckpt_maxnreg: a cap on the registers per thread of the training forward (which stores checkpoints and holds
+# more live values: 210 registers against 157 without), 0 for none. At Vim-S training shapes on an H200, 168
+# took 480 against 602 us (fp32); in bf16 no cap helped (160: 470 against 473 us; 128: 512 us).
 FWD_TUNING = {
     "cf/4": {"block_d": 32, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
-             "split_dirs": False},
+             "split_dirs": False, "ckpt_maxnreg": 0},
     "cf/2": {"block_d": 64, "num_warps": 2, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
-             "split_dirs": False},
+             "split_dirs": False, "ckpt_maxnreg": 0},
     "cl/4": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": False, "prefetch": True,
-             "split_dirs": True},
+             "split_dirs": True, "ckpt_maxnreg": 168},
     "cl/2": {"block_d": 32, "num_warps": 1, "unroll": 4, "lanes_on_channels": True, "prefetch": True,
-             "split_dirs": True},
+             "split_dirs": True, "ckpt_maxnreg": 0},
 }
 # The backward runs on channel-contiguous inputs only (time-contiguous ones are copied: its per-lane loads
 # would not coalesce; measured 2.9 ms against 1.6 ms at Vim-S, fp32, H200).
-BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True},
-              "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True}}
+# sub_chunk: the steps of a checkpoint chunk recomputed into the per-program scratch at a time (the rest of the
+# chunk's steps are walked again without storing); scratch_evict: the L2 eviction policy of the scratch's stores;
+# maxnreg: a cap on registers per thread (0: none), for more programs in flight at the cost of spills to L1.
+# At Vim-S training shapes on an H200 (both directions, gated, batch 128; benchmarks/scan_train_tuning.py),
+# pieces of 8 steps with evict_last took 2373 against 2564 us (bf16) and 2487 against 2660 us (fp32); every
+# register cap tried was slower (168: 3023 us, 128: 4945 us, bf16): the spills sit in the walk's inner loop.
+BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
+                       "maxnreg": 0},
+              "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
+                       "maxnreg": 0}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
@@ -388,7 +401,8 @@ def _scan_bwd_kernel(
     scale,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
+    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
@@ -411,7 +425,7 @@ def _scan_bwd_kernel(
     group_B = (pid_d * BLOCK_D) // dpg_B
     group_C = (pid_d * BLOCK_D) // dpg_C
     n_chunks = tl.cdiv(seqlen, CHUNK_T)
-    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK_T + 1) * BLOCK_D * BLOCK_N
+    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T + 1) * BLOCK_D * BLOCK_N
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
@@ -420,7 +434,6 @@ def _scan_bwd_kernel(
             g_scale = gate * scale
         A = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
                     mask=mask_nd, other=0.0).to(tl.float32)
-        A2 = A * 1.4426950408889634
         Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if HAS_D:
             Dv = tl.load(D_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -444,84 +457,94 @@ def _scan_bwd_kernel(
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dgate_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        # Chunks from last to first: recompute the chunk's states from its checkpoint into the scratch, then
-        # walk the chunk backwards with the adjoint state.
+        # Chunks from last to first, and within a chunk its SUB_T-step pieces from last to first: recompute the
+        # piece's states from the chunk's checkpoint into the scratch (walking the steps before the piece
+        # without storing), then walk the piece backwards with the adjoint state. SUB_T < CHUNK_T keeps the
+        # scratch that all resident programs hold small enough to stay in L2, for a few recomputed steps.
         for ci in range(n_chunks):
             c = n_chunks - 1 - ci
-            s0 = c * CHUNK_T
-            s1 = tl.minimum(s0 + CHUNK_T, seqlen)
-            tl.debug_barrier()  # the scratch is reused: earlier reads must be done
-            h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
-            tl.store(scratch_base + offs_tile, h)
-            # PREFETCH: each step's loads are issued one step ahead, before the current step's stores
-            # (Triton cannot tell that the stores do not alias the inputs, so later loads wait for them).
-            if PREFETCH:
-                nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s0, s1, seqlen, su_t, sdt_t, sB_t, mask_d,
-                                               mask_n, r)
-            for s in range(s0, s1):
+            cs = c * CHUNK_T
+            ce = tl.minimum(cs + CHUNK_T, seqlen)
+            n_sub = tl.cdiv(ce - cs, SUB_T)
+            for pi in range(n_sub):
+                s0 = cs + (n_sub - 1 - pi) * SUB_T
+                s1 = tl.minimum(s0 + SUB_T, ce)
+                tl.debug_barrier()  # the scratch is reused: earlier reads must be done
+                h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
+                tl.store(scratch_base + offs_tile, h, mask=(offs_tile * 0 + cs) >= s0,
+                         eviction_policy=SCRATCH_EVICT)
+                # PREFETCH: each step's loads are issued one step ahead, before the current step's stores
+                # (Triton cannot tell that the stores do not alias the inputs, so later loads wait for them).
                 if PREFETCH:
-                    u, dt, Bt = nu, ndt, nB
-                    nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s1, seqlen, su_t, sdt_t, sB_t,
+                    nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, cs, s1, seqlen, su_t, sdt_t, sB_t,
                                                    mask_d, mask_n, r)
-                else:
-                    u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t, mask_d,
-                                                 mask_n, r)
-                dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-                tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h)
-            tl.debug_barrier()
-            if PREFETCH:
-                nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
-                    scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s1 - 1, s0,
-                    seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
-            for i in range(s1 - s0):
-                s = s1 - 1 - i
-                t = _walk_time(s, seqlen, r)
+                for s in range(cs, s1):
+                    if PREFETCH:
+                        u, dt, Bt = nu, ndt, nB
+                        nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s1, seqlen, su_t, sdt_t,
+                                                       sB_t, mask_d, mask_n, r)
+                    else:
+                        u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t,
+                                                     mask_d, mask_n, r)
+                    dt += bias
+                    if SOFTPLUS:
+                        dt = _softplus(dt)
+                    h = tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
+                    # slot k holds the state entering step s0 + k; earlier steps only advance the state
+                    tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h,
+                             mask=(offs_tile * 0 + s + 1) >= s0, eviction_policy=SCRATCH_EVICT)
+                tl.debug_barrier()
                 if PREFETCH:
-                    h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
                     nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
-                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s - 1,
-                        s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
-                        BLOCK_N)
-                else:
-                    h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = _reverse_loads(
-                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
-                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
-                        BLOCK_N)
-                dt_raw += bias
-                dt = dt_raw
-                if SOFTPLUS:
-                    dt = _softplus(dt_raw)
-                a = tl.exp2(dt[None, :] * A2)
-                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
-                if HAS_Z:
-                    sig = tl.sigmoid(z)
-                    silu = z * sig
-                    dgate_acc += dout * y * silu
-                    dyz = dout * g_scale
-                    dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
-                    tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-                    dy = dyz * silu
-                else:
-                    dgate_acc += dout * y
-                    dy = dout * g_scale
-                g += dy[None, :] * Ct[:, None]
-                dBu = tl.sum(g * Bt[:, None], axis=0)  # d (dt * u)
-                gah = g * a * h_prev
-                ddt = dBu * u + tl.sum(gah * A, axis=0)
-                dA_acc += gah * dt[None, :]
-                tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
-                tl.store(dC_ptr + part_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
-                dD_acc += dy * u
-                if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(dt_raw)
-                dbias_acc += ddt
-                tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty), mask=mask_d)
-                tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-                g = g * a
-                h = h_prev + 0.0  # a new value: see the Triton workaround in the conv walk kernel
+                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s1 - 1, s0,
+                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
+                for i in range(s1 - s0):
+                    s = s1 - 1 - i
+                    t = _walk_time(s, seqlen, r)
+                    if PREFETCH:
+                        h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
+                        nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
+                            scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s - 1,
+                            s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
+                            BLOCK_N)
+                    else:
+                        h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = _reverse_loads(
+                            scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
+                            seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
+                            BLOCK_N)
+                    dt_raw += bias
+                    dt = dt_raw
+                    if SOFTPLUS:
+                        dt = _softplus(dt_raw)
+                    a = tl.exp2((dt * 1.4426950408889634)[None, :] * A)  # (no A * log2(e) tile: registers)
+                    y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+                    if HAS_Z:
+                        sig = tl.sigmoid(z)
+                        silu = z * sig
+                        dgate_acc += dout * y * silu
+                        dyz = dout * g_scale
+                        dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
+                        tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+                        dy = dyz * silu
+                    else:
+                        dgate_acc += dout * y
+                        dy = dout * g_scale
+                    g += dy[None, :] * Ct[:, None]
+                    dBu = tl.sum(g * Bt[:, None], axis=0)  # d (dt * u)
+                    gah = g * a * h_prev
+                    ddt = dBu * u + tl.sum(gah * A, axis=0)
+                    dA_acc += gah * dt[None, :]
+                    tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
+                    tl.store(dC_ptr + part_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+                    dD_acc += dy * u
+                    if SOFTPLUS:
+                        ddt = ddt * tl.sigmoid(dt_raw)
+                    dbias_acc += ddt
+                    tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty),
+                             mask=mask_d)
+                    tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+                    g = g * a
+                    h = h_prev + 0.0  # a new value: see the Triton workaround in the conv walk kernel
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
                  mask=mask_nd)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -550,7 +573,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
                  block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
                  lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None,
-                 split_dirs: Optional[bool] = None):
+                 split_dirs: Optional[bool] = None, maxnreg: Optional[int] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -559,6 +582,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     the last states (R, b, d, N) fp32 if want_last, and if want_ckpt the states entering every
     CKPT_CHUNK-th step (R, b, n_chunks, N, d) fp32 that scan_backward starts from (else None).
     split_dirs (two directions): one program per direction, each writing its own output, summed after.
+    maxnreg: a register cap for this launch (0: none; default: FWD_TUNING's ckpt_maxnreg with want_ckpt).
     """
     R, batch, dim, seqlen = u.shape
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
@@ -573,6 +597,9 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     prefetch = tuning["prefetch"] if prefetch is None else prefetch
     split_dirs = R == 2 and (tuning["split_dirs"] if split_dirs is None else split_dirs)
     ckpt_t = CKPT_CHUNK if want_ckpt else 0
+    if maxnreg is None:
+        maxnreg = tuning["ckpt_maxnreg"] if want_ckpt else 0
+    launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
     if ckpt_t and ckpt_t % unroll:
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
     f32 = torch.float32
@@ -605,7 +632,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
-        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, num_warps=num_warps,
+        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch,
     )
     if split_dirs:
         n, block = dim * seqlen, 1024
@@ -618,10 +645,14 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
-                  block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None):
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
+                  sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
+                  maxnreg: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
-    them the forward runs again to make them. Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in
-    the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
+    them the forward runs again to make them. block_d .. scratch_evict override BWD_TUNING (sub_chunk: the
+    steps recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction
+    policy of the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none). Returns du,
+    ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
     dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
     if ckpt is None:
@@ -640,7 +671,12 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     block_d = _block_d(dim, groups, block_d or tuning["block_d"])
     num_warps = num_warps or tuning["num_warps"]
     prefetch = tuning["prefetch"] if prefetch is None else prefetch
-    chunk = CKPT_CHUNK
+    sub_chunk = sub_chunk or tuning["sub_chunk"]
+    scratch_evict = tuning["scratch_evict"] if scratch_evict is None else scratch_evict
+    maxnreg = tuning["maxnreg"] if maxnreg is None else maxnreg
+    launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    if CKPT_CHUNK % sub_chunk:
+        raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
     block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(dim, block_d)
     dev, f32 = u.device, torch.float32
@@ -654,7 +690,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
     dbias_part = torch.empty_like(dD_part)
     dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
-    scratch = torch.empty((batch * n_dblocks * (chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
+    scratch = torch.empty((batch * n_dblocks * (sub_chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
@@ -671,8 +707,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=chunk, PREFETCH=prefetch, num_warps=num_warps,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=sub_chunk, PREFETCH=prefetch,
+        SCRATCH_EVICT=scratch_evict, **launch,
     )
+
     def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
         part = part[:, :, :, :d_state]
         if n_groups == 1:
