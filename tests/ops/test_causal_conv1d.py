@@ -1,6 +1,7 @@
 """causal_conv1d: the reference against a sum of taps, the Triton kernels against the reference (layouts,
 widths, small tiles, stacked directions); the token mask's gradient from both Triton kernels and the CPU
-implementation against autograd on the op's definition."""
+implementation against autograd on the op's definition, and in the DyVM mixer against the formulation that
+applied the mask around the op (same gradients, less saved for backward)."""
 import itertools
 
 import pytest
@@ -182,3 +183,55 @@ def test_conv_op_mask_grad_through_autograd_and_the_custom_ops():
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
 
+
+def _saved_bytes(step):
+    """Run step() and return (its result, bytes of the distinct storages autograd saved for backward)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = step()
+    return result, sum(storages.values())
+
+
+def test_dyvm_mixer_mask_grad_inside_the_op_matches_the_mask_around_it(monkeypatch):
+    """The DyVM mixer (bimamba_v2_inner_stacked) in training, the mask carrying a gradient: with the mask
+    given to the conv op, every gradient (x and z, the weights, the mask, the gates) is what the former
+    formulation gave, which multiplied the op's input and output by the mask outside it; and autograd no
+    longer saves the masked input (b, d, L) and the conv's unmasked output (2, b, d, L)."""
+    import mamba_ssm.ops.bimamba_stacked as stacked
+    from mamba_ssm.ops.bimamba_interface import ScanWeights
+    from tests.ops.helpers import scan_weights
+
+    batch, dim, seqlen, dtype = 3, 16, 21, torch.float64
+    weights = [scan_weights(dim, 4, 8, dtype) for _ in range(2)]
+    xz = torch.randn(batch, seqlen, 2 * dim, dtype=dtype).transpose(1, 2)  # in_proj's layout
+    gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [0.2, 1.0]], dtype=dtype)
+    mask = (torch.rand(batch, seqlen) > 0.3).to(dtype)
+    dout = torch.randn(batch, dim, seqlen, dtype=dtype)
+    inner = stacked.conv_apply
+
+    def mask_around(x, weight, bias, mask, gate_skip, silu, channels_last_out):
+        xc = inner(x * mask[:, None], weight, bias, None, gate_skip, silu, channels_last_out)
+        return xc * mask[None, :, None]
+
+    def step():
+        leaves = [t.detach().requires_grad_() for t in (xz, *weights[0], *weights[1], gate, mask)]
+        out = stacked.bimamba_v2_inner_stacked(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]),
+                                               leaves[15], leaves[16])
+        return out, leaves
+
+    (out, leaves), saved = _saved_bytes(step)
+    got = torch.autograd.grad(out, leaves, dout)
+    monkeypatch.setattr(stacked, "conv_apply", mask_around)
+    (out_around, leaves), saved_around = _saved_bytes(step)
+    want = torch.autograd.grad(out_around, leaves, dout)
+    names = ["xz", *[f"fwd.{n}" for n in ScanWeights._fields], *[f"bwd.{n}" for n in ScanWeights._fields], "gate",
+             "mask"]
+    assert rel(out, out_around) < 1e-13
+    for name, a, c in zip(names, got, want):
+        assert rel(a, c) < 1e-12, f"{name}: relative error {rel(a, c):.1e}"
+    assert saved_around - saved == 3 * batch * dim * seqlen * 8, (saved_around, saved)
