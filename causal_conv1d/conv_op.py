@@ -79,24 +79,28 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     return _alloc(x, weight.shape[0], channels_last_out)
 
 
-def conv_bwd_impl(x, weight, bias, mask, silu, dout):
+def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad):
     """The implementation of conv_bwd."""
-    dx, dw, db = _implementation(x).conv_backward(x, weight, bias, mask, silu, dout)
-    return [dx, dw, db if db is not None else x.new_empty(_EMPTY, dtype=_grad_dtype(x))]
+    dx, dw, db, dmask = _implementation(x).conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad)
+    empty = x.new_empty(_EMPTY, dtype=_grad_dtype(x))
+    return [dx, dw, db if db is not None else empty, dmask if dmask is not None else empty]
 
 
 @torch.library.custom_op("causal_conv1d::conv_bwd", mutates_args=())
 def conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-             dout: Tensor) -> List[Tensor]:
-    """[dx (x's dtype and layout, see dx_like), dweight, dbias (empty without bias)] in fp32 (_grad_dtype)."""
-    return conv_bwd_impl(x, weight, bias, mask, silu, dout)
+             dout: Tensor, mask_grad: bool) -> List[Tensor]:
+    """[dx (x's dtype and layout, see dx_like), dweight, dbias (empty without bias), dmask (b, L) (empty unless
+    mask_grad and a mask is given)] in fp32 (_grad_dtype)."""
+    return conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad)
 
 
 @conv_bwd.register_fake
-def _(x, weight, bias, mask, silu, dout):
+def _(x, weight, bias, mask, silu, dout, mask_grad):
     f = _grad_dtype(x)
-    db = bias.new_empty(bias.shape, dtype=f) if bias is not None else x.new_empty(_EMPTY, dtype=f)
-    return [cpu_causal_conv1d.dx_like(x), weight.new_empty(weight.shape, dtype=f), db]
+    empty = x.new_empty(_EMPTY, dtype=f)
+    db = bias.new_empty(bias.shape, dtype=f) if bias is not None else empty
+    dmask = mask.new_empty(mask.shape, dtype=f) if mask_grad and mask is not None else empty
+    return [cpu_causal_conv1d.dx_like(x), weight.new_empty(weight.shape, dtype=f), db, dmask]
 
 
 def _setup(ctx, inputs, output):
@@ -105,24 +109,15 @@ def _setup(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _mask_grad(x, weight, bias, mask, silu, dout):
-    """d loss / d mask. In DyVM training the token mask holds the straight-through keep decisions, so the
-    predictors learn through it (as in the authors' code, where x * mask is plain autograd); the kernels do
-    not compute this gradient, autograd on the reference conv does."""
-    m = mask.detach().requires_grad_()
-    with torch.enable_grad():
-        out = _stacked_ref(x.detach(), weight.detach(), None if bias is None else bias.detach(), m, silu)
-        return torch.autograd.grad(out, m, dout)[0]
-
-
 def _backward(ctx, dout, bwd=conv_bwd):
+    """The gradients of x, weight, bias and, when it needs one, the mask: in DyVM training the token mask holds
+    the straight-through keep decisions, so the predictors learn through it (as in the authors' code, where
+    x * mask is plain autograd); the implementations compute it in the same pass as the others."""
     x, weight, bias, mask = ctx.saved_tensors
-    dx, dw, db = bwd(x, weight, bias, mask, ctx.silu, dout)
-    dmask = None
-    if mask is not None and ctx.needs_input_grad[3]:
-        dmask = _mask_grad(x, weight, bias, mask, ctx.silu, dout).to(mask.dtype)
-    return (dx.to(x.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype), dmask, None, None,
-            None)
+    mask_grad = mask is not None and ctx.needs_input_grad[3]
+    dx, dw, db, dmask = bwd(x, weight, bias, mask, ctx.silu, dout, mask_grad)
+    return (dx.to(x.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype),
+            dmask.to(mask.dtype) if mask_grad else None, None, None, None)
 
 
 conv_fwd.register_autograd(_backward, setup_context=_setup)
@@ -150,7 +145,7 @@ def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)
-    return _EagerConv.apply(*args) if needs_grad(x, weight, bias) else conv_fwd_impl(*args)
+    return _EagerConv.apply(*args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
 
 
 def conv_macs(x_shape, weight_shape) -> int:

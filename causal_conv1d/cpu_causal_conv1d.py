@@ -95,23 +95,32 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-                  dout: Tensor):
+                  dout: Tensor, mask_grad: bool = False):
     """Gradients of conv_forward: dx (x's dtype, laid out by dx_like); dweight (R, d, K) and dbias (R, d) or
-    None in fp32 (fp64 for fp64 inputs). dout: (R, b, d, L) view."""
+    None in fp32 (fp64 for fp64 inputs); dmask (b, L) in the same dtype when mask_grad and a mask is given,
+    else None. dout: (R, b, d, L) view.
+
+    The mask multiplies the input and every output (out_r = m * act_r(conv_r(x * m))), so
+    dmask[t] = sum_d x[t] * dxm[t] + sum_{r, d} dout_r[t] * act_r[t], with dxm the gradient of the masked
+    input (dx before its multiplication by m), x and dout the raw (unmasked) tensors."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     cdt = _compute_dtype(x)
+    mask_grad = mask_grad and mask is not None
     xp = _padded(x, mask, width, cdt)
-    g = dout.transpose(2, 3).to(cdt)  # (R, b, L, d)
+    dout_t = dout.transpose(2, 3).to(cdt)  # (R, b, L, d)
     m = None if mask is None else mask.to(cdt)[None, :, :, None]
-    if m is not None:
-        g = g * m
+    g = dout_t if m is None else dout_t * m
+    dmask = None
+    if silu or mask_grad:
+        act = _pre_activation(xp, weight, bias, seqlen)
     if silu:
-        pre = _pre_activation(xp, weight, bias, seqlen)
-        sig = torch.sigmoid(pre)
-        silu_p = pre.mul_(sig)
+        sig = torch.sigmoid(act)
+        act.mul_(sig)  # silu(p)
         # silu'(p) = sig (1 + p (1 - sig)) = sig - silu(p) sig + silu(p), in place on sig
-        g = sig.addcmul_(silu_p, sig, value=-1).add_(silu_p).mul_(g)
+        g = sig.addcmul_(act, sig, value=-1).add_(act).mul_(g)
+    if mask_grad:  # the output term: dout_r * act_r summed over directions and channels
+        dmask = torch.mul(dout_t, act).sum((0, 3))
     w = _taps(weight, cdt)
     dxp = torch.zeros_like(xp)
     dw = torch.empty((R, dim, width), dtype=cdt, device=x.device)
@@ -122,10 +131,12 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
             dxp[:, s:s + seqlen].addcmul_(g[r], w[r, k])
             torch.sum(torch.mul(xp[:, s:s + seqlen], g[r], out=prod).view(rows, dim), 0, out=dw[r, :, k])
     pad = width - 1
-    dx = dxp[:, pad:pad + seqlen]
+    dx = dxp[:, pad:pad + seqlen]  # the gradient of the masked input, (b, L, d)
+    if mask_grad:  # the input term: x * dxm summed over channels
+        dmask += torch.mul(x.transpose(1, 2), dx, out=prod).sum(-1)
     if m is not None:
         dx = dx * m[0]
     dbias = g.reshape(R, rows, dim).sum(1) if bias is not None else None
     dx_out = dx_like(x)
     dx_out.copy_(dx.transpose(1, 2))
-    return dx_out, dw, dbias
+    return dx_out, dw, dbias, dmask

@@ -9,6 +9,15 @@ sequence, written back in original time order, i.e. an anti-causal conv: no flip
 m multiplies the input before the conv and the output after it. A (sample, direction) whose gate is
 off (SKIP_OFF, inference only) is not computed. The backward is one kernel that recomputes the
 pre-activations it needs from shifted input tiles instead of storing their gradient (see _conv_bwd_kernel).
+
+The mask's gradient (MASK_GRAD; in DyVM training the mask carries the straight-through keep decisions):
+out_r = m * act_r(conv_r(x * m)), so
+
+    dmask[b, t] = sum_d x[b, d, t] * dxm[b, d, t] + sum_{r, d} dout_r[b, d, t] * act_r[b, d, t]
+
+with dxm the gradient of the masked input (the backward's dx before its multiplication by m) and x, dout
+as given (unmasked). Each program sums its block of channels and writes one row of a (b, n_blocks, L)
+buffer, which conv_backward adds up (deterministic, no atomics).
 """
 from typing import Optional
 
@@ -99,6 +108,30 @@ def _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, e: tl.constexpr):
 
 
 @triton.jit
+def _pre_at_shift(xm3, xm2, xm1, x0, xp1, xp2, xp3, w_base, bias_base, offs_d, mask_d, r: tl.constexpr,
+                  j: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Pre-activation of direction r at output times s + j (direction 0) or s - j (direction 1), s the tile's
+    times, from the seven shifted input tiles of _conv_bwd_kernel."""
+    pre = tl.zeros(x0.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias_base + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(WIDTH):
+        wk = tl.load(w_base + k, mask=mask_d, other=0.0).to(tl.float32)
+        if r == 0:
+            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, j + k - (WIDTH - 1))
+        else:
+            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, (WIDTH - 1) - j - k)
+    return pre
+
+
+@triton.jit
+def _act(pre, SILU: tl.constexpr):
+    if SILU:
+        pre = pre * tl.sigmoid(pre)
+    return pre
+
+
+@triton.jit
 def _silu_grad(pre, g, SILU: tl.constexpr):
     if SILU:
         sig = tl.sigmoid(pre)
@@ -108,13 +141,14 @@ def _silu_grad(pre, g, SILU: tl.constexpr):
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, dm_ptr,
     dim, seqlen,
     sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
     N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    SILU: tl.constexpr, MASK_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The whole backward in one pass, nothing written but dx and per-sample dw, dbias (R, b, d, K / 1).
+    """The whole backward in one pass, nothing written but dx, per-sample dw, dbias (R, b, d, K / 1) and, with
+    MASK_GRAD, this block of channels' part of dmask (b, n_blocks, L; the module docstring).
 
     One program per (sample, block of channels) walks the sequence in BLOCK_T-step tiles. For input times
     s, dx[s] = m[s] * sum_r sum_j w_r[K-1-j] * g_r(s +- j) (+ for the causal direction 0, - for the
@@ -145,6 +179,7 @@ def _conv_bwd_kernel(
         xp2 = _load_shifted(x_base, m_base, offs_t + 2, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
         xp3 = _load_shifted(x_base, m_base, offs_t + 3, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, HAS_MASK)
         acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        dm = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)  # MASK_GRAD: sum_r dout_r * act_r, the tile's times
         for r in tl.static_range(N_DIRS):
             w_base = w_ptr + r * dim * WIDTH + offs_d * WIDTH
             for j in tl.static_range(WIDTH):
@@ -154,21 +189,21 @@ def _conv_bwd_kernel(
                 else:
                     tj = offs_t - j
                 ok = (tj >= 0) & (tj < seqlen)
-                g = tl.load(dout_ptr + r * sdo_r + pid_b * sdo_b + tj[:, None] * sdo_t + offs_d[None, :] * sdo_d,
+                d = tl.load(dout_ptr + r * sdo_r + pid_b * sdo_b + tj[:, None] * sdo_t + offs_d[None, :] * sdo_d,
                             mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                g = d
                 if HAS_MASK:
-                    g *= tl.load(m_base + tj * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
+                    g = d * tl.load(m_base + tj * sm_t, mask=ok, other=0.0).to(tl.float32)[:, None]
                 if SILU:
-                    pre = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-                    if HAS_BIAS:
-                        pre += tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-                    for k in tl.static_range(WIDTH):
-                        wk = tl.load(w_base + k, mask=mask_d, other=0.0).to(tl.float32)
-                        if r == 0:
-                            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, j + k - (WIDTH - 1))
-                        else:
-                            pre += wk[None, :] * _pick(xm3, xm2, xm1, x0, xp1, xp2, xp3, (WIDTH - 1) - j - k)
+                    pre = _pre_at_shift(xm3, xm2, xm1, x0, xp1, xp2, xp3, w_base, bias_ptr + r * dim, offs_d, mask_d,
+                                        r, j, WIDTH, HAS_BIAS)
                     g = _silu_grad(pre, g, SILU)
+                if MASK_GRAD:
+                    if j == 0:  # dmask's output term at the tile's own times, from the unmasked dout
+                        if not SILU:
+                            pre = _pre_at_shift(xm3, xm2, xm1, x0, xp1, xp2, xp3, w_base, bias_ptr + r * dim, offs_d,
+                                                mask_d, r, j, WIDTH, HAS_BIAS)
+                        dm += d * _act(pre, SILU)
                 acc += tl.load(w_base + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
                 if j == 0:  # g at the tile's own times: the weight and bias gradients
                     for k in tl.static_range(WIDTH):
@@ -185,6 +220,10 @@ def _conv_bwd_kernel(
                         db0 += tl.sum(g, axis=0)
                     else:
                         db1 += tl.sum(g, axis=0)
+        if MASK_GRAD:  # acc is the gradient of the masked input here; x0 is masked, so read the raw x again
+            x_raw = _load_shifted(x_base, m_base, offs_t, offs_d, mask_d, seqlen, sx_d, sx_t, sm_t, False)
+            part = tl.sum(x_raw * acc + dm, axis=1)
+            tl.store(dm_ptr + (pid_b * tl.num_programs(1) + tl.program_id(1)) * seqlen + offs_t, part, mask=mask_t)
         if HAS_MASK:
             acc *= tl.load(m_base + offs_t * sm_t, mask=mask_t, other=0.0).to(tl.float32)[:, None]
         tl.store(dx_ptr + pid_b * sdx_b + offs_t[:, None] * sdx_t + offs_d[None, :] * sdx_d,
@@ -203,9 +242,12 @@ def _conv_bwd_kernel(
 
 @triton.jit
 def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_t, sdo_t,
-                N_DIRS: tl.constexpr, HAS_MASK: tl.constexpr):
-    """What step t of the walk reads: x[t+3] and dout_0[t+3] (masked), dout_1[t] (masked), m[t] (as a
-    vector: every returned value is a (BLOCK_D,) fp32 tensor, so that they can be carried by the loop)."""
+                N_DIRS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_GRAD: tl.constexpr):
+    """What step t of the walk reads: x[t+3] and dout_0[t+3] (masked), dout_1[t] (masked), m[t] (1 without a
+    mask), and m[t+3]. With MASK_GRAD the three are returned unmasked, as the mask's gradient needs them, and
+    the step applies m[t+3] and m[t]; without, m[t+3] is applied here and returned as 1, so that the
+    walk does not carry it. Every returned value is a (BLOCK_D,) fp32 tensor (scalars broadcast), so that
+    they can be carried by the loop."""
     tn = t + 3
     ok_n = (tn >= 0) & (tn < seqlen)
     ok_t = (t >= 0) & (t < seqlen)
@@ -217,23 +259,27 @@ def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_
     gb = tl.zeros(mask_d.shape, dtype=tl.float32)
     if N_DIRS == 2:
         gb += tl.load(do1_base + t * sdo_t, mask=md_t, other=0.0).to(tl.float32)
+    m_n = tl.zeros(mask_d.shape, dtype=tl.float32) + 1.0
     m_t = tl.zeros(mask_d.shape, dtype=tl.float32) + 1.0
     if HAS_MASK:
-        m_n = tl.load(m_base + tn * sm_t, mask=ok_n, other=0.0).to(tl.float32)
+        mask_n = tl.load(m_base + tn * sm_t, mask=ok_n, other=0.0).to(tl.float32)
         m_t *= tl.load(m_base + t * sm_t, mask=ok_t, other=0.0).to(tl.float32)
-        xn *= m_n
-        go *= m_n
-        gb *= m_t
-    return xn, go, gb, m_t
+        if MASK_GRAD:
+            m_n *= mask_n
+        else:
+            xn *= mask_n
+            go *= mask_n
+            gb *= m_t
+    return xn, go, gb, m_n, m_t
 
 
 @triton.jit
 def _conv_bwd_walk_kernel(
-    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, dm_ptr,
     dim, seqlen,
     sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
     N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+    SILU: tl.constexpr, MASK_GRAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The backward for channel-contiguous inputs: each lane owns a channel and walks the sequence once,
     keeping the inputs x[t-3 .. t+2] and the pre-activation gradients g_0[t+1 .. t+3] (causal) and
@@ -241,6 +287,10 @@ def _conv_bwd_walk_kernel(
     gradients, computes one pre-activation per direction (g_0 at t+3, g_1 at t), and stores dx[t]: one
     read of x and dout, one write of dx, one sigmoid per element and direction. Widths under 4 are run
     as width 4 with leading zero taps (the same convolution). Outputs like _conv_bwd_kernel's.
+
+    MASK_GRAD: each step also sums its lanes' terms of dmask[t] (the module docstring) and stores that one
+    value per program (b, n_blocks, L): the raw x[t] and dout_0[t] * act_0[t] (formed at step t-3, with
+    g_0[t]) are carried in two more 3-slot windows.
 
     Steps go in groups of 4 whose loads are issued one group ahead (software pipelining): Triton cannot
     tell that the dx stores do not alias the inputs, so a load written after a store waits for it in
@@ -270,6 +320,7 @@ def _conv_bwd_walk_kernel(
     m_base = m_ptr + pid_b * sm_b
     do0_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
     dx_base = dx_ptr + pid_b * sdx_b + offs_d * sdx_d
+    dm_base = dm_ptr + (pid_b * tl.num_programs(1) + tl.program_id(1)) * seqlen
     zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
     xm3 = zero  # x[t-3] ... x[t+2] entering step t (masked tokens and times outside as 0)
     xm2 = zero
@@ -283,6 +334,12 @@ def _conv_bwd_walk_kernel(
     h1 = zero  # g_1[t-1], g_1[t-2], g_1[t-3]
     h2 = zero
     h3 = zero
+    r1 = zero  # MASK_GRAD: raw x[t], x[t+1], x[t+2] entering step t
+    r2 = zero
+    r3 = zero
+    e1 = zero  # MASK_GRAD: dout_0 * act_0 (raw dout) at t, t+1, t+2 entering step t
+    e2 = zero
+    e3 = zero
     dw00 = zero
     dw01 = zero
     dw02 = zero
@@ -294,37 +351,46 @@ def _conv_bwd_walk_kernel(
     db0 = zero
     db1 = zero
     # Steps t = -3 .. seqlen-1: the first three only fill the windows (their outputs are masked off).
-    nx0, ng0, nb0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -3, mask_d, seqlen, sx_t, sm_t,
-                                     sdo_t, N_DIRS, HAS_MASK)
-    nx1, ng1, nb1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -2, mask_d, seqlen, sx_t, sm_t,
-                                     sdo_t, N_DIRS, HAS_MASK)
-    nx2, ng2, nb2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -1, mask_d, seqlen, sx_t, sm_t,
-                                     sdo_t, N_DIRS, HAS_MASK)
-    nx3, ng3, nb3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, 0, mask_d, seqlen, sx_t, sm_t,
-                                     sdo_t, N_DIRS, HAS_MASK)
+    nx0, ng0, nb0, nn0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -3, mask_d, seqlen, sx_t,
+                                          sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+    nx1, ng1, nb1, nn1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -2, mask_d, seqlen, sx_t,
+                                          sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+    nx2, ng2, nb2, nn2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -1, mask_d, seqlen, sx_t,
+                                          sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+    nx3, ng3, nb3, nn3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, 0, mask_d, seqlen, sx_t,
+                                          sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
     for t0 in range(-3, seqlen, 4):
-        cx0, cg0, cb0, cm0 = nx0, ng0, nb0, nm0
-        cx1, cg1, cb1, cm1 = nx1, ng1, nb1, nm1
-        cx2, cg2, cb2, cm2 = nx2, ng2, nb2, nm2
-        cx3, cg3, cb3, cm3 = nx3, ng3, nb3, nm3
-        nx0, ng0, nb0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 4, mask_d, seqlen, sx_t,
-                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
-        nx1, ng1, nb1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 5, mask_d, seqlen, sx_t,
-                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
-        nx2, ng2, nb2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 6, mask_d, seqlen, sx_t,
-                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
-        nx3, ng3, nb3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 7, mask_d, seqlen, sx_t,
-                                         sm_t, sdo_t, N_DIRS, HAS_MASK)
+        cx0, cg0, cb0, cn0, cm0 = nx0, ng0, nb0, nn0, nm0
+        cx1, cg1, cb1, cn1, cm1 = nx1, ng1, nb1, nn1, nm1
+        cx2, cg2, cb2, cn2, cm2 = nx2, ng2, nb2, nn2, nm2
+        cx3, cg3, cb3, cn3, cm3 = nx3, ng3, nb3, nn3, nm3
+        nx0, ng0, nb0, nn0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 4, mask_d, seqlen,
+                                              sx_t, sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+        nx1, ng1, nb1, nn1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 5, mask_d, seqlen,
+                                              sx_t, sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+        nx2, ng2, nb2, nn2, nm2 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 6, mask_d, seqlen,
+                                              sx_t, sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
+        nx3, ng3, nb3, nn3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, t0 + 7, mask_d, seqlen,
+                                              sx_t, sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
         for j in tl.static_range(4):
             t = t0 + j
             vec_t = t + tl.zeros((BLOCK_D,), dtype=tl.int32)
             md_t = mask_d & (vec_t >= 0) & (vec_t < seqlen)
-            xp3 = pick4(cx0, cx1, cx2, cx3, j)
+            xn = pick4(cx0, cx1, cx2, cx3, j)  # x[t+3], dout_0[t+3], dout_1[t] (unmasked with MASK_GRAD)
             go = pick4(cg0, cg1, cg2, cg3, j)
             gb = pick4(cb0, cb1, cb2, cb3, j)
             m_t = pick4(cm0, cm1, cm2, cm3, j)
+            xp3 = xn
+            g0_in = go
+            g1_in = gb
+            if MASK_GRAD:
+                m_n = pick4(cn0, cn1, cn2, cn3, j)
+                xp3 = xn * m_n
+                g0_in = go * m_n
+                g1_in = gb * m_t
             # direction 0 (causal): g_0[t+3] from x[t .. t+3]
-            g0n = _silu_grad(bias0 + a0 * x0 + a1 * xp1 + a2 * xp2 + a3 * xp3, go, SILU)
+            pre0 = bias0 + a0 * x0 + a1 * xp1 + a2 * xp2 + a3 * xp3
+            g0n = _silu_grad(pre0, g0_in, SILU)
             acc = a3 * f1 + a2 * f2 + a1 * f3 + a0 * g0n
             dw00 += f1 * xm3
             dw01 += f1 * xm2
@@ -332,7 +398,8 @@ def _conv_bwd_walk_kernel(
             dw03 += f1 * x0
             db0 += f1
             if N_DIRS == 2:  # direction 1 (anti-causal): g_1[t] from x[t .. t+3]
-                g1t = _silu_grad(bias1 + b3 * x0 + b2 * xp1 + b1 * xp2 + b0 * xp3, gb, SILU)
+                pre1 = bias1 + b3 * x0 + b2 * xp1 + b1 * xp2 + b0 * xp3
+                g1t = _silu_grad(pre1, g1_in, SILU)
                 acc += b3 * g1t + b2 * h1 + b1 * h2 + b0 * h3
                 dw10 += g1t * xp3
                 dw11 += g1t * xp2
@@ -342,6 +409,17 @@ def _conv_bwd_walk_kernel(
                 h3 = h2
                 h2 = h1
                 h1 = g1t
+            if MASK_GRAD:  # acc is the gradient of the masked input x[t] * m[t] here
+                part = r1 * acc + e1
+                if N_DIRS == 2:
+                    part += gb * _act(pre1, SILU)
+                tl.store(dm_base + t, tl.sum(part, axis=0), mask=(t >= 0) & (t < seqlen))
+                r1 = r2
+                r2 = r3
+                r3 = xn
+                e1 = e2
+                e2 = e3
+                e3 = go * _act(pre0, SILU)
             if HAS_MASK:
                 acc *= m_t
             tl.store(dx_base + t * sdx_t, acc.to(dx_ptr.dtype.element_ty), mask=md_t)
@@ -365,6 +443,10 @@ def _conv_bwd_walk_kernel(
         x0 = x0 + 0.0
         xp1 = xp1 + 0.0
         xp2 = xp2 + 0.0
+        if MASK_GRAD:  # the raw window likewise
+            r1 = r1 + 0.0
+            r2 = r2 + 0.0
+            r3 = r3 + 0.0
     # tap k of the real kernel is tap k + pad of the width-4 form
     row = pid_b * dim + offs_d
     dwp = dw_ptr + row * WIDTH - pad
@@ -433,29 +515,33 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
-                  dout: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = None,
-                  num_warps: Optional[int] = None):
+                  dout: Tensor, mask_grad: bool = False, block_t: Optional[int] = None,
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None):
     """Gradients of conv_forward (without gates): dx like x's dtype and memory layout (b, d, L); dweight
-    (R, d, K) fp32; dbias (R, d) fp32 or None. dout: (R, b, d, L) view. block_t, block_d, num_warps
-    override CONV_TUNING's backward entries (the benchmark's sweep)."""
+    (R, d, K) fp32; dbias (R, d) fp32 or None; dmask (b, L) fp32 when mask_grad and a mask is given, else
+    None. dout: (R, b, d, L) view. block_t, block_d, num_warps override CONV_TUNING's backward entries (the
+    benchmark's sweep)."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     if width > 4:
         raise ValueError(f"the conv backward kernel supports widths up to 4, got {width}")
+    mask_grad = mask_grad and mask is not None
     block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps, backward=True)
     dev, f32 = x.device, torch.float32
     dw = torch.empty((R, batch, dim, width), device=dev, dtype=f32)
     dbias = torch.empty((R, batch, dim), device=dev, dtype=f32) if bias is not None else None
     dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
         else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
+    grid = (batch, triton.cdiv(dim, block_d))
+    # dmask's sums over channels: one row per program (block of channels), added up here (deterministic)
+    dm_parts = torch.empty((batch, grid[1], seqlen), device=dev, dtype=f32) if mask_grad else None
     args = (x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dx, dw,
-            dbias if dbias is not None else dw, dim, seqlen,
+            dbias if dbias is not None else dw, dm_parts if mask_grad else dw, dim, seqlen,
             *_strides(x, 3), *_strides(mask, 2), *_strides(dout, 4), *_strides(dx, 3))
     flags = dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
-                 BLOCK_D=block_d, num_warps=num_warps)
+                 MASK_GRAD=mask_grad, BLOCK_D=block_d, num_warps=num_warps)
     if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t unused)
-        _conv_bwd_walk_kernel[(batch, triton.cdiv(dim, block_d))](*args, **flags)
+        _conv_bwd_walk_kernel[grid](*args, **flags)
     else:
-        _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d))](*args, BLOCK_T=block_t, **flags)
-    return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None
-
+        _conv_bwd_kernel[grid](*args, BLOCK_T=block_t, **flags)
+    return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None, dm_parts.sum(1) if mask_grad else None

@@ -161,11 +161,11 @@ def test_cpu_conv_matches_tap_sum(R, width, seqlen, masked, silu, channels_last,
     dout = torch.randn_like(ref)
     want = torch.autograd.grad(ref, leaves, dout)
     out = cpu_conv.conv_forward(x, weight, bias, mask, silu, torch.empty_like(ref))
-    dx, dw, db = cpu_conv.conv_backward(x, weight, bias, mask, silu, dout)
-    assert dx.dtype == dtype and dx.shape == x.shape
+    dx, dw, db, dmask = cpu_conv.conv_backward(x, weight, bias, mask, silu, dout)
+    assert dx.dtype == dtype and dx.shape == x.shape and dmask is None  # dmask only when asked for
     for name, a, b in zip(("out", "dx", "dweight", "dbias"), (out, dx, dw, db), (ref, *want)):
         assert rel(a, b) < TOL[dtype], f"{name}: relative error {rel(a, b):.2e}"
-    _, dw_nobias, db_none = cpu_conv.conv_backward(x, weight, None, mask, silu, dout)
+    _, dw_nobias, db_none, _ = cpu_conv.conv_backward(x, weight, None, mask, silu, dout)
     assert db_none is None and dw_nobias.shape == dw.shape
 
 

@@ -93,13 +93,9 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         mask = mask.to(x.dtype)
     training = needs_grad(xz, gate, *w)
     gate_skip = gate if gate is not None and not training else None
-    if mask is not None and needs_grad(mask):
-        # The conv op takes its mask as a constant; a training mask carries the straight-through gradient of
-        # the pruning decisions, so it is applied around the op, where autograd sees it.
-        xc = conv_apply(x * mask[:, None], w.conv_weight, w.conv_bias, None, gate_skip, True, True)
-        xc = xc * mask[None, :, None]
-    else:
-        xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)  # (2, b, d, L), channels-last
+    # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
+    # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
     dt, B, C = x_dbl.split((dt_rank, d_state, d_state), dim=-1)
