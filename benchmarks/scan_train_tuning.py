@@ -4,7 +4,7 @@ L 197, both directions, gated, channel-contiguous as the mixer passes them), bat
     python benchmarks/scan_train_tuning.py --out tuning.json    # then MAMBA_TRITON_TUNING=tuning.json
 
 Times the training forward (which stores checkpoints) under register caps, and the backward under its piece
-length (sub_chunk), the scratch's eviction policy, register caps and its two tile layouts (lanes_on_channels). Every configuration is first compared with
+length (sub_chunk), the scratch's eviction policy and register caps. Every configuration is first compared with
 the default launch's results (they must agree to rounding), then timed (triton.testing.do_bench, median). Writes
 the fastest as a tuning file. benchmarks/kernels.py --sweep covers the inference forward and single-direction
 backward; this script times what a training step runs.
@@ -20,14 +20,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-FWD_CAPS = (0, 168, 160)
-# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, lanes_on_channels); the first is the
-# reference launch
-BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, False), (32, 1, True, 16, "", 0, False),
-               (32, 1, True, 8, "evict_last", 0, True), (32, 1, True, 16, "", 0, True),
-               (32, 1, True, 4, "evict_last", 0, True), (16, 1, True, 8, "evict_last", 0, True),
-               (64, 2, True, 8, "evict_last", 0, True), (32, 1, True, 8, "evict_last", 168, True),
-               (32, 1, True, 8, "evict_last", 168, False))
+FWD_CAPS = (0, 192, 168, 160, 128)
+# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg); the first is the reference launch
+BWD_CONFIGS = ((32, 1, True, 16, "", 0), (32, 1, True, 8, "evict_last", 0), (32, 1, True, 8, "evict_last", 192),
+               (32, 1, True, 8, "evict_last", 168), (32, 1, True, 8, "evict_last", 128),
+               (32, 1, True, 16, "evict_last", 168), (32, 1, True, 16, "evict_last", 128),
+               (16, 1, True, 8, "evict_last", 128), (16, 1, True, 8, "evict_last", 96),
+               (32, 2, True, 8, "evict_last", 128))
 
 
 def inputs(dtype, device, b, d, L, N=16, R=2):
@@ -71,8 +70,7 @@ def tune(dtype, device, shape, bench, fwd_caps, bwd_configs):
     _, ckpt = ss.scan_forward(*args, ref, want_ckpt=True)
     want = None
     for cfg in bwd_configs:
-        kw = dict(zip(("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg", "lanes_on_channels"),
-                      cfg))
+        kw = dict(zip(("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg"), cfg))
         got = ss.scan_backward(*args, dout, ckpt=ckpt, **kw)
         want = want or got
         err = max(rel(got[k], want[k]) for k in want if want[k] is not None)

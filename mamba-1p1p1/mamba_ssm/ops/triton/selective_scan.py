@@ -65,11 +65,10 @@ FWD_TUNING = {
 # At Vim-S training shapes on an H200 (both directions, gated, batch 128; benchmarks/scan_train_tuning.py),
 # pieces of 8 steps with evict_last took 2373 against 2564 us (bf16) and 2487 against 2660 us (fp32); every
 # register cap tried was slower (168: 3023 us, 128: 4945 us, bf16): the spills sit in the walk's inner loop.
-# lanes_on_channels: a lane holds one channel's states (see the kernel's scratch rows).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "lanes_on_channels": False},
+                       "maxnreg": 0},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "lanes_on_channels": False}}
+                       "maxnreg": 0}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
@@ -362,13 +361,13 @@ def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_
 @triton.jit
 def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
                    seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n,
-                   r: tl.constexpr, HAS_Z: tl.constexpr, ROW_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   r: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """What step s of the backward's reverse walk reads: the state before the step (from the scratch), u,
     dt (before bias), B, C, dout, z and direction 0's dz (direction 1); zeros when s < s0."""
     t = _walk_time(s, seqlen, r)
     md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
     mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
-    h_prev = tl.load(scratch_base + (s - s0) * ROW_D * BLOCK_N + offs_tile,
+    h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
                      mask=(offs_tile * 0 + s) >= s0, other=0.0)
     u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
     dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
@@ -384,12 +383,12 @@ def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_
     return h_prev, u, dt, Bt, Ct, dout, z, dzp
 
 
-@triton.jit(do_not_specialize=["tile_rows"])
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
     ckpt_ptr, scratch_ptr,
-    dim, tile_rows, seqlen, d_state, dpg_B, dpg_C, n_dblocks,
+    dim, seqlen, d_state, dpg_B, dpg_C, n_dblocks,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
     sz_b, sz_d, sz_t,
@@ -403,7 +402,7 @@ def _scan_bwd_kernel(
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
-    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
+    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
@@ -419,30 +418,21 @@ def _scan_bwd_kernel(
     batch = tl.num_programs(0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    # The scratch's (n, d) tile, rows ROW_D >= BLOCK_D apart. Its loads and stores (and those of A and the
-    # checkpoints) steer the layout Triton gives every tile: rows of BLOCK_D (aligned) are read 4 channels at a time, so a thread holds 4 channels x 4
-    # states and per-channel values cross layouts through shared memory (a barrier each, 9 per step); rows of
-    # BLOCK_D + 1 (LANES_ON_CHANNELS) are not, so a lane holds one channel's 16 states: no conversions, but
-    # the sums over channels (dB, dC) take 5 shuffle rounds of 16 values.
-    ROW_D: tl.constexpr = BLOCK_D + 1 if LANES_ON_CHANNELS else BLOCK_D
-    # (likewise the (n, d) tiles of A and the checkpoints: their row stride `tile_rows` equals dim but is not
-    # specialised by divisibility, so with LANES_ON_CHANNELS nothing is read 4 channels at a time)
-    rows = tile_rows if LANES_ON_CHANNELS else dim
-    offs_tile = offs_n[:, None] * ROW_D + tl.arange(0, BLOCK_D)[None, :]
+    offs_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # the scratch's (n, d) tile
     mask_d = offs_d < dim
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     group_B = (pid_d * BLOCK_D) // dpg_B
     group_C = (pid_d * BLOCK_D) // dpg_C
     n_chunks = tl.cdiv(seqlen, CHUNK_T)
-    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T + 1) * ROW_D * BLOCK_N
+    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T + 1) * BLOCK_D * BLOCK_N
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
         if HAS_GATE:
             gate = tl.load(gate_ptr + pid_b * sg_b + r * sg_r).to(tl.float32)
             g_scale = gate * scale
-        A = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * rows + offs_d[None, :],
+        A = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
                     mask=mask_nd, other=0.0).to(tl.float32)
         Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if HAS_D:
@@ -458,7 +448,7 @@ def _scan_bwd_kernel(
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = r * sdu_r + pid_b * sdu_b + offs_d * sdu_d  # du / ddt
         part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
-        ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * rows + offs_d[None, :]
+        ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim + offs_d[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
             g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None],
@@ -501,13 +491,13 @@ def _scan_bwd_kernel(
                         dt = _softplus(dt)
                     h = tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
                     # slot k holds the state entering step s0 + k; earlier steps only advance the state
-                    tl.store(scratch_base + (s - s0 + 1) * ROW_D * BLOCK_N + offs_tile, h,
+                    tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h,
                              mask=(offs_tile * 0 + s + 1) >= s0, eviction_policy=SCRATCH_EVICT)
                 tl.debug_barrier()
                 if PREFETCH:
                     nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
                         scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s1 - 1, s0,
-                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, ROW_D, BLOCK_N)
+                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
                 for i in range(s1 - s0):
                     s = s1 - 1 - i
                     t = _walk_time(s, seqlen, r)
@@ -515,12 +505,12 @@ def _scan_bwd_kernel(
                         h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
                         nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
                             scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s - 1,
-                            s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, ROW_D,
+                            s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
                             BLOCK_N)
                     else:
                         h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = _reverse_loads(
                             scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
-                            seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, ROW_D,
+                            seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
                             BLOCK_N)
                     dt_raw += bias
                     dt = dt_raw
@@ -657,12 +647,11 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
-                  maxnreg: Optional[int] = None, lanes_on_channels: Optional[bool] = None):
+                  maxnreg: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. scratch_evict override BWD_TUNING (sub_chunk: the
     steps recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction
-    policy of the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none; lanes_on_channels:
-    see BWD_TUNING). Returns du,
+    policy of the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none). Returns du,
     ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
     dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
@@ -685,8 +674,6 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     sub_chunk = sub_chunk or tuning["sub_chunk"]
     scratch_evict = tuning["scratch_evict"] if scratch_evict is None else scratch_evict
     maxnreg = tuning["maxnreg"] if maxnreg is None else maxnreg
-    lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
-    row_d = block_d + 1 if lanes_on_channels else block_d  # the scratch's rows (see the kernel)
     launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
     if CKPT_CHUNK % sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
@@ -703,7 +690,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
     dbias_part = torch.empty_like(dD_part)
     dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
-    scratch = torch.empty((batch * n_dblocks * (sub_chunk + 1) * row_d * block_n,), device=dev, dtype=f32)
+    scratch = torch.empty((batch * n_dblocks * (sub_chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
@@ -715,13 +702,13 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
         dgate_part if dgate_part is not None else dummy, dlast if dlast is not None else dummy,
         ckpt, scratch,
-        dim, dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
+        dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
         *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=sub_chunk, PREFETCH=prefetch,
-        SCRATCH_EVICT=scratch_evict, LANES_ON_CHANNELS=lanes_on_channels, **launch,
+        SCRATCH_EVICT=scratch_evict, **launch,
     )
 
     def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
