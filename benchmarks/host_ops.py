@@ -25,13 +25,15 @@ divided by 4; "fixed" is the rest: embedding, pruning stages, head):
 Shapes: the models' own structure (depth, d_state, pruning locations, keep ratios), batch 1, and by default a
 tiny image and width (img 32, patch 8: 16 patches; embed_dim 64) so that the ops' own compute is a few
 microseconds and the time is the host's overhead. --embed-dim 0 keeps the model's width (vim_small: 384),
-whose matmuls then read ~7 MB of weights per layer: a CPU measure, not a host one.
+whose matmuls then read ~4 MB of fp32 weights per layer: a CPU measure, not a host one.
 
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=mamba-1p1p1:. python benchmarks/host_ops.py [--models vim_small
-        dyvm_vim_small] [--paths cpu cuda-proxy] [--dtype fp32|bf16] [--rounds 7] [--iters 50] [--json FILE]
-        [--profile MODEL]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/host_ops.py [--models vim_small dyvm_vim_small]
+        [--paths cpu cuda-proxy] [--dtype fp32|bf16] [--rounds 7] [--iters 50] [--json FILE] [--profile MODEL]
+        [--baseline OTHER_CHECKOUT [--repeat 5]]
+--baseline: the same measurement of another checkout's code (e.g. `git worktree add /tmp/base main`), the two
+alternating in separate processes, side by side: before/after numbers from one machine in one sitting.
 --dry-run: a 4-layer model, few iterations (the test). Timings on a shared machine are noisy: compare runs of
-the same process (interleaved rounds), never numbers from different sessions.
+the same sitting (interleaved), never numbers from different sessions.
 """
 import argparse
 import collections
@@ -47,7 +49,10 @@ import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads on a shared CPU
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The code measured: this checkout, or the one named by HOST_OPS_CODE (--baseline runs this script on it).
+CODE = os.path.abspath(os.environ.get("HOST_OPS_CODE", ROOT))
+sys.path[:0] = [CODE, os.path.join(CODE, "mamba-1p1p1")]
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -232,12 +237,53 @@ def measure(args) -> dict:
     return results
 
 
+def compare(args, argv) -> dict:
+    """--baseline DIR: this script on this checkout's code and on DIR's, alternately, each run a process of its
+    own (`--repeat` times, each with --rounds 1 so the two checkouts' runs interleave): the counts of one run
+    each and the median host time over the runs, side by side."""
+    import subprocess
+    import tempfile
+
+    passthrough = _without(argv, "--baseline", "--repeat", "--json", "--rounds")
+    runs = {"baseline": [], "this": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            for label, code in (("baseline", args.baseline), ("this", ROOT)):
+                out = os.path.join(tmp, f"{label}{i}.json")
+                env = dict(os.environ, HOST_OPS_CODE=code)
+                subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--rounds", "1",
+                                "--json", out], env=env, check=True, stdout=subprocess.DEVNULL)
+                with open(out) as f:
+                    runs[label].append(json.load(f)["results"])
+    merged = {}
+    for label, results in runs.items():
+        for name in results[0]:
+            r = results[0][name]
+            r["host_us"] = {part: statistics.median(res[name]["host_us"][part] for res in results)
+                            for part in ("forward", "layer", "fixed")}
+            merged[f"{name} [{label}]"] = r
+    return dict(sorted(merged.items()))
+
+
+def _without(argv, *options) -> list:
+    """argv without the named options and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def table(results: dict) -> str:
     keys = ("launches", "triton", "dispatched", "calls", "host_us")
-    lines = [f"{'model/path':28s} {'':8s} " + " ".join(f"{k:>10s}" for k in keys)]
+    lines = [f"{'model/path':36s} {'':8s} " + " ".join(f"{k:>10s}" for k in keys)]
     for name, r in results.items():
         for part in ("forward", "layer", "fixed"):
-            lines.append(f"{name if part == 'forward' else '':28s} {part:8s} "
+            lines.append(f"{name if part == 'forward' else '':36s} {part:8s} "
                          + " ".join(f"{r[k][part]:10.1f}" for k in keys))
     return "\n".join(lines)
 
@@ -256,6 +302,8 @@ def main(argv=None):
     p.add_argument("--profile", default=None, help="also print a cProfile of this model's forwards")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--dry-run", action="store_true", help="4-layer tiny models, few iterations (the test)")
+    p.add_argument("--baseline", default=None, help="another checkout: measure its code too, interleaved (compare)")
+    p.add_argument("--repeat", type=int, default=5, help="with --baseline: processes per checkout")
     args = p.parse_args(argv)
     if args.dry_run:
         args.models = ["vim_tiny", "dyvm_vim_tiny"]
@@ -263,11 +311,12 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = measure(args)
+        results = compare(args, sys.argv[1:] if argv is None else argv) if args.baseline else measure(args)
     finally:
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__} | {args.dtype} | batch 1, img {args.img_size}, patch {args.patch_size}, "
-          f"embed_dim {args.embed_dim or 'the model s'} | threads {args.threads}")
+          f"embed_dim {args.embed_dim or 'the model s'} | threads {args.threads} | code {CODE}"
+          + (f" | baseline {args.baseline}, {args.repeat} interleaved processes each" if args.baseline else ""))
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -53,3 +53,13 @@ def test_proxy_restores_the_kernels(host_ops):
     with host_ops.cuda_proxy(counter):
         assert selective_scan._scan_fwd_kernel is not kernel
     assert selective_scan._scan_fwd_kernel is kernel
+
+
+def test_baseline_comparison_runs(host_ops):
+    """--baseline: the same measurement of another checkout (here this one), in processes of their own."""
+    res = host_ops.main(["--dry-run", "--paths", "cuda-proxy", "--baseline", str(ROOT), "--repeat", "1"])
+    assert set(res) == {f"{m}/cuda-proxy [{label}]" for m in ("vim_tiny", "dyvm_vim_tiny")
+                        for label in ("baseline", "this")}
+    for model in ("vim_tiny", "dyvm_vim_tiny"):  # the same code counts the same
+        a, b = res[f"{model}/cuda-proxy [baseline]"], res[f"{model}/cuda-proxy [this]"]
+        assert a["launches"] == b["launches"] and a["dispatched"] == b["dispatched"]
