@@ -100,3 +100,31 @@ def test_training_gradients_are_bit_identical_to_the_general_path(models, name):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_weight_cache_sees_replaced_parameters_and_modules():
+    """The cache reads the parameters through the modules' parameter dicts: a Parameter or a whole submodule
+    replaced after the cache was filled, or a dtype change (.double(): same Parameter objects, new data), is
+    seen at the next call."""
+    torch.manual_seed(0)
+    model = create_model("dyvm_vim_tiny", pruning_loc=(1, 2), token_keep_ratios=(0.75, 0.5), **TINY).eval()
+    mixer = model.layers[1].mixer
+    x = torch.randn(2, 3, 12, 12)
+
+    def check(x):
+        with torch.no_grad():
+            want, _ = _outputs(model, x, watched=True, kernels=False)
+            got, _ = _outputs(model, x, watched=False, kernels=False)
+        _assert_identical(got, want)
+
+    check(x)
+    first = mixer.__dict__["_inference_cache"]
+    mixer.x_proj_b.weight = torch.nn.Parameter(torch.randn_like(mixer.x_proj_b.weight) * 0.3)
+    check(x)
+    assert mixer.__dict__["_inference_cache"] is not first
+    mixer.dt_proj = torch.nn.Linear(mixer.dt_proj.in_features, mixer.dt_proj.out_features)
+    mixer.block_head = torch.nn.Linear(mixer.block_head.in_features, 2)
+    check(x)
+    model.double()
+    check(x.double())
+    assert mixer.__dict__["_inference_cache"][1].linears["in_proj"][0].dtype == torch.float64
