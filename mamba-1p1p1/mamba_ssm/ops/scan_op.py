@@ -61,13 +61,10 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
                   want_ckpt=False):
     """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
-    impl = _implementation(u)
     out = _out_like(u, channels_last_out)
-    last, ckpt = impl.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, want_last,
-                                   want_ckpt)
-    if want_last and want_ckpt:
-        return out, last, ckpt
-    f = torch.float64 if u.dtype == torch.float64 and impl is cpu_scan else torch.float32  # _state_dtype(u)
+    last, ckpt = _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale,
+                                                 out, want_last, want_ckpt)
+    f = _state_dtype(u) if not (want_last and want_ckpt) else None  # (once: it reads the environment)
     empty = lambda: u.new_empty(_EMPTY, dtype=f)  # noqa: E731  (outputs must not alias)
     return out, last if want_last else empty(), ckpt if want_ckpt else empty()
 
