@@ -315,7 +315,7 @@ def main(argv=None):
     finally:
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__} | {args.dtype} | batch 1, img {args.img_size}, patch {args.patch_size}, "
-          f"embed_dim {args.embed_dim or 'the model s'} | threads {args.threads} | code {CODE}"
+          f"embed_dim {args.embed_dim or 'of the model'} | threads {args.threads} | code {CODE}"
           + (f" | baseline {args.baseline}, {args.repeat} interleaved processes each" if args.baseline else ""))
     print(table(results))
     if args.json:

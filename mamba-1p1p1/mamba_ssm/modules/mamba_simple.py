@@ -99,7 +99,8 @@ class Mamba(nn.Module):
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
     def _cached_linears(self) -> dict:
-        """The Linear layers whose weights inference takes from the cache (subclasses add theirs)."""
+        """The Linear layers whose weights inference takes from the cache (subclasses add theirs), by their
+        attribute names (linear() and the cache's checks find them in self._modules under those names)."""
         return {"in_proj": self.in_proj, "out_proj": self.out_proj}
 
     def _cache_slots(self) -> tuple:
