@@ -105,7 +105,7 @@ def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: 
     old = _static(cls_positions)
     position = index
     for j, p in enumerate(old):  # slot -> position in the sequence: + the class tokens before it
-        position = position + (index >= p - j).long()
+        position = position + (index >= p - j)  # (long + bool is long: no cast kernel)
     cls = [torch.full((index.shape[0], 1, 1), p, dtype=index.dtype, device=index.device) for p in old]
     cls = cls[0] if len(cls) == 1 else torch.cat(cls, dim=1)
     return insert_cls(position.unsqueeze(-1), cls, new_cls_positions).squeeze(-1)

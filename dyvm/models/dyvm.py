@@ -122,10 +122,15 @@ class DyVM(Vim):
         """Patch tokens kept after each stage at inference: int(ratio * num_patches)."""
         return [keep_count(r, self.cfg.num_patches) for r in self.dyvm_cfg.token_keep_ratios[:self.dyvm_cfg.num_stages]]
 
-    def _decide_gate(self, logits: Tensor) -> Tensor:
+    def _decide_gate(self, logits: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Gate logits (B, 2) -> 0/1 gates. At inference into `out` when given (a row of the forward's gate
+        tensor, in the logits' dtype): one op (two on a CPU, which casts the comparison's output in a second
+        one), no allocation, and no stack of the gates at the end."""
         if self.training:
             return gumbel_sigmoid_gate(logits, noise=self.dyvm_cfg.gumbel_noise, tau=GATE_TAU)
         # sigmoid(l) > 0.5 exactly when l > 0 (the sigmoid would round to 0.5 for |l| < 3e-8), one op less
+        if out is not None:
+            return torch.gt(logits, 0, out=out)
         return (logits > 0).to(logits.dtype)
 
     def _prune(self, stage: int, hidden: Tensor, residual: Tensor, tokens: _Tokens, feature: Optional[Tensor]):
@@ -170,17 +175,23 @@ class DyVM(Vim):
         stage_at = self.stage_at
         ssm_input = self.dyvm_cfg.predictor_input if self.dyvm_cfg.predictor_input != "residual" else None
         decisions, gates, seq_lens, feature = [], [], [], None
+        # inference without autograd: the gates' (depth, B, 2) tensor, written a layer at a time (with autograd,
+        # a row saved for the backward of one layer's scan would change version when the next row is written)
+        gate_rows, rows_wanted = None, not self.training and not torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if i in stage_at:
                 hidden, residual, tokens, decision = self._prune(stage_at[i], hidden, residual, tokens, feature)
                 decisions.append(decision)
             normed, residual = layer.add_norm(hidden, residual)
             mixer = layer.mixer
-            weights = mixer.inference_weights(normed)  # None unless eager inference on the kernels
+            weights = mixer.inference_weights(normed)  # None unless eager inference (see Mamba.inference_weights)
             xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:
-                gate = self._decide_gate(mixer.gate_logits(xz, tokens.cls_positions, weights))
+                logits = mixer.gate_logits(xz, tokens.cls_positions, weights)
+                if rows_wanted and gate_rows is None:
+                    gate_rows = logits.new_empty((len(self.layers), batch, 2))
+                gate = self._decide_gate(logits, None if gate_rows is None else gate_rows[len(gates)])
                 gates.append(gate)
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
@@ -188,9 +199,9 @@ class DyVM(Vim):
             seq_lens.append(hidden.shape[1])
         cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_positions)
         policy = tokens.policy.detach().unsqueeze(-1)
+        gates = gate_rows[:len(gates)] if gate_rows is not None else torch.stack(gates) if gates else None
         return ForwardOutput(logits=self.classify(cls), patch_tokens=patches, final_policy=policy,
-                             slot_to_patch=tokens.slot_to_patch, decisions=decisions,
-                             gates=torch.stack(gates) if gates else None, seq_lens=seq_lens)
+                             slot_to_patch=tokens.slot_to_patch, decisions=decisions, gates=gates, seq_lens=seq_lens)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_aux(x).logits

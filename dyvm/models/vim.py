@@ -123,11 +123,13 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def add_norm(self, hidden, residual):
-        """residual + drop_path(hidden) -> (RMSNorm of it, new fp32 residual). residual None: first layer."""
-        if residual is not None:
+        """residual + drop_path(hidden) -> (RMSNorm of it, new fp32 residual). residual None: first layer.
+        drop_path is the identity outside training: not called then (a module call on every layer)."""
+        if residual is not None and self.training:
             hidden = self.drop_path(hidden)
-        return rms_norm_fn(hidden, self.norm.weight, None, residual=residual, prenorm=True,
-                           residual_in_fp32=True, eps=self.norm.eps)
+        norm = self.norm
+        return rms_norm_fn(hidden, norm.weight, None, residual=residual, prenorm=True, residual_in_fp32=True,
+                           eps=norm.eps)
 
     def forward(self, hidden, residual=None, **mixer_kwargs):
         normed, residual = self.add_norm(hidden, residual)

@@ -5,6 +5,7 @@ conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b, sharing in_proj, z and out_proj
 summed (halved when if_divide_out). Parameter names match Vim's, so released Vim checkpoints load as-is.
 """
 import math
+import operator
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
@@ -12,13 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched, reference_forced
+from mamba_ssm.ops.dispatch import ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 if TYPE_CHECKING:
     from mamba_ssm.ops.bimamba_stacked import StackedWeights
 
 BIMAMBA_TYPES = ("none", "v2")
+# What the inference cache's key reads from each parameter (C-level getters: the key is built on every call)
+_data_ptr, _version, _dtype = torch.Tensor.data_ptr, operator.attrgetter("_version"), operator.attrgetter("dtype")
 
 
 class InferenceWeights(NamedTuple):
@@ -96,32 +99,52 @@ class Mamba(nn.Module):
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
     def _cached_linears(self) -> dict:
-        """The Linear layers whose weights inference takes from the cache (subclasses add theirs)."""
+        """The Linear layers whose weights inference takes from the cache (subclasses add theirs), by their
+        attribute names (linear() and the cache's checks find them in self._modules under those names)."""
         return {"in_proj": self.in_proj, "out_proj": self.out_proj}
+
+    def _cache_slots(self) -> tuple:
+        """Where the parameters the inference cache derives from live: (submodule name or "" for this module,
+        parameter name). Read through the modules' parameter dicts, not attribute access: Module.__getattr__
+        costs about a microsecond a call, and the cache is validated on every layer of every forward."""
+        own = [(m + sfx, n) for sfx in ("", "_b") for m, n in (("conv1d", "weight"), ("conv1d", "bias"),
+                                                                ("x_proj", "weight"), ("dt_proj", "weight"),
+                                                                ("dt_proj", "bias"))]
+        own += [("", "A_log"), ("", "D"), ("", "A_b_log"), ("", "D_b")]
+        return tuple(own + [(name, n) for name in self._cached_linears() for n in ("weight", "bias")])
+
+    def _cache_params(self) -> list:
+        """The current parameters of _cache_slots (None-valued ones, e.g. absent biases, left out)."""
+        slots = self.__dict__.get("_cache_slot_memo")
+        if slots is None:
+            slots = self.__dict__["_cache_slot_memo"] = self._cache_slots()
+        modules, own = self._modules, self._parameters
+        params = [modules[m]._parameters[n] if m else own[n] for m, n in slots]
+        return [p for p in params if p is not None]
 
     def inference_weights(self, x) -> Optional[InferenceWeights]:
         """This layer's weights as the inference kernels take them, or None where nothing is cached (forced
         references, training, torch.compile, a dispatch mode, CUDA-graph capture). Kept while the parameters
         and the autocast dtype are unchanged: deriving A, stacking the directions and casting each weight to
         the autocast dtype is some 15 small ops per layer, which the host pays on every eager call (eager
-        inference is bound by the host, not the GPU)."""
+        inference is bound by the host, not the GPU). The check itself is a few microseconds: the parameters'
+        data pointers and version counters (bumped by every in-place update: optimizer steps,
+        load_state_dict), read without Module.__getattr__."""
         if self.bimamba_type != "v2":
             return None
-        linears = self._cached_linears()
-        params = [self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                  self.dt_proj.bias, self.A_log, self.D, self.conv1d_b.weight, self.conv1d_b.bias,
-                  self.x_proj_b.weight, self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b]
-        params += [t for m in linears.values() for t in (m.weight, m.bias)]  # (not .parameters(): slow)
-        params = [p for p in params if p is not None]
         # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops;
         # not while a CUDA graph is captured: the graph must read the parameters, which may change in place
-        cacheable = (not reference_forced() and not ops_watched() and not needs_grad(*params)
-                     and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-        if not cacheable:
+        if reference_forced() or ops_watched() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        try:
+            params = self._cache_params()
+        except (KeyError, AttributeError):  # a submodule or parameter was replaced or removed: the module path
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        key = (dtype, *map(_data_ptr, params), *map(_version, params), *map(_dtype, params))
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:
             from mamba_ssm.ops.bimamba_stacked import stack_directions
@@ -131,7 +154,7 @@ class Mamba(nn.Module):
             stacked = stack_directions(fwd, bwd)
             stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
                                        dt_proj_weight=cast(stacked.dt_proj_weight))
-            weights = InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in linears.items()},
+            weights = InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in self._cached_linears().items()},
                                        fwd, bwd, stacked)
             cached = (key, weights)
             self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
@@ -139,8 +162,8 @@ class Mamba(nn.Module):
 
     def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
         """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given."""
-        module = self._cached_linears()[name]
-        if weights is None or module._forward_hooks or module._forward_pre_hooks:
+        module = self._modules[name]
+        if weights is None or module._forward_hooks or module._forward_pre_hooks or name not in weights.linears:
             return module(x)  # the module itself: its hooks and FLOP counters see the call
         return F.linear(x, *weights.linears[name])
 

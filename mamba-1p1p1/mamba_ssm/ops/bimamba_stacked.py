@@ -20,7 +20,7 @@ from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply
 from mamba_ssm.ops.dispatch import needs_grad
-from mamba_ssm.ops.scan_op import scan_apply
+from mamba_ssm.ops.scan_op import scan_output
 
 
 def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
@@ -98,11 +98,10 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)
     xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
     x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
-    dt, B, C = x_dbl.split((dt_rank, d_state, d_state), dim=-1)
+    dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
     delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
-    out, _, _ = scan_apply(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0,
-                         False, True, training)
-    return out
+    return scan_output(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0, True,
+                       training)

@@ -61,10 +61,11 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
                   want_ckpt=False):
     """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
-    empty = lambda: u.new_empty(_EMPTY, dtype=_state_dtype(u))  # noqa: E731  (outputs must not alias)
     out = _out_like(u, channels_last_out)
     last, ckpt = _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale,
                                                  out, want_last, want_ckpt)
+    f = _state_dtype(u) if not (want_last and want_ckpt) else None  # (once: it reads the environment)
+    empty = lambda: u.new_empty(_EMPTY, dtype=f)  # noqa: E731  (outputs must not alias)
     return out, last if want_last else empty(), ckpt if want_ckpt else empty()
 
 
@@ -174,6 +175,20 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     if needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
         return _EagerScan.apply(*args)
     return scan_fwd_impl(*args)
+
+
+def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                z: Optional[Tensor], delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool,
+                scale: float, channels_last_out: bool, want_ckpt: bool = False) -> Tensor:
+    """scan_apply's output alone (no last state). In eager inference the implementation just writes a fresh
+    output: none of the op's placeholder outputs, each an allocation the host pays on every layer."""
+    if ops_watched() or needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
+        return scan_apply(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, False, channels_last_out,
+                          want_ckpt)[0]
+    out = _out_like(u, channels_last_out)
+    _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
+                                    False)
+    return out
 
 
 def scan_macs(u_shape, d_state: int) -> int:

@@ -60,8 +60,7 @@ def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
         return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
     # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
     out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
-    out = out.reshape(x.shape)
-    return (out, res_out.reshape(x.shape)) if prenorm else out
+    return (out, res_out) if prenorm else out
 
 
 def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,

@@ -5,6 +5,8 @@ Forward, per row: r = x + residual (fp32), residual_out = r (fp32 when residual_
 widths are 192 to 768). Backward recomputes x_hat from the saved residual_out and rstd; the weight and
 bias gradients are per-program partial sums reduced with torch (deterministic).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -74,28 +76,32 @@ def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, d
         tl.store(db_ptr + pid * n_cols + cols, tl.sum(dy, axis=0), mask=mask_c)
 
 
+@functools.lru_cache(maxsize=None)
 def _blocks(n_cols: int):
-    block_n = triton.next_power_of_2(n_cols)
+    """(rows, columns) per program. Plain integers: triton.next_power_of_2 / triton.cdiv are constexpr
+    functions whose host calls cost a microsecond or more each, on every norm of every eager forward."""
+    block_n = 1 << max(n_cols - 1, 0).bit_length()
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n
 
 
 def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm):
-    """-> out, residual_out (2-D), rstd, mean (rstd again for RMSNorm)."""
-    shape, dtype = x.shape, x.dtype
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    res2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-    n_rows, n_cols = x2.shape
-    res_dtype = torch.float32 if residual_in_fp32 else dtype
-    out = torch.empty_like(x2)
-    res_out = torch.empty((n_rows, n_cols), device=x.device, dtype=res_dtype)
+    """-> out, residual_out (both x's shape, contiguous), rstd, mean (rstd again for RMSNorm). The kernel
+    reads and writes rows of n_cols through plain pointers, so no 2-D views are made (each a dispatch)."""
+    dtype = x.dtype
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols if n_cols else 0
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    res_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else dtype)
     rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
     mean = torch.empty_like(rstd) if not is_rms_norm else rstd
     block_m, block_n = _blocks(n_cols)
-    _norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x2, res2 if res2 is not None else x2, weight, bias if bias is not None else weight, out, res_out, rstd,
-        mean, n_rows, n_cols, eps, HAS_RES=res2 is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    _norm_fwd_kernel[(-(-n_rows // block_m),)](
+        x, residual if residual is not None else x, weight, bias if bias is not None else weight, out, res_out,
+        rstd, mean, n_rows, n_cols, eps, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+        IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out, res_out, rstd, mean
 
 
@@ -122,7 +128,7 @@ class LayerNormTriton(torch.autograd.Function):
         dres2 = dres_out.reshape(-1, n_cols).contiguous() if (prenorm and dres_out is not None) else None
         n_rows = dy2.shape[0]
         block_m, block_n = _blocks(n_cols)
-        n_prog = triton.cdiv(n_rows, block_m)
+        n_prog = -(-n_rows // block_m)
         dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=torch.float32)
         dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)
         db = torch.empty_like(dw) if bias is not None else None

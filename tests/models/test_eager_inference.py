@@ -1,0 +1,130 @@
+"""Eager inference's fast path computes exactly what the general path does, bit for bit.
+
+Eager inference takes shortcuts for the host's sake (benchmarks/host_ops.py): each mixer's weights cached in the
+form the ops take (Mamba.inference_weights), the scan's output written without the op's placeholder outputs,
+the gates written into one tensor. The general path is the one torch.compile and FLOP counting see: under a
+dispatch mode nothing is cached and every op goes through its torch.library custom op. A pass-through dispatch
+mode therefore gives the reference here; both run the same implementations, so the outputs (and, in training,
+the gradients) must be equal to the last bit: on the CPU implementations and on the Triton kernels (through
+the interpreter, as a GPU runs them), for a dense Vim and a DyVM with gates that differ per image.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from causal_conv1d.kernel_utils import triton_on_cpu
+from dyvm.benchmark import calibrate_gates
+from dyvm.models.registry import create_model
+
+TINY = dict(img_size=12, patch_size=4, depth=3, embed_dim=16, d_state=4, num_classes=5)  # 9 patches
+
+
+class _PassThrough(TorchDispatchMode):
+    """Watches every op and changes nothing: the model takes its general (custom-op, uncached) path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    dyvm = create_model("dyvm_vim_tiny", pruning_loc=(1, 2), token_keep_ratios=(0.75, 0.5), gumbel_noise=False,
+                        **TINY)
+    calibrate_gates(dyvm, 0.6, batch_size=8, img_size=12, in_chans=3, device="cpu", seed=3)
+    return {"vim": create_model("vim_tiny", **TINY), "dyvm": dyvm}
+
+
+def _outputs(model, x, watched: bool, kernels: bool, dtype=None):
+    context = [_PassThrough() if watched else contextlib.nullcontext(),
+               triton_on_cpu() if kernels else contextlib.nullcontext(),
+               torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()]
+    with context[0], context[1], context[2]:
+        out = model.forward_aux(x)
+    return [out.logits, out.patch_tokens, out.final_policy, out.slot_to_patch, *out.decisions,
+            *([] if out.gates is None else [out.gates])], out.seq_lens
+
+
+def _assert_identical(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "triton"])
+@pytest.mark.parametrize("name", ["vim", "dyvm"])
+def test_eager_inference_is_bit_identical_to_the_general_path(models, name, kernels):
+    model = models[name].eval()
+    x = torch.randn(3, 3, 12, 12)
+    dtypes = [None, torch.bfloat16] if not kernels else [None]  # (bf16 on the interpreter: slow, same code)
+    with torch.no_grad():
+        for dtype in dtypes:
+            want, lens = _outputs(model, x, watched=True, kernels=kernels, dtype=dtype)
+            for _ in range(2):  # the first call fills the weight cache, the second reads it
+                got, got_lens = _outputs(model, x, watched=False, kernels=kernels, dtype=dtype)
+                _assert_identical(got, want)
+                assert got_lens == lens
+    assert all("_inference_cache" in layer.mixer.__dict__ for layer in model.layers)  # the fast path ran
+    if name == "dyvm":  # the gates differ per image, so the skipped directions are exercised
+        gates = got[-1]
+        assert gates.shape == (3, 3, 2) and 0 < gates.mean() < 1
+
+
+def test_eval_with_gradients_enabled_matches_no_grad(models):
+    """Eval mode under enable_grad (a saliency map, say): nothing is cached (the parameters need gradients),
+    the gates are still written into one tensor, and the input gets its gradient."""
+    model = models["dyvm"].eval()
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    with torch.no_grad():
+        want = model.forward_aux(x).logits
+    out = model.forward_aux(x)
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-6)
+    out.logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["vim", "dyvm"])
+def test_training_gradients_are_bit_identical_to_the_general_path(models, name):
+    model = models[name].train()
+    x = torch.randn(2, 3, 12, 12)
+    grads = []
+    for watched in (True, False):
+        model.zero_grad(set_to_none=True)
+        with _PassThrough() if watched else contextlib.nullcontext():
+            out = model.forward_aux(x)
+            out.logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_weight_cache_sees_replaced_parameters_and_modules():
+    """The cache reads the parameters through the modules' parameter dicts: a Parameter or a whole submodule
+    replaced after the cache was filled, or a dtype change (.double(): same Parameter objects, new data), is
+    seen at the next call."""
+    torch.manual_seed(0)
+    model = create_model("dyvm_vim_tiny", pruning_loc=(1, 2), token_keep_ratios=(0.75, 0.5), **TINY).eval()
+    mixer = model.layers[1].mixer
+    x = torch.randn(2, 3, 12, 12)
+
+    def check(x):
+        with torch.no_grad():
+            want, _ = _outputs(model, x, watched=True, kernels=False)
+            got, _ = _outputs(model, x, watched=False, kernels=False)
+        _assert_identical(got, want)
+
+    check(x)
+    first = mixer.__dict__["_inference_cache"]
+    mixer.x_proj_b.weight = torch.nn.Parameter(torch.randn_like(mixer.x_proj_b.weight) * 0.3)
+    check(x)
+    assert mixer.__dict__["_inference_cache"] is not first
+    mixer.dt_proj = torch.nn.Linear(mixer.dt_proj.in_features, mixer.dt_proj.out_features)
+    mixer.block_head = torch.nn.Linear(mixer.block_head.in_features, 2)
+    check(x)
+    model.double()
+    check(x.double())
+    assert mixer.__dict__["_inference_cache"][1].linears["in_proj"][0].dtype == torch.float64
