@@ -275,18 +275,23 @@ def run_training(s: Session) -> dict:
     if args.resume:
         start_epoch, max_acc, global_step = restore_training_state(s.source, opt.optimizer, opt.scheduler,
                                                                    opt.scaler, opt.ema)
-    train_model = AuxForward(model)
+    train_model, graphed = AuxForward(model), False
     if args.cuda_graph_train:
-        from dyvm.train_graph import GraphedTrainStep, graph_step_problem
-        problem = graph_step_problem(s.device, s.world_size, opt.optimizer, opt.scaler)
+        from dyvm.train_graph import GraphedTrainStep, distributed_for_graphs, graph_step_problem
+        problem = graph_step_problem(s.device, opt.optimizer, opt.scaler)
         if problem:
             s.print(f"note: {problem}; training steps run eagerly")
-        else:
-            opt.graph_step = GraphedTrainStep(train_model, opt.criterion, opt.optimizer, s.amp_dtype, args.clip_grad)
-    if s.world_size > 1:
+        graphed = problem is None
+    ddp_kwargs = dict(find_unused_parameters=True)  # e.g. predictors of a stage no sample reached
+    stream = None
+    if s.world_size > 1 and graphed:
+        train_model, stream = distributed_for_graphs(train_model, s.device, **ddp_kwargs)
+    elif s.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[s.device.index] if s.device.type == "cuda" else None,
-            find_unused_parameters=True)  # e.g. predictors of a stage no sample reached
+            train_model, device_ids=[s.device.index] if s.device.type == "cuda" else None, **ddp_kwargs)
+    if graphed:
+        opt.graph_step = GraphedTrainStep(train_model, opt.criterion, opt.optimizer, s.amp_dtype, args.clip_grad,
+                                          stream=stream)
     writer = None
     if args.output_dir and s.rank == 0:
         from torch.utils.tensorboard import SummaryWriter

@@ -81,20 +81,24 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
     model, criterion = build(name, device, args.img_size)
     amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
-    graphed = args.cuda_graph and world == 1
+    graphed = args.cuda_graph
     extra = dict(fused=True, capturable=True) if graphed else {}
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **extra)
     ema = ModelEmaV3(model, decay=0.99996)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
-    train_model = AuxForward(model)
-    if world > 1:
-        ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=args.ddp_find_unused)
+    train_model, stream = AuxForward(model), None
+    ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=args.ddp_find_unused)
+    if world > 1 and graphed:  # built on the stream that will capture its all-reduces (dyvm/train_graph.py)
+        from dyvm.train_graph import distributed_for_graphs
+        train_model, stream = distributed_for_graphs(train_model, device, **ddp)
+    elif world > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index], **ddp)
 
     step = {}
     if graphed:  # (imported here: the script also times revisions from before dyvm.train_graph as baselines)
         from dyvm.train_graph import GraphedTrainStep
-        step = {"graph_step": GraphedTrainStep(train_model, criterion, optimizer, amp)}
+        step = {"graph_step": GraphedTrainStep(train_model, criterion, optimizer, amp,
+                                               **({"stream": stream} if stream is not None else {}))}
 
     def run(steps):
         loader = DeviceBatches(args.batch_size, args.img_size, 1000, steps, device)
@@ -103,7 +107,8 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)  # before the warm-up: a graphed step allocates when it captures
-    run(args.warmup)
+    # a graphed DDP step runs 11 eager steps before it captures (dyvm.train_graph.DDP_WARMUP): all in the warm-up
+    run(max(args.warmup, 13) if graphed and world > 1 else args.warmup)
     torch.cuda.synchronize()
     start = time.perf_counter()
     stats = run(args.steps)
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "
                    "find_unused_parameters=True")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
-                   "(dyvm.train_graph; fused AdamW; one process only)")
+                   "(dyvm.train_graph; fused AdamW; under torchrun DDP's all-reduces are captured too)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import pick4
+from causal_conv1d.triton_utils import cdiv, next_pow2, pick4
 
 
 @triton.jit
@@ -485,8 +485,8 @@ def _tiles(x: Tensor, block_t: Optional[int] = None, block_d: Optional[int] = No
            num_warps: Optional[int] = None, backward: bool = False):
     _, dim, seqlen = x.shape
     tuning = CONV_TUNING[("cf" if x.stride(-1) == 1 else "cl") + ("_bwd" if backward else "")]
-    block_d = min(block_d or tuning["block_d"], triton.next_power_of_2(dim))
-    block_t = min(block_t or tuning["block_t"], triton.next_power_of_2(seqlen))
+    block_d = min(block_d or tuning["block_d"], next_pow2(dim))
+    block_t = min(block_t or tuning["block_t"], next_pow2(seqlen))
     return block_t, block_d, num_warps or tuning["num_warps"]
 
 
@@ -503,7 +503,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps)
-    grid = (batch, triton.cdiv(seqlen, block_t), triton.cdiv(dim, block_d))
+    grid = (batch, cdiv(seqlen, block_t), cdiv(dim, block_d))
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, mask if mask is not None else x,
         gate if gate is not None else x, out, dim, seqlen,
@@ -532,7 +532,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     dbias = torch.empty((R, batch, dim), device=dev, dtype=f32) if bias is not None else None
     dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
         else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
-    grid = (batch, triton.cdiv(dim, block_d))
+    grid = (batch, cdiv(dim, block_d))
     # dmask's sums over channels: one row per program (block of channels), added up here (deterministic)
     dm_parts = torch.empty((batch, grid[1], seqlen), device=dev, dtype=f32) if mask_grad else None
     args = (x, weight, bias if bias is not None else weight, mask if mask is not None else x, dout, dx, dw,

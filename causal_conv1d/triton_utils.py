@@ -15,3 +15,13 @@ def pick4(v0, v1, v2, v3, j: tl.constexpr):
     if j == 3:
         v = v3
     return v
+
+
+# Host-side launch arithmetic in plain integers: triton.cdiv / triton.next_power_of_2 are constexpr functions
+# whose host calls cost a microsecond or more each, several times per layer of every eager forward.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

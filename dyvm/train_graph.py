@@ -7,9 +7,15 @@ GPU is busy 137 ms of a 230 ms step (docs/results.md). A replay costs the host a
 
 What makes it possible: every shape in a training step is fixed (the training forward keeps the full sequence
 and masks pruned tokens; train loaders drop the last partial batch), and nothing waits on the host. What it
-needs, checked at construction with one-line errors: a CUDA device, one process (no DDP), no fp16 GradScaler,
-and an Adam/AdamW optimizer made with fused=True, capturable=True (their update is captured, reads its learning
-rate from the device, and skips the update on the device when the loss is not finite).
+needs, checked at construction with one-line errors: a CUDA device, no fp16 GradScaler, and an Adam/AdamW
+optimizer made with fused=True, capturable=True (their update is captured, reads its learning rate from the
+device, and skips the update on the device when the loss is not finite).
+
+Under DDP (torchrun) the gradients' all-reduces are captured too (NCCL collectives are capturable), so each
+process's host no longer sets the pace of its GPU. As torch's CUDA-graph notes require, the DDP module is built
+on the stream that later warms up and captures (`distributed_for_graphs`), and at least 11 DDP steps run eagerly
+before the capture (DDP settles its gradient buckets in the first steps). A non-finite loss on any process skips
+the update on every process (the skip flag is all-reduced in the graph), and every process raises.
 
 Semantics kept from the eager step:
 - a non-finite loss stops training: its update is skipped on the device (the fused optimizer's found_inf),
@@ -22,11 +28,15 @@ The first `warmup` calls run eager steps on a side stream (kernel compilation, l
 call captures and replays; each call is exactly one training step. A batch of another shape runs eagerly.
 """
 from contextlib import nullcontext
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+DDP_WARMUP = 11  # eager DDP steps before a capture (torch's CUDA-graph notes)
 
 
 class StepResult(NamedTuple):
@@ -37,12 +47,10 @@ class StepResult(NamedTuple):
     finite: Tensor  # bool, device: False when the loss was not finite and the update was skipped
 
 
-def graph_step_problem(device: torch.device, world_size: int, optimizer, scaler) -> Optional[str]:
+def graph_step_problem(device: torch.device, optimizer, scaler) -> Optional[str]:
     """Why a graphed training step cannot run here (one line), or None."""
     if device.type != "cuda":
         return "a CUDA-graph training step needs a CUDA device"
-    if world_size > 1:
-        return "a CUDA-graph training step runs in a single process (DDP steps run eagerly)"
     if scaler is not None:
         return "a CUDA-graph training step does not support the fp16 GradScaler: use bf16 or fp32"
     groups = optimizer.param_groups
@@ -52,21 +60,36 @@ def graph_step_problem(device: torch.device, world_size: int, optimizer, scaler)
     return None
 
 
+def distributed_for_graphs(module: nn.Module, device: torch.device,
+                           **ddp_kwargs) -> Tuple[DistributedDataParallel, torch.cuda.Stream]:
+    """DistributedDataParallel(module) built on a new side stream, and that stream: give both to
+    GraphedTrainStep (a DDP module whose gradient hooks belong to another stream cannot be captured)."""
+    stream = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(stream):
+        return DistributedDataParallel(module, device_ids=[device.index], **ddp_kwargs), stream
+
+
 class GraphedTrainStep:
     """Calls run one training step each (see the module docstring). model: the module whose call returns the
-    ForwardOutput (engine.AuxForward); criterion(images, out, targets) -> (loss, parts)."""
+    ForwardOutput (engine.AuxForward), or its DDP wrapper from distributed_for_graphs together with that
+    function's stream; criterion(images, out, targets) -> (loss, parts)."""
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer, amp_dtype: Optional[torch.dtype] = None,
-                 clip_grad: Optional[float] = None, warmup: int = 2):
+                 clip_grad: Optional[float] = None, warmup: int = 2, stream: Optional[torch.cuda.Stream] = None):
+        self.distributed = isinstance(model, DistributedDataParallel)
+        if self.distributed and stream is None:
+            raise ValueError("a graphed DDP step needs the stream its DDP module was built on "
+                             "(dyvm.train_graph.distributed_for_graphs)")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
-        self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
+        self.amp_dtype, self.clip_grad = amp_dtype, clip_grad
+        self.warmup = max(warmup, DDP_WARMUP) if self.distributed else warmup
         self.steps = 0
         self.graph = None
         self._static = None  # (images, targets, StepResult) of the captured step
         self._lr = None  # per param group: the device tensor the captured update reads its rate from
         device = next(model.parameters()).device
         self._found_inf = torch.zeros((), device=device)  # the shape the fused optimizer expects
-        self._side = torch.cuda.Stream(device=device)
+        self._side = stream or torch.cuda.Stream(device=device)  # warm-up and capture stream
 
     def _autocast(self, cache_enabled: bool):
         if self.amp_dtype is None:
@@ -79,6 +102,9 @@ class GraphedTrainStep:
             loss, parts = self.criterion(images, out, targets)
         finite = torch.isfinite(loss.detach())
         self._found_inf.copy_((~finite).float())  # the fused update skips itself when this is 1
+        if self.distributed:  # the all-reduced gradients are not finite either: every process skips and raises
+            dist.all_reduce(self._found_inf, op=dist.ReduceOp.MAX)
+            finite = self._found_inf == 0
         loss.backward()
         if self.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
@@ -104,7 +130,7 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # the backward captures fresh gradient buffers
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._side):
                 result = self._forward_backward(static_images, static_targets, cache_enabled=False)
         finally:
             for group, lr in zip(self.optimizer.param_groups, self._lr):

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import pick4
+from causal_conv1d.triton_utils import cdiv, next_pow2, pick4
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -556,7 +556,7 @@ def _scan_bwd_kernel(
 
 def _block_d(dim: int, groups: tuple, preferred: int) -> int:
     """Channels per program: a power of two that keeps every block inside one group of B and of C."""
-    block = min(preferred, triton.next_power_of_2(dim))
+    block = min(preferred, next_pow2(dim))
     for g in groups:
         if g > 1:  # the block must divide the group size
             while (dim // g) % block:
@@ -604,7 +604,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
     f32 = torch.float32
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=f32) if want_last else None
-    ckpt = torch.empty((R, batch, triton.cdiv(seqlen, CKPT_CHUNK), d_state, dim), device=u.device, dtype=f32) \
+    ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), d_state, dim), device=u.device, dtype=f32) \
         if want_ckpt else None
     A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A  # (R, N, d) or (R, d, N): see the kernel
     dummy = A
@@ -620,7 +620,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         out_strides = _strides4(out)
     else:
         out_strides = [0] + _strides4(out)
-    grid = (batch, triton.cdiv(dim, block_d), R if split_dirs else 1)
+    grid = (batch, cdiv(dim, block_d), R if split_dirs else 1)
     _scan_fwd_kernel[grid](
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
@@ -631,12 +631,12 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         N_DIRS=R, SPLIT_DIRS=split_dirs, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), UNROLL=unroll,
+        BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
         LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch,
     )
     if split_dirs:
         n, block = dim * seqlen, 1024
-        _sum_directions_kernel[(batch, triton.cdiv(n, block))](
+        _sum_directions_kernel[(batch, cdiv(n, block))](
             out, gate if gate is not None else dummy, target, n, out.stride(0), *gs, HAS_GATE=gate is not None,
             BLOCK=block, num_warps=4)
     return last, ckpt
@@ -677,8 +677,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
     if CKPT_CHUNK % sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
-    block_n = triton.next_power_of_2(d_state)
-    n_dblocks = triton.cdiv(dim, block_d)
+    block_n = next_pow2(d_state)
+    n_dblocks = cdiv(dim, block_d)
     dev, f32 = u.device, torch.float32
     # channel-contiguous, in the inputs' dtypes (the kernel accumulates in fp32 and rounds once on store)
     du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3)
