@@ -90,6 +90,10 @@ def main():
         if r == rank:
             print(f"rank {rank} ({args.dtype}, world {world}): {report}", flush=True)
         dist.barrier()
+    # Free the graphs before the process group: a first run, which tore the group down while they were alive,
+    # hung there after printing its results.
+    del finals, step, train_model, model, opt, crit
+    torch.cuda.synchronize()
     dist.destroy_process_group()
 
 
