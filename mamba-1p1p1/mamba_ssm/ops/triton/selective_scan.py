@@ -649,11 +649,11 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
                   maxnreg: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
-    them the forward runs again to make them. block_d .. scratch_evict override BWD_TUNING (sub_chunk: the
-    steps recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction
-    policy of the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none). Returns du,
-    ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N); dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None;
-    dgate (b, R) or None."""
+    them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
+    recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
+    the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none).
+    Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
+    dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
