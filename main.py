@@ -37,6 +37,8 @@ from dyvm.report import eval_report, summarize_eval
 
 # The errors that main.py prints as one line (`error: ...`) instead of a traceback.
 USER_ERRORS = (ConfigError, ModelOptionError, DataError, CheckpointError, NonFiniteLossError)
+# --teacher-dtype -> the teacher's autocast dtype ("auto": the training's own; None: fp32)
+TEACHER_DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
 @dataclass
@@ -83,7 +85,8 @@ def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_
     # keep-ratio targets come from the model's own config, so loss and pruning cannot disagree
     return DyVMLoss.from_model(model, base, teacher, clf_weight=args.clf_weight,
                                token_weight=args.token_pruning_weight, block_weight=args.block_pruning_weight,
-                               distill_weight=args.distill_weight, token_distill=args.token_distill)
+                               distill_weight=args.distill_weight, token_distill=args.token_distill,
+                               teacher_dtype=TEACHER_DTYPES[args.teacher_dtype])
 
 
 def epoch_seed(args, epoch: int, rank: int) -> int:

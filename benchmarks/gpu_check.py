@@ -313,7 +313,7 @@ def train(summary, rows, dtypes, graph=False):
     import train_step
 
     ns = argparse.Namespace(batch_size=128, img_size=224, warmup=4, steps=12, profile=0, ddp_static=False,
-                            ddp_find_unused=True, cuda_graph=graph)
+                            ddp_find_unused=True, cuda_graph=graph, teacher_dtype="auto")
     for name in ("vim_small", "dyvm_vim_small"):
         for dtype in dtypes:
             ns.profile = 25 if dtype == "bf16" else 0

@@ -37,7 +37,7 @@ class DeviceBatches:
         return iter([(self.images, self.targets)] * self.steps)
 
 
-def build(name: str, device, img_size: int):
+def build(name: str, device, img_size: int, teacher_dtype: str = "auto"):
     """(model, criterion) for a dense timm name or a DyVM one (then with its frozen dense teacher). Built with
     dyvm.benchmark.build_model (positional arguments: the script also times earlier revisions as baselines)."""
     from timm.loss import SoftTargetCrossEntropy
@@ -55,8 +55,9 @@ def build(name: str, device, img_size: int):
     model = build_model(name, "cpu", img_size, 0.7)[1].train()
     load_checkpoint(model, dense.state_dict())
     teacher = build_teacher(model.cfg, dense.state_dict()).to(device)
+    dtype = {"auto": {}, "bfloat16": {"teacher_dtype": torch.bfloat16}}[teacher_dtype]  # ({}: older revisions)
     criterion = DyVMLoss.from_model(model, SoftTargetCrossEntropy(), teacher, token_weight=10.0, block_weight=10.0,
-                                    distill_weight=0.5)
+                                    distill_weight=0.5, **dtype)
     return model.to(device), criterion
 
 
@@ -79,7 +80,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
     from dyvm.engine import AuxForward, train_one_epoch
 
-    model, criterion = build(name, device, args.img_size)
+    model, criterion = build(name, device, args.img_size, args.teacher_dtype)
     amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     graphed = args.cuda_graph
     extra = dict(fused=True, capturable=True) if graphed else {}
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
                    "find_unused_parameters=True")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
                    "(dyvm.train_graph; fused AdamW; under torchrun DDP's all-reduces are captured too)")
+    p.add_argument("--teacher-dtype", default="auto", choices=("auto", "bfloat16"),
+                   help="DyVM rows: the teacher's precision (main.py --teacher-dtype)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

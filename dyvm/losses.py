@@ -58,12 +58,14 @@ class DyVMLoss(nn.Module):
     """Wraps the base criterion; runs the frozen teacher under no_grad on the same images.
 
     forward(images, out, targets) -> (total, parts); parts holds every term, already weighted and detached,
-    under LOSS_PARTS names. Terms that do not apply (no decisions, gates or teacher) are 0.
+    under LOSS_PARTS names. Terms that do not apply (no decisions, gates or teacher) are 0. teacher_dtype: the
+    autocast dtype of the teacher's forward ("auto": the training's own; None: fp32).
     """
 
     def __init__(self, base_criterion: nn.Module, teacher: Optional[nn.Module], token_keep_ratios: Sequence[float],
                  block_keep_ratio: float, clf_weight: float = 1.0, token_weight: float = 10.0,
-                 block_weight: float = 10.0, distill_weight: float = 0.5, token_distill: bool = True):
+                 block_weight: float = 10.0, distill_weight: float = 0.5, token_distill: bool = True,
+                 teacher_dtype="auto"):
         super().__init__()
         self.base_criterion = base_criterion
         self.teacher = teacher
@@ -73,7 +75,8 @@ class DyVMLoss(nn.Module):
             # The frozen teacher needs no autograd: on a GPU it replays a CUDA graph of its forward (captured per
             # batch shape and autocast dtype), which takes its launch work off the training step's host time.
             from dyvm.serving import GraphedModule
-            self._teacher_fast = GraphedModule(teacher, method="forward_with_tokens", dtype="auto", max_graphs=2)
+            self._teacher_fast = GraphedModule(teacher, method="forward_with_tokens", dtype=teacher_dtype,
+                                               max_graphs=2)
         self.token_keep_ratios = tuple(float(r) for r in token_keep_ratios)
         self.block_keep_ratio = float(block_keep_ratio)
         self.clf_weight, self.token_weight, self.block_weight = clf_weight, token_weight, block_weight
@@ -110,7 +113,7 @@ class DyVMLoss(nn.Module):
         kl, td = zero, zero
         if self.teacher is not None and self.distill_weight:
             teacher_logits, teacher_tokens = self._teacher_fast(images)
-            kl = self.distill_weight * distill_kl(out.logits, teacher_logits)
+            kl = self.distill_weight * distill_kl(out.logits, teacher_logits.to(out.logits.dtype))
             if self.token_distill:
                 td = self.distill_weight * token_distill_mse(out.patch_tokens, out.final_policy, out.slot_to_patch,
                                                              teacher_tokens)

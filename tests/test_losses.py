@@ -127,3 +127,33 @@ def test_from_model_takes_the_model_ratios_and_drops_constant_terms():
     random = timm.create_model("dyvm_vim_tiny", img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10,
                                pruning_loc=(1, 2, 3), pruning="random")
     assert DyVMLoss.from_model(random, nn.CrossEntropyLoss(), None).token_weight == 0.0
+
+
+class LinearTeacher(nn.Module):
+    """A teacher whose outputs follow autocast (a matmul), recording the dtype it computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.seen = None
+
+    def forward_with_tokens(self, images):
+        logits = self.head(images.flatten(1)[:, :8])
+        self.seen = logits.dtype
+        return logits, torch.zeros(2, 4, 5, dtype=logits.dtype)
+
+
+@pytest.mark.parametrize("teacher_dtype,expected", [("auto", torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                     (None, torch.float32)])
+def test_teacher_dtype_sets_the_teachers_precision_only(teacher_dtype, expected):
+    """--teacher-dtype: the teacher runs in its own autocast dtype (here, fp32 training), its logits enter the
+    KL term in the student's dtype, and the KL matches the one computed from those rounded logits."""
+    torch.manual_seed(0)
+    teacher, out, images = LinearTeacher(), _output(), torch.randn(2, 3, 4, 4)
+    loss_fn = DyVMLoss(nn.CrossEntropyLoss(), teacher, (0.7, 0.49), 0.8, teacher_dtype=teacher_dtype)
+    total, parts = loss_fn(images, out, torch.tensor([0, 2]))
+    assert teacher.seen == expected and total.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=expected == torch.bfloat16):
+        want_logits = teacher.head(images.flatten(1)[:, :8])
+    want = 0.5 * distill_kl(out.logits, want_logits.float())
+    assert parts["cls_kl_loss"].item() == pytest.approx(want.item(), rel=1e-6)
