@@ -83,6 +83,20 @@ def eval_report(args, model: nn.Module, ema_model: Optional[nn.Module], val_load
     return res
 
 
+def pruning_lines(stats: dict, num_patches: Optional[int] = None) -> list:
+    """The report lines of what a DyVM ran (tokens kept per stage, block keep ratio), for the evaluation stats
+    that hold them (classification and segmentation alike); num_patches: the patches the tokens are kept of."""
+    lines = []
+    if "tokens_kept_per_stage" in stats:
+        of = f" of {num_patches}" if num_patches else ""
+        lines.append(f"  tokens kept per stage: {stats['tokens_kept_per_stage']}{of} "
+                     f"(ratios {stats['token_keep_ratio_per_stage']})")
+    if "block_keep_ratio" in stats:
+        lines.append(f"  block keep ratio: {stats['block_keep_ratio']:.4f} overall; per layer [fwd, bwd]: "
+                     f"{stats['block_keep_per_layer']}")
+    return lines
+
+
 def summarize_eval(res: dict) -> str:
     """The --eval report as the lines main.py prints."""
     raw = res["raw"]
@@ -92,12 +106,7 @@ def summarize_eval(res: dict) -> str:
         lines.append(f"  top-1 {res['ema']['acc1']:.2f}  top-5 {res['ema']['acc5']:.2f}  (EMA)")
     lines.append(f"  MACs/image as run: {raw['gmacs_paper']:.4f} G paper convention (one scan direction), "
                  f"{raw['gmacs_full']:.4f} G full (both directions)")
-    if "tokens_kept_per_stage" in raw:
-        lines.append(f"  tokens kept per stage: {raw['tokens_kept_per_stage']} "
-                     f"(ratios {raw['token_keep_ratio_per_stage']})")
-    if "block_keep_ratio" in raw:
-        lines.append(f"  block keep ratio: {raw['block_keep_ratio']:.4f} overall; per layer [fwd, bwd]: "
-                     f"{raw['block_keep_per_layer']}")
+    lines += pruning_lines(raw)
     t = res.get("teacher")
     if t is not None:
         lines.append(f"  dense baseline, {t['weights']}: {t['gmacs_paper']:.4f} G paper / {t['gmacs_full']:.4f} G full")

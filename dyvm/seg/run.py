@@ -25,6 +25,7 @@ from dyvm.checkpoint import CheckpointError, save_checkpoint
 from dyvm.cli import run_cli
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
+from dyvm.report import pruning_lines
 from dyvm.seg.checkpoint import load_seg_checkpoint
 from dyvm.seg.config import DYVM_OPTIONS, ConfigError, parse_args, save_args
 from dyvm.seg.data import (EpochSampler, EvalTransform, TrainTransform, Transformed, build_seg_splits, collate_eval,
@@ -113,12 +114,7 @@ def summarize_eval(res: dict) -> str:
              f"paper (one scan direction) / {v['gmacs_backbone_full']:.4f} G full (both); neck + decode head "
              f"{v['gmacs_decode']:.4f} G; total {v['gmacs_paper']:.4f} / {v['gmacs_full']:.4f} G",
              f"  dense backbone: {d['gmacs_backbone_paper']:.4f} G paper / {d['gmacs_backbone_full']:.4f} G full"]
-    if "tokens_kept_per_stage" in v:
-        lines.append(f"  tokens kept per stage: {v['tokens_kept_per_stage']} of {res['num_patches']} "
-                     f"(ratios {v['token_keep_ratio_per_stage']})")
-    if "block_keep_ratio" in v:
-        lines.append(f"  block keep ratio: {v['block_keep_ratio']:.4f}; per layer [fwd, bwd]: "
-                     f"{v['block_keep_per_layer']}")
+    lines += pruning_lines(v, res["num_patches"])
     t = res.get("throughput")
     if t:
         text = f"  images/s ({t['device']}, {t['dtype']}, batch {t['batch_size']}): model {t['model']:.1f}, " \

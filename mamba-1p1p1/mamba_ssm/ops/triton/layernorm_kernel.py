@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from causal_conv1d.triton_utils import next_pow2
+
 
 @triton.jit
 def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_ptr, mean_ptr, n_rows, n_cols, eps,
@@ -78,9 +80,8 @@ def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, d
 
 @functools.lru_cache(maxsize=None)
 def _blocks(n_cols: int):
-    """(rows, columns) per program. Plain integers: triton.next_power_of_2 / triton.cdiv are constexpr
-    functions whose host calls cost a microsecond or more each, on every norm of every eager forward."""
-    block_n = 1 << max(n_cols - 1, 0).bit_length()
+    """(rows, columns) per program (plain-integer arithmetic: see causal_conv1d.triton_utils)."""
+    block_n = next_pow2(n_cols)
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n
 
