@@ -136,3 +136,25 @@ def test_several_class_tokens_split_insert_and_gather_match_a_loop():
     index = sorted_topk(torch.randn(3, 9), 5)
     expected = insert_cls(batch_gather(others_s, index), cls_s, (0, 2, 7))
     torch.testing.assert_close(gather_tokens(x, index, static, (0, 2, 7)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_column_tap_gives_the_indexing_gradient_bit_for_bit(dtype):
+    """tap_cls_columns (one autograd node for the gate's column read and the rest of xz, no full-size gradient
+    for the columns) gives xz exactly the gradient that reading the columns by indexing gives: one class
+    token or several, shared or per-sample positions, xz in the mixer's channels-last layout."""
+    from dyvm.pruning import cls_columns_mean, tap_cls_columns
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 9, 12, generator=g).to(dtype).transpose(1, 2)  # (B, C, L), channels-last
+    w, dout = torch.randn(12, 3, generator=g).to(dtype), torch.randn(2, 12, 9, generator=g).to(dtype)
+    for positions in (0, (1, 5, 7), torch.tensor([2, 6]), torch.tensor([[0, 4], [3, 8]])):
+        grads = []
+        for read in (lambda xz: (xz, cls_columns_mean(xz, positions)), lambda xz: tap_cls_columns(xz, positions)):
+            xz = base.clone().requires_grad_()
+            rest, cols = read(xz)
+            loss = (cols @ w).square().sum() + (rest[:, :6] * dout[:, :6]).sum() \
+                + (rest[:, 6:].sin() * dout[:, 6:]).sum()
+            loss.backward()
+            grads.append(xz.grad)
+        assert torch.equal(grads[0], grads[1]), positions

@@ -188,7 +188,7 @@ class DyVM(Vim):
             xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:
-                logits = mixer.gate_logits(xz, tokens.cls_positions, weights)
+                logits, xz = mixer.gate_logits(xz, tokens.cls_positions, weights)
                 if rows_wanted and gate_rows is None:
                     gate_rows = logits.new_empty((len(self.layers), batch, 2))
                 gate = self._decide_gate(logits, None if gate_rows is None else gate_rows[len(gates)])

@@ -5,7 +5,7 @@ position (MambaReg: the mean over its registers' positions); column 0 gates the 
 backward scan. The gated scan itself lives in mamba_ssm (bimamba_v2_inner_fn): at inference a direction whose
 gate is 0 for a sample is not computed.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
-from dyvm.pruning import ClsPositions, cls_columns_mean
+from dyvm.pruning import ClsPositions, tap_cls_columns
 from mamba_ssm.modules.mamba_simple import InferenceWeights, Mamba
 
 GATE_INIT_BIAS = 5.0  # sigmoid(5) = 0.993: every direction starts on when a DyVM is made from a dense Vim
@@ -36,10 +36,13 @@ class DynamicMamba(Mamba):
         return linears
 
     def gate_logits(self, xz: Tensor, cls_positions: ClsPositions,
-                    weights: Optional[InferenceWeights] = None) -> Tensor:
-        """xz (B, 2*d_inner, L) -> gate logits (B, 2) [forward, backward] from the class token's column (the mean
-        of the register columns for MambaReg's several class tokens)."""
-        return self.linear("block_head", cls_columns_mean(xz, cls_positions), weights)
+                    weights: Optional[InferenceWeights] = None) -> Tuple[Tensor, Tensor]:
+        """xz (B, 2*d_inner, L) -> (gate logits (B, 2) [forward, backward] from the class token's column (the
+        mean of the register columns for MambaReg's several class tokens), xz to mix from here on). With
+        autograd the column read and the rest share one node (dyvm.pruning.tap_cls_columns): no full-size
+        gradient for one column."""
+        xz, columns = tap_cls_columns(xz, cls_positions)
+        return self.linear("block_head", columns, weights), xz
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).
