@@ -134,7 +134,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
                    if world > 1 else None),
            "cuda_graph": graphed}
     if args.profile and rank == 0:
-        row["profile"] = profile_steps(run, args.profile, args.profile_shapes)
+        row["profile"] = profile_steps(run, args.profile, getattr(args, "profile_shapes", False))
     return row
 
 
