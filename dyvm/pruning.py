@@ -98,17 +98,47 @@ def insert_cls(others: Tensor, cls: Tensor, cls_positions: ClsPositions) -> Tens
     return batch_gather(torch.cat([others, cls.to(others.dtype)], dim=1), src)
 
 
-def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: ClsPositions) -> Tensor:
-    """index (B, k) of the patch slots to keep, in a sequence with the class tokens at cls_positions (static)
+def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: ClsPositions,
+                 num_slots: int = 0) -> Tensor:
+    """index (B, k) of the patch slots to keep, in a sequence with the class tokens at cls_positions
     -> (B, k+n) sequence positions to gather: those slots in index order, the class tokens moved to
-    new_cls_positions. One index for every stream (hidden, residual) of the stage."""
-    old = _static(cls_positions)
-    position = index
-    for j, p in enumerate(old):  # slot -> position in the sequence: + the class tokens before it
-        position = position + (index >= p - j)  # (long + bool is long: no cast kernel)
-    cls = [torch.full((index.shape[0], 1, 1), p, dtype=index.dtype, device=index.device) for p in old]
-    cls = cls[0] if len(cls) == 1 else torch.cat(cls, dim=1)
+    new_cls_positions. One index for every stream (hidden, residual) of the stage. Per-sample cls_positions
+    need num_slots, the sequence's number of patch slots."""
+    if is_static(cls_positions):
+        old = _static(cls_positions)
+        position = index
+        for j, p in enumerate(old):  # slot -> position in the sequence: + the class tokens before it
+            position = position + (index >= p - j)  # (long + bool is long: no cast kernel)
+        cls = [torch.full((index.shape[0], 1, 1), p, dtype=index.dtype, device=index.device) for p in old]
+        cls = cls[0] if len(cls) == 1 else torch.cat(cls, dim=1)
+    else:
+        pos = _per_sample(cls_positions)
+        position, cls = _others_index(pos, num_slots).gather(1, index), pos.unsqueeze(-1)
     return insert_cls(position.unsqueeze(-1), cls, new_cls_positions).squeeze(-1)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x (B, L, C), source (B, L) a permutation of 0..L-1 per sample -> x[b, source[b, i]]. The backward is the
+    gather by the inverse permutation: no zero-filled gradient, no scatter-add (atomics, emulated for bf16),
+    the same values (every row receives exactly one gradient row)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, source: Tensor):
+        ctx.save_for_backward(source)
+        return batch_gather(x, source)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (source,) = ctx.saved_tensors
+        rows = torch.arange(source.shape[1], device=source.device).expand_as(source)
+        return batch_gather(grad, torch.empty_like(source).scatter_(1, source, rows)), None
+
+
+def permute_tokens(x: Tensor, source: Tensor) -> Tensor:
+    """x (B, L, C) reordered by a per-sample permutation source (B, L): x[b, source[b, i]]."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, source)
+    return batch_gather(x, source)
 
 
 def gather_tokens(x: Tensor, index: Tensor, cls_positions: ClsPositions,

@@ -158,3 +158,35 @@ def test_gate_column_tap_gives_the_indexing_gradient_bit_for_bit(dtype):
             loss.backward()
             grads.append(xz.grad)
         assert torch.equal(grads[0], grads[1]), positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_reorder_as_one_permutation_matches_split_gather_insert(dtype):
+    """A training stage's reorder (kept slots first, class tokens moved) as one permutation of the sequence
+    (gather_index + permute_tokens, whose backward gathers by the inverse permutation) gives what splitting off
+    the class tokens, gathering the slots and inserting the class tokens gives: values and gradients bit for
+    bit, from shared or per-sample positions of one or several class tokens."""
+    from dyvm.pruning import gather_index, kept_first_order, permute_tokens
+
+    g = torch.Generator().manual_seed(0)
+    B, N = 4, 10
+    cases = [((3,), torch.tensor([[2], [5], [0], [9]])),
+             (torch.tensor([[1], [4], [0], [10]]), torch.tensor([[3], [3], [6], [0]])),
+             (torch.tensor([[0, 5, 10], [2, 3, 7], [9, 10, 11], [1, 2, 3]]),
+              torch.tensor([[0, 6, 12], [1, 2, 3], [4, 8, 9], [10, 11, 12]])),
+             ((1, 6, 8), torch.tensor([[0, 6, 12], [1, 2, 3], [4, 8, 9], [10, 11, 12]]))]
+    for old, new in cases:
+        L = N + new.shape[1]
+        x0, dout = (torch.randn(B, L, 5, generator=g).to(dtype) for _ in range(2))
+        order = kept_first_order((torch.rand(B, N, generator=g) > 0.4).float())
+        results = []
+        for one_permutation in (False, True):
+            x = x0.clone().requires_grad_()
+            if one_permutation:
+                y = permute_tokens(x, gather_index(order, old, new, num_slots=N))
+            else:
+                cls, others = split_cls(x, old)
+                y = insert_cls(batch_gather(others, order), cls, new)
+            (y * dout).sum().backward()
+            results.append((y.detach(), x.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -21,7 +21,8 @@ from dyvm.models.output import ForwardOutput
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
 from dyvm.pruning import (ClsPositions, batch_gather, gather_index, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
-                          keep_count, kept_first_order, make_selection, split_cls, to_original_order)
+                          keep_count, kept_first_order, make_selection, permute_tokens, split_cls,
+                          to_original_order)
 
 PRUNING_MODES = ("learned", "random", "static", "none")
 PREDICTOR_INPUTS = ("residual", "ssm_B", "ssm_delta")
@@ -156,10 +157,9 @@ class DyVM(Vim):
         order = kept_first_order(keep)
         policy = keep.gather(1, order)
         cls_positions = self.layout.positions((policy > 0.5).sum(1))  # per image, from its own kept count
-        streams = []
-        for x in (hidden, residual):
-            cls, others = split_cls(x, tokens.cls_positions)
-            streams.append(insert_cls(batch_gather(others, order), cls, cls_positions))
+        # one permutation of the sequence for both streams (its backward gathers by the inverse permutation)
+        source = gather_index(order, tokens.cls_positions, cls_positions, num_slots=order.shape[1])
+        streams = [permute_tokens(x, source) for x in (hidden, residual)]
         slot_to_patch = tokens.slot_to_patch.gather(1, order)
         cls_ones = policy.new_ones(policy.shape[0], self.layout.num_tokens, 1)
         mask = insert_cls(policy.unsqueeze(-1), cls_ones, cls_positions).squeeze(-1)
