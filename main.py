@@ -137,6 +137,9 @@ def prepare(args) -> Session:
     model.to(device)
     say(f"model: {resolve(args.model).timm_name}, {sum(p.numel() for p in model.parameters()):,} parameters")
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # (process-wide; cuDNN's convolutions keep torch's default)
+    if args.tf32 and device.type == "cuda":
+        say("fp32 matmuls run on TF32 tensor cores (--tf32)")
     return Session(args, world_size, rank, device, splits, train_loader, val_loader, num_classes, model, source,
                    amp_dtype)
 

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
                    "find_unused_parameters=True")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
                    "(dyvm.train_graph; fused AdamW; under torchrun DDP's all-reduces are captured too)")
+    p.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (main.py --tf32)")
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "bfloat16"),
                    help="DyVM rows: the teacher's precision (main.py --teacher-dtype)")
     p.add_argument("--json", default="")
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if world > 1:
         dist.init_process_group("nccl")
     from dyvm.benchmark import environment
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
                 if "error" in row:
                     print(f"{name:16s} {dtype:5s} {row['error']}", flush=True)
                     continue
-                mode = "graph" if row["cuda_graph"] else "eager"
+                mode = ("graph" if row["cuda_graph"] else "eager") + (" tf32" if args.tf32 else "")
                 print(f"{name:16s} {dtype:5s} {mode} batch {args.batch_size} x {world}: "
                       f"{row['images_per_s_per_gpu']:8.1f} images/s per GPU, {row['step_ms']:7.1f} ms/step, "
                       f"peak {row['peak_memory_gib']:5.1f} GiB", flush=True)
