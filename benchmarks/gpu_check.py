@@ -12,7 +12,9 @@ check  (before any timing) at Vim-S size:
 infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrated to a block keep ratio of
        0.735), eager (and its host time), CUDA graph and torch.compile, bf16 batch 128 and fp32 batch 64 / 128.
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
-       with a profile of the bf16 steps.
+       with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
+tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
+       logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
 """
 import argparse
@@ -310,6 +312,37 @@ def backbones(summary, rows):
         torch.cuda.empty_cache()
 
 
+def tf32(summary, batch=16):
+    """One DyVM-S training step (student, frozen teacher, the full loss; fp32, same inputs and seed) with fp32
+    matmuls in plain fp32 and on TF32 tensor cores (main.py --tf32): how far the loss, logits and gradients move."""
+    import train_step
+
+    model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g).cuda()
+    target = torch.softmax(torch.randn(batch, 1000, generator=g), -1).cuda()
+    got = {}
+    try:
+        for on in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = on
+            torch.manual_seed(1)  # the same Gumbel noise
+            model.zero_grad(set_to_none=True)
+            out = model.forward_aux(x)
+            loss = criterion(x, out, target)[0]
+            loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            got[on] = (loss.detach(), out.logits.detach(), grads)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    (l0, o0, g0), (l1, o1, g1) = got[False], got[True]
+    flat = lambda grads: torch.cat([v.flatten() for v in grads.values()])  # noqa: E731
+    worst = max((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
+    summary["tf32 train fp32: loss rel"] = abs((l1 - l0) / l0).item()
+    summary["tf32 train fp32: logits rel"] = rel(o1, o0)
+    summary["tf32 train fp32: all gradients rel"] = rel(flat(g1), flat(g0))
+    summary["tf32 train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -359,6 +392,10 @@ def main():
                 backbones(summary, rows["infer"])
             elif section == "train_graph":
                 train(summary, rows["train"], args.train_dtypes, graph=True)
+            elif section == "tf32":
+                tf32(summary)
+            else:
+                raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)
             import traceback
             traceback.print_exc()
