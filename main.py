@@ -28,7 +28,7 @@ from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_che
                              recorded_teacher_path, restore_training_state, save_training_checkpoint,
                              training_state)
 from dyvm.cli import run_cli
-from dyvm.config import ConfigError, parse_args, save_args
+from dyvm.config import ConfigError, apply_tf32, parse_args, save_args
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
                          global_batch_lr, init_distributed, seed_everything, train_one_epoch)
@@ -137,9 +137,7 @@ def prepare(args) -> Session:
     model.to(device)
     say(f"model: {resolve(args.model).timm_name}, {sum(p.numel() for p in model.parameters()):,} parameters")
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # (process-wide; cuDNN's convolutions keep torch's default)
-    if args.tf32 and device.type == "cuda":
-        say("fp32 matmuls run on TF32 tensor cores (--tf32)")
+    apply_tf32(args, device, say)
     return Session(args, world_size, rank, device, splits, train_loader, val_loader, num_classes, model, source,
                    amp_dtype)
 

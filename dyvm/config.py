@@ -124,10 +124,24 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="autocast (bf16 by default); fp32 is the default")
     g.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 (the default; the scripts pass it)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype")
+    add_tf32_flag(g)
+
+
+def add_tf32_flag(g) -> None:
+    """--tf32 (classification and segmentation); the run applies it with apply_tf32."""
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
                    help="fp32 matmuls on TF32 tensor cores (CUDA, Ampere and later): faster fp32 training and "
                         "evaluation, with inputs rounded to 10 mantissa bits inside each matmul; off by default, "
                         "as in the authors' fp32 recipe (torch.backends.cuda.matmul.allow_tf32)")
+
+
+def apply_tf32(args, device, say) -> None:
+    """Set torch's process-wide switch for fp32 matmuls from --tf32 (cuDNN's convolutions keep torch's default)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if args.tf32 and device.type == "cuda":
+        say("fp32 matmuls run on TF32 tensor cores (--tf32)")
 
 
 def _augmentation_flags(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from dyvm.config import ConfigError, _yaml_defaults, save_args  # noqa: F401  (save_args: re-exported for run.py)
+from dyvm.config import ConfigError, _yaml_defaults, add_tf32_flag
+from dyvm.config import save_args  # noqa: F401  (re-exported for run.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (0: no clipping)")
     g.add_argument("--amp", action="store_true", help="autocast (bf16 by default); fp32 is the default")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    add_tf32_flag(g)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-set", default="SCENES", choices=("SCENES", "ADE20K", "FOLDER"))

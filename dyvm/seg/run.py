@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
 from dyvm.cli import run_cli
+from dyvm.config import apply_tf32
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
 from dyvm.report import pruning_lines
@@ -247,6 +248,7 @@ def run(args) -> dict:
     model.to(device)
     print0(rank, f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    apply_tf32(args, device, lambda *m: print0(rank, *m))
     if args.eval:
         _, val_loader = build_loaders(args, splits, world_size, rank, 0)
         res = run_eval(args, model, val_loader, device, amp_dtype, rank)
