@@ -112,6 +112,8 @@ def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: 
         cls = [torch.full((index.shape[0], 1, 1), p, dtype=index.dtype, device=index.device) for p in old]
         cls = cls[0] if len(cls) == 1 else torch.cat(cls, dim=1)
     else:
+        if num_slots <= 0:
+            raise ValueError("gather_index with per-sample class positions needs num_slots")
         pos = _per_sample(cls_positions)
         position, cls = _others_index(pos, num_slots).gather(1, index), pos.unsqueeze(-1)
     return insert_cls(position.unsqueeze(-1), cls, new_cls_positions).squeeze(-1)
