@@ -156,6 +156,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     else:
         info["device"] = f"cpu ({torch.get_num_threads()} threads)"
     return info
@@ -255,7 +256,9 @@ def main(argv=None) -> int:
                    help="shorthand for --modes cuda_graph")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
+    p.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (main.py --tf32)")
     args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     try:
         check_keep_ratios(args.token_keep_ratio, None, args.block_keep_ratio, spell=flag_name)
     except ModelOptionError as e:
