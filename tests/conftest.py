@@ -19,3 +19,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tf32_switch():
+    """For tests of --tf32: torch's process-wide switch for fp32 matmuls, put back afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved

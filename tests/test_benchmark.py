@@ -62,7 +62,7 @@ def test_cuda_graph_needs_cuda():
         measure_throughput(tiny("vim_tiny"), batch_size=2, img_size=32, in_chans=3, device="cpu", mode="cuda_graph")
 
 
-def test_other_backbones_by_timm_and_authors_names(capsys):
+def test_other_backbones_by_timm_and_authors_names(capsys, tf32_switch):
     """The authors' names are DyVM students; dense and DyVM models of a family pair up for the speed-up."""
     from dyvm.benchmark import build_model
 
@@ -71,12 +71,10 @@ def test_other_backbones_by_timm_and_authors_names(capsys):
     assert bench_main(["--models", "videomamba_tiny", "VideoMamba-Tiny", "--img-size", "32", "--batch-sizes", "2",
                        "--dtypes", "fp32", "--warmup", "1", "--iters", "1"]) == 0
     assert "dyvm_videomamba_tiny fp32 batch 2 eager:" in capsys.readouterr().out
-    try:  # --tf32 reaches torch's switch for fp32 matmuls (what main.py --tf32 sets)
-        assert bench_main(["--models", "vim_tiny", "--img-size", "32", "--batch-sizes", "1", "--dtypes", "fp32",
-                           "--warmup", "1", "--iters", "1", "--tf32"]) == 0
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    # --tf32 reaches torch's switch for fp32 matmuls (what main.py --tf32 sets)
+    assert bench_main(["--models", "vim_tiny", "--img-size", "32", "--batch-sizes", "1", "--dtypes", "fp32",
+                       "--warmup", "1", "--iters", "1", "--tf32"]) == 0
+    assert torch.backends.cuda.matmul.allow_tf32
 
 
 def test_block_keep_ratio_flag(capsys):

@@ -128,16 +128,13 @@ def test_bad_options_give_one_line_errors(argv, message, capsys):
     assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
-def test_eval_a_dense_checkpoint_as_dyvm_under_bf16_autocast(dense_dir, tmp_path):
+def test_eval_a_dense_checkpoint_as_dyvm_under_bf16_autocast(dense_dir, tmp_path, tf32_switch):
     """--eval of a fresh DyVM made from a dense file (raw and EMA weights), bf16 autocast (inference only);
     --tf32 reaches torch's process-wide switch for fp32 matmuls."""
     out = tmp_path / "eval"
-    try:
-        assert run("--model", "Vim-Tiny", "--eval", "--amp", "--tf32", "--model-path",
-                   str(dense_dir / "checkpoint.pth"), "--output_dir", str(out)) == 0
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    assert run("--model", "Vim-Tiny", "--eval", "--amp", "--tf32", "--model-path", str(dense_dir / "checkpoint.pth"),
+               "--output_dir", str(out)) == 0
+    assert torch.backends.cuda.matmul.allow_tf32
     res = json.loads((out / "eval.json").read_text())
     assert res["raw"]["block_keep_ratio"] == 1.0  # fresh gate heads: weight 0, bias 5 -> every direction on
     assert res["ema"]["num_images"] == res["raw"]["num_images"] == 8

@@ -34,3 +34,18 @@ def decisions_in_original_order(golden_decisions):
         original.append(to_original_order(decision, slot_to_patch, m))
         slot_to_patch = slot_to_patch.gather(1, kept_first_order(decision))
     return original, slot_to_patch
+
+
+def assert_training_output_matches(out, golden: dict) -> None:
+    """A training-mode ForwardOutput against the authors' (the train_* entries of a golden file): logits and
+    final patch tokens to 1e-4, every stage's decision (in original patch order), the slot map, the final policy
+    and the gates exactly."""
+    assert rel(out.logits, golden["train_logits"]) < 1e-4
+    decisions, slot_to_patch = decisions_in_original_order(golden["train_decisions"])
+    for ours, theirs in zip(out.decisions, decisions, strict=True):
+        assert torch.equal(ours.detach(), theirs)
+    assert torch.equal(slot_to_patch, golden["train_slot_to_patch"])
+    assert torch.equal(out.slot_to_patch, golden["train_slot_to_patch"])
+    assert torch.equal(out.final_policy, golden["train_final_policy"])
+    assert torch.equal(out.gates.detach(), golden["train_block_policy"][:, :, 0])
+    assert rel(out.patch_tokens, golden["train_patch_tokens"]) < 1e-4

@@ -6,7 +6,7 @@ from timm.loss import SoftTargetCrossEntropy
 import dyvm  # noqa: F401  (registers the timm names)
 from dyvm.checkpoint import load_checkpoint
 from dyvm.losses import LOSS_PARTS, DyVMLoss, build_teacher
-from tests.models.golden import decisions_in_original_order, load_golden, rel
+from tests.models.golden import assert_training_output_matches, load_golden, rel
 
 EVAL_FILE, TRAIN_FILE = "authors_dyvm_tiny.pt", "authors_dyvm_tiny_train.pt"
 
@@ -47,16 +47,7 @@ def test_training_step_matches_authors():
     images = golden["input"]
     out = model.forward_aux(images)
 
-    assert rel(out.logits, train["train_logits"]) < 1e-4
-    decisions, slot_to_patch = decisions_in_original_order(train["train_decisions"])
-    assert len(out.decisions) == len(decisions)
-    for ours, theirs in zip(out.decisions, decisions):
-        assert torch.equal(ours.detach(), theirs)
-    assert torch.equal(slot_to_patch, train["train_slot_to_patch"])
-    assert torch.equal(out.slot_to_patch, train["train_slot_to_patch"])
-    assert torch.equal(out.final_policy, train["train_final_policy"])
-    assert torch.equal(out.gates.detach(), train["train_block_policy"][:, :, 0])
-    assert rel(out.patch_tokens, train["train_patch_tokens"]) < 1e-4
+    assert_training_output_matches(out, train)
 
     loss, parts = criterion(images, out, train["target"])
     assert list(parts) == list(LOSS_PARTS)

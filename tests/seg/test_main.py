@@ -69,14 +69,11 @@ def test_dyvm_fine_tuned_from_the_dense_segmenter_then_evaluated(dyvm_dir, capsy
     assert "mIoU" in text and "paper" in text and "dense twin" in text
 
 
-def test_loading_the_dense_segmenter_opens_the_gates(dense_dir, capsys):
+def test_loading_the_dense_segmenter_opens_the_gates(dense_dir, capsys, tf32_switch):
     """... and --tf32 reaches torch's process-wide switch for fp32 matmuls, as in classification."""
-    try:
-        assert seg("--model", "dyvm_vim_tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--eval",
-                   "--no-throughput", "--max-val-images", "1", "--tf32") == 0
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    assert seg("--model", "dyvm_vim_tiny", "--model-path", str(dense_dir / "checkpoint.pth"), "--eval",
+               "--no-throughput", "--max-val-images", "1", "--tf32") == 0
+    assert torch.backends.cuda.matmul.allow_tf32
     assert "gate heads initialised open" in capsys.readouterr().out
 
 
