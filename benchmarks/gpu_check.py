@@ -13,6 +13,8 @@ infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrate
        0.735), eager (and its host time), CUDA graph and torch.compile, bf16 batch 128 and fp32 batch 64 / 128.
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
        with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
+launch direct Triton launches (causal_conv1d.triton_utils.launch) against Triton's own: eager inference, a
+       training step and misaligned inputs, bit for bit.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -343,6 +345,62 @@ def tf32(summary, batch=16):
     summary["tf32 train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
 
 
+def launch_check(summary):
+    """Direct launches (causal_conv1d.triton_utils.launch) against Triton's own launch path, same inputs:
+    eager inference (bf16, batch 128) and a DyVM-S fp32 training step must agree bit for bit, and a call with
+    a pointer off 16-byte alignment, after aligned calls, must take its own specialisation."""
+    import train_step
+    from causal_conv1d import triton_utils
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
+    from dyvm.benchmark import build_model
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    x = torch.randn(128, 3, 224, 224, device="cuda")
+    for name in ("vim_small", "dyvm_vim_small"):
+        _, model, _ = build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
+        outs = {}
+        for fast in (False, True, True):  # the second fast call launches directly throughout
+            with triton_utils.fast_launches(fast), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                outs[fast] = model.forward_aux(x)
+        summary[f"launch {name} bf16 b128: logits equal"] = bool(torch.equal(outs[True].logits, outs[False].logits))
+        if outs[True].gates is not None:
+            summary[f"launch {name} bf16 b128: gates equal"] = bool(torch.equal(outs[True].gates, outs[False].gates))
+        del model
+    model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(16, 3, 224, 224, generator=g).cuda()
+    target = torch.softmax(torch.randn(16, 1000, generator=g), -1).cuda()
+    got = {}
+    for fast in (False, True, True):
+        with triton_utils.fast_launches(fast):
+            torch.manual_seed(1)
+            model.zero_grad(set_to_none=True)
+            out = model.forward_aux(xb)
+            loss = criterion(xb, out, target)[0]
+            loss.backward()
+            got[fast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l0, g0), (l1, g1) = got[False], got[True]
+    summary["launch dyvm_vim_small train fp32 b16: loss equal"] = bool(torch.equal(l0, l1))
+    summary["launch dyvm_vim_small train fp32 b16: gradients equal"] = (
+        f"{sum(torch.equal(g0[n], g1[n]) for n in g0)} of {len(g0)}")
+    del model
+    # misaligned pointers after aligned calls: a time-contiguous conv and scan on views starting one element in
+    d, L = 768, 197
+    big = torch.randn(2, d, L + 1, device="cuda")
+    w, b = torch.randn(d, 4, device="cuda"), torch.randn(d, device="cuda")
+    A = -torch.rand(d, 16, device="cuda") - 0.5
+    Bm, Cm = torch.randn(2, 16, L, device="cuda"), torch.randn(2, 16, L, device="cuda")
+    delta = torch.rand(2, d, L, device="cuda") * 0.1
+    for label, view in (("aligned", big[..., :L].contiguous()), ("misaligned", big[..., 1:])):
+        res = {}
+        for fast in (False, True, True):
+            with triton_utils.fast_launches(fast):
+                res[fast] = (causal_conv1d_fn(view, w, b, activation="silu"),
+                             selective_scan_fn(view, delta, A, Bm, Cm, delta_softplus=True))
+        summary[f"launch conv and scan, {label} input: equal"] = all(
+            torch.equal(a, c) for a, c in zip(res[True], res[False]))
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -394,6 +452,8 @@ def main():
                 train(summary, rows["train"], args.train_dtypes, graph=True)
             elif section == "tf32":
                 tf32(summary)
+            elif section == "launch":
+                launch_check(summary)
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import cdiv, next_pow2, pick4
+from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4
 
 
 @triton.jit
@@ -504,7 +504,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
     R, _, width = weight.shape
     block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps)
     grid = (batch, cdiv(seqlen, block_t), cdiv(dim, block_d))
-    _conv_fwd_kernel[grid](
+    launch(_conv_fwd_kernel, grid,
         x, weight, bias if bias is not None else weight, mask if mask is not None else x,
         gate if gate is not None else x, out, dim, seqlen,
         *_strides(x, 3), *_strides(mask, 2), *_strides(gate, 2), *_strides(out, 4),
@@ -541,7 +541,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     flags = dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
                  MASK_GRAD=mask_grad, BLOCK_D=block_d, num_warps=num_warps)
     if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t unused)
-        _conv_bwd_walk_kernel[grid](*args, **flags)
+        launch(_conv_bwd_walk_kernel, grid, *args, **flags)
     else:
-        _conv_bwd_kernel[grid](*args, BLOCK_T=block_t, **flags)
+        launch(_conv_bwd_kernel, grid, *args, BLOCK_T=block_t, **flags)
     return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None, dm_parts.sum(1) if mask_grad else None

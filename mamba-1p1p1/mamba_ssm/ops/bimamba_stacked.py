@@ -23,16 +23,18 @@ from mamba_ssm.ops.dispatch import needs_grad
 from mamba_ssm.ops.scan_op import scan_output
 
 
-def _stack(fwd, bwd, name, dtype=None) -> Optional[Tensor]:
+def _stack(fwd, bwd, name, dtype=None, last_two_transposed=False) -> Optional[Tensor]:
+    """The two directions' `name` stacked on a new leading axis; last_two_transposed: stored with the last two
+    axes swapped in memory (the result is the transposed view, so its shape is the same)."""
     a, b = getattr(fwd, name), getattr(bwd, name)
     if a is None or b is None:
         if (a is None) != (b is None):
             raise ValueError(f"{name} must be given for both directions or neither")
         return None
-    s = torch.stack([a, b])
-    if dtype == torch.float32 and s.dtype == torch.float64:  # fp32 at least: fp64 stays exact
-        return s
-    return s if dtype is None else s.to(dtype)
+    s = torch.stack([a.t(), b.t()]) if last_two_transposed else torch.stack([a, b])
+    if dtype is not None and not (dtype == torch.float32 and s.dtype == torch.float64):  # fp64 stays exact
+        s = s.to(dtype)
+    return s.transpose(1, 2) if last_two_transposed else s
 
 
 class StackedWeights(NamedTuple):
@@ -47,12 +49,16 @@ class StackedWeights(NamedTuple):
 
 
 def stack_directions(fwd, bwd) -> StackedWeights:
-    """Stack two ScanWeights (differentiable). Inference callers may cache the result (Mamba does)."""
+    """Stack two ScanWeights (differentiable). Inference callers may cache the result (Mamba does).
+
+    A is stacked (2, d_state, d_inner)-contiguous and returned as its transposed view (2, d_inner, d_state): the
+    scan kernels on the mixer's layout read it in that memory order, which would otherwise be a copy per call
+    (forward and backward) of every layer."""
     dim = fwd.A.shape[0]
+    A = _stack(fwd, bwd, "A", torch.float32, last_two_transposed=True)
     return StackedWeights(_stack(fwd, bwd, "conv_weight").reshape(2, dim, -1), _stack(fwd, bwd, "conv_bias"),
                           _stack(fwd, bwd, "x_proj_weight"), _stack(fwd, bwd, "dt_proj_weight"),
-                          _stack(fwd, bwd, "A", torch.float32), _stack(fwd, bwd, "D", torch.float32),
-                          _stack(fwd, bwd, "dt_proj_bias", torch.float32))
+                          A, _stack(fwd, bwd, "D", torch.float32), _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
 class _SplitXZ(torch.autograd.Function):

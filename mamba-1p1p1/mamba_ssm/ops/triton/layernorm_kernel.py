@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import next_pow2
+from causal_conv1d.triton_utils import launch, next_pow2
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
     rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
     mean = torch.empty_like(rstd) if not is_rms_norm else rstd
     block_m, block_n = _blocks(n_cols)
-    _norm_fwd_kernel[(-(-n_rows // block_m),)](
+    launch(_norm_fwd_kernel, (-(-n_rows // block_m),),
         x, residual if residual is not None else x, weight, bias if bias is not None else weight, out, res_out,
         rstd, mean, n_rows, n_cols, eps, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
         IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
@@ -133,7 +133,7 @@ class LayerNormTriton(torch.autograd.Function):
         dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=torch.float32)
         dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)
         db = torch.empty_like(dw) if bias is not None else None
-        _norm_bwd_kernel[(n_prog,)](
+        launch(_norm_bwd_kernel, (n_prog,),
             res_out, weight, dy2, dres2 if dres2 is not None else dy2, rstd, mean, dx, dw,
             db if db is not None else dw, n_rows, n_cols, HAS_DRES=dres2 is not None, HAS_BIAS=bias is not None,
             IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)

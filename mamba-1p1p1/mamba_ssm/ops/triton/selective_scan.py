@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import cdiv, next_pow2, pick4
+from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -586,7 +586,6 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     """
     R, batch, dim, seqlen = u.shape
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
-    A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     tuning = FWD_TUNING[_tuning_key(u)]
@@ -599,14 +598,16 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     ckpt_t = CKPT_CHUNK if want_ckpt else 0
     if maxnreg is None:
         maxnreg = tuning["ckpt_maxnreg"] if want_ckpt else 0
-    launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
     if ckpt_t and ckpt_t % unroll:
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
     f32 = torch.float32
     last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=f32) if want_last else None
     ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), d_state, dim), device=u.device, dtype=f32) \
         if want_ckpt else None
-    A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A  # (R, N, d) or (R, d, N): see the kernel
+    # (R, N, d) or (R, d, N) in memory: see the kernel. No copy when A comes in that memory order (the stacked
+    # weights hold it (R, N, d)-contiguous: mamba_ssm.ops.bimamba_stacked)
+    A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A.contiguous()
     dummy = A
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
@@ -621,7 +622,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     else:
         out_strides = [0] + _strides4(out)
     grid = (batch, cdiv(dim, block_d), R if split_dirs else 1)
-    _scan_fwd_kernel[grid](
+    launch(_scan_fwd_kernel, grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
         last if last is not None else dummy, ckpt if ckpt is not None else dummy,
@@ -632,11 +633,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
         BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
-        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch,
+        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch_options,
     )
     if split_dirs:
         n, block = dim * seqlen, 1024
-        _sum_directions_kernel[(batch, cdiv(n, block))](
+        launch(_sum_directions_kernel, (batch, cdiv(n, block)),
             out, gate if gate is not None else dummy, target, n, out.stride(0), *gs, HAS_GATE=gate is not None,
             BLOCK=block, num_warps=4)
     return last, ckpt
@@ -664,7 +665,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     if dout.stride(-1) == 1:
         dout = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
-    A = A.transpose(-1, -2).contiguous()  # (R, N, d): see the kernel
+    A = A.transpose(-1, -2).contiguous()  # (R, N, d) in memory: see the kernel (no copy for the stacked weights)
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
@@ -674,7 +675,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     sub_chunk = sub_chunk or tuning["sub_chunk"]
     scratch_evict = tuning["scratch_evict"] if scratch_evict is None else scratch_evict
     maxnreg = tuning["maxnreg"] if maxnreg is None else maxnreg
-    launch = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
     if CKPT_CHUNK % sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
     block_n = next_pow2(d_state)
@@ -696,7 +697,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dummy = du
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
-    _scan_bwd_kernel[(batch, n_dblocks)](
+    launch(_scan_bwd_kernel, (batch, n_dblocks),
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, dout,
         du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
@@ -708,7 +709,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=sub_chunk, PREFETCH=prefetch,
-        SCRATCH_EVICT=scratch_evict, **launch,
+        SCRATCH_EVICT=scratch_evict, **launch_options,
     )
 
     def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
