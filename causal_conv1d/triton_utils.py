@@ -1,6 +1,8 @@
 """Triton device helpers shared by the kernels of both packages (triton_causal_conv1d.py and mamba_ssm's
 ops/triton/selective_scan.py). A leaf: imports Triton and nothing of either package."""
 import inspect
+import itertools
+import operator
 import os
 from contextlib import contextmanager
 
@@ -38,38 +40,50 @@ def next_pow2(n: int) -> int:
 # `kernel[grid](*args, **kwargs)` costs about 45 us of host time per launch on the H200 machines (Triton's
 # binder specialises every argument, builds the cache key, checks globals, then calls the C launcher), and eager
 # inference is bound by the host: some 100 launches per Vim-S forward. `launch` keeps, per kernel, the compiled
-# kernel for every specialisation it has launched, keyed by what Triton specialises on (each tensor's dtype and
-# 16-byte alignment, each integer's value 1 / divisibility by 16 / 32-bit range, the type of bools, floats and
-# None, constexpr and option values), and calls its launcher directly. A key not seen yet goes through Triton
-# (which compiles or finds the kernel) and is remembered. Anything unusual takes Triton's own path: the
-# interpreter, launch hooks (Triton's profilers), an argument of another type, MAMBA_TRITON_FAST_LAUNCH=0.
+# kernel of every argument key it has launched and calls its launcher directly. The key holds everything
+# Triton specialises on, and more: the arguments' types, the exact values of the scalars (ints, floats, bools,
+# None, strings), each tensor's dtype and pointer address modulo 16, the keyword arguments (constexprs and
+# launch options). It is built from C-level maps and getters (a few microseconds for 50 arguments); equal keys
+# mean an equal specialisation. A key not seen yet goes through Triton (which compiles or finds the kernel) and
+# is remembered. Anything unusual takes Triton's own path: the interpreter, launch hooks (Triton's
+# profilers), an argument of another type, MAMBA_TRITON_FAST_LAUNCH=0.
 FAST_LAUNCH_ENV = "MAMBA_TRITON_FAST_LAUNCH"
 _fast_launch = os.environ.get(FAST_LAUNCH_ENV, "1") not in ("", "0")
-_INT32 = (-(2 ** 31), 2 ** 31)
+_SCALAR_TYPES = (int, float, bool, str, type(None))
+_data_ptr, _dtype, _and = torch.Tensor.data_ptr, operator.attrgetter("dtype"), operator.and_
+_FIFTEEN = itertools.repeat(15)  # (map stops at its shortest input)
 
 
 class Unkeyable(TypeError):
-    """An argument whose specialisation `specialization_key` does not know."""
+    """An argument of a type the launch key does not know."""
 
 
-def _arg_key(v):
-    t = type(v)
-    if t is int:
-        if v == 1:
-            return 1
-        return (2 if v & 15 == 0 else 3) if _INT32[0] <= v < _INT32[1] else (4 if v & 15 == 0 else 5)
-    if t is torch.Tensor or isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() & 15 == 0
-    if t is float:
-        return float
-    if v is None or t is bool or t is str:
-        return t, v
-    raise Unkeyable(f"no launch key for an argument of type {t.__name__}")
+def _getter(positions):
+    """args -> the tuple of args at `positions` (operator.itemgetter returns a bare item for one position)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return (lambda args: (args[positions[0]],)) if positions else (lambda args: ())
 
 
-def specialization_key(args, kwargs) -> tuple:
-    """What Triton's choice of compiled kernel depends on, for these launch arguments (see above)."""
-    return tuple(map(_arg_key, args)), tuple(kwargs.items())
+def _split_by_type(types: tuple):
+    """(getter of the tensor arguments, getter of the scalar arguments) for a tuple of argument types."""
+    tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+    scalars = [i for i, t in enumerate(types) if t in _SCALAR_TYPES]
+    if len(tensors) + len(scalars) != len(types):
+        bad = next(t for t in types if t not in _SCALAR_TYPES and not issubclass(t, torch.Tensor))
+        raise Unkeyable(f"no launch key for an argument of type {bad.__name__}")
+    return _getter(tensors), _getter(scalars)
+
+
+def specialization_key(args: tuple, kwargs: dict, splits: dict) -> tuple:
+    """The launch key of these arguments (see above); splits: a dict that memoises _split_by_type."""
+    types = tuple(map(type, args))
+    split = splits.get(types)
+    if split is None:
+        split = splits[types] = _split_by_type(types)
+    tensors = split[0](args)
+    return (types, split[1](args), tuple(map(_dtype, tensors)), tuple(map(_and, map(_data_ptr, tensors), _FIFTEEN)),
+            tuple(kwargs.items()))
 
 
 class FastLauncher:
@@ -85,26 +99,27 @@ class FastLauncher:
             from triton.runtime.driver import driver
             device, stream = driver.active.get_current_device, driver.active.get_current_stream
         self.device, self.stream = device, stream
-        self.compiled = {}
+        self.compiled, self.splits = {}, {}
 
     def __call__(self, grid, args, kwargs):
         try:
-            key = specialization_key(args, kwargs), self.device()
-        except Unkeyable:
+            key = specialization_key(args, kwargs, self.splits), self.device()
+            entry = self.compiled.get(key)
+        except (Unkeyable, TypeError):  # (TypeError: an unhashable keyword value)
             return self.kernel[grid](*args, **kwargs)
-        compiled = self.compiled.get(key)
-        if compiled is None:  # Triton's path, which compiles or finds the kernel; remember what it launched
+        if entry is None:  # Triton's path, which compiles or finds the kernel; remember what it launched
             compiled = self.kernel[grid](*args, **kwargs)
-            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-                self.compiled[key] = compiled
+            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")) and \
+                    not any(isinstance(v, torch.Tensor) for v in kwargs.values()):  # (keyed by identity)
+                # the parameters after the positional ones, in the kernel's order (constexprs included: the
+                # launcher skips them, as in Triton's run), fixed by the key
+                tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+                self.compiled[key] = (compiled, tail)
             return compiled
-        # every parameter in the kernel's order, constexprs included (the launcher skips them, as in Triton's run)
-        values = list(args)
-        for name in self.names[len(args):]:
-            values.append(kwargs[name] if name in kwargs else self.defaults[name])
+        compiled, tail = entry
         g = (*grid, 1, 1)
         compiled.run(g[0], g[1], g[2], self.stream(key[1]), compiled.function, compiled.packed_metadata,
-                     None, None, None, *values)
+                     None, None, None, *args, *tail)
         return compiled
 
 

@@ -178,13 +178,14 @@ class DyVM(Vim):
         # inference without autograd: the gates' (depth, B, 2) tensor, written a layer at a time (with autograd,
         # a row saved for the backward of one layer's scan would change version when the next row is written)
         gate_rows, rows_wanted = None, not self.training and not torch.is_grad_enabled()
+        layer_weights = self.layer_inference_weights(hidden)  # all None unless eager inference
         for i, layer in enumerate(self.layers):
             if i in stage_at:
                 hidden, residual, tokens, decision = self._prune(stage_at[i], hidden, residual, tokens, feature)
                 decisions.append(decision)
             normed, residual = layer.add_norm(hidden, residual)
             mixer = layer.mixer
-            weights = mixer.inference_weights(normed)  # None unless eager inference (see Mamba.inference_weights)
+            weights = layer_weights[i]
             xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:

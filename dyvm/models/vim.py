@@ -27,7 +27,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from dyvm.models.layout import make_layout
 from dyvm.pruning import insert_cls, split_cls, take_cls
 from dyvm.models.output import ForwardOutput
-from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.modules.mamba_simple import Mamba, inference_weights_of
 from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
 
 
@@ -232,11 +232,17 @@ class Vim(nn.Module):
         return rms_norm_fn(self.drop_path(hidden), self.norm_f.weight, None, residual=residual, prenorm=False,
                            residual_in_fp32=True, eps=self.norm_f.eps)
 
+    def layer_inference_weights(self, x) -> list:
+        """Each layer's mixer weights for eager inference (Mamba.inference_weights; None entries where nothing
+        is cached, e.g. in training), checked with one key over the whole model per forward."""
+        memo = self.__dict__.setdefault("_inference_weights_memo", {})  # (not a module attribute: not saved)
+        return inference_weights_of(lambda: [layer.mixer for layer in self.layers], x, memo)
+
     def forward_features(self, x):
         """-> final-normed sequence (B, num_patches + n, D), class token(s) at `cls_positions`."""
         hidden, residual = self.embed(x), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+        for layer, weights in zip(self.layers, self.layer_inference_weights(hidden)):
+            hidden, residual = layer(hidden, residual, weights=weights)
         return self.final_norm(hidden, residual)
 
     def forward_with_tokens(self, x):

@@ -128,3 +128,29 @@ def test_weight_cache_sees_replaced_parameters_and_modules():
     model.double()
     check(x.double())
     assert mixer.__dict__["_inference_cache"][1].linears["in_proj"][0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["vim", "dyvm"])
+def test_one_cache_check_per_forward(models, name, monkeypatch):
+    """A model validates its layers' cached weights with one key per forward (inference_weights_of): the
+    layers' own checks run only when a parameter changed, and the outputs follow the change."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    model = models[name].eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model.forward_aux(x)  # fills the caches
+        calls = []
+        per_layer = Mamba.inference_weights
+        monkeypatch.setattr(Mamba, "inference_weights", lambda self, x: calls.append(self) or per_layer(self, x))
+        first = model.forward_aux(x).logits
+        assert calls == []
+        head = model.layers[-1].mixer.out_proj.weight
+        head.mul_(2.0)  # in place: the version counter moves
+        try:
+            second = model.forward_aux(x).logits
+        finally:
+            head.div_(2.0)
+        assert len(calls) == len(model.layers) and not torch.equal(first, second)
+        want, _ = _outputs(model, x, watched=True, kernels=False)
+        assert torch.equal(model.forward_aux(x).logits, want[0]) and torch.equal(first, want[0])

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn as nn
 
 from causal_conv1d import triton_utils
 from causal_conv1d.triton_utils import FastLauncher, Unkeyable, launch, specialization_key
@@ -45,19 +46,19 @@ def stand_in():
     return kernel, FastLauncher(kernel, device=lambda: 0, stream=lambda device: 1234)
 
 
-def test_specialization_key_follows_what_triton_specialises_on():
+def test_launch_key_separates_every_specialisation():
     x = torch.zeros(64)
-    key = lambda *args, **kw: specialization_key(args, kw)  # noqa: E731
-    assert key(x, 32) == key(torch.ones(8), 48)  # aligned fp32 tensors, multiples of 16
-    assert key(x, 32) != key(x[1:], 32)  # a pointer off 16-byte alignment
-    assert key(x, 32) != key(x.double(), 32)
-    assert len({key(v) for v in (1, 2, 16, 17, 2 ** 31, 2 ** 31 + 1, -16)}) == 5  # 1; %16 / other, int32 / int64
-    assert key(16) == key(-16) and key(2) == key(17)
-    assert key(True) != key(1) and key(True) != key(False)  # bools are not ints
-    assert key(None) != key(0) and key(0.5) == key(2.0)
-    assert key(x, BLOCK=64) != key(x, BLOCK=128) and key(x, num_warps=4) != key(x, num_warps=8)
+    splits = {}
+    key = lambda *args, **kw: specialization_key(args, kw, splits)  # noqa: E731
+    assert key(x, 32, 0.5) == key(torch.ones(8), 32, 0.5)  # other tensors of the same dtype and alignment
+    assert key(nn.Parameter(x), 32) != key(x, 32)  # (types are part of it: still the same specialisation)
+    different = [key(x[1:], 32, 0.5), key(x.double(), 32, 0.5), key(x, 48, 0.5), key(x, 32, 0.25),
+                 key(x, True, 0.5), key(x, None, 0.5), key(x, 32, 0.5, BLOCK=64), key(x, 32, 0.5, num_warps=4)]
+    assert len(set(different + [key(x, 32, 0.5)])) == len(different) + 1
+    assert key(x, True) != key(x, 1) and key(x, 1) != key(x, 1.0)  # bools and floats are not ints
     with pytest.raises(Unkeyable):
         key([1, 2])
+    assert key() == key() and key(x) == key(torch.ones(2))  # no scalars; a single tensor
 
 
 def test_repeated_specialisation_launches_directly(stand_in):
@@ -66,16 +67,18 @@ def test_repeated_specialisation_launches_directly(stand_in):
     fast((4,), (x, 32, 0.5, True), {"num_warps": 4})
     assert len(kernel.triton_launches) == 1 and not kernel.direct_launches  # first: Triton's path
     y = torch.ones(32)
-    fast((4, 2), (y, 48, 1.5, True), {"num_warps": 4})
+    fast((4, 2), (y, 32, 0.5, True), {"num_warps": 4})
     assert len(kernel.triton_launches) == 1
     grid, stream, values = kernel.direct_launches[-1]
     assert grid == (4, 2, 1) and stream == 1234
-    assert values[0] is y and values[1:] == (48, 1.5, True, 64)  # in the kernel's order, the default filled in
+    assert values[0] is y and values[1:] == (32, 0.5, True, 64)  # in the kernel's order, the default filled in
     fast((4,), (y,), {"n": 48, "scale": 1.5, "flag": True, "BLOCK": 64, "num_warps": 4})  # other spelling:
     assert len(kernel.triton_launches) == 2  # another key, so Triton's path
+    fast((4,), (x,), {"n": 48, "scale": 1.5, "flag": True, "BLOCK": 64, "num_warps": 4})
+    assert kernel.direct_launches[-1][2] == (x, 48, 1.5, True, 64)
 
 
-@pytest.mark.parametrize("change", ["misaligned", "int_class", "bool", "constexpr", "option", "dtype"])
+@pytest.mark.parametrize("change", ["misaligned", "int", "bool", "constexpr", "option", "dtype"])
 def test_any_specialisation_change_goes_through_triton(stand_in, change):
     kernel, fast = stand_in
     x = torch.zeros(64)
@@ -83,7 +86,7 @@ def test_any_specialisation_change_goes_through_triton(stand_in, change):
     fast((1,), tuple(args), dict(kwargs))
     if change == "misaligned":
         args[0] = x[2:]
-    elif change == "int_class":
+    elif change == "int":
         args[1] = 33
     elif change == "bool":
         args[3] = False
@@ -101,7 +104,9 @@ def test_unknown_argument_types_and_switch_take_triton(stand_in, monkeypatch):
     kernel, fast = stand_in
     for _ in range(2):
         fast((1,), ([1, 2], 32, 0.5, True), {})
-    assert len(kernel.triton_launches) == 2 and not kernel.direct_launches
+        fast((1,), (torch.zeros(4), 32, 0.5, True), {"BLOCK": [64]})  # unhashable
+        fast((1,), (torch.zeros(4), 32, 0.5, True), {"BLOCK": torch.zeros(1)})  # a tensor keyword: not kept
+    assert len(kernel.triton_launches) == 6 and not kernel.direct_launches
     # launch(): kernels that are not Triton JIT functions (the interpreter's) and a disabled switch take kernel[grid]
     other = StandInKernel()
     for enabled in (True, False):

@@ -6,7 +6,7 @@ summed (halved when if_divide_out). Parameter names match Vim's, so released Vim
 """
 import math
 import operator
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,65 @@ class InferenceWeights(NamedTuple):
     fwd: ScanWeights
     bwd: ScanWeights
     stacked: "StackedWeights"
+
+
+def _cache_usable(x) -> bool:
+    """Whether inference may take cached weights: not when traced or watched (fake tensors have no data
+    pointers, and torch.compile should see the ops), nor while a CUDA graph is captured (the graph must read
+    the parameters, which may change in place)."""
+    return not (reference_forced() or ops_watched() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _cache_key(params: list, x) -> Optional[tuple]:
+    """The inference cache's key for these parameters, or None where a gradient is needed (nothing cached)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return None
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (dtype, *map(_data_ptr, params), *map(_version, params), *map(_dtype, params))
+
+
+_UNSET = object()  # Mamba.forward's weights when the caller has not looked them up
+
+# Bumped whenever any module registers a parameter or a submodule (attribute assignment included): a model's
+# memo of its mixers and their parameters (inference_weights_of) is rebuilt then.
+_registrations = [0]
+
+
+def _count_registration(*_):
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
+    """[m.inference_weights(x) for m in mixers()], checked with one key over all the mixers' parameters
+    instead of one per layer (some 30 us of host time per layer on an H200 machine, where eager inference is
+    bound by the host). memo: a dict the model keeps for this; its list of mixers and parameters is rebuilt
+    when any module registers a parameter or submodule (a replaced Parameter or Linear); in-place updates,
+    .to() and dtype changes show in the key itself, as for one layer."""
+    if not _cache_usable(x):
+        return [None] * len(mixers())
+    if memo.get("registrations") != _registrations[0]:
+        layers = mixers()
+        try:
+            params = [p for m in layers for p in m._cache_params()] if all(m.bimamba_type == "v2" for m in layers) \
+                else None
+        except (KeyError, AttributeError):
+            params = None
+        memo.clear()
+        memo.update(registrations=_registrations[0], mixers=layers, params=params)
+    layers, params = memo["mixers"], memo["params"]
+    if params is None:
+        return [m.inference_weights(x) for m in layers]
+    key = _cache_key(params, x)
+    if key is None:
+        return [None] * len(layers)
+    if memo.get("key") != key:
+        memo["weights"], memo["key"] = [m.inference_weights(x) for m in layers], key
+    return memo["weights"]
 
 
 class Mamba(nn.Module):
@@ -129,36 +188,33 @@ class Mamba(nn.Module):
         the autocast dtype is some 15 small ops per layer, which the host pays on every eager call (eager
         inference is bound by the host, not the GPU). The check itself is a few microseconds: the parameters'
         data pointers and version counters (bumped by every in-place update: optimizer steps,
-        load_state_dict), read without Module.__getattr__."""
-        if self.bimamba_type != "v2":
-            return None
-        # not when traced or watched: fake tensors have no data pointers, and torch.compile should see the ops;
-        # not while a CUDA graph is captured: the graph must read the parameters, which may change in place
-        if reference_forced() or ops_watched() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        load_state_dict), read without Module.__getattr__. A model checks all its layers at once:
+        inference_weights_of."""
+        if self.bimamba_type != "v2" or not _cache_usable(x):
             return None
         try:
             params = self._cache_params()
         except (KeyError, AttributeError):  # a submodule or parameter was replaced or removed: the module path
             return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        key = _cache_key(params, x)
+        if key is None:
             return None
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (dtype, *map(_data_ptr, params), *map(_version, params), *map(_dtype, params))
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:
-            from mamba_ssm.ops.bimamba_stacked import stack_directions
-
-            cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
-            fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
-            stacked = stack_directions(fwd, bwd)
-            stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
-                                       dt_proj_weight=cast(stacked.dt_proj_weight))
-            weights = InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in self._cached_linears().items()},
-                                       fwd, bwd, stacked)
-            cached = (key, weights)
+            cached = (key, self._derive_inference_weights(key[0]))
             self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
         return cached[1]
+
+    def _derive_inference_weights(self, dtype) -> InferenceWeights:
+        from mamba_ssm.ops.bimamba_stacked import stack_directions
+
+        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+        fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
+        stacked = stack_directions(fwd, bwd)
+        stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
+                                   dt_proj_weight=cast(stacked.dt_proj_weight))
+        return InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in self._cached_linears().items()},
+                                fwd, bwd, stacked)
 
     def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
         """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given."""
@@ -195,10 +251,12 @@ class Mamba(nn.Module):
                                  delta_bias=w.dt_proj_bias, delta_softplus=True)
         return out * self.gamma if self.gamma is not None else out
 
-    def forward(self, hidden_states, inference_params=None, mask=None, gate=None):
-        """hidden_states: (batch, L, d_model) -> (batch, L, d_model)."""
+    def forward(self, hidden_states, inference_params=None, mask=None, gate=None, weights=_UNSET):
+        """hidden_states: (batch, L, d_model) -> (batch, L, d_model). weights: this layer's inference_weights
+        when the caller has them (a model checks all its layers at once: inference_weights_of)."""
         if inference_params is not None:
             raise NotImplementedError("step-by-step decoding (inference_params) is not implemented: "
                                       "Vim and DyVM run whole sequences")
-        weights = self.inference_weights(hidden_states)
+        if weights is _UNSET:
+            weights = self.inference_weights(hidden_states)
         return self.mix(self.in_proj_xz(hidden_states, weights), gate=gate, mask=mask, weights=weights)
