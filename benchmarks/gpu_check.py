@@ -14,7 +14,7 @@ infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrate
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
        with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
 launch direct Triton launches (causal_conv1d.triton_utils.launch) against Triton's own: eager inference, a
-       training step and misaligned inputs, bit for bit.
+       training step and misaligned inputs, bit for bit; DyVM's gate-head kernel against the ops it replaces.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -345,6 +345,53 @@ def tf32(summary, batch=16):
     summary["tf32 train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
 
 
+class _gate_kernel_off:
+    """Within the block, DyVM gate heads run as their ops (DynamicMamba.gates_by_kernel declines)."""
+
+    def __enter__(self):
+        from dyvm.models.mixer import DynamicMamba
+        self.cls, self.saved = DynamicMamba, DynamicMamba.gates_by_kernel
+        DynamicMamba.gates_by_kernel = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc):
+        self.cls.gates_by_kernel = self.saved
+
+
+def _gate_decisions_compared(model, x, autocast):
+    """Every layer's gate decisions from the kernel and from the ops, on the same inputs (the ops path's xz),
+    and for the decisions that differ, the exact (fp64) logit of the same rounded inputs: which side is right."""
+    from dyvm.models.mixer import DynamicMamba
+
+    seen, gate_logits = [], DynamicMamba.gate_logits
+
+    def spy(self, xz, cls_positions, weights=None):
+        logits, xz_out = gate_logits(self, xz, cls_positions, weights)
+        seen.append((self, xz, cls_positions, weights, logits))
+        return logits, xz_out
+    DynamicMamba.gate_logits = spy
+    try:
+        with torch.no_grad(), torch.autocast(**autocast), _gate_kernel_off():
+            model.forward_aux(x)
+    finally:
+        DynamicMamba.gate_logits = gate_logits
+    differ, kernel_right, worst = 0, 0, 0.0
+    with torch.no_grad():
+        for mixer, xz, pos, weights, logits in seen:
+            ops_gates = (logits > 0).to(logits.dtype)
+            got = mixer.gates_by_kernel(xz, pos, weights, torch.empty_like(ops_gates))
+            w, b = weights.linears["block_head"] if weights is not None else (mixer.block_head.weight,
+                                                                              mixer.block_head.bias)
+            col = xz[:, :, pos if isinstance(pos, int) else pos[0]]
+            exact = col.double() @ w.to(xz.dtype).double().t() + b.to(xz.dtype).double()
+            bad = got != ops_gates
+            differ += int(bad.sum())
+            kernel_right += int((got[bad] == (exact[bad] > 0).to(got.dtype)).sum())
+            if bad.any():
+                worst = max(worst, float((exact[bad].abs() / (col.double().abs() @ w.double().abs().t())[bad]).max()))
+    return (f"{differ} of {sum(s[4].numel() for s in seen)} differ; kernel matches the exact sign in {kernel_right}; "
+            f"largest differing |logit| / sum|terms| {worst:.1e}")
+
+
 def launch_check(summary):
     """Direct launches (causal_conv1d.triton_utils.launch) against Triton's own launch path, same inputs:
     eager inference (bf16, batch 128) and a DyVM-S fp32 training step must agree bit for bit, and a call with
@@ -365,6 +412,18 @@ def launch_check(summary):
         summary[f"launch {name} bf16 b128: logits equal"] = bool(torch.equal(outs[True].logits, outs[False].logits))
         if outs[True].gates is not None:
             summary[f"launch {name} bf16 b128: gates equal"] = bool(torch.equal(outs[True].gates, outs[False].gates))
+            # the gate-head kernel against the ops it replaces (the column read, the Linear, the comparison)
+            for dtype in (torch.bfloat16, torch.float32):
+                ac = dict(device_type="cuda", dtype=dtype, enabled=dtype == torch.bfloat16)
+                with torch.no_grad(), torch.autocast(**ac):
+                    fused = model.forward_aux(x)
+                    with _gate_kernel_off():
+                        ops = model.forward_aux(x)
+                summary[f"gate kernel {name} {dtype} b128: gates, logits equal to the ops'"] = (
+                    f"{torch.equal(fused.gates, ops.gates)}, {torch.equal(fused.logits, ops.logits)} "
+                    f"({fused.gates.numel()} decisions, mean {fused.gates.float().mean():.3f})")
+                summary[f"gate kernel {name} {dtype} b128: per layer, same inputs"] = _gate_decisions_compared(
+                    model, x, ac)
         del model
     model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
     g = torch.Generator().manual_seed(0)

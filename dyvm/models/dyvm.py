@@ -189,10 +189,15 @@ class DyVM(Vim):
             xz = mixer.in_proj_xz(normed, weights)
             gate = None
             if mixer.block_head is not None:
-                logits, xz = mixer.gate_logits(xz, tokens.cls_positions, weights)
-                if rows_wanted and gate_rows is None:
-                    gate_rows = logits.new_empty((len(self.layers), batch, 2))
-                gate = self._decide_gate(logits, None if gate_rows is None else gate_rows[len(gates)])
+                if rows_wanted and gate_rows is None:  # in the logits' dtype (autocast's, else xz's)
+                    device = xz.device.type
+                    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xz.dtype
+                    gate_rows = xz.new_empty((len(self.layers), batch, 2), dtype=dtype)
+                row = None if gate_rows is None else gate_rows[len(gates)]
+                gate = None if row is None else mixer.gates_by_kernel(xz, tokens.cls_positions, weights, row)
+                if gate is None:
+                    logits, xz = mixer.gate_logits(xz, tokens.cls_positions, weights)
+                    gate = self._decide_gate(logits, row)
                 gates.append(gate)
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)

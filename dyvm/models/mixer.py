@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_conv1d import causal_conv1d_fn
-from dyvm.pruning import ClsPositions, tap_cls_columns
+from causal_conv1d.kernel_utils import ops_watched, triton_enabled
+from dyvm.pruning import ClsPositions, is_static, tap_cls_columns
 from mamba_ssm.modules.mamba_simple import InferenceWeights, Mamba
 
 GATE_INIT_BIAS = 5.0  # sigmoid(5) = 0.993: every direction starts on when a DyVM is made from a dense Vim
 SSM_FEATURES = ("ssm_B", "ssm_delta")
+GATE_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class DynamicMamba(Mamba):
@@ -43,6 +45,26 @@ class DynamicMamba(Mamba):
         gradient for one column."""
         xz, columns = tap_cls_columns(xz, cls_positions)
         return self.linear("block_head", columns, weights), xz
+
+    def gates_by_kernel(self, xz: Tensor, cls_positions: ClsPositions, weights: Optional[InferenceWeights],
+                        out: Tensor) -> Optional[Tensor]:
+        """Inference without autograd on the GPU: the 0/1 gates (B, 2) of one class token written into `out` by
+        one kernel (mamba_ssm.ops.triton.gate_head: the column read, the head and the comparison; out's dtype
+        is the logits' dtype), or None where that path does not apply (then gate_logits and a comparison):
+        other devices, torch.compile or a dispatch mode watching, several class tokens, per-sample positions,
+        hooks on the head."""
+        head = self.block_head
+        if (not triton_enabled(xz, "mamba_ssm.ops.triton.gate_head") or ops_watched() or head._forward_hooks
+                or head._forward_pre_hooks or not is_static(cls_positions) or out.dtype not in GATE_KERNEL_DTYPES
+                or xz.dtype != out.dtype):
+            return None
+        positions = (cls_positions,) if isinstance(cls_positions, int) else tuple(cls_positions)
+        if len(positions) != 1:
+            return None
+        from mamba_ssm.ops.triton.gate_head import gate_head_decide
+
+        weight, bias = weights.linears["block_head"] if weights is not None else (head.weight, head.bias)
+        return gate_head_decide(xz, positions[0], weight, bias, out)
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).

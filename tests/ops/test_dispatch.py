@@ -117,7 +117,8 @@ def test_kernel_files_are_leaves():
     import causal_conv1d
     import mamba_ssm
 
-    stdlib_and_deps = {"typing", "json", "os", "importlib", "contextlib", "functools", "inspect", "torch", "triton"}
+    stdlib_and_deps = {"typing", "json", "os", "importlib", "contextlib", "functools", "inspect", "itertools",
+                       "operator", "torch", "triton"}
     shared = {"causal_conv1d.kernel_utils", "causal_conv1d.triton_utils"}
     implementations = {"mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.cpu.layernorm"}
     conv_dir, ops_dir = pathlib.Path(causal_conv1d.__file__).parent, pathlib.Path(mamba_ssm.__file__).parent / "ops"

@@ -24,7 +24,7 @@ and reduced with torch, so results are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -568,6 +568,60 @@ def _strides4(t: Tensor):
     return [t.stride(i) for i in range(t.dim())]
 
 
+class _ForwardPlan(NamedTuple):
+    """What a forward launch computes from shapes, strides and options alone (scan_forward keeps one per key)."""
+    lanes_on_channels: bool
+    split_out: Optional[tuple]  # the per-direction outputs' (shape, transposed), or None (no split)
+    grid: tuple
+    ints: tuple  # the kernel's integer arguments, after its tensors
+    kwargs: dict  # constexprs and launch options
+    sum_grid: tuple
+    sum_ints: tuple
+
+
+_forward_plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
+
+
+def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, out, want_last, want_ckpt,
+                  block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg) -> _ForwardPlan:
+    R, batch, dim, seqlen = u.shape
+    d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
+    tuning = FWD_TUNING[_tuning_key(u)]
+    block_d = _block_d(dim, groups, block_d or tuning["block_d"])
+    num_warps = num_warps or tuning["num_warps"]
+    unroll = unroll or tuning["unroll"]
+    lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
+    prefetch = tuning["prefetch"] if prefetch is None else prefetch
+    split_dirs = R == 2 and (tuning["split_dirs"] if split_dirs is None else split_dirs)
+    ckpt_t = CKPT_CHUNK if want_ckpt else 0
+    if maxnreg is None:
+        maxnreg = tuning["ckpt_maxnreg"] if want_ckpt else 0
+    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    if ckpt_t and ckpt_t % unroll:
+        raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
+    zs = _strides4(z) if z is not None else [0, 0, 0]
+    gs = _strides4(gate) if gate is not None else [0, 0]
+    time_contiguous = out.is_contiguous()
+    # (the sum after the launch treats a sample's outputs as one dense block of d * L elements)
+    split_dirs = split_dirs and (time_contiguous or out.transpose(1, 2).is_contiguous())
+    split_out = None
+    if split_dirs:  # one output per direction, in out's memory order
+        split_out = ((R, *out.shape), False) if time_contiguous else ((R, batch, seqlen, dim), True)
+        n = dim * seqlen
+        out_strides = [n * batch, n, 1, dim] if split_out[1] else [n * batch, n, seqlen, 1]
+    else:
+        out_strides = [0] + _strides4(out)
+    ints = (dim, seqlen, d_state, dim // groups[0], dim // groups[1], *_strides4(u), *_strides4(delta), *zs,
+            *_strides4(B), *_strides4(C), *out_strides, *gs, float(scale))
+    kwargs = dict(N_DIRS=R, SPLIT_DIRS=split_dirs, HAS_D=D is not None, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GATE=gate is not None,
+                  STORE_LAST=want_last, BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
+                  LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch_options)
+    n, block = dim * seqlen, 1024
+    return _ForwardPlan(lanes_on_channels, split_out, (batch, cdiv(dim, block_d), R if split_dirs else 1), ints,
+                        kwargs, (batch, cdiv(n, block)), (n, n * batch, *gs))
+
+
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
@@ -583,63 +637,40 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     CKPT_CHUNK-th step (R, b, n_chunks, N, d) fp32 that scan_backward starts from (else None).
     split_dirs (two directions): one program per direction, each writing its own output, summed after.
     maxnreg: a register cap for this launch (0: none; default: FWD_TUNING's ckpt_maxnreg with want_ckpt).
+    Everything that follows from shapes, strides and options alone is planned once per key (_plan_forward).
     """
+    options = (block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg)
+    key = (u.shape, u.stride(), u.dtype, delta.stride(), A.shape, B.shape, B.stride(), C.shape, C.stride(),
+           out.shape, out.stride(), None if z is None else z.stride(), None if gate is None else gate.stride(),
+           D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, options)
+    plan = _forward_plans.get(key)
+    if plan is None:
+        if len(_forward_plans) > 4096:  # (bounded: a run over many shapes)
+            _forward_plans.clear()
+        plan = _forward_plans[key] = _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale,
+                                                   out, want_last, want_ckpt, *options)
     R, batch, dim, seqlen = u.shape
-    d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    tuning = FWD_TUNING[_tuning_key(u)]
-    block_d = _block_d(dim, groups, block_d or tuning["block_d"])
-    num_warps = num_warps or tuning["num_warps"]
-    unroll = unroll or tuning["unroll"]
-    lanes_on_channels = tuning["lanes_on_channels"] if lanes_on_channels is None else lanes_on_channels
-    prefetch = tuning["prefetch"] if prefetch is None else prefetch
-    split_dirs = R == 2 and (tuning["split_dirs"] if split_dirs is None else split_dirs)
-    ckpt_t = CKPT_CHUNK if want_ckpt else 0
-    if maxnreg is None:
-        maxnreg = tuning["ckpt_maxnreg"] if want_ckpt else 0
-    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
-    if ckpt_t and ckpt_t % unroll:
-        raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
     f32 = torch.float32
-    last = torch.empty((R, batch, dim, d_state), device=u.device, dtype=f32) if want_last else None
-    ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), d_state, dim), device=u.device, dtype=f32) \
+    last = torch.empty((R, batch, dim, A.shape[-1]), device=u.device, dtype=f32) if want_last else None
+    ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), A.shape[-1], dim), device=u.device, dtype=f32) \
         if want_ckpt else None
     # (R, N, d) or (R, d, N) in memory: see the kernel. No copy when A comes in that memory order (the stacked
     # weights hold it (R, N, d)-contiguous: mamba_ssm.ops.bimamba_stacked)
-    A = A.transpose(-1, -2).contiguous() if lanes_on_channels else A.contiguous()
-    dummy = A
-    zs = _strides4(z) if z is not None else [0, 0, 0]
-    gs = _strides4(gate) if gate is not None else [0, 0]
-    target = out
-    time_contiguous = out.is_contiguous()
-    # (the sum after the launch treats a sample's outputs as one dense block of d * L elements)
-    split_dirs = split_dirs and (time_contiguous or out.transpose(1, 2).is_contiguous())
-    if split_dirs:  # one output per direction, in out's memory order
-        out = torch.empty((R, *out.shape), device=out.device, dtype=out.dtype) if time_contiguous else \
-            torch.empty((R, batch, seqlen, dim), device=out.device, dtype=out.dtype).transpose(2, 3)
-        out_strides = _strides4(out)
-    else:
-        out_strides = [0] + _strides4(out)
-    grid = (batch, cdiv(dim, block_d), R if split_dirs else 1)
-    launch(_scan_fwd_kernel, grid,
+    A = A.transpose(-1, -2).contiguous() if plan.lanes_on_channels else A.contiguous()
+    dummy, target = A, out
+    if plan.split_out is not None:  # one output per direction, in out's memory order
+        shape, transposed = plan.split_out
+        out = torch.empty(shape, device=out.device, dtype=out.dtype)
+        out = out.transpose(2, 3) if transposed else out
+    launch(_scan_fwd_kernel, plan.grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
-        last if last is not None else dummy, ckpt if ckpt is not None else dummy,
-        dim, seqlen, d_state, dim // groups[0], dim // groups[1],
-        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *out_strides, *gs,
-        float(scale),
-        N_DIRS=R, SPLIT_DIRS=split_dirs, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, HAS_GATE=gate is not None, STORE_LAST=want_last,
-        BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
-        LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch_options,
-    )
-    if split_dirs:
-        n, block = dim * seqlen, 1024
-        launch(_sum_directions_kernel, (batch, cdiv(n, block)),
-            out, gate if gate is not None else dummy, target, n, out.stride(0), *gs, HAS_GATE=gate is not None,
-            BLOCK=block, num_warps=4)
+        last if last is not None else dummy, ckpt if ckpt is not None else dummy, *plan.ints, **plan.kwargs)
+    if plan.split_out is not None:
+        launch(_sum_directions_kernel, plan.sum_grid, out, gate if gate is not None else dummy, target,
+               *plan.sum_ints, HAS_GATE=gate is not None, BLOCK=1024, num_warps=4)
     return last, ckpt
 
 
