@@ -4,8 +4,11 @@ Module names (in_conv.0/1, out_conv.0/2/4) follow the authors' state-dict layout
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor
+
+from mamba_ssm.modules.mamba_simple import inference_cache_key, inference_cache_usable
 
 
 class TokenScorePredictor(nn.Module):
@@ -28,8 +31,35 @@ class TokenScorePredictor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
-        x = self.in_conv(x)
+        linears = self._inference_linears(x)
+        x = self.in_conv(x) if linears is None else F.gelu(F.linear(self.in_conv[0](x), *linears[0]))
         half = x.shape[-1] // 2
         local, pooled = x[..., :half], x[..., half:]
         pooled = (pooled * policy).sum(1, keepdim=True) / (policy.sum(1, keepdim=True) + 1)
-        return self.out_conv(torch.cat([local, pooled.expand_as(local)], dim=-1))
+        x = torch.cat([local, pooled.expand_as(local)], dim=-1)
+        if linears is None:
+            return self.out_conv(x)
+        for weight_bias in linears[1:3]:
+            x = F.gelu(F.linear(x, *weight_bias))
+        return F.log_softmax(F.linear(x, *linears[3]), dim=-1)
+
+    def _inference_linears(self, x: Tensor):
+        """The four Linears' (weight, bias) cast to the autocast dtype, kept while the parameters are unchanged,
+        for eager inference under autocast (as the Mamba mixers keep theirs: autocast would cast each weight
+        and bias on every call, 8 small ops per stage); None otherwise (then the modules run)."""
+        device = x.device.type
+        if not torch.is_autocast_enabled(device) or not inference_cache_usable(x):
+            return None
+        modules = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return None
+        params = [p for m in modules for p in (m.weight, m.bias)]
+        key = inference_cache_key(params, x)
+        if key is None:
+            return None
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            dtype = key[0]
+            cached = (key, [(m.weight.to(dtype), m.bias.to(dtype)) for m in modules])
+            self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict
+        return cached[1]

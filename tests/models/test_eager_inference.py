@@ -154,3 +154,32 @@ def test_one_cache_check_per_forward(models, name, monkeypatch):
         assert len(calls) == len(model.layers) and not torch.equal(first, second)
         want, _ = _outputs(model, x, watched=True, kernels=False)
         assert torch.equal(model.forward_aux(x).logits, want[0]) and torch.equal(first, want[0])
+
+
+def test_predictor_keeps_its_autocast_weights_while_unchanged():
+    """Under autocast, eager inference takes the token-score predictor's Linears from a cache in the autocast
+    dtype (no casts per call): the output equals the modules' own, also after an in-place update."""
+    from dyvm.models.predictor import TokenScorePredictor
+
+    torch.manual_seed(0)
+    predictor = TokenScorePredictor(16).eval()
+    with torch.no_grad():
+        for p in predictor.parameters():
+            p.normal_(0, 0.5)  # (outputs that differ from token to token)
+    x, policy = torch.randn(3, 9, 16), (torch.rand(3, 9, 1) > 0.3).float()
+
+    def both():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cached = predictor(x, policy)
+            with _PassThrough():  # watched: the modules' path
+                modules = predictor(x, policy)
+        return cached, modules
+
+    for _ in range(2):
+        cached, modules = both()
+        assert cached.dtype == modules.dtype and torch.equal(cached, modules) and cached.std() > 0.1
+    first = predictor.__dict__["_inference_cache"]
+    with torch.no_grad():
+        predictor.out_conv[2].weight.mul_(-1.5)
+    cached, modules = both()
+    assert torch.equal(cached, modules) and predictor.__dict__["_inference_cache"] is not first

@@ -34,14 +34,14 @@ class InferenceWeights(NamedTuple):
     stacked: "StackedWeights"
 
 
-def _cache_usable(x) -> bool:
+def inference_cache_usable(x) -> bool:
     """Whether inference may take cached weights: not when traced or watched (fake tensors have no data
     pointers, and torch.compile should see the ops), nor while a CUDA graph is captured (the graph must read
     the parameters, which may change in place)."""
     return not (reference_forced() or ops_watched() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def _cache_key(params: list, x) -> Optional[tuple]:
+def inference_cache_key(params: list, x) -> Optional[tuple]:
     """The inference cache's key for these parameters, or None where a gradient is needed (nothing cached)."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return None
@@ -71,7 +71,7 @@ def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
     bound by the host). memo: a dict the model keeps for this; its list of mixers and parameters is rebuilt
     when any module registers a parameter or submodule (a replaced Parameter or Linear); in-place updates,
     .to() and dtype changes show in the key itself, as for one layer."""
-    if not _cache_usable(x):
+    if not inference_cache_usable(x):
         return [None] * len(mixers())
     if memo.get("registrations") != _registrations[0]:
         layers = mixers()
@@ -85,7 +85,7 @@ def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
     layers, params = memo["mixers"], memo["params"]
     if params is None:
         return [m.inference_weights(x) for m in layers]
-    key = _cache_key(params, x)
+    key = inference_cache_key(params, x)
     if key is None:
         return [None] * len(layers)
     if memo.get("key") != key:
@@ -190,13 +190,13 @@ class Mamba(nn.Module):
         data pointers and version counters (bumped by every in-place update: optimizer steps,
         load_state_dict), read without Module.__getattr__. A model checks all its layers at once:
         inference_weights_of."""
-        if self.bimamba_type != "v2" or not _cache_usable(x):
+        if self.bimamba_type != "v2" or not inference_cache_usable(x):
             return None
         try:
             params = self._cache_params()
         except (KeyError, AttributeError):  # a submodule or parameter was replaced or removed: the module path
             return None
-        key = _cache_key(params, x)
+        key = inference_cache_key(params, x)
         if key is None:
             return None
         cached = self.__dict__.get("_inference_cache")
