@@ -50,6 +50,7 @@ def next_pow2(n: int) -> int:
 FAST_LAUNCH_ENV = "MAMBA_TRITON_FAST_LAUNCH"
 _fast_launch = os.environ.get(FAST_LAUNCH_ENV, "1") not in ("", "0")
 _SCALAR_TYPES = (int, float, bool, str, type(None))
+MAX_KEYS = 4096  # per kernel
 _data_ptr, _dtype, _and = torch.Tensor.data_ptr, operator.attrgetter("dtype"), operator.and_
 _FIFTEEN = itertools.repeat(15)  # (map stops at its shortest input)
 
@@ -114,6 +115,8 @@ class FastLauncher:
                 # the parameters after the positional ones, in the kernel's order (constexprs included: the
                 # launcher skips them, as in Triton's run), fixed by the key
                 tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+                if len(self.compiled) >= MAX_KEYS:  # (bounded: a run over many shapes starts afresh)
+                    self.compiled.clear()
                 self.compiled[key] = (compiled, tail)
             return compiled
         compiled, tail = entry

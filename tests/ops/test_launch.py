@@ -113,3 +113,14 @@ def test_unknown_argument_types_and_switch_take_triton(stand_in, monkeypatch):
         with triton_utils.fast_launches(enabled):
             launch(other, (1,), torch.zeros(4), 16, 0.5, True)
     assert len(other.triton_launches) == 2
+
+
+def test_remembered_keys_are_bounded(stand_in, monkeypatch):
+    kernel, fast = stand_in
+    monkeypatch.setattr(triton_utils, "MAX_KEYS", 3)
+    x = torch.zeros(64)
+    for n in range(5):  # five keys: the table starts afresh once it holds three
+        fast((1,), (x, 16 * n, 0.5, True), {})
+    assert len(fast.compiled) == 2 and len(kernel.triton_launches) == 5
+    fast((1,), (x, 64, 0.5, True), {})  # still remembered
+    assert len(kernel.triton_launches) == 5 and len(kernel.direct_launches) == 1
