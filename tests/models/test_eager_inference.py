@@ -128,6 +128,16 @@ def test_weight_cache_sees_replaced_parameters_and_modules():
     model.double()
     check(x.double())
     assert mixer.__dict__["_inference_cache"][1].linears["in_proj"][0].dtype == torch.float64
+    # a parameter written into its module's parameter dict directly, as torch.func.functional_call does
+    mixer.x_proj.__dict__["_parameters"]["weight"] = torch.nn.Parameter(torch.randn_like(mixer.x_proj.weight) * 0.3)
+    check(x.double())
+    with torch.no_grad():
+        got = torch.func.functional_call(model, {"layers.0.mixer.in_proj.weight":
+                                                 torch.zeros_like(model.layers[0].mixer.in_proj.weight)}, (x.double(),))
+        model(x.double())  # fills the caches with the model's own weights again
+        again = torch.func.functional_call(model, {"layers.0.mixer.in_proj.weight":
+                                                   torch.zeros_like(model.layers[0].mixer.in_proj.weight)}, (x.double(),))
+    assert torch.equal(got, again) and not torch.equal(got, model(x.double()))
 
 
 @pytest.mark.parametrize("name", ["vim", "dyvm"])

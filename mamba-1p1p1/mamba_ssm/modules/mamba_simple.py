@@ -68,29 +68,45 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
     """[m.inference_weights(x) for m in mixers()], checked with one key over all the mixers' parameters
     instead of one per layer (some 30 us of host time per layer on an H200 machine, where eager inference is
-    bound by the host). memo: a dict the model keeps for this; its list of mixers and parameters is rebuilt
-    when any module registers a parameter or submodule (a replaced Parameter or Linear); in-place updates,
-    .to() and dtype changes show in the key itself, as for one layer."""
+    bound by the host). memo: a dict the model keeps for this. Its list of mixers and of where their parameters
+    live is rebuilt when any module registers a parameter or submodule (a replaced Parameter or Linear); a
+    parameter swapped into a parameter dict directly (torch.func.functional_call) is seen by an identity check
+    of every parameter; in-place updates, .to() and dtype changes show in the key itself, as for one layer."""
     if not inference_cache_usable(x):
         return [None] * len(mixers())
-    if memo.get("registrations") != _registrations[0]:
-        layers = mixers()
-        try:
-            params = [p for m in layers for p in m._cache_params()] if all(m.bimamba_type == "v2" for m in layers) \
-                else None
-        except (KeyError, AttributeError):
-            params = None
-        memo.clear()
-        memo.update(registrations=_registrations[0], mixers=layers, params=params)
-    layers, params = memo["mixers"], memo["params"]
+    params = _memo_params(mixers, memo)
     if params is None:
-        return [m.inference_weights(x) for m in layers]
+        return [m.inference_weights(x) for m in memo["mixers"]]
     key = inference_cache_key(params, x)
     if key is None:
-        return [None] * len(layers)
+        return [None] * len(memo["mixers"])
     if memo.get("key") != key:
-        memo["weights"], memo["key"] = [m.inference_weights(x) for m in layers], key
+        memo["weights"], memo["key"] = [m.inference_weights(x) for m in memo["mixers"]], key
     return memo["weights"]
+
+
+def _memo_params(mixers: Callable[[], list], memo: dict) -> Optional[list]:
+    """The mixers' current cache parameters through the memo (None: a mixer without the cache)."""
+    if memo.get("registrations") == _registrations[0] and memo["params"] is not None:
+        try:  # (C-level maps: a few microseconds for a whole model)
+            current = list(map(operator.getitem, memo["dicts"], memo["names"]))
+            if all(map(operator.is_, current, memo["params"])):
+                return current
+        except KeyError:
+            pass
+    elif memo.get("registrations") == _registrations[0]:
+        return None
+    layers = mixers()
+    memo.clear()
+    memo.update(registrations=_registrations[0], mixers=layers, params=None)
+    try:
+        if all(m.bimamba_type == "v2" for m in layers):
+            sources = [src for m in layers for src in m._cache_param_sources()]
+            memo.update(dicts=[d for d, _ in sources], names=[n for _, n in sources],
+                        params=[d[n] for d, n in sources])
+    except (KeyError, AttributeError):
+        pass
+    return memo["params"]
 
 
 class Mamba(nn.Module):
@@ -180,6 +196,12 @@ class Mamba(nn.Module):
         modules, own = self._modules, self._parameters
         params = [modules[m]._parameters[n] if m else own[n] for m, n in slots]
         return [p for p in params if p is not None]
+
+    def _cache_param_sources(self) -> list:
+        """(parameter dict, name) of each current parameter of _cache_params, in the same order."""
+        modules = self._modules
+        sources = [(modules[m]._parameters if m else self._parameters, n) for m, n in self._cache_slots()]
+        return [(d, n) for d, n in sources if d[n] is not None]
 
     def inference_weights(self, x) -> Optional[InferenceWeights]:
         """This layer's weights as the inference kernels take them, or None where nothing is cached (forced
