@@ -62,7 +62,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 EXTRA_DEPTH = 4  # layers added at the end to difference out one layer's cost
 # The kernel modules whose Triton kernels the CUDA path launches (the proxy counts and skips their launches).
 KERNEL_MODULES = ("mamba_ssm.ops.triton.selective_scan", "causal_conv1d.triton_causal_conv1d",
-                  "mamba_ssm.ops.triton.layernorm_kernel")
+                  "mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.triton.gate_head")
 # Leaf aten ops that launch no GPU kernel: views, metadata and allocations (a CUDA caching allocator hands
 # out memory without a kernel).
 NO_KERNEL = frozenset(f"aten::{n}" for n in (

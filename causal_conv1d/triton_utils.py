@@ -134,8 +134,13 @@ def launch(kernel, grid, *args, **kwargs):
     if _fast_launch and isinstance(kernel, JITFunction) and not launch_hooks_set():  # (interpreted kernels
         fast = _launchers.get(kernel)                                                  # are not JITFunctions)
         if fast is None:
-            fast = _launchers[kernel] = FastLauncher(kernel)
-        return fast(grid, args, kwargs)
+            try:
+                fast = FastLauncher(kernel)
+            except RuntimeError:  # no GPU driver (Triton's own path then says what is missing)
+                fast = False
+            _launchers[kernel] = fast
+        if fast:
+            return fast(grid, args, kwargs)
     return kernel[grid](*args, **kwargs)
 
 

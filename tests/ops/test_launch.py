@@ -124,3 +124,23 @@ def test_remembered_keys_are_bounded(stand_in, monkeypatch):
     assert len(fast.compiled) == 2 and len(kernel.triton_launches) == 5
     fast((1,), (x, 64, 0.5, True), {})  # still remembered
     assert len(kernel.triton_launches) == 5 and len(kernel.direct_launches) == 1
+
+
+def test_no_gpu_driver_takes_triton_path(monkeypatch):
+    """A Triton JIT kernel where no GPU driver is found (a CPU machine without the interpreter): launch() hands
+    the call to Triton's own path, which says what is missing, and stops trying the direct one."""
+    from triton.runtime.jit import JITFunction
+
+    def kern(x_ptr, n):
+        pass
+    kernel = JITFunction(kern)
+    calls = []
+    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((grid, args))  # Triton's path, recorded
+
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("0 active drivers")
+    monkeypatch.setattr(triton_utils, "FastLauncher", no_driver)
+    with triton_utils.fast_launches(True):
+        for _ in range(2):
+            launch(kernel, (3,), torch.zeros(2), 7)
+    assert [c[0] for c in calls] == [(3,), (3,)] and triton_utils._launchers.pop(kernel) is False
