@@ -46,7 +46,7 @@ def next_pow2(n: int) -> int:
 # launch options). It is built from C-level maps and getters (a few microseconds for 50 arguments); equal keys
 # mean an equal specialisation. A key not seen yet goes through Triton (which compiles or finds the kernel) and
 # is remembered. Anything unusual takes Triton's own path: the interpreter, launch hooks (Triton's
-# profilers), an argument of another type, MAMBA_TRITON_FAST_LAUNCH=0.
+# profilers), a kernel's pre-run hooks, an argument of another type, no GPU driver, MAMBA_TRITON_FAST_LAUNCH=0.
 FAST_LAUNCH_ENV = "MAMBA_TRITON_FAST_LAUNCH"
 _fast_launch = os.environ.get(FAST_LAUNCH_ENV, "1") not in ("", "0")
 _SCALAR_TYPES = (int, float, bool, str, type(None))
@@ -131,8 +131,10 @@ _launchers = {}
 
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with less host work for specialisations launched before (see above)."""
-    if _fast_launch and isinstance(kernel, JITFunction) and not launch_hooks_set():  # (interpreted kernels
-        fast = _launchers.get(kernel)                                                  # are not JITFunctions)
+    # (interpreted kernels are not JITFunctions; pre-run hooks are Triton's to call)
+    if _fast_launch and isinstance(kernel, JITFunction) and not launch_hooks_set() and \
+            not getattr(kernel, "pre_run_hooks", None):
+        fast = _launchers.get(kernel)
         if fast is None:
             try:
                 fast = FastLauncher(kernel)

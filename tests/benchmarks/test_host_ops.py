@@ -35,8 +35,11 @@ def test_dry_run_counts(results):
     for model in ("vim_tiny", "dyvm_vim_tiny"):
         proxy, cpu = res[f"{model}/cuda-proxy"], res[f"{model}/cpu"]
         assert cpu["triton"]["forward"] == 0  # the CPU path runs no Triton kernel
-        # per layer: add+norm, conv, scan (+ the direction sum when the tuning splits directions); plus norm_f
-        assert proxy["triton"]["layer"] in (3, 4)
+        # per layer: add+norm, conv, scan (+ the direction sum when the tuning splits directions), and DyVM's
+        # gate head; plus norm_f
+        gate = 1 if model.startswith("dyvm") else 0
+        assert proxy["triton"]["layer"] - gate in (3, 4)
+        assert ("triton::_gate_head_kernel" in proxy["kernels"]) == bool(gate)
         assert proxy["triton"]["forward"] == 4 * proxy["triton"]["layer"] + 1
         assert "triton::_scan_fwd_kernel" in proxy["kernels"] and "aten::bmm" in proxy["kernels"]
     # the gate head makes a DyVM layer cost more than a dense one, never less

@@ -144,3 +144,8 @@ def test_no_gpu_driver_takes_triton_path(monkeypatch):
         for _ in range(2):
             launch(kernel, (3,), torch.zeros(2), 7)
     assert [c[0] for c in calls] == [(3,), (3,)] and triton_utils._launchers.pop(kernel) is False
+    hooked = JITFunction(kern)  # a kernel with pre-run hooks: Triton calls them, so Triton's path
+    hooked.run = kernel.run
+    hooked.pre_run_hooks.append(lambda *args, **kwargs: None)
+    launch(hooked, (5,), torch.zeros(2), 7)
+    assert calls[-1][0] == (5,) and hooked not in triton_utils._launchers
