@@ -60,12 +60,15 @@ def report() -> str:
         f"mamba_ssm: {_version('mamba_ssm')}, causal_conv1d: {_version('causal_conv1d')}",
         f"gpu: {torch.cuda.get_device_name() + ' (capability %d.%d)' % torch.cuda.get_device_capability() if cuda else 'none'}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
-        f"MAMBA_FORCE_REFERENCE={os.environ.get('MAMBA_FORCE_REFERENCE', '')!r}",
+        f"MAMBA_FORCE_REFERENCE={os.environ.get('MAMBA_FORCE_REFERENCE', '')!r} "
+        f"MAMBA_TRITON_FAST_LAUNCH={os.environ.get('MAMBA_TRITON_FAST_LAUNCH', '')!r} "
+        "(0: Triton's own launch path instead of direct launches)",
         f"ops on {device.type} tensors:",
         f"  selective_scan_fn: {_implementation('selective_scan', device)}",
         f"  bimamba_v2_inner_fn (DyVM scan): {_implementation('bimamba', device)}",
         f"  rms_norm_fn / layer_norm_fn: {_implementation('layernorm_kernel', device)}",
         f"  causal_conv1d_fn: {_conv_implementation(device)}",
+        f"  DyVM gate head at inference: {_implementation('gate_head', device, has_implementation=False)}",
     ]
     return "\n".join(lines)
 

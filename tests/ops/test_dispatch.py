@@ -88,7 +88,8 @@ def test_env_report_names_every_op():
     out = subprocess.run([sys.executable, "-m", "dyvm.env"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch implementation (cpu tensors)",
-                   "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn"):
+                   "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn", "DyVM gate head",
+                   "MAMBA_TRITON_FAST_LAUNCH="):
         assert needle in out.stdout, out.stdout
 
 
