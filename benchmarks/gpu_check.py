@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -58,7 +59,9 @@ def check(summary):
                                                                                  uncached.gates.detach()))
             fast = graphed(model, dtype=dtype, method="forward_aux", max_graphs=1)
             out = fast(x)
-            summary[f"check graph {name} {dtype}: logits rel"] = rel(out.logits, cached.logits)
+            with torch.no_grad(), torch.autocast(**ac):  # eager as the graph runs it (gate kernel included)
+                eager = model.forward_aux(x)
+            summary[f"check graph {name} {dtype}: logits rel"] = rel(out.logits, eager.logits)
             out2 = fast(x[:7])  # evicts the batch-32 graph (max_graphs=1)
             with torch.no_grad(), torch.autocast(**ac):
                 ref = model.forward_aux(x[:7])
@@ -346,16 +349,11 @@ def tf32(summary, batch=16):
     summary["tf32 train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
 
 
-class _gate_kernel_off:
+def _gate_kernel_off():
     """Within the block, DyVM gate heads run as their ops (DynamicMamba.gates_by_kernel declines)."""
+    from dyvm.models.mixer import DynamicMamba
 
-    def __enter__(self):
-        from dyvm.models.mixer import DynamicMamba
-        self.cls, self.saved = DynamicMamba, DynamicMamba.gates_by_kernel
-        DynamicMamba.gates_by_kernel = lambda *args, **kwargs: None
-
-    def __exit__(self, *exc):
-        self.cls.gates_by_kernel = self.saved
+    return mock.patch.object(DynamicMamba, "gates_by_kernel", lambda *args, **kwargs: None)
 
 
 def _gate_decisions_compared(model, x, autocast):
@@ -369,12 +367,9 @@ def _gate_decisions_compared(model, x, autocast):
         logits, xz_out = gate_logits(self, xz, cls_positions, weights)
         seen.append((self, xz, cls_positions, weights, logits))
         return logits, xz_out
-    DynamicMamba.gate_logits = spy
-    try:
-        with torch.no_grad(), torch.autocast(**autocast), _gate_kernel_off():
-            model.forward_aux(x)
-    finally:
-        DynamicMamba.gate_logits = gate_logits
+    with torch.no_grad(), torch.autocast(**autocast), _gate_kernel_off(), \
+            mock.patch.object(DynamicMamba, "gate_logits", spy):
+        model.forward_aux(x)
     differ, kernel_right, worst = 0, 0, 0.0
     with torch.no_grad():
         for mixer, xz, pos, weights, logits in seen:

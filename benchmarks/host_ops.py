@@ -43,6 +43,7 @@ import importlib
 import io
 import json
 import os
+import pkgutil
 import pstats
 import statistics
 import sys
@@ -60,9 +61,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 PATHS = ("cpu", "cuda-proxy")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 EXTRA_DEPTH = 4  # layers added at the end to difference out one layer's cost
-# The kernel modules whose Triton kernels the CUDA path launches (the proxy counts and skips their launches).
-KERNEL_MODULES = ("mamba_ssm.ops.triton.selective_scan", "causal_conv1d.triton_causal_conv1d",
-                  "mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.triton.gate_head")
+
 # Leaf aten ops that launch no GPU kernel: views, metadata and allocations (a CUDA caching allocator hands
 # out memory without a kernel).
 NO_KERNEL = frozenset(f"aten::{n}" for n in (
@@ -86,17 +85,24 @@ class _CountingLauncher:
         return launch
 
 
+def kernel_modules() -> list:
+    """The modules whose Triton kernels the CUDA path launches (the proxy counts and skips their launches): the
+    conv's kernel file and every module of mamba_ssm.ops.triton, found rather than listed, so a new kernel file
+    is counted too (and an older checkout measured with --baseline has what it has)."""
+    import mamba_ssm.ops.triton as kernels
+
+    return ["causal_conv1d.triton_causal_conv1d"] + [f"{kernels.__name__}.{m.name}"
+                                                     for m in pkgutil.iter_modules(kernels.__path__)]
+
+
 @contextlib.contextmanager
 def cuda_proxy(counter: collections.Counter):
     """CPU tensors take the CUDA path (the ops' Triton branch); Triton launches are counted, not run."""
     from causal_conv1d.kernel_utils import triton_on_cpu
 
     saved = []
-    for name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:  # an older checkout measured with --baseline
-            continue
+    for name in kernel_modules():
+        module = importlib.import_module(name)
         for attr, value in vars(module).copy().items():
             if attr.endswith("_kernel") and hasattr(value, "__getitem__") and callable(getattr(value, "run", None)):
                 saved.append((module, attr, value))

@@ -139,6 +139,8 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from dyvm.config import add_tf32_flag, apply_tf32
+
     p = argparse.ArgumentParser("benchmarks/train_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["vim_tiny", "vim_small", "vim_base", "dyvm_vim_small"])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
                    "find_unused_parameters=True")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph "
                    "(dyvm.train_graph; fused AdamW; under torchrun DDP's all-reduces are captured too)")
-    p.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (main.py --tf32)")
+    add_tf32_flag(p)
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "bfloat16"),
                    help="DyVM rows: the teacher's precision (main.py --teacher-dtype)")
     p.add_argument("--json", default="")
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    apply_tf32(args, device, lambda *m: print(*m) if rank == 0 else None)
     if world > 1:
         dist.init_process_group("nccl")
     from dyvm.benchmark import environment

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4
+from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4, remember
 
 
 @triton.jit
@@ -510,13 +510,11 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
         batch, dim, seqlen = x.shape
         R, _, width = weight.shape
         block_t, block_d, num_warps = _tiles(x, block_t, block_d, num_warps)
-        if len(_forward_plans) > 4096:  # (bounded: a run over many shapes)
-            _forward_plans.clear()
-        plan = _forward_plans[key] = (
+        plan = remember(_forward_plans, key, (
             (batch, cdiv(seqlen, block_t), cdiv(dim, block_d)),
             (dim, seqlen, *_strides(x, 3), *_strides(mask, 2), *_strides(gate, 2), *_strides(out, 4)),
             dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
-                 SKIP_OFF=gate is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps))
+                 SKIP_OFF=gate is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)))
     grid, ints, kwargs = plan
     launch(_conv_fwd_kernel, grid, x, weight, bias if bias is not None else weight, mask if mask is not None else x,
            gate if gate is not None else x, out, *ints, **kwargs)

@@ -55,6 +55,15 @@ _data_ptr, _dtype, _and = torch.Tensor.data_ptr, operator.attrgetter("dtype"), o
 _FIFTEEN = itertools.repeat(15)  # (map stops at its shortest input)
 
 
+def remember(cache: dict, key, value, limit: int = 4096):
+    """cache[key] = value, emptying the cache first when it holds `limit` entries (a run over many shapes starts
+    afresh instead of growing without bound); returns value. For the launch keys and the launch plans."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 class Unkeyable(TypeError):
     """An argument of a type the launch key does not know."""
 
@@ -115,9 +124,7 @@ class FastLauncher:
                 # the parameters after the positional ones, in the kernel's order (constexprs included: the
                 # launcher skips them, as in Triton's run), fixed by the key
                 tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
-                if len(self.compiled) >= MAX_KEYS:  # (bounded: a run over many shapes starts afresh)
-                    self.compiled.clear()
-                self.compiled[key] = (compiled, tail)
+                remember(self.compiled, key, (compiled, tail), MAX_KEYS)
             return compiled
         compiled, tail = entry
         g = (*grid, 1, 1)

@@ -231,6 +231,7 @@ def _block_keep_ratio(text: str) -> float:
 
 def main(argv=None) -> int:
     from dyvm.cli import ArgumentParser, flag_name
+    from dyvm.config import add_tf32_flag, apply_tf32
     from dyvm.models.registry import DEFAULT_TOKEN_KEEP_RATIO, ModelOptionError, check_keep_ratios
 
     p = ArgumentParser("python -m dyvm.benchmark", description=__doc__.split("\n\n")[0])
@@ -256,9 +257,9 @@ def main(argv=None) -> int:
                    help="shorthand for --modes cuda_graph")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
-    p.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (main.py --tf32)")
+    add_tf32_flag(p)
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    apply_tf32(args, torch.device(args.device), print)
     try:
         check_keep_ratios(args.token_keep_ratio, None, args.block_keep_ratio, spell=flag_name)
     except ModelOptionError as e:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor
 
-from mamba_ssm.modules.mamba_simple import inference_cache_key, inference_cache_usable
+from mamba_ssm.modules.mamba_simple import cached_for_inference, inference_cache_usable
 
 
 class TokenScorePredictor(nn.Module):
@@ -54,12 +54,5 @@ class TokenScorePredictor(nn.Module):
         if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
             return None
         params = [p for m in modules for p in (m.weight, m.bias)]
-        key = inference_cache_key(params, x)
-        if key is None:
-            return None
-        cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[0] != key:
-            dtype = key[0]
-            cached = (key, [(m.weight.to(dtype), m.bias.to(dtype)) for m in modules])
-            self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict
-        return cached[1]
+        return cached_for_inference(self, params, x,
+                                    lambda dtype: [(m.weight.to(dtype), m.bias.to(dtype)) for m in modules])

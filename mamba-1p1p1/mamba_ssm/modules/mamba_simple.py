@@ -50,6 +50,19 @@ def inference_cache_key(params: list, x) -> Optional[tuple]:
     return (dtype, *map(_data_ptr, params), *map(_version, params), *map(_dtype, params))
 
 
+def cached_for_inference(owner, params: list, x, derive: Callable):
+    """derive(autocast dtype or None), kept in owner.__dict__ while `params` and the autocast dtype are unchanged
+    (inference_cache_key); None where a gradient is needed. The caller checks inference_cache_usable first."""
+    key = inference_cache_key(params, x)
+    if key is None:
+        return None
+    cached = owner.__dict__.get("_inference_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, derive(key[0]))
+        owner.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
+    return cached[1]
+
+
 _UNSET = object()  # Mamba.forward's weights when the caller has not looked them up
 
 # Bumped whenever any module registers a parameter or a submodule (attribute assignment included): a model's
@@ -87,15 +100,15 @@ def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
 
 def _memo_params(mixers: Callable[[], list], memo: dict) -> Optional[list]:
     """The mixers' current cache parameters through the memo (None: a mixer without the cache)."""
-    if memo.get("registrations") == _registrations[0] and memo["params"] is not None:
+    if memo.get("registrations") == _registrations[0]:
+        if memo["params"] is None:
+            return None
         try:  # (C-level maps: a few microseconds for a whole model)
             current = list(map(operator.getitem, memo["dicts"], memo["names"]))
             if all(map(operator.is_, current, memo["params"])):
                 return current
-        except KeyError:
+        except KeyError:  # a parameter was removed: rebuild
             pass
-    elif memo.get("registrations") == _registrations[0]:
-        return None
     layers = mixers()
     memo.clear()
     memo.update(registrations=_registrations[0], mixers=layers, params=None)
@@ -188,20 +201,19 @@ class Mamba(nn.Module):
         own += [("", "A_log"), ("", "D"), ("", "A_b_log"), ("", "D_b")]
         return tuple(own + [(name, n) for name in self._cached_linears() for n in ("weight", "bias")])
 
-    def _cache_params(self) -> list:
-        """The current parameters of _cache_slots (None-valued ones, e.g. absent biases, left out)."""
+    def _cache_param_sources(self) -> list:
+        """(parameter dict, name) of each current parameter of _cache_slots (None-valued ones, e.g. absent
+        biases, left out): where the inference cache reads them, without Module.__getattr__."""
         slots = self.__dict__.get("_cache_slot_memo")
         if slots is None:
             slots = self.__dict__["_cache_slot_memo"] = self._cache_slots()
-        modules, own = self._modules, self._parameters
-        params = [modules[m]._parameters[n] if m else own[n] for m, n in slots]
-        return [p for p in params if p is not None]
-
-    def _cache_param_sources(self) -> list:
-        """(parameter dict, name) of each current parameter of _cache_params, in the same order."""
         modules = self._modules
-        sources = [(modules[m]._parameters if m else self._parameters, n) for m, n in self._cache_slots()]
+        sources = [(modules[m]._parameters if m else self._parameters, n) for m, n in slots]
         return [(d, n) for d, n in sources if d[n] is not None]
+
+    def _cache_params(self) -> list:
+        """The current parameters of _cache_param_sources."""
+        return [d[n] for d, n in self._cache_param_sources()]
 
     def inference_weights(self, x) -> Optional[InferenceWeights]:
         """This layer's weights as the inference kernels take them, or None where nothing is cached (forced
@@ -218,14 +230,7 @@ class Mamba(nn.Module):
             params = self._cache_params()
         except (KeyError, AttributeError):  # a submodule or parameter was replaced or removed: the module path
             return None
-        key = inference_cache_key(params, x)
-        if key is None:
-            return None
-        cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self._derive_inference_weights(key[0]))
-            self.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
-        return cached[1]
+        return cached_for_inference(self, params, x, self._derive_inference_weights)
 
     def _derive_inference_weights(self, dtype) -> InferenceWeights:
         from mamba_ssm.ops.bimamba_stacked import stack_directions

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4
+from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4, remember
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -564,6 +564,11 @@ def _block_d(dim: int, groups: tuple, preferred: int) -> int:
     return max(block, 1)
 
 
+def _launch_options(num_warps: int, maxnreg: int) -> dict:
+    """Triton's launch options: the warps, and a register cap only when one is set (0: none)."""
+    return dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+
+
 def _strides4(t: Tensor):
     return [t.stride(i) for i in range(t.dim())]
 
@@ -596,7 +601,7 @@ def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, ou
     ckpt_t = CKPT_CHUNK if want_ckpt else 0
     if maxnreg is None:
         maxnreg = tuning["ckpt_maxnreg"] if want_ckpt else 0
-    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    launch_options = _launch_options(num_warps, maxnreg)
     if ckpt_t and ckpt_t % unroll:
         raise ValueError(f"the forward's unroll ({unroll}) must divide the checkpoint interval ({ckpt_t})")
     zs = _strides4(z) if z is not None else [0, 0, 0]
@@ -645,10 +650,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
            D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, options)
     plan = _forward_plans.get(key)
     if plan is None:
-        if len(_forward_plans) > 4096:  # (bounded: a run over many shapes)
-            _forward_plans.clear()
-        plan = _forward_plans[key] = _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale,
-                                                   out, want_last, want_ckpt, *options)
+        plan = remember(_forward_plans, key, _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate,
+                                                           scale, out, want_last, want_ckpt, *options))
     R, batch, dim, seqlen = u.shape
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -706,7 +709,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     sub_chunk = sub_chunk or tuning["sub_chunk"]
     scratch_evict = tuning["scratch_evict"] if scratch_evict is None else scratch_evict
     maxnreg = tuning["maxnreg"] if maxnreg is None else maxnreg
-    launch_options = dict(num_warps=num_warps, maxnreg=maxnreg) if maxnreg else dict(num_warps=num_warps)
+    launch_options = _launch_options(num_warps, maxnreg)
     if CKPT_CHUNK % sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
     block_n = next_pow2(d_state)
