@@ -15,6 +15,8 @@ train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, 
        with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
 launch direct Triton launches (causal_conv1d.triton_utils.launch) against Triton's own: eager inference, a
        training step and misaligned inputs, bit for bit; DyVM's gate-head kernel against the ops it replaces.
+order  the gated inference scan with the walks that run dispatched first against the plain grid (the op
+       at Vim-S shapes, fp32 and bf16, and DyVM-S bf16 forwards), bit for bit.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -456,6 +458,43 @@ def launch_check(summary):
             torch.equal(a, c) for a, c in zip(res[True], res[False]))
 
 
+def order_check(summary):
+    """The gated inference scan with the walks that run dispatched first (selective_scan._active_pair) against
+    the plain grid, at Vim-S shapes: the op with gates about 0.74 on (a few samples all off), and DyVM-S
+    forwards; every program computes what it computed before, so the results must be equal bit for bit."""
+    from dyvm.benchmark import build_model
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, L, N = 2, 128, 768, 197, 16
+    for dtype in (torch.bfloat16, torch.float32):
+        cl = lambda: torch.randn(R, b, L, d, device="cuda", dtype=dtype).transpose(2, 3)  # noqa: E731
+        u, delta = cl(), cl() * 0.5 - 1
+        A = -torch.exp(torch.rand(R, N, d, device="cuda") * 2).transpose(1, 2)
+        B, C = [torch.randn(R, b, L, 1, N, device="cuda", dtype=dtype).permute(0, 1, 3, 4, 2) for _ in "BC"]
+        D, bias = torch.randn(R, d, device="cuda"), torch.rand(R, d, device="cuda") - 4
+        z = torch.randn(b, L, d, device="cuda", dtype=dtype).transpose(1, 2)
+        gate = (torch.rand(b, R, device="cuda") < 0.74).float()
+        gate[:5] = 0
+        outs = [torch.empty(b, L, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2)]
+        for out, first in zip(outs, (False, True)):
+            ss.scan_forward(u, delta, A, B, C, D, z, bias, True, gate, 0.5, out, active_first=first)
+        summary[f"order scan {dtype} b128: active first equal to the plain grid"] = bool(torch.equal(*outs))
+    _, model, _ = build_model("dyvm_vim_small", "cuda", 224, 0.7, 0.735)
+    x = torch.randn(128, 3, 224, 224, device="cuda")
+    got, limit = [], ss.MAX_ACTIVE_PAIRS
+    try:
+        for pairs in (0, limit):  # (plans are kept per shape: clear them to take the other grid)
+            ss.MAX_ACTIVE_PAIRS = pairs
+            ss._forward_plans.clear()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                got.append(model.forward_aux(x))
+    finally:
+        ss.MAX_ACTIVE_PAIRS = limit
+        ss._forward_plans.clear()
+    summary["order dyvm_vim_small bf16 b128: logits, gates equal"] = (
+        f"{torch.equal(got[0].logits, got[1].logits)}, {torch.equal(got[0].gates, got[1].gates)}")
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -509,6 +548,8 @@ def main():
                 tf32(summary)
             elif section == "launch":
                 launch_check(summary)
+            elif section == "order":
+                order_check(summary)
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)

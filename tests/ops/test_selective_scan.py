@@ -208,7 +208,8 @@ def test_scan_walk_variants_agree(lanes_on_channels):
 def test_scan_split_directions_agree(channels_last, want_ckpt):
     """A program per direction with one output each, summed after the launch (split_dirs), computes what one
     program running both directions computes: outputs, last states and checkpoints, with a sample whose
-    directions are both gated off and one with only direction 1 on."""
+    directions are both gated off and one with only direction 1 on; so does the inference grid that runs the
+    pairs whose gate is on first (active_first), whose rows past the last of them do nothing."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
     R, b, d, N, L = 2, 4, 24, 8, 19
@@ -219,14 +220,18 @@ def test_scan_split_directions_agree(channels_last, want_ckpt):
     gate = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.3], [0.0, 0.0]])
     results = []
     with triton_on_cpu():
-        for split in (False, True):
+        for split, active_first in ((False, None), (True, False)) + (() if want_ckpt else ((True, True),)):
             out = act(b, d, L).fill_(float("nan"))  # every element must be written
             last, ckpt = ss.scan_forward(u, delta, A, B, C, D, z, bias, True, gate, 0.5, out, want_last=True,
-                                         want_ckpt=want_ckpt, block_d=16, split_dirs=split)
+                                         want_ckpt=want_ckpt, block_d=16, split_dirs=split,
+                                         active_first=active_first)
+            if active_first:  # (the plan of that call: the grid of pairs was taken)
+                assert list(ss._forward_plans.values())[-1].kwargs["ACTIVE_SAMPLES"] == 4
             assert out.stride() == z.stride()
             ran = (gate.t() != 0) | want_ckpt  # (R, b): a gated-off walk leaves its last state unwritten
             results.append([out, last[ran]] + ([ckpt] if want_ckpt else []))
-    assert torch.isfinite(results[1][0]).all()
-    assert (results[1][0][3] == 0).all()  # both directions off: zeros
-    for a, c in zip(*results):
-        assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+    for split_result in results[1:]:
+        assert torch.isfinite(split_result[0]).all()
+        assert (split_result[0][3] == 0).all()  # both directions off: zeros
+        for a, c in zip(results[0], split_result):
+            assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,9 @@ Two directions (the DyVM bidirectional layer): direction 1 walks time backwards 
 no flipped copies are made). Either one program runs direction 0, then direction 1, which reads back and
 accumulates what direction 0 wrote, or (split_dirs) each direction has its own programs and output, summed
 after the launch. A (sample, direction) whose gate is exactly 0 is skipped in the forward pass (its
-contribution 0 * y is zero): no work, no copy.
+contribution 0 * y is zero): no work, no copy. At inference the programs of the pairs that run are
+dispatched first, in the plain grid's order (_active_pair): interleaved with gated-off ones they fill the
+machine unevenly.
 
 Backward: from the states the forward stored every CKPT_CHUNK steps (checkpoints), the program takes the
 chunks from last to first, recomputes each chunk's states into a small per-program scratch and walks it
@@ -72,6 +74,9 @@ BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chu
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
+# Gated inference walks in the order of their gates (_active_pair) up to this many (sample, direction) pairs:
+# each program ranks them all (batch 2048 with two directions).
+MAX_ACTIVE_PAIRS = 4096
 
 
 def _tuning_key(t: Tensor) -> str:
@@ -190,17 +195,28 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
-    CKPT_T: tl.constexpr, PREFETCH: tl.constexpr,
+    CKPT_T: tl.constexpr, PREFETCH: tl.constexpr, ACTIVE_SAMPLES: tl.constexpr,
 ):
     """CKPT_T > 0 (training): store the state entering every CKPT_T-th step of each walk into ckpt
     (r, b, n_chunks, n, d) fp32 for the backward, and run gated-off directions too (the backward needs
     their states for the gate's gradient). UNROLL divides CKPT_T.
     SPLIT_DIRS: program_id(2) picks the one direction this program runs, and each direction writes its
     own output (out_ptr + r * so_r), which the launcher sums; otherwise one program runs both directions
-    and direction 1 adds to direction 0's output."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    pid_r = tl.program_id(2)
+    and direction 1 adds to direction 0's output.
+    ACTIVE_SAMPLES > 0 (split directions with gates, no checkpoints; a power of 2 >= batch): a 1-D grid of
+    batch * directions * channel blocks programs; the first ones run the (sample, direction) pairs whose
+    gate is on, in the plain grid's order, and the rest nothing (_active_pair)."""
+    if ACTIVE_SAMPLES > 0:
+        n_blocks = tl.cdiv(dim, BLOCK_D)
+        batch = tl.num_programs(0) // (n_blocks * N_DIRS)
+        sample, pid_r, pid_d = _active_pair(gate_ptr, tl.program_id(0), batch, n_blocks, sg_b, sg_r, N_DIRS,
+                                            ACTIVE_SAMPLES)
+        pid_b = tl.maximum(sample, 0).to(tl.int64)
+    else:
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
+        pid_r = tl.program_id(2)
+        batch = tl.num_programs(0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -216,6 +232,9 @@ def _scan_fwd_kernel(
         gate0 = tl.load(gate_ptr + pid_b * sg_b).to(tl.float32)
         if N_DIRS == 2:
             gate1 = tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32)
+        if ACTIVE_SAMPLES > 0:  # an item past the last pair that runs: nothing to do
+            gate0 = tl.where(sample < 0, 0.0, gate0)
+            gate1 = tl.where(sample < 0, 0.0, gate1)
     n_chunks = tl.cdiv(seqlen, CKPT_T) if CKPT_T > 0 else 1
     for rr in tl.static_range(1 if SPLIT_DIRS else N_DIRS):
         if SPLIT_DIRS:  # the direction is known at run time only: one walk is compiled, not two
@@ -262,7 +281,7 @@ def _scan_fwd_kernel(
             if HAS_GATE:
                 # broadcast the scalar first: the interpreter cannot & a scalar with a vector
                 mask_acc = mask_d & ((gate0 + tl.zeros((BLOCK_D,), tl.float32)) != 0.0)
-            ckpt_base = ckpt_ptr + (r * tl.num_programs(0) + pid_b) * n_chunks * d_state * dim
+            ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim
             if PREFETCH:
                 # Groups of 4 steps whose loads are issued one group ahead: Triton cannot tell that the
                 # output stores do not alias the inputs, so loads written after a store wait for it.
@@ -308,10 +327,10 @@ def _scan_fwd_kernel(
                         tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
             if STORE_LAST:
                 if LANES_ON_CHANNELS:
-                    tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[None, :]) * d_state
+                    tl.store(last_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state
                              + offs_n[:, None], h, mask=mask_nd)
                 else:
-                    tl.store(last_ptr + ((r * tl.num_programs(0) + pid_b) * dim + offs_d[:, None]) * d_state
+                    tl.store(last_ptr + ((r * batch + pid_b) * dim + offs_d[:, None]) * d_state
                              + offs_n[None, :], h, mask=mask_dn)
         if not SPLIT_DIRS:
             tl.debug_barrier()  # direction 1 reads what direction 0 stored (maybe from another thread)
@@ -324,6 +343,38 @@ def _scan_fwd_kernel(
                 zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
                 for t in range(seqlen):
                     tl.store(o_base + t * so_t, zero, mask=mask_d)
+
+
+@triton.jit
+def _active_pair(gate_ptr, item, batch, n_blocks, sg_b, sg_r, N_DIRS: tl.constexpr, SAMPLES: tl.constexpr):
+    """Program `item` of the gated inference grid -> (sample, direction, channel block), in the plain grid's
+    order (sample fastest, then channel block, then direction) with the (sample, direction) pairs whose gate
+    is 0 left out; sample -1 for the items past those that run (nothing to do).
+
+    Why: a gated-off program returns at once, but where on and off pairs interleave in the plain grid the
+    walks that run fill the machine unevenly. At Vim-S shapes on an H200 (bf16, L 197), 3/4 of the pairs on
+    at random took 412 us on the plain grid against 340 us in this order, the time of all pairs being 445 us.
+    The order matters too: a grid of pairs with directions or channel blocks fastest took 541 to 551 us with
+    every pair on (docs/kernels.md). Each program reads the gates (a few hundred bytes, from L2) and ranks
+    them itself: no launch, no buffer, nothing kept between calls."""
+    samples = tl.arange(0, SAMPLES)
+    in_batch = samples < batch
+    on0 = tl.where(in_batch & (tl.load(gate_ptr + samples * sg_b, mask=in_batch, other=0.0).to(tl.float32)
+                               != 0.0), 1, 0)
+    n0 = tl.sum(on0, axis=0)
+    on, n_on, k, r = on0, n0, item, 0
+    if N_DIRS == 2:
+        on1 = tl.where(in_batch & (tl.load(gate_ptr + samples * sg_b + sg_r, mask=in_batch, other=0.0)
+                                   .to(tl.float32) != 0.0), 1, 0)
+        second = item >= n0 * n_blocks
+        on = tl.where(second, on1, on0)
+        n_on = tl.where(second, tl.sum(on1, axis=0), n0)
+        k = tl.where(second, item - n0 * n_blocks, item)
+        r = tl.where(second, 1, 0)
+    n_on = tl.maximum(n_on, 1)
+    rank = tl.cumsum(on, axis=0)  # inclusive: the j-th sample on has rank j
+    sample = tl.max(tl.where((on != 0) & (rank == k % n_on + 1), samples, -1), axis=0)
+    return tl.where(k < n_on * n_blocks, sample, -1), r, k // n_on
 
 
 @triton.jit
@@ -588,7 +639,8 @@ _forward_plans = {}  # eager inference is bound by the host: the same layer shap
 
 
 def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, out, want_last, want_ckpt,
-                  block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg) -> _ForwardPlan:
+                  block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg,
+                  active_first) -> _ForwardPlan:
     R, batch, dim, seqlen = u.shape
     d_state, groups = A.shape[-1], (B.shape[2], C.shape[2])
     tuning = FWD_TUNING[_tuning_key(u)]
@@ -618,13 +670,20 @@ def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, ou
         out_strides = [0] + _strides4(out)
     ints = (dim, seqlen, d_state, dim // groups[0], dim // groups[1], *_strides4(u), *_strides4(delta), *zs,
             *_strides4(B), *_strides4(C), *out_strides, *gs, float(scale))
+    # the walks that run first (see _active_pair): where gates can skip walks and every walk is not run anyway
+    # for the checkpoints
+    active_first = (split_dirs and gate is not None and not want_ckpt and batch * R <= MAX_ACTIVE_PAIRS
+                    and (active_first is None or active_first))
     kwargs = dict(N_DIRS=R, SPLIT_DIRS=split_dirs, HAS_D=D is not None, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GATE=gate is not None,
                   STORE_LAST=want_last, BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
-                  LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch, **launch_options)
+                  LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch,
+                  ACTIVE_SAMPLES=next_pow2(batch) if active_first else 0, **launch_options)
+    grid = ((batch * R * cdiv(dim, block_d),) if active_first
+            else (batch, cdiv(dim, block_d), R if split_dirs else 1))
     n, block = dim * seqlen, 1024
-    return _ForwardPlan(lanes_on_channels, split_out, (batch, cdiv(dim, block_d), R if split_dirs else 1), ints,
-                        kwargs, (batch, cdiv(n, block)), (n, n * batch, *gs))
+    return _ForwardPlan(lanes_on_channels, split_out, grid, ints, kwargs, (batch, cdiv(n, block)),
+                        (n, n * batch, *gs))
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -632,7 +691,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
                  block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
                  lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None,
-                 split_dirs: Optional[bool] = None, maxnreg: Optional[int] = None):
+                 split_dirs: Optional[bool] = None, maxnreg: Optional[int] = None,
+                 active_first: Optional[bool] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -642,9 +702,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     CKPT_CHUNK-th step (R, b, n_chunks, N, d) fp32 that scan_backward starts from (else None).
     split_dirs (two directions): one program per direction, each writing its own output, summed after.
     maxnreg: a register cap for this launch (0: none; default: FWD_TUNING's ckpt_maxnreg with want_ckpt).
+    active_first (split directions with gates, no checkpoints, at most MAX_ACTIVE_PAIRS pairs; default on):
+    dispatch the walks whose gate is on before the rest (_active_pair).
     Everything that follows from shapes, strides and options alone is planned once per key (_plan_forward).
     """
-    options = (block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg)
+    options = (block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg, active_first)
     key = (u.shape, u.stride(), u.dtype, delta.stride(), A.shape, B.shape, B.stride(), C.shape, C.stride(),
            out.shape, out.stride(), None if z is None else z.stride(), None if gate is None else gate.stride(),
            D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, options)
