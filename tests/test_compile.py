@@ -30,3 +30,20 @@ def test_fullgraph_compile_matches_eager(models, name, training):
         got.square().mean().backward()
         assert all(p.grad is not None for p in model.layers[0].mixer.parameters() if p.requires_grad)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "dyvm_vim_tiny"])
+def test_fullgraph_compile_of_inference_on_the_kernels(models, name):
+    """Inference as it runs on a GPU (the Triton kernels, here through the interpreter, with the eager paths
+    that skip the custom ops: cached weights, direct norm and gate-head launches) still traces whole: those
+    paths step aside while torch.compile traces. A graph break there once sent dynamo into the launch code and
+    left DyVM-S uncompiled after minutes on an H200."""
+    from causal_conv1d.kernel_utils import triton_on_cpu
+
+    torch._dynamo.reset()
+    model = models[name].eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with triton_on_cpu(), torch.no_grad():
+        got, want = compiled(x), model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -54,7 +54,7 @@ class DynamicMamba(Mamba):
         other devices, torch.compile or a dispatch mode watching, several class tokens, per-sample positions,
         hooks on the head."""
         head = self.block_head
-        if (not triton_enabled(xz, "mamba_ssm.ops.triton.gate_head") or ops_watched() or head._forward_hooks
+        if (ops_watched() or not triton_enabled(xz, "mamba_ssm.ops.triton.gate_head") or head._forward_hooks
                 or head._forward_pre_hooks or not is_static(cls_positions) or out.dtype not in GATE_KERNEL_DTYPES
                 or xz.dtype != out.dtype):
             return None

@@ -3,7 +3,8 @@
 `layer_norm_fn` / `rms_norm_fn` dispatch: CUDA tensors go to the fused Triton kernel
 (`layernorm_kernel.py`, compiled at first use); other tensors that need a gradient to the CPU implementation
 (`mamba_ssm/ops/cpu/layernorm.py`: one autograd.Function with an analytic backward), the rest to
-`layer_norm_ref` (MAMBA_FORCE_REFERENCE=1 forces the reference).
+`layer_norm_ref` (MAMBA_FORCE_REFERENCE=1 forces the reference; so does torch.compile, whose inductor fuses
+the reference's ops).
 Semantics of the fused op: residual_out = x + residual (in fp32 when residual_in_fp32, else in x's dtype),
 out = norm(residual_out) in fp32, cast back to x's dtype; with prenorm it returns (out, residual_out).
 """
@@ -65,6 +66,9 @@ def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
 
 def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
                   is_rms_norm=False):
+    if torch.compiler.is_compiling():  # torch.compile sees the plain ops and fuses them itself (the kernel's
+        # direct launches are not traceable; a dispatch mode, FlopCounterMode say, still gets the kernel)
+        return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
     if use_triton(x):
         return layer_norm_triton(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
     if not reference_forced() and needs_grad(x, weight, bias, residual):
