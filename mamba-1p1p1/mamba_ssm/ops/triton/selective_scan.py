@@ -353,7 +353,8 @@ def _active_pair(gate_ptr, item, batch, n_blocks, sg_b, sg_r, N_DIRS: tl.constex
 
     Why: a gated-off program returns at once, but where on and off pairs interleave in the plain grid the
     walks that run fill the machine unevenly. At Vim-S shapes on an H200 (bf16, L 197), 3/4 of the pairs on
-    at random took 412 us on the plain grid against 340 us in this order, the time of all pairs being 445 us.
+    at random took 412 to 419 us on the plain grid against 340 to 389 us in this order (two random draws), all
+    pairs 445 us.
     The order matters too: a grid of pairs with directions or channel blocks fastest took 541 to 551 us with
     every pair on (docs/kernels.md). Each program reads the gates (a few hundred bytes, from L2) and ranks
     them itself: no launch, no buffer, nothing kept between calls."""
