@@ -27,7 +27,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from dyvm.models.layout import make_layout
 from dyvm.pruning import insert_cls, split_cls, take_cls
 from dyvm.models.output import ForwardOutput
-from mamba_ssm.modules.mamba_simple import Mamba, inference_cache_usable, inference_weights_of
+from mamba_ssm.modules.mamba_simple import Mamba, inference_weights_of
 from mamba_ssm.ops.triton.layernorm import RMSNorm, rms_norm_fn
 
 
@@ -235,10 +235,7 @@ class Vim(nn.Module):
     def layer_inference_weights(self, x) -> list:
         """Each layer's mixer weights for eager inference (Mamba.inference_weights; None entries where nothing
         is cached, e.g. in training), checked with one key over the whole model per forward."""
-        if not inference_cache_usable(x):  # (before the memo: a tracer cannot follow the __dict__ write)
-            return [None] * len(self.layers)
-        memo = self.__dict__.setdefault("_inference_weights_memo", {})  # (not a module attribute: not saved)
-        return inference_weights_of(lambda: [layer.mixer for layer in self.layers], x, memo)
+        return inference_weights_of(self, lambda: [layer.mixer for layer in self.layers], x)
 
     def forward_features(self, x):
         """-> final-normed sequence (B, num_patches + n, D), class token(s) at `cls_positions`."""

@@ -1,20 +1,14 @@
 """benchmarks/host_ops.py runs end to end (--dry-run: 4-layer tiny models) and its counts mean what they say:
 the CUDA-path proxy launches the Triton kernels a Vim layer needs (add+norm, conv, scan, and the scan's direction
 sum where the tuning splits the directions) and no more, and a plain layer costs the same everywhere."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.helpers import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def host_ops():
-    spec = importlib.util.spec_from_file_location("host_ops", ROOT / "benchmarks" / "host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("host_ops")
 
 
 @pytest.fixture(scope="module")

@@ -78,15 +78,18 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_count_regis
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
-def inference_weights_of(mixers: Callable[[], list], x, memo: dict) -> list:
+def inference_weights_of(owner, mixers: Callable[[], list], x) -> list:
     """[m.inference_weights(x) for m in mixers()], checked with one key over all the mixers' parameters
     instead of one per layer (some 30 us of host time per layer on an H200 machine, where eager inference is
-    bound by the host). memo: a dict the model keeps for this. Its list of mixers and of where their parameters
-    live is rebuilt when any module registers a parameter or submodule (a replaced Parameter or Linear); a
-    parameter swapped into a parameter dict directly (torch.func.functional_call) is seen by an identity check
-    of every parameter; in-place updates, .to() and dtype changes show in the key itself, as for one layer."""
+    bound by the host). The memo lives in owner.__dict__ (the model: a plain attribute, not saved), touched only
+    where the cache is usable (a tracer cannot follow that write). Its list of mixers and of where their
+    parameters live is rebuilt when any module registers a parameter or submodule (a replaced Parameter or
+    Linear); a parameter swapped into a parameter dict directly (torch.func.functional_call) is seen by an
+    identity check of every parameter; in-place updates, .to() and dtype changes show in the key itself, as
+    for one layer."""
     if not inference_cache_usable(x):
         return [None] * len(mixers())
+    memo = owner.__dict__.setdefault("_inference_weights_memo", {})
     params = _memo_params(mixers, memo)
     if params is None:
         return [m.inference_weights(x) for m in memo["mixers"]]
