@@ -17,6 +17,9 @@ launch direct Triton launches (causal_conv1d.triton_utils.launch) against Triton
        training step and misaligned inputs, bit for bit; DyVM's gate-head kernel against the ops it replaces.
 order  the gated inference scan with the walks that run dispatched first against the plain grid (the op
        at Vim-S shapes, fp32 and bf16, and DyVM-S bf16 forwards), bit for bit.
+stage  DyVM-S's inference pruning stages on their kernels (mamba_ssm.ops.triton.pruning_stage) against the
+       plain ops, batch 128, fp32 and bf16, predictors with spread-out scores: per stage on the same inputs, the
+       normalised tokens, the scores, the kept sets and the gathers; then whole forwards.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -495,6 +498,75 @@ def order_check(summary):
         f"{torch.equal(got[0].logits, got[1].logits)}, {torch.equal(got[0].gates, got[1].gates)}")
 
 
+def _stage_kernels_off():
+    """Within the block, DyVM's pruning stages run their plain ops (dyvm.pruning.stage_kernels_apply declines)."""
+    off = lambda *args, **kwargs: False  # noqa: E731
+    return mock.patch("dyvm.pruning.stage_kernels_apply", off), mock.patch("dyvm.models.predictor.stage_kernels_apply",
+                                                                           off)
+
+
+def stage_check(summary, device="cuda", batch=128):
+    """The pruning-stage kernels against the ops they replace at DyVM-S size (see the module docstring)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from dyvm.benchmark import build_model
+    from dyvm.models.predictor import TokenScorePredictor
+    from dyvm.pruning import batch_gather, gather_index, keep_count, single_static_position, sorted_topk, split_cls
+    from mamba_ssm.ops.triton.pruning_stage import gather_stage, patch_layer_norm
+
+    _, model, _ = build_model("dyvm_vim_small", device, 224, 0.7, 0.735)
+    with torch.no_grad():  # scores that differ between tokens (fresh predictors rate them all about alike)
+        for p in model.score_predictors.parameters():
+            p.normal_(0, 0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    score_stream = TokenScorePredictor.score_stream
+    for dtype in (torch.float32, torch.bfloat16):
+        ac = dict(device_type=device, dtype=dtype, enabled=dtype == torch.bfloat16)
+        seen = []
+
+        def spy(self, hidden, residual, cls_positions, policy):
+            seen.append((self, hidden, residual, cls_positions, policy))
+            return score_stream(self, hidden, residual, cls_positions, policy)
+        with contextlib.ExitStack() as stack:
+            for patch in _stage_kernels_off():
+                stack.enter_context(patch)
+            stack.enter_context(mock.patch.object(TokenScorePredictor, "score_stream", spy))
+            with torch.no_grad(), torch.autocast(**ac):
+                plain = model.forward_aux(x)
+        with torch.no_grad(), torch.autocast(**ac):
+            fused = model.forward_aux(x)
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        summary[f"stage dyvm_vim_small {name} b{batch}: logits rel, decisions equal, gates equal"] = (
+            f"{rel(fused.logits, plain.logits):.1e}, "
+            f"{all(torch.equal(a, b) for a, b in zip(fused.decisions, plain.decisions))}, "
+            f"{torch.equal(fused.gates, plain.gates)}")
+        for stage, (predictor, hidden, residual, cls_positions, policy) in enumerate(seen):
+            norm, cls = predictor.in_conv[0], single_static_position(cls_positions)
+            out_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            with torch.no_grad(), torch.autocast(**ac):
+                normed = patch_layer_norm(hidden, residual, cls, norm.weight, norm.bias, norm.eps, out_dtype)
+                want = F.layer_norm(split_cls(hidden + residual, cls_positions)[1], norm.normalized_shape, norm.weight,
+                                    norm.bias, norm.eps).to(out_dtype)
+                scores = predictor.score_stream(hidden, residual, cls_positions, policy)
+                with contextlib.ExitStack() as stack:
+                    for patch in _stage_kernels_off():
+                        stack.enter_context(patch)
+                    plain_scores = predictor.score_stream(hidden, residual, cls_positions, policy)
+            k = keep_count(model.dyvm_cfg.token_keep_ratios[stage], model.cfg.num_patches)
+            kept, plain_kept = sorted_topk(scores[..., 0], k), sorted_topk(plain_scores[..., 0], k)
+            new_cls = model.layout.positions(k)
+            slot_to_patch = torch.arange(policy.shape[1], device=device).expand(policy.shape[0], -1) * 3
+            got = gather_stage(hidden, residual, slot_to_patch, kept, cls, new_cls[0])
+            source = gather_index(kept, cls_positions, new_cls)
+            ref = batch_gather(hidden, source), batch_gather(residual, source), slot_to_patch.gather(1, kept)
+            summary[f"stage {stage} {name}: normed rel, elements differing, scores rel, kept sets equal, gathers equal"] = (
+                f"{rel(normed, want):.1e}, {int((normed != want).sum())} of {normed.numel()}, "
+                f"{rel(scores, plain_scores):.1e}, {int((kept == plain_kept).all(1).sum())} of {kept.shape[0]}, "
+                f"{all(torch.equal(a, b) for a, b in zip(got, ref))}")
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -550,6 +622,8 @@ def main():
                 launch_check(summary)
             elif section == "order":
                 order_check(summary)
+            elif section == "stage":
+                stage_check(summary)
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)

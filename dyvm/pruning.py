@@ -12,11 +12,13 @@ masked out of the scans. Inference gathers the kept tokens, so the sequence phys
 the class tokens by the same rule from the number of kept tokens, so a kept token sees the same neighbours
 either way.
 """
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from causal_conv1d.kernel_utils import ops_watched, triton_enabled
 
 ClsPositions = Union[int, Tuple[int, ...], Tensor]
 ClsIndex = ClsPositions  # the name from when there was always exactly one class token
@@ -117,6 +119,41 @@ def gather_index(index: Tensor, cls_positions: ClsPositions, new_cls_positions: 
         pos = _per_sample(cls_positions)
         position, cls = _others_index(pos, num_slots).gather(1, index), pos.unsqueeze(-1)
     return insert_cls(position.unsqueeze(-1), cls, new_cls_positions).squeeze(-1)
+
+
+STAGE_KERNELS = "mamba_ssm.ops.triton.pruning_stage"
+
+
+def single_static_position(cls_positions: ClsPositions) -> Optional[int]:
+    """The position of a single class token that sits at the same place in every sample, else None."""
+    if not is_static(cls_positions):
+        return None
+    pos = _static(cls_positions)
+    return pos[0] if len(pos) == 1 else None
+
+
+def stage_kernels_apply(x: Tensor, *cls_positions: ClsPositions) -> bool:
+    """Whether a pruning stage may take the inference kernels (mamba_ssm.ops.triton.pruning_stage) for x: no
+    gradient, a device the kernels run on, nothing tracing or watching the ops (torch.compile, dispatch modes),
+    and one class token at a static position in each of `cls_positions`."""
+    return (not (torch.is_grad_enabled() and x.requires_grad) and not ops_watched()
+            and all(single_static_position(p) is not None for p in cls_positions) and triton_enabled(x, STAGE_KERNELS))
+
+
+def gather_stage(hidden: Tensor, residual: Tensor, slot_to_patch: Tensor, index: Tensor,
+                 cls_positions: ClsPositions, new_cls_positions: ClsPositions) -> Tuple[Tensor, Tensor, Tensor]:
+    """An inference stage's gathers: index (B, k) of the patch slots to keep -> hidden and residual (B, k+n, C)
+    holding those tokens in index order with the class tokens moved to new_cls_positions, and slot_to_patch of
+    the kept slots (B, k). One kernel on the GPU where it applies (stage_kernels_apply), else the plain ops."""
+    if (residual is not None and residual.shape == hidden.shape and hidden.stride(-1) == 1 == residual.stride(-1)
+            and stage_kernels_apply(hidden, cls_positions, new_cls_positions)
+            and not (torch.is_grad_enabled() and residual.requires_grad)):
+        from mamba_ssm.ops.triton.pruning_stage import gather_stage as gather_by_kernel
+
+        return gather_by_kernel(hidden, residual, slot_to_patch, index, single_static_position(cls_positions),
+                                single_static_position(new_cls_positions))
+    source = gather_index(index, cls_positions, new_cls_positions)
+    return batch_gather(hidden, source), batch_gather(residual, source), slot_to_patch.gather(1, index)
 
 
 class _PermuteTokens(torch.autograd.Function):

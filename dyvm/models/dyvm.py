@@ -20,7 +20,7 @@ from dyvm.models.mixer import DynamicMamba, reset_gate_head
 from dyvm.models.output import ForwardOutput
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
-from dyvm.pruning import (ClsPositions, batch_gather, gather_index, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
+from dyvm.pruning import (ClsPositions, gather_index, gather_stage, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
                           keep_count, kept_first_order, make_selection, permute_tokens, split_cls,
                           to_original_order)
 
@@ -140,14 +140,17 @@ class DyVM(Vim):
         k = keep_count(self.dyvm_cfg.token_keep_ratios[stage], M)
         log_probs = None
         if self.score_predictors is not None:
-            features = split_cls(hidden + residual if feature is None else feature, tokens.cls_positions)[1]
-            log_probs = self.score_predictors[stage](features, tokens.policy.unsqueeze(-1).to(features.dtype))
+            predictor = self.score_predictors[stage]
+            if feature is None:  # the residual stream's tokens: hidden + residual
+                log_probs = predictor.score_stream(hidden, residual, tokens.cls_positions, tokens.policy)
+            else:
+                features = split_cls(feature, tokens.cls_positions)[1]
+                log_probs = predictor(features, tokens.policy.unsqueeze(-1).to(features.dtype))
         if not self.training:  # the sequence shrinks to the k best tokens, still in original order
             index = self.selection.eval_indices(log_probs, tokens.policy, k)
             cls_positions = self.layout.positions(k)
-            source = gather_index(index, tokens.cls_positions, cls_positions)
-            hidden, residual = batch_gather(hidden, source), batch_gather(residual, source)
-            slot_to_patch = tokens.slot_to_patch.gather(1, index)
+            hidden, residual, slot_to_patch = gather_stage(hidden, residual, tokens.slot_to_patch, index,
+                                                           tokens.cls_positions, cls_positions)
             policy = torch.ones(index.shape, device=index.device)
             return (hidden, residual, _Tokens(cls_positions, policy, slot_to_patch, None),
                     indices_to_mask(slot_to_patch, M))

@@ -2,11 +2,15 @@
 
 Module names (in_conv.0/1, out_conv.0/2/4) follow the authors' state-dict layout so their files load.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor
+
+from dyvm.pruning import ClsPositions, single_static_position, split_cls, stage_kernels_apply
 
 from mamba_ssm.modules.mamba_simple import cached_for_inference, inference_cache_usable
 
@@ -33,6 +37,42 @@ class TokenScorePredictor(nn.Module):
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
         linears = self._inference_linears(x)
         x = self.in_conv(x) if linears is None else F.gelu(F.linear(self.in_conv[0](x), *linears[0]))
+        return self._scores(x, policy, linears)
+
+    def score_stream(self, hidden: Tensor, residual: Optional[Tensor], cls_positions: ClsPositions,
+                     policy: Tensor) -> Tensor:
+        """The scores of a pruning stage's patch tokens from the residual stream: this predictor applied to
+        split_cls(hidden + residual)'s patch tokens, policy (B, N). At inference on the GPU (where
+        dyvm.pruning.stage_kernels_apply) the add, the class token's removal and the LayerNorm are one kernel
+        (mamba_ssm.ops.triton.pruning_stage.patch_layer_norm), which writes the normalised tokens in the dtype
+        the first Linear reads."""
+        norm = self.in_conv[0]
+        x_dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
+        policy = policy.unsqueeze(-1).to(x_dtype)  # (as the plain path: the features' dtype)
+        if not self._fused_norm_applies(hidden, residual, cls_positions):
+            return self(split_cls(hidden if residual is None else hidden + residual, cls_positions)[1], policy)
+        from mamba_ssm.ops.triton.pruning_stage import patch_layer_norm
+
+        device = hidden.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_dtype
+        normed = patch_layer_norm(hidden, residual, single_static_position(cls_positions), norm.weight, norm.bias,
+                                  norm.eps, out_dtype)
+        linears = self._inference_linears(normed)
+        x = self.in_conv[2](self.in_conv[1](normed)) if linears is None else F.gelu(F.linear(normed, *linears[0]))
+        return self._scores(x, policy, linears)
+
+    def _fused_norm_applies(self, hidden: Tensor, residual: Optional[Tensor], cls_positions: ClsPositions) -> bool:
+        norm = self.in_conv[0]
+        if norm._forward_hooks or norm._forward_pre_hooks or norm.weight is None or norm.bias is None:
+            return False
+        if residual is not None and (residual.shape != hidden.shape or residual.stride(-1) != 1):
+            return False
+        return (hidden.stride(-1) == 1 and tuple(norm.normalized_shape) == hidden.shape[-1:]
+                and not (torch.is_grad_enabled() and (residual is not None and residual.requires_grad))
+                and stage_kernels_apply(hidden, cls_positions))
+
+    def _scores(self, x: Tensor, policy: Tensor, linears) -> Tensor:
+        """in_conv's output (B, N, C) -> log-probabilities: the local half with the pooled half, out_conv."""
         half = x.shape[-1] // 2
         local, pooled = x[..., :half], x[..., half:]
         pooled = (pooled * policy).sum(1, keepdim=True) / (policy.sum(1, keepdim=True) + 1)

@@ -193,3 +193,34 @@ def test_predictor_keeps_its_autocast_weights_while_unchanged():
         predictor.out_conv[2].weight.mul_(-1.5)
     cached, modules = both()
     assert torch.equal(cached, modules) and predictor.__dict__["_inference_cache"] is not first
+
+
+def test_dyvm_inference_stages_take_the_pruning_kernels(models, monkeypatch):
+    """With the kernels (the GPU's path), each inference pruning stage runs mamba_ssm.ops.triton.pruning_stage:
+    the predictor's add + split + LayerNorm and the stage's gathers, one kernel each. The gathers are copies and
+    the LayerNorm differs from torch's only in the order of its fp32 sums, so the kept tokens, and with them
+    every output, equal the plain ops' (fp32 and bf16 autocast); the predictors' scores agree to rounding."""
+    import mamba_ssm.ops.triton.pruning_stage as stage
+
+    calls = []
+    for name in ("patch_layer_norm", "gather_stage"):
+        kernel = getattr(stage, name)
+        monkeypatch.setattr(stage, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    model = models["dyvm"].eval()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        for dtype in (None, torch.bfloat16):
+            calls.clear()
+            want, _ = _outputs(model, x, watched=True, kernels=True, dtype=dtype)
+            assert calls == []  # watched: the plain ops
+            got, _ = _outputs(model, x, watched=False, kernels=True, dtype=dtype)
+            assert calls == ["patch_layer_norm", "gather_stage"] * 2
+            _assert_identical(got, want)
+    predictor, hidden, residual = model.score_predictors[0], torch.randn(3, 10, 16), torch.randn(3, 10, 16)
+    policy = torch.ones(3, 9)
+    with torch.no_grad(), triton_on_cpu():
+        fused = predictor.score_stream(hidden, residual, 4, policy)
+        with _PassThrough():
+            plain = predictor.score_stream(hidden, residual, 4, policy)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fused[:, :, 0], fused[:, :1, 0].expand(-1, 9))  # scores that differ between tokens
