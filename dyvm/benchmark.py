@@ -179,9 +179,10 @@ def build_model(name: str, device, img_size: int = 224, token_keep_ratio: Option
 
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
         block_keep_ratio: Optional[float], token_keep_ratio: Optional[float], warmup: int, iters: int,
-        profile: int = 0, modes: Sequence[str] = ("eager",)) -> list:
+        profile: int = 0, modes: Sequence[str] = ("eager",), seed: int = 0) -> list:
     rows = []
     for name in models:
+        torch.manual_seed(seed)  # the same weights, gates and inputs in every run: DyVM's speed follows its gates
         timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, block_keep_ratio,
                                                  min(64, max(batch_sizes)))
         for dt in dtypes:
@@ -257,6 +258,9 @@ def main(argv=None) -> int:
                    help="shorthand for --modes cuda_graph")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each timing, print the N ops that take the most device time (torch.profiler)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch's seed before each model is built: its weights, gate calibration and inputs, so that "
+                        "runs (and revisions) time the same DyVM decisions")
     add_tf32_flag(p)
     args = p.parse_args(argv)
     apply_tf32(args, torch.device(args.device), print)
@@ -269,7 +273,7 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     try:
         rows = run(args.models, args.batch_sizes, args.dtypes, args.img_size, args.device, args.block_keep_ratio,
-                   args.token_keep_ratio, args.warmup, args.iters, args.profile, args.modes)
+                   args.token_keep_ratio, args.warmup, args.iters, args.profile, args.modes, args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,3 +87,17 @@ def test_block_keep_ratio_flag(capsys):
     for flag in ("--block-keep-ratio", "--gate-keep"):
         assert bench_main(["--models", "dyvm_vim_tiny", flag, "1.5"]) == 2
         assert capsys.readouterr().err.strip() == "error: --block-keep-ratio must be in [0, 1], got 1.5"
+
+
+def test_seed_makes_runs_time_the_same_decisions():
+    """DyVM's speed follows how many directions its gates run: --seed (default 0) fixes the weights, the gate
+    calibration and the inputs, so two runs (or two revisions) time the same realised keep ratio."""
+    from dyvm.benchmark import run
+
+    def realised(seed):
+        rows = run(["dyvm_vim_tiny"], [2], ["fp32"], 32, "cpu", 0.6, None, 1, 1, seed=seed)
+        return rows[0]["block_keep_ratio"]
+
+    first = realised(0)
+    torch.rand(3)  # whatever ran in between
+    assert realised(0) == first
