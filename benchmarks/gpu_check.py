@@ -20,6 +20,9 @@ order  the gated inference scan with the walks that run dispatched first against
 stage  DyVM-S's inference pruning stages on their kernels (mamba_ssm.ops.triton.pruning_stage) against the
        plain ops, batch 128, fp32 and bf16, predictors with spread-out scores: per stage on the same inputs, the
        normalised tokens, the scores, the kept sets and the gathers; then whole forwards.
+proj   x_proj and dt_proj of gated inference (mamba_ssm.ops.triton.gated_proj) against the batched matmuls at
+       Vim-S shapes, fp32 and bf16 (values of the pairs that are on; times with all and 0.74 of the pairs on),
+       then DyVM-S forwards with and without it.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -567,6 +570,47 @@ def stage_check(summary, device="cuda", batch=128):
                 f"{all(torch.equal(a, b) for a, b in zip(got, ref))}")
 
 
+def proj_check(summary):
+    """The gated projections against the batched matmuls they replace (see the module docstring)."""
+    import triton
+
+    from dyvm.benchmark import build_model
+    from mamba_ssm.ops.triton.gated_proj import gated_projections
+
+    b, d, L, R, N = 128, 768, 197, 24, 16
+    for dtype in (torch.float32, torch.bfloat16):
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        xc = torch.randn(2, b, L, d, device="cuda", dtype=dtype).transpose(2, 3)
+        wx = (torch.randn(2, R + 2 * N, d, device="cuda") / d ** 0.5).to(dtype)
+        wdt = (torch.randn(2, d, R, device="cuda") / R ** 0.5).to(dtype)
+
+        def matmuls():
+            x_dbl = torch.bmm(xc.transpose(2, 3).reshape(2, b * L, d), wx.transpose(1, 2))
+            return x_dbl, torch.bmm(x_dbl[..., :R], wdt.transpose(1, 2))
+        want = matmuls()
+        gate = (torch.rand(b, 2, device="cuda") < 0.74).float()
+        got = gated_projections(xc, wx, wdt, gate)
+        on = gate.t().repeat_interleave(L, dim=1).bool()  # (2, b*L) rows of the pairs that are on
+        summary[f"proj {name} b128: x_dbl rel, delta rel (pairs on)"] = (
+            f"{rel(got[0][on], want[0][on]):.1e}, {rel(got[1][on], want[1][on]):.1e}")
+        ones = torch.ones_like(gate)
+        times = [triton.testing.do_bench_cudagraph(fn) * 1e3 for fn in (
+            matmuls, lambda: gated_projections(xc, wx, wdt, ones), lambda: gated_projections(xc, wx, wdt, gate))]
+        summary[f"proj {name} b128 us: matmuls, kernel all on, kernel {float(gate.mean()):.2f} on"] = (
+            ", ".join(f"{t:.0f}" for t in times))
+    _, model, _ = build_model("dyvm_vim_small", "cuda", 224, 0.7, 0.735)
+    x = torch.randn(128, 3, 224, 224, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        ac = dict(device_type="cuda", dtype=dtype, enabled=dtype == torch.bfloat16)
+        with torch.no_grad(), torch.autocast(**ac):
+            fused = model.forward_aux(x)
+            with mock.patch("mamba_ssm.ops.bimamba_stacked._gated_projections_apply", lambda xc: False):
+                plain = model.forward_aux(x)
+        summary[f"proj dyvm_vim_small {dtype} b128: logits rel, gates equal, decisions equal"] = (
+            f"{rel(fused.logits, plain.logits):.1e}, {torch.equal(fused.gates, plain.gates)}, "
+            f"{all(torch.equal(a, c) for a, c in zip(fused.decisions, plain.decisions))}")
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
@@ -624,6 +668,8 @@ def main():
                 order_check(summary)
             elif section == "stage":
                 stage_check(summary)
+            elif section == "proj":
+                proj_check(summary)
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)

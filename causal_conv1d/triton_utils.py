@@ -136,6 +136,11 @@ class FastLauncher:
 _launchers = {}
 
 
+def interpreted(kernel) -> bool:
+    """Whether `kernel` runs in Triton's interpreter (TRITON_INTERPRET=1: the kernel is no JITFunction)."""
+    return not isinstance(kernel, JITFunction)
+
+
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with less host work for specialisations launched before (see above)."""
     # (interpreted kernels are not JITFunctions; pre-run hooks are Triton's to call)

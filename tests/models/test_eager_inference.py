@@ -53,9 +53,22 @@ def _assert_identical(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def _gated_projections_off():
+    """Within the block, gated inference takes x_proj and dt_proj from the batched matmuls, as the general path
+    does (the kernel that skips the pairs that are off sums in another order: see the test after the next)."""
+    from unittest import mock
+
+    return mock.patch("mamba_ssm.ops.bimamba_stacked._gated_projections_apply", lambda xc: False)
+
+
 @pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "triton"])
 @pytest.mark.parametrize("name", ["vim", "dyvm"])
 def test_eager_inference_is_bit_identical_to_the_general_path(models, name, kernels):
+    with _gated_projections_off():
+        _bit_identical_to_the_general_path(models, name, kernels)
+
+
+def _bit_identical_to_the_general_path(models, name, kernels):
     model = models[name].eval()
     x = torch.randn(3, 3, 12, 12)
     dtypes = [None, torch.bfloat16] if not kernels else [None]  # (bf16 on the interpreter: slow, same code)
@@ -70,6 +83,25 @@ def test_eager_inference_is_bit_identical_to_the_general_path(models, name, kern
     if name == "dyvm":  # the gates differ per image, so the skipped directions are exercised
         gates = got[-1]
         assert gates.shape == (3, 3, 2) and 0 < gates.mean() < 1
+
+
+def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
+    """DyVM's eager inference on the kernels takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj, which
+    computes only the (sample, direction) pairs whose gate is on: the same products summed in another order, so
+    the outputs agree with the general path's batched matmuls to rounding and every decision is the same."""
+    import mamba_ssm.ops.triton.gated_proj as proj
+
+    calls = []
+    kernel = proj.gated_projections
+    monkeypatch.setattr(proj, "gated_projections", lambda *a: calls.append(a[3].clone()) or kernel(*a))
+    model = models["dyvm"].eval()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        want, _ = _outputs(model, x, watched=True, kernels=True)
+        got, _ = _outputs(model, x, watched=False, kernels=True)
+    assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g in calls)  # mixed gates
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # logits
+    _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
 
 
 def test_eval_with_gradients_enabled_matches_no_grad(models):
@@ -208,7 +240,7 @@ def test_dyvm_inference_stages_take_the_pruning_kernels(models, monkeypatch):
         monkeypatch.setattr(stage, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     model = models["dyvm"].eval()
     x = torch.randn(3, 3, 12, 12)
-    with torch.no_grad():
+    with torch.no_grad(), _gated_projections_off():
         for dtype in (None, torch.bfloat16):
             calls.clear()
             want, _ = _outputs(model, x, watched=True, kernels=True, dtype=dtype)

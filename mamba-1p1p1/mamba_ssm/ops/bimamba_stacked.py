@@ -9,8 +9,8 @@ device (the ops run the Triton kernels for CUDA tensors, the PyTorch implementat
        d_inner) once.
 
 Inference with gates: a (sample, direction) whose gate is 0 is skipped inside the conv and scan kernels
-(the programs return at once); the batched matmuls still run over the whole batch (they are small next
-to the scan: d_inner x (dt_rank + 2 d_state) and dt_rank x d_inner per token). Training: every direction
+(the programs return at once), and on a GPU inside the kernel that replaces the two batched matmuls
+(mamba_ssm.ops.triton.gated_proj); elsewhere the matmuls run over the whole batch. Training: every direction
 runs and the gate multiplies its output, so the gate gets its gradient.
 """
 from typing import NamedTuple, Optional
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply
-from mamba_ssm.ops.dispatch import needs_grad
+from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
 
 
@@ -86,6 +86,13 @@ class _SplitXZ(torch.autograd.Function):
         return grad
 
 
+def _gated_projections_apply(xc: Tensor) -> bool:
+    """Whether gated inference takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj (the pairs that are
+    on only): on the devices the kernels run on, with nothing tracing or watching the ops (torch.compile and
+    FLOP counting see the batched matmuls)."""
+    return xc.stride(2) == 1 and not ops_watched() and triton_enabled(xc, "gated_proj")
+
+
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                              divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
     """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
@@ -102,10 +109,16 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
     xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)
-    xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
-    x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
-    dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
-    delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
+    if gate_skip is not None and _gated_projections_apply(xc):
+        from mamba_ssm.ops.triton.gated_proj import gated_projections
+
+        x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip)
+        B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
+    else:
+        xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
+        x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
+        dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
+        delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)

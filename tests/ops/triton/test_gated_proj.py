@@ -1,0 +1,40 @@
+"""mamba_ssm.ops.triton.gated_proj: x_proj and dt_proj of DyVM's gated inference for the (sample, direction) pairs
+that are on, in Triton's interpreter, against the batched matmuls they replace."""
+import pytest
+import torch
+
+from mamba_ssm.ops.triton.gated_proj import gated_projections
+
+
+def _inputs(dtype, batch=3, dim=40, seqlen=70, dt_rank=5, d_state=4):
+    xc = torch.randn(2, batch, seqlen, dim).to(dtype).transpose(2, 3)  # channel-contiguous, as the conv writes it
+    x_proj = (torch.randn(2, dt_rank + 2 * d_state, dim) / dim ** 0.5).to(dtype)
+    dt_proj = (torch.randn(2, dim, dt_rank) / dt_rank ** 0.5).to(dtype)
+    gate = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])[:batch]
+    return xc, x_proj, dt_proj, gate, dt_rank
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_projections_equal_the_matmuls_where_the_gate_is_on(dtype):
+    xc, x_proj, dt_proj, gate, dt_rank = _inputs(dtype)
+    batch, dim, seqlen = xc.shape[1:]
+    x_dbl, delta = gated_projections(xc, x_proj, dt_proj, gate)
+    rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
+    want_dbl = torch.bmm(rows.float(), x_proj.float().transpose(1, 2))
+    want_delta = torch.bmm(want_dbl[..., :dt_rank].to(dtype).float(), dt_proj.float().transpose(1, 2))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for b in range(batch):
+        for r in range(2):
+            sl = slice(b * seqlen, (b + 1) * seqlen)
+            if gate[b, r] != 0:  # off pairs: rows left unwritten (the scan skips them)
+                torch.testing.assert_close(x_dbl[r, sl].float(), want_dbl[r, sl], **tol)
+                torch.testing.assert_close(delta[r, sl].float(), want_delta[r, sl], **tol)
+    assert x_dbl.dtype == delta.dtype == dtype
+
+
+def test_gated_projections_refuse_what_does_not_fit():
+    xc, x_proj, dt_proj, gate, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="gated projections"):
+        gated_projections(xc.contiguous(), x_proj, dt_proj, gate)  # time-contiguous
+    with pytest.raises(ValueError, match="gated projections"):
+        gated_projections(xc, x_proj, dt_proj, gate[:2])
