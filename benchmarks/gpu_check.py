@@ -571,15 +571,20 @@ def stage_check(summary, device="cuda", batch=128):
 
 
 def proj_check(summary):
-    """The gated projections against the batched matmuls they replace (see the module docstring)."""
+    """The gated projections against the batched matmuls they replace (see the module docstring), and a sweep of
+    their launch parameters (tokens per program, channels per delta slab, warps) at the sequence lengths of
+    DyVM-S's first and last stages."""
     import triton
 
     from dyvm.benchmark import build_model
     from mamba_ssm.ops.triton.gated_proj import gated_projections
 
-    b, d, L, R, N = 128, 768, 197, 24, 16
-    for dtype in (torch.float32, torch.bfloat16):
-        name = "fp32" if dtype == torch.float32 else "bf16"
+    b, d, R, N = 128, 768, 24, 16
+    configs = [(64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 64, 8)]
+    for dtype, L, tf32 in ((torch.float32, 197, False), (torch.float32, 197, True), (torch.bfloat16, 197, False),
+                           (torch.bfloat16, 68, False)):
+        name = f"{'fp32' if dtype == torch.float32 else 'bf16'}{' tf32' if tf32 else ''} L{L}"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         xc = torch.randn(2, b, L, d, device="cuda", dtype=dtype).transpose(2, 3)
         wx = (torch.randn(2, R + 2 * N, d, device="cuda") / d ** 0.5).to(dtype)
         wdt = (torch.randn(2, d, R, device="cuda") / R ** 0.5).to(dtype)
@@ -589,15 +594,19 @@ def proj_check(summary):
             return x_dbl, torch.bmm(x_dbl[..., :R], wdt.transpose(1, 2))
         want = matmuls()
         gate = (torch.rand(b, 2, device="cuda") < 0.74).float()
-        got = gated_projections(xc, wx, wdt, gate)
+        ones = torch.ones_like(gate)
         on = gate.t().repeat_interleave(L, dim=1).bool()  # (2, b*L) rows of the pairs that are on
+        got = gated_projections(xc, wx, wdt, gate)
         summary[f"proj {name} b128: x_dbl rel, delta rel (pairs on)"] = (
             f"{rel(got[0][on], want[0][on]):.1e}, {rel(got[1][on], want[1][on]):.1e}")
-        ones = torch.ones_like(gate)
-        times = [triton.testing.do_bench_cudagraph(fn) * 1e3 for fn in (
-            matmuls, lambda: gated_projections(xc, wx, wdt, ones), lambda: gated_projections(xc, wx, wdt, gate))]
-        summary[f"proj {name} b128 us: matmuls, kernel all on, kernel {float(gate.mean()):.2f} on"] = (
-            ", ".join(f"{t:.0f}" for t in times))
+        base = triton.testing.do_bench_cudagraph(matmuls) * 1e3
+        for cfg in (configs if dtype != torch.float32 else configs[:1]):
+            kw = dict(block_t=cfg[0], block_d=cfg[1], num_warps=cfg[2])
+            times = [triton.testing.do_bench_cudagraph(lambda: gated_projections(xc, wx, wdt, g, **kw)) * 1e3
+                     for g in (ones, gate)]
+            summary[f"proj {name} b128 {cfg} us: matmuls, kernel all on, {float(gate.mean()):.2f} on"] = (
+                f"{base:.0f}, {times[0]:.0f}, {times[1]:.0f}")
+    torch.backends.cuda.matmul.allow_tf32 = False
     _, model, _ = build_model("dyvm_vim_small", "cuda", 224, 0.7, 0.735)
     x = torch.randn(128, 3, 224, 224, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):

@@ -86,9 +86,10 @@ def _bit_identical_to_the_general_path(models, name, kernels):
 
 
 def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
-    """DyVM's eager inference on the kernels takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj, which
-    computes only the (sample, direction) pairs whose gate is on: the same products summed in another order, so
-    the outputs agree with the general path's batched matmuls to rounding and every decision is the same."""
+    """DyVM's eager inference on the kernels in bf16 takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj,
+    which computes only the (sample, direction) pairs whose gate is on: the same products (fp32 in the
+    interpreter), summed in another order, so the outputs agree with the general path's batched matmuls to
+    rounding and every decision is the same. (fp32 keeps the matmuls: see the next test.)"""
     import mamba_ssm.ops.triton.gated_proj as proj
 
     calls = []
@@ -97,11 +98,14 @@ def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
     model = models["dyvm"].eval()
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
-        want, _ = _outputs(model, x, watched=True, kernels=True)
-        got, _ = _outputs(model, x, watched=False, kernels=True)
-    assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g in calls)  # mixed gates
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # logits
-    _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
+        want, _ = _outputs(model, x, watched=True, kernels=True, dtype=torch.bfloat16)
+        got, _ = _outputs(model, x, watched=False, kernels=True, dtype=torch.bfloat16)
+        assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g in calls)  # mixed gates
+        torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)  # logits
+        _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
+        calls.clear()
+        _outputs(model, x, watched=False, kernels=True)
+        assert calls == []  # fp32: the batched matmuls (Triton's fp32 products are far slower than cuBLAS's)
 
 
 def test_eval_with_gradients_enabled_matches_no_grad(models):

@@ -78,12 +78,17 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
         tl.store(d_base + d[None, :], delta.to(delta_ptr.dtype.element_ty), mask=mask_t[:, None] & md[None, :])
 
 
+# Launch parameters (tokens per program, channels per delta slab, warps); from the sweep in
+# benchmarks/gpu_check.py --sections proj.
+TUNING = {"block_t": 64, "block_d": 64, "num_warps": 4}
+
+
 def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
-                      gate: torch.Tensor):
+                      gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0):
     """xc (2, b, d, L) channel-contiguous (the stacked conv's output), x_proj_weight (2, R + 2N, d), dt_proj_weight
     (2, d, R), gate (b, 2) -> x_dbl (2, b*L, R + 2N) and delta (2, b*L, d) in xc's dtype, as
     torch.bmm(xc rows, x_proj^T) and torch.bmm(x_dbl[..., :R], dt_proj^T) compute them, for the pairs whose gate
-    is not 0 (the rows of the others are left unwritten)."""
+    is not 0 (the rows of the others are left unwritten). block_t, block_d, num_warps override TUNING."""
     R2, batch, dim, seqlen = xc.shape
     n_out, dt_rank = x_proj_weight.shape[1], dt_proj_weight.shape[2]
     d_state = (n_out - dt_rank) // 2
@@ -101,12 +106,13 @@ def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_wei
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:  # (no effect on 16-bit inputs on a GPU; the interpreter's upcast products are exact in fp32)
         precision = "ieee" if upcast else "tf32"
-    block_t = 64
+    block_t = block_t or TUNING["block_t"]
     launch(_gated_proj_kernel, (-(-seqlen // block_t), batch, 2), xc, x_proj_weight, dt_proj_weight, gate,
            x_dbl, delta, seqlen, dim, dt_rank, d_state,
            xc.stride(0), xc.stride(1), xc.stride(3), x_proj_weight.stride(0), x_proj_weight.stride(1),
            dt_proj_weight.stride(0), dt_proj_weight.stride(1), gate.stride(0), gate.stride(1),
            x_dbl.stride(0), x_dbl.stride(1), delta.stride(0), delta.stride(1),
            PRECISION=precision, UPCAST=upcast, BLOCK_T=block_t, BLOCK_K=64, BLOCK_R=max(16, next_pow2(dt_rank)),
-           BLOCK_N=max(16, next_pow2(d_state)), BLOCK_D=64, num_warps=4)
+           BLOCK_N=max(16, next_pow2(d_state)), BLOCK_D=block_d or TUNING["block_d"],
+           num_warps=num_warps or TUNING["num_warps"])
     return x_dbl, delta
