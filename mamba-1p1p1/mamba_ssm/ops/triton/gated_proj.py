@@ -78,9 +78,12 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
         tl.store(d_base + d[None, :], delta.to(delta_ptr.dtype.element_ty), mask=mask_t[:, None] & md[None, :])
 
 
-# Launch parameters (tokens per program, channels per delta slab, warps); from the sweep in
-# benchmarks/gpu_check.py --sections proj.
-TUNING = {"block_t": 64, "block_d": 64, "num_warps": 4}
+# Launch parameters (tokens per program, channels per delta slab, warps), from the sweep of
+# benchmarks/gpu_check.py --sections proj (H200, bf16, batch 128, d_inner 768, gates 0.75 on; us, L 197 / 68):
+# (64, 128, 4) 51 / 24 against the matmuls' 64 / 27; (64, 64, 4) 60 / 30; (128, 64, 4) 47 / 28; (32, 64, 4)
+# 80 / 46; more warps or larger tiles were slower (gpu_check_proj7_h200_2026-11-27h.log). With every pair on the
+# matmuls are faster (64 / 27 against 71 / 41).
+TUNING = {"block_t": 64, "block_d": 128, "num_warps": 4}
 
 
 def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
