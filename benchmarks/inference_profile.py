@@ -46,6 +46,35 @@ def _parts():
             _marked(DyVM, "_prune", "pruning stages")]
 
 
+def part_times(prof, cuda: bool, iters: int) -> dict:
+    """{part: (ms per forward, calls per forward)}: on a GPU the device time of the kernels launched inside the
+    part's CPU ranges (kernels matched to their launch calls by correlation id: Triton's launches too, which
+    torch.profiler's own per-op attribution misses), on a CPU the ranges' CPU time."""
+    events = prof.profiler.kineto_results.events()
+    cpu = torch.autograd.DeviceType.CPU
+    ranges = sorted((e.start_ns(), e.end_ns(), e.name()[len(PART):]) for e in events
+                    if e.device_type() == cpu and e.name().startswith(PART))
+    totals = {}
+    for _, _, label in ranges:
+        totals[label] = (0.0, totals.get(label, (0.0, 0))[1] + 1)
+    if not cuda:
+        for start, end, label in ranges:
+            totals[label] = (totals[label][0] + (end - start) / 1e6, totals[label][1])
+    else:
+        launched = {e.correlation_id(): e.start_ns() for e in events
+                    if e.device_type() == cpu and e.name().startswith("cu")}  # runtime calls: cudaLaunchKernel, ...
+        for e in events:  # kernels, memsets, copies (not the parts' own GPU-side annotations)
+            if e.device_type() == cpu or e.is_user_annotation() or e.name().startswith(PART) \
+                    or e.correlation_id() not in launched:
+                continue
+            when = launched[e.correlation_id()]
+            for start, end, label in ranges:  # (parts do not nest)
+                if start <= when <= end:
+                    totals[label] = (totals[label][0] + e.duration_ns() / 1e6, totals[label][1])
+                    break
+    return {label: (ms / iters, count // iters) for label, (ms, count) in totals.items()}
+
+
 def graph_ms(model, x, dtype, iters: int = 20) -> float:
     fast = graphed(model, dtype=dtype)
     for _ in range(3):
@@ -83,13 +112,8 @@ def profile_forward(model, x, dtype, iters: int = 4, top: int = 25) -> str:
               and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
     total = sum(own(e) for e in leaves) / iters
     lines = [f"  kernels: {total / 1e3:.3f} ms per forward, {sum(e.count for e in leaves) // iters} launches"]
-    parts = {}
-    for e in events:
-        if e.key.startswith(PART):  # (a part may appear as a CPU and a device-side event: keep the larger)
-            label = e.key[len(PART):]
-            parts[label] = max(parts.get(label, (0, 0)), (under(e) / iters, e.count // iters))
-    for label, (t, n) in parts.items():
-        lines.append(f"  part {label:30s} {t / 1e3:8.3f} ms  {n}x")
+    for label, (ms, count) in part_times(prof, cuda, iters).items():
+        lines.append(f"  part {label:30s} {ms:8.3f} ms  {count}x")
     for e in sorted(leaves, key=own, reverse=True)[:top]:
         lines.append(f"  {own(e) / iters / 1e3:8.3f} ms {e.count // iters:5d}x  {e.key[:110]}")
     return "\n".join(lines)
