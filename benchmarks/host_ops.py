@@ -74,7 +74,9 @@ NO_KERNEL = frozenset(f"aten::{n}" for n in (
 
 
 class _CountingLauncher:
-    """Stands in for a Triton kernel: kernel[grid](...) counts the launch and returns."""
+    """Stands in for a Triton kernel: kernel[grid](...) counts the launch and returns. Its integer tensor arguments
+    are zeroed: a skipped kernel that writes indices (the pruning stage's kept slots) must leave ones that later
+    torch ops can index with; zeros are in range everywhere (the proxy's values mean nothing anyway)."""
 
     def __init__(self, name: str, counter: collections.Counter):
         self.name, self.counter = name, counter
@@ -82,6 +84,9 @@ class _CountingLauncher:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.counter[self.name] += 1
+            for a in args:
+                if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                    a.zero_()
         return launch
 
 
