@@ -62,8 +62,13 @@ class TokenScorePredictor(nn.Module):
         return self._scores(x, policy, linears)
 
     def _fused_norm_applies(self, hidden: Tensor, residual: Optional[Tensor], cls_positions: ClsPositions) -> bool:
+        """Whether score_stream may take the kernel: no hooks that the plain calls would run (on this predictor,
+        in_conv or its LayerNorm), a LayerNorm with weight and bias over the last axis, rows contiguous, no
+        gradient, and dyvm.pruning.stage_kernels_apply."""
         norm = self.in_conv[0]
-        if norm._forward_hooks or norm._forward_pre_hooks or norm.weight is None or norm.bias is None:
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.in_conv, norm)):
+            return False
+        if norm.weight is None or norm.bias is None:
             return False
         if residual is not None and (residual.shape != hidden.shape or residual.stride(-1) != 1):
             return False

@@ -260,3 +260,19 @@ def test_dyvm_inference_stages_take_the_pruning_kernels(models, monkeypatch):
             plain = predictor.score_stream(hidden, residual, 4, policy)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(fused[:, :, 0], fused[:, :1, 0].expand(-1, 9))  # scores that differ between tokens
+
+
+def test_predictor_hooks_see_their_calls_with_the_stage_kernels_on():
+    """A forward hook on a predictor (to record its scores, say) still runs: the fused stage steps aside."""
+    from dyvm.models.predictor import TokenScorePredictor
+
+    predictor = TokenScorePredictor(16).eval()
+    hidden, residual, policy = torch.randn(2, 10, 16), torch.randn(2, 10, 16), torch.ones(2, 9)
+    seen = []
+    handle = predictor.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        with torch.no_grad(), triton_on_cpu():
+            scores = predictor.score_stream(hidden, residual, 4, policy)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0] is scores
