@@ -471,14 +471,11 @@ def order_check(summary):
     from dyvm.benchmark import build_model
     from mamba_ssm.ops.triton import selective_scan as ss
 
-    R, b, d, L, N = 2, 128, 768, 197, 16
+    from scan_gate_order import scan_inputs
+
+    R, b, d, L = 2, 128, 768, 197
     for dtype in (torch.bfloat16, torch.float32):
-        cl = lambda: torch.randn(R, b, L, d, device="cuda", dtype=dtype).transpose(2, 3)  # noqa: E731
-        u, delta = cl(), cl() * 0.5 - 1
-        A = -torch.exp(torch.rand(R, N, d, device="cuda") * 2).transpose(1, 2)
-        B, C = [torch.randn(R, b, L, 1, N, device="cuda", dtype=dtype).permute(0, 1, 3, 4, 2) for _ in "BC"]
-        D, bias = torch.randn(R, d, device="cuda"), torch.rand(R, d, device="cuda") - 4
-        z = torch.randn(b, L, d, device="cuda", dtype=dtype).transpose(1, 2)
+        u, delta, A, B, C, D, z, bias = scan_inputs(R, b, d, L, dtype, "cuda")
         gate = (torch.rand(b, R, device="cuda") < 0.74).float()
         gate[:5] = 0
         outs = [torch.empty(b, L, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2)]

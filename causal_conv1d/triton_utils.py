@@ -1,5 +1,6 @@
 """Triton device helpers shared by the kernels of both packages (triton_causal_conv1d.py and mamba_ssm's
 ops/triton/selective_scan.py). A leaf: imports Triton and nothing of either package."""
+import functools
 import inspect
 import itertools
 import operator
@@ -34,6 +35,14 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def row_blocks(n_cols: int) -> tuple:
+    """(rows, columns) per program for kernels that hold whole rows of n_cols in registers (the norms, the pruning
+    stage): columns padded to a power of two, up to 16 rows and 4096 elements per program."""
+    block_n = next_pow2(n_cols)
+    return max(1, min(16, 4096 // block_n)), block_n
 
 
 # ---- Kernel launches with less host work ------------------------------------------------------------------

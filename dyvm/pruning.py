@@ -132,12 +132,16 @@ def single_static_position(cls_positions: ClsPositions) -> Optional[int]:
     return pos[0] if len(pos) == 1 else None
 
 
-def stage_kernels_apply(x: Tensor, *cls_positions: ClsPositions) -> bool:
-    """Whether a pruning stage may take the inference kernels (mamba_ssm.ops.triton.pruning_stage) for x: no
-    gradient, a device the kernels run on, nothing tracing or watching the ops (torch.compile, dispatch modes),
-    and one class token at a static position in each of `cls_positions`."""
-    return (not (torch.is_grad_enabled() and x.requires_grad) and not ops_watched()
-            and all(single_static_position(p) is not None for p in cls_positions) and triton_enabled(x, STAGE_KERNELS))
+def stage_kernels_apply(hidden: Tensor, residual: Optional[Tensor], *cls_positions: ClsPositions) -> bool:
+    """Whether a pruning stage may take the inference kernels (mamba_ssm.ops.triton.pruning_stage) for its two
+    streams: both given, of one shape, rows contiguous, no gradient, a device the kernels run on, nothing tracing
+    or watching the ops (torch.compile, dispatch modes), and one class token at a static position in each of
+    `cls_positions`."""
+    if residual is None or residual.shape != hidden.shape or hidden.stride(-1) != 1 or residual.stride(-1) != 1:
+        return False
+    return (not (torch.is_grad_enabled() and (hidden.requires_grad or residual.requires_grad))
+            and not ops_watched() and all(single_static_position(p) is not None for p in cls_positions)
+            and triton_enabled(hidden, STAGE_KERNELS))
 
 
 def gather_stage(hidden: Tensor, residual: Tensor, slot_to_patch: Tensor, index: Tensor,
@@ -145,9 +149,7 @@ def gather_stage(hidden: Tensor, residual: Tensor, slot_to_patch: Tensor, index:
     """An inference stage's gathers: index (B, k) of the patch slots to keep -> hidden and residual (B, k+n, C)
     holding those tokens in index order with the class tokens moved to new_cls_positions, and slot_to_patch of
     the kept slots (B, k). One kernel on the GPU where it applies (stage_kernels_apply), else the plain ops."""
-    if (residual is not None and residual.shape == hidden.shape and hidden.stride(-1) == 1 == residual.stride(-1)
-            and stage_kernels_apply(hidden, cls_positions, new_cls_positions)
-            and not (torch.is_grad_enabled() and residual.requires_grad)):
+    if stage_kernels_apply(hidden, residual, cls_positions, new_cls_positions):
         from mamba_ssm.ops.triton.pruning_stage import gather_stage as gather_by_kernel
 
         return gather_by_kernel(hidden, residual, slot_to_patch, index, single_static_position(cls_positions),

@@ -2,8 +2,6 @@
 
 Module names (in_conv.0/1, out_conv.0/2/4) follow the authors' state-dict layout so their files load.
 """
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,21 +37,19 @@ class TokenScorePredictor(nn.Module):
         x = self.in_conv(x) if linears is None else F.gelu(F.linear(self.in_conv[0](x), *linears[0]))
         return self._scores(x, policy, linears)
 
-    def score_stream(self, hidden: Tensor, residual: Optional[Tensor], cls_positions: ClsPositions,
-                     policy: Tensor) -> Tensor:
+    def score_stream(self, hidden: Tensor, residual: Tensor, cls_positions: ClsPositions, policy: Tensor) -> Tensor:
         """The scores of a pruning stage's patch tokens from the residual stream: this predictor applied to
         split_cls(hidden + residual)'s patch tokens, policy (B, N). At inference on the GPU (where
-        dyvm.pruning.stage_kernels_apply) the add, the class token's removal and the LayerNorm are one kernel
-        (mamba_ssm.ops.triton.pruning_stage.patch_layer_norm), which writes the normalised tokens in the dtype
-        the first Linear reads."""
-        norm = self.in_conv[0]
-        x_dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
-        policy = policy.unsqueeze(-1).to(x_dtype)  # (as the plain path: the features' dtype)
+        dyvm.pruning.stage_kernels_apply, and no hooks would miss their calls) the add, the class token's removal
+        and the LayerNorm are one kernel (mamba_ssm.ops.triton.pruning_stage.patch_layer_norm), which writes the
+        normalised tokens in the dtype the first Linear reads."""
+        x_dtype = torch.promote_types(hidden.dtype, residual.dtype)  # hidden + residual's
+        policy = policy.unsqueeze(-1).to(x_dtype)  # (the features' dtype, in both paths)
         if not self._fused_norm_applies(hidden, residual, cls_positions):
-            return self(split_cls(hidden if residual is None else hidden + residual, cls_positions)[1], policy)
+            return self(split_cls(hidden + residual, cls_positions)[1], policy)
         from mamba_ssm.ops.triton.pruning_stage import patch_layer_norm
 
-        device = hidden.device.type
+        norm, device = self.in_conv[0], hidden.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_dtype
         normed = patch_layer_norm(hidden, residual, single_static_position(cls_positions), norm.weight, norm.bias,
                                   norm.eps, out_dtype)
@@ -61,20 +57,14 @@ class TokenScorePredictor(nn.Module):
         x = self.in_conv[2](self.in_conv[1](normed)) if linears is None else F.gelu(F.linear(normed, *linears[0]))
         return self._scores(x, policy, linears)
 
-    def _fused_norm_applies(self, hidden: Tensor, residual: Optional[Tensor], cls_positions: ClsPositions) -> bool:
-        """Whether score_stream may take the kernel: no hooks that the plain calls would run (on this predictor,
-        in_conv or its LayerNorm), a LayerNorm with weight and bias over the last axis, rows contiguous, no
-        gradient, and dyvm.pruning.stage_kernels_apply."""
+    def _fused_norm_applies(self, hidden: Tensor, residual: Tensor, cls_positions: ClsPositions) -> bool:
+        """No hooks that the plain calls would run (on this predictor, in_conv or its LayerNorm), a LayerNorm
+        with weight and bias over the last axis, and dyvm.pruning.stage_kernels_apply."""
         norm = self.in_conv[0]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.in_conv, norm)):
-            return False
-        if norm.weight is None or norm.bias is None:
-            return False
-        if residual is not None and (residual.shape != hidden.shape or residual.stride(-1) != 1):
-            return False
-        return (hidden.stride(-1) == 1 and tuple(norm.normalized_shape) == hidden.shape[-1:]
-                and not (torch.is_grad_enabled() and (residual is not None and residual.requires_grad))
-                and stage_kernels_apply(hidden, cls_positions))
+        return (not any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.in_conv, norm))
+                and norm.weight is not None and norm.bias is not None
+                and tuple(norm.normalized_shape) == hidden.shape[-1:]
+                and stage_kernels_apply(hidden, residual, cls_positions))
 
     def _scores(self, x: Tensor, policy: Tensor, linears) -> Tensor:
         """in_conv's output (B, N, C) -> log-probabilities: the local half with the pooled half, out_conv."""

@@ -5,13 +5,11 @@ Forward, per row: r = x + residual (fp32), residual_out = r (fp32 when residual_
 widths are 192 to 768). Backward recomputes x_hat from the saved residual_out and rstd; the weight and
 bias gradients are per-program partial sums reduced with torch (deterministic).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import launch, next_pow2
+from causal_conv1d.triton_utils import launch, row_blocks
 
 
 @triton.jit
@@ -78,14 +76,6 @@ def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, d
         tl.store(db_ptr + pid * n_cols + cols, tl.sum(dy, axis=0), mask=mask_c)
 
 
-@functools.lru_cache(maxsize=None)
-def _blocks(n_cols: int):
-    """(rows, columns) per program (plain-integer arithmetic: see causal_conv1d.triton_utils)."""
-    block_n = next_pow2(n_cols)
-    block_m = max(1, min(16, 4096 // block_n))
-    return block_m, block_n
-
-
 def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm):
     """-> out, residual_out (both x's shape, contiguous), rstd, mean (rstd again for RMSNorm). The kernel
     reads and writes rows of n_cols through plain pointers, so no 2-D views are made (each a dispatch)."""
@@ -98,7 +88,7 @@ def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
     res_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else dtype)
     rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
     mean = torch.empty_like(rstd) if not is_rms_norm else rstd
-    block_m, block_n = _blocks(n_cols)
+    block_m, block_n = row_blocks(n_cols)
     launch(_norm_fwd_kernel, (-(-n_rows // block_m),),
         x, residual if residual is not None else x, weight, bias if bias is not None else weight, out, res_out,
         rstd, mean, n_rows, n_cols, eps, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
@@ -128,7 +118,7 @@ class LayerNormTriton(torch.autograd.Function):
         dy2 = dy.reshape(-1, n_cols).contiguous()
         dres2 = dres_out.reshape(-1, n_cols).contiguous() if (prenorm and dres_out is not None) else None
         n_rows = dy2.shape[0]
-        block_m, block_n = _blocks(n_cols)
+        block_m, block_n = row_blocks(n_cols)
         n_prog = -(-n_rows // block_m)
         dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=torch.float32)
         dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)

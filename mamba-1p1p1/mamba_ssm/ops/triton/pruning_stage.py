@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import launch, next_pow2
+from causal_conv1d.triton_utils import launch, row_blocks
 
 
 @triton.jit
@@ -71,11 +71,6 @@ def _stage_gather_kernel(h_ptr, r_ptr, index_ptr, s2p_ptr, h_out_ptr, r_out_ptr,
     tl.store(r_out_ptr + out_offs, r, mask=mask)
 
 
-def _rows_per_program(n_cols: int):
-    block_n = next_pow2(n_cols)
-    return max(1, min(16, 4096 // block_n)), block_n
-
-
 def _check_rows(name: str, t: torch.Tensor, shape: tuple):
     if tuple(t.shape) != shape or t.stride(-1) != 1:
         raise ValueError(f"pruning stage: {name} must be {shape} with contiguous rows, got {tuple(t.shape)} "
@@ -97,7 +92,7 @@ def patch_layer_norm(hidden: torch.Tensor, residual, cls_position: int, weight: 
     n_slots = length - 1
     out = torch.empty((batch, n_slots, n_cols), device=hidden.device, dtype=out_dtype)
     n_rows = batch * n_slots
-    block_m, block_n = _rows_per_program(n_cols)
+    block_m, block_n = row_blocks(n_cols)
     res = residual if residual is not None else hidden
     launch(_patch_norm_kernel, (-(-n_rows // block_m),), hidden, res, weight, bias, out, n_rows, n_slots, n_cols,
            cls_position, float(eps), hidden.stride(0), hidden.stride(1), res.stride(0), res.stride(1),
@@ -127,7 +122,7 @@ def gather_stage(hidden: torch.Tensor, residual: torch.Tensor, slot_to_patch: to
     r_out = torch.empty((batch, n_keep + 1, n_cols), device=hidden.device, dtype=residual.dtype)
     s2p_out = torch.empty((batch, n_keep), device=hidden.device, dtype=torch.int64)
     n_rows = batch * (n_keep + 1)
-    block_m, block_n = _rows_per_program(n_cols)
+    block_m, block_n = row_blocks(n_cols)
     launch(_stage_gather_kernel, (-(-n_rows // block_m),), hidden, residual, index, slot_to_patch, h_out, r_out,
            s2p_out, n_rows, n_keep, length - 1, n_cols, cls_position, new_cls_position,
            hidden.stride(0), hidden.stride(1), residual.stride(0), residual.stride(1),
