@@ -67,6 +67,8 @@ FWD_TUNING = {
 # At Vim-S training shapes on an H200 (both directions, gated, batch 128; benchmarks/scan_train_tuning.py),
 # pieces of 8 steps with evict_last took 2373 against 2564 us (bf16) and 2487 against 2660 us (fp32); every
 # register cap tried was slower (168: 3023 us, 128: 4945 us, bf16): the spills sit in the walk's inner loop.
+# With the piece in two walks (forward, then adjoint): 2411 us bf16, 2461 us fp32; caps of 160 and below slower
+# (2677 us and up), 168 within the noise, pieces of 4 slower (2871 us) (bwd_two_walks_h200_2026-11-27i.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
                        "maxnreg": 0},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
@@ -411,16 +413,40 @@ def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_
 
 
 @triton.jit
-def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
-                   seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n,
-                   r: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What step s of the backward's reverse walk reads: the state before the step (from the scratch), u,
-    dt (before bias), B, C, dout, z and direction 0's dz (direction 1); zeros when s < s0."""
+def _step_state(h, A, u, dt_raw, Bt, bias, SOFTPLUS: tl.constexpr):
+    dt = dt_raw + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
+
+
+@triton.jit
+def _advance(h, A, bias, u_base, dt_base, B_base, s_from, s_to, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
+             r: tl.constexpr, SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr):
+    """The state entering step s_to from the one entering s_from, storing nothing."""
+    if PREFETCH:
+        nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s_from, s_to, seqlen, su_t, sdt_t, sB_t,
+                                       mask_d, mask_n, r)
+    for s in range(s_from, s_to):
+        if PREFETCH:
+            u, dt, Bt = nu, ndt, nB
+            nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s_to, seqlen, su_t, sdt_t, sB_t,
+                                           mask_d, mask_n, r)
+        else:
+            u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s_to, seqlen, su_t, sdt_t, sB_t,
+                                         mask_d, mask_n, r)
+        h = _step_state(h, A, u, dt, Bt, bias, SOFTPLUS)
+    return h
+
+
+@triton.jit
+def _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s1, seqlen, su_t, sdt_t, sB_t, sC_t,
+                 sdo_t, sz_t, sdz_t, mask_d, mask_n, r: tl.constexpr, HAS_Z: tl.constexpr):
+    """What step s of a piece's forward walk reads: u, dt (before bias), B, C, dout, z and direction 0's dz
+    (direction 1); zeros when s >= s1."""
     t = _walk_time(s, seqlen, r)
-    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
-    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
-    h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
-                     mask=(offs_tile * 0 + s) >= s0, other=0.0)
+    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s1)
+    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s1)
     u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
     dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
     Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
@@ -432,7 +458,66 @@ def _reverse_loads(scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_
         z += tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
         if r > 0:
             dzp += tl.load(dz_base + t * sdz_t, mask=md, other=0.0).to(tl.float32)
-    return h_prev, u, dt, Bt, Ct, dout, z, dzp
+    return u, dt, Bt, Ct, dout, z, dzp
+
+
+@triton.jit
+def _piece_forward(h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base,
+                   do_base, z_base, dz_base, dz_ptr, dC_base, s0, s1, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t,
+                   sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r: tl.constexpr, HAS_Z: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward walk of the piece s0 .. s1 from h, the state entering s0: into the scratch, slot k, the state
+    entering step s0 + k and dy of that step; out, dz and dC of every step; returns dgate_acc and dD_acc."""
+    if PREFETCH:
+        nxt = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s0, s1, seqlen, su_t, sdt_t,
+                           sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z)
+    for s in range(s0, s1):
+        t = _walk_time(s, seqlen, r)
+        if PREFETCH:
+            u, dt, Bt, Ct, dout, z, dzp = nxt
+            nxt = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s + 1, s1, seqlen, su_t,
+                               sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z)
+        else:
+            u, dt, Bt, Ct, dout, z, dzp = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s,
+                                                       s1, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t,
+                                                       mask_d, mask_n, r, HAS_Z)
+        tl.store(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
+        h = _step_state(h, A, u, dt, Bt, bias, SOFTPLUS)
+        y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+        if HAS_Z:
+            sig = tl.sigmoid(z)
+            silu = z * sig
+            dgate_acc += dout * y * silu
+            dyz = dout * g_scale
+            dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
+            tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+            dy = dyz * silu
+        else:
+            dgate_acc += dout * y
+            dy = dout * g_scale
+        tl.store(dy_base + (s - s0) * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
+        tl.store(dC_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+        dD_acc += dy * u
+    return dgate_acc, dD_acc
+
+
+@triton.jit
+def _adjoint_loads(scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, seqlen, su_t, sdt_t,
+                   sB_t, sC_t, mask_d, mask_n, r: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What step s of a piece's adjoint walk reads: the state entering the step and its dy (from the scratch),
+    u, dt (before bias), B and C; zeros when s < s0."""
+    t = _walk_time(s, seqlen, r)
+    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
+    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
+    h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
+                     mask=(offs_tile * 0 + s) >= s0, other=0.0)
+    dy = tl.load(dy_base + (s - s0) * BLOCK_D, mask=md, other=0.0)
+    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
+    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
+    return h_prev, dy, u, dt, Bt, Ct
 
 
 @triton.jit
@@ -462,9 +547,8 @@ def _scan_bwd_kernel(
     dgate (b, r, n_dblocks). ckpt (r, b, n_chunks, n, d): the state entering each CHUNK_T-step chunk of the
     walk, as the forward kernel stored it. A comes as (r, n, d).
 
-    Tiles are (d_state, channels), the forward's "lanes on channels" orientation: with BLOCK_D = 32 per
-    warp a thread owns whole channels (sums over the states stay inside the thread); smaller blocks
-    spread a channel's states over 2 or 4 lanes, which shortens the cross-channel sums of dB and dC."""
+    Tiles are (d_state, channels). Triton lays them out itself: at BLOCK_D = 32 in one warp, 4 states x 4
+    channels per thread, with the per-channel vectors one channel per lane (docs/kernels.md)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     batch = tl.num_programs(0)
@@ -477,7 +561,8 @@ def _scan_bwd_kernel(
     group_B = (pid_d * BLOCK_D) // dpg_B
     group_C = (pid_d * BLOCK_D) // dpg_C
     n_chunks = tl.cdiv(seqlen, CHUNK_T)
-    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T + 1) * BLOCK_D * BLOCK_N
+    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T * BLOCK_N + SUB_T) * BLOCK_D
+    dy_base = scratch_base + SUB_T * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)  # dy of the piece's steps
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
@@ -509,10 +594,13 @@ def _scan_bwd_kernel(
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         dgate_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        # Chunks from last to first, and within a chunk its SUB_T-step pieces from last to first: recompute the
-        # piece's states from the chunk's checkpoint into the scratch (walking the steps before the piece
-        # without storing), then walk the piece backwards with the adjoint state. SUB_T < CHUNK_T keeps the
-        # scratch that all resident programs hold small enough to stay in L2, for a few recomputed steps.
+        # Chunks from last to first, and within a chunk its SUB_T-step pieces from last to first. Each piece in
+        # two walks. Forward: advance the chunk's checkpoint to the piece's first step (no stores), then walk the
+        # piece, storing the state entering each step into the scratch and doing everything that needs the
+        # state but not the adjoint (y, dz, dgate, dC, dD) and dy, kept in the scratch too. Backward: the
+        # adjoint walk, which then needs only the state before each step and dy. Splitting the work this way
+        # shortens the backward walk's chain per step, the part that carries the recurrence of the adjoint.
+        # SUB_T < CHUNK_T keeps the scratch that all resident programs hold small enough to stay in L2.
         for ci in range(n_chunks):
             c = n_chunks - 1 - ci
             cs = c * CHUNK_T
@@ -523,72 +611,41 @@ def _scan_bwd_kernel(
                 s1 = tl.minimum(s0 + SUB_T, ce)
                 tl.debug_barrier()  # the scratch is reused: earlier reads must be done
                 h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
-                tl.store(scratch_base + offs_tile, h, mask=(offs_tile * 0 + cs) >= s0,
-                         eviction_policy=SCRATCH_EVICT)
-                # PREFETCH: each step's loads are issued one step ahead, before the current step's stores
-                # (Triton cannot tell that the stores do not alias the inputs, so later loads wait for them).
-                if PREFETCH:
-                    nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, cs, s1, seqlen, su_t, sdt_t, sB_t,
-                                                   mask_d, mask_n, r)
-                for s in range(cs, s1):
-                    if PREFETCH:
-                        u, dt, Bt = nu, ndt, nB
-                        nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s1, seqlen, su_t, sdt_t,
-                                                       sB_t, mask_d, mask_n, r)
-                    else:
-                        u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t,
-                                                     mask_d, mask_n, r)
-                    dt += bias
-                    if SOFTPLUS:
-                        dt = _softplus(dt)
-                    h = tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
-                    # slot k holds the state entering step s0 + k; earlier steps only advance the state
-                    tl.store(scratch_base + (s - s0 + 1) * BLOCK_D * BLOCK_N + offs_tile, h,
-                             mask=(offs_tile * 0 + s + 1) >= s0, eviction_policy=SCRATCH_EVICT)
+                h = _advance(h, A, bias, u_base, dt_base, B_base, cs, s0, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
+                             r, SOFTPLUS, PREFETCH)
+                dgate_acc, dD_acc = _piece_forward(
+                    h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base,
+                    do_base, z_base, dz_base, dz_ptr, dC_ptr + part_base, s0, s1, seqlen, su_t, sdt_t, sB_t, sC_t,
+                    sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
+                    SCRATCH_EVICT, BLOCK_D, BLOCK_N)
                 tl.debug_barrier()
                 if PREFETCH:
-                    nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
-                        scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s1 - 1, s0,
-                        seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D, BLOCK_N)
+                    nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
+                        scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s1 - 1, s0, seqlen,
+                        su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                 for i in range(s1 - s0):
                     s = s1 - 1 - i
                     t = _walk_time(s, seqlen, r)
                     if PREFETCH:
-                        h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = nh, nu, ndt, nB, nC, ndo, nz, ndz
-                        nh, nu, ndt, nB, nC, ndo, nz, ndz = _reverse_loads(
-                            scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s - 1,
-                            s0, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
-                            BLOCK_N)
+                        h_prev, dy, u, dt_raw, Bt, Ct = nh, ndy, nu, ndt, nB, nC
+                        nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
+                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s - 1, s0, seqlen,
+                            su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                     else:
-                        h_prev, u, dt_raw, Bt, Ct, dout, z, dzp = _reverse_loads(
-                            scratch_base, offs_tile, u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s0,
-                            seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, BLOCK_D,
-                            BLOCK_N)
+                        h_prev, dy, u, dt_raw, Bt, Ct = _adjoint_loads(
+                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, seqlen,
+                            su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                     dt_raw += bias
                     dt = dt_raw
                     if SOFTPLUS:
                         dt = _softplus(dt_raw)
                     a = tl.exp2((dt * 1.4426950408889634)[None, :] * A)  # (no A * log2(e) tile: registers)
-                    y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
-                    if HAS_Z:
-                        sig = tl.sigmoid(z)
-                        silu = z * sig
-                        dgate_acc += dout * y * silu
-                        dyz = dout * g_scale
-                        dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
-                        tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-                        dy = dyz * silu
-                    else:
-                        dgate_acc += dout * y
-                        dy = dout * g_scale
                     g += dy[None, :] * Ct[:, None]
                     dBu = tl.sum(g * Bt[:, None], axis=0)  # d (dt * u)
                     gah = g * a * h_prev
                     ddt = dBu * u + tl.sum(gah * A, axis=0)
                     dA_acc += gah * dt[None, :]
                     tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
-                    tl.store(dC_ptr + part_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
-                    dD_acc += dy * u
                     if SOFTPLUS:
                         ddt = ddt * tl.sigmoid(dt_raw)
                     dbias_acc += ddt
@@ -596,7 +653,6 @@ def _scan_bwd_kernel(
                              mask=mask_d)
                     tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
                     g = g * a
-                    h = h_prev + 0.0  # a new value: see the Triton workaround in the conv walk kernel
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
                  mask=mask_nd)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -788,7 +844,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
     dbias_part = torch.empty_like(dD_part)
     dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
-    scratch = torch.empty((batch * n_dblocks * (sub_chunk + 1) * block_d * block_n,), device=dev, dtype=f32)
+    scratch = torch.empty((batch * n_dblocks * sub_chunk * (block_n + 1) * block_d,), device=dev, dtype=f32)
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
