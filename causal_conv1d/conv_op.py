@@ -79,9 +79,12 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     return _alloc(x, weight.shape[0], channels_last_out)
 
 
-def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad):
-    """The implementation of conv_bwd."""
-    dx, dw, db, dmask = _implementation(x).conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad)
+def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, dx_sink=None):
+    """The implementation of conv_bwd. dx_sink (eager training): an object whose half(0) is the memory dx goes
+    to (mamba_ssm.ops.bimamba_stacked.XZGrad); the kernel writes it there, the PyTorch implementation ignores it."""
+    impl = _implementation(x)
+    kw = {"dx_out": dx_sink.half(0)} if dx_sink is not None and impl is not cpu_causal_conv1d else {}
+    dx, dw, db, dmask = impl.conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad, **kw)
     empty = x.new_empty(_EMPTY, dtype=_grad_dtype(x))
     return [dx, dw, db if db is not None else empty, dmask if dmask is not None else empty]
 
@@ -127,25 +130,27 @@ class _EagerConv(torch.autograd.Function):
     """conv_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, dx_sink, *args):
         out = conv_fwd_impl(*args)
         _setup(ctx, args, out)
+        ctx.dx_sink = dx_sink
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _backward(ctx, dout, bwd=conv_bwd_impl)
+        sink, ctx.dx_sink = ctx.dx_sink, None
+        return None, *_backward(ctx, dout, bwd=lambda *a: conv_bwd_impl(*a, dx_sink=sink))
 
 
 def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool) -> Tensor:
+               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool, dx_sink=None) -> Tensor:
     """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d.kernel_utils.ops_watched)."""
+    needed (see causal_conv1d.kernel_utils.ops_watched). dx_sink: see conv_bwd_impl (eager training only)."""
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)
-    return _EagerConv.apply(*args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
+    return _EagerConv.apply(dx_sink, *args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
 
 
 def conv_macs(x_shape, weight_shape) -> int:

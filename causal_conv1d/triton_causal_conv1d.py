@@ -523,11 +523,11 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
                   dout: Tensor, mask_grad: bool = False, block_t: Optional[int] = None,
-                  block_d: Optional[int] = None, num_warps: Optional[int] = None):
-    """Gradients of conv_forward (without gates): dx like x's dtype and memory layout (b, d, L); dweight
-    (R, d, K) fp32; dbias (R, d) fp32 or None; dmask (b, L) fp32 when mask_grad and a mask is given, else
-    None. dout: (R, b, d, L) view. block_t, block_d, num_warps override CONV_TUNING's backward entries (the
-    benchmark's sweep)."""
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None, dx_out: Optional[Tensor] = None):
+    """Gradients of conv_forward (without gates): dx like x's dtype and memory layout (b, d, L), or written into
+    dx_out (x's shape and dtype, any strides); dweight (R, d, K) fp32; dbias (R, d) fp32 or None; dmask (b, L)
+    fp32 when mask_grad and a mask is given, else None. dout: (R, b, d, L) view. block_t, block_d, num_warps
+    override CONV_TUNING's backward entries (the benchmark's sweep)."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     if width > 4:
@@ -537,8 +537,14 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     dev, f32 = x.device, torch.float32
     dw = torch.empty((R, batch, dim, width), device=dev, dtype=f32)
     dbias = torch.empty((R, batch, dim), device=dev, dtype=f32) if bias is not None else None
-    dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
-        else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
+    if dx_out is not None:
+        if dx_out.shape != x.shape or dx_out.dtype != x.dtype:
+            raise ValueError(f"conv backward: dx_out {tuple(dx_out.shape)} {dx_out.dtype} does not fit x "
+                             f"{tuple(x.shape)} {x.dtype}")
+        dx = dx_out
+    else:
+        dx = torch.empty((batch, seqlen, dim), device=dev, dtype=x.dtype).transpose(1, 2) if x.stride(1) == 1 \
+            else torch.empty((batch, dim, seqlen), device=dev, dtype=x.dtype)
     grid = (batch, cdiv(dim, block_d))
     # dmask's sums over channels: one row per program (block of channels), added up here (deterministic)
     dm_parts = torch.empty((batch, grid[1], seqlen), device=dev, dtype=f32) if mask_grad else None

@@ -142,3 +142,23 @@ def test_mamba_inference_weight_cache_follows_parameter_updates():
         mixer(x).sum().backward()
     assert "_inference_cache" not in mixer.__dict__ and mixer.A_b_log.grad is not None
     assert mixer.in_proj.weight.grad is not None
+
+
+def test_kernels_write_the_xz_gradient_in_place(monkeypatch):
+    """Eager training on the kernels: the scan's backward writes dz and the conv's writes dx straight into the
+    halves of xz's gradient, which is handed on as is (no copies; the values are checked against the reference
+    in test_bimamba_matches_reference); on the PyTorch path the halves are copied in."""
+    import mamba_ssm.ops.bimamba_stacked as stacked
+
+    seen = []
+    same = stacked._same_memory
+    monkeypatch.setattr(stacked, "_same_memory", lambda a, b: seen.append(same(a, b)) or seen[-1])
+    fwd, bwd = scan_weights(40, 4, 8, torch.float32), scan_weights(40, 4, 8, torch.float32)
+    xz = torch.randn(2, 13, 80).transpose(1, 2).requires_grad_()
+    with triton_on_cpu():
+        bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
+    assert seen == [True, True] and xz.grad.transpose(1, 2).is_contiguous()
+    kernel_grad, xz.grad, seen[:] = xz.grad, None, []
+    bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
+    assert seen == [False, False]
+    torch.testing.assert_close(xz.grad, kernel_grad, rtol=1e-4, atol=1e-5)

@@ -61,29 +61,64 @@ def stack_directions(fwd, bwd) -> StackedWeights:
                           A, _stack(fwd, bwd, "D", torch.float32), _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
+class XZGrad:
+    """The gradient of xz in eager training, filled in place by the two backward passes that make its halves: the
+    scan's writes dz into the z half and the conv's writes dx into the x half (`half`, on the kernels' path), so
+    that _SplitXZ's backward hands it on without assembling it from two separate tensors (two copies of half of
+    xz per layer). Allocated at the first `half` call, in the backward pass."""
+
+    def __init__(self, shape, channels_last: bool, dtype: torch.dtype, device: torch.device):
+        self.meta = (shape, channels_last, dtype, device)
+        self.grad: Optional[Tensor] = None
+
+    def full(self) -> Tensor:
+        if self.grad is None:
+            (batch, channels, seqlen), channels_last, dtype, device = self.meta
+            self.grad = torch.empty((batch, seqlen, channels), dtype=dtype, device=device).transpose(1, 2) \
+                if channels_last else torch.empty((batch, channels, seqlen), dtype=dtype, device=device)
+        return self.grad
+
+    def half(self, index: int) -> Tensor:
+        """x's (0) or z's (1) gradient memory: (b, d_inner, L), strided like xz."""
+        dim = self.meta[0][1] // 2
+        return self.full()[:, index * dim:(index + 1) * dim]
+
+
+def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
+    return xz.shape, xz.transpose(1, 2).is_contiguous(), xz.dtype, xz.device
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 class _SplitXZ(torch.autograd.Function):
-    """xz -> (x, z), its two channel halves (views). The backward writes both gradients into one tensor in
-    xz's memory layout; slicing's backward zero-fills a full tensor per half and adds them (a CPU training
-    step of the demo spent 2 ms per layer there)."""
+    """xz -> (x, z), its two channel halves (views). The backward returns xz's gradient in xz's memory layout:
+    the XZGrad `sink` that the scan and the conv wrote their gradients into, or a new tensor (None: under
+    torch.compile or a dispatch mode, whose custom ops allocate their own). Slicing's backward would zero-fill a
+    full tensor per half and add them (a CPU training step of the demo spent 2 ms per layer there)."""
 
     @staticmethod
-    def forward(ctx, xz: Tensor):
+    def forward(ctx, xz: Tensor, sink: Optional[XZGrad]):
         ctx.set_materialize_grads(False)
-        channels_last = xz.transpose(1, 2).is_contiguous()  # in_proj's output: the gradient goes back that way
-        ctx.xz_meta = (xz.shape, channels_last, xz.dtype, xz.device)
+        ctx.xz_meta, ctx.sink = _xz_meta(xz), sink
         dim = xz.shape[1] // 2
         return xz[:, :dim], xz[:, dim:]
 
     @staticmethod
     def backward(ctx, dx, dz):
-        shape, channels_last, dtype, device = ctx.xz_meta
-        batch, channels, seqlen = shape
-        grad = torch.empty((batch, seqlen, channels), dtype=dtype, device=device).transpose(1, 2) if channels_last \
-            else torch.empty(shape, dtype=dtype, device=device)
-        dim = shape[1] // 2
-        for half, g in ((grad[:, :dim], dx), (grad[:, dim:], dz)):
-            half.zero_() if g is None else half.copy_(g)
-        return grad
+        sink, ctx.sink = ctx.sink, None
+        watched = sink is None  # (no data-pointer test there: torch.compile cannot trace one)
+        sink = XZGrad(*ctx.xz_meta) if watched else sink
+        grad = sink.full()
+        for index, g in enumerate((dx, dz)):  # a half the op wrote in place needs nothing more
+            half = sink.half(index)
+            if g is None:
+                half.zero_()
+            elif watched or not _same_memory(g, half):
+                half.copy_(g)
+        sink.grad = None
+        return grad, None
 
 
 def _gated_projections_apply(xc: Tensor) -> bool:
@@ -101,7 +136,8 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    x, z = _SplitXZ.apply(xz) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
+    xz_grad = XZGrad(*_xz_meta(xz)) if needs_grad(xz) and not ops_watched() else None
+    x, z = _SplitXZ.apply(xz, xz_grad) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
@@ -110,7 +146,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     gate_skip = gate if gate is not None and not training else None
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
-    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True)
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, xz_grad)
     if gate_skip is not None and _gated_projections_apply(xc):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
@@ -125,4 +161,4 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     return scan_output(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0, True,
-                       training)
+                       training, xz_grad)

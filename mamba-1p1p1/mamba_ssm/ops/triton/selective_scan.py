@@ -801,11 +801,12 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
-                  maxnreg: Optional[int] = None):
+                  maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
     the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none).
+    dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
@@ -837,7 +838,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     # channel-contiguous, in the inputs' dtypes (the kernel accumulates in fp32 and rounds once on store)
     du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3)
     ddelta = torch.empty((R, batch, seqlen, dim), device=dev, dtype=delta.dtype).transpose(2, 3)
-    dz = torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
+    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
+        raise ValueError(f"scan backward: dz_out {tuple(dz_out.shape)} {dz_out.dtype} does not fit z")
+    dz = dz_out if dz_out is not None else \
+        torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
     dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
