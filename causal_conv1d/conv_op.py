@@ -81,7 +81,8 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
 
 def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, dx_sink=None):
     """The implementation of conv_bwd. dx_sink (eager training): an object whose half(0) is the memory dx goes
-    to (mamba_ssm.ops.bimamba_stacked.XZGrad); the kernel writes it there, the PyTorch implementation ignores it."""
+    to (mamba_ssm.ops.bimamba_stacked.MixerGrads); the kernel writes it there, the PyTorch implementation
+    ignores it."""
     impl = _implementation(x)
     kw = {"dx_out": dx_sink.half(0)} if dx_sink is not None and impl is not cpu_causal_conv1d else {}
     dx, dw, db, dmask = impl.conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad, **kw)
@@ -138,7 +139,7 @@ class _EagerConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        sink, ctx.dx_sink = ctx.dx_sink, None
+        sink = ctx.dx_sink  # (kept: a retained graph's next backward passes through it again)
         return None, *_backward(ctx, dout, bwd=lambda *a: conv_bwd_impl(*a, dx_sink=sink))
 
 

@@ -1,5 +1,7 @@
 """The DyVM op bimamba_v2_inner_fn (both scan directions in one call, per-image gates, token masks): the
 reference against its definition, the Triton path against the reference, and the inference weight cache."""
+import contextlib
+
 import pytest
 import torch
 
@@ -147,18 +149,42 @@ def test_mamba_inference_weight_cache_follows_parameter_updates():
 def test_kernels_write_the_xz_gradient_in_place(monkeypatch):
     """Eager training on the kernels: the scan's backward writes dz and the conv's writes dx straight into the
     halves of xz's gradient, which is handed on as is (no copies; the values are checked against the reference
-    in test_bimamba_matches_reference); on the PyTorch path the halves are copied in."""
+    in test_bimamba_matches_reference); on the PyTorch path the halves are copied in. On both, x_proj's backward
+    adds its input gradient into the scan's du in place (one batched matmul, no separate add)."""
     import mamba_ssm.ops.bimamba_stacked as stacked
 
-    seen = []
+    seen, in_place = [], []
     same = stacked._same_memory
     monkeypatch.setattr(stacked, "_same_memory", lambda a, b: seen.append(same(a, b)) or seen[-1])
+    baddbmm_ = torch.Tensor.baddbmm_
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda t, *a: in_place.append(t.shape) or baddbmm_(t, *a))
     fwd, bwd = scan_weights(40, 4, 8, torch.float32), scan_weights(40, 4, 8, torch.float32)
     xz = torch.randn(2, 13, 80).transpose(1, 2).requires_grad_()
     with triton_on_cpu():
         bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
     assert seen == [True, True] and xz.grad.transpose(1, 2).is_contiguous()
-    kernel_grad, xz.grad, seen[:] = xz.grad, None, []
+    assert in_place == [(2, 2 * 13, 40)]  # (both directions, batch x L rows, d_inner)
+    kernel_grad, xz.grad, seen[:], in_place[:] = xz.grad, None, [], []
     bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
-    assert seen == [False, False]
+    assert seen == [False, False] and len(in_place) == 1
     torch.testing.assert_close(xz.grad, kernel_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "triton"])
+def test_retained_graph_backward_again_after_a_partial_one(kernels):
+    """The hand-offs between the mixer's backward passes (MixerGrads) hold across passes over a retained graph:
+    a first pass that asks only for dt_proj's weight (x_proj's backward does not run: the scan's du is left
+    unclaimed), then a full pass, gives what a fresh graph gives."""
+    fwd, bwd = scan_weights(40, 4, 8, torch.float32), scan_weights(40, 4, 8, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (torch.randn(2, 11, 80).transpose(1, 2), *fwd, *bwd)]
+
+    def out():
+        with triton_on_cpu() if kernels else contextlib.nullcontext():
+            return bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]))
+    with triton_on_cpu() if kernels else contextlib.nullcontext():
+        want = torch.autograd.grad(out().square().sum(), leaves)
+        y = out().square().sum()
+        torch.autograd.grad(y, [leaves[4]], retain_graph=True)  # fwd.dt_proj_weight alone
+        got = torch.autograd.grad(y, leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)

@@ -61,15 +61,22 @@ def stack_directions(fwd, bwd) -> StackedWeights:
                           A, _stack(fwd, bwd, "D", torch.float32), _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
-class XZGrad:
-    """The gradient of xz in eager training, filled in place by the two backward passes that make its halves: the
-    scan's writes dz into the z half and the conv's writes dx into the x half (`half`, on the kernels' path), so
-    that _SplitXZ's backward hands it on without assembling it from two separate tensors (two copies of half of
-    xz per layer). Allocated at the first `half` call, in the backward pass."""
+class MixerGrads:
+    """What the backward passes of one training call of the mixer hand each other (eager training):
+
+    - xz's gradient, filled in place by the two passes that make its halves: the scan's backward kernel writes dz
+      into the z half and the conv's writes dx into the x half (`half`), so that _SplitXZ's backward hands it on
+      without assembling it from two separate tensors (two copies of half of xz per layer). Allocated at the
+      first `half` call, in the backward pass.
+    - du, the scan's gradient of its input u (the conv's output, which x_proj reads too): the scan's backward
+      leaves it here instead of returning it, and x_proj's backward (_XProj) adds its own term into it with one
+      batched matmul, instead of autograd adding two full tensors."""
 
     def __init__(self, shape, channels_last: bool, dtype: torch.dtype, device: torch.device):
         self.meta = (shape, channels_last, dtype, device)
         self.grad: Optional[Tensor] = None
+        self.du: Optional[Tensor] = None
+        self.du_wanted = False  # set by _XProj: its backward takes du from here
 
     def full(self) -> Tensor:
         if self.grad is None:
@@ -84,6 +91,42 @@ class XZGrad:
         return self.full()[:, index * dim:(index + 1) * dim]
 
 
+# Eager training: x_proj's backward adds its input gradient into the scan's du in one batched matmul (_XProj),
+# which rounds once where autograd's matmul-then-add rounds twice; the eager path's bit-for-bit test against the
+# custom ops (which keep the add) turns it off.
+X_PROJ_INTO_DU = True
+
+
+class _XProj(torch.autograd.Function):
+    """x_proj over both directions: xc (2, b, d, L) channels-last, weight (2, R + 2N, d) in xc's dtype ->
+    (2, b*L, R + 2N), as torch.bmm of xc's rows; the backward adds the input gradient into the scan's du when the
+    scan left it in `grads` (MixerGrads), with the matmul's own accumulation (one rounding, not two)."""
+
+    @staticmethod
+    def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads):
+        ctx.save_for_backward(xc, weight)
+        ctx.grads, grads.du_wanted = grads, True
+        R, batch, dim, seqlen = xc.shape
+        return torch.bmm(xc.transpose(2, 3).reshape(R, batch * seqlen, dim), weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, d_xdbl):
+        xc, weight = ctx.saved_tensors
+        grads = ctx.grads  # (du: handed off by this backward pass's scan, which always runs before this)
+        du, grads.du = grads.du, None
+        R, batch, dim, seqlen = xc.shape
+        d_weight = torch.bmm(d_xdbl.transpose(1, 2), xc.transpose(2, 3).reshape(R, batch * seqlen, dim)) \
+            if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, d_weight, None
+        term = (R, batch * seqlen, dim)
+        if du is not None and du.transpose(2, 3).is_contiguous() and du.dtype == d_xdbl.dtype:
+            du.transpose(2, 3).view(term).baddbmm_(d_xdbl, weight)  # du += d_xdbl @ weight, in place
+            return du, d_weight, None
+        d_xc = torch.bmm(d_xdbl, weight).view(R, batch, seqlen, dim).transpose(2, 3)
+        return (d_xc if du is None else du + d_xc), d_weight, None
+
+
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
     return xz.shape, xz.transpose(1, 2).is_contiguous(), xz.dtype, xz.device
 
@@ -94,12 +137,12 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
 
 class _SplitXZ(torch.autograd.Function):
     """xz -> (x, z), its two channel halves (views). The backward returns xz's gradient in xz's memory layout:
-    the XZGrad `sink` that the scan and the conv wrote their gradients into, or a new tensor (None: under
+    the MixerGrads `sink` that the scan and the conv wrote their gradients into, or a new tensor (None: under
     torch.compile or a dispatch mode, whose custom ops allocate their own). Slicing's backward would zero-fill a
     full tensor per half and add them (a CPU training step of the demo spent 2 ms per layer there)."""
 
     @staticmethod
-    def forward(ctx, xz: Tensor, sink: Optional[XZGrad]):
+    def forward(ctx, xz: Tensor, sink: Optional[MixerGrads]):
         ctx.set_materialize_grads(False)
         ctx.xz_meta, ctx.sink = _xz_meta(xz), sink
         dim = xz.shape[1] // 2
@@ -107,9 +150,9 @@ class _SplitXZ(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx, dz):
-        sink, ctx.sink = ctx.sink, None
+        sink = ctx.sink
         watched = sink is None  # (no data-pointer test there: torch.compile cannot trace one)
-        sink = XZGrad(*ctx.xz_meta) if watched else sink
+        sink = MixerGrads(*ctx.xz_meta) if watched else sink
         grad = sink.full()
         for index, g in enumerate((dx, dz)):  # a half the op wrote in place needs nothing more
             half = sink.half(index)
@@ -136,8 +179,8 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    xz_grad = XZGrad(*_xz_meta(xz)) if needs_grad(xz) and not ops_watched() else None
-    x, z = _SplitXZ.apply(xz, xz_grad) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
+    grads = MixerGrads(*_xz_meta(xz)) if needs_grad(xz) and not ops_watched() else None
+    x, z = _SplitXZ.apply(xz, grads) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
@@ -146,19 +189,22 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     gate_skip = gate if gate is not None and not training else None
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
-    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, xz_grad)
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, grads)
     if gate_skip is not None and _gated_projections_apply(xc):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
         x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip)
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
-        xc_rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim)
-        x_dbl = torch.bmm(xc_rows, w.x_proj_weight.transpose(1, 2))  # (2, b*L, R + 2N)
+        if grads is not None and X_PROJ_INTO_DU:  # eager training: x_proj's backward adds into the scan's du
+            x_dbl = _XProj.apply(xc, w.x_proj_weight.to(xc.dtype), grads)
+        else:
+            x_dbl = torch.bmm(xc.transpose(2, 3).reshape(2, batch * seqlen, dim), w.x_proj_weight.transpose(1, 2))
+        # x_dbl: (2, b*L, R + 2N)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
         delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     return scan_output(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0, True,
-                       training, xz_grad)
+                       training, grads)

@@ -98,7 +98,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
 def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None,
                   dz_sink=None):
     """The implementation of scan_bwd. dz_sink (eager training): an object whose half(1) is the memory dz goes
-    to (mamba_ssm.ops.bimamba_stacked.XZGrad); the kernel writes it there, the PyTorch implementation ignores it."""
+    to (mamba_ssm.ops.bimamba_stacked.MixerGrads); the kernel writes it there, the PyTorch implementation ignores
+    it."""
     kw = {"dz_out": dz_sink.half(1)} if dz_sink is not None and z is not None and _is_triton(u) else {}
     g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
                                          dlast, ckpt if ckpt is not None and ckpt.numel() else None, **kw)
@@ -163,8 +164,11 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast, dckpt):
-        sink, ctx.dz_sink = ctx.dz_sink, None
-        return None, *_backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, dz_sink=sink))
+        sink = ctx.dz_sink  # (kept: a retained graph's next backward hands off again)
+        grads = _backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, dz_sink=sink))
+        if sink is not None and sink.du_wanted:  # u's gradient goes on through the sink (x_proj adds into it)
+            sink.du, grads = grads[0], (None, *grads[1:])
+        return None, *grads
 
 
 def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
