@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import interpreted, launch, next_pow2
+from causal_conv1d.triton_utils import interpreted, launch, next_pow2, remember
 
 
 @triton.jit
@@ -86,12 +86,31 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
 TUNING = {"block_t": 64, "block_d": 128, "num_warps": 4}
 
 
+_plans = {}  # (grid, integer arguments, constexprs, output shapes) per key: eager inference is bound by the host
+
+
 def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
                       gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0):
     """xc (2, b, d, L) channel-contiguous (the stacked conv's output), x_proj_weight (2, R + 2N, d), dt_proj_weight
     (2, d, R), gate (b, 2) -> x_dbl (2, b*L, R + 2N) and delta (2, b*L, d) in xc's dtype, as
     torch.bmm(xc rows, x_proj^T) and torch.bmm(x_dbl[..., :R], dt_proj^T) compute them, for the pairs whose gate
     is not 0 (the rows of the others are left unwritten). block_t, block_d, num_warps override TUNING."""
+    x_proj_weight, dt_proj_weight = x_proj_weight.contiguous(), dt_proj_weight.contiguous()
+    key = (xc.shape, xc.stride(), xc.dtype, x_proj_weight.shape, x_proj_weight.stride(), x_proj_weight.dtype,
+           dt_proj_weight.shape, dt_proj_weight.stride(), dt_proj_weight.dtype, gate.shape, gate.stride(),
+           torch.backends.cuda.matmul.allow_tf32, block_t, block_d, num_warps)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = remember(_plans, key, _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps))
+    grid, ints, kwargs, (dbl_shape, delta_shape) = plan
+    x_dbl = torch.empty(dbl_shape, device=xc.device, dtype=xc.dtype)
+    delta = torch.empty(delta_shape, device=xc.device, dtype=xc.dtype)
+    launch(_gated_proj_kernel, grid, xc, x_proj_weight, dt_proj_weight, gate, x_dbl, delta, *ints, **kwargs)
+    return x_dbl, delta
+
+
+def _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps):
+    """The launch of gated_projections for these inputs' shapes, strides and dtypes, checked once."""
     R2, batch, dim, seqlen = xc.shape
     n_out, dt_rank = x_proj_weight.shape[1], dt_proj_weight.shape[2]
     d_state = (n_out - dt_rank) // 2
@@ -101,21 +120,17 @@ def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_wei
         raise ValueError(f"gated projections: xc {tuple(xc.shape)} {xc.dtype} (channel-contiguous), x_proj "
                          f"{tuple(x_proj_weight.shape)} {x_proj_weight.dtype}, dt_proj {tuple(dt_proj_weight.shape)} "
                          f"{dt_proj_weight.dtype} and gate {tuple(gate.shape)} do not fit")
-    x_proj_weight, dt_proj_weight = x_proj_weight.contiguous(), dt_proj_weight.contiguous()
-    x_dbl = torch.empty((2, batch * seqlen, n_out), device=xc.device, dtype=xc.dtype)
-    delta = torch.empty((2, batch * seqlen, dim), device=xc.device, dtype=xc.dtype)
     upcast = interpreted(_gated_proj_kernel) and xc.dtype != torch.float32
     if xc.dtype == torch.float32:  # TF32 tensor cores only where torch's matmuls would use them
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:  # (no effect on 16-bit inputs on a GPU; the interpreter's upcast products are exact in fp32)
         precision = "ieee" if upcast else "tf32"
     block_t = block_t or TUNING["block_t"]
-    launch(_gated_proj_kernel, (-(-seqlen // block_t), batch, 2), xc, x_proj_weight, dt_proj_weight, gate,
-           x_dbl, delta, seqlen, dim, dt_rank, d_state,
-           xc.stride(0), xc.stride(1), xc.stride(3), x_proj_weight.stride(0), x_proj_weight.stride(1),
-           dt_proj_weight.stride(0), dt_proj_weight.stride(1), gate.stride(0), gate.stride(1),
-           x_dbl.stride(0), x_dbl.stride(1), delta.stride(0), delta.stride(1),
-           PRECISION=precision, UPCAST=upcast, BLOCK_T=block_t, BLOCK_K=64, BLOCK_R=max(16, next_pow2(dt_rank)),
-           BLOCK_N=max(16, next_pow2(d_state)), BLOCK_D=block_d or TUNING["block_d"],
-           num_warps=num_warps or TUNING["num_warps"])
-    return x_dbl, delta
+    # x_dbl, delta: (2, b*L, n) contiguous, so their strides follow from the shapes
+    ints = (seqlen, dim, dt_rank, d_state, xc.stride(0), xc.stride(1), xc.stride(3), x_proj_weight.stride(0),
+            x_proj_weight.stride(1), dt_proj_weight.stride(0), dt_proj_weight.stride(1), gate.stride(0),
+            gate.stride(1), batch * seqlen * n_out, n_out, batch * seqlen * dim, dim)
+    kwargs = dict(PRECISION=precision, UPCAST=upcast, BLOCK_T=block_t, BLOCK_K=64,
+                  BLOCK_R=max(16, next_pow2(dt_rank)), BLOCK_N=max(16, next_pow2(d_state)),
+                  BLOCK_D=block_d or TUNING["block_d"], num_warps=num_warps or TUNING["num_warps"])
+    return (-(-seqlen // block_t), batch, 2), ints, kwargs, ((2, batch * seqlen, n_out), (2, batch * seqlen, dim))
