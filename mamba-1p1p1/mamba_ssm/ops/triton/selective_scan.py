@@ -414,6 +414,7 @@ def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_
 
 @triton.jit
 def _step_state(h, A, u, dt_raw, Bt, bias, SOFTPLUS: tl.constexpr):
+    """The state after a step from the one before: exp(dt A) h + dt u B, dt = softplus(dt_raw + bias)."""
     dt = dt_raw + bias
     if SOFTPLUS:
         dt = _softplus(dt)
