@@ -79,12 +79,11 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     return _alloc(x, weight.shape[0], channels_last_out)
 
 
-def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, dx_sink=None):
-    """The implementation of conv_bwd. dx_sink (eager training): an object whose half(0) is the memory dx goes
-    to (mamba_ssm.ops.bimamba_stacked.MixerGrads); the kernel writes it there, the PyTorch implementation
-    ignores it."""
+def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, mixer_grads=None):
+    """The implementation of conv_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
+    its half(0) is the memory dx goes to, which the kernel writes (the PyTorch implementation ignores it)."""
     impl = _implementation(x)
-    kw = {"dx_out": dx_sink.half(0)} if dx_sink is not None and impl is not cpu_causal_conv1d else {}
+    kw = {"dx_out": mixer_grads.half(0)} if mixer_grads is not None and impl is not cpu_causal_conv1d else {}
     dx, dw, db, dmask = impl.conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad, **kw)
     empty = x.new_empty(_EMPTY, dtype=_grad_dtype(x))
     return [dx, dw, db if db is not None else empty, dmask if dmask is not None else empty]
@@ -131,27 +130,27 @@ class _EagerConv(torch.autograd.Function):
     """conv_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
 
     @staticmethod
-    def forward(ctx, dx_sink, *args):
+    def forward(ctx, mixer_grads, *args):
         out = conv_fwd_impl(*args)
         _setup(ctx, args, out)
-        ctx.dx_sink = dx_sink
+        ctx.mixer_grads = mixer_grads  # (kept after the backward: a retained graph's next one uses it again)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        sink = ctx.dx_sink  # (kept: a retained graph's next backward passes through it again)
-        return None, *_backward(ctx, dout, bwd=lambda *a: conv_bwd_impl(*a, dx_sink=sink))
+        shared = ctx.mixer_grads
+        return None, *_backward(ctx, dout, bwd=lambda *a: conv_bwd_impl(*a, mixer_grads=shared))
 
 
 def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool, dx_sink=None) -> Tensor:
+               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool, mixer_grads=None) -> Tensor:
     """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d.kernel_utils.ops_watched). dx_sink: see conv_bwd_impl (eager training only)."""
+    needed (see causal_conv1d.kernel_utils.ops_watched). mixer_grads: see conv_bwd_impl (eager training only)."""
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)
-    return _EagerConv.apply(dx_sink, *args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
+    return _EagerConv.apply(mixer_grads, *args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
 
 
 def conv_macs(x_shape, weight_shape) -> int:

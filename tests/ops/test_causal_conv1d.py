@@ -214,7 +214,7 @@ def test_dyvm_mixer_mask_grad_inside_the_op_matches_the_mask_around_it(monkeypat
     dout = torch.randn(batch, dim, seqlen, dtype=dtype)
     inner = stacked.conv_apply
 
-    def mask_around(x, weight, bias, mask, gate_skip, silu, channels_last_out, dx_sink):
+    def mask_around(x, weight, bias, mask, gate_skip, silu, channels_last_out, mixer_grads):
         xc = inner(x * mask[:, None], weight, bias, None, gate_skip, silu, channels_last_out)  # (x * mask: no sink)
         return xc * mask[None, :, None]
 

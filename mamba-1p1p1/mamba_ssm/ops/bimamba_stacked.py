@@ -97,6 +97,12 @@ class MixerGrads:
 X_PROJ_INTO_DU = True
 
 
+def _rows(xc: Tensor) -> Tensor:
+    """(2, b, d, L) channels-last -> its (2, b*L, d) rows, a view (x_proj's input)."""
+    R, batch, dim, seqlen = xc.shape
+    return xc.transpose(2, 3).reshape(R, batch * seqlen, dim)
+
+
 class _XProj(torch.autograd.Function):
     """x_proj over both directions: xc (2, b, d, L) channels-last, weight (2, R + 2N, d) in xc's dtype ->
     (2, b*L, R + 2N), as torch.bmm of xc's rows; the backward adds the input gradient into the scan's du when the
@@ -106,25 +112,29 @@ class _XProj(torch.autograd.Function):
     def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads):
         ctx.save_for_backward(xc, weight)
         ctx.grads, grads.du_wanted = grads, True
-        R, batch, dim, seqlen = xc.shape
-        return torch.bmm(xc.transpose(2, 3).reshape(R, batch * seqlen, dim), weight.transpose(1, 2))
+        return torch.bmm(_rows(xc), weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, d_xdbl):
         xc, weight = ctx.saved_tensors
         grads = ctx.grads  # (du: handed off by this backward pass's scan, which always runs before this)
         du, grads.du = grads.du, None
-        R, batch, dim, seqlen = xc.shape
-        d_weight = torch.bmm(d_xdbl.transpose(1, 2), xc.transpose(2, 3).reshape(R, batch * seqlen, dim)) \
-            if ctx.needs_input_grad[1] else None
+        d_weight = torch.bmm(d_xdbl.transpose(1, 2), _rows(xc)) if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:
             return None, d_weight, None
-        term = (R, batch * seqlen, dim)
         if du is not None and du.transpose(2, 3).is_contiguous() and du.dtype == d_xdbl.dtype:
-            du.transpose(2, 3).view(term).baddbmm_(d_xdbl, weight)  # du += d_xdbl @ weight, in place
+            _rows(du).baddbmm_(d_xdbl, weight)  # du += d_xdbl @ weight, in place (the rows are a view)
             return du, d_weight, None
+        R, batch, dim, seqlen = xc.shape
         d_xc = torch.bmm(d_xdbl, weight).view(R, batch, seqlen, dim).transpose(2, 3)
         return (d_xc if du is None else du + d_xc), d_weight, None
+
+
+def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads]) -> Tensor:
+    """x_proj of both directions' conv outputs, (2, b*L, R + 2N): through _XProj in eager training."""
+    if grads is not None and X_PROJ_INTO_DU:
+        return _XProj.apply(xc, weight.to(xc.dtype), grads)
+    return torch.bmm(_rows(xc), weight.transpose(1, 2))
 
 
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
@@ -137,30 +147,29 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
 
 class _SplitXZ(torch.autograd.Function):
     """xz -> (x, z), its two channel halves (views). The backward returns xz's gradient in xz's memory layout:
-    the MixerGrads `sink` that the scan and the conv wrote their gradients into, or a new tensor (None: under
-    torch.compile or a dispatch mode, whose custom ops allocate their own). Slicing's backward would zero-fill a
-    full tensor per half and add them (a CPU training step of the demo spent 2 ms per layer there)."""
+    the one in `grads` (MixerGrads) that the scan and the conv wrote their gradients into, or a new tensor (grads
+    None: under torch.compile or a dispatch mode, whose custom ops allocate their own). Slicing's backward would
+    zero-fill a full tensor per half and add them (a CPU training step of the demo spent 2 ms per layer there)."""
 
     @staticmethod
-    def forward(ctx, xz: Tensor, sink: Optional[MixerGrads]):
+    def forward(ctx, xz: Tensor, grads: Optional[MixerGrads]):
         ctx.set_materialize_grads(False)
-        ctx.xz_meta, ctx.sink = _xz_meta(xz), sink
+        ctx.xz_meta, ctx.grads = _xz_meta(xz), grads
         dim = xz.shape[1] // 2
         return xz[:, :dim], xz[:, dim:]
 
     @staticmethod
     def backward(ctx, dx, dz):
-        sink = ctx.sink
-        watched = sink is None  # (no data-pointer test there: torch.compile cannot trace one)
-        sink = MixerGrads(*ctx.xz_meta) if watched else sink
-        grad = sink.full()
+        watched = ctx.grads is None  # (no data-pointer test there: torch.compile cannot trace one)
+        grads = MixerGrads(*ctx.xz_meta) if watched else ctx.grads
+        grad = grads.full()
         for index, g in enumerate((dx, dz)):  # a half the op wrote in place needs nothing more
-            half = sink.half(index)
+            half = grads.half(index)
             if g is None:
                 half.zero_()
             elif watched or not _same_memory(g, half):
                 half.copy_(g)
-        sink.grad = None
+        grads.grad = None
         return grad, None
 
 
@@ -179,8 +188,9 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    grads = MixerGrads(*_xz_meta(xz)) if needs_grad(xz) and not ops_watched() else None
-    x, z = _SplitXZ.apply(xz, grads) if needs_grad(xz) else (xz[:, :dim], xz[:, dim:])
+    xz_needs_grad = needs_grad(xz)
+    grads = MixerGrads(*_xz_meta(xz)) if xz_needs_grad and not ops_watched() else None
+    x, z = _SplitXZ.apply(xz, grads) if xz_needs_grad else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
@@ -196,11 +206,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip)
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
-        if grads is not None and X_PROJ_INTO_DU:  # eager training: x_proj's backward adds into the scan's du
-            x_dbl = _XProj.apply(xc, w.x_proj_weight.to(xc.dtype), grads)
-        else:
-            x_dbl = torch.bmm(xc.transpose(2, 3).reshape(2, batch * seqlen, dim), w.x_proj_weight.transpose(1, 2))
-        # x_dbl: (2, b*L, R + 2N)
+        x_dbl = _x_proj(xc, w.x_proj_weight, grads)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
         delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)

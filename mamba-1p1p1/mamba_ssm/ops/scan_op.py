@@ -96,11 +96,10 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
 
 
 def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None,
-                  dz_sink=None):
-    """The implementation of scan_bwd. dz_sink (eager training): an object whose half(1) is the memory dz goes
-    to (mamba_ssm.ops.bimamba_stacked.MixerGrads); the kernel writes it there, the PyTorch implementation ignores
-    it."""
-    kw = {"dz_out": dz_sink.half(1)} if dz_sink is not None and z is not None and _is_triton(u) else {}
+                  mixer_grads=None):
+    """The implementation of scan_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
+    its half(1) is the memory dz goes to, which the kernel writes (the PyTorch implementation ignores it)."""
+    kw = {"dz_out": mixer_grads.half(1)} if mixer_grads is not None and z is not None and _is_triton(u) else {}
     g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
                                          dlast, ckpt if ckpt is not None and ckpt.numel() else None, **kw)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
@@ -155,46 +154,46 @@ class _EagerScan(torch.autograd.Function):
     """scan_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
 
     @staticmethod
-    def forward(ctx, dz_sink, *args):
+    def forward(ctx, mixer_grads, *args):
         out = scan_fwd_impl(*args)
         _setup(ctx, args, out)
         ctx.mark_non_differentiable(out[2])
-        ctx.dz_sink = dz_sink
+        ctx.mixer_grads = mixer_grads  # (kept after the backward: a retained graph's next one hands off again)
         return out
 
     @staticmethod
     def backward(ctx, dout, dlast, dckpt):
-        sink = ctx.dz_sink  # (kept: a retained graph's next backward hands off again)
-        grads = _backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, dz_sink=sink))
-        if sink is not None and sink.du_wanted:  # u's gradient goes on through the sink (x_proj adds into it)
-            sink.du, grads = grads[0], (None, *grads[1:])
+        shared = ctx.mixer_grads
+        grads = _backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, mixer_grads=shared))
+        if shared is not None and shared.du_wanted:  # u's gradient goes on through it (x_proj adds into it)
+            shared.du, grads = grads[0], (None, *grads[1:])
         return None, *grads
 
 
 def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
                want_last: bool, channels_last_out: bool, want_ckpt: bool = False,
-               dz_sink=None) -> Tuple[Tensor, Tensor, Tensor]:
+               mixer_grads=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Run scan_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see mamba_ssm.ops.dispatch: needs_grad, ops_watched). dz_sink: see scan_bwd_impl (eager training)."""
+    needed (see mamba_ssm.ops.dispatch: needs_grad, ops_watched). mixer_grads: see scan_bwd_impl (eager training)."""
     args = (u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
             want_ckpt)
     if ops_watched():
         return scan_fwd(*args)
     if needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
-        return _EagerScan.apply(dz_sink, *args)
+        return _EagerScan.apply(mixer_grads, *args)
     return scan_fwd_impl(*args)
 
 
 def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 z: Optional[Tensor], delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool,
-                scale: float, channels_last_out: bool, want_ckpt: bool = False, dz_sink=None) -> Tensor:
+                scale: float, channels_last_out: bool, want_ckpt: bool = False, mixer_grads=None) -> Tensor:
     """scan_apply's output alone (no last state). In eager inference the implementation just writes a fresh
     output: none of the op's placeholder outputs, each an allocation the host pays on every layer."""
     if ops_watched() or needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
         return scan_apply(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, False, channels_last_out,
-                          want_ckpt, dz_sink)[0]
+                          want_ckpt, mixer_grads)[0]
     out = _out_like(u, channels_last_out)
     _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
                                     False)

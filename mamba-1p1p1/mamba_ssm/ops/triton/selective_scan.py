@@ -443,14 +443,12 @@ def _advance(h, A, bias, u_base, dt_base, B_base, s_from, s_to, seqlen, su_t, sd
 @triton.jit
 def _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s1, seqlen, su_t, sdt_t, sB_t, sC_t,
                  sdo_t, sz_t, sdz_t, mask_d, mask_n, r: tl.constexpr, HAS_Z: tl.constexpr):
-    """What step s of a piece's forward walk reads: u, dt (before bias), B, C, dout, z and direction 0's dz
-    (direction 1); zeros when s >= s1."""
+    """What step s of a piece's forward walk reads: _recompute_loads's u, dt (before bias) and B, then C, dout, z
+    and direction 0's dz (direction 1); zeros when s >= s1."""
+    u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n, r)
     t = _walk_time(s, seqlen, r)
     md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s1)
     mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s1)
-    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
     Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
     dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
     z = tl.zeros(mask_d.shape, tl.float32)
