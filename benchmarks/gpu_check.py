@@ -110,16 +110,30 @@ def check_training(summary, dense_name="vim_small", tag="train fp32"):
                                     block_weight=10.0, distill_weight=0.5)
     x = torch.randn(8, 3, 224, 224, device="cuda")
     target = torch.softmax(torch.randn(8, 1000, device="cuda"), -1)
-    runs = {}
-    for mode in ("kernels", "reference"):
+    import dyvm.models.dyvm as dyvm_module
+
+    runs, kept_only = {}, getattr(dyvm_module, "SCAN_KEPT_ONLY", None)  # (None: a revision from before it)
+    for mode in ("kernels", "reference", "whole sequence"):
+        if mode == "whole sequence" and kept_only is None:
+            continue
         os.environ["MAMBA_FORCE_REFERENCE"] = "1" if mode == "reference" else "0"
+        if kept_only is not None:  # the kernels' scans over every position, pruned ones too
+            dyvm_module.SCAN_KEPT_ONLY = mode != "whole sequence"
         student.zero_grad(set_to_none=True)
         out = student.forward_aux(x)
         loss, parts = criterion(x, out, target)
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
         runs[mode] = (out.logits.detach(), parts, grads, out.gates.detach())
+        summary[f"check {tag}: patch tokens kept per stage ({mode})"] = [int(d.sum()) for d in out.decisions]
     os.environ["MAMBA_FORCE_REFERENCE"] = "0"
+    if kept_only is not None:
+        dyvm_module.SCAN_KEPT_ONLY = kept_only
+        (lk, _, gk, gatek), (lw, _, gw, gatew) = runs["kernels"], runs["whole sequence"]
+        summary[f"check {tag}: kept-only scans vs whole sequence: logits rel"] = rel(lk, lw)
+        summary[f"check {tag}: kept-only scans vs whole sequence: gates equal"] = bool(torch.equal(gatek, gatew))
+        worst = max(((rel(gk[n], gw[n]), n) for n in gw if gw[n].norm() > 0))
+        summary[f"check {tag}: kept-only scans vs whole sequence: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]})"
     (lk, pk, gk, gatek), (lr, pr, gr, gater) = runs["kernels"], runs["reference"]
     summary[f"check {tag}: logits rel"] = rel(lk, lr)
     summary[f"check {tag}: gates equal"] = bool(torch.equal(gatek, gater))

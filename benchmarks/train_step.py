@@ -7,6 +7,8 @@ fine-tuning (student + frozen dense teacher + the full DyVM loss), through the s
 
 Random weights and a fixed random batch on the device (no data loading in the timing); DyVM starts from the dense
 model's weights (gates open), token keep 0.7, block keep target 0.8, loss weights 10 / 10 / 0.5 (configs/vim-s.yaml).
+Its predictors keep 0.7 of the remaining tokens per stage (--token-keep target: the share the fine-tune's ratio loss
+holds them at; fresh ones keep about half, --token-keep init); each DyVM row reports the tokens a step kept.
 Each row: `--warmup` steps, then `--steps` timed steps bracketed by device synchronisation. Under torchrun every
 process runs its own batch (per-GPU batch = --batch-size), and DDP is set up as main.py does unless --ddp-static.
 """
@@ -43,9 +45,29 @@ class DeviceBatches:
         return iter([(self.images, self.targets)] * self.steps)
 
 
-def build(name: str, device, img_size: int, teacher_dtype: str = "auto"):
+def keep_target_share(model, ratio: float) -> None:
+    """Set each score predictor to keep `ratio` of the tokens it scores, in expectation: its last Linear's bias
+    makes the log-probabilities about [log r, log(1 - r)] (the weights of a fresh predictor add little), and the
+    Gumbel draw keeps a token with probability r. Where a fine-tune sits: the ratio loss holds the kept shares at
+    the targets r, r^2, r^3."""
+    import math
+
+    for predictor in model.score_predictors or []:
+        with torch.no_grad():
+            predictor.out_conv[4].bias.copy_(torch.tensor([math.log(ratio), math.log(1.0 - ratio)]))
+
+
+def kept_tokens(model, images) -> list:
+    """The mean number of patch tokens a training forward keeps after each stage."""
+    with torch.no_grad():
+        out = model.forward_aux(images)
+    return [round(float(d.sum(1).float().mean()), 1) for d in out.decisions]
+
+
+def build(name: str, device, img_size: int, teacher_dtype: str = "auto", token_keep: str = "target"):
     """(model, criterion) for a dense timm name or a DyVM one (then with its frozen dense teacher). Built with
-    dyvm.benchmark.build_model (positional arguments: the script also times earlier revisions as baselines)."""
+    dyvm.benchmark.build_model (positional arguments: the script also times earlier revisions as baselines).
+    token_keep: "target" (keep_target_share at 0.7) or "init" (the fresh predictors)."""
     from timm.loss import SoftTargetCrossEntropy
 
     from dyvm.benchmark import build_model
@@ -60,6 +82,8 @@ def build(name: str, device, img_size: int, teacher_dtype: str = "auto"):
     dense = build_model(name[len("dyvm_"):], "cpu", img_size)[1]
     model = build_model(name, "cpu", img_size, 0.7)[1].train()
     load_checkpoint(model, dense.state_dict())
+    if token_keep == "target":
+        keep_target_share(model, 0.7)
     teacher = build_teacher(model.cfg, dense.state_dict()).to(device)
     dtype = {"auto": {}, "bfloat16": {"teacher_dtype": torch.bfloat16}}[teacher_dtype]  # ({}: older revisions)
     criterion = DyVMLoss.from_model(model, SoftTargetCrossEntropy(), teacher, token_weight=10.0, block_weight=10.0,
@@ -91,7 +115,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
 
     from dyvm.engine import AuxForward, train_one_epoch
 
-    model, criterion = build(name, device, args.img_size, args.teacher_dtype)
+    model, criterion = build(name, device, args.img_size, args.teacher_dtype, args.token_keep)
     amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
     graphed = args.cuda_graph
     extra = dict(fused=True, capturable=True) if graphed else {}
@@ -113,6 +137,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
                                                **({"stream": stream} if stream is not None else {}))}
 
     batches = DeviceBatches(args.batch_size, args.img_size, 1000, device)
+    kept = kept_tokens(model, batches.images) if name.startswith("dyvm_") else None
 
     def run(steps):
         return train_one_epoch(train_model, criterion, batches.repeat(steps), optimizer, device, 0, mixup_fn=mixup,
@@ -132,7 +157,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30, "loss": stats["loss"],
            "ddp": (("static_graph" if args.ddp_static else f"find_unused_parameters={args.ddp_find_unused}")
                    if world > 1 else None),
-           "cuda_graph": graphed}
+           "cuda_graph": graphed, "kept_tokens": kept}
     if args.profile and rank == 0:
         row["profile"] = profile_steps(run, args.profile, getattr(args, "profile_shapes", False))
     return row
@@ -159,6 +184,9 @@ def main(argv=None) -> int:
     add_tf32_flag(p)
     p.add_argument("--teacher-dtype", default="auto", choices=("auto", "bfloat16"),
                    help="DyVM rows: the teacher's precision (main.py --teacher-dtype)")
+    p.add_argument("--token-keep", default="target", choices=("target", "init"),
+                   help="DyVM rows: predictors that keep 0.7 of the remaining tokens per stage (target), or fresh "
+                        "ones (init, about half)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -192,7 +220,8 @@ def main(argv=None) -> int:
                 mode = ("graph" if row["cuda_graph"] else "eager") + (" tf32" if args.tf32 else "")
                 print(f"{name:16s} {dtype:5s} {mode} batch {args.batch_size} x {world}: "
                       f"{row['images_per_s_per_gpu']:8.1f} images/s per GPU, {row['step_ms']:7.1f} ms/step, "
-                      f"peak {row['peak_memory_gib']:5.1f} GiB", flush=True)
+                      f"peak {row['peak_memory_gib']:5.1f} GiB"
+                      + (f", kept tokens {row['kept_tokens']}" if row["kept_tokens"] else ""), flush=True)
                 if "profile" in row:
                     print(row["profile"], flush=True)
     if rank == 0 and args.json:

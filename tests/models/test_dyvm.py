@@ -343,3 +343,30 @@ def _spread_predictors(model, seed):
         if p.dim() == 2:  # Linear weights of a useful scale (the init's 0.02 makes every score alike)
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
+def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
+    """After a pruning stage the training scans walk each image's kept tokens only (dyvm.models.dyvm.SCAN_KEPT_ONLY;
+    the pruned ones sit masked behind them): the same loss and the same gradient for every parameter, bit for bit,
+    as scans over the whole sequence."""
+    import dyvm.models.dyvm as dyvm_module
+
+    model = tiny()
+    _spread_gates(model)
+    teacher = timm.create_model("vim_tiny", **{k: v for k, v in TINY.items() if k != "pruning_loc"})
+    loss_fn = DyVMLoss(SoftTargetCrossEntropy(), teacher, model.dyvm_cfg.token_keep_ratios, 0.8)
+    x, target = torch.randn(4, 3, 32, 32), torch.softmax(torch.randn(4, 10), -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    results, lengths, mix = [], [], dyvm_module.DynamicMamba.mix
+    monkeypatch.setattr(dyvm_module.DynamicMamba, "mix",
+                        lambda self, *a, **kw: lengths.append(kw.get("lengths")) or mix(self, *a, **kw))
+    for kept_only in (False, True):
+        monkeypatch.setattr(dyvm_module, "SCAN_KEPT_ONLY", kept_only)
+        torch.manual_seed(3)  # the same Gumbel draws
+        loss, _ = loss_fn(x, model.forward_aux(x), target)
+        results.append([loss, *torch.autograd.grad(loss, params)])
+    with_lengths = [n for n in lengths[4:] if n is not None]
+    assert lengths[:4] == [None] * 4 and len(with_lengths) == 3 and (with_lengths[-1] < M + 1).all()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -188,3 +188,36 @@ def test_retained_graph_backward_again_after_a_partial_one(kernels):
         got = torch.autograd.grad(y, leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "triton"])
+def test_lengths_change_nothing_where_the_mask_ends_the_sequence(kernels):
+    """DyVM training: kept tokens first, the pruned ones masked behind them. Scans that stop at each sample's last
+    kept token (lengths) give the same output and, where no gradient arrives after that token (no loss term reads
+    a pruned one), the same gradients for every input (the mask's straight-through gradient too): bit for bit on
+    the PyTorch implementation; to rounding on the kernels, whose backward recomputes states from checkpoints
+    that then sit at other positions of direction 1 (its recompute rounds exp(dt A) another way than the
+    forward). The reference agrees with lengths given."""
+    batch, dim, seqlen = 3, 16, 21  # two checkpoint chunks; a sample ending inside the first, one empty
+    lengths = torch.tensor([21, 9, 0], dtype=torch.int32)
+    inside = torch.arange(seqlen) < lengths[:, None].long()
+    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (torch.randn(batch, seqlen, 2 * dim).transpose(1, 2), *fwd, *bwd)]
+    gate = torch.tensor([[1.0, 0.0], [0.7, 1.3], [1.0, 1.0]], requires_grad=True)
+    mask = (inside * (0.5 + torch.rand(batch, seqlen))).requires_grad_()  # nonzero exactly inside
+    inputs = [*leaves, gate, mask]
+    dout = torch.randn(batch, dim, seqlen) * inside[:, None]
+    results = []
+    for lens in (None, lengths):
+        with triton_on_cpu() if kernels else contextlib.nullcontext():
+            out = bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate, mask,
+                                      lengths=lens)
+            results.append([out, *torch.autograd.grad(out, inputs, dout)])
+        assert torch.equal(out * ~inside[:, None], torch.zeros_like(out))
+    for name, a, b in zip(["out", "xz", *[f"w{i}" for i in range(14)], "gate", "mask"], *results):
+        assert (rel(a, b) < 1e-6) if kernels else torch.equal(a, b), name
+    ref = bimamba_v2_inner_ref(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate, mask,
+                               lengths=lengths)
+    assert rel(results[1][0], ref) < 1e-5
+    with pytest.raises(ValueError, match="lengths must be int32 of shape"):
+        bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), lengths=lengths.long())

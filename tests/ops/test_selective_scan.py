@@ -6,7 +6,7 @@ import torch
 
 from mamba_ssm.ops.dispatch import triton_on_cpu
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, mamba_inner_ref, selective_scan_fn, selective_scan_ref
-from tests.ops.helpers import assert_close_all, conv_by_taps, grads, make_scan_inputs, scan_by_steps, scan_inputs
+from tests.ops.helpers import assert_close_all, conv_by_taps, grads, make_scan_inputs, rel, scan_by_steps, scan_inputs
 
 
 def _inner_args(d_model=8, d_inner=16, dt_rank=2, d_state=4, width=4, length=11):
@@ -235,3 +235,35 @@ def test_scan_split_directions_agree(channels_last, want_ckpt):
         assert (split_result[0][3] == 0).all()  # both directions off: zeros
         for a, c in zip(results[0], split_result):
             assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_lengths_walk_each_samples_own_sequence():
+    """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
+    at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by
+    masking, on inputs that are not zero after the end. Lengths that end inside a checkpoint chunk, on a chunk
+    boundary, at 0 and at L; one program for both directions, and one per direction."""
+    from mamba_ssm.ops.cpu import selective_scan as cpu
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 4, 16, 8, 21
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731  (channel-contiguous)
+    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    D, bias = torch.randn(R, d), torch.randn(R, d)
+    gate, lengths = torch.tensor([[1.0, 0.0], [0.5, 1.0], [1.0, 0.3], [1.0, 1.0]]), torch.tensor([21, 9, 0, 16])
+    args = (u, delta, A, B, C, D, z, bias, True, gate, 0.5)
+    want = cl(b, d, L)
+    _, ckpt = cpu.scan_forward(*args, want, want_ckpt=True, lengths=lengths)
+    want_grads = cpu.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths)
+    assert not want[1, :, 9:].any() and want[1, :, :9].all()
+    for split in (False, True):
+        out = cl(b, d, L).fill_(float("nan"))
+        with triton_on_cpu():
+            _, ckpt = ss.scan_forward(*args, out, want_ckpt=True, split_dirs=split, lengths=lengths.int())
+            got = ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths.int())
+        assert rel(out, want) < 1e-6
+        for name, g in got.items():
+            assert (g is None) == (want_grads[name] is None), name
+            assert g is None or rel(g, want_grads[name]) < 1e-6, name
+    with pytest.raises(ValueError, match="lengths and the last state"):
+        cpu.scan_forward(*args, want, want_last=True, lengths=lengths)

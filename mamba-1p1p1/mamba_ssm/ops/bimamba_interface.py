@@ -6,7 +6,17 @@ gates and training-time token masks.
 
 xz: (batch, 2*d_inner, L) = in_proj output (x then z); gate: (batch, 2) per-sample gates [forward,
 backward], None = both on; mask: (batch, L) token mask of the rearranged training sequence (1 keep,
-0 pruned; the backward scan sees it flipped), None = all kept. Returns (batch, d_inner, L), before out_proj.
+0 pruned; the backward scan sees it flipped), None = all kept; lengths: (batch,) int32, sample i's
+sequence, as the scans see it, is its first lengths[i] positions: they skip the rest (as if u were 0 there:
+direction 1 enters the sequence with the zero state) and the output there is 0; the conv sees the whole
+sequence. None = L.
+Returns (batch, d_inner, L), before out_proj.
+
+Where the mask's zeros are exactly the positions from lengths on (a DyVM training sequence: kept tokens first),
+lengths changes only the work: a masked position feeds u = 0, hence B = C = 0 (x_proj has no bias), so it adds
+nothing to the state and its output is 0 with or without lengths. The gradients are the same too where none
+arrives at the output there (DyVM: no loss term reads a pruned token; one arriving would reach C through the
+state and u through D).
 
 Gates multiply their direction's output, so gradients reach them. A (sample, direction) whose gate is
 exactly 0 contributes zeros whatever its input; with no gradient needed (inference) the kernels do not
@@ -39,22 +49,28 @@ class ScanWeights(NamedTuple):
     D: Optional[Tensor]  # (d_inner,)
 
 
-def _check(xz, fwd, gate, mask):
+def _check(xz, fwd, gate, mask, lengths=None):
     if xz.dim() != 3 or xz.shape[1] != 2 * fwd.A.shape[0]:
         raise ValueError(f"xz must be (batch, 2*d_inner={2 * fwd.A.shape[0]}, L), got {tuple(xz.shape)}")
     if gate is not None and gate.shape != (xz.shape[0], 2):
         raise ValueError(f"gate must be (batch, 2) = [forward, backward], got {tuple(gate.shape)}")
     if mask is not None and mask.shape != (xz.shape[0], xz.shape[2]):
         raise ValueError(f"mask must be (batch, L) = {(xz.shape[0], xz.shape[2])}, got {tuple(mask.shape)}")
+    if lengths is not None and (lengths.shape != (xz.shape[0],) or lengths.dtype != torch.int32):
+        raise ValueError(f"lengths must be int32 of shape (batch,) = ({xz.shape[0]},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
 
 
-def scan_direction_ref(x, z, w: ScanWeights, mask=None):
-    """One direction: (batch, d_inner, L) x and z -> z-gated scan output (batch, d_inner, L)."""
+def scan_direction_ref(x, z, w: ScanWeights, mask=None, inside=None):
+    """One direction: (batch, d_inner, L) x and z -> z-gated scan output (batch, d_inner, L). inside (batch, L)
+    bool: where the scan's input is kept (lengths; see the module docstring)."""
     if mask is not None:
         x = x * mask.unsqueeze(1).to(x.dtype)
     x = causal_conv1d_ref(x, w.conv_weight.reshape(w.conv_weight.shape[0], -1), w.conv_bias, activation="silu")
     if mask is not None:  # also zeroes the conv bias at pruned slots, so they feed nothing into the state
         x = x * mask.unsqueeze(1).to(x.dtype)
+    if inside is not None:
+        x = x * inside.unsqueeze(1)
     dt_rank, d_state = w.dt_proj_weight.shape[1], w.A.shape[1]
     x_dbl = F.linear(x.transpose(1, 2), w.x_proj_weight)  # (batch, L, dt_rank + 2*d_state)
     dt = (x_dbl[..., :dt_rank] @ w.dt_proj_weight.t()).transpose(1, 2)
@@ -63,34 +79,41 @@ def scan_direction_ref(x, z, w: ScanWeights, mask=None):
     return selective_scan_ref(x, dt, w.A, B, C, w.D, z=z, delta_bias=w.dt_proj_bias, delta_softplus=True)
 
 
-def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True):
-    """Reference for `bimamba_v2_inner_fn` (see the module docstring)."""
-    _check(xz, fwd, gate, mask)
+def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True,
+                         lengths=None):
+    """Reference for `bimamba_v2_inner_fn` (see the module docstring): lengths by masking, each sample's scan
+    input zeroed after its end, and its output too."""
+    _check(xz, fwd, gate, mask, lengths)
     x, z = xz.chunk(2, dim=1)
+    inside = None if lengths is None else torch.arange(x.shape[2], device=x.device) < lengths[:, None]
     skip_off = gate is not None and not needs_grad(xz, gate, *fwd, *bwd)
     out = torch.zeros_like(x)
     for direction, w in enumerate((fwd, bwd)):
         flip = (lambda t: t.flip(-1)) if direction else (lambda t: t)  # noqa: E731
         m = None if mask is None else flip(mask)
+        ins = None if inside is None else flip(inside)
         if gate is None:
-            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m))
+            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m, ins))
             continue
         g = gate[:, direction].to(x.dtype)
         if skip_off:  # run only the samples whose gate is on (the reference's way; the kernel skips in place)
             on = (g != 0).nonzero().squeeze(1)
             if on.numel():
-                y = scan_direction_ref(flip(x[on]), flip(z[on]), w, None if m is None else m[on])
+                y = scan_direction_ref(flip(x[on]), flip(z[on]), w, None if m is None else m[on],
+                                       None if ins is None else ins[on])
                 out = out.index_add(0, on, flip(y) * g[on, None, None])
         else:
-            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m)) * g[:, None, None]
+            out = out + flip(scan_direction_ref(flip(x), flip(z), w, m, ins)) * g[:, None, None]
+    if lengths is not None:
+        out = out * inside[:, None, :]
     return out / 2 if divide_out else out
 
 
 def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True,
-                        stacked=None):
+                        stacked=None, lengths=None):
     """Both directions of a Vim v2 layer in one call (see the module docstring). stacked: optionally
     mamba_ssm.ops.bimamba_stacked.stack_directions(fwd, bwd), cached by the caller (the ops' form)."""
-    _check(xz, fwd, gate, mask)
+    _check(xz, fwd, gate, mask, lengths)
     if reference_forced():
-        return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out)
-    return bimamba_v2_inner_stacked(xz, fwd, bwd, gate, mask, divide_out, stacked)
+        return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out, lengths)
+    return bimamba_v2_inner_stacked(xz, fwd, bwd, gate, mask, divide_out, stacked, lengths)

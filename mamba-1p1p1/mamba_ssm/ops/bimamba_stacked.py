@@ -183,7 +183,8 @@ def _gated_projections_apply(xc: Tensor) -> bool:
 
 
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                             divide_out: bool = True, stacked: Optional[StackedWeights] = None) -> Tensor:
+                             divide_out: bool = True, stacked: Optional[StackedWeights] = None,
+                             lengths: Optional[Tensor] = None) -> Tensor:
     """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
     stack_directions(fwd, bwd), computed here when not given."""
     batch, two_d, seqlen = xz.shape
@@ -213,4 +214,4 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     return scan_output(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0, True,
-                       training, grads)
+                       training, grads, lengths)

@@ -9,6 +9,9 @@
     out (b, d, L) in u's dtype = scale * sum_r gate[:, r] * y_r;  last (R, b, d, N) fp32 if want_last;
     ckpt: with want_ckpt (a backward will follow) and the kernels, the states every CKPT_CHUNK steps that
     the backward kernel starts from, saved for it (R, b, n_chunks, N, d) fp32; else empty
+    lengths: (b,) int32 or None: sample b's sequence is its first lengths[b] positions; nothing after them
+    is computed (direction 1 starts at lengths[b] - 1), out and the per-position gradients there are 0. DyVM's
+    training sequences end in masked tokens, which change nothing before them (dyvm.models.dyvm).
 
 Callers use scan_apply: the custom ops when torch.compile or a dispatch mode (FLOP counting) watches, the
 implementations directly otherwise (eager: no dispatcher overhead, an autograd.Function when a gradient is
@@ -59,11 +62,12 @@ def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
 
 
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
-                  want_ckpt=False):
+                  want_ckpt=False, lengths=None):
     """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
     out = _out_like(u, channels_last_out)
+    kw = {} if lengths is None else {"lengths": lengths}
     last, ckpt = _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale,
-                                                 out, want_last, want_ckpt)
+                                                 out, want_last, want_ckpt, **kw)
     f = _state_dtype(u) if not (want_last and want_ckpt) else None  # (once: it reads the environment)
     empty = lambda: u.new_empty(_EMPTY, dtype=f)  # noqa: E731  (outputs must not alias)
     return out, last if want_last else empty(), ckpt if want_ckpt else empty()
@@ -72,14 +76,15 @@ def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, sca
 @torch.library.custom_op("mamba_ssm::scan_fwd", mutates_args=())
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
-             want_last: bool, channels_last_out: bool, want_ckpt: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+             want_last: bool, channels_last_out: bool, want_ckpt: bool = False,
+             lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last,
-                         channels_last_out, want_ckpt)
+                         channels_last_out, want_ckpt, lengths)
 
 
 @scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
-      want_ckpt=False):
+      want_ckpt=False, lengths=None):
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
     last_shape = (R, batch, dim, d_state) if want_last else _EMPTY
@@ -96,10 +101,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
 
 
 def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None,
-                  mixer_grads=None):
+                  lengths=None, mixer_grads=None):
     """The implementation of scan_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
     its half(1) is the memory dz goes to, which the kernel writes (the PyTorch implementation ignores it)."""
     kw = {"dz_out": mixer_grads.half(1)} if mixer_grads is not None and z is not None and _is_triton(u) else {}
+    if lengths is not None:
+        kw["lengths"] = lengths
     g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
                                          dlast, ckpt if ckpt is not None and ckpt.numel() else None, **kw)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
@@ -109,14 +116,16 @@ def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, sca
 @torch.library.custom_op("mamba_ssm::scan_bwd", mutates_args=())
 def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float, dout: Tensor,
-             dlast: Optional[Tensor], ckpt: Optional[Tensor] = None) -> List[Tensor]:
+             dlast: Optional[Tensor], ckpt: Optional[Tensor] = None,
+             lengths: Optional[Tensor] = None) -> List[Tensor]:
     """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
     and z (channel-contiguous), the others fp32 (see _state_dtype); empty tensors for absent inputs."""
-    return scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt)
+    return scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt,
+                         lengths)
 
 
 @scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None):
+def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None, lengths=None):
     f = _state_dtype(u)
     like = lambda t: t.new_empty(t.shape, dtype=f) if t is not None else u.new_empty(_EMPTY, dtype=f)  # noqa
 
@@ -129,7 +138,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dl
 
 def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last = inputs[:12]
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2])
+    lengths = inputs[14] if len(inputs) > 14 else None
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2], lengths)
     ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
     # No zero-filled gradients for the outputs nothing differentiates (the checkpoint: a zero tensor of its
     # size per call was 9% of a CPU training step of the demo): they arrive as None.
@@ -137,14 +147,14 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd):
-    u, delta, A, B, C, D, z, delta_bias, gate, ckpt = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, gate, ckpt, lengths = ctx.saved_tensors
     if dout is None:
         dout = u.new_zeros(u.shape[1:])
     args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout,
             dlast if ctx.want_last else None)
-    grads = bwd(*args, ckpt)
+    grads = bwd(*args, ckpt, lengths)
     cast = [None if t is None else g.to(t.dtype) for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias, gate))]
-    return (*cast, None, None, None, None, None)
+    return (*cast, None, None, None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup)
@@ -173,12 +183,12 @@ class _EagerScan(torch.autograd.Function):
 def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool, scale: float,
                want_last: bool, channels_last_out: bool, want_ckpt: bool = False,
-               mixer_grads=None) -> Tuple[Tensor, Tensor, Tensor]:
+               mixer_grads=None, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Run scan_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
     needed (see mamba_ssm.ops.dispatch: needs_grad, ops_watched). mixer_grads: see scan_bwd_impl (eager training)."""
     args = (u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,
-            want_ckpt)
+            want_ckpt, lengths)
     if ops_watched():
         return scan_fwd(*args)
     if needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
@@ -188,15 +198,17 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 
 def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 z: Optional[Tensor], delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool,
-                scale: float, channels_last_out: bool, want_ckpt: bool = False, mixer_grads=None) -> Tensor:
+                scale: float, channels_last_out: bool, want_ckpt: bool = False, mixer_grads=None,
+                lengths: Optional[Tensor] = None) -> Tensor:
     """scan_apply's output alone (no last state). In eager inference the implementation just writes a fresh
     output: none of the op's placeholder outputs, each an allocation the host pays on every layer."""
     if ops_watched() or needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
         return scan_apply(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, False, channels_last_out,
-                          want_ckpt, mixer_grads)[0]
+                          want_ckpt, mixer_grads, lengths)[0]
     out = _out_like(u, channels_last_out)
+    kw = {} if lengths is None else {"lengths": lengths}
     _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
-                                    False)
+                                    False, **kw)
     return out
 
 

@@ -223,12 +223,28 @@ def _with_skip(Y: Tensor, U: Tensor, D: Optional[Tensor]) -> Tensor:
     return Y.clone() if D is None else torch.addcmul(Y, U, D.to(Y.dtype)[None, :, None, :])
 
 
+def _inside(lengths: Optional[Tensor], seqlen: int, want_last: bool = False) -> Optional[Tensor]:
+    """(b, L) bool, True at the positions inside each sample's sequence (its first lengths[b]); None without
+    lengths. Here a sample's sequence ends by masking: u is zeroed after the end, so direction 1 enters the
+    sequence with the zero state, and the outputs and du after it are zeroed (the kernels skip those steps)."""
+    if lengths is None:
+        return None
+    if want_last:
+        raise ValueError("selective scan: lengths and the last state (or its gradient) cannot be combined")
+    return torch.arange(seqlen, device=lengths.device) < lengths[:, None]
+
+
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
-                 scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False):
+                 scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
+                 lengths: Optional[Tensor] = None):
     """Forward over stacked directions (see the module docstring); writes `out` (b, d, L). Returns
     (last, ckpt): the last states (R, b, d, N) if want_last, and if want_ckpt a flat tensor (see
-    checkpoint_numel) that scan_backward starts from; the compute dtype (fp32, fp64 for fp64 inputs)."""
+    checkpoint_numel) that scan_backward starts from; the compute dtype (fp32, fp64 for fp64 inputs).
+    lengths (b,): sample b's sequence is its first lengths[b] positions (see _inside)."""
+    inside = _inside(lengths, u.shape[-1], want_last)
+    if inside is not None:
+        u = u * inside[None, :, None, :]
     R, batch, dim, seqlen = u.shape
     d_state = A.shape[-1]
     cdt = compute_dtype(u.dtype)
@@ -261,6 +277,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     if z is not None:
         acc.mul_(F.silu(z.to(cdt)).permute(2, 0, 1))
     out.permute(2, 0, 1).copy_(acc)
+    if inside is not None:
+        out.mul_(inside[:, None, :])
     return last, ckpt
 
 
@@ -325,15 +343,19 @@ def _adjoint_walk(x: _Inputs, starts: Tensor, dY: Tensor, dlast: Optional[Tensor
 
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
-                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None):
+                  scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
+                  lengths: Optional[Tensor] = None):
     """Gradients of scan_forward, as the Triton scan_backward returns them: a dict of du, ddelta (R, b, d, L)
     and dz (b, d, L) in the dtypes of u, delta and z, channel-contiguous; dA (R, d, N), dB, dC (R, b, G, N, L),
     dD, ddelta_bias (R, d), dgate (b, R) in the compute dtype; None for absent inputs. ckpt: the forward's
-    checkpoint (want_ckpt); without it the forward runs again to make it."""
+    checkpoint (want_ckpt); without it the forward runs again to make it. lengths: the forward's."""
     R, batch, dim, seqlen = u.shape
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
-                               torch.empty_like(dout), want_ckpt=True)
+                               torch.empty_like(dout), want_ckpt=True, lengths=lengths)
+    inside = _inside(lengths, seqlen, dlast is not None)
+    if inside is not None:  # (the forward's masked u; nothing after the end reaches the outputs)
+        u, dout = u * inside[None, :, None, :], dout * inside[:, None, :]
     starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, A.shape[-1])
     x = _Inputs(u, delta, A, B, C, delta_bias, softplus_dt, dt)
     cdt = x.U.dtype
@@ -360,6 +382,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             dsilu = (1 - sig).mul_(zf).add_(1).mul_(sig)  # silu'(z) = sig (1 + z (1 - sig)); zf may be z itself
             dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=z.device).transpose(1, 2)
             dz.permute(2, 0, 1).copy_(_direction_sum(Yfull, gate, 1.0).mul_(dsz).mul_(dsilu))
-    return dict(du=_channels_last(dU, u.dtype), ddelta=_channels_last(dpre, delta.dtype),
+    du = _channels_last(dU, u.dtype)
+    if inside is not None:  # (direction 1's u past the end sees the adjoint; the kernels write zeros there)
+        du.mul_(inside[None, :, None, :])
+    return dict(du=du, ddelta=_channels_last(dpre, delta.dtype),
                 dA=dA.transpose(-1, -2).contiguous(), dB=_from_scan_order(dB, cdt),
                 dC=_from_scan_order(dC, cdt), dD=dD, ddelta_bias=dbias, dz=dz, dgate=dgate)

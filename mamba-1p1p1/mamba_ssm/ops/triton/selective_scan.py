@@ -103,6 +103,15 @@ def _walk_time(s, seqlen, r):
 
 
 @triton.jit
+def _sample_length(len_ptr, pid_b, seqlen, HAS_LEN: tl.constexpr):
+    """The number of positions sample pid_b's walks cover: len_ptr[pid_b] clipped to [0, seqlen] (HAS_LEN), else
+    seqlen. The rest of the sequence is outside the sample: no step there runs."""
+    if HAS_LEN:
+        return tl.minimum(tl.maximum(tl.load(len_ptr + pid_b).to(tl.int32), 0), seqlen)
+    return seqlen
+
+
+@triton.jit
 def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t, so_t,
                mask_d, mask_n, mask_acc, r, ACCUMULATE: tl.constexpr, HAS_Z: tl.constexpr):
     """What step s of direction r's walk reads, in fp32: u, dt, z, the output so far (ACCUMULATE: direction
@@ -183,7 +192,7 @@ def _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr,
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr, len_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
@@ -197,7 +206,7 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, LANES_ON_CHANNELS: tl.constexpr,
-    CKPT_T: tl.constexpr, PREFETCH: tl.constexpr, ACTIVE_SAMPLES: tl.constexpr,
+    CKPT_T: tl.constexpr, PREFETCH: tl.constexpr, ACTIVE_SAMPLES: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     """CKPT_T > 0 (training): store the state entering every CKPT_T-th step of each walk into ckpt
     (r, b, n_chunks, n, d) fp32 for the backward, and run gated-off directions too (the backward needs
@@ -207,7 +216,9 @@ def _scan_fwd_kernel(
     and direction 1 adds to direction 0's output.
     ACTIVE_SAMPLES > 0 (split directions with gates, no checkpoints; a power of 2 >= batch): a 1-D grid of
     batch * directions * channel blocks programs; the first ones run the (sample, direction) pairs whose
-    gate is on, in the plain grid's order, and the rest nothing (_active_pair)."""
+    gate is on, in the plain grid's order, and the rest nothing (_active_pair).
+    HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
+    each direction that runs writes zeros after them."""
     if ACTIVE_SAMPLES > 0:
         n_blocks = tl.cdiv(dim, BLOCK_D)
         batch = tl.num_programs(0) // (n_blocks * N_DIRS)
@@ -237,7 +248,8 @@ def _scan_fwd_kernel(
         if ACTIVE_SAMPLES > 0:  # an item past the last pair that runs: nothing to do
             gate0 = tl.where(sample < 0, 0.0, gate0)
             gate1 = tl.where(sample < 0, 0.0, gate1)
-    n_chunks = tl.cdiv(seqlen, CKPT_T) if CKPT_T > 0 else 1
+    n_chunks = tl.cdiv(seqlen, CKPT_T) if CKPT_T > 0 else 1  # (the checkpoints' layout: the full length)
+    walk_len = _sample_length(len_ptr, pid_b, seqlen, HAS_LEN)
     for rr in tl.static_range(1 if SPLIT_DIRS else N_DIRS):
         if SPLIT_DIRS:  # the direction is known at run time only: one walk is compiled, not two
             r = pid_r
@@ -289,9 +301,9 @@ def _scan_fwd_kernel(
                 # output stores do not alias the inputs, so loads written after a store wait for it.
                 (nu0, ndt0, nz0, npv0, nB0, nC0, nu1, ndt1, nz1, npv1, nB1, nC1,
                  nu2, ndt2, nz2, npv2, nB2, nC2, nu3, ndt3, nz3, npv3, nB3, nC3) = _fwd_group_loads(
-                    u_base, dt_base, B_base, C_base, z_base, o_dir, 0, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                    u_base, dt_base, B_base, C_base, z_base, o_dir, 0, walk_len, su_t, sdt_t, sB_t, sC_t, sz_t,
                     so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
-                for s0 in range(0, seqlen, 4):
+                for s0 in range(0, walk_len, 4):
                     if CKPT_T > 0:
                         _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T,
                                     LANES_ON_CHANNELS)
@@ -301,32 +313,36 @@ def _scan_fwd_kernel(
                     cu3, cdt3, cz3, cpv3, cB3, cC3 = nu3, ndt3, nz3, npv3, nB3, nC3
                     (nu0, ndt0, nz0, npv0, nB0, nC0, nu1, ndt1, nz1, npv1, nB1, nC1,
                      nu2, ndt2, nz2, npv2, nB2, nC2, nu3, ndt3, nz3, npv3, nB3, nC3) = _fwd_group_loads(
-                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 4, seqlen, su_t, sdt_t, sB_t, sC_t,
+                        u_base, dt_base, B_base, C_base, z_base, o_dir, s0 + 4, walk_len, su_t, sdt_t, sB_t, sC_t,
                         sz_t, so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                     for j in tl.static_range(4):
                         s = s0 + j
-                        t = _walk_time(s, seqlen, r)
-                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                        t = _walk_time(s, walk_len, r)
+                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < walk_len
                         h, y = _fwd_step(h, A2, pick4(cu0, cu1, cu2, cu3, j), pick4(cdt0, cdt1, cdt2, cdt3, j),
                                          pick4(cz0, cz1, cz2, cz3, j), pick4(cpv0, cpv1, cpv2, cpv3, j),
                                          pick4(cB0, cB1, cB2, cB3, j), pick4(cC0, cC1, cC2, cC3, j), Dv, bias,
                                          g_scale, LANES_ON_CHANNELS, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, accumulate, ok)
                         tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
             else:  # a plain unrolled walk: each step's loads wait for the previous step's store
-                for s0 in range(0, seqlen, UNROLL):
+                for s0 in range(0, walk_len, UNROLL):
                     if CKPT_T > 0:
                         _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state, CKPT_T,
                                     LANES_ON_CHANNELS)
                     for j in tl.static_range(UNROLL):
                         s = s0 + j
-                        t = _walk_time(s, seqlen, r)
-                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < seqlen
+                        t = _walk_time(s, walk_len, r)
+                        ok = (s + tl.zeros((BLOCK_D,), tl.int32)) < walk_len
                         u, dt, z, prev, Bt, Ct = _fwd_loads(
-                            u_base, dt_base, B_base, C_base, z_base, o_dir, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t,
+                            u_base, dt_base, B_base, C_base, z_base, o_dir, s, walk_len, su_t, sdt_t, sB_t, sC_t, sz_t,
                             so_t, mask_d, mask_n, mask_acc, r, accumulate, HAS_Z)
                         h, y = _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS, HAS_D,
                                          HAS_Z, HAS_BIAS, SOFTPLUS, accumulate, ok)
                         tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
+            if HAS_LEN:  # past the sample's end: zeros (direction 1 adds zeros to direction 0's)
+                zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
+                for t in range(walk_len, seqlen):
+                    tl.store(o_dir + t * so_t, zero, mask=mask_d)
             if STORE_LAST:
                 if LANES_ON_CHANNELS:
                     tl.store(last_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state
@@ -523,7 +539,7 @@ def _adjoint_loads(scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
-    ckpt_ptr, scratch_ptr,
+    ckpt_ptr, scratch_ptr, len_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C, n_dblocks,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
@@ -538,7 +554,7 @@ def _scan_bwd_kernel(
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
-    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
+    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
@@ -547,7 +563,10 @@ def _scan_bwd_kernel(
     walk, as the forward kernel stored it. A comes as (r, n, d).
 
     Tiles are (d_state, channels). Triton lays them out itself: at BLOCK_D = 32 in one warp, 4 states x 4
-    channels per thread, with the per-channel vectors one channel per lane (docs/kernels.md)."""
+    channels per thread, with the per-channel vectors one channel per lane (docs/kernels.md).
+
+    HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
+    the per-position gradients after them (du, ddt, dB, dC, dz) are zeros."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     batch = tl.num_programs(0)
@@ -559,7 +578,9 @@ def _scan_bwd_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     group_B = (pid_d * BLOCK_D) // dpg_B
     group_C = (pid_d * BLOCK_D) // dpg_C
-    n_chunks = tl.cdiv(seqlen, CHUNK_T)
+    n_chunks = tl.cdiv(seqlen, CHUNK_T)  # (the checkpoints' layout: the full length)
+    walk_len = _sample_length(len_ptr, pid_b, seqlen, HAS_LEN)
+    walk_chunks = tl.cdiv(walk_len, CHUNK_T)
     scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T * BLOCK_N + SUB_T) * BLOCK_D
     dy_base = scratch_base + SUB_T * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)  # dy of the piece's steps
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
@@ -600,39 +621,39 @@ def _scan_bwd_kernel(
         # adjoint walk, which then needs only the state before each step and dy. Splitting the work this way
         # shortens the backward walk's chain per step, the part that carries the recurrence of the adjoint.
         # SUB_T < CHUNK_T keeps the scratch that all resident programs hold small enough to stay in L2.
-        for ci in range(n_chunks):
-            c = n_chunks - 1 - ci
+        for ci in range(walk_chunks):
+            c = walk_chunks - 1 - ci
             cs = c * CHUNK_T
-            ce = tl.minimum(cs + CHUNK_T, seqlen)
+            ce = tl.minimum(cs + CHUNK_T, walk_len)
             n_sub = tl.cdiv(ce - cs, SUB_T)
             for pi in range(n_sub):
                 s0 = cs + (n_sub - 1 - pi) * SUB_T
                 s1 = tl.minimum(s0 + SUB_T, ce)
                 tl.debug_barrier()  # the scratch is reused: earlier reads must be done
                 h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
-                h = _advance(h, A, bias, u_base, dt_base, B_base, cs, s0, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
+                h = _advance(h, A, bias, u_base, dt_base, B_base, cs, s0, walk_len, su_t, sdt_t, sB_t, mask_d, mask_n,
                              r, SOFTPLUS, PREFETCH)
                 dgate_acc, dD_acc = _piece_forward(
                     h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base,
-                    do_base, z_base, dz_base, dz_ptr, dC_ptr + part_base, s0, s1, seqlen, su_t, sdt_t, sB_t, sC_t,
+                    do_base, z_base, dz_base, dz_ptr, dC_ptr + part_base, s0, s1, walk_len, su_t, sdt_t, sB_t, sC_t,
                     sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
                     SCRATCH_EVICT, BLOCK_D, BLOCK_N)
                 tl.debug_barrier()
                 if PREFETCH:
                     nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
-                        scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s1 - 1, s0, seqlen,
+                        scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s1 - 1, s0, walk_len,
                         su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                 for i in range(s1 - s0):
                     s = s1 - 1 - i
-                    t = _walk_time(s, seqlen, r)
+                    t = _walk_time(s, walk_len, r)
                     if PREFETCH:
                         h_prev, dy, u, dt_raw, Bt, Ct = nh, ndy, nu, ndt, nB, nC
                         nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
-                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s - 1, s0, seqlen,
+                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s - 1, s0, walk_len,
                             su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                     else:
                         h_prev, dy, u, dt_raw, Bt, Ct = _adjoint_loads(
-                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, seqlen,
+                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, walk_len,
                             su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
                     dt_raw += bias
                     dt = dt_raw
@@ -652,6 +673,16 @@ def _scan_bwd_kernel(
                              mask=mask_d)
                     tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
                     g = g * a
+        if HAS_LEN:  # past the sample's end: zero gradients (direction 1 leaves direction 0's dz there)
+            zero_d = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            zero_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for t in range(walk_len, seqlen):
+                tl.store(du_ptr + dud_base + t * sdu_t, zero_d.to(du_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(ddt_ptr + dud_base + t * sdu_t, zero_d.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(dB_ptr + part_base + t, zero_n, mask=mask_n)
+                tl.store(dC_ptr + part_base + t, zero_n, mask=mask_n)
+                if HAS_Z and r == 0:
+                    tl.store(dz_base + t * sdz_t, zero_d.to(dz_ptr.dtype.element_ty), mask=mask_d)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
                  mask=mask_nd)
         tl.store(dD_ptr + (r * batch + pid_b) * dim + offs_d, dD_acc, mask=mask_d)
@@ -694,7 +725,7 @@ class _ForwardPlan(NamedTuple):
 _forward_plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
 
 
-def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, out, want_last, want_ckpt,
+def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, out, want_last, want_ckpt, has_len,
                   block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg,
                   active_first) -> _ForwardPlan:
     R, batch, dim, seqlen = u.shape
@@ -734,7 +765,7 @@ def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, ou
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_GATE=gate is not None,
                   STORE_LAST=want_last, BLOCK_D=block_d, BLOCK_N=next_pow2(d_state), UNROLL=unroll,
                   LANES_ON_CHANNELS=lanes_on_channels, CKPT_T=ckpt_t, PREFETCH=prefetch,
-                  ACTIVE_SAMPLES=next_pow2(batch) if active_first else 0, **launch_options)
+                  ACTIVE_SAMPLES=next_pow2(batch) if active_first else 0, HAS_LEN=has_len, **launch_options)
     grid = ((batch * R * cdiv(dim, block_d),) if active_first
             else (batch, cdiv(dim, block_d), R if split_dirs else 1))
     n, block = dim * seqlen, 1024
@@ -748,7 +779,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
                  block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: Optional[int] = None,
                  lanes_on_channels: Optional[bool] = None, prefetch: Optional[bool] = None,
                  split_dirs: Optional[bool] = None, maxnreg: Optional[int] = None,
-                 active_first: Optional[bool] = None):
+                 active_first: Optional[bool] = None, lengths: Optional[Tensor] = None):
     """Launch the forward kernel over stacked directions.
 
     u, delta: (R, b, d, L) views; A: (R, d, N); B, C: (R, b, G, N, L) views; D, delta_bias: (R, d) or None;
@@ -760,16 +791,20 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     maxnreg: a register cap for this launch (0: none; default: FWD_TUNING's ckpt_maxnreg with want_ckpt).
     active_first (split directions with gates, no checkpoints, at most MAX_ACTIVE_PAIRS pairs; default on):
     dispatch the walks whose gate is on before the rest (_active_pair).
+    lengths (b,) integers, or None: sample b's sequence is its first lengths[b] positions; the walks cover only
+    those (direction 1 starts at lengths[b] - 1) and out is 0 after them. last is then the state at the end of
+    the sample's sequence.
     Everything that follows from shapes, strides and options alone is planned once per key (_plan_forward).
     """
     options = (block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg, active_first)
     key = (u.shape, u.stride(), u.dtype, delta.stride(), A.shape, B.shape, B.stride(), C.shape, C.stride(),
            out.shape, out.stride(), None if z is None else z.stride(), None if gate is None else gate.stride(),
-           D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, options)
+           D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, lengths is None, options)
     plan = _forward_plans.get(key)
     if plan is None:
         plan = remember(_forward_plans, key, _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate,
-                                                           scale, out, want_last, want_ckpt, *options))
+                                                           scale, out, want_last, want_ckpt, lengths is not None,
+                                                           *options))
     R, batch, dim, seqlen = u.shape
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -788,7 +823,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     launch(_scan_fwd_kernel, plan.grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
-        last if last is not None else dummy, ckpt if ckpt is not None else dummy, *plan.ints, **plan.kwargs)
+        last if last is not None else dummy, ckpt if ckpt is not None else dummy,
+        lengths if lengths is not None else dummy, *plan.ints, **plan.kwargs)
     if plan.split_out is not None:
         launch(_sum_directions_kernel, plan.sum_grid, out, gate if gate is not None else dummy, target,
                *plan.sum_ints, HAS_GATE=gate is not None, BLOCK=1024, num_warps=4)
@@ -800,18 +836,19 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
-                  maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None):
+                  maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
     the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none).
     dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
+    lengths: the forward's (see scan_forward); the gradients after each sample's end are zeros.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
-                               want_ckpt=True)
+                               want_ckpt=True, lengths=lengths)
     if u.stride(-1) == 1:  # time-contiguous: channel-contiguous copies (the gradients come back in that layout)
         u, delta = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (u, delta)]
         z = z.transpose(-1, -2).contiguous().transpose(-1, -2) if z is not None else None
@@ -858,14 +895,14 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, dout,
         du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
         dgate_part if dgate_part is not None else dummy, dlast if dlast is not None else dummy,
-        ckpt, scratch,
+        ckpt, scratch, lengths if lengths is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
         *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=sub_chunk, PREFETCH=prefetch,
-        SCRATCH_EVICT=scratch_evict, **launch_options,
+        SCRATCH_EVICT=scratch_evict, HAS_LEN=lengths is not None, **launch_options,
     )
 
     def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
