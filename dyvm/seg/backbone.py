@@ -25,6 +25,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch import Tensor
 
+import dyvm.models.dyvm as dyvm_model
 from dyvm.models.dyvm import DyVM, DyVMConfig
 from dyvm.models.vim import VimConfig
 from dyvm.pruning import batch_gather, indices_to_mask, keep_count, kept_first_order, to_original_order
@@ -54,10 +55,12 @@ class SegBackboneOutput:
 
 class _Tokens(NamedTuple):
     """policy (B, S): 1 where a slot holds a kept token; slot_to_patch (B, S): raster index of each slot;
-    mask (B, S) for the scans (training after a pruning stage) or None (every slot kept)."""
+    mask (B, S) for the scans (training after a pruning stage) or None (every slot kept); scan_lengths (B,) int32:
+    each image's kept count, where its scans stop (training; dyvm.models.dyvm.SCAN_KEPT_ONLY)."""
     policy: Tensor
     slot_to_patch: Tensor
     mask: Optional[Tensor]
+    scan_lengths: Optional[Tensor] = None
 
 
 def scatter_tokens(values: Tensor, slot_to_patch: Tensor, num_patches: int) -> Tensor:
@@ -151,7 +154,8 @@ class SegBackbone(DyVM):
         decision = to_original_order(keep, tokens.slot_to_patch, M)
         order = kept_first_order(keep)
         policy = keep.gather(1, order)
-        tokens = _Tokens(policy, tokens.slot_to_patch.gather(1, order), policy)
+        lengths = (policy > 0.5).sum(1).to(torch.int32) if dyvm_model.SCAN_KEPT_ONLY else None
+        tokens = _Tokens(policy, tokens.slot_to_patch.gather(1, order), policy, lengths)
         return batch_gather(hidden, order), batch_gather(residual, order), tokens, frozen, decision
 
     def forward(self, x: Tensor) -> SegBackboneOutput:
@@ -174,7 +178,7 @@ class SegBackbone(DyVM):
             if mixer.block_head is not None:
                 gate = self._decide_gate(mixer.block_head(pooled_gate_input(xz, tokens.mask)))
                 gates.append(gate)
-            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask)
+            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, lengths=tokens.scan_lengths)
             seq_lens.append(hidden.shape[1])
             if i in self.out_indices:
                 features.append(self._restore(self._feature(hidden, residual), tokens, frozen))

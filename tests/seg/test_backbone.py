@@ -110,6 +110,29 @@ def test_gradients_reach_predictors_gates_and_backbone():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
+    """The training scans stop at each image's last kept token (dyvm.models.dyvm.SCAN_KEPT_ONLY): the same feature
+    maps and gradients, bit for bit, as scans over the whole sequence (the maps read no pruned slot's output)."""
+    import dyvm.models.dyvm as dyvm_model
+
+    model = dyvm_backbone(gumbel_noise=True)
+    decisive(model).selection = LearnedSelection(gumbel_noise=True)
+    model.train()
+    x, params, results, lengths = torch.randn(3, 3, 32, 32), list(model.parameters()), [], []
+    mix = type(model.layers[0].mixer).mix
+    monkeypatch.setattr(type(model.layers[0].mixer), "mix",
+                        lambda self, *a, **kw: lengths.append(kw.get("lengths")) or mix(self, *a, **kw))
+    for kept_only in (False, True):
+        monkeypatch.setattr(dyvm_model, "SCAN_KEPT_ONLY", kept_only)
+        torch.manual_seed(5)  # the same Gumbel draws
+        out = model(x)
+        loss = sum(f.square().mean() for f in out.features) + sum(d.mean() for d in out.decisions) + out.gates.mean()
+        results.append([*out.features, *torch.autograd.grad(loss, params)])
+    assert lengths[:4] == [None] * 4 and lengths[4] is None and (lengths[-1] < M).all()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_gate_pooling_is_the_mean_over_kept_tokens():
     xz = torch.randn(2, 6, 5)
     mask = torch.tensor([[1.0, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
