@@ -212,7 +212,7 @@ def build_optimization(s: Session, teacher: Optional[nn.Module]) -> Optimization
     from timm.data import Mixup
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
+    from dyvm.ema import ModelEma
 
     args, model = s.args, s.model
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -234,7 +234,7 @@ def build_optimization(s: Session, teacher: Optional[nn.Module]) -> Optimization
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(s.device.type) if args.amp and args.amp_dtype == "float16" else None
-    ema = ModelEmaV3(model, decay=args.model_ema_decay,
+    ema = ModelEma(model, decay=args.model_ema_decay,
                      device=torch.device("cpu") if args.model_ema_force_cpu else None) if args.model_ema else None
     return Optimization(optimizer, scheduler, num_epochs, lr, scaler, ema, mixup_fn,
                         build_criterion(args, model, teacher, mixup_active))

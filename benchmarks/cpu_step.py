@@ -33,10 +33,9 @@ PHASES = ("forward", "loss", "backward", "update", "step", "eval", "step_cpu")
 def build(config: str):
     """Model, criterion, optimizer and EMA as main.py builds them for the demo config `config`."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.utils import ModelEmaV3
-
     import dyvm  # noqa: F401  (registers the model names)
     from dyvm.config import parse_args
+    from dyvm.ema import ModelEma
     from dyvm.engine import AuxForward, build_model
     from dyvm.losses import freeze
     from dyvm.models.vim import Vim
@@ -49,7 +48,7 @@ def build(config: str):
     criterion = build_criterion(args, model, teacher, False)
     opt_kw = optimizer_kwargs(cfg=args)
     optimizer = create_optimizer_v2(model, **opt_kw)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay)
+    ema = ModelEma(model, decay=args.model_ema_decay)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     targets = torch.randint(0, 10, (args.batch_size,))
     return AuxForward(model), model, criterion, optimizer, ema, images, targets

@@ -111,7 +111,10 @@ def profile_steps(run, top: int, shapes: bool = False) -> str:
 def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     from timm.data import Mixup
     from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3
+    try:
+        from dyvm.ema import ModelEma
+    except ImportError:  # (a revision from before dyvm.ema, timed as a baseline)
+        from timm.utils import ModelEmaV3 as ModelEma
 
     from dyvm.engine import AuxForward, train_one_epoch
 
@@ -120,7 +123,7 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     graphed = args.cuda_graph
     extra = dict(fused=True, capturable=True) if graphed else {}
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **extra)
-    ema = ModelEmaV3(model, decay=0.99996)
+    ema = ModelEma(model, decay=0.99996)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
     train_model, stream = AuxForward(model), None
     ddp = dict(static_graph=True) if args.ddp_static else dict(find_unused_parameters=args.ddp_find_unused)

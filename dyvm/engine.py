@@ -159,9 +159,15 @@ def locate_nonfinite(model: nn.Module, images: Tensor, parts: dict, loss_note: s
     return f"{loss_note or 'the loss'} (the model's outputs are finite)"
 
 
-def _log_parts(meter: dict, parts: dict, n: int):
-    for k, v in parts.items():
-        meter[k] += float(v) * n
+def _logged(loss: Tensor, parts: dict, out) -> dict:
+    """What a training step logs: the loss, its weighted parts, the share of scan directions that ran and each
+    stage's share of kept tokens; 0-d tensors, left on the device (a read per value would wait for the GPU)."""
+    logged = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+    if out.gates is not None:
+        logged["block_keep_ratio"] = (out.gates.detach() > 0.5).float().mean()
+    for s, d in enumerate(out.decisions):
+        logged[f"token_keep_stage{s}"] = d.detach().float().mean()
+    return logged
 
 
 def _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler, clip_grad, world_size, epoch,
@@ -209,6 +215,9 @@ def backward_and_step(model: nn.Module, optimizer, loss: Tensor, scaler=None,
     return grad_norm
 
 
+PROGRESS_EVERY = 10  # training steps between progress-bar loss readouts
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,
                     *, mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None, ema=None,
                     amp_dtype: Optional[torch.dtype] = None, scaler=None, max_steps: Optional[int] = None,
@@ -220,7 +229,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
     model.train()
     criterion.train()
     world_size, rank = world()
-    meter = defaultdict(float)
+    names, sums = None, None  # the logged quantities' names, and their image-weighted sums (float64, device)
     n_seen = 0
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress or rank != 0, leave=False,
@@ -245,18 +254,22 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
             scheduler.step_update(global_step + step + 1)
         b = images.shape[0]
         n_seen += b
-        meter["loss"] += float(loss.detach()) * b
-        _log_parts(meter, parts, b)
-        if out.gates is not None:
-            meter["block_keep_ratio"] += float((out.gates.detach() > 0.5).float().mean()) * b
-        for s, d in enumerate(out.decisions):
-            meter[f"token_keep_stage{s}"] += float(d.detach().float().mean()) * b
+        logged = _logged(loss, parts, out)
+        values = torch.stack([v.reshape(()).to(torch.float64) for v in logged.values()]) * b
+        if names is None:
+            names, sums = list(logged), values
+        else:
+            sums += values
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if not bar.disable and (step % PROGRESS_EVERY == 0 or step + 1 == steps):  # (reading the loss waits)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()
-    totals = torch.tensor([n_seen] + list(meter.values()), dtype=torch.float64, device=device)
+    names = names or []
+    totals = torch.tensor([float(n_seen)], dtype=torch.float64, device=device)
+    if sums is not None:
+        totals = torch.cat([totals, sums.to(device)])
     totals = all_reduce_sum(totals)
-    stats = {k: float(v / max(1.0, totals[0])) for k, v in zip(meter, totals[1:])}
+    stats = {k: float(v / max(1.0, totals[0])) for k, v in zip(names, totals[1:])}
     stats["lr"] = optimizer.param_groups[0]["lr"]
     stats["steps"] = steps
     return stats
