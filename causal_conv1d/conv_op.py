@@ -79,11 +79,13 @@ def _(x, weight, bias, mask, gate_skip, silu, channels_last_out):
     return _alloc(x, weight.shape[0], channels_last_out)
 
 
-def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, mixer_grads=None):
+def conv_bwd_impl(x, weight, bias, mask, silu, dout, mask_grad, mixer_grads=None, lengths=None):
     """The implementation of conv_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
     its half(0) is the memory dx goes to, which the kernel writes (the PyTorch implementation ignores it)."""
     impl = _implementation(x)
     kw = {"dx_out": mixer_grads.half(0)} if mixer_grads is not None and impl is not cpu_causal_conv1d else {}
+    if lengths is not None and impl is not cpu_causal_conv1d:  # (a hint: the PyTorch implementation needs none)
+        kw["lengths"] = lengths
     dx, dw, db, dmask = impl.conv_backward(x, weight, bias, mask, silu, dout, mask_grad=mask_grad, **kw)
     empty = x.new_empty(_EMPTY, dtype=_grad_dtype(x))
     return [dx, dw, db if db is not None else empty, dmask if dmask is not None else empty]
@@ -130,27 +132,34 @@ class _EagerConv(torch.autograd.Function):
     """conv_fwd's autograd formula over the implementations, for eager training (no dispatcher)."""
 
     @staticmethod
-    def forward(ctx, mixer_grads, *args):
+    def forward(ctx, mixer_grads, lengths, *args):
         out = conv_fwd_impl(*args)
         _setup(ctx, args, out)
         ctx.mixer_grads = mixer_grads  # (kept after the backward: a retained graph's next one uses it again)
+        ctx.lengths = lengths
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        shared = ctx.mixer_grads
-        return None, *_backward(ctx, dout, bwd=lambda *a: conv_bwd_impl(*a, mixer_grads=shared))
+        shared, lengths = ctx.mixer_grads, ctx.lengths
+        return None, None, *_backward(ctx, dout,
+                                      bwd=lambda *a: conv_bwd_impl(*a, mixer_grads=shared, lengths=lengths))
 
 
 def conv_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool, mixer_grads=None) -> Tensor:
+               gate_skip: Optional[Tensor], silu: bool, channels_last_out: bool, mixer_grads=None,
+               lengths: Optional[Tensor] = None) -> Tensor:
     """Run conv_fwd the cheapest way that keeps what is watching: the custom op under torch.compile or a
     dispatch mode (FLOP counting), else its implementation, under an autograd.Function when a gradient is
-    needed (see causal_conv1d.kernel_utils.ops_watched). mixer_grads: see conv_bwd_impl (eager training only)."""
+    needed (see causal_conv1d.kernel_utils.ops_watched). mixer_grads: see conv_bwd_impl (eager training only).
+    lengths (eager training): where the mask and the output gradient are 0 from lengths[b] on, the backward
+    kernel skips work there with the same result; the custom ops go without it."""
     args = (x, weight, bias, mask, gate_skip, silu, channels_last_out)
     if ops_watched():
         return conv_fwd(*args)
-    return _EagerConv.apply(mixer_grads, *args) if needs_grad(x, weight, bias, mask) else conv_fwd_impl(*args)
+    if needs_grad(x, weight, bias, mask):
+        return _EagerConv.apply(mixer_grads, lengths, *args)
+    return conv_fwd_impl(*args)
 
 
 def conv_macs(x_shape, weight_shape) -> int:

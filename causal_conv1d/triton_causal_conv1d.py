@@ -275,11 +275,11 @@ def _walk_loads(x_base, m_base, do0_base, do1_base, t, mask_d, seqlen, sx_t, sm_
 
 @triton.jit
 def _conv_bwd_walk_kernel(
-    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, dm_ptr,
+    x_ptr, w_ptr, bias_ptr, m_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, dm_ptr, len_ptr,
     dim, seqlen,
     sx_b, sx_d, sx_t, sm_b, sm_t, sdo_r, sdo_b, sdo_d, sdo_t, sdx_b, sdx_d, sdx_t,
     N_DIRS: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SILU: tl.constexpr, MASK_GRAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    SILU: tl.constexpr, MASK_GRAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     """The backward for channel-contiguous inputs: each lane owns a channel and walks the sequence once,
     keeping the inputs x[t-3 .. t+2] and the pre-activation gradients g_0[t+1 .. t+3] (causal) and
@@ -294,7 +294,11 @@ def _conv_bwd_walk_kernel(
 
     Steps go in groups of 4 whose loads are issued one group ahead (software pipelining): Triton cannot
     tell that the dx stores do not alias the inputs, so a load written after a store waits for it in
-    program order, and without the prefetch every step would wait a full memory latency."""
+    program order, and without the prefetch every step would wait a full memory latency.
+
+    HAS_LEN (with a mask and an output gradient that are 0 from len_ptr[b] on, as DyVM's kept-only training
+    gives): the walk stops 3 steps after that point, where dx, dmask and the weight terms are all zeros from then
+    on (dmask is not 0 in the 3 steps: direction 1 reads 3 steps ahead), and writes zeros for the rest."""
     pid_b = tl.program_id(0).to(tl.int64)
     batch = tl.num_programs(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -350,7 +354,10 @@ def _conv_bwd_walk_kernel(
     dw13 = zero
     db0 = zero
     db1 = zero
-    # Steps t = -3 .. seqlen-1: the first three only fill the windows (their outputs are masked off).
+    walk_end = seqlen
+    if HAS_LEN:
+        walk_end = tl.minimum(tl.load(len_ptr + pid_b).to(tl.int32) + 3, seqlen)
+    # Steps t = -3 .. walk_end-1: the first three only fill the windows (their outputs are masked off).
     nx0, ng0, nb0, nn0, nm0 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -3, mask_d, seqlen, sx_t,
                                           sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
     nx1, ng1, nb1, nn1, nm1 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, -2, mask_d, seqlen, sx_t,
@@ -359,7 +366,7 @@ def _conv_bwd_walk_kernel(
                                           sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
     nx3, ng3, nb3, nn3, nm3 = _walk_loads(x_base, m_base, do0_base, do0_base + sdo_r, 0, mask_d, seqlen, sx_t,
                                           sm_t, sdo_t, N_DIRS, HAS_MASK, MASK_GRAD)
-    for t0 in range(-3, seqlen, 4):
+    for t0 in range(-3, walk_end, 4):
         cx0, cg0, cb0, cn0, cm0 = nx0, ng0, nb0, nn0, nm0
         cx1, cg1, cb1, cn1, cm1 = nx1, ng1, nb1, nn1, nm1
         cx2, cg2, cb2, cn2, cm2 = nx2, ng2, nb2, nn2, nm2
@@ -447,6 +454,11 @@ def _conv_bwd_walk_kernel(
             r1 = r1 + 0.0
             r2 = r2 + 0.0
             r3 = r3 + 0.0
+    if HAS_LEN:  # the rest of the sequence: zeros (a few of them written again after the last group)
+        for t in range(walk_end, seqlen):
+            tl.store(dx_base + t * sdx_t, zero.to(dx_ptr.dtype.element_ty), mask=mask_d)
+            if MASK_GRAD:
+                tl.store(dm_base + t, 0.0)
     # tap k of the real kernel is tap k + pad of the width-4 form
     row = pid_b * dim + offs_d
     dwp = dw_ptr + row * WIDTH - pad
@@ -502,7 +514,9 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
                  block_d: Optional[int] = None, num_warps: Optional[int] = None) -> Tensor:
     """x: (b, d, L) view; weight: (R, d, K) contiguous; bias: (R, d) or None; mask: (b, L) or None;
     out: (R, b, d, L) view, written. gate (b, R): skip the (sample, direction) pairs whose gate is 0.
-    block_t, block_d, num_warps override CONV_TUNING (the benchmark's sweep)."""
+    block_t, block_d, num_warps override CONV_TUNING (the benchmark's sweep). (No lengths here, unlike the
+    backward: tiles past a sample's end still write their zeros, the bulk of the forward's memory traffic, and
+    skipping their reads measured no faster.)"""
     key = (x.shape, x.stride(), weight.shape, bias is None, None if mask is None else mask.stride(),
            None if gate is None else gate.stride(), out.stride(), silu, block_t, block_d, num_warps)
     plan = _forward_plans.get(key)
@@ -523,11 +537,14 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Option
 
 def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], silu: bool,
                   dout: Tensor, mask_grad: bool = False, block_t: Optional[int] = None,
-                  block_d: Optional[int] = None, num_warps: Optional[int] = None, dx_out: Optional[Tensor] = None):
+                  block_d: Optional[int] = None, num_warps: Optional[int] = None, dx_out: Optional[Tensor] = None,
+                  lengths: Optional[Tensor] = None):
     """Gradients of conv_forward (without gates): dx like x's dtype and memory layout (b, d, L), or written into
     dx_out (x's shape and dtype, any strides); dweight (R, d, K) fp32; dbias (R, d) fp32 or None; dmask (b, L)
-    fp32 when mask_grad and a mask is given, else None. dout: (R, b, d, L) view. block_t, block_d, num_warps
-    override CONV_TUNING's backward entries (the benchmark's sweep)."""
+    fp32 when mask_grad and a mask is given, else None. dout: (R, b, d, L) view. lengths (b,) int32, where the
+    mask and dout are 0 from lengths[b] on: the channel-contiguous walk stops 3 steps later and writes zeros after
+    (the same result; the time-contiguous kernel ignores it). block_t, block_d, num_warps override CONV_TUNING's
+    backward entries (the benchmark's sweep)."""
     batch, dim, seqlen = x.shape
     R, _, width = weight.shape
     if width > 4:
@@ -554,7 +571,9 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
     flags = dict(N_DIRS=R, WIDTH=width, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
                  MASK_GRAD=mask_grad, BLOCK_D=block_d, num_warps=num_warps)
     if x.stride(1) == 1:  # channel-contiguous: a lane per channel walks time (block_t unused)
-        launch(_conv_bwd_walk_kernel, grid, *args, **flags)
+        has_len = lengths is not None and mask is not None
+        launch(_conv_bwd_walk_kernel, grid, *args[:9], lengths if has_len else dw, *args[9:], HAS_LEN=has_len,
+               **flags)
     else:
         launch(_conv_bwd_kernel, grid, *args, BLOCK_T=block_t, **flags)
     return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None, dm_parts.sum(1) if mask_grad else None

@@ -220,4 +220,7 @@ def test_lengths_change_nothing_where_the_mask_ends_the_sequence(kernels):
                                lengths=lengths)
     assert rel(results[1][0], ref) < 1e-5
     with pytest.raises(ValueError, match="lengths must be int32 of shape"):
-        bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), lengths=lengths.long())
+        bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), mask=mask,
+                            lengths=lengths.long())
+    with pytest.raises(ValueError, match="give the mask too"):
+        bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), lengths=lengths)

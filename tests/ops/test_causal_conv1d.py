@@ -139,6 +139,31 @@ def test_triton_conv_mask_grad(channels_last, n_dirs, width, bias, silu, mask_ki
     _check_mask_grads([t for t in got if t is not None], _autograd_grads(x, w, b, mask, silu, dout), dtype)
 
 
+def test_conv_lengths_skip_only_zeros():
+    """With lengths where the mask and the output gradient are 0 from lengths[b] on (DyVM's kept-only training),
+    the channel-contiguous backward walk stops 3 steps after that point and writes zeros after: the same
+    gradients, dmask included (not 0 in those 3 steps), bit for bit. Lengths on a group boundary, inside a
+    group, 0 and L."""
+    from causal_conv1d.triton_causal_conv1d import conv_backward
+
+    batch, dim, seqlen, width = 4, 24, 37, 4
+    lengths = torch.tensor([37, 16, 0, 21], dtype=torch.int32)
+    inside = torch.arange(seqlen) < lengths[:, None].long()
+    x = torch.randn(batch, seqlen, dim).transpose(1, 2)
+    w, b = torch.randn(2, dim, width), torch.randn(2, dim)
+    mask = inside * (0.5 + torch.rand(batch, seqlen))
+    dout = torch.randn(2, batch, dim, seqlen) * inside[None, :, None, :]
+    tiles = dict(block_t=8, block_d=16, num_warps=1)
+    results = []
+    with triton_on_cpu():
+        for lens in (None, lengths):
+            dx = torch.full((batch, seqlen, dim), float("nan")).transpose(1, 2)
+            results.append(conv_backward(x, w, b, mask, True, dout, mask_grad=True, dx_out=dx, lengths=lens, **tiles))
+    assert results[0][3][3, 21:24].abs().min() > 0  # dmask right after the end: direction 1 reads ahead
+    for name, a, c in zip(["dx", "dw", "db", "dmask"], *results):
+        assert torch.equal(a, c), name
+
+
 def test_cpu_conv_mask_grad():
     """dmask from the CPU implementation against autograd on the op's definition, over every combination:
     layouts, one and two directions, widths 2 to 4, bias, SiLU, binary and non-binary masks, fp32 and bf16
@@ -214,7 +239,7 @@ def test_dyvm_mixer_mask_grad_inside_the_op_matches_the_mask_around_it(monkeypat
     dout = torch.randn(batch, dim, seqlen, dtype=dtype)
     inner = stacked.conv_apply
 
-    def mask_around(x, weight, bias, mask, gate_skip, silu, channels_last_out, mixer_grads):
+    def mask_around(x, weight, bias, mask, gate_skip, silu, channels_last_out, mixer_grads, lengths=None):
         xc = inner(x * mask[:, None], weight, bias, None, gate_skip, silu, channels_last_out)  # (x * mask: no sink)
         return xc * mask[None, :, None]
 

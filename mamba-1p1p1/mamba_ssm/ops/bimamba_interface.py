@@ -6,10 +6,10 @@ gates and training-time token masks.
 
 xz: (batch, 2*d_inner, L) = in_proj output (x then z); gate: (batch, 2) per-sample gates [forward,
 backward], None = both on; mask: (batch, L) token mask of the rearranged training sequence (1 keep,
-0 pruned; the backward scan sees it flipped), None = all kept; lengths: (batch,) int32, sample i's
-sequence, as the scans see it, is its first lengths[i] positions: they skip the rest (as if u were 0 there:
-direction 1 enters the sequence with the zero state) and the output there is 0; the conv sees the whole
-sequence. None = L.
+0 pruned; the backward scan sees it flipped), None = all kept; lengths: (batch,) int32 with the mask, whose
+zeros must be exactly sample i's positions from lengths[i] on (DyVM's kept-first training sequence): the scans
+skip those positions (as if u were 0 there: direction 1 enters the sequence with the zero state), the output
+there is 0, and the conv kernels skip what is zero there. None = L.
 Returns (batch, d_inner, L), before out_proj.
 
 Where the mask's zeros are exactly the positions from lengths on (a DyVM training sequence: kept tokens first),
@@ -59,6 +59,8 @@ def _check(xz, fwd, gate, mask, lengths=None):
     if lengths is not None and (lengths.shape != (xz.shape[0],) or lengths.dtype != torch.int32):
         raise ValueError(f"lengths must be int32 of shape (batch,) = ({xz.shape[0]},), got {lengths.dtype} "
                          f"{tuple(lengths.shape)}")
+    if lengths is not None and mask is None:
+        raise ValueError("lengths ends the sequence where its mask does: give the mask too")
 
 
 def scan_direction_ref(x, z, w: ScanWeights, mask=None, inside=None):

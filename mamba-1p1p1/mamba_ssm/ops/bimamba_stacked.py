@@ -200,7 +200,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     gate_skip = gate if gate is not None and not training else None
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
-    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, grads)
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, grads, lengths)
     if gate_skip is not None and _gated_projections_apply(xc):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
