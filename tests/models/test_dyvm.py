@@ -347,8 +347,9 @@ def _spread_predictors(model, seed):
 
 def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
     """After a pruning stage the training scans walk each image's kept tokens only (dyvm.models.dyvm.SCAN_KEPT_ONLY;
-    the pruned ones sit masked behind them): the same loss and the same gradient for every parameter, bit for bit,
-    as scans over the whole sequence."""
+    the pruned ones sit masked behind them): the same loss and the same gradient for every parameter as scans over
+    the whole sequence, to rounding (the PyTorch implementation stops its walks after the longest image, and its
+    sums over the shorter sequence round otherwise)."""
     import dyvm.models.dyvm as dyvm_module
 
     model = tiny()
@@ -369,4 +370,4 @@ def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
     with_lengths = [n for n in lengths[4:] if n is not None]
     assert lengths[:4] == [None] * 4 and len(with_lengths) == 3 and (with_lengths[-1] < M + 1).all()
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert ((a - b).norm() <= 1e-6 * b.norm()) and torch.isfinite(a).all()

@@ -267,3 +267,32 @@ def test_scan_lengths_walk_each_samples_own_sequence():
             assert g is None or rel(g, want_grads[name]) < 1e-6, name
     with pytest.raises(ValueError, match="lengths and the last state"):
         cpu.scan_forward(*args, want, want_last=True, lengths=lengths)
+
+
+def test_cpu_scan_walks_stop_after_the_longest_sample():
+    """The PyTorch implementation with lengths all under L walks only up to the longest sample: what the masked
+    walk over the whole sequence computes (to rounding: its sums run over fewer terms), zeros after that point,
+    and the gradients in the layouts and strides the op declares; the checkpoint keeps the full length's size."""
+    from mamba_ssm.ops.cpu import selective_scan as cpu
+
+    R, b, d, N, L = 2, 4, 16, 8, 21
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731  (channel-contiguous)
+    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    gate, lengths = torch.tensor([[1.0, 0.0], [0.5, 1.0], [1.0, 0.3], [1.0, 1.0]]), torch.tensor([13, 9, 0, 5])
+    args = (u, delta, A, B, C, torch.randn(R, d), z, torch.randn(R, d), True, gate, 0.5)
+    out = cl(b, d, L).fill_(float("nan"))
+    _, ckpt = cpu.scan_forward(*args, out, want_ckpt=True, lengths=lengths)
+    got = cpu.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths)
+    want_out = cl(b, d, L)
+    _, want_ckpt = cpu._forward(*args, want_out, False, True, lengths)  # the whole sequence, masked
+    want = cpu._backward(*args, dout, None, want_ckpt, lengths)
+    assert ckpt.shape == want_ckpt.shape and rel(out, want_out) < 1e-6 and not out[..., 13:].any()
+    for name, g in got.items():
+        if g is None:
+            assert want[name] is None, name
+            continue
+        assert g.shape == want[name].shape and g.stride() == want[name].stride(), name
+        assert rel(g, want[name]) < 1e-6, name
+        if name in ("du", "ddelta", "dB", "dC", "dz"):
+            assert not g[..., 13:].any(), name

@@ -112,7 +112,7 @@ def test_gradients_reach_predictors_gates_and_backbone():
 
 def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
     """The training scans stop at each image's last kept token (dyvm.models.dyvm.SCAN_KEPT_ONLY): the same feature
-    maps and gradients, bit for bit, as scans over the whole sequence (the maps read no pruned slot's output)."""
+    maps and gradients, to rounding, as scans over the whole sequence (the maps read no pruned slot's output)."""
     import dyvm.models.dyvm as dyvm_model
 
     model = dyvm_backbone(gumbel_noise=True)
@@ -130,7 +130,7 @@ def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
         results.append([*out.features, *torch.autograd.grad(loss, params)])
     assert lengths[:4] == [None] * 4 and lengths[4] is None and (lengths[-1] < M).all()
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert (a - b).norm() <= 1e-6 * b.norm()
 
 
 def test_gate_pooling_is_the_mean_over_kept_tokens():

@@ -7,6 +7,8 @@ so the custom ops mamba_ssm::scan_fwd / scan_bwd run it for the tensors the kern
     z: (b, d, L) or None (shared by the directions); gate: (b, R) or None
     out = scale * sum_r gate[:, r] * (y_r + D_r u_r) * silu(z),   direction 1 runs in reverse time,
     y_r[t] = sum_n C_t[n] h_t[n],  h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,  dt = softplus(delta + bias).
+    lengths (b,) or None: sample b's sequence is its first lengths[b] positions; here by masking (u zeroed after
+    each sample's end, the output and du too) over the prefix up to the longest sample, where the walks stop.
 
 Plain PyTorch (any device runs it), written for a CPU, where the cost is memory traffic and the number of
 ops rather than arithmetic:
@@ -234,6 +236,25 @@ def _inside(lengths: Optional[Tensor], seqlen: int, want_last: bool = False) -> 
     return torch.arange(seqlen, device=lengths.device) < lengths[:, None]
 
 
+def _walk_end(lengths: Optional[Tensor], seqlen: int) -> int:
+    """Where the walks may stop: after the longest sample (every position after it is outside every sample's
+    sequence), at least one step; L without lengths."""
+    return seqlen if lengths is None else max(1, min(seqlen, int(lengths.max())))
+
+
+def _prefix(t: Optional[Tensor], end: int) -> Optional[Tensor]:
+    return None if t is None else t[..., :end]
+
+
+def _zero_padded(t: Tensor, seqlen: int) -> Tensor:
+    """t (..., end) -> (..., seqlen) with zeros after end, in t's memory order (channel-contiguous stays so)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))  # the axes from outermost to innermost in memory
+    shape = [seqlen if i == t.dim() - 1 else t.shape[i] for i in order]
+    full = t.new_zeros(shape).permute(*[order.index(i) for i in range(t.dim())])
+    full[..., :t.shape[-1]].copy_(t)
+    return full
+
+
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], softplus_dt: bool, gate: Optional[Tensor],
                  scale: float, out: Tensor, want_last: bool = False, want_ckpt: bool = False,
@@ -241,7 +262,25 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     """Forward over stacked directions (see the module docstring); writes `out` (b, d, L). Returns
     (last, ckpt): the last states (R, b, d, N) if want_last, and if want_ckpt a flat tensor (see
     checkpoint_numel) that scan_backward starts from; the compute dtype (fp32, fp64 for fp64 inputs).
-    lengths (b,): sample b's sequence is its first lengths[b] positions (see _inside)."""
+    lengths (b,): sample b's sequence is its first lengths[b] positions (see _inside); the walks stop after
+    the longest one (_walk_end), and out is 0 from there."""
+    R, batch, dim, seqlen = u.shape
+    end = _walk_end(lengths, seqlen)
+    if end == seqlen:
+        return _forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale, out, want_last, want_ckpt,
+                        lengths)
+    ckpt = torch.empty(checkpoint_numel(R, batch, dim, seqlen, A.shape[-1]), dtype=compute_dtype(u.dtype),
+                       device=u.device) if want_ckpt else None  # (the full length's size: what the op declares)
+    last, _ = _forward(*[_prefix(t, end) for t in (u, delta)], A, *[_prefix(t, end) for t in (B, C)], D,
+                       _prefix(z, end), delta_bias, softplus_dt, gate, scale, out[..., :end], want_last, want_ckpt,
+                       lengths, ckpt)
+    out[..., end:].zero_()
+    return last, ckpt
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale, out, want_last, want_ckpt, lengths,
+             ckpt_memory: Optional[Tensor] = None):
+    """scan_forward over the whole of its inputs; ckpt_memory: a flat tensor whose start holds the checkpoint."""
     inside = _inside(lengths, u.shape[-1], want_last)
     if inside is not None:
         u = u * inside[None, :, None, :]
@@ -250,7 +289,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     cdt = compute_dtype(u.dtype)
     ckpt = starts = None
     if want_ckpt:
-        ckpt = torch.empty(checkpoint_numel(R, batch, dim, seqlen, d_state), dtype=cdt, device=u.device)
+        numel = checkpoint_numel(R, batch, dim, seqlen, d_state)
+        ckpt = ckpt_memory[:numel] if ckpt_memory is not None else torch.empty(numel, dtype=cdt, device=u.device)
         starts, Y, dt = _split_checkpoint(ckpt, R, batch, dim, seqlen, d_state)
         dt.copy_(pre_activation(delta, delta_bias, cdt))
         if softplus_dt:
@@ -353,6 +393,21 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale,
                                torch.empty_like(dout), want_ckpt=True, lengths=lengths)
+    end = _walk_end(lengths, seqlen)
+    if end == seqlen:
+        return _backward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale, dout, dlast, ckpt, lengths)
+    g = _backward(*[_prefix(t, end) for t in (u, delta)], A, *[_prefix(t, end) for t in (B, C)], D, _prefix(z, end),
+                  delta_bias, softplus_dt, gate, scale, dout[..., :end], dlast,
+                  ckpt[:checkpoint_numel(R, batch, dim, end, A.shape[-1])], lengths)
+    for name in ("du", "ddelta", "dB", "dC", "dz"):  # per-position gradients: zeros after the walks' end
+        if g[name] is not None:
+            g[name] = _zero_padded(g[name], seqlen)
+    return g
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, softplus_dt, gate, scale, dout, dlast, ckpt, lengths):
+    """scan_backward over the whole of its inputs, from the forward's checkpoint."""
+    R, batch, dim, seqlen = u.shape
     inside = _inside(lengths, seqlen, dlast is not None)
     if inside is not None:  # (the forward's masked u; nothing after the end reaches the outputs)
         u, dout = u * inside[None, :, None, :], dout * inside[:, None, :]
