@@ -154,7 +154,8 @@ class _SplitXZ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz: Tensor, grads: Optional[MixerGrads]):
         ctx.set_materialize_grads(False)
-        ctx.xz_meta, ctx.grads = _xz_meta(xz), grads
+        ctx.xz_meta = grads.meta if grads is not None else _xz_meta(xz)  # (MixerGrads holds it already)
+        ctx.grads = grads
         dim = xz.shape[1] // 2
         return xz[:, :dim], xz[:, dim:]
 
