@@ -27,3 +27,26 @@ def tf32_switch():
     saved = torch.backends.cuda.matmul.allow_tf32
     yield
     torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of the benchmarks' dry runs go last: their runs have had the whole suite's time by then."""
+    from tests.benchmarks import helpers
+
+    items.sort(key=lambda item: item.name in helpers.DRY_RUNS)  # (stable: the rest keep their order)
+
+
+def pytest_collection_finish(session):
+    """The benchmarks' dry runs (tests.benchmarks.helpers.DRY_RUNS) start as soon as collection ends, in the
+    background on the second core; their tests wait for them."""
+    from tests.benchmarks import helpers
+
+    for item in session.items:
+        if item.name in helpers.DRY_RUNS:
+            helpers.start_dry_run(item.name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.benchmarks import helpers
+
+    helpers.stop_dry_runs()

@@ -1,21 +1,19 @@
 """benchmarks/scan_train_tuning.py runs end to end (--dry-run: CPU, Triton interpreter, tiny shapes) and writes a
 tuning file that the kernels accept under MAMBA_TRITON_TUNING."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.helpers import dry_run, script_env
 
 
-def test_scan_train_tuning_dry_run(tmp_path):
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'mamba-1p1p1'}{os.pathsep}{ROOT}")
-    tuning_file, results = tmp_path / "tuning.json", tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scan_train_tuning.py"), "--dry-run",
-                           "--out", str(tuning_file), "--results", str(results)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_scan_train_tuning_dry_run():
+    # (python benchmarks/scan_train_tuning.py --dry-run --out DIR/tuning.json --results DIR/rows.json, started in
+    # the background when collection ended: tests.benchmarks.helpers.DRY_RUNS)
+    env = script_env()
+    returncode, output, folder = dry_run("test_scan_train_tuning_dry_run", timeout=300)
+    tuning_file, results = folder / "tuning.json", folder / "rows.json"
+    assert returncode == 0, output[-6000:]
     rows = json.loads(results.read_text())["rows"]
     for name in ("bf16", "fp32"):  # every configuration agrees with the reference launch
         assert {r["kernel"] for r in rows[name]} == {"fwd+ckpt", "bwd"}
