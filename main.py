@@ -224,7 +224,7 @@ def build_optimization(s: Session, teacher: Optional[nn.Module]) -> Optimization
     steps_per_epoch = min(args.max_steps_per_epoch or len(s.train_loader), len(s.train_loader))
     lr = global_batch_lr(args.lr, args.batch_size, s.world_size, args.unscale_lr)
     opt_kw = {**optimizer_kwargs(cfg=args), "lr": lr}
-    if args.cuda_graph_train and s.device.type == "cuda" and args.opt.lower() in ("adam", "adamw"):
+    if args.cuda_graph_train is not False and s.device.type == "cuda" and args.opt.lower() in ("adam", "adamw"):
         opt_kw.update(fused=True, capturable=True)  # an update that a CUDA graph can capture
     optimizer = create_optimizer_v2(model, **opt_kw)
     scheduler, num_epochs = create_scheduler_v2(
@@ -280,12 +280,13 @@ def run_training(s: Session) -> dict:
         start_epoch, max_acc, global_step = restore_training_state(s.source, opt.optimizer, opt.scheduler,
                                                                    opt.scaler, opt.ema)
     train_model, graphed = AuxForward(model), False
-    if args.cuda_graph_train:
+    if args.cuda_graph_train is not False:  # None (the default): wherever it can run, quietly on a CPU
         from dyvm.train_graph import GraphedTrainStep, distributed_for_graphs, graph_step_problem
         problem = graph_step_problem(s.device, opt.optimizer, opt.scaler)
-        if problem:
+        if problem and (args.cuda_graph_train or s.device.type == "cuda"):
             s.print(f"note: {problem}; training steps run eagerly")
         graphed = problem is None
+    s.print(f"training steps: {'CUDA-graph replays' if graphed else 'eager'}")
     ddp_kwargs = dict(find_unused_parameters=True)  # e.g. predictors of a stage no sample reached
     stream = None
     if s.world_size > 1 and graphed:
@@ -319,7 +320,8 @@ def run_training(s: Session) -> dict:
                  **{f"ema_test_{k}": v for k, v in ema_stats.items() if not isinstance(v, list)},
                  "max_accuracy": max_acc, "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)}
         ema_text = f"EMA {ema_stats['acc1']:.2f}, " if ema_stats else ""  # only when it was evaluated
-        s.print(f"epoch {epoch}: loss {train_stats['loss']:.4f}, val top-1 {test_stats['acc1']:.2f} "
+        s.print(f"epoch {epoch}: loss {train_stats['loss']:.4f} ({train_stats['images_per_s']:.0f} images/s), "
+                f"val top-1 {test_stats['acc1']:.2f} "
                 f"({ema_text}best {max_acc:.2f}), {test_stats['gmacs_paper']:.4f} G paper MACs, "
                 f"{stats['epoch_time_s']:.0f} s")
         log_epoch(s, writer, stats)

@@ -117,10 +117,12 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
     g.add_argument("--eval-ema-each-epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the EMA after every epoch (--eval always reports it)")
-    g.add_argument("--cuda-graph-train", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--cuda-graph-train", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each training step from a CUDA graph (on each GPU, DDP's all-reduces included; "
-                        "Adam/AdamW made fused and capturable; the host's launch work leaves the step: "
-                        "dyvm/train_graph.py)")
+                        "Adam/AdamW made fused and capturable; the host's launch work leaves the step; the same "
+                        "weights bit for bit: dyvm/train_graph.py). Default: on wherever it can run (a GPU, "
+                        "Adam/AdamW, no fp16 GradScaler); --cuda-graph-train says why when it cannot; "
+                        "--no-cuda-graph-train: eager steps")
     g.add_argument("--amp", action="store_true", help="autocast (bf16 by default); fp32 is the default")
     g.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 (the default; the scripts pass it)")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype")

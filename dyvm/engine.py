@@ -7,6 +7,7 @@ sees the ForwardOutput call.
 """
 import os
 import random
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Callable, Optional
@@ -234,6 +235,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress or rank != 0, leave=False,
                dynamic_ncols=True)
+    start = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
@@ -272,6 +274,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
     stats = {k: float(v / max(1.0, totals[0])) for k, v in zip(names, totals[1:])}
     stats["lr"] = optimizer.param_groups[0]["lr"]
     stats["steps"] = steps
+    # every process's images over the loop's wall time (data loading, the first steps' compilation and a graph
+    # capture included: what an epoch costs); the sums above were read back, so the GPU work is done
+    stats["images_per_s"] = float(totals[0]) / max(time.perf_counter() - start, 1e-9)
     return stats
 
 

@@ -47,6 +47,7 @@ def test_dyvm_training_logs_every_loss_term_then_resume_and_eval(dense_dir, tmp_
     line = json.loads((out / "log.txt").read_text().splitlines()[0])
     for term in LOSS_TERMS + ["loss", "lr", "block_keep_ratio"]:
         assert f"train_{term}" in line, term
+    assert line["train_images_per_s"] > 0  # the epoch's training speed, also on its printed line
     assert line["train_cls_kl_loss"] > 0  # the teacher is really there
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 0 and not os.path.isabs(ckpt["teacher_path"])  # recorded relative to the checkpoint
@@ -246,6 +247,16 @@ def test_no_ema_column_when_the_ema_is_not_evaluated(capsys):
     assert run("--model", "vim_tiny", "--epochs", "1", "--max-steps-per-epoch", "1", "--no-eval-ema-each-epoch") == 0
     text = capsys.readouterr().out
     assert "nan" not in text and "EMA" not in text.split("epoch 0:")[1]
+    # graphed steps are the default where they can run; on a CPU the default is eager steps, without a note
+    assert "training steps: eager" in text and "note:" not in text
+    assert " images/s), val top-1 " in text.split("epoch 0:")[1]
+
+
+def test_asking_for_graphed_steps_where_they_cannot_run_says_why(capsys):
+    assert run("--model", "vim_tiny", "--epochs", "1", "--max-steps-per-epoch", "1", "--no-eval-ema-each-epoch",
+               "--cuda-graph-train") == 0
+    text = capsys.readouterr().out
+    assert "note: a CUDA-graph training step needs a CUDA device; training steps run eagerly" in text
 
 
 def test_a_flag_typo_is_one_line_with_a_hint(capsys):
