@@ -131,7 +131,7 @@ def test_training_gradients_are_bit_identical_to_the_general_path(models, name, 
     x = torch.randn(2, 3, 12, 12)
     grads = []
     for watched, into_du in ((True, False), (False, False), (False, True)):
-        monkeypatch.setattr(stacked, "X_PROJ_INTO_DU", into_du)
+        monkeypatch.setattr(stacked, "EAGER_PROJ_BACKWARD", into_du)
         model.zero_grad(set_to_none=True)
         with _PassThrough() if watched else contextlib.nullcontext():
             out = model.forward_aux(x)
@@ -282,3 +282,24 @@ def test_predictor_hooks_see_their_calls_with_the_stage_kernels_on():
     finally:
         handle.remove()
     assert len(seen) == 1 and seen[0] is scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, monkeypatch):
+    """x_proj's and dt_proj's weight gradients: in fp32 sums over blocks of whole samples (one batched matmul of
+    the blocks, then their sum), equal to the plain sum over all rows to rounding; other dtypes take the one
+    matmul, bit for bit."""
+    import mamba_ssm.ops.bimamba_stacked as stacked
+
+    monkeypatch.setattr(stacked, "WGRAD_BLOCKS", 4)
+    batch, seqlen = 6, 5  # gcd(6, 4) = 2 blocks of 3 samples
+    d_out = torch.randn(2, batch * seqlen, 7, dtype=torch.float64)
+    x = torch.randn(2, batch * seqlen, 9, dtype=torch.float64)[..., :8]  # strided rows, as dt's slice is
+    exact = torch.bmm(d_out.transpose(1, 2), x)
+    got = stacked._weight_grad(d_out.to(dtype), x.to(dtype), batch)
+    assert got.shape == (2, 7, 8) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        want = torch.bmm(d_out.to(dtype).transpose(1, 2), x.to(dtype))
+        assert torch.equal(got, want)

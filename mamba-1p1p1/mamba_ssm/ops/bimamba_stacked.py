@@ -13,6 +13,7 @@ Inference with gates: a (sample, direction) whose gate is 0 is skipped inside th
 (mamba_ssm.ops.triton.gated_proj); elsewhere the matmuls run over the whole batch. Training: every direction
 runs and the gate multiplies its output, so the gate gets its gradient.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -91,10 +92,31 @@ class MixerGrads:
         return self.full()[:, index * dim:(index + 1) * dim]
 
 
-# Eager training: x_proj's backward adds its input gradient into the scan's du in one batched matmul (_XProj),
-# which rounds once where autograd's matmul-then-add rounds twice; the eager path's bit-for-bit test against the
-# custom ops (which keep the add) turns it off.
-X_PROJ_INTO_DU = True
+# Eager training: x_proj's and dt_proj's backward passes as _XProj and _DtProj compute them (True), or autograd's
+# (False), as the custom ops do: the eager path's bit-for-bit test against them turns it off. _XProj adds its input
+# gradient into the scan's du inside the matmul, one rounding where autograd's matmul-then-add rounds twice; both
+# take their weight gradients from _weight_grad.
+EAGER_PROJ_BACKWARD = True
+
+# The weight gradients of x_proj and dt_proj are (2, out, in) sums over every token row of the batch (25216 at
+# Vim-S, batch 128). As one batched matmul, cuBLAS's fp32 kernel for that shape runs a few dozen 32x32 tiles, each
+# walking all the rows: 890 us per x_proj gradient on an H200, a fifth of a dense Vim-S fp32 training step
+# (train_profile_fp32_h200_2026-11-28.txt). In fp32 they are summed over WGRAD_BLOCKS blocks of whole samples
+# instead, the blocks' products one batched matmul, then added: x_proj's 903 against 174 us (8 blocks), 133 (16,
+# 32); dt_proj's 871 against 128, 93, 74 us; closer to fp64 too (wgrad_blocks_h200_2026-11-28.txt). 16-bit inputs
+# keep the one matmul: its tensor-core kernel takes 47 and 41 us, and block sums would round in 16 bits.
+WGRAD_BLOCKS = 16
+
+
+def _weight_grad(d_out: Tensor, x: Tensor, batch: int) -> Tensor:
+    """d_out^T x summed over the rows: d_out (R, K, M), x (R, K, N), K = batch * L rows -> (R, M, N)."""
+    blocks = math.gcd(batch, WGRAD_BLOCKS) if d_out.dtype == torch.float32 else 1
+    if blocks == 1:
+        return torch.bmm(d_out.transpose(1, 2), x)
+    R, K, M = d_out.shape
+    parts = torch.bmm(d_out.reshape(R * blocks, K // blocks, M).transpose(1, 2),
+                      x.reshape(R * blocks, K // blocks, x.shape[-1]))
+    return parts.view(R, blocks, M, -1).sum(1)
 
 
 def _rows(xc: Tensor) -> Tensor:
@@ -119,7 +141,7 @@ class _XProj(torch.autograd.Function):
         xc, weight = ctx.saved_tensors
         grads = ctx.grads  # (du: handed off by this backward pass's scan, which always runs before this)
         du, grads.du = grads.du, None
-        d_weight = torch.bmm(d_xdbl.transpose(1, 2), _rows(xc)) if ctx.needs_input_grad[1] else None
+        d_weight = _weight_grad(d_xdbl, _rows(xc), xc.shape[1]) if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:
             return None, d_weight, None
         if du is not None and du.transpose(2, 3).is_contiguous() and du.dtype == d_xdbl.dtype:
@@ -130,11 +152,36 @@ class _XProj(torch.autograd.Function):
         return (d_xc if du is None else du + d_xc), d_weight, None
 
 
+class _DtProj(torch.autograd.Function):
+    """dt_proj over both directions: dt (2, b*L, R) -> delta (2, b*L, d) = dt weight^T, weight (2, d, R) in dt's
+    dtype; the backward takes the weight gradient from _weight_grad."""
+
+    @staticmethod
+    def forward(ctx, dt: Tensor, weight: Tensor, batch: int):
+        ctx.save_for_backward(dt, weight)
+        ctx.batch = batch
+        return torch.bmm(dt, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, d_delta):
+        dt, weight = ctx.saved_tensors
+        d_dt = torch.bmm(d_delta, weight) if ctx.needs_input_grad[0] else None
+        d_weight = _weight_grad(d_delta, dt, ctx.batch) if ctx.needs_input_grad[1] else None
+        return d_dt, d_weight, None
+
+
 def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads]) -> Tensor:
     """x_proj of both directions' conv outputs, (2, b*L, R + 2N): through _XProj in eager training."""
-    if grads is not None and X_PROJ_INTO_DU:
+    if grads is not None and EAGER_PROJ_BACKWARD:
         return _XProj.apply(xc, weight.to(xc.dtype), grads)
     return torch.bmm(_rows(xc), weight.transpose(1, 2))
+
+
+def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool) -> Tensor:
+    """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training."""
+    if training_eagerly and EAGER_PROJ_BACKWARD:
+        return _DtProj.apply(dt, weight.to(dt.dtype), batch)
+    return torch.bmm(dt, weight.transpose(1, 2))
 
 
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
@@ -210,7 +257,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     else:
         x_dbl = _x_proj(xc, w.x_proj_weight, grads)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
-        delta = torch.bmm(dt, w.dt_proj_weight.transpose(1, 2))
+        delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None)
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
