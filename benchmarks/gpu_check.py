@@ -8,7 +8,8 @@ check  (before any timing) at Vim-S size:
          updated in place, and stay correct across a cache eviction;
        - DyVM training on the kernels against the PyTorch references (MAMBA_FORCE_REFERENCE): logits, every
          loss term and the gradients, fp32, batch 8;
-       - the DyVM loss with the teacher replayed from a CUDA graph equals the eager teacher's.
+       - the DyVM loss with the teacher replayed from a CUDA graph equals the eager teacher's; with the teacher
+         started ahead on a side stream (DyVMLoss.teacher_ahead), the same loss and gradients bit for bit.
 infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrated to a block keep ratio of
        0.735), eager (and its host time), CUDA graph and torch.compile, bf16 batch 128 and fp32 batch 64 / 128.
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
@@ -150,6 +151,17 @@ def check_training(summary, dense_name="vim_small", tag="train fp32"):
     graph = criterion._teacher_fast(x)
     summary["check teacher graph: logits rel"] = rel(graph[0], eager[0])
     summary["check teacher graph: tokens rel"] = rel(graph[1], eager[1])
+    # the teacher started ahead on a side stream, as the training steps do, against the teacher inside the loss
+    for _ in range(2):  # (the second call replays the teacher's graph on the side stream)
+        student.zero_grad(set_to_none=True)
+        criterion.teacher_ahead(x)
+        out = student.forward_aux(x)
+        loss, parts = criterion(x, out, target)
+        loss.backward()
+    _, pk, gk, _ = runs["kernels"]
+    summary["check teacher ahead: loss parts equal"] = all(torch.equal(parts[k], pk[k]) for k in pk)
+    summary["check teacher ahead: grads equal"] = all(torch.equal(p.grad, gk[n]) for n, p in
+                                                      student.named_parameters() if n in gk)
     del student, teacher, criterion
     torch.cuda.empty_cache()
 
@@ -631,11 +643,19 @@ def proj_check(summary):
             f"{all(torch.equal(a, c) for a, c in zip(fused.decisions, plain.decisions))}")
 
 
+def train_options(graph: bool) -> argparse.Namespace:
+    """benchmarks/train_step.py's options for the train sections: its defaults (so that a new option cannot be
+    missing here), batch 128, 4 + 12 steps, graphed steps or not."""
+    import train_step
+
+    return train_step.parser().parse_args(["--batch-size", "128", "--warmup", "4", "--steps", "12"]
+                                          + (["--cuda-graph"] if graph else []))
+
+
 def train(summary, rows, dtypes, graph=False):
     import train_step
 
-    ns = argparse.Namespace(batch_size=128, img_size=224, warmup=4, steps=12, profile=0, ddp_static=False,
-                            ddp_find_unused=True, cuda_graph=graph, teacher_dtype="auto")
+    ns = train_options(graph)
     for name in ("vim_small", "dyvm_vim_small"):
         for dtype in dtypes:
             ns.profile = 25 if dtype == "bf16" else 0

@@ -166,8 +166,9 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    from dyvm.config import add_tf32_flag, apply_tf32
+def parser() -> argparse.ArgumentParser:
+    """The script's options (benchmarks/gpu_check.py takes its defaults from here too)."""
+    from dyvm.config import add_tf32_flag
 
     p = argparse.ArgumentParser("benchmarks/train_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["vim_tiny", "vim_small", "vim_base", "dyvm_vim_small"])
@@ -191,7 +192,13 @@ def main(argv=None) -> int:
                    help="DyVM rows: predictors that keep 0.7 of the remaining tokens per stage (target), or fresh "
                         "ones (init, about half)")
     p.add_argument("--json", default="")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from dyvm.config import apply_tf32
+
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark times GPU training steps; no CUDA device is visible", file=sys.stderr)
         return 2

@@ -171,12 +171,21 @@ def _logged(loss: Tensor, parts: dict, out) -> dict:
     return logged
 
 
+def start_teacher(criterion, images: Tensor) -> None:
+    """A training step's first call: the DyVM loss starts its frozen teacher's forward beside the student's
+    (dyvm.losses.DyVMLoss.teacher_ahead); other criteria have no teacher."""
+    ahead = getattr(criterion, "teacher_ahead", None)
+    if ahead is not None:
+        ahead(images)
+
+
 def _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler, clip_grad, world_size, epoch,
                 step):
     """One eager training step -> (loss, parts, out); raises NonFiniteLossError (on every rank together)."""
     autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
     try:
         with autocast:
+            start_teacher(criterion, images)
             out = model(images)
             loss, parts = criterion(images, out, targets)
         local_ok = bool(torch.isfinite(loss.detach()))

@@ -36,6 +36,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from dyvm.engine import start_teacher
+
 DDP_WARMUP = 11  # eager DDP steps before a capture (torch's CUDA-graph notes)
 
 
@@ -98,6 +100,7 @@ class GraphedTrainStep:
 
     def _forward_backward(self, images: Tensor, targets: Tensor, cache_enabled: bool) -> StepResult:
         with self._autocast(cache_enabled):
+            start_teacher(self.criterion, images)  # its forward beside the student's (a branch of the graph)
             out = self.model(images)
             loss, parts = self.criterion(images, out, targets)
         finite = torch.isfinite(loss.detach())

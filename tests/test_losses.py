@@ -157,3 +157,28 @@ def test_teacher_dtype_sets_the_teachers_precision_only(teacher_dtype, expected)
         want_logits = teacher.head(images.flatten(1)[:, :8])
     want = 0.5 * distill_kl(out.logits, want_logits.float())
     assert parts["cls_kl_loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_starting_the_teacher_ahead_does_nothing_off_a_gpu():
+    """DyVMLoss.teacher_ahead runs the teacher on a side stream of the images' GPU (checked at full size by
+    benchmarks/gpu_check.py: the same loss and gradients); on a CPU it leaves nothing behind and the loss runs
+    its teacher itself."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    from dyvm.engine import start_teacher
+    from dyvm.losses import DyVMLoss, build_teacher
+    from dyvm.models.registry import create_model
+
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=8, depth=4, embed_dim=16, num_classes=5)
+    dense = create_model("vim_tiny", **kw)
+    student = create_model("dyvm_vim_tiny", pruning_loc=(1, 2), token_keep_ratios=(0.75, 0.5), gumbel_noise=False,
+                           **kw).train()
+    teacher = build_teacher(student.cfg, dense.state_dict())
+    criterion = DyVMLoss.from_model(student, SoftTargetCrossEntropy(), teacher)
+    x, y = torch.randn(2, 3, 16, 16), torch.softmax(torch.randn(2, 5), -1)
+    want = criterion(x, student.forward_aux(x), y)[0]
+    start_teacher(criterion, x)
+    assert criterion._ahead is None
+    assert torch.equal(criterion(x, student.forward_aux(x), y)[0], want)
+    start_teacher(torch.nn.CrossEntropyLoss(), x)  # a criterion without a teacher: nothing to start

@@ -18,3 +18,13 @@ def test_predictors_keep_the_target_share_of_the_tokens():
     kept = train_step.kept_tokens(model, images)  # of 256 patches: 0.7, 0.49, 0.343 in expectation
     for got, want in zip(kept, (0.7, 0.49, 0.343)):
         assert abs(got / 256 - want) < 0.04, kept
+
+
+def test_gpu_check_times_steps_with_every_option_the_script_reads():
+    """gpu_check.py's train sections call train_step.measure with train_step's own parser defaults (a namespace
+    written out by hand once lacked a newer option, and the section failed on the GPU)."""
+    gpu_check = load_benchmark("gpu_check")
+    for graph in (False, True):
+        ns = gpu_check.train_options(graph)
+        assert ns.cuda_graph is graph and ns.batch_size == 128 and (ns.warmup, ns.steps) == (4, 12)
+        assert ns.token_keep == "target" and ns.teacher_dtype == "auto"
