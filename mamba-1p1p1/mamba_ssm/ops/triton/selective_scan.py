@@ -512,7 +512,7 @@ def _piece_forward(h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_
             dgate_acc += dout * y
             dy = dout * g_scale
         tl.store(dy_base + (s - s0) * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
-        tl.store(dC_base + t, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+        tl.store(dC_base + t * BLOCK_N, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
         dD_acc += dy * u
     return dgate_acc, dD_acc
 
@@ -557,7 +557,7 @@ def _scan_bwd_kernel(
     PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
-    (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, n, t);
+    (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
     dA (r, b, d, n); dD, dbias (r, b, d);
     dgate (b, r, n_dblocks). ckpt (r, b, n_chunks, n, d): the state entering each CHUNK_T-step chunk of the
     walk, as the forward kernel stored it. A comes as (r, n, d).
@@ -604,7 +604,7 @@ def _scan_bwd_kernel(
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = r * sdu_r + pid_b * sdu_b + offs_d * sdu_d  # du / ddt
-        part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * BLOCK_N * seqlen + offs_n * seqlen
+        part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * seqlen * BLOCK_N + offs_n  # + t * BLOCK_N
         ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim + offs_d[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
@@ -665,7 +665,7 @@ def _scan_bwd_kernel(
                     gah = g * a * h_prev
                     ddt = dBu * u + tl.sum(gah * A, axis=0)
                     dA_acc += gah * dt[None, :]
-                    tl.store(dB_ptr + part_base + t, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
+                    tl.store(dB_ptr + part_base + t * BLOCK_N, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
                     if SOFTPLUS:
                         ddt = ddt * tl.sigmoid(dt_raw)
                     dbias_acc += ddt
@@ -679,8 +679,8 @@ def _scan_bwd_kernel(
             for t in range(walk_len, seqlen):
                 tl.store(du_ptr + dud_base + t * sdu_t, zero_d.to(du_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(ddt_ptr + dud_base + t * sdu_t, zero_d.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-                tl.store(dB_ptr + part_base + t, zero_n, mask=mask_n)
-                tl.store(dC_ptr + part_base + t, zero_n, mask=mask_n)
+                tl.store(dB_ptr + part_base + t * BLOCK_N, zero_n, mask=mask_n)
+                tl.store(dC_ptr + part_base + t * BLOCK_N, zero_n, mask=mask_n)
                 if HAS_Z and r == 0:
                     tl.store(dz_base + t * sdz_t, zero_d.to(dz_ptr.dtype.element_ty), mask=mask_d)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
@@ -878,7 +878,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         raise ValueError(f"scan backward: dz_out {tuple(dz_out.shape)} {dz_out.dtype} does not fit z")
     dz = dz_out if dz_out is not None else \
         torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
-    dB_part = torch.empty((R, n_dblocks, batch, block_n, seqlen), device=dev, dtype=f32)
+    # (the states innermost: a step's 16 partial sums are one contiguous store, not 16 scattered ones)
+    dB_part = torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
     dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
@@ -905,12 +906,12 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         SCRATCH_EVICT=scratch_evict, HAS_LEN=lengths is not None, **launch_options,
     )
 
-    def reduce_bc(part, n_groups):  # (R, n_dblocks, b, Np, L) -> (R, b, G, N, L): sum the blocks of each group
-        part = part[:, :, :, :d_state]
+    def reduce_bc(part, n_groups):  # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group
+        part = part[..., :d_state]  # (a view (R, b, G, L, N) in memory: B's and C's own layout in x_dbl)
         if n_groups == 1:
-            return part.sum(1, keepdim=True).transpose(1, 2)
-        part = part.reshape(R, n_groups, n_dblocks // n_groups, batch, d_state, seqlen).sum(2)
-        return part.transpose(1, 2)
+            return part.sum(1, keepdim=True).permute(0, 2, 1, 4, 3)
+        part = part.reshape(R, n_groups, n_dblocks // n_groups, batch, seqlen, d_state).sum(2)
+        return part.permute(0, 2, 1, 4, 3)
 
     return dict(
         du=du, ddelta=ddelta, dA=dA_part.sum(1), dB=reduce_bc(dB_part, groups[0]), dC=reduce_bc(dC_part, groups[1]),
