@@ -906,8 +906,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         SCRATCH_EVICT=scratch_evict, HAS_LEN=lengths is not None, **launch_options,
     )
 
-    def reduce_bc(part, n_groups):  # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group
-        part = part[..., :d_state]  # (a view (R, b, G, L, N) in memory: B's and C's own layout in x_dbl)
+    # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group. The sums lie (R, G, b, L, N) in
+    # memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's without a transposing copy.
+    def reduce_bc(part, n_groups):
+        part = part[..., :d_state]
         if n_groups == 1:
             return part.sum(1, keepdim=True).permute(0, 2, 1, 4, 3)
         part = part.reshape(R, n_groups, n_dblocks // n_groups, batch, seqlen, d_state).sum(2)
