@@ -65,9 +65,8 @@ def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, sca
                   want_ckpt=False, lengths=None):
     """The implementation of scan_fwd (scan_apply calls it directly in eager mode)."""
     out = _out_like(u, channels_last_out)
-    kw = {} if lengths is None else {"lengths": lengths}
     last, ckpt = _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale,
-                                                 out, want_last, want_ckpt, **kw)
+                                                 out, want_last, want_ckpt, lengths=lengths)
     f = _state_dtype(u) if not (want_last and want_ckpt) else None  # (once: it reads the environment)
     empty = lambda: u.new_empty(_EMPTY, dtype=f)  # noqa: E731  (outputs must not alias)
     return out, last if want_last else empty(), ckpt if want_ckpt else empty()
@@ -105,10 +104,9 @@ def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, sca
     """The implementation of scan_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
     its half(1) is the memory dz goes to, which the kernel writes (the PyTorch implementation ignores it)."""
     kw = {"dz_out": mixer_grads.half(1)} if mixer_grads is not None and z is not None and _is_triton(u) else {}
-    if lengths is not None:
-        kw["lengths"] = lengths
     g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
-                                         dlast, ckpt if ckpt is not None and ckpt.numel() else None, **kw)
+                                         dlast, ckpt if ckpt is not None and ckpt.numel() else None,
+                                         lengths=lengths, **kw)
     names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dgate")
     return [g[n] if g[n] is not None else u.new_empty(_EMPTY, dtype=_state_dtype(u)) for n in names]
 
@@ -206,9 +204,8 @@ def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
         return scan_apply(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, False, channels_last_out,
                           want_ckpt, mixer_grads, lengths)[0]
     out = _out_like(u, channels_last_out)
-    kw = {} if lengths is None else {"lengths": lengths}
     _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
-                                    False, **kw)
+                                    False, lengths=lengths)
     return out
 
 
