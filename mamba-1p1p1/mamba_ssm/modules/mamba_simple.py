@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 
+from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
 from mamba_ssm.ops.dispatch import ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 BIMAMBA_TYPES = ("none", "v2")
 # What the inference cache's key reads from each parameter (C-level getters: the key is built on every call)
 _data_ptr, _version, _dtype = torch.Tensor.data_ptr, operator.attrgetter("_version"), operator.attrgetter("dtype")
+
+
+def _global_module_hooks() -> bool:
+    """Whether module hooks are registered for every module (torch.nn.modules.module.register_module_forward_hook
+    and its pre-hook): then the Linear modules run themselves so that the hooks see them."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 class InferenceWeights(NamedTuple):
@@ -247,11 +254,16 @@ class Mamba(nn.Module):
                                 fwd, bwd, stacked)
 
     def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
-        """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given."""
+        """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given; fp32 on a GPU
+        as three TF32 tensor-core products where mamba_ssm.ops.linear_fp32 applies (training and inference)."""
         module = self._modules[name]
-        if weights is None or module._forward_hooks or module._forward_pre_hooks or name not in weights.linears:
-            return module(x)  # the module itself: its hooks and FLOP counters see the call
-        return F.linear(x, *weights.linears[name])
+        if module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
+            return module(x)  # the module itself: its hooks see the call, a replaced module runs its own forward
+        if weights is not None and name in weights.linears:
+            return linear_fp32.linear(x, *weights.linears[name])
+        if linear_fp32.tf32x3_applies(x, module.weight) and not _global_module_hooks():
+            return linear_fp32.linear(x, module.weight, module.bias)
+        return module(x)  # FLOP counters and other global module hooks see the call
 
     def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None):
         """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""

@@ -1,0 +1,73 @@
+"""The mixers' Linear layers (in_proj, out_proj) in fp32 on a GPU: three TF32 tensor-core products instead of
+cuBLAS's CUDA-core fp32 (mamba_ssm.ops.triton.linear_tf32x3 says how, and how close to fp64 it is).
+
+`linear(x, weight, bias)` is F.linear(x, weight, bias). It takes the kernel where all of this holds, and
+F.linear otherwise: fp32 input and weight with no autocast (under autocast F.linear runs in the autocast dtype),
+TF32 matmuls not allowed (with `--tf32` the user asked for cuBLAS's plain TF32, which is faster), (batch, L, K)
+input of at least MIN_ROWS tokens (where it was measured faster), a GPU with TF32 tensor cores (compute
+capability 8.0 or later) or the interpreter in tests, nothing tracing or watching the ops (torch.compile, FLOP
+counters, fake tensors see F.linear), and ENABLED (False: cuBLAS throughout, for A/B runs; also
+MAMBA_FP32_LINEAR=cublas). The backward: the input's gradient by the same kernel (the weight transposed, copied),
+the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel was no faster there: 555 against
+580 us at in_proj's size), the bias's as a sum over tokens.
+"""
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
+
+KERNELS = "mamba_ssm.ops.triton.linear_tf32x3"
+ENABLED = os.environ.get("MAMBA_FP32_LINEAR", "tf32x3") != "cublas"
+MIN_ROWS = 1024
+
+
+@lru_cache(maxsize=None)
+def _has_tf32_cores(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether linear(x, weight, ...) takes the kernel (see the module docstring)."""
+    return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 3
+            and x.shape[0] * x.shape[1] >= MIN_ROWS and not torch.backends.cuda.matmul.allow_tf32
+            and not torch.is_autocast_enabled(x.device.type) and not ops_watched()
+            and triton_enabled(x, KERNELS) and (not x.is_cuda or _has_tf32_cores(x.device.index or 0)))
+
+
+def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
+    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
+    if not tf32x3_applies(x, weight):
+        return F.linear(x, weight, bias)
+    if needs_grad(x, weight, bias):
+        return _LinearTF32x3.apply(x, weight, bias)
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+    return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+
+
+class _LinearTF32x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+        x, weight = ctx.saved_tensors
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = linear_tf32x3(dout, weight.t().contiguous())
+        if ctx.needs_input_grad[1]:
+            dweight = dout.reshape(-1, dout.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dout.sum((0, 1))
+        return dx, dweight, dbias

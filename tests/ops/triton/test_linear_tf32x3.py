@@ -1,0 +1,120 @@
+"""mamba_ssm.ops.triton.linear_tf32x3 and its op layer mamba_ssm.ops.linear_fp32: the mixers' fp32 Linear layers as
+three TF32 products, in Triton's interpreter (whose products are plain fp32), against F.linear in fp64."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from causal_conv1d.kernel_utils import triton_on_cpu
+from mamba_ssm.ops import linear_fp32
+from mamba_ssm.ops.triton import linear_tf32x3 as kernel
+
+
+def _x(layout, batch=3, seqlen=77, width=40):
+    """(batch, L, K) fp32 in the layouts the mixers hand over: contiguous, a transposed view (out_proj reads
+    the scan's channel-contiguous output that way), and a view into wider rows."""
+    if layout == "contiguous":
+        return torch.randn(batch, seqlen, width)
+    if layout == "transposed":
+        return torch.randn(batch, width, seqlen).transpose(1, 2)
+    return torch.randn(batch, seqlen, 2 * width)[..., width:]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("out_features, with_bias", [(70, True), (1100, False)])  # narrow and wide tiles
+def test_kernel_equals_the_fp64_product(layout, out_features, with_bias):
+    x = _x(layout)
+    w = torch.randn(out_features, x.shape[-1]) / x.shape[-1] ** 0.5
+    bias = torch.randn(out_features) if with_bias else None
+    got = kernel.linear_tf32x3(x, w, bias)
+    want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    assert got.shape == want.shape and got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_what_does_not_fit():
+    x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="linear_tf32x3"):
+        kernel.linear_tf32x3(x, w.t().contiguous().t())  # not K-contiguous
+    with pytest.raises(ValueError, match="linear_tf32x3"):
+        kernel.linear_tf32x3(x.bfloat16(), w.bfloat16())
+    with pytest.raises(ValueError, match="linear_tf32x3"):
+        kernel.linear_tf32x3(x, w, torch.randn(5))
+
+
+@pytest.fixture
+def small_rows(monkeypatch):
+    """The op layer takes the kernel on the interpreter's small test shapes."""
+    monkeypatch.setattr(linear_fp32, "MIN_ROWS", 8)
+    monkeypatch.setattr(linear_fp32, "ENABLED", True)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_op_values_and_gradients_match_f_linear(small_rows, with_bias):
+    x = _x("transposed").requires_grad_()
+    w = (torch.randn(50, x.shape[-1]) / 7).requires_grad_()
+    bias = torch.randn(50, requires_grad=True) if with_bias else None
+    dout = torch.randn(x.shape[0], x.shape[1], 50).transpose(0, 1).contiguous().transpose(0, 1)  # strided
+    with triton_on_cpu():
+        assert linear_fp32.tf32x3_applies(x, w)
+        out = linear_fp32.linear(x, w, bias)
+    got = torch.autograd.grad(out, [x, w] + ([bias] if with_bias else []), dout)
+    ref_inputs = [t.detach().double().requires_grad_() for t in [x, w] + ([bias] if with_bias else [])]
+    ref = F.linear(ref_inputs[0], ref_inputs[1], ref_inputs[2] if with_bias else None)
+    want = torch.autograd.grad(ref, ref_inputs, dout.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_op_takes_f_linear_where_the_kernel_does_not_apply(small_rows, tf32_switch, monkeypatch):
+    x, w = torch.randn(2, 9, 16), torch.randn(8, 16)
+    with triton_on_cpu():
+        assert linear_fp32.tf32x3_applies(x, w)
+        assert not linear_fp32.tf32x3_applies(x[0], w)  # 2-D
+        assert not linear_fp32.tf32x3_applies(x[:, :3], w)  # fewer than MIN_ROWS tokens
+        assert not linear_fp32.tf32x3_applies(x.bfloat16(), w.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not linear_fp32.tf32x3_applies(x, w)
+        with FlopCounterMode(display=False):  # something watches the ops: they must see F.linear
+            assert not linear_fp32.tf32x3_applies(x, w)
+        torch.backends.cuda.matmul.allow_tf32 = True  # --tf32: cuBLAS's TF32
+        assert not linear_fp32.tf32x3_applies(x, w)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.setattr(linear_fp32, "ENABLED", False)
+        assert not linear_fp32.tf32x3_applies(x, w)
+    assert not linear_fp32.tf32x3_applies(x, w)  # CPU tensors outside triton_on_cpu: PyTorch's ops
+
+
+def test_mixer_linears_take_the_kernel_unless_hooked(small_rows, monkeypatch):
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    mixer = Mamba(d_model=16, d_state=4, bimamba_type="v2")
+    calls = []
+    real = kernel.linear_tf32x3
+    monkeypatch.setattr(kernel, "linear_tf32x3", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    with triton_on_cpu():
+        out = mixer(x)
+        out.sum().backward()
+    in_w, out_w = tuple(mixer.in_proj.weight.shape), tuple(mixer.out_proj.weight.shape)
+    # forward: in_proj, out_proj; backward: their input gradients (the weights transposed)
+    assert [tuple(s) for s in calls] == [in_w, out_w, out_w[::-1], in_w[::-1]]
+    calls.clear()
+    seen = []
+    handle = mixer.in_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with triton_on_cpu():
+        mixer(x)
+    handle.remove()
+    assert seen and [tuple(s) for s in calls] == [out_w]  # the hooked in_proj ran as its module
+    calls.clear()
+    seen.clear()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__) if isinstance(m, nn.Linear) else None)
+    try:
+        with triton_on_cpu():
+            mixer(x)
+    finally:
+        handle.remove()
+    assert seen == ["Linear", "Linear"] and not calls  # global hooks (FLOP counters' module tracking) see them
