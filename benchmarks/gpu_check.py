@@ -24,6 +24,8 @@ stage  DyVM-S's inference pruning stages on their kernels (mamba_ssm.ops.triton.
 proj   x_proj and dt_proj of gated inference (mamba_ssm.ops.triton.gated_proj) against the batched matmuls at
        Vim-S shapes, fp32 and bf16 (values of the pairs that are on; times with all and 0.74 of the pairs on),
        then DyVM-S forwards with and without it.
+linear the mixers' fp32 Linear layers as three TF32 products (mamba_ssm.ops.linear_fp32) against cuBLAS fp32 and
+       fp64 at Vim-S shapes (values, times), and a DyVM-S fp32 training step with each.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 Prints a table of everything at the end; JSON under --out.
@@ -383,6 +385,60 @@ def tf32(summary, batch=16):
     summary["tf32 train fp32: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
 
 
+def linear_check(summary, batch=128):
+    """The mixers' fp32 Linear layers as three TF32 products (mamba_ssm.ops.linear_fp32) against cuBLAS fp32, both
+    against fp64: in_proj and out_proj at Vim-S training shapes (the dense length and DyVM's after each stage),
+    forward and input gradient, values then times; then one DyVM-S fp32 training step (student, teacher, the
+    full loss) with the kernel and with cuBLAS: loss, logits and gradients."""
+    from triton.testing import do_bench_cudagraph
+
+    from mamba_ssm.ops import linear_fp32
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+    for L in (197, 138, 98, 68):
+        x = torch.randn(batch, L, 384, device="cuda")
+        y = torch.randn(batch, L, 768, device="cuda")  # out_proj's input: the scan's channel-contiguous output
+        w_in = torch.randn(1536, 384, device="cuda") / 384 ** 0.5
+        w_out = torch.randn(384, 768, device="cuda") / 768 ** 0.5
+        cases = [("in_proj fwd", x, w_in), ("in_proj dgrad", torch.randn(batch, L, 1536, device="cuda"), w_in.t()),
+                 ("out_proj fwd", y, w_out), ("out_proj dgrad", torch.randn(batch, L, 384, device="cuda"), w_out.t())]
+        for name, a, w in cases:
+            exact = torch.nn.functional.linear(a.double(), w.double())
+            wk = w.contiguous()  # (the op layer copies the transposed weight once per backward)
+            got, ref = linear_tf32x3(a, wk), torch.nn.functional.linear(a, w)
+            t_kernel = do_bench_cudagraph(lambda: linear_tf32x3(a, wk)) * 1e3
+            t_cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(a, w)) * 1e3
+            summary[f"linear {name} L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
+                f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
+    import train_step
+
+    model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 224, 224, generator=g).cuda()
+    target = torch.softmax(torch.randn(16, 1000, generator=g), -1).cuda()
+    got, saved = {}, linear_fp32.ENABLED
+    try:
+        for on in (False, True):
+            linear_fp32.ENABLED = on
+            torch.manual_seed(1)  # the same Gumbel noise
+            model.zero_grad(set_to_none=True)
+            out = model.forward_aux(x)
+            loss = criterion(x, out, target)[0]
+            loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            got[on] = (loss.detach(), out.logits.detach(), grads, [int(d.sum()) for d in out.decisions])
+    finally:
+        linear_fp32.ENABLED = saved
+    (l0, o0, g0, k0), (l1, o1, g1, k1) = got[False], got[True]
+    worst = max((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
+    summary["linear train fp32 kernel vs cuBLAS: loss rel"] = abs((l1 - l0) / l0).item()
+    summary["linear train fp32 kernel vs cuBLAS: logits rel"] = rel(o1, o0)
+    summary["linear train fp32 kernel vs cuBLAS: kept tokens"] = f"{k1} / {k0}"
+    summary["linear train fp32 kernel vs cuBLAS: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
+    del model, criterion
+    torch.cuda.empty_cache()
+
+
 def _gate_kernel_off():
     """Within the block, DyVM gate heads run as their ops (DynamicMamba.gates_by_kernel declines)."""
     from dyvm.models.mixer import DynamicMamba
@@ -710,6 +766,8 @@ def main():
                 stage_check(summary)
             elif section == "proj":
                 proj_check(summary)
+            elif section == "linear":
+                linear_check(summary)
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as e:  # noqa: BLE001  (report and go on to the next section)
