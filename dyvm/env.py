@@ -49,6 +49,24 @@ def _conv_implementation(device: torch.device) -> str:
     return _fallback(device, module_importable("causal_conv1d.triton_causal_conv1d"))
 
 
+def _fp32_linear(device: torch.device) -> str:
+    """What the mixers' in_proj and out_proj run in fp32 (no autocast) at training sizes (mamba_ssm.ops.linear_fp32)."""
+    from mamba_ssm.ops import linear_fp32
+
+    x = torch.empty(1, linear_fp32.MIN_ROWS, 8, device=device)
+    if linear_fp32.tf32x3_applies(x, torch.empty(8, 8, device=device)):
+        return "three TF32 tensor-core products (mamba_ssm.ops.triton.linear_tf32x3)"
+    if not linear_fp32.ENABLED:
+        why = "MAMBA_FP32_LINEAR=cublas"
+    elif device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        why = "TF32 matmuls allowed: cuBLAS's TF32"
+    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        why = "no TF32 tensor cores"
+    else:
+        why = f"{device.type} tensors"
+    return f"F.linear ({why})"
+
+
 def report() -> str:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -62,13 +80,15 @@ def report() -> str:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
         f"MAMBA_FORCE_REFERENCE={os.environ.get('MAMBA_FORCE_REFERENCE', '')!r} "
         f"MAMBA_TRITON_FAST_LAUNCH={os.environ.get('MAMBA_TRITON_FAST_LAUNCH', '')!r} "
-        "(0: Triton's own launch path instead of direct launches)",
+        "(0: Triton's own launch path instead of direct launches) "
+        f"MAMBA_FP32_LINEAR={os.environ.get('MAMBA_FP32_LINEAR', '')!r} (cublas: fp32 in_proj / out_proj on cuBLAS)",
         f"ops on {device.type} tensors:",
         f"  selective_scan_fn: {_implementation('selective_scan', device)}",
         f"  bimamba_v2_inner_fn (DyVM scan): {_implementation('bimamba', device)}",
         f"  rms_norm_fn / layer_norm_fn: {_implementation('layernorm_kernel', device)}",
         f"  causal_conv1d_fn: {_conv_implementation(device)}",
         f"  DyVM gate head at inference: {_implementation('gate_head', device, has_implementation=False)}",
+        f"  in_proj / out_proj in fp32: {_fp32_linear(device)}",
     ]
     return "\n".join(lines)
 
