@@ -354,9 +354,10 @@ def backbones(summary, rows):
         torch.cuda.empty_cache()
 
 
-def tf32(summary, batch=16):
-    """One DyVM-S training step (student, frozen teacher, the full loss; fp32, same inputs and seed) with fp32
-    matmuls in plain fp32 and on TF32 tensor cores (main.py --tf32): how far the loss, logits and gradients move."""
+def _dyvm_step_both_ways(toggle, batch=16) -> dict:
+    """One DyVM-S fp32 training step (student, frozen teacher, the full loss; same inputs and Gumbel noise) with an
+    option off and on: {False: ..., True: ...} of (loss, logits, gradients by name, patch tokens kept per stage).
+    toggle(on) sets the option; toggle(None) puts it back afterwards."""
     import train_step
 
     model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
@@ -366,17 +367,26 @@ def tf32(summary, batch=16):
     got = {}
     try:
         for on in (False, True):
-            torch.backends.cuda.matmul.allow_tf32 = on
+            toggle(on)
             torch.manual_seed(1)  # the same Gumbel noise
             model.zero_grad(set_to_none=True)
             out = model.forward_aux(x)
             loss = criterion(x, out, target)[0]
             loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-            got[on] = (loss.detach(), out.logits.detach(), grads)
+            got[on] = (loss.detach(), out.logits.detach(), grads, [int(d.sum()) for d in out.decisions])
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    (l0, o0, g0), (l1, o1, g1) = got[False], got[True]
+        toggle(None)
+    del model, criterion
+    torch.cuda.empty_cache()
+    return got
+
+
+def tf32(summary, batch=16):
+    """One DyVM-S training step (student, frozen teacher, the full loss; fp32, same inputs and seed) with fp32
+    matmuls in plain fp32 and on TF32 tensor cores (main.py --tf32): how far the loss, logits and gradients move."""
+    got = _dyvm_step_both_ways(lambda on: setattr(torch.backends.cuda.matmul, "allow_tf32", bool(on)), batch)
+    (l0, o0, g0, _), (l1, o1, g1, _) = got[False], got[True]
     flat = lambda grads: torch.cat([v.flatten() for v in grads.values()])  # noqa: E731
     worst = max((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
     summary["tf32 train fp32: loss rel"] = abs((l1 - l0) / l0).item()
@@ -410,33 +420,14 @@ def linear_check(summary, batch=128):
             t_cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(a, w)) * 1e3
             summary[f"linear {name} L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
                 f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
-    import train_step
-
-    model, criterion = train_step.build("dyvm_vim_small", torch.device("cuda"), 224)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 224, 224, generator=g).cuda()
-    target = torch.softmax(torch.randn(16, 1000, generator=g), -1).cuda()
-    got, saved = {}, linear_fp32.ENABLED
-    try:
-        for on in (False, True):
-            linear_fp32.ENABLED = on
-            torch.manual_seed(1)  # the same Gumbel noise
-            model.zero_grad(set_to_none=True)
-            out = model.forward_aux(x)
-            loss = criterion(x, out, target)[0]
-            loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-            got[on] = (loss.detach(), out.logits.detach(), grads, [int(d.sum()) for d in out.decisions])
-    finally:
-        linear_fp32.ENABLED = saved
+    saved = linear_fp32.ENABLED
+    got = _dyvm_step_both_ways(lambda on: setattr(linear_fp32, "ENABLED", saved if on is None else on))
     (l0, o0, g0, k0), (l1, o1, g1, k1) = got[False], got[True]
     worst = max((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
     summary["linear train fp32 kernel vs cuBLAS: loss rel"] = abs((l1 - l0) / l0).item()
     summary["linear train fp32 kernel vs cuBLAS: logits rel"] = rel(o1, o0)
     summary["linear train fp32 kernel vs cuBLAS: kept tokens"] = f"{k1} / {k0}"
     summary["linear train fp32 kernel vs cuBLAS: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
-    del model, criterion
-    torch.cuda.empty_cache()
 
 
 def _gate_kernel_off():
