@@ -1,15 +1,15 @@
 """The mixers' Linear layers (in_proj, out_proj) in fp32 on a GPU: three TF32 tensor-core products instead of
 cuBLAS's CUDA-core fp32 (mamba_ssm.ops.triton.linear_tf32x3 says how, and how close to fp64 it is).
 
-`linear(x, weight, bias)` is F.linear(x, weight, bias). It takes the kernel where all of this holds, and
-F.linear otherwise: fp32 input and weight with no autocast (under autocast F.linear runs in the autocast dtype),
-TF32 matmuls not allowed (with `--tf32` the user asked for cuBLAS's plain TF32, which is faster), (batch, L, K)
-input of at least MIN_ROWS tokens (where it was measured faster), a GPU with TF32 tensor cores (compute
-capability 8.0 or later) or the interpreter in tests, nothing tracing or watching the ops (torch.compile, FLOP
-counters, fake tensors see F.linear), and ENABLED (False: cuBLAS throughout, for A/B runs; also
+`linear(x, weight, bias)` is F.linear(x, weight, bias). It takes the kernel where all of this holds, and F.linear
+otherwise: fp32 input and weight with no autocast (under autocast F.linear runs in the autocast dtype), TF32 matmuls
+not allowed (with `--tf32` the user asked for cuBLAS's plain TF32, which is faster), (batch, L, K) input of at least
+MIN_ROWS tokens (it was measured at 8704 to 25216 rows; tiny inputs keep cuBLAS), a GPU with TF32 tensor cores
+(compute capability 8.0 or later) or the interpreter in tests, nothing tracing or watching the ops (torch.compile,
+FLOP counters, fake tensors see F.linear), and ENABLED (False: cuBLAS throughout, for A/B runs; also
 MAMBA_FP32_LINEAR=cublas). The backward: the input's gradient by the same kernel (the weight transposed, copied),
-the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel was no faster there: 555 against
-580 us at in_proj's size), the bias's as a sum over tokens.
+the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel was no faster there: 555 against 580
+us at in_proj's size), the bias's as a sum over tokens.
 """
 import os
 from functools import lru_cache

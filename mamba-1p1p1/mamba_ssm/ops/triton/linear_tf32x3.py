@@ -66,7 +66,8 @@ def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = 
     """x (batch, L, K) fp32 (any strides), w (N, K) fp32 K-contiguous, bias (N,) or None -> (batch, L, N)
     contiguous: x @ w^T + bias as three TF32 tensor-core products (precision: Triton's input_precision; the
     others are for tests and probes)."""
-    key = (x.shape, x.stride(), w.shape, w.stride(), bias is None, precision)
+    key = (x.shape, x.stride(), x.dtype, w.shape, w.stride(), w.dtype, None if bias is None else bias.dtype,
+           precision)
     plan = _plans.get(key)
     if plan is None:
         plan = remember(_plans, key, _plan(x, w, bias, precision))
@@ -80,7 +81,8 @@ def _plan(x, w, bias, precision):
     """The launch for these shapes and strides, checked once."""
     if (x.dim() != 3 or w.dim() != 2 or w.shape[1] != x.shape[2] or w.stride(1) != 1
             or x.dtype != torch.float32 or w.dtype != torch.float32
-            or (bias is not None and (bias.shape != w.shape[:1] or bias.dtype != torch.float32 or bias.stride(0) != 1))):
+            or (bias is not None
+                and (bias.shape != w.shape[:1] or bias.dtype != torch.float32 or bias.stride(0) != 1))):
         raise ValueError(f"linear_tf32x3: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype} (K-contiguous) "
                          f"and bias {None if bias is None else tuple(bias.shape)} do not fit")
     batch, seqlen, K = x.shape
