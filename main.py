@@ -28,7 +28,7 @@ from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_che
                              recorded_teacher_path, restore_training_state, save_training_checkpoint,
                              training_state)
 from dyvm.cli import run_cli
-from dyvm.config import ConfigError, apply_tf32, parse_args, save_args
+from dyvm.config import ConfigError, apply_tf32, parse_args, save_args, show_progress
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
                          global_batch_lr, init_distributed, seed_everything, train_one_epoch)
@@ -65,7 +65,7 @@ class Session:
         """dyvm.engine.evaluate's options for this run."""
         n_valid = valid_samples(len(self.splits.val), self.world_size, self.rank, self.args.dist_eval)
         return dict(amp_dtype=self.amp_dtype, valid_samples=n_valid, distributed=self.args.dist_eval,
-                    progress=self.args.progress, cuda_graph=self.args.cuda_graph_eval)
+                    progress=show_progress(self.args.progress), cuda_graph=self.args.cuda_graph_eval)
 
 
 def build_criterion(args, model: nn.Module, teacher: Optional[nn.Module], mixup_active: bool) -> nn.Module:
@@ -248,7 +248,7 @@ def run_epoch(s: Session, opt: Optimization, train_model: nn.Module, epoch: int,
     train_stats = train_one_epoch(train_model, opt.criterion, s.train_loader, opt.optimizer, s.device, epoch,
                                   mixup_fn=opt.mixup_fn, clip_grad=args.clip_grad, ema=opt.ema,
                                   amp_dtype=s.amp_dtype, scaler=opt.scaler, max_steps=args.max_steps_per_epoch,
-                                  progress=args.progress, global_step=global_step,
+                                  progress=show_progress(args.progress), global_step=global_step,
                                   scheduler=opt.scheduler if args.sched_on_updates else None,
                                   graph_step=opt.graph_step)
     opt.scheduler.step(epoch + 1)  # the correct epoch (DeiT's step(epoch) ran epochs 0 and 1 both at warmup-lr)

@@ -129,6 +129,18 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     add_tf32_flag(g)
 
 
+def add_progress_flag(g) -> None:
+    """--progress / --no-progress (classification and segmentation); unset, the runs take show_progress's rule."""
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal, so that logs written to a file hold "
+                        "the epoch lines without the bars' carriage-return updates)")
+
+
+def show_progress(flag: Optional[bool]) -> bool:
+    """Whether progress bars show: the --progress flag when given, else whether stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
 def add_tf32_flag(g) -> None:
     """--tf32 (classification and segmentation); the run applies it with apply_tf32."""
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
@@ -207,7 +219,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-epoch", type=int, default=None, help="stop after this many epochs although the schedule "
                    "spans --epochs (time-limited jobs); --resume checkpoint.pth continues exactly")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap training steps per epoch (tests)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_progress_flag(g)
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
 
 

@@ -109,3 +109,20 @@ def test_ablation_and_row_configs_hold_only_what_differs():
             assert own[0].startswith("base:"), name
             assert len(own) <= 12, (name, len(own))
         assert "base" not in keys
+
+
+def test_progress_bars_follow_the_terminal_unless_asked(monkeypatch):
+    """--progress unset: bars only when stderr is a terminal (a log file gets the epoch lines without the bars'
+    carriage-return updates); --progress / --no-progress force it either way."""
+    import io
+
+    from dyvm.config import parse_args, show_progress
+
+    assert parse_args([]).progress is None
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    assert show_progress(None) is False
+    monkeypatch.setattr("sys.stderr", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
+    assert show_progress(None) is True
+    assert show_progress(parse_args(["--no-progress"]).progress) is False
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert show_progress(parse_args(["--progress"]).progress) is True

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from dyvm.config import ConfigError, _yaml_defaults, add_tf32_flag
+from dyvm.config import ConfigError, _yaml_defaults, add_progress_flag, add_tf32_flag
 from dyvm.config import save_args  # noqa: F401  (re-exported for run.py)
 
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=8000, help="write checkpoint.pth every this many "
                    "iterations (and at the end)")
     g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_progress_flag(g)
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
 from dyvm.cli import run_cli
-from dyvm.config import apply_tf32
+from dyvm.config import apply_tf32, show_progress
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
 from dyvm.report import pruning_lines
@@ -87,7 +87,7 @@ def run_eval(args, model, val_loader, device, amp_dtype, rank: int) -> dict:
            "backbone_parameters": sum(p.numel() for p in base.backbone.parameters()),
            "crop_size": args.crop_size, "slide_stride": stride, "num_patches": base.backbone.cfg.num_patches}
     res["val"] = evaluate(model, val_loader, device, crop_size=args.crop_size, stride=stride, amp_dtype=amp_dtype,
-                          progress=args.progress)
+                          progress=show_progress(args.progress))
     dense = dense_twin(base) if base.backbone.is_dynamic else base
     paper, full = nominal_backbone_macs(dense.backbone)
     res["dense"] = {"gmacs_backbone_paper": paper / 1e9, "gmacs_backbone_full": full / 1e9,
@@ -201,7 +201,7 @@ def train(args, model, splits, device, world_size: int, rank: int, resumed, amp_
         if evaluate_now:
             res = evaluate(train_model, val_loader, device, crop_size=args.crop_size,
                            stride=args.slide_stride or args.crop_size * 2 // 3, amp_dtype=amp_dtype,
-                           progress=args.progress, desc=f"iter {it} eval")
+                           progress=show_progress(args.progress), desc=f"iter {it} eval")
             is_best, best = res["mIoU"] > best, max(best, res["mIoU"])
             scalars = {f"val_{k}": v for k, v in res.items() if k not in ("IoU", "Acc")}  # per-class: eval.json
             _log(args, writer, rank, {"iter": it, **scalars, "best_miou": best})
