@@ -47,3 +47,27 @@ def test_fullgraph_compile_of_inference_on_the_kernels(models, name):
     with triton_on_cpu(), torch.no_grad():
         got, want = compiled(x), model(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fullgraph_compile_steps_around_the_fp32_linear_kernel(models, monkeypatch):
+    """in_proj / out_proj take the tf32x3 kernel in eager fp32 calls on the kernels' devices
+    (mamba_ssm.ops.linear_fp32, here its autograd path); while torch.compile traces, the same layers are F.linear,
+    with no graph break."""
+    from causal_conv1d.kernel_utils import triton_on_cpu
+    from mamba_ssm.ops import linear_fp32
+    from mamba_ssm.ops.triton import linear_tf32x3
+
+    monkeypatch.setattr(linear_fp32, "MIN_ROWS", 1)  # the tiny model's few tokens reach the kernel too
+    monkeypatch.setattr(linear_fp32, "ENABLED", True)
+    calls, kernel = [], linear_tf32x3.linear_tf32x3
+    monkeypatch.setattr(linear_tf32x3, "linear_tf32x3", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    torch._dynamo.reset()
+    model = models["vim_tiny"].train()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with triton_on_cpu():
+        got = compiled(x)
+        assert not calls  # traced: F.linear
+        want = model(x)
+    assert len(calls) == 2 * len(model.layers)  # eager: in_proj and out_proj of every layer on the kernel
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
