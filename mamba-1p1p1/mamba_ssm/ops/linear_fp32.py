@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
 
@@ -59,6 +60,7 @@ class _LinearTF32x3(torch.autograd.Function):
         return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
 
     @staticmethod
+    @once_differentiable  # (a second derivative through it raises instead of coming out wrong)
     def backward(ctx, dout):
         from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
 
