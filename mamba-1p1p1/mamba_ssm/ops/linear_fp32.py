@@ -12,6 +12,7 @@ the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel wa
 us at in_proj's size), the bias's as a sum over tokens.
 """
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -31,23 +32,34 @@ def _has_tf32_cores(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
+_NO_ROOM = set()  # devices where even one pipeline stage of the kernel's tiles did not fit: F.linear there
+
+
 def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether linear(x, weight, ...) takes the kernel (see the module docstring)."""
     return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 3
             and x.shape[0] * x.shape[1] >= MIN_ROWS and not torch.backends.cuda.matmul.allow_tf32
             and not torch.is_autocast_enabled(x.device.type) and not ops_watched()
-            and triton_enabled(x, KERNELS) and (not x.is_cuda or _has_tf32_cores(x.device.index or 0)))
+            and triton_enabled(x, KERNELS)
+            and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
 
 
 def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
-    if needs_grad(x, weight, bias):
-        return _LinearTF32x3.apply(x, weight, bias)
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+    from triton.runtime.errors import OutOfResources
 
-    return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+    try:
+        if needs_grad(x, weight, bias):
+            return _LinearTF32x3.apply(x, weight, bias)
+        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+        return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+    except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
+        _NO_ROOM.add(x.device.index)
+        warnings.warn(f"fp32 in_proj / out_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})", stacklevel=2)
+        return F.linear(x, weight, bias)
 
 
 class _LinearTF32x3(torch.autograd.Function):

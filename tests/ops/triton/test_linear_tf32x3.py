@@ -118,3 +118,42 @@ def test_mixer_linears_take_the_kernel_unless_hooked(small_rows, monkeypatch):
     finally:
         handle.remove()
     assert seen == ["Linear", "Linear"] and not calls  # global hooks (FLOP counters' module tracking) see them
+
+
+def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(monkeypatch):
+    """The tiles were chosen on an H200; a GPU with less shared memory per block refuses them at the first launch
+    (OutOfResources): the launch is retried with one pipeline stage fewer at a time, and the plan keeps what
+    fitted."""
+    from triton.runtime.errors import OutOfResources
+
+    stages_tried, real = [], kernel.launch
+
+    def short_on_shared_memory(fn, grid, *args, **kwargs):
+        stages_tried.append(kwargs["num_stages"])
+        if kwargs["num_stages"] > 2:
+            raise OutOfResources(131072, 101376, "shared memory")
+        return real(fn, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "launch", short_on_shared_memory)
+    monkeypatch.setattr(kernel, "_plans", {})
+    x, w = torch.randn(2, 33, 24), torch.randn(40, 24)
+    got = kernel.linear_tf32x3(x, w)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert stages_tried == [4, 3, 2]  # the narrow tiles' 4 stages, then 3, then 2 fitted
+    stages_tried.clear()
+    kernel.linear_tf32x3(x, w)
+    assert stages_tried == [2]
+
+
+def test_op_falls_back_to_f_linear_where_the_kernel_cannot_run(small_rows, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(131072, 101376, "shared memory")
+
+    monkeypatch.setattr(kernel, "linear_tf32x3", no_room)
+    monkeypatch.setattr(linear_fp32, "_NO_ROOM", set())
+    x, w = torch.randn(2, 9, 16), torch.randn(8, 16)
+    with triton_on_cpu(), pytest.warns(UserWarning, match="stay on cuBLAS"):
+        got = linear_fp32.linear(x, w)
+    torch.testing.assert_close(got, F.linear(x, w))

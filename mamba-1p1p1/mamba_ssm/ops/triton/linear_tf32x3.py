@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.runtime.errors import OutOfResources
+
 from causal_conv1d.triton_utils import launch, remember
 
 
@@ -73,8 +75,14 @@ def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = 
         plan = remember(_plans, key, _plan(x, w, bias, precision))
     grid, ints, kwargs, out_shape = plan
     out = torch.empty(out_shape, device=x.device, dtype=torch.float32)
-    launch(_linear_kernel, grid, x, w, w if bias is None else bias, out, *ints, **kwargs)
-    return out
+    while True:
+        try:
+            launch(_linear_kernel, grid, x, w, w if bias is None else bias, out, *ints, **kwargs)
+            return out
+        except OutOfResources:  # a GPU with less shared memory than the H200 the tiles were chosen on
+            if kwargs["num_stages"] <= 1:
+                raise
+            kwargs["num_stages"] -= 1  # (in the cached plan too: the next call starts from what fitted)
 
 
 def _plan(x, w, bias, precision):
