@@ -48,18 +48,29 @@ def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
+    return linear_on_kernel(x, weight, bias)
+
+
+def linear_on_kernel(x: Tensor, weight: Tensor, bias=None) -> Tensor:
+    """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
+    where the kernel does not apply): the kernel, with autograd when a gradient is wanted."""
     from triton.runtime.errors import OutOfResources
+
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
 
     try:
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias)
-        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
-
-        return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+        return linear_tf32x3(x, _k_contiguous(weight), bias)
     except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
         _NO_ROOM.add(x.device.index)
         warnings.warn(f"fp32 in_proj / out_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})", stacklevel=2)
         return F.linear(x, weight, bias)
+
+
+def _k_contiguous(weight: Tensor) -> Tensor:
+    """The (N, K) weight with K contiguous, as the kernel reads it (a copy only where it is not)."""
+    return weight if weight.stride(1) == 1 else weight.contiguous()
 
 
 class _LinearTF32x3(torch.autograd.Function):
@@ -69,7 +80,7 @@ class _LinearTF32x3(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return linear_tf32x3(x, weight if weight.stride(1) == 1 else weight.contiguous(), bias)
+        return linear_tf32x3(x, _k_contiguous(weight), bias)
 
     @staticmethod
     @once_differentiable  # (a second derivative through it raises instead of coming out wrong)
