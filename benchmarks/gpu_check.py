@@ -20,7 +20,8 @@ order  the gated inference scan with the walks that run dispatched first against
        at Vim-S shapes, fp32 and bf16, and DyVM-S bf16 forwards), bit for bit.
 stage  DyVM-S's inference pruning stages on their kernels (mamba_ssm.ops.triton.pruning_stage) against the
        plain ops, batch 128, fp32 and bf16, predictors with spread-out scores: per stage on the same inputs, the
-       normalised tokens, the scores, the kept sets and the gathers; then whole forwards.
+       normalised tokens, the predictor's pooled input, the scores, the kept sets (and decisions, policy) and the
+       gathers; then whole forwards; the top-k kernel on tied and NaN scores against sorted_topk and torch.topk.
 proj   x_proj and dt_proj of gated inference (mamba_ssm.ops.triton.gated_proj) against the batched matmuls at
        Vim-S shapes, fp32 and bf16 (values of the pairs that are on; times with all and 0.74 of the pairs on),
        then DyVM-S forwards with and without it.
@@ -586,8 +587,9 @@ def stage_check(summary, device="cuda", batch=128):
 
     from dyvm.benchmark import build_model
     from dyvm.models.predictor import TokenScorePredictor
-    from dyvm.pruning import batch_gather, gather_index, keep_count, single_static_position, sorted_topk, split_cls
-    from mamba_ssm.ops.triton.pruning_stage import gather_stage, patch_layer_norm
+    from dyvm.pruning import (batch_gather, gather_index, indices_to_mask, keep_count, single_static_position,
+                              sorted_topk, split_cls)
+    from mamba_ssm.ops.triton.pruning_stage import gather_stage, patch_layer_norm, pool_concat, select_top_k
 
     _, model, _ = build_model("dyvm_vim_small", device, 224, 0.7, 0.735)
     with torch.no_grad():  # scores that differ between tokens (fresh predictors rate them all about alike)
@@ -638,6 +640,27 @@ def stage_check(summary, device="cuda", batch=128):
                 f"{rel(normed, want):.1e}, {int((normed != want).sum())} of {normed.numel()}, "
                 f"{rel(scores, plain_scores):.1e}, {int((kept == plain_kept).all(1).sum())} of {kept.shape[0]}, "
                 f"{all(torch.equal(a, b) for a, b in zip(got, ref))}")
+            with torch.no_grad(), torch.autocast(**ac):  # the predictor's GELU and pooled half, from one input
+                pre = F.linear(want, predictor.in_conv[1].weight, predictor.in_conv[1].bias)
+                pooled = pool_concat(pre, policy.float())
+                plain_pooled = predictor._pool(F.gelu(pre), policy.float().unsqueeze(-1)).to(pre.dtype)
+            index, decision, next_policy = select_top_k(scores[..., 0], slot_to_patch, k, 3 * policy.shape[1])
+            summary[f"stage {stage} {name}: pooled input rel, elements differing; top-k kernel: kept, decisions, "
+                    f"policy equal"] = (
+                f"{rel(pooled, plain_pooled):.1e}, {int((pooled != plain_pooled).sum())} of {pooled.numel()}; "
+                f"{torch.equal(index, kept)}, "
+                f"{torch.equal(decision, indices_to_mask(slot_to_patch.gather(1, kept), 3 * policy.shape[1]))}, "
+                f"{torch.equal(next_policy, torch.ones_like(next_policy))}")
+    # ties: bf16 scores of a few values (as a predictor's log-probabilities tie in bf16), one NaN
+    ties = (torch.randint(-8, 0, (batch, 196), device=device) / 8).to(torch.bfloat16)
+    ties[0, 7] = float("nan")
+    slot_to_patch = torch.arange(196, device=device).expand(batch, -1)
+    for k in (137, 96, 67):
+        index = select_top_k(ties, slot_to_patch, k, 196)[0]
+        by_topk = ties.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        summary[f"stage ties k={k}: rows equal to sorted_topk, to torch.topk (CUDA)"] = (
+            f"{int((index == sorted_topk(ties, k)).all(1).sum())} of {batch}, "
+            f"{int((index == by_topk).all(1).sum())} of {batch}")
 
 
 def proj_check(summary):

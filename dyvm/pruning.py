@@ -158,6 +158,22 @@ def gather_stage(hidden: Tensor, residual: Tensor, slot_to_patch: Tensor, index:
     return batch_gather(hidden, source), batch_gather(residual, source), slot_to_patch.gather(1, index)
 
 
+def select_stage(selection, log_probs: Optional[Tensor], policy: Tensor, slot_to_patch: Tensor, k: int,
+                 num_patches: int, kernel_streams: Tuple) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """An inference stage's choice of k slots -> (index (B, k) of the kept slots, ascending; the next policy (B, k),
+    ones; the decision (B, num_patches) over the original patches, or None for the caller to build from the kept
+    slots' patches). The learned rule (top-k of the predictor's keep log-probabilities) runs as one kernel on the
+    GPU where the stage's kernels apply to kernel_streams (hidden, residual, class positions before and after)."""
+    if (isinstance(selection, LearnedSelection) and log_probs is not None
+            and stage_kernels_apply(*kernel_streams)):
+        from mamba_ssm.ops.triton.pruning_stage import select_top_k
+
+        index, decision, next_policy = select_top_k(log_probs[..., 0], slot_to_patch, k, num_patches)
+        return index, next_policy, decision
+    index = selection.eval_indices(log_probs, policy, k)
+    return index, torch.ones(index.shape, device=index.device), None
+
+
 class _PermuteTokens(torch.autograd.Function):
     """x (B, L, C), source (B, L) a permutation of 0..L-1 per sample -> x[b, source[b, i]]. The backward is the
     gather by the inverse permutation: no zero-filled gradient, no scatter-add (atomics, emulated for bf16),
@@ -255,8 +271,12 @@ def kept_first_order(policy: Tensor) -> Tensor:
 
 
 def sorted_topk(score: Tensor, k: int) -> Tensor:
-    """score (B, N) -> indices (B, k) of the k largest, in ascending slot order (so original order is kept)."""
-    return score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    """score (B, N) -> indices (B, k) of the k largest, in ascending slot order (so original order is kept).
+
+    Equal scores at the k-th place resolve to the lower slots, as torch.topk's CUDA kernel resolves them (its
+    CPU kernel does not): a stable descending sort, so every device keeps the same tokens (bf16 scores tie often),
+    and so does the inference kernel (mamba_ssm.ops.triton.pruning_stage.select_top_k)."""
+    return torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
 
 
 def indices_to_mask(index: Tensor, length: int) -> Tensor:

@@ -54,24 +54,39 @@ class TokenScorePredictor(nn.Module):
         normed = patch_layer_norm(hidden, residual, single_static_position(cls_positions), norm.weight, norm.bias,
                                   norm.eps, out_dtype)
         linears = self._inference_linears(normed)
-        x = self.in_conv[2](self.in_conv[1](normed)) if linears is None else F.gelu(F.linear(normed, *linears[0]))
-        return self._scores(x, policy, linears)
+        pre = self.in_conv[1](normed) if linears is None else F.linear(normed, *linears[0])
+        # the GELU and the pooled half in one kernel where its input is what the next Linear computes in (fp32
+        # tokens and policy, or autocast's dtype)
+        if policy.dtype == torch.float32 and pre.dtype == out_dtype:
+            from mamba_ssm.ops.triton.pruning_stage import pool_concat
+
+            return self._head(pool_concat(pre, policy.squeeze(-1)), linears)
+        return self._scores(self.in_conv[2](pre), policy, linears)
 
     def _fused_norm_applies(self, hidden: Tensor, residual: Tensor, cls_positions: ClsPositions) -> bool:
-        """No hooks that the plain calls would run (on this predictor, in_conv or its LayerNorm), a LayerNorm
+        """No hooks that the plain calls would run (on this predictor, in_conv, its LayerNorm or GELU), a LayerNorm
         with weight and bias over the last axis, and dyvm.pruning.stage_kernels_apply."""
         norm = self.in_conv[0]
-        return (not any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.in_conv, norm))
+        return (not any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.in_conv, norm, self.in_conv[2]))
                 and norm.weight is not None and norm.bias is not None
                 and tuple(norm.normalized_shape) == hidden.shape[-1:]
                 and stage_kernels_apply(hidden, residual, cls_positions))
 
     def _scores(self, x: Tensor, policy: Tensor, linears) -> Tensor:
-        """in_conv's output (B, N, C) -> log-probabilities: the local half with the pooled half, out_conv."""
+        """in_conv's output (B, N, C) -> log-probabilities."""
+        return self._head(self._pool(x, policy), linears)
+
+    @staticmethod
+    def _pool(x: Tensor, policy: Tensor) -> Tensor:
+        """in_conv's output (B, N, C) -> out_conv's input: the local half with the policy-weighted mean of the
+        other half over the kept tokens (mamba_ssm.ops.triton.pruning_stage.pool_concat at inference)."""
         half = x.shape[-1] // 2
         local, pooled = x[..., :half], x[..., half:]
         pooled = (pooled * policy).sum(1, keepdim=True) / (policy.sum(1, keepdim=True) + 1)
-        x = torch.cat([local, pooled.expand_as(local)], dim=-1)
+        return torch.cat([local, pooled.expand_as(local)], dim=-1)
+
+    def _head(self, x: Tensor, linears) -> Tensor:
+        """out_conv: the three Linears with their GELUs, then log-softmax."""
         if linears is None:
             return self.out_conv(x)
         for weight_bias in linears[1:3]:

@@ -239,13 +239,15 @@ def test_predictor_keeps_its_autocast_weights_while_unchanged():
 
 def test_dyvm_inference_stages_take_the_pruning_kernels(models, monkeypatch):
     """With the kernels (the GPU's path), each inference pruning stage runs mamba_ssm.ops.triton.pruning_stage:
-    the predictor's add + split + LayerNorm and the stage's gathers, one kernel each. The gathers are copies and
-    the LayerNorm differs from torch's only in the order of its fp32 sums, so the kept tokens, and with them
-    every output, equal the plain ops' (fp32 and bf16 autocast); the predictors' scores agree to rounding."""
+    the predictor's add + split + LayerNorm, its GELU + pooled half, the top-k with the decision mask, and the
+    stage's gathers, one kernel each. The gathers and the top-k are exact, the LayerNorm and the pooled mean
+    differ from torch's only in the order of their fp32 sums, so the kept tokens, and with them every output,
+    equal the plain ops' (fp32 and bf16 autocast); the predictors' scores agree to rounding."""
     import mamba_ssm.ops.triton.pruning_stage as stage
 
     calls = []
-    for name in ("patch_layer_norm", "gather_stage"):
+    names = ("patch_layer_norm", "pool_concat", "select_top_k", "gather_stage")
+    for name in names:
         kernel = getattr(stage, name)
         monkeypatch.setattr(stage, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     model = models["dyvm"].eval()
@@ -256,7 +258,7 @@ def test_dyvm_inference_stages_take_the_pruning_kernels(models, monkeypatch):
             want, _ = _outputs(model, x, watched=True, kernels=True, dtype=dtype)
             assert calls == []  # watched: the plain ops
             got, _ = _outputs(model, x, watched=False, kernels=True, dtype=dtype)
-            assert calls == ["patch_layer_norm", "gather_stage"] * 2
+            assert calls == list(names) * 2
             _assert_identical(got, want)
     predictor, hidden, residual = model.score_predictors[0], torch.randn(3, 10, 16), torch.randn(3, 10, 16)
     policy = torch.ones(3, 9)

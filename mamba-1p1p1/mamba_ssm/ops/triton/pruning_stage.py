@@ -1,14 +1,24 @@
-"""DyVM's token-pruning stage at inference, in two kernels instead of some fifteen small ops.
+"""DyVM's token-pruning stage at inference, in four kernels and the predictor's four matmuls instead of some
+forty small ops.
 
 A stage (dyvm.models.dyvm.DyVM._prune) rates the patch tokens with a predictor whose first op is a LayerNorm of
 hidden + residual without the class token, keeps the k best, and gathers them, with the class token moved to
 its new place, from both streams. Eagerly and in CUDA graphs those were an add, a concatenation, the LayerNorm
-and a cast (each a full pass over the sequence), then four index ops and three gathers: launches and passes
-that dense Vim does not have, about 1 ms of a 11 ms DyVM-S forward (bf16, batch 128, H200).
+and a cast (each a full pass over the sequence), the predictor's GELU and policy-weighted mean, then top-k,
+a sort, four index ops, three gathers and the decision mask: launches that dense Vim does not have, and eager
+inference is bound by the host's launches (docs/speed.md).
 
 - `patch_layer_norm`: LayerNorm(hidden + residual) of the patch rows (the class token's row skipped), in fp32
   as torch's LayerNorm computes it under autocast, written once in the dtype the predictor's first Linear
   reads (autocast's, else fp32). Only the order of the fp32 sums differs from torch's kernel.
+- `pool_concat`: the predictor's GELU after its first Linear and its policy-weighted mean of the second half
+  of the channels, written as the next Linear's input [local half, mean] (TokenScorePredictor._pool). GELU,
+  products and the division as torch computes them (erf, IEEE division); only the order of the mean's fp32 sum
+  differs.
+- `select_top_k`: the k best slots by score in ascending slot order (torch.topk then a sort), the decision mask
+  over the original patches and the next policy (ones), per sample in one program. Ties resolve as torch.topk's
+  CUDA kernel resolves them: by its radix order of the values (-0.0 below +0.0, NaN above everything), then the
+  lower slot first. Equal to the ops bit for bit.
 - `gather_stage`: the kept rows of hidden and residual, the class token's row moved to its new position, and
   the kept slots' patch indices, in one pass. Pure copies: equal to the gathers bit for bit.
 
@@ -19,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import launch, row_blocks
+from causal_conv1d.triton_utils import cdiv, launch, next_pow2, row_blocks
 
 
 @triton.jit
@@ -69,6 +79,99 @@ def _stage_gather_kernel(h_ptr, r_ptr, index_ptr, s2p_ptr, h_out_ptr, r_out_ptr,
     tl.store(h_out_ptr + out_offs, h, mask=mask)
     r = tl.load(r_ptr + (b * sr_b + src * sr_l)[:, None] + cols[None, :], mask=mask)
     tl.store(r_out_ptr + out_offs, r, mask=mask)
+
+
+@triton.jit
+def _gelu(x):
+    """torch's exact GELU in fp32, in its CUDA kernel's order: x * 0.5 * (1 + erf(x * M_SQRT1_2))."""
+    return x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 x -> dtype, rounded to nearest even as the GPU's conversion rounds. Triton's interpreter truncates to
+    bf16 instead, so bf16 is rounded here first (the conversion is then exact on both, and the CPU tests see what
+    the GPU computes); NaN stays NaN."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return x.to(dtype)
+
+
+@triton.jit
+def _pool_concat_kernel(x_ptr, policy_ptr, out_ptr, n_slots, half, sx_b, sx_n, sp_b, sp_n,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample, block of the half's channels): GELU of x's rows into out's first half, then the
+    policy-weighted mean over the slots of GELU(x)'s second half (GELU rounded to x's dtype first, as torch's
+    GELU writes it) into every row of out's second half."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < half
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    kept = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(0, n_slots, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        mask_t = rows < n_slots
+        mask = mask_t[:, None] & mask_c[None, :]
+        x_offs = (b * sx_b + rows * sx_n)[:, None] + cols[None, :]
+        out_offs = ((b * n_slots + rows) * (2 * half))[:, None] + cols[None, :]
+        local = _gelu(tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32))
+        tl.store(out_ptr + out_offs, _round_to(local, out_ptr.dtype.element_ty), mask=mask)
+        g = _gelu(tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32))
+        p = tl.load(policy_ptr + b * sp_b + rows * sp_n, mask=mask_t, other=0.0).to(tl.float32)
+        acc += tl.sum(_round_to(g, x_ptr.dtype.element_ty).to(tl.float32) * p[:, None], axis=0)
+        kept += p
+    pooled = tl.math.div_rn(acc, tl.zeros((BLOCK_C,), tl.float32) + (tl.sum(kept, axis=0) + 1.0))
+    pooled = _round_to(pooled, out_ptr.dtype.element_ty)
+    for t0 in range(0, n_slots, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        mask = (rows < n_slots)[:, None] & mask_c[None, :]
+        out_offs = ((b * n_slots + rows) * (2 * half))[:, None] + cols[None, :]
+        tl.store(out_ptr + out_offs + half, tl.zeros((BLOCK_T, BLOCK_C), out_ptr.dtype.element_ty) + pooled[None, :],
+                 mask=mask)
+
+
+@triton.jit
+def _radix_key(v):
+    """fp32 -> uint32 in torch.topk's radix order (its TopKTypeConfig<float>): sign-flipped bits, NaN highest."""
+    bits = v.to(tl.uint32, bitcast=True)
+    flip = tl.where((bits & 0x80000000) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return tl.where(v == v, bits ^ flip, 0xFFFFFFFF)
+
+
+@triton.jit
+def _select_kernel(score_ptr, s2p_ptr, index_ptr, decision_ptr, policy_ptr, n_slots, n_keep, n_patches,
+                   ss_b, ss_n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program per sample. Slot i's rank: the slots with a higher key, and those with an equal key and a lower
+    slot (torch.topk's order); the k of rank below k are kept, written in ascending slot order at their count of
+    kept slots before them. decision (n_patches,): 1 at the kept slots' patches (zeroed first: the scatter
+    writes into the row this program zeroed, after a barrier), policy (k,): ones."""
+    b = tl.program_id(0).to(tl.int64)
+    for m0 in range(0, n_patches, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        tl.store(decision_ptr + b * n_patches + m, tl.zeros((BLOCK_M,), tl.float32), mask=m < n_patches)
+    tl.debug_barrier()
+    written = 0
+    for i0 in range(0, n_slots, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = i < n_slots
+        key_i = _radix_key(tl.load(score_ptr + b * ss_b + i * ss_n, mask=mask_i, other=0.0).to(tl.float32))
+        rank = tl.zeros((BLOCK_I,), tl.int32)
+        for j0 in range(0, n_slots, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            mask_j = j < n_slots
+            key_j = _radix_key(tl.load(score_ptr + b * ss_b + j * ss_n, mask=mask_j, other=0.0).to(tl.float32))
+            ahead = (key_j[None, :] > key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+            rank += tl.sum((ahead & mask_j[None, :]).to(tl.int32), axis=1)
+        keep = mask_i & (rank < n_keep)
+        keep_i = keep.to(tl.int32)
+        pos = written + tl.cumsum(keep_i, axis=0) - keep_i
+        tl.store(index_ptr + b * n_keep + pos, i.to(tl.int64), mask=keep)
+        tl.store(policy_ptr + b * n_keep + pos, tl.zeros((BLOCK_I,), tl.float32) + 1.0, mask=keep)
+        patch = tl.load(s2p_ptr + b * n_slots + i, mask=keep, other=0)
+        tl.store(decision_ptr + b * n_patches + patch, tl.zeros((BLOCK_I,), tl.float32) + 1.0, mask=keep)
+        written += tl.sum(keep_i, axis=0)
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple):
@@ -128,3 +231,39 @@ def gather_stage(hidden: torch.Tensor, residual: torch.Tensor, slot_to_patch: to
            hidden.stride(0), hidden.stride(1), residual.stride(0), residual.stride(1),
            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return h_out, r_out, s2p_out
+
+
+def pool_concat(x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C): the predictor's first Linear's output (before its GELU), policy (B, N) fp32 -> (B, N, C) in x's
+    dtype: [GELU(x)[..., :C/2], the policy-weighted mean of GELU(x)[..., C/2:] over the N slots divided by (kept
+    + 1)], what dyvm.models.predictor.TokenScorePredictor._pool computes (its mean in fp32, rounded to x's dtype
+    as the next Linear's autocast cast rounds it)."""
+    batch, n_slots, n_cols = x.shape
+    if (x.stride(-1) != 1 or n_cols % 2 or policy.shape != (batch, n_slots) or policy.dtype != torch.float32
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        raise ValueError(f"pruning stage: features {tuple(x.shape)} {x.dtype} (an even width, contiguous rows) and "
+                         f"policy {tuple(policy.shape)} {policy.dtype} (fp32, one per slot) do not fit")
+    half = n_cols // 2
+    out = torch.empty((batch, n_slots, n_cols), device=x.device, dtype=x.dtype)
+    block_c = min(64, next_pow2(half))
+    launch(_pool_concat_kernel, (batch, cdiv(half, block_c)), x, policy, out, n_slots, half, x.stride(0),
+           x.stride(1), policy.stride(0), policy.stride(1), BLOCK_T=32, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def select_top_k(score: torch.Tensor, slot_to_patch: torch.Tensor, n_keep: int, n_patches: int):
+    """score (B, N) (any strides), slot_to_patch (B, N) int64 -> (index (B, k) int64 of the k best slots in
+    ascending order: torch.topk(score, k).indices sorted; decision (B, n_patches) fp32, 1 at those slots'
+    patches: dyvm.pruning.indices_to_mask of their slot_to_patch; policy (B, k) fp32 ones)."""
+    batch, n_slots = score.shape
+    if (slot_to_patch.shape != (batch, n_slots) or slot_to_patch.dtype != torch.int64
+            or not 0 < n_keep <= n_slots or not score.is_floating_point()):
+        raise ValueError(f"pruning stage: scores {tuple(score.shape)} {score.dtype}, slot_to_patch "
+                         f"{tuple(slot_to_patch.shape)} {slot_to_patch.dtype} and {n_keep} kept do not fit")
+    slot_to_patch = slot_to_patch.contiguous()
+    index = torch.empty((batch, n_keep), device=score.device, dtype=torch.int64)
+    decision = torch.empty((batch, n_patches), device=score.device, dtype=torch.float32)
+    policy = torch.empty((batch, n_keep), device=score.device, dtype=torch.float32)
+    launch(_select_kernel, (batch,), score, slot_to_patch, index, decision, policy, n_slots, n_keep, n_patches,
+           score.stride(0), score.stride(1), BLOCK_I=64, BLOCK_J=64, BLOCK_M=256, num_warps=4)
+    return index, decision, policy
