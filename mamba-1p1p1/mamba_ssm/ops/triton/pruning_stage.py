@@ -257,7 +257,7 @@ def select_top_k(score: torch.Tensor, slot_to_patch: torch.Tensor, n_keep: int, 
     patches: dyvm.pruning.indices_to_mask of their slot_to_patch; policy (B, k) fp32 ones)."""
     batch, n_slots = score.shape
     if (slot_to_patch.shape != (batch, n_slots) or slot_to_patch.dtype != torch.int64
-            or not 0 < n_keep <= n_slots or not score.is_floating_point()):
+            or not 0 <= n_keep <= n_slots or not score.is_floating_point()):
         raise ValueError(f"pruning stage: scores {tuple(score.shape)} {score.dtype}, slot_to_patch "
                          f"{tuple(slot_to_patch.shape)} {slot_to_patch.dtype} and {n_keep} kept do not fit")
     slot_to_patch = slot_to_patch.contiguous()
