@@ -858,34 +858,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     A = A.transpose(-1, -2).contiguous()  # (R, N, d) in memory: see the kernel (no copy for the stacked weights)
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
-    block_d = _block_d(dim, groups, block_d or tuning["block_d"])
-    num_warps = num_warps or tuning["num_warps"]
-    prefetch = tuning["prefetch"] if prefetch is None else prefetch
-    sub_chunk = sub_chunk or tuning["sub_chunk"]
-    scratch_evict = tuning["scratch_evict"] if scratch_evict is None else scratch_evict
-    maxnreg = tuning["maxnreg"] if maxnreg is None else maxnreg
-    launch_options = _launch_options(num_warps, maxnreg)
-    if CKPT_CHUNK % sub_chunk:
-        raise ValueError(f"the backward's sub_chunk ({sub_chunk}) must divide the checkpoint interval ({CKPT_CHUNK})")
-    block_n = next_pow2(d_state)
-    n_dblocks = cdiv(dim, block_d)
-    dev, f32 = u.device, torch.float32
-    # channel-contiguous, in the inputs' dtypes (the kernel accumulates in fp32 and rounds once on store)
-    du = torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3)
-    ddelta = torch.empty((R, batch, seqlen, dim), device=dev, dtype=delta.dtype).transpose(2, 3)
-    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
-        raise ValueError(f"scan backward: dz_out {tuple(dz_out.shape)} {dz_out.dtype} does not fit z")
-    dz = dz_out if dz_out is not None else \
-        torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
-    # (the states innermost: a step's 16 partial sums are one contiguous store, not 16 scattered ones)
-    dB_part = torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32)
-    dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty((R, batch, dim, d_state), device=dev, dtype=f32)
-    dD_part = torch.empty((R, batch, dim), device=dev, dtype=f32)
-    dbias_part = torch.empty_like(dD_part)
-    dgate_part = torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if gate is not None else None
-    scratch = torch.empty((batch * n_dblocks * sub_chunk * (block_n + 1) * block_d,), device=dev, dtype=f32)
+    cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg)
+    block_n, n_dblocks = next_pow2(d_state), cdiv(dim, cfg.block_d)
+    out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg)
+    du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
@@ -894,18 +870,68 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     launch(_scan_bwd_kernel, (batch, n_dblocks),
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, dout,
-        du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, dA_part, dD_part, dbias_part,
-        dgate_part if dgate_part is not None else dummy, dlast if dlast is not None else dummy,
-        ckpt, scratch, lengths if lengths is not None else dummy,
+        du, ddelta, dz if dz is not None else dummy, out["dB"], out["dC"], out["dA"], out["dD"], out["dbias"],
+        out["dgate"] if out["dgate"] is not None else dummy, dlast if dlast is not None else dummy,
+        ckpt, out["scratch"], lengths if lengths is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
         *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=sub_chunk, PREFETCH=prefetch,
-        SCRATCH_EVICT=scratch_evict, HAS_LEN=lengths is not None, **launch_options,
+        BLOCK_D=cfg.block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=cfg.sub_chunk, PREFETCH=cfg.prefetch,
+        SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
+    return _reduce_backward_partials(out, R, batch, seqlen, d_state, groups, n_dblocks, D is not None,
+                                     delta_bias is not None, gate is not None)
 
+
+class _BackwardConfig(NamedTuple):
+    block_d: int
+    num_warps: int
+    prefetch: bool
+    sub_chunk: int
+    scratch_evict: str
+    maxnreg: int
+
+
+def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg):
+    """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
+    tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
+    cfg = _BackwardConfig(
+        block_d=_block_d(dim, groups, block_d or tuning["block_d"]), num_warps=num_warps or tuning["num_warps"],
+        prefetch=tuning["prefetch"] if prefetch is None else prefetch, sub_chunk=sub_chunk or tuning["sub_chunk"],
+        scratch_evict=tuning["scratch_evict"] if scratch_evict is None else scratch_evict,
+        maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg)
+    if CKPT_CHUNK % cfg.sub_chunk:
+        raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
+                         f"({CKPT_CHUNK})")
+    return cfg
+
+
+def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state, cfg) -> dict:
+    """What the backward kernel writes: du, ddelta (channel-contiguous, in the inputs' dtypes: the kernel accumulates
+    in fp32 and rounds once on store), dz, the fp32 partial sums and the per-program scratch."""
+    R, batch, dim, seqlen = u.shape
+    dev, f32 = u.device, torch.float32
+    if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
+        raise ValueError(f"scan backward: dz_out {tuple(dz_out.shape)} {dz_out.dtype} does not fit z")
+    dz = dz_out if dz_out is not None else \
+        torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
+    dD = torch.empty((R, batch, dim), device=dev, dtype=f32)
+    return dict(
+        du=torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3),
+        ddelta=torch.empty((R, batch, seqlen, dim), device=dev, dtype=delta.dtype).transpose(2, 3), dz=dz,
+        # (the states innermost: a step's 16 partial sums are one contiguous store, not 16 scattered ones)
+        dB=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
+        dC=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
+        dA=torch.empty((R, batch, dim, d_state), device=dev, dtype=f32), dD=dD, dbias=torch.empty_like(dD),
+        dgate=torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if has_gate else None,
+        scratch=torch.empty((batch * n_dblocks * cfg.sub_chunk * (block_n + 1) * cfg.block_d,), device=dev,
+                            dtype=f32))
+
+
+def _reduce_backward_partials(out, R, batch, seqlen, d_state, groups, n_dblocks, has_D, has_bias, has_gate) -> dict:
+    """The backward kernel's outputs with its partial sums reduced (deterministically, by torch)."""
     # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group. The sums lie (R, G, b, L, N) in
     # memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's without a transposing copy.
     def reduce_bc(part, n_groups):
@@ -916,9 +942,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         return part.permute(0, 2, 1, 4, 3)
 
     return dict(
-        du=du, ddelta=ddelta, dA=dA_part.sum(1), dB=reduce_bc(dB_part, groups[0]), dC=reduce_bc(dC_part, groups[1]),
-        dD=dD_part.sum(1) if D is not None else None,
-        ddelta_bias=dbias_part.sum(1) if delta_bias is not None else None,
-        dz=dz, dgate=dgate_part.sum(2) if gate is not None else None,
+        du=out["du"], ddelta=out["ddelta"], dA=out["dA"].sum(1), dB=reduce_bc(out["dB"], groups[0]),
+        dC=reduce_bc(out["dC"], groups[1]), dD=out["dD"].sum(1) if has_D else None,
+        ddelta_bias=out["dbias"].sum(1) if has_bias else None,
+        dz=out["dz"], dgate=out["dgate"].sum(2) if has_gate else None,
     )
-
