@@ -18,7 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python main.py seg", description="semantic segmentation with a Vim or DyVM "
                                 "backbone (UperNet): training, --eval", allow_abbrev=False)
     p.add_argument("--config", default="", help="YAML file of defaults (keys = flag names with _)")
+    _model_flags(p)
+    _dyvm_flags(p)
+    _optimisation_flags(p)
+    _data_flags(p)
+    _evaluation_flags(p)
+    _run_flags(p)
+    return p
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vim_tiny", help="vim_tiny/small/base (dense backbone) or dyvm_vim_* / "
                    "Vim-Tiny/-Small/-Base (DyVM backbone)")
@@ -40,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-channels", type=int, default=256, help="FCN auxiliary head width")
     g.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary loss weight (0: no auxiliary head)")
 
+
+def _dyvm_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DyVM")
     g.add_argument("--token-keep-ratio", type=float, default=None, help="r: stages keep r, r^2, r^3 of the "
                    "patches (default 0.7)")
@@ -54,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-pruning-weight", type=float, default=20.0)
     g.add_argument("--block-pruning-weight", type=float, default=20.0)
 
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=8, help="per process")
     g.add_argument("--max-iters", type=int, default=80000, help="length of the schedule in iterations")
@@ -73,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     add_tf32_flag(g)
 
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-set", default="SCENES", choices=("SCENES", "ADE20K", "FOLDER"))
     g.add_argument("--data-path", default="")
@@ -96,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=False)
 
+
+def _evaluation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="evaluate only: mIoU/mAcc/aAcc, tokens, gates, MACs, "
                    "images/s against the dense backbone")
@@ -111,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--throughput-batch-size", type=int, default=16)
     g.add_argument("--throughput-iters", type=int, default=20)
 
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="")
     g.add_argument("--device", default="", help="default: cuda if available, else cpu")
@@ -121,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=50)
     add_progress_flag(g)
     g.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    return p
 
 
 DYVM_OPTIONS = ("token_keep_ratio", "token_keep_ratios", "pruning", "block_selection", "block_keep_ratio",
