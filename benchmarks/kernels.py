@@ -349,11 +349,6 @@ def sweep(results, lean=False, ops=("scan", "conv")):
     checkpoints (the backward kernel alone, one direction, channel-contiguous inputs: time-contiguous ones are
     copied to that layout first; benchmarks/scan_train_tuning.py times both directions at training shapes);
     conv ones (block_t, block_d, num_warps), fp32, forward and backward kernel."""
-    from causal_conv1d import triton_causal_conv1d as tc
-    from causal_conv1d.conv_op import _stacked_ref
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-    from mamba_ssm.ops.triton import selective_scan as ss
-
     timings = {}
 
     def record(name, kind, key, cfg, t, got, want, dtype):
@@ -371,56 +366,77 @@ def sweep(results, lean=False, ops=("scan", "conv")):
 
     for dname, dtype in DTYPES.items():
         for layout in ("cf", "cl") if {"scan", "scan_bwd"} & set(ops) else ():
-            u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, dtype, channels_last=layout == "cl")
-            key = ss._tuning_key(u)
-            out = torch.empty_like(u)
-            args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None],
-                    True, None, 1.0)
-            want = [selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)]
-            for cfg in FWD_SWEEP if "scan" in ops else ():
-                t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
-                                                  lanes_on_channels=cfg[3], prefetch=cfg[4]))
-                record(f"sweep_fwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"
-                       f"{'_prefetch' if cfg[4] else ''}",
-                       "fwd", key, cfg, t, [out], want, dtype)
-            if lean or layout == "cf":
-                continue
-            dout = torch.randn_like(u)
-            _, ckpt = ss.scan_forward(*args, out, want_ckpt=True)
-            n = 4  # the reference's backward on a few samples (the kernels treat samples alike)
-            leaves = [t[:n].detach().float().requires_grad_() for t in (u, delta, B, C, z)]
-            ref = selective_scan_ref(leaves[0], leaves[1], A, leaves[2], leaves[3], D, leaves[4], bias,
-                                     delta_softplus=True)
-            want = torch.autograd.grad(ref, leaves, dout[:n].float())
-            for cfg in BWD_SWEEP:
-                call = lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1],  # noqa
-                                                prefetch=cfg[2], sub_chunk=cfg[3], scratch_evict=cfg[4],
-                                                maxnreg=cfg[5])
-                t = bench(call)
-                g = call()
-                got = [g["du"][0, :n], g["ddelta"][0, :n], g["dB"][0, :n, 0], g["dC"][0, :n, 0], g["dz"][:n]]
-                record(f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}{'_prefetch' if cfg[2] else ''}_sub{cfg[3]}"
-                       f"{'_' + cfg[4] if cfg[4] else ''}{f'_r{cfg[5]}' if cfg[5] else ''}", "bwd", key, cfg, t, got,
-                       want, dtype)
-    for layout in ("cf", "cl") if "conv" in ops else ():  # the conv forward (+SiLU) and backward, d_inner 768, fp32
-        x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
-        w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
-        out = torch.empty_like(x)[None]
-        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-        ref = _stacked_ref(*leaves, None, True)
-        for cfg in CONV_SWEEP:
-            t = bench(lambda: tc.conv_forward(x, w, b, None, True, out, block_t=cfg[0], block_d=cfg[1],
-                                              num_warps=cfg[2]))
-            record(f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}", "conv", layout, cfg, t, [out],
-                   [ref], torch.float32)
-        dout = torch.randn_like(out)
-        want = torch.autograd.grad(ref, leaves, dout)
-        for cfg in CONV_BWD_SWEEP[layout]:  # the backward kernel alone
-            call = lambda: tc.conv_backward(x, w, b, None, True, dout, block_t=cfg[0], block_d=cfg[1],  # noqa
-                                            num_warps=cfg[2])
-            t = bench(call)
-            record(f"sweep_conv_bwd/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}", "conv", layout + "_bwd", cfg,
-                   t, call(), want, torch.float32)
+            _sweep_scan(record, dname, dtype, layout, ops, lean)
+    for layout in ("cf", "cl") if "conv" in ops else ():
+        _sweep_conv(record, layout)
+    return _take_fastest(timings, ops, lean)
+
+
+def _sweep_scan(record, dname, dtype, layout, ops, lean):
+    """The scan's forward configurations (FWD_SWEEP) and, for channel-contiguous inputs, its backward ones
+    (BWD_SWEEP), each checked against selective_scan_ref."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    u, delta, A, B, C, D, z, bias = scan_inputs(S_DIM, dtype, channels_last=layout == "cl")
+    key = ss._tuning_key(u)
+    out = torch.empty_like(u)
+    args = (u[None], delta[None], A[None], B[None, :, None], C[None, :, None], D[None], z, bias[None],
+            True, None, 1.0)
+    want = [selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)]
+    for cfg in FWD_SWEEP if "scan" in ops else ():
+        t = bench(lambda: ss.scan_forward(*args, out, block_d=cfg[0], num_warps=cfg[1], unroll=cfg[2],
+                                          lanes_on_channels=cfg[3], prefetch=cfg[4]))
+        record(f"sweep_fwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}_u{cfg[2]}_{'lanes' if cfg[3] else 'tile'}"
+               f"{'_prefetch' if cfg[4] else ''}",
+               "fwd", key, cfg, t, [out], want, dtype)
+    if lean or layout == "cf":
+        return
+    dout = torch.randn_like(u)
+    _, ckpt = ss.scan_forward(*args, out, want_ckpt=True)
+    n = 4  # the reference's backward on a few samples (the kernels treat samples alike)
+    leaves = [t[:n].detach().float().requires_grad_() for t in (u, delta, B, C, z)]
+    ref = selective_scan_ref(leaves[0], leaves[1], A, leaves[2], leaves[3], D, leaves[4], bias, delta_softplus=True)
+    want = torch.autograd.grad(ref, leaves, dout[:n].float())
+    for cfg in BWD_SWEEP:
+        call = lambda: ss.scan_backward(*args, dout, ckpt=ckpt, block_d=cfg[0], num_warps=cfg[1],  # noqa
+                                        prefetch=cfg[2], sub_chunk=cfg[3], scratch_evict=cfg[4], maxnreg=cfg[5])
+        t = bench(call)
+        g = call()
+        got = [g["du"][0, :n], g["ddelta"][0, :n], g["dB"][0, :n, 0], g["dC"][0, :n, 0], g["dz"][:n]]
+        record(f"sweep_bwd/{layout}/{dname}/bd{cfg[0]}_w{cfg[1]}{'_prefetch' if cfg[2] else ''}_sub{cfg[3]}"
+               f"{'_' + cfg[4] if cfg[4] else ''}{f'_r{cfg[5]}' if cfg[5] else ''}", "bwd", key, cfg, t, got,
+               want, dtype)
+
+
+def _sweep_conv(record, layout):
+    """The conv forward (+SiLU) and backward kernel configurations, d_inner 768, fp32, against _stacked_ref."""
+    from causal_conv1d import triton_causal_conv1d as tc
+    from causal_conv1d.conv_op import _stacked_ref
+
+    x = scan_inputs(S_DIM, torch.float32, channels_last=layout == "cl")[0]
+    w, b = torch.randn(1, S_DIM, WIDTH, device=DEVICE), torch.randn(1, S_DIM, device=DEVICE)
+    out = torch.empty_like(x)[None]
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    ref = _stacked_ref(*leaves, None, True)
+    for cfg in CONV_SWEEP:
+        t = bench(lambda: tc.conv_forward(x, w, b, None, True, out, block_t=cfg[0], block_d=cfg[1], num_warps=cfg[2]))
+        record(f"sweep_conv/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}", "conv", layout, cfg, t, [out], [ref],
+               torch.float32)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(ref, leaves, dout)
+    for cfg in CONV_BWD_SWEEP[layout]:  # the backward kernel alone
+        call = lambda: tc.conv_backward(x, w, b, None, True, dout, block_t=cfg[0], block_d=cfg[1],  # noqa
+                                        num_warps=cfg[2])
+        t = bench(call)
+        record(f"sweep_conv_bwd/{layout}/fp32/bt{cfg[0]}_bd{cfg[1]}_w{cfg[2]}", "conv", layout + "_bwd", cfg, t,
+               call(), want, torch.float32)
+
+
+def _take_fastest(timings, ops, lean) -> dict:
+    """Sets each tuning table's entries to the fastest correct configuration swept; returns the tables."""
+    from causal_conv1d import triton_causal_conv1d as tc
+    from mamba_ssm.ops.triton import selective_scan as ss
 
     def best(kind, key):
         return min((v, k[2]) for k, v in timings.items() if k[:2] == (kind, key))[1]
