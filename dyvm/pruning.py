@@ -158,22 +158,6 @@ def gather_stage(hidden: Tensor, residual: Tensor, slot_to_patch: Tensor, index:
     return batch_gather(hidden, source), batch_gather(residual, source), slot_to_patch.gather(1, index)
 
 
-def select_stage(selection, log_probs: Optional[Tensor], policy: Tensor, slot_to_patch: Tensor, k: int,
-                 num_patches: int, kernel_streams: Tuple) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """An inference stage's choice of k slots -> (index (B, k) of the kept slots, ascending; the next policy (B, k),
-    ones; the decision (B, num_patches) over the original patches, or None for the caller to build from the kept
-    slots' patches). The learned rule (top-k of the predictor's keep log-probabilities) runs as one kernel on the
-    GPU where the stage's kernels apply to kernel_streams (hidden, residual, class positions before and after)."""
-    if (isinstance(selection, LearnedSelection) and log_probs is not None
-            and stage_kernels_apply(*kernel_streams)):
-        from mamba_ssm.ops.triton.pruning_stage import select_top_k
-
-        index, decision, next_policy = select_top_k(log_probs[..., 0], slot_to_patch, k, num_patches)
-        return index, next_policy, decision
-    index = selection.eval_indices(log_probs, policy, k)
-    return index, torch.ones(index.shape, device=index.device), None
-
-
 class _PermuteTokens(torch.autograd.Function):
     """x (B, L, C), source (B, L) a permutation of 0..L-1 per sample -> x[b, source[b, i]]. The backward is the
     gather by the inverse permutation: no zero-filled gradient, no scatter-add (atomics, emulated for bf16),
@@ -327,7 +311,23 @@ def gumbel_sigmoid_gate(logits: Tensor, noise: bool, tau: float = 2.0, threshold
 # `log_probs` (B, N, 2) is the predictor's output, None for the rules without a predictor.
 
 
-class LearnedSelection:
+class _Selection:
+    """What every rule has: an inference stage's choice from its eval_indices."""
+
+    def eval_indices(self, log_probs: Optional[Tensor], policy: Tensor, k: int) -> Tensor:
+        raise NotImplementedError
+
+    def eval_select(self, log_probs: Optional[Tensor], policy: Tensor, slot_to_patch: Tensor, k: int,
+                    num_patches: int, kernel_streams: Tuple) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """An inference stage's choice of k slots -> (index (B, k) of the kept slots, ascending; the next policy
+        (B, k), ones; the decision (B, num_patches) over the original patches, or None for the caller to build
+        from the kept slots' patches). kernel_streams: (hidden, residual, class positions before and after), for
+        the rules that have a kernel (stage_kernels_apply)."""
+        index = self.eval_indices(log_probs, policy, k)
+        return index, torch.ones(index.shape, device=index.device), None
+
+
+class LearnedSelection(_Selection):
     """The DyVM rule: predictor log-probabilities; hard Gumbel-softmax in training, top-k at inference."""
 
     needs_predictor = True
@@ -341,8 +341,18 @@ class LearnedSelection:
     def eval_indices(self, log_probs: Tensor, policy: Tensor, k: int) -> Tensor:
         return sorted_topk(log_probs[..., 0], k)
 
+    def eval_select(self, log_probs, policy, slot_to_patch, k, num_patches, kernel_streams):
+        """The top-k of the keep log-probabilities as one kernel on the GPU where the stage's kernels apply
+        (mamba_ssm.ops.triton.pruning_stage.select_top_k: the same slots), else as the base rule does."""
+        if not stage_kernels_apply(*kernel_streams):
+            return super().eval_select(log_probs, policy, slot_to_patch, k, num_patches, kernel_streams)
+        from mamba_ssm.ops.triton.pruning_stage import select_top_k
 
-class _ScoredSelection:
+        index, decision, next_policy = select_top_k(log_probs[..., 0], slot_to_patch, k, num_patches)
+        return index, next_policy, decision
+
+
+class _ScoredSelection(_Selection):
     """A rule given by a score over the kept slots: keep exactly k per sample, same rule in both modes."""
 
     needs_predictor = False

@@ -21,7 +21,7 @@ from dyvm.models.output import ForwardOutput
 from dyvm.models.predictor import TokenScorePredictor
 from dyvm.models.vim import Vim, VimConfig, build_config
 from dyvm.pruning import (ClsPositions, gather_index, gather_stage, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
-                          keep_count, kept_first_order, make_selection, permute_tokens, select_stage, split_cls,
+                          keep_count, kept_first_order, make_selection, permute_tokens, split_cls,
                           to_original_order)
 
 PRUNING_MODES = ("learned", "random", "static", "none")
@@ -155,8 +155,9 @@ class DyVM(Vim):
                 log_probs = predictor(features, tokens.policy.unsqueeze(-1).to(features.dtype))
         if not self.training:  # the sequence shrinks to the k best tokens, still in original order
             cls_positions = self.layout.positions(k)
-            index, policy, decision = select_stage(self.selection, log_probs, tokens.policy, tokens.slot_to_patch, k,
-                                                   M, (hidden, residual, tokens.cls_positions, cls_positions))
+            streams = (hidden, residual, tokens.cls_positions, cls_positions)
+            index, policy, decision = self.selection.eval_select(log_probs, tokens.policy, tokens.slot_to_patch, k, M,
+                                                                 streams)
             hidden, residual, slot_to_patch = gather_stage(hidden, residual, tokens.slot_to_patch, index,
                                                            tokens.cls_positions, cls_positions)
             return (hidden, residual, _Tokens(cls_positions, policy, slot_to_patch, None),

@@ -881,8 +881,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         BLOCK_D=cfg.block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=cfg.sub_chunk, PREFETCH=cfg.prefetch,
         SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
-    return _reduce_backward_partials(out, R, batch, seqlen, d_state, groups, n_dblocks, D is not None,
-                                     delta_bias is not None, gate is not None)
+    return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
 
 
 class _BackwardConfig(NamedTuple):
@@ -930,8 +929,9 @@ def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state
                             dtype=f32))
 
 
-def _reduce_backward_partials(out, R, batch, seqlen, d_state, groups, n_dblocks, has_D, has_bias, has_gate) -> dict:
+def _reduce_backward_partials(out, d_state, groups, has_D, has_bias) -> dict:
     """The backward kernel's outputs with its partial sums reduced (deterministically, by torch)."""
+    R, n_dblocks, batch, seqlen, _ = out["dB"].shape
     # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group. The sums lie (R, G, b, L, N) in
     # memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's without a transposing copy.
     def reduce_bc(part, n_groups):
@@ -945,5 +945,5 @@ def _reduce_backward_partials(out, R, batch, seqlen, d_state, groups, n_dblocks,
         du=out["du"], ddelta=out["ddelta"], dA=out["dA"].sum(1), dB=reduce_bc(out["dB"], groups[0]),
         dC=reduce_bc(out["dC"], groups[1]), dD=out["dD"].sum(1) if has_D else None,
         ddelta_bias=out["dbias"].sum(1) if has_bias else None,
-        dz=out["dz"], dgate=out["dgate"].sum(2) if has_gate else None,
+        dz=out["dz"], dgate=out["dgate"].sum(2) if out["dgate"] is not None else None,
     )
