@@ -105,10 +105,10 @@ def linear_check(summary, batch=128):
 
 
 def gate_kernel_off():
-    """Within the block, DyVM gate heads run as their ops (DynamicMamba.gates_by_kernel declines)."""
+    """Within the block, DyVM gate heads run as their ops (DynamicMamba.gate_head_for declines)."""
     from dyvm.models.mixer import DynamicMamba
 
-    return mock.patch.object(DynamicMamba, "gates_by_kernel", lambda *args, **kwargs: None)
+    return mock.patch.object(DynamicMamba, "gate_head_for", lambda *args, **kwargs: None)
 
 
 def _gate_decisions_compared(model, x, autocast):
@@ -391,7 +391,7 @@ def proj_check(summary):
         ac = dict(device_type="cuda", dtype=dtype, enabled=dtype == torch.bfloat16)
         with torch.no_grad(), torch.autocast(**ac):
             fused = model.forward_aux(x)
-            with mock.patch("mamba_ssm.ops.bimamba_stacked._gated_projections_apply", lambda xc: False):
+            with mock.patch("mamba_ssm.ops.bimamba_stacked._projections_kernel_takes", lambda t: False):
                 plain = model.forward_aux(x)
         summary[f"proj dyvm_vim_small {dtype} b128: logits rel, gates equal, decisions equal"] = (
             f"{rel(fused.logits, plain.logits):.1e}, {torch.equal(fused.gates, plain.gates)}, "

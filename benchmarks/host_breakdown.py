@@ -29,7 +29,7 @@ from mamba_ssm.ops.triton import selective_scan
 # (owner, attribute, label): model structure first, then what runs inside the mixer
 COMPONENTS = [
     (DyVM, "_prune", "pruning stage"),
-    (DynamicMamba, "gates_by_kernel", "gate head (kernel)"),
+    (DynamicMamba, "gate_head_for", "gate head (for the kernels; they run in mix)"),
     (DynamicMamba, "gate_logits", "gate head (ops: column, Linear)"),
     (DyVM, "_decide_gate", "gate decision (ops)"),
     (Mamba, "mix", "mix: conv, x/dt proj, scan, out_proj"),

@@ -42,7 +42,7 @@ def _parts():
 
     return [_marked(Vim, "embed", "embed"), _marked(Block, "add_norm", "add + norm"),
             _marked(Mamba, "in_proj_xz", "in_proj"), _marked(Mamba, "mix", "mixer (conv, scan, out_proj)"),
-            _marked(DynamicMamba, "gates_by_kernel", "gate heads"), _marked(DynamicMamba, "gate_logits", "gate heads"),
+            _marked(DynamicMamba, "gate_head_for", "gate heads"), _marked(DynamicMamba, "gate_logits", "gate heads"),
             _marked(DyVM, "_prune", "pruning stages")]
 
 

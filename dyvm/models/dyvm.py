@@ -200,21 +200,24 @@ class DyVM(Vim):
             mixer = layer.mixer
             weights = layer_weights[i]
             xz = mixer.in_proj_xz(normed, weights)
-            gate = None
+            gate, gate_head = None, None
             if mixer.block_head is not None:
                 if rows_wanted and gate_rows is None:  # in the logits' dtype (autocast's, else xz's)
                     device = xz.device.type
                     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xz.dtype
                     gate_rows = xz.new_empty((len(self.layers), batch, 2), dtype=dtype)
                 row = None if gate_rows is None else gate_rows[len(gates)]
-                gate = None if row is None else mixer.gates_by_kernel(xz, tokens.cls_positions, weights, row)
+                if row is not None and row.dtype == xz.dtype:  # the gates by the kernels, written into the row
+                    gate_head = mixer.gate_head_for(xz, tokens.cls_positions, weights)
+                    gate = None if gate_head is None else row
                 if gate is None:
                     logits, xz = mixer.gate_logits(xz, tokens.cls_positions, weights)
                     gate = self._decide_gate(logits, row)
                 gates.append(gate)
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
-            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, weights=weights, lengths=tokens.scan_lengths)
+            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, weights=weights, lengths=tokens.scan_lengths,
+                               gate_head=gate_head)
             seq_lens.append(hidden.shape[1])
         cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_positions)
         policy = tokens.policy.detach().unsqueeze(-1)

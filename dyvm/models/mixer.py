@@ -46,25 +46,33 @@ class DynamicMamba(Mamba):
         xz, columns = tap_cls_columns(xz, cls_positions)
         return self.linear("block_head", columns, weights), xz
 
-    def gates_by_kernel(self, xz: Tensor, cls_positions: ClsPositions, weights: Optional[InferenceWeights],
-                        out: Tensor) -> Optional[Tensor]:
-        """Inference without autograd on the GPU: the 0/1 gates (B, 2) of one class token written into `out` by
-        one kernel (mamba_ssm.ops.triton.gate_head: the column read, the head and the comparison; out's dtype
-        is the logits' dtype), or None where that path does not apply (then gate_logits and a comparison):
-        other devices, torch.compile or a dispatch mode watching, several class tokens, per-sample positions,
-        hooks on the head."""
+    def gate_head_for(self, xz: Tensor, cls_positions: ClsPositions,
+                      weights: Optional[InferenceWeights]) -> Optional[tuple]:
+        """Inference without autograd on the GPU: (column, weight, bias) of this layer's gate head for the kernels
+        (mamba_ssm.ops.triton.gated_proj: the column read, the head and the comparison in one kernel, or inside the
+        projections kernel, which then needs no launch of its own: bimamba_stacked), or None where that path does
+        not apply (then gate_logits and a comparison): other devices, torch.compile or a dispatch mode watching,
+        several class tokens, per-sample positions, hooks on the head, dtypes the kernel does not take."""
         head = self.block_head
-        if (ops_watched() or not triton_enabled(xz, "mamba_ssm.ops.triton.gate_head") or head._forward_hooks
-                or head._forward_pre_hooks or not is_static(cls_positions) or out.dtype not in GATE_KERNEL_DTYPES
-                or xz.dtype != out.dtype):
+        if (ops_watched() or not triton_enabled(xz, "mamba_ssm.ops.triton.gated_proj") or head._forward_hooks
+                or head._forward_pre_hooks or not is_static(cls_positions) or xz.dtype not in GATE_KERNEL_DTYPES):
             return None
         positions = (cls_positions,) if isinstance(cls_positions, int) else tuple(cls_positions)
         if len(positions) != 1:
             return None
-        from mamba_ssm.ops.triton.gate_head import gate_head_decide
-
         weight, bias = weights.linears["block_head"] if weights is not None else (head.weight, head.bias)
-        return gate_head_decide(xz, positions[0], weight, bias, out)
+        return positions[0], weight, bias
+
+    def gates_by_kernel(self, xz: Tensor, cls_positions: ClsPositions, weights: Optional[InferenceWeights],
+                        out: Tensor) -> Optional[Tensor]:
+        """The 0/1 gates (B, 2) written into `out` (in xz's dtype) by the gate-head kernel, or None where
+        gate_head_for does not apply."""
+        gate_head = self.gate_head_for(xz, cls_positions, weights)
+        if gate_head is None or out.dtype != xz.dtype:
+            return None
+        from mamba_ssm.ops.triton.gated_proj import gate_head_decide
+
+        return gate_head_decide(xz, *gate_head, out)
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).

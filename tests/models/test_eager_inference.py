@@ -58,7 +58,7 @@ def _gated_projections_off():
     does (the kernel that skips the pairs that are off sums in another order: see the test after the next)."""
     from unittest import mock
 
-    return mock.patch("mamba_ssm.ops.bimamba_stacked._gated_projections_apply", lambda xc: False)
+    return mock.patch("mamba_ssm.ops.bimamba_stacked._projections_kernel_takes", lambda t: False)
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "triton"])
@@ -87,20 +87,29 @@ def _bit_identical_to_the_general_path(models, name, kernels):
 
 def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
     """DyVM's eager inference on the kernels in bf16 takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj,
-    which computes only the (sample, direction) pairs whose gate is on: the same products (fp32 in the
+    which computes the gates itself (the head's code) and then only the (sample, direction) pairs whose gate is on: the same products (fp32 in the
     interpreter), summed in another order, so the outputs agree with the general path's batched matmuls to
     rounding and every decision is the same. (fp32 keeps the matmuls: see the next test.)"""
     import mamba_ssm.ops.triton.gated_proj as proj
 
     calls = []
     kernel = proj.gated_projections
-    monkeypatch.setattr(proj, "gated_projections", lambda *a: calls.append(a[3].clone()) or kernel(*a))
+
+    heads = []
+
+    def spy(*args, **kwargs):
+        heads.append(kwargs.get("head") is not None)
+        out = kernel(*args, **kwargs)
+        calls.append(args[3].clone())  # the gates the kernel skipped by (written by it when it computes them)
+        return out
+    monkeypatch.setattr(proj, "gated_projections", spy)
     model = models["dyvm"].eval()
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
         want, _ = _outputs(model, x, watched=True, kernels=True, dtype=torch.bfloat16)
         got, _ = _outputs(model, x, watched=False, kernels=True, dtype=torch.bfloat16)
         assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g in calls)  # mixed gates
+        assert heads == [True] * len(model.layers)  # the gates computed inside the projections kernel
         torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)  # logits
         _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
         calls.clear()

@@ -269,11 +269,12 @@ class Mamba(nn.Module):
         """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""
         return self.linear("in_proj", hidden_states, weights).transpose(1, 2)
 
-    def mix(self, xz, gate=None, mask=None, weights: Optional[InferenceWeights] = None, lengths=None):
+    def mix(self, xz, gate=None, mask=None, weights: Optional[InferenceWeights] = None, lengths=None,
+            gate_head=None):
         """xz (batch, 2*d_inner, L) -> (batch, L, d_model): conv, scans, z-gating, out_proj.
 
-        gate (batch, 2), mask (batch, L) and lengths (batch,) are the DyVM options of bimamba_v2_inner_fn
-        ("v2" only);
+        gate (batch, 2), mask (batch, L), lengths (batch,) and gate_head are the DyVM options of
+        bimamba_v2_inner_fn ("v2" only);
         weights: inference_weights(xz), if the caller has them already.
         """
         if self.bimamba_type == "v2":
@@ -283,11 +284,11 @@ class Mamba(nn.Module):
             else:
                 fwd, bwd, stacked = weights.fwd, weights.bwd, weights.stacked
             y = bimamba_v2_inner_fn(xz, fwd, bwd, gate=gate, mask=mask, divide_out=self.if_divide_out,
-                                    stacked=stacked, lengths=lengths)
+                                    stacked=stacked, lengths=lengths, gate_head=gate_head)
             out = self.linear("out_proj", y.transpose(1, 2), weights)
         else:
-            if gate is not None or mask is not None or lengths is not None:
-                raise ValueError("gate, mask and lengths need bimamba_type='v2'")
+            if gate is not None or mask is not None or lengths is not None or gate_head is not None:
+                raise ValueError("gate, mask, lengths and gate_head need bimamba_type='v2'")
             w = self.scan_weights()
             out = mamba_inner_fn(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
                                  self.out_proj.weight, self.out_proj.bias, w.A, None, None, w.D,

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
 from mamba_ssm.ops.bimamba_stacked import bimamba_v2_inner_stacked
-from mamba_ssm.ops.dispatch import needs_grad, reference_forced
+from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, needs_grad, reference_forced
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
 
@@ -112,10 +112,16 @@ def bimamba_v2_inner_ref(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask
 
 
 def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=None, divide_out=True,
-                        stacked=None, lengths=None):
+                        stacked=None, lengths=None, gate_head=None):
     """Both directions of a Vim v2 layer in one call (see the module docstring). stacked: optionally
-    mamba_ssm.ops.bimamba_stacked.stack_directions(fwd, bwd), cached by the caller (the ops' form)."""
+    mamba_ssm.ops.bimamba_stacked.stack_directions(fwd, bwd), cached by the caller (the ops' form).
+    gate_head (column, weight, bias): the gates are still to be computed into `gate`, from xz's column `column`
+    by DyVM's gate head (inference on the kernels: dyvm.models.mixer.DynamicMamba.gate_head_for)."""
     _check(xz, fwd, gate, mask, lengths)
+    if gate_head is not None and gate is None:
+        raise ValueError("gate_head needs the gate tensor it is to write")
     if reference_forced():
+        if gate_head is not None:
+            raise ValueError(f"gate_head runs on the kernels only, and {FORCE_REFERENCE_ENV} is set")
         return bimamba_v2_inner_ref(xz, fwd, bwd, gate, mask, divide_out, lengths)
-    return bimamba_v2_inner_stacked(xz, fwd, bwd, gate, mask, divide_out, stacked, lengths)
+    return bimamba_v2_inner_stacked(xz, fwd, bwd, gate, mask, divide_out, stacked, lengths, gate_head)

@@ -221,20 +221,34 @@ class _SplitXZ(torch.autograd.Function):
         return grad, None
 
 
+def _projections_kernel_takes(t: Tensor) -> bool:
+    """Whether gated inference on tensors like t takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj (the
+    pairs that are on only): on the devices the kernels run on, with nothing tracing or watching the ops
+    (torch.compile and FLOP counting see the batched matmuls), for 16-bit inputs. (In plain fp32 Triton multiplies
+    on the CUDA cores at a fifth of cuBLAS's speed, 1202 against 226 us at Vim-S shapes on an H200.)"""
+    return t.dtype in (torch.bfloat16, torch.float16) and not ops_watched() and triton_enabled(t, "gated_proj")
+
+
 def _gated_projections_apply(xc: Tensor) -> bool:
-    """Whether gated inference takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj (the pairs that are
-    on only): on the devices the kernels run on, with nothing tracing or watching the ops (torch.compile and
-    FLOP counting see the batched matmuls), for 16-bit inputs. (In plain fp32 Triton multiplies on the CUDA cores
-    at a fifth of cuBLAS's speed, 1202 against 226 us at Vim-S shapes on an H200.)"""
-    return (xc.dtype in (torch.bfloat16, torch.float16) and xc.stride(2) == 1 and not ops_watched()
-            and triton_enabled(xc, "gated_proj"))
+    """_projections_kernel_takes for the conv's output, channel-contiguous as the kernel reads it."""
+    return xc.stride(2) == 1 and _projections_kernel_takes(xc)
+
+
+def _gate_in_projections(x: Tensor) -> bool:
+    """Whether gated inference computes DyVM's gates inside the projections kernel (gated_projections' head), for
+    the conv's input x: eager calls only. The conv then runs the pairs that are off too (it comes before the
+    gates): one launch less a layer for about 8 us more GPU time at Vim-S, a gain where the host sets the pace
+    (eager) and a loss inside a CUDA graph, which takes the head's own kernel first."""
+    return _projections_kernel_takes(x) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                              divide_out: bool = True, stacked: Optional[StackedWeights] = None,
-                             lengths: Optional[Tensor] = None) -> Tensor:
+                             lengths: Optional[Tensor] = None, gate_head: Optional[tuple] = None) -> Tensor:
     """See mamba_ssm.ops.bimamba_interface (arguments checked there). Returns (b, d_inner, L). stacked:
-    stack_directions(fwd, bwd), computed here when not given."""
+    stack_directions(fwd, bwd), computed here when not given. gate_head (column, weight, bias), inference on the
+    kernels only: the gates are not computed yet; they are DyVM's gate head on xz's class column, written into
+    `gate` (by the projections kernel where _gate_in_projections, else by the head's kernel first)."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
     xz_needs_grad = needs_grad(xz)
@@ -246,13 +260,25 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         mask = mask.to(x.dtype)
     training = needs_grad(xz, gate, *w)
     gate_skip = gate if gate is not None and not training else None
+    head_in_projections = gate_head is not None and gate_skip is not None and _gate_in_projections(x)
+    if gate_head is not None and not head_in_projections:
+        from mamba_ssm.ops.triton.gated_proj import gate_head_decide
+
+        gate_head_decide(xz, *gate_head, gate)
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
-    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, gate_skip, True, True, grads, lengths)
-    if gate_skip is not None and _gated_projections_apply(xc):
+    xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, None if head_in_projections else gate_skip, True, True,
+                    grads, lengths)
+    if head_in_projections and not _gated_projections_apply(xc):  # (a layout the kernel does not read)
+        from mamba_ssm.ops.triton.gated_proj import gate_head_decide
+
+        gate_head_decide(xz, *gate_head, gate)
+        head_in_projections = False
+    if gate_skip is not None and (head_in_projections or _gated_projections_apply(xc)):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
-        x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip)
+        x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip,
+                                         head=(xz, *gate_head) if head_in_projections else None)
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
         x_dbl = _x_proj(xc, w.x_proj_weight, grads)

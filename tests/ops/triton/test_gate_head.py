@@ -1,10 +1,10 @@
-"""mamba_ssm.ops.triton.gate_head: DyVM's inference gate head as one kernel (in Triton's interpreter) against the
+"""mamba_ssm.ops.triton.gated_proj.gate_head_decide: DyVM's inference gate head as one kernel (in Triton's interpreter) against the
 ops it replaces: the class column of xz, F.linear (under autocast for bf16), then > 0."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_ssm.ops.triton.gate_head import gate_head_decide
+from mamba_ssm.ops.triton.gated_proj import gate_head_decide
 
 
 def _reference(xz, column, weight, bias, dtype):

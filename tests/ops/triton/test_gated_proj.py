@@ -3,7 +3,7 @@ that are on, in Triton's interpreter, against the batched matmuls they replace."
 import pytest
 import torch
 
-from mamba_ssm.ops.triton.gated_proj import gated_projections
+from mamba_ssm.ops.triton.gated_proj import gate_head_decide, gated_projections
 
 
 def _inputs(dtype, batch=3, dim=40, seqlen=70, dt_rank=5, d_state=4):
@@ -30,6 +30,29 @@ def test_gated_projections_equal_the_matmuls_where_the_gate_is_on(dtype):
                 torch.testing.assert_close(x_dbl[r, sl].float(), want_dbl[r, sl], **tol)
                 torch.testing.assert_close(delta[r, sl].float(), want_delta[r, sl], **tol)
     assert x_dbl.dtype == delta.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_projections_compute_the_gates_with_the_head_kernels_code(dtype):
+    """With a head (xz, column, weight, bias) the kernel writes the gates itself: the same gates as the head's own
+    kernel, and the same outputs as the kernel given those gates (bit for bit), the rows of the off pairs left
+    alone. Logits of both signs: the head is chosen so that some pairs are off."""
+    torch.manual_seed(1)
+    xc, x_proj, dt_proj, _, _ = _inputs(dtype, batch=6)
+    batch, dim, seqlen = xc.shape[1:]
+    xz = torch.randn(batch, seqlen, 2 * dim).to(dtype).transpose(1, 2)  # in_proj's channels-last output
+    weight, bias = torch.randn(2, 2 * dim) * 0.2, torch.randn(2) * 0.3
+    want_gate = gate_head_decide(xz, 3, weight, bias, torch.empty(batch, 2, dtype=dtype))
+    assert 0 < want_gate.float().mean() < 1
+    want = gated_projections(xc, x_proj, dt_proj, want_gate)
+    gate = torch.full((batch, 2), 7.0, dtype=dtype)
+    got = gated_projections(xc, x_proj, dt_proj, gate, head=(xz, 3, weight, bias))
+    assert torch.equal(gate, want_gate)
+    for b in range(batch):
+        for r in range(2):
+            if want_gate[b, r] != 0:
+                sl = slice(b * seqlen, (b + 1) * seqlen)
+                assert torch.equal(got[0][r, sl], want[0][r, sl]) and torch.equal(got[1][r, sl], want[1][r, sl])
 
 
 def test_gated_projections_refuse_what_does_not_fit():

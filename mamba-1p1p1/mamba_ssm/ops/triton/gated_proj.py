@@ -1,7 +1,18 @@
-"""x_proj and dt_proj of DyVM's gated inference scan, for the (sample, direction) pairs whose gate is on.
+"""DyVM's gated inference kernels: the gate head, and x_proj / dt_proj of the (sample, direction) pairs whose gate
+is on.
 
-bimamba_stacked runs the two projections as batched matmuls over the direction axis: x_dbl = xc @ x_proj^T
-(dt_rank + 2 d_state columns: dt, B, C), then delta = dt @ dt_proj^T. With gates, a pair that is off is skipped
+The gate head. At inference one kernel: the class token's column of xz -> Linear(2 d_inner, 2) -> > 0.
+
+In eager inference the head was three launches per layer (the column read, the Linear, the comparison), each
+with its host work, on a path bound by the host. The kernel computes what those ops compute: the column and
+the weights in the logits' dtype (autocast's, as autocast casts the Linear's inputs; the weights are cast on
+the host, which is free for the cached inference weights), products summed in fp32 with the bias, then the
+sign (sigmoid(l) > 0.5 exactly when l > 0; rounding the logit to a narrower dtype first keeps its sign). Only
+the order of the fp32 sum differs from cuBLAS's, so a decision can differ only for a logit within fp32
+rounding of zero. Writes the 0/1 gates (batch, 2) in the logits' dtype.
+
+The projections. bimamba_stacked runs the two projections as batched matmuls over the direction axis:
+x_dbl = xc @ x_proj^T (dt_rank + 2 d_state columns: dt, B, C), then delta = dt @ dt_proj^T. With gates, a pair that is off is skipped
 by the conv and the scan, but cuBLAS computed its projections all the same: about a quarter of that work at
 the authors' keep ratio, and the FLOP count (dyvm.flops) counts them as skipped. Here one program takes a tile
 of one pair's tokens through both projections and returns at once where the pair's gate is 0: the tile's x_dbl
@@ -10,6 +21,10 @@ matmul reads it). Pairs that are off leave their rows unwritten; the scan does n
 
 Same arithmetic as the matmuls, fp32 accumulation of products of the input dtype, in another order of the
 sums; fp32 inputs use TF32 tensor cores only where torch's matmuls would (allow_tf32).
+
+In eager inference the projections kernel can compute the gates itself (its `head` argument: every program of a
+pair computes the pair's two logits with gate_logits, the same code as the head's kernel, and the first writes
+the gate), which saves the head's launch (mamba_ssm.ops.bimamba_stacked._gate_in_projections).
 """
 import torch
 import triton
@@ -19,16 +34,76 @@ from causal_conv1d.triton_utils import interpreted, launch, next_pow2, remember
 
 
 @triton.jit
+def gate_logits(xz_ptr, w_ptr, b_ptr, pid_b, width, column, sxz_b, sxz_c, sxz_t, sw_r, BLOCK: tl.constexpr):
+    """Sample pid_b's two logits (fp32): xz's column `column` times the head's two rows, summed in fp32 with the
+    bias. Shared with the projections kernel, which computes the gates itself in eager inference: the same
+    code, so the same decisions."""
+    rows = tl.arange(0, 2)  # the two directions' logits
+    acc = tl.zeros((2, BLOCK), dtype=tl.float32)
+    for start in range(0, width, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < width
+        x = tl.load(xz_ptr + pid_b * sxz_b + offs * sxz_c + column * sxz_t, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * sw_r + offs[None, :], mask=ok[None, :], other=0.0).to(tl.float32)
+        acc += x[None, :] * w
+    return tl.sum(acc, axis=1) + tl.load(b_ptr + rows).to(tl.float32)
+
+
+@triton.jit
+def _gate_head_kernel(xz_ptr, w_ptr, b_ptr, out_ptr, width, column, sxz_b, sxz_c, sxz_t, sw_r, so_b, so_r,
+                      BLOCK: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
+    logits = gate_logits(xz_ptr, w_ptr, b_ptr, pid_b, width, column, sxz_b, sxz_c, sxz_t, sw_r, BLOCK)
+    gates = tl.where(logits > 0, 1.0, 0.0)
+    tl.store(out_ptr + pid_b * so_b + tl.arange(0, 2) * so_r, gates.to(out_ptr.dtype.element_ty))
+
+
+def head_block(width: int) -> int:
+    """The logits' block of columns (gate_logits' BLOCK) for a head of this width: the same in both kernels."""
+    return min(next_pow2(width), 2048)
+
+
+def check_head(xz: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor):
+    """The head's weights in out's dtype, contiguous (no-ops for the cached inference weights, which are in the
+    autocast dtype already), after checking that xz (b, 2 d_inner, L), weight, bias and out (b, 2) fit."""
+    batch, width, _ = xz.shape
+    if weight.shape != (2, width) or bias.shape != (2,) or out.shape != (batch, 2) or xz.dtype != out.dtype:
+        raise ValueError(f"gate head: weight {tuple(weight.shape)}, bias {tuple(bias.shape)} and out "
+                         f"{tuple(out.shape)} {out.dtype} do not fit xz {tuple(xz.shape)} {xz.dtype}")
+    return weight.to(out.dtype).contiguous(), bias.to(out.dtype).contiguous()
+
+
+def gate_head_decide(xz: torch.Tensor, column: int, weight: torch.Tensor, bias: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """xz (b, 2 d_inner, L) in out's dtype, weight (2, 2 d_inner), bias (2,) -> out (b, 2) written with
+    (xz[:, :, column] @ weight.T + bias > 0), the weights taken in out's dtype (see the module docstring)."""
+    weight, bias = check_head(xz, weight, bias, out)
+    batch, width, _ = xz.shape
+    launch(_gate_head_kernel, (batch,), xz, weight, bias, out, width, column, *xz.stride(), weight.stride(0),
+           *out.stride(), BLOCK=head_block(width), num_warps=4)
+    return out
+
+
+@triton.jit
 def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
+                       xz_ptr, hw_ptr, hb_ptr, width, column, sxz_b, sxz_c, sxz_t, shw_r,
                        seqlen, dim, dt_rank, d_state,
                        sx_r, sx_b, sx_t, swx_r, swx_o, swdt_r, swdt_o, sg_b, sg_r,
                        so_r, so_t, sd_r, sd_t,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       GATE_HEAD: tl.constexpr, HEAD_BLOCK: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2)
-    if tl.load(gate_ptr + pid_b * sg_b + r * sg_r) == 0:
+    if GATE_HEAD:  # this pair's gate from the head (every program of the pair; the first tile writes it)
+        logits = gate_logits(xz_ptr, hw_ptr, hb_ptr, pid_b, width, column, sxz_b, sxz_c, sxz_t, shw_r, HEAD_BLOCK)
+        gate = tl.sum(tl.where((tl.arange(0, 2) == r) & (logits > 0), 1.0, 0.0), axis=0)
+        if pid_t == 0:
+            tl.store(gate_ptr + pid_b * sg_b + r * sg_r, gate.to(gate_ptr.dtype.element_ty))
+    else:
+        gate = tl.load(gate_ptr + pid_b * sg_b + r * sg_r).to(tl.float32)
+    if gate == 0:
         return
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = rows < seqlen
@@ -90,11 +165,13 @@ _plans = {}  # (grid, integer arguments, constexprs, output shapes) per key: eag
 
 
 def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
-                      gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0):
+                      gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0, head=None):
     """xc (2, b, d, L) channel-contiguous (the stacked conv's output), x_proj_weight (2, R + 2N, d), dt_proj_weight
     (2, d, R), gate (b, 2) -> x_dbl (2, b*L, R + 2N) and delta (2, b*L, d) in xc's dtype, as
     torch.bmm(xc rows, x_proj^T) and torch.bmm(x_dbl[..., :R], dt_proj^T) compute them, for the pairs whose gate
-    is not 0 (the rows of the others are left unwritten). block_t, block_d, num_warps override TUNING."""
+    is not 0 (the rows of the others are left unwritten). block_t, block_d, num_warps override TUNING.
+    head (xz, column, weight, bias): the gates are not known yet; the kernel computes them from DyVM's gate head
+    as gate_head_decide does (the same code) and writes them into `gate`."""
     x_proj_weight, dt_proj_weight = x_proj_weight.contiguous(), dt_proj_weight.contiguous()
     key = (xc.shape, xc.stride(), xc.dtype, x_proj_weight.shape, x_proj_weight.stride(), x_proj_weight.dtype,
            dt_proj_weight.shape, dt_proj_weight.stride(), dt_proj_weight.dtype, gate.shape, gate.stride(),
@@ -105,7 +182,15 @@ def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_wei
     grid, ints, kwargs, (dbl_shape, delta_shape) = plan
     x_dbl = torch.empty(dbl_shape, device=xc.device, dtype=xc.dtype)
     delta = torch.empty(delta_shape, device=xc.device, dtype=xc.dtype)
-    launch(_gated_proj_kernel, grid, xc, x_proj_weight, dt_proj_weight, gate, x_dbl, delta, *ints, **kwargs)
+    if head is None:
+        head_args, head_kwargs = (xc, xc, xc, 0, 0, 0, 0, 0, 0), dict(GATE_HEAD=False, HEAD_BLOCK=16)
+    else:
+        xz, column, weight, bias = head
+        weight, bias = check_head(xz, weight, bias, gate)
+        head_args = (xz, weight, bias, xz.shape[1], column, *xz.stride(), weight.stride(0))
+        head_kwargs = dict(GATE_HEAD=True, HEAD_BLOCK=head_block(xz.shape[1]))
+    launch(_gated_proj_kernel, grid, xc, x_proj_weight, dt_proj_weight, gate, x_dbl, delta, *head_args, *ints,
+           **kwargs, **head_kwargs)
     return x_dbl, delta
 
 
