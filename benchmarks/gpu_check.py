@@ -4,6 +4,7 @@
 
 Model-level sections (here):
 check  (before any timing) at Vim-S size:
+       - eager inference makes no host-device sync (torch's sync debug mode);
        - eager inference with the cached inference weights (autocast dtype) equals the uncached computation;
        - dyvm.serving's CUDA-graph replays equal eager calls (dense and DyVM, fp32 and bf16), see parameters
          updated in place, and stay correct across a cache eviction;
@@ -32,6 +33,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_kernels import KERNEL_SECTIONS, gate_kernel_off, rel  # noqa: E402
 
 
+def eager_syncs(model, x, autocast) -> str:
+    """'none' when an eager no-grad forward makes no host-device sync (torch's sync debug mode raises at the
+    first), else the first one's message: a sync would make the host wait for the GPU in every forward."""
+    with torch.no_grad(), torch.autocast(**autocast):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        except RuntimeError as e:
+            return f"SYNC: {str(e)[:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return "none"
+
+
 def check(summary):
     import dyvm  # noqa: F401
     from dyvm.benchmark import build_model
@@ -57,6 +72,7 @@ def check(summary):
             with torch.no_grad(), torch.autocast(**ac):  # eager as the graph runs it (gate kernel included)
                 eager = model.forward_aux(x)
             summary[f"check graph {name} {dtype}: logits rel"] = rel(out.logits, eager.logits)
+            summary[f"check eager {name} {dtype}: host-device syncs in a forward"] = eager_syncs(model, x, ac)
             out2 = fast(x[:7])  # evicts the batch-32 graph (max_graphs=1)
             with torch.no_grad(), torch.autocast(**ac):
                 ref = model.forward_aux(x[:7])
