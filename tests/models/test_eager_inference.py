@@ -87,9 +87,9 @@ def _bit_identical_to_the_general_path(models, name, kernels):
 
 def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
     """DyVM's eager inference on the kernels in bf16 takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj,
-    which computes the gates itself (the head's code) and then only the (sample, direction) pairs whose gate is on: the same products (fp32 in the
-    interpreter), summed in another order, so the outputs agree with the general path's batched matmuls to
-    rounding and every decision is the same. (fp32 keeps the matmuls: see the next test.)"""
+    which computes the gates itself (the head's code) and then only the (sample, direction) pairs whose gate is
+    on: the same products (fp32 in the interpreter), summed in another order, so the outputs agree with the
+    general path's batched matmuls to rounding and every decision is the same. (fp32 keeps the matmuls: see the next test.)"""
     import mamba_ssm.ops.triton.gated_proj as proj
 
     calls = []

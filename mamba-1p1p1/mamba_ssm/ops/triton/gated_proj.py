@@ -12,8 +12,8 @@ the order of the fp32 sum differs from cuBLAS's, so a decision can differ only f
 rounding of zero. Writes the 0/1 gates (batch, 2) in the logits' dtype.
 
 The projections. bimamba_stacked runs the two projections as batched matmuls over the direction axis:
-x_dbl = xc @ x_proj^T (dt_rank + 2 d_state columns: dt, B, C), then delta = dt @ dt_proj^T. With gates, a pair that is off is skipped
-by the conv and the scan, but cuBLAS computed its projections all the same: about a quarter of that work at
+x_dbl = xc @ x_proj^T (dt_rank + 2 d_state columns: dt, B, C), then delta = dt @ dt_proj^T. With gates, a pair
+that is off is skipped by the scan, but cuBLAS computed its projections all the same: about a quarter of that work at
 the authors' keep ratio, and the FLOP count (dyvm.flops) counts them as skipped. Here one program takes a tile
 of one pair's tokens through both projections and returns at once where the pair's gate is 0: the tile's x_dbl
 (as the first matmul writes it, in the input dtype) and its delta (computed from the rounded dt, as the second
