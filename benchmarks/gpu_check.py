@@ -30,7 +30,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check_kernels import KERNEL_SECTIONS, gate_kernel_off, rel  # noqa: E402
+from gpu_check_kernels import KERNEL_SECTIONS, gate_kernel_off, rel, stage_kernels_off  # noqa: E402
+
+
+def decisions_apart(a, b) -> str:
+    """How many images took another gate or token decision in DyVM outputs a and b, and the logits' relative
+    difference over the images that took the same ones: a decision flips where a bf16 logit or score lies within
+    rounding of its threshold, and the calibrated gates put some logits there; the rest must still agree."""
+    same = (a.gates == b.gates.detach()).all(2).all(0)  # (depth, B, 2) -> B
+    for da, db in zip(a.decisions, b.decisions):
+        same &= (da == db.detach()).flatten(1).all(1)
+    rest = rel(a.logits[same], b.logits.detach()[same]) if same.any() else float("nan")
+    return f"{int((~same).sum())} of {len(same)}; {rest:.2e}"
 
 
 def eager_syncs(model, x, autocast) -> str:
@@ -58,8 +69,9 @@ def check(summary):
         _, model, _ = build_model(name, dev, 224, 0.7, 0.735 if name.startswith("dyvm") else None)
         for dtype in (None, torch.bfloat16):
             ac = dict(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
-            # (the gate heads as ops on both sides: the gate kernel's own check is in the launch section)
-            with torch.no_grad(), torch.autocast(**ac), gate_kernel_off():
+            # (the gate heads and pruning stages as ops on both sides, as training runs them: their kernels' own
+            # checks are the launch and stage sections)
+            with torch.no_grad(), torch.autocast(**ac), gate_kernel_off(), stage_kernels_off():
                 cached = model.forward_aux(x)
             with torch.enable_grad(), torch.autocast(**ac):  # a gradient would be needed: nothing cached
                 uncached = model.forward_aux(x)
@@ -67,6 +79,8 @@ def check(summary):
             if cached.gates is not None:
                 summary[f"check cache {name} {dtype}: gates equal"] = bool(torch.equal(cached.gates,
                                                                                  uncached.gates.detach()))
+                summary[f"check cache {name} {dtype}: images with another decision; logits rel of the others"] = \
+                    decisions_apart(cached, uncached)
             fast = graphed(model, dtype=dtype, method="forward_aux", max_graphs=1)
             out = fast(x)
             with torch.no_grad(), torch.autocast(**ac):  # eager as the graph runs it (gate kernel included)

@@ -246,7 +246,7 @@ def order_check(summary):
 
 
 @contextlib.contextmanager
-def _stage_kernels_off():
+def stage_kernels_off():
     """Within the block, DyVM's pruning stages run their plain ops (dyvm.pruning.stage_kernels_apply declines)."""
     off = lambda *args, **kwargs: False  # noqa: E731
     with mock.patch("dyvm.pruning.stage_kernels_apply", off), mock.patch("dyvm.models.predictor.stage_kernels_apply",
@@ -274,7 +274,7 @@ def stage_check(summary, device="cuda", batch=128):
         def spy(self, hidden, residual, cls_positions, policy):
             seen.append((self, hidden, residual, cls_positions, policy))
             return score_stream(self, hidden, residual, cls_positions, policy)
-        with _stage_kernels_off(), mock.patch.object(TokenScorePredictor, "score_stream", spy), torch.no_grad(), \
+        with stage_kernels_off(), mock.patch.object(TokenScorePredictor, "score_stream", spy), torch.no_grad(), \
                 torch.autocast(**ac):
             plain = model.forward_aux(x)
         with torch.no_grad(), torch.autocast(**ac):
@@ -306,7 +306,7 @@ def _stage_compared(summary, model, stage, inputs, ac, name):
         want = F.layer_norm(split_cls(hidden + residual, cls_positions)[1], norm.normalized_shape, norm.weight,
                             norm.bias, norm.eps).to(out_dtype)
         scores = predictor.score_stream(hidden, residual, cls_positions, policy)
-        with _stage_kernels_off():
+        with stage_kernels_off():
             plain_scores = predictor.score_stream(hidden, residual, cls_positions, policy)
         pre = F.linear(want, predictor.in_conv[1].weight, predictor.in_conv[1].bias)  # the GELU and pooled half
         pooled = pool_concat(pre, policy.float())
