@@ -20,7 +20,24 @@ FORCE_REFERENCE_ENV = "MAMBA_FORCE_REFERENCE"
 _triton_on_cpu = False
 
 
+# reference_forced() runs for every op call (some 180 per eager DyVM-S forward), and os.environ.get costs about
+# 2 us of host time there (key encoding, Mapping.get, value decoding), a few percent of a forward that the host
+# paces. The variable may be set or cleared at any time (tests, gpu_check, benchmarks/cpu_step.py), so it is read
+# every call, but from the mapping's own store: one dict lookup of the pre-encoded key. Where os.environ has no
+# such store (another Python) or was replaced, the plain lookup.
+_ENVIRON = os.environ
+_ENV_STORE = getattr(os.environ, "_data", None)
+try:
+    _FORCE_KEY = os.environ.encodekey(FORCE_REFERENCE_ENV)
+    _OFF_VALUES = frozenset(os.environ.encodevalue(v) for v in ("", "0"))
+except AttributeError:
+    _ENV_STORE = None
+
+
 def reference_forced() -> bool:
+    if os.environ is _ENVIRON and _ENV_STORE is not None:
+        value = _ENV_STORE.get(_FORCE_KEY)
+        return value is not None and value not in _OFF_VALUES
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0")
 
 

@@ -3,6 +3,7 @@ FlopCounterMode), the eager fast path, errors and the environment report."""
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -82,6 +83,25 @@ def test_dispatch_and_errors(monkeypatch):
     with triton_on_cpu(), pytest.raises(ValueError, match="D must be"):
         selective_scan_fn(u, delta, A, B, C, D[:3])
 
+
+
+def test_reference_forced_follows_the_environment_as_it_changes(monkeypatch):
+    """reference_forced reads os.environ's own store (a fast path): every way of setting or clearing the
+    variable is seen at the next call, and a replaced os.environ falls back to the plain lookup."""
+    from causal_conv1d.kernel_utils import reference_forced
+
+    monkeypatch.delenv(FORCE_REFERENCE_ENV, raising=False)
+    assert not reference_forced()
+    for value, forced in (("1", True), ("0", False), ("", False), ("yes", True)):
+        monkeypatch.setenv(FORCE_REFERENCE_ENV, value)
+        assert reference_forced() is forced, value
+    monkeypatch.delenv(FORCE_REFERENCE_ENV)
+    assert not reference_forced()
+    with mock.patch.dict(os.environ, {FORCE_REFERENCE_ENV: "1"}):
+        assert reference_forced()
+    assert not reference_forced()
+    monkeypatch.setattr(os, "environ", {FORCE_REFERENCE_ENV: "1"})
+    assert reference_forced()
 
 def test_env_report_names_every_op():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
