@@ -13,14 +13,17 @@ On a CPU (--device cpu, for the tests) there are no launches to count; the round
 """
 import argparse
 import importlib
+import json
+import math
 import statistics
+import sys
 import time
 from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model
+from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model, environment
 
 
 def sync(device):
@@ -55,6 +58,50 @@ def one_round(model, x):
     return host, 10 * x.shape[0] / (time.perf_counter() - t0)
 
 
+def sign_test(wins: int, rounds: int) -> float:
+    """One-sided p-value of at least `wins` wins in `rounds` rounds if both settings were equally fast."""
+    return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2 ** rounds
+
+
+def measure(model, x, module, attr: str, rounds: int, autocast) -> dict:
+    """Launches and GPU time per setting (CUDA), then `rounds` rounds in alternating order: host seconds per
+    forward and images/s per round and setting."""
+    settings = {"on": getattr(module, attr), "off": lambda *a, **k: False}
+    out = {s: {"host_s": [], "images_per_s": []} for s in settings}
+    with torch.no_grad(), autocast:
+        for s, fn in settings.items():
+            with mock.patch.object(module, attr, fn):
+                for _ in range(5):
+                    model(x)
+                if x.device.type == "cuda":
+                    out[s]["launches"], out[s]["gpu_ms"] = launches_and_gpu_ms(model, x)
+        for rnd in range(rounds):
+            for s in (list(settings) if rnd % 2 == 0 else list(reversed(settings))):
+                with mock.patch.object(module, attr, settings[s]):
+                    host, rate = one_round(model, x)
+                out[s]["host_s"] += host
+                out[s]["images_per_s"].append(rate)
+    return out
+
+
+def report(out: dict) -> dict:
+    """Prints the measurement; returns its summary (wins, the sign test's p-value)."""
+    for s in ("on", "off"):
+        if "launches" in out[s]:
+            print(f"{s}: launches per forward {out[s]['launches']:.0f}, GPU kernel time per forward "
+                  f"{out[s]['gpu_ms']:.2f} ms")
+    for s in ("on", "off"):
+        r = sorted(out[s]["images_per_s"])
+        print(f"{s}: host per forward median {1e3 * statistics.median(out[s]['host_s']):.2f} ms; images/s median "
+              f"{statistics.median(r):.0f} (min {r[0]:.0f}, max {r[-1]:.0f}, {len(r)} rounds)")
+    on, off = out["on"]["images_per_s"], out["off"]["images_per_s"]
+    wins = sum(a > b for a, b in zip(on, off))
+    p = sign_test(wins, len(on))
+    print(f"rounds where on > off: {wins} of {len(on)} (one-sided sign test p = {p:.2g}); per round on/off "
+          "images/s: " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(on, off)))
+    return {"wins": wins, "rounds": len(on), "sign_test_p": p}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("switch", help="module.function returning a bool; 'off' forces it to False")
@@ -64,6 +111,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--device", default="cuda")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--json", default="", help="also write the environment and every measurement here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -75,34 +123,16 @@ def main(argv=None):
     torch.manual_seed(0)
     _, model, _ = build_model(args.model, device, args.img_size, block_keep_ratio=AUTHORS_REALISED_BLOCK_KEEP_RATIO)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    settings = {"on": getattr(module, attr), "off": lambda *a, **k: False}
-    host = {s: [] for s in settings}
-    rate = {s: [] for s in settings}
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{card} | torch {torch.__version__} | {args.model} {args.dtype} "
-          f"batch {args.batch_size} | {args.switch}", flush=True)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-        for s, fn in settings.items():
-            with mock.patch.object(module, attr, fn):
-                for _ in range(5):
-                    model(x)
-                if device.type == "cuda":
-                    n, ms = launches_and_gpu_ms(model, x)
-                    print(f"{s}: launches per forward {n:.0f}, GPU kernel time per forward {ms:.2f} ms", flush=True)
-        for rnd in range(args.rounds):
-            order = list(settings) if rnd % 2 == 0 else list(reversed(settings))
-            for s in order:
-                with mock.patch.object(module, attr, settings[s]):
-                    h, r = one_round(model, x)
-                host[s] += h
-                rate[s].append(r)
-    for s in settings:
-        r = sorted(rate[s])
-        print(f"{s}: host per forward median {1e3 * statistics.median(host[s]):.2f} ms; images/s median "
-              f"{statistics.median(r):.0f} (min {r[0]:.0f}, max {r[-1]:.0f}, {args.rounds} rounds)")
-    wins = sum(a > b for a, b in zip(rate["on"], rate["off"]))
-    print(f"rounds where on > off: {wins} of {args.rounds}; per round on/off images/s: "
-          + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rate["on"], rate["off"])))
+    env = environment()
+    print(f"{env.get('device')} | torch {torch.__version__} | {args.model} {args.dtype} batch {args.batch_size} | "
+          f"{args.switch}", flush=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    out = measure(model, x, module, attr, args.rounds, autocast)
+    summary = report(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "command": " ".join(sys.argv), "args": vars(args), "summary": summary,
+                       "settings": out}, f, indent=1)
 
 
 if __name__ == "__main__":
