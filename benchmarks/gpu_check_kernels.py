@@ -115,6 +115,7 @@ def _gate_decisions_compared(model, x, autocast):
     """Every layer's gate decisions from the kernel and from the ops, on the same inputs (the ops path's xz),
     and for the decisions that differ, the exact (fp64) logit of the same rounded inputs: which side is right."""
     from dyvm.models.mixer import DynamicMamba
+    from mamba_ssm.ops.triton.gated_proj import gate_head_decide
 
     seen, gate_logits = [], DynamicMamba.gate_logits
 
@@ -129,7 +130,7 @@ def _gate_decisions_compared(model, x, autocast):
     with torch.no_grad():
         for mixer, xz, pos, weights, logits in seen:
             ops_gates = (logits > 0).to(logits.dtype)
-            got = mixer.gates_by_kernel(xz, pos, weights, torch.empty_like(ops_gates))
+            got = gate_head_decide(xz, *mixer.gate_head_for(xz, pos, weights), torch.empty_like(ops_gates))
             w, b = weights.linears["block_head"] if weights is not None else (mixer.block_head.weight,
                                                                               mixer.block_head.bias)
             col = xz[:, :, pos if isinstance(pos, int) else pos[0]]

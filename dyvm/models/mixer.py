@@ -63,17 +63,6 @@ class DynamicMamba(Mamba):
         weight, bias = weights.linears["block_head"] if weights is not None else (head.weight, head.bias)
         return positions[0], weight, bias
 
-    def gates_by_kernel(self, xz: Tensor, cls_positions: ClsPositions, weights: Optional[InferenceWeights],
-                        out: Tensor) -> Optional[Tensor]:
-        """The 0/1 gates (B, 2) written into `out` (in xz's dtype) by the gate-head kernel, or None where
-        gate_head_for does not apply."""
-        gate_head = self.gate_head_for(xz, cls_positions, weights)
-        if gate_head is None or out.dtype != xz.dtype:
-            return None
-        from mamba_ssm.ops.triton.gated_proj import gate_head_decide
-
-        return gate_head_decide(xz, *gate_head, out)
-
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:
         """The predictor-input ablation: direction-averaged SSM B (B, L, d_state) or raw delta (B, L, d_inner).
 

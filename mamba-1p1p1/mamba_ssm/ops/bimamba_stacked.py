@@ -267,13 +267,10 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         gate_head_decide(xz, *gate_head, gate)
     # (2, b, d, L), channels-last. A training mask carries the straight-through gradient of the pruning
     # decisions: the conv op returns it (computed in its backward pass, nothing extra saved).
+    # (the conv on the kernels writes xc channel-contiguous, the layout the projections kernel reads: its plan
+    # checks it)
     xc = conv_apply(x, w.conv_weight, w.conv_bias, mask, None if head_in_projections else gate_skip, True, True,
                     grads, lengths)
-    if head_in_projections and not _gated_projections_apply(xc):  # (a layout the kernel does not read)
-        from mamba_ssm.ops.triton.gated_proj import gate_head_decide
-
-        gate_head_decide(xz, *gate_head, gate)
-        head_in_projections = False
     if gate_skip is not None and (head_in_projections or _gated_projections_apply(xc)):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
