@@ -447,8 +447,8 @@ def _take_fastest(timings, ops, lean) -> dict:
                               "lanes_on_channels": c[3], "prefetch": c[4]}
     for key in ss.BWD_TUNING if {"scan", "scan_bwd"} & set(ops) and not lean else ():
         c = best("bwd", key)
-        ss.BWD_TUNING[key] = {"block_d": c[0], "num_warps": c[1], "prefetch": c[2], "sub_chunk": c[3],
-                              "scratch_evict": c[4], "maxnreg": c[5]}
+        ss.BWD_TUNING[key] = {**ss.BWD_TUNING[key], "block_d": c[0], "num_warps": c[1], "prefetch": c[2],
+                              "sub_chunk": c[3], "scratch_evict": c[4], "maxnreg": c[5]}
     for layout in tc.CONV_TUNING if "conv" in ops else ():
         c = best("conv", layout)
         tc.CONV_TUNING[layout] = {"block_t": c[0], "block_d": c[1], "num_warps": c[2]}

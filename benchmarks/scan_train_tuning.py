@@ -21,12 +21,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 FWD_CAPS = (0, 192, 168, 160, 128)
-# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg); the first is the reference launch
-BWD_CONFIGS = ((32, 1, True, 16, "", 0), (32, 1, True, 8, "evict_last", 0), (32, 1, True, 8, "evict_last", 192),
-               (32, 1, True, 8, "evict_last", 168), (32, 1, True, 8, "evict_last", 128),
-               (32, 1, True, 16, "evict_last", 168), (32, 1, True, 16, "evict_last", 128),
-               (16, 1, True, 8, "evict_last", 128), (16, 1, True, 8, "evict_last", 96),
-               (32, 2, True, 8, "evict_last", 128))
+# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps); the first is the reference launch
+BWD_KEYS = ("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg", "sum_steps")
+BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, 4), (32, 1, True, 8, "evict_last", 192, 4),
+               (32, 1, True, 8, "evict_last", 168, 4), (32, 1, True, 8, "evict_last", 128, 4),
+               (32, 1, False, 8, "evict_last", 0, 4), (32, 1, False, 8, "evict_last", 168, 4),
+               (32, 1, False, 8, "evict_last", 128, 4), (32, 1, True, 8, "evict_last", 168, 8),
+               (32, 1, True, 8, "evict_last", 168, 2), (32, 1, True, 16, "evict_last", 168, 4),
+               (32, 1, True, 4, "evict_last", 168, 4), (32, 1, True, 8, "", 168, 4))
 
 
 def inputs(dtype, device, b, d, L, N=16, R=2):
@@ -70,7 +72,7 @@ def tune(dtype, device, shape, bench, fwd_caps, bwd_configs):
     _, ckpt = ss.scan_forward(*args, ref, want_ckpt=True)
     want = None
     for cfg in bwd_configs:
-        kw = dict(zip(("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg"), cfg))
+        kw = dict(zip(BWD_KEYS, cfg))
         got = ss.scan_backward(*args, dout, ckpt=ckpt, **kw)
         want = want or got
         err = max(rel(got[k], want[k]) for k in want if want[k] is not None)

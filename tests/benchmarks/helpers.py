@@ -25,6 +25,7 @@ DRY_RUNS = {
                                                      "--out", "{dir}/bench.json"]),
     "test_scan_train_tuning_dry_run": ("scan_train_tuning.py", ["--dry-run", "--out", "{dir}/tuning.json",
                                                                 "--results", "{dir}/rows.json"]),
+    "test_scan_backward_ab_dry_run": ("scan_backward_ab.py", ["--dry-run", "--save", "{dir}/grads.pt"]),
 }
 _started = {}  # test name -> (Popen, output folder)
 

@@ -237,6 +237,36 @@ def test_scan_split_directions_agree(channels_last, want_ckpt):
             assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_backward_reads_state_contiguous_B_C_in_aligned_units(dtype):
+    """B and C as the mixer passes them, strided views of x_proj's output with the states contiguous and every
+    step 16 bytes aligned: the backward kernel takes their strides in units of 16 bytes (for wide loads) and gives
+    the gradients that contiguous copies of B and C give (strides in elements), which are the PyTorch
+    implementation's; a row that breaks the alignment takes the element strides."""
+    from mamba_ssm.ops.cpu import selective_scan as cpu
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 2, 32, 8, 11
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2).to(dtype)  # noqa: E731
+    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
+    A, D, bias, gate = -torch.rand(R, d, N) - 0.5, torch.randn(R, d), torch.randn(R, d), torch.rand(b, R)
+    for row, dt_rank in ((24 + 2 * N, 24), (3 + 2 * N, 3)):  # aligned rows, then rows of an odd length
+        x_dbl = torch.randn(R, b * L, row).to(dtype)
+        B, C = [x_dbl[..., o:o + N].reshape(R, b, L, 1, N).permute(0, 1, 3, 4, 2) for o in (dt_rank, dt_rank + N)]
+        assert ss._vector_alignment(B, C) == (16 // B.element_size() if dt_rank == 24 else 1)
+        args = (u, delta, A, B, C, D, z, bias, True, gate, 0.5)
+        copies = (u, delta, A, B.contiguous(), C.contiguous(), D, z, bias, True, gate, 0.5)
+        _, ckpt = cpu.scan_forward(*copies, cl(b, d, L), want_ckpt=True)
+        want = cpu.scan_backward(*copies, dout, ckpt=ckpt)
+        with triton_on_cpu():
+            got = ss.scan_backward(*args, dout, ckpt=ckpt)
+            got_copies = ss.scan_backward(*copies, dout, ckpt=ckpt)
+        for name, g in got.items():
+            if g is not None:
+                assert torch.equal(g, got_copies[name]), name
+                assert rel(g, want[name]) < (1e-6 if dtype == torch.float32 else 1e-2), name
+
+
 def test_scan_lengths_walk_each_samples_own_sequence():
     """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
     at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by

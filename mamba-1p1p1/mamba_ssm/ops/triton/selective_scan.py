@@ -70,9 +70,9 @@ FWD_TUNING = {
 # With the piece in two walks (forward, then adjoint): 2411 us bf16, 2461 us fp32; caps of 160 and below slower
 # (2677 us and up), 168 within the noise, pieces of 4 slower (2871 us) (bwd_two_walks_h200_2026-11-27i.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0},
+                       "maxnreg": 0, "sum_steps": 4},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0}}
+                       "maxnreg": 0, "sum_steps": 4}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 CKPT_CHUNK = 16
@@ -416,126 +416,180 @@ def _sum_directions_kernel(y_ptr, gate_ptr, out_ptr, n, sy_r, sg_b, sg_r, HAS_GA
 
 
 @triton.jit
-def _recompute_loads(u_base, dt_base, B_base, s, s_end, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
-                     r: tl.constexpr):
-    """u, dt (before bias), B of step s for the backward's recompute walk; zeros when s >= s_end."""
-    t = _walk_time(s, seqlen, r)
-    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s_end)
-    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s_end)
-    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
-    return u, dt, Bt
+def _state_vector(ptr, off, offs_n, s_n, mask_n, EVEN_N: tl.constexpr, ALIGN: tl.constexpr):
+    """A step's (d_state,) vector of B or C, in its own dtype. Its offset is off * ALIGN elements: the launcher
+    passes B's and C's strides (but the states') in units of ALIGN elements, so that Triton knows each step's
+    vector starts 16 bytes aligned and loads it in wide pieces (a tl.multiple_of hint on the offset did not
+    survive its passes)."""
+    if EVEN_N:
+        return tl.load(ptr + off * ALIGN + offs_n * s_n)
+    return tl.load(ptr + off * ALIGN + offs_n * s_n, mask=mask_n, other=0.0)
+
+
+@triton.jit
+def _channel_vector(base, off, mask_d, EVEN_D: tl.constexpr):
+    """A step's (BLOCK_D,) per-channel vector (u, dt, dout, z...) in its own dtype."""
+    if EVEN_D:
+        return tl.load(base + off)
+    return tl.load(base + off, mask=mask_d, other=0.0)
 
 
 @triton.jit
 def _step_state(h, A, u, dt_raw, Bt, bias, SOFTPLUS: tl.constexpr):
     """The state after a step from the one before: exp(dt A) h + dt u B, dt = softplus(dt_raw + bias)."""
-    dt = dt_raw + bias
+    dt = dt_raw.to(tl.float32) + bias
     if SOFTPLUS:
         dt = _softplus(dt)
-    return tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
+    return tl.exp2((dt * 1.4426950408889634)[None, :] * A) * h + (dt * u.to(tl.float32))[None, :] * \
+        Bt.to(tl.float32)[:, None]
 
 
 @triton.jit
-def _advance(h, A, bias, u_base, dt_base, B_base, s_from, s_to, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n,
-             r: tl.constexpr, SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr):
+def _recompute_loads(u_base, dt_base, B_ptr, B_off, offs_n, s, s_last, seqlen, su_t, sdt_t, sB_n, sB_t, mask_d,
+                     mask_n, r: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr):
+    """u, dt (before bias), B of step s for the backward's walks, in their own dtypes. A step past s_last (a
+    prefetch beyond the walk's end) reads s_last again: its values are never used, and no mask is needed."""
+    t = _walk_time(tl.minimum(s, s_last), seqlen, r)
+    u = _channel_vector(u_base, t * su_t, mask_d, EVEN_D)
+    dt = _channel_vector(dt_base, t * sdt_t, mask_d, EVEN_D)
+    Bt = _state_vector(B_ptr, B_off + t * sB_t, offs_n, sB_n, mask_n, EVEN_N, BC_ALIGN)
+    return u, dt, Bt
+
+
+@triton.jit
+def _advance(h, A, bias, u_base, dt_base, B_ptr, B_off, offs_n, s_from, s_to, seqlen, su_t, sdt_t, sB_n, sB_t, mask_d,
+             mask_n, r: tl.constexpr, SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, EVEN_D: tl.constexpr,
+             EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr):
     """The state entering step s_to from the one entering s_from, storing nothing."""
+    s_last = tl.maximum(s_to - 1, 0)
     if PREFETCH:
-        nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s_from, s_to, seqlen, su_t, sdt_t, sB_t,
-                                       mask_d, mask_n, r)
+        nxt = _recompute_loads(u_base, dt_base, B_ptr, B_off, offs_n, s_from, s_last, seqlen, su_t, sdt_t, sB_n, sB_t,
+                               mask_d, mask_n, r, EVEN_D, EVEN_N, BC_ALIGN)
     for s in range(s_from, s_to):
         if PREFETCH:
-            u, dt, Bt = nu, ndt, nB
-            nu, ndt, nB = _recompute_loads(u_base, dt_base, B_base, s + 1, s_to, seqlen, su_t, sdt_t, sB_t,
-                                           mask_d, mask_n, r)
+            u, dt, Bt = nxt
+            nxt = _recompute_loads(u_base, dt_base, B_ptr, B_off, offs_n, s + 1, s_last, seqlen, su_t, sdt_t, sB_n,
+                                   sB_t, mask_d, mask_n, r, EVEN_D, EVEN_N, BC_ALIGN)
         else:
-            u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s_to, seqlen, su_t, sdt_t, sB_t,
-                                         mask_d, mask_n, r)
+            u, dt, Bt = _recompute_loads(u_base, dt_base, B_ptr, B_off, offs_n, s, s_last, seqlen, su_t, sdt_t, sB_n,
+                                         sB_t, mask_d, mask_n, r, EVEN_D, EVEN_N, BC_ALIGN)
         h = _step_state(h, A, u, dt, Bt, bias, SOFTPLUS)
     return h
 
 
 @triton.jit
-def _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s, s1, seqlen, su_t, sdt_t, sB_t, sC_t,
-                 sdo_t, sz_t, sdz_t, mask_d, mask_n, r: tl.constexpr, HAS_Z: tl.constexpr):
+def _piece_loads(u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s, s_last, seqlen,
+                 su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r: tl.constexpr,
+                 HAS_Z: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr):
     """What step s of a piece's forward walk reads: _recompute_loads's u, dt (before bias) and B, then C, dout, z
-    and direction 0's dz (direction 1); zeros when s >= s1."""
-    u, dt, Bt = _recompute_loads(u_base, dt_base, B_base, s, s1, seqlen, su_t, sdt_t, sB_t, mask_d, mask_n, r)
-    t = _walk_time(s, seqlen, r)
-    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) < s1)
-    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) < s1)
-    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
-    dout = tl.load(do_base + t * sdo_t, mask=md, other=0.0).to(tl.float32)
-    z = tl.zeros(mask_d.shape, tl.float32)
-    dzp = tl.zeros(mask_d.shape, tl.float32)
+    and direction 0's dz (direction 1), in their own dtypes (z, dz: zeros without z)."""
+    u, dt, Bt = _recompute_loads(u_base, dt_base, B_ptr, B_off, offs_n, s, s_last, seqlen, su_t, sdt_t, sB_n, sB_t,
+                                 mask_d, mask_n, r, EVEN_D, EVEN_N, BC_ALIGN)
+    t = _walk_time(tl.minimum(s, s_last), seqlen, r)
+    Ct = _state_vector(C_ptr, C_off + t * sC_t, offs_n, sC_n, mask_n, EVEN_N, BC_ALIGN)
+    dout = _channel_vector(do_base, t * sdo_t, mask_d, EVEN_D)
+    z = tl.zeros(u.shape, tl.float32)
+    dzp = tl.zeros(u.shape, tl.float32)
     if HAS_Z:
-        z += tl.load(z_base + t * sz_t, mask=md, other=0.0).to(tl.float32)
+        z = _channel_vector(z_base, t * sz_t, mask_d, EVEN_D)
         if r > 0:
-            dzp += tl.load(dz_base + t * sdz_t, mask=md, other=0.0).to(tl.float32)
+            dzp = _channel_vector(dz_base, t * sdz_t, mask_d, EVEN_D)
     return u, dt, Bt, Ct, dout, z, dzp
 
 
 @triton.jit
-def _piece_forward(h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base,
-                   do_base, z_base, dz_base, dz_ptr, dC_base, s0, s1, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t,
-                   sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r: tl.constexpr, HAS_Z: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The forward walk of the piece s0 .. s1 from h, the state entering s0: into the scratch, slot k, the state
-    entering step s0 + k and dy of that step; out, dz and dC of every step; returns dgate_acc and dD_acc."""
+def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr,
+                   C_off, offs_n, do_base, z_base, dz_base, dz_ptr, s0, s1, seqlen, su_t, sdt_t, sB_n, sB_t, sC_n,
+                   sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r: tl.constexpr, HAS_Z: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, EVEN_D: tl.constexpr,
+                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward walk of the piece s0 .. s1 from h, the state entering s0: into slot k of the scratch the state
+    entering step s0 + k (and into slot s1 - s0 the state after the last step), into the dy slots dy of each
+    step; out: dz of every step; returns dgate_acc and dD_acc."""
+    s_last = s1 - 1
     if PREFETCH:
-        nxt = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s0, s1, seqlen, su_t, sdt_t,
-                           sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z)
+        nxt = _piece_loads(u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s0, s_last,
+                           seqlen, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z,
+                           EVEN_D, EVEN_N, BC_ALIGN)
     for s in range(s0, s1):
         t = _walk_time(s, seqlen, r)
         if PREFETCH:
             u, dt, Bt, Ct, dout, z, dzp = nxt
-            nxt = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s + 1, s1, seqlen, su_t,
-                               sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z)
+            nxt = _piece_loads(u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s + 1,
+                               s_last, seqlen, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n,
+                               r, HAS_Z, EVEN_D, EVEN_N, BC_ALIGN)
         else:
-            u, dt, Bt, Ct, dout, z, dzp = _piece_loads(u_base, dt_base, B_base, C_base, do_base, z_base, dz_base, s,
-                                                       s1, seqlen, su_t, sdt_t, sB_t, sC_t, sdo_t, sz_t, sdz_t,
-                                                       mask_d, mask_n, r, HAS_Z)
-        tl.store(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
+            u, dt, Bt, Ct, dout, z, dzp = _piece_loads(
+                u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s, s_last, seqlen, su_t,
+                sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, EVEN_D, EVEN_N, BC_ALIGN)
+        tl.store(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
         h = _step_state(h, A, u, dt, Bt, bias, SOFTPLUS)
-        y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+        u = u.to(tl.float32)
+        dout = dout.to(tl.float32)
+        y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0) + Dv * u
         if HAS_Z:
+            z = z.to(tl.float32)
             sig = tl.sigmoid(z)
             silu = z * sig
             dgate_acc += dout * y * silu
             dyz = dout * g_scale
-            dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp
-            tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+            dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp.to(tl.float32)
+            if EVEN_D:
+                tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty))
+            else:
+                tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
             dy = dyz * silu
         else:
             dgate_acc += dout * y
             dy = dout * g_scale
-        tl.store(dy_base + (s - s0) * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
-        tl.store(dC_base + t * BLOCK_N, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+        tl.store(dy_slots + (s - s0) * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
         dD_acc += dy * u
+    tl.store(walk_slots + (s1 - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
     return dgate_acc, dD_acc
 
 
 @triton.jit
-def _adjoint_loads(scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, seqlen, su_t, sdt_t,
-                   sB_t, sC_t, mask_d, mask_n, r: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What step s of a piece's adjoint walk reads: the state entering the step and its dy (from the scratch),
-    u, dt (before bias), B and C; zeros when s < s0."""
-    t = _walk_time(s, seqlen, r)
-    md = mask_d & ((s + tl.zeros(mask_d.shape, tl.int32)) >= s0)
-    mn = mask_n & ((s + tl.zeros(mask_n.shape, tl.int32)) >= s0)
-    h_prev = tl.load(scratch_base + (s - s0) * BLOCK_D * BLOCK_N + offs_tile,
-                     mask=(offs_tile * 0 + s) >= s0, other=0.0)
-    dy = tl.load(dy_base + (s - s0) * BLOCK_D, mask=md, other=0.0)
-    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(tl.float32)
-    dt = tl.load(dt_base + t * sdt_t, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(tl.float32)
-    return h_prev, dy, u, dt, Bt, Ct
+def _piece_sums(slots, dy_slots, part_base, s0, s1, seqlen, r: tl.constexpr, FIRST: tl.constexpr,
+                WITH_DY: tl.constexpr, SUB_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                SUM_T: tl.constexpr):
+    """The sums over the program's channels of the scratch's slots FIRST + k (times dy of step s0 + k: WITH_DY),
+    for the piece's steps s0 + k < s1, into the partial sums' rows of those steps' times (part_base + t * BLOCK_N).
+    Summed after the walk, SUM_T steps at a time, rather than at every step: a step's sum over channels, which
+    lie on the warp's lanes during the walk, would be 5 rounds of shuffles for each of 16 values; here most of it
+    is in-thread (the scratch is read back in the layout Triton picks for these sums)."""
+    offs_k = tl.arange(0, SUM_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_D)
+    for k0 in range(0, s1 - s0, SUM_T):
+        ks = tl.minimum(k0 + offs_k, s1 - s0 - 1)  # (steps past the piece's end: its last again, not stored)
+        tiles = tl.load(slots + ((ks[:, None, None] + FIRST) * BLOCK_N + offs_n[None, :, None]) * BLOCK_D
+                        + offs_c[None, None, :])
+        if WITH_DY:
+            tiles = tiles * tl.load(dy_slots + ks[:, None] * BLOCK_D + offs_c[None, :])[:, None, :]
+        t = _walk_time(s0 + ks, seqlen, r)
+        tl.store(part_base + t[:, None] * BLOCK_N + offs_n[None, :], tl.sum(tiles, axis=2),
+                 mask=(k0 + offs_k < s1 - s0)[:, None])
 
 
 @triton.jit
+def _adjoint_loads(walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s, s0,
+                   seqlen, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r: tl.constexpr, EVEN_D: tl.constexpr,
+                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What step s of a piece's adjoint walk reads: the state entering the step and its dy (from the scratch),
+    u, dt (before bias), B and C in their own dtypes. A step before s0 (the prefetch past the walk's end) reads
+    s0 again: its values are never used, and no mask is needed."""
+    s = tl.maximum(s, s0)
+    t = _walk_time(s, seqlen, r)
+    h_prev = tl.load(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile)
+    dy = tl.load(dy_slots + (s - s0) * BLOCK_D)
+    u = _channel_vector(u_base, t * su_t, mask_d, EVEN_D)
+    dt = _channel_vector(dt_base, t * sdt_t, mask_d, EVEN_D)
+    Bt = _state_vector(B_ptr, B_off + t * sB_t, offs_n, sB_n, mask_n, EVEN_N, BC_ALIGN)
+    Ct = _state_vector(C_ptr, C_off + t * sC_t, offs_n, sC_n, mask_n, EVEN_N, BC_ALIGN)
+    return h_prev, dy, u, dt, Bt, Ct
+
+
+@triton.jit(do_not_specialize=["skew"])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
@@ -550,11 +604,12 @@ def _scan_bwd_kernel(
     sg_b, sg_r,
     sdu_r, sdu_b, sdu_d, sdu_t,
     sdz_b, sdz_d, sdz_t,
-    scale,
+    scale, skew,
     N_DIRS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
-    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr,
+    PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
@@ -562,9 +617,14 @@ def _scan_bwd_kernel(
     dgate (b, r, n_dblocks). ckpt (r, b, n_chunks, n, d): the state entering each CHUNK_T-step chunk of the
     walk, as the forward kernel stored it. A comes as (r, n, d).
 
-    Tiles are (d_state, channels). Triton lays them out itself: at BLOCK_D = 32 in one warp, 4 states x 4
-    channels per thread, with the per-channel vectors one channel per lane (docs/kernels.md).
+    Tiles are (d_state, channels), a channel per lane and all its states in that thread (BLOCK_D = 32, one
+    warp): the sums over states are in-thread and the per-channel vectors need no layout conversion. Triton picks
+    that layout from the walks' scratch accesses, whose addresses it cannot prove aligned (`skew`, a run-time 0
+    that is not specialised): it then gives each lane one element of a row. The sums over channels (dB, dC) are
+    taken once per piece from the scratch (_piece_sums), not at every step.
 
+    EVEN_D / EVEN_N: dim is a multiple of BLOCK_D / d_state is BLOCK_N (no masks). BC_ALIGN: B's and C's strides
+    but the states' come in units of that many elements (_state_vector).
     HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
     the per-position gradients after them (du, ddt, dB, dC, dz) are zeros."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -581,15 +641,18 @@ def _scan_bwd_kernel(
     n_chunks = tl.cdiv(seqlen, CHUNK_T)  # (the checkpoints' layout: the full length)
     walk_len = _sample_length(len_ptr, pid_b, seqlen, HAS_LEN)
     walk_chunks = tl.cdiv(walk_len, CHUNK_T)
-    scratch_base = scratch_ptr + (pid_b * n_dblocks + pid_d) * (SUB_T * BLOCK_N + SUB_T) * BLOCK_D
-    dy_base = scratch_base + SUB_T * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)  # dy of the piece's steps
+    # The program's scratch: SUB_T + 1 state slots (n, d), then SUB_T dy slots (d,).
+    slots = scratch_ptr + (pid_b * n_dblocks + pid_d) * ((SUB_T + 1) * BLOCK_N + SUB_T) * BLOCK_D
+    walk_slots = slots + skew  # (the same memory, for the walks: see the layout above)
+    dy_slots = slots + (SUB_T + 1) * BLOCK_N * BLOCK_D
+    dy_walk = dy_slots + skew + tl.arange(0, BLOCK_D)
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
         if HAS_GATE:
             gate = tl.load(gate_ptr + pid_b * sg_b + r * sg_r).to(tl.float32)
             g_scale = gate * scale
-        A = tl.load(A_ptr + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
+        A = tl.load(A_ptr + skew + r * dim * d_state + offs_n[:, None] * dim + offs_d[None, :],
                     mask=mask_nd, other=0.0).to(tl.float32)
         Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if HAS_D:
@@ -599,13 +662,14 @@ def _scan_bwd_kernel(
             bias = tl.load(bias_ptr + r * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         u_base = u_ptr + r * su_r + pid_b * su_b + offs_d * su_d
         dt_base = dt_ptr + r * sdt_r + pid_b * sdt_b + offs_d * sdt_d
-        B_base = B_ptr + r * sB_r + pid_b * sB_b + group_B * sB_g + offs_n * sB_n
-        C_base = C_ptr + r * sC_r + pid_b * sC_b + group_C * sC_g + offs_n * sC_n
+        B_off = r * sB_r + pid_b * sB_b + group_B * sB_g
+        C_off = r * sC_r + pid_b * sC_b + group_C * sC_g
         z_base = z_ptr + pid_b * sz_b + offs_d * sz_d
         do_base = dout_ptr + pid_b * sdo_b + offs_d * sdo_d
         dud_base = r * sdu_r + pid_b * sdu_b + offs_d * sdu_d  # du / ddt
-        part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * seqlen * BLOCK_N + offs_n  # + t * BLOCK_N
-        ckpt_base = ckpt_ptr + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim + offs_d[None, :]
+        part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * seqlen * BLOCK_N  # + t * BLOCK_N + n
+        ckpt_base = ckpt_ptr + skew + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim \
+            + offs_d[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
             g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None],
@@ -617,10 +681,11 @@ def _scan_bwd_kernel(
         # Chunks from last to first, and within a chunk its SUB_T-step pieces from last to first. Each piece in
         # two walks. Forward: advance the chunk's checkpoint to the piece's first step (no stores), then walk the
         # piece, storing the state entering each step into the scratch and doing everything that needs the
-        # state but not the adjoint (y, dz, dgate, dC, dD) and dy, kept in the scratch too. Backward: the
-        # adjoint walk, which then needs only the state before each step and dy. Splitting the work this way
-        # shortens the backward walk's chain per step, the part that carries the recurrence of the adjoint.
-        # SUB_T < CHUNK_T keeps the scratch that all resident programs hold small enough to stay in L2.
+        # state but not the adjoint (y, dz, dgate, dD) and dy, kept in the scratch too; dC from those states
+        # (_piece_sums). Backward: the adjoint walk, which then needs only the state before each step and dy; it
+        # leaves g * dt * u in each step's slot, which gives dB. Splitting the work this way shortens the
+        # backward walk's chain per step, the part that carries the recurrence of the adjoint. SUB_T < CHUNK_T
+        # keeps the scratch that all resident programs hold small enough to stay in L2.
         for ci in range(walk_chunks):
             c = walk_chunks - 1 - ci
             cs = c * CHUNK_T
@@ -630,57 +695,76 @@ def _scan_bwd_kernel(
                 s0 = cs + (n_sub - 1 - pi) * SUB_T
                 s1 = tl.minimum(s0 + SUB_T, ce)
                 tl.debug_barrier()  # the scratch is reused: earlier reads must be done
-                h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
-                h = _advance(h, A, bias, u_base, dt_base, B_base, cs, s0, walk_len, su_t, sdt_t, sB_t, mask_d, mask_n,
-                             r, SOFTPLUS, PREFETCH)
+                if EVEN_D and EVEN_N:
+                    h = tl.load(ckpt_base + c * d_state * dim)
+                else:
+                    h = tl.load(ckpt_base + c * d_state * dim, mask=mask_nd, other=0.0)
+                h = _advance(h, A, bias, u_base, dt_base, B_ptr, B_off, offs_n, cs, s0, walk_len, su_t, sdt_t, sB_n,
+                             sB_t, mask_d, mask_n, r, SOFTPLUS, PREFETCH, EVEN_D, EVEN_N, BC_ALIGN)
                 dgate_acc, dD_acc = _piece_forward(
-                    h, A, Dv, bias, g_scale, scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base,
-                    do_base, z_base, dz_base, dz_ptr, dC_ptr + part_base, s0, s1, walk_len, su_t, sdt_t, sB_t, sC_t,
-                    sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
-                    SCRATCH_EVICT, BLOCK_D, BLOCK_N)
+                    h, A, Dv, bias, g_scale, walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr,
+                    C_off, offs_n, do_base, z_base, dz_base, dz_ptr, s0, s1, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n,
+                    sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
+                    SCRATCH_EVICT, EVEN_D, EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
                 tl.debug_barrier()
+                _piece_sums(slots, dy_slots, dC_ptr + part_base, s0, s1, walk_len, r, 1, True, SUB_T, BLOCK_D,
+                            BLOCK_N, SUM_T)
+                tl.debug_barrier()  # (the adjoint walk overwrites the slots)
                 if PREFETCH:
                     nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
-                        scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s1 - 1, s0, walk_len,
-                        su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
+                        walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s1 - 1,
+                        s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D, EVEN_N,
+                        BC_ALIGN, BLOCK_D, BLOCK_N)
                 for i in range(s1 - s0):
                     s = s1 - 1 - i
                     t = _walk_time(s, walk_len, r)
                     if PREFETCH:
                         h_prev, dy, u, dt_raw, Bt, Ct = nh, ndy, nu, ndt, nB, nC
                         nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
-                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s - 1, s0, walk_len,
-                            su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
+                            walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n,
+                            s - 1, s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D,
+                            EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
                     else:
                         h_prev, dy, u, dt_raw, Bt, Ct = _adjoint_loads(
-                            scratch_base, dy_base, offs_tile, u_base, dt_base, B_base, C_base, s, s0, walk_len,
-                            su_t, sdt_t, sB_t, sC_t, mask_d, mask_n, r, BLOCK_D, BLOCK_N)
-                    dt_raw += bias
+                            walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s,
+                            s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D, EVEN_N,
+                            BC_ALIGN, BLOCK_D, BLOCK_N)
+                    u = u.to(tl.float32)
+                    dt_raw = dt_raw.to(tl.float32) + bias
                     dt = dt_raw
                     if SOFTPLUS:
                         dt = _softplus(dt_raw)
                     a = tl.exp2((dt * 1.4426950408889634)[None, :] * A)  # (no A * log2(e) tile: registers)
-                    g += dy[None, :] * Ct[:, None]
-                    dBu = tl.sum(g * Bt[:, None], axis=0)  # d (dt * u)
+                    g += dy[None, :] * Ct.to(tl.float32)[:, None]
+                    dBu = tl.sum(g * Bt.to(tl.float32)[:, None], axis=0)  # d (dt * u)
                     gah = g * a * h_prev
                     ddt = dBu * u + tl.sum(gah * A, axis=0)
                     dA_acc += gah * dt[None, :]
-                    tl.store(dB_ptr + part_base + t * BLOCK_N, tl.sum(g * (dt * u)[None, :], axis=1), mask=mask_n)
+                    # (g * dt * u into the slot just read: _piece_sums makes dB of it)
+                    tl.store(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, g * (dt * u)[None, :],
+                             eviction_policy=SCRATCH_EVICT)
                     if SOFTPLUS:
                         ddt = ddt * tl.sigmoid(dt_raw)
                     dbias_acc += ddt
-                    tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty),
-                             mask=mask_d)
-                    tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+                    if EVEN_D:
+                        tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty))
+                        tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty))
+                    else:
+                        tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty),
+                                 mask=mask_d)
+                        tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
                     g = g * a
+                tl.debug_barrier()
+                _piece_sums(slots, dy_slots, dB_ptr + part_base, s0, s1, walk_len, r, 0, False, SUB_T, BLOCK_D,
+                            BLOCK_N, SUM_T)
         if HAS_LEN:  # past the sample's end: zero gradients (direction 1 leaves direction 0's dz there)
             zero_d = tl.zeros((BLOCK_D,), dtype=tl.float32)
             zero_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for t in range(walk_len, seqlen):
                 tl.store(du_ptr + dud_base + t * sdu_t, zero_d.to(du_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(ddt_ptr + dud_base + t * sdu_t, zero_d.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-                tl.store(dB_ptr + part_base + t * BLOCK_N, zero_n, mask=mask_n)
-                tl.store(dC_ptr + part_base + t * BLOCK_N, zero_n, mask=mask_n)
+                tl.store(dB_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
+                tl.store(dC_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
                 if HAS_Z and r == 0:
                     tl.store(dz_base + t * sdz_t, zero_d.to(dz_ptr.dtype.element_ty), mask=mask_d)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
@@ -836,11 +920,13 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   scale: float, dout: Tensor, dlast: Optional[Tensor] = None, ckpt: Optional[Tensor] = None,
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
-                  maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
+                  maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                  sum_steps: Optional[int] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
-    the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none).
+    the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none; sum_steps: the steps whose dB
+    and dC sums over channels are taken at a time).
     dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
     lengths: the forward's (see scan_forward); the gradients after each sample's end are zeros.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
@@ -858,13 +944,15 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     A = A.transpose(-1, -2).contiguous()  # (R, N, d) in memory: see the kernel (no copy for the stacked weights)
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg)
+    cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg,
+                           sum_steps)
     block_n, n_dblocks = next_pow2(d_state), cdiv(dim, cfg.block_d)
     out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg)
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
+    bc_align = _vector_alignment(B, C)
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
     launch(_scan_bwd_kernel, (batch, n_dblocks),
@@ -874,12 +962,15 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         out["dgate"] if out["dgate"] is not None else dummy, dlast if dlast is not None else dummy,
         ckpt, out["scratch"], lengths if lengths is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
-        *_strides4(u), *_strides4(delta), *zs, *_strides4(B), *_strides4(C), *_strides4(dout), *gs,
-        *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale),
+        *_strides4(u), *_strides4(delta), *zs, *_strides_in(B, bc_align), *_strides_in(C, bc_align),
+        *_strides4(dout), *gs,
+        *_strides4(du), *(_strides4(dz) if dz is not None else [0, 0, 0]), float(scale), 0,
         N_DIRS=R, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_GATE=gate is not None, HAS_DLAST=dlast is not None,
         BLOCK_D=cfg.block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=cfg.sub_chunk, PREFETCH=cfg.prefetch,
-        SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, **_launch_options(cfg.num_warps, cfg.maxnreg),
+        SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, EVEN_D=dim % cfg.block_d == 0,
+        EVEN_N=d_state == block_n, BC_ALIGN=bc_align, SUM_T=min(cfg.sum_steps, cfg.sub_chunk),
+        **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
 
@@ -891,16 +982,17 @@ class _BackwardConfig(NamedTuple):
     sub_chunk: int
     scratch_evict: str
     maxnreg: int
+    sum_steps: int
 
 
-def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg):
+def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps):
     """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     cfg = _BackwardConfig(
         block_d=_block_d(dim, groups, block_d or tuning["block_d"]), num_warps=num_warps or tuning["num_warps"],
         prefetch=tuning["prefetch"] if prefetch is None else prefetch, sub_chunk=sub_chunk or tuning["sub_chunk"],
         scratch_evict=tuning["scratch_evict"] if scratch_evict is None else scratch_evict,
-        maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg)
+        maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg, sum_steps=sum_steps or tuning["sum_steps"])
     if CKPT_CHUNK % cfg.sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
                          f"({CKPT_CHUNK})")
@@ -925,8 +1017,24 @@ def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state
         dC=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
         dA=torch.empty((R, batch, dim, d_state), device=dev, dtype=f32), dD=dD, dbias=torch.empty_like(dD),
         dgate=torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if has_gate else None,
-        scratch=torch.empty((batch * n_dblocks * cfg.sub_chunk * (block_n + 1) * cfg.block_d,), device=dev,
-                            dtype=f32))
+        scratch=torch.empty((batch * n_dblocks * ((cfg.sub_chunk + 1) * block_n + cfg.sub_chunk) * cfg.block_d,),
+                            device=dev, dtype=f32))
+
+
+def _strides_in(t: Tensor, unit: int) -> list:
+    """B's or C's strides (r, b, g, n, t) for the backward kernel: all but the states' in units of `unit` elements."""
+    return [st if i == 3 else st // unit for i, st in enumerate(t.stride())]
+
+
+def _vector_alignment(B: Tensor, C: Tensor) -> int:
+    """The elements that B's and C's per-step offsets are multiples of (16 bytes' worth, else 1), for vectorised
+    loads of a step's states: both state-contiguous, 16-byte aligned, every other stride a multiple."""
+    vec = 16 // B.element_size()
+    for t in (B, C):
+        if t.element_size() != B.element_size() or t.stride(3) != 1 or t.data_ptr() % 16 or \
+                any(st % vec for i, st in enumerate(t.stride()) if i != 3):
+            return 1
+    return vec
 
 
 def _reduce_backward_partials(out, d_state, groups, has_D, has_bias) -> dict:
