@@ -1,0 +1,172 @@
+"""What the scan kernels compile to on a GPU, found without one: registers, spills and the instructions of each loop.
+
+    python benchmarks/kernel_sass.py [--arch 90] [--dtypes bf16 fp32] [--cases bwd fwd_ckpt] [--save-sass DIR]
+
+Runs the real host path (selective_scan.scan_backward / scan_forward) on CPU tensors laid out as Vim-S's mixer
+passes them at training shapes (B and C strided views of x_proj's rows of 24 + 2 x 16 elements), with the launch
+replaced by Triton's compile for the given GPU architecture (a stand-in driver that reports that target): the
+kernels get the same specialisation as on the GPU (which arguments are 1, which divisible by 16), which decides
+how wide their loads are. Then, from the SASS (Triton's bundled cuobjdump): registers, spill bytes and, per loop
+(a backward branch), its instruction count and mix. Device time is short; this costs none. Instructions are not
+time (the scan kernels are bound by their walks' latency), but they show what a change did to the code:
+docs/kernels.md, "Backward", counts them.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["TRITON_INTERPRET"] = "0"  # (compiled kernels, whatever the caller's setting: the tests' is 1)
+
+import torch  # noqa: E402
+
+# the instruction classes shown per loop (SASS opcodes before the first '.')
+CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "LDL", "STL")
+
+
+class OfflineDriver:
+    """The parts of Triton's driver its JIT asks for before compiling: a device, a stream, the target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextmanager
+def compiled_launches(arch: int):
+    """Within the block, the scan kernels' launches compile for `arch` without running; yields the list that
+    collects (kernel name, compiled kernel)."""
+    from triton.runtime.driver import driver
+
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    got, launch, previous = [], ss.launch, driver._active  # (None until a driver was asked for: no GPU here)
+    ss.launch = lambda kernel, grid, *args, **kw: got.append((kernel.__name__, kernel.warmup(*args, grid=grid, **kw)))
+    driver.set_active(OfflineDriver(arch))
+    try:
+        yield got
+    finally:
+        ss.launch = launch
+        driver._active = previous
+
+
+def mixer_inputs(dtype, batch=2, dim=768, L=197, N=16, dt_rank=24, R=2):
+    """The Vim-S mixer's layouts at training: u, delta (R, b, d, L) and z channel-contiguous, B and C views of
+    x_proj's (R, b * L, dt_rank + 2N) output, a gate per sample and direction; and dout, ckpt of the right sizes
+    (their values do not matter here)."""
+    cl = lambda *s: torch.zeros(*s[:-2], s[-1], s[-2], dtype=dtype).transpose(-1, -2)  # noqa: E731
+    x_dbl = torch.zeros(R, batch * L, dt_rank + 2 * N, dtype=dtype)
+    B, C = [x_dbl[..., o:o + N].reshape(R, batch, L, 1, N).permute(0, 1, 3, 4, 2) for o in (dt_rank, dt_rank + N)]
+    z = torch.zeros(batch, L, 2 * dim, dtype=dtype).transpose(1, 2)[:, dim:]
+    args = (cl(R, batch, dim, L), cl(R, batch, dim, L), -torch.ones(R, dim, N), B, C, torch.ones(R, dim), z,
+            torch.zeros(R, dim), True, torch.ones(batch, R), 0.5)
+    ckpt = torch.zeros(R, batch, -(-L // 16), N, dim)
+    return args, cl(batch, dim, L), ckpt
+
+
+def compile_case(case: str, dtype, arch: int) -> list:
+    """[(kernel name, compiled kernel)] of one case: "bwd" (the training backward) or "fwd_ckpt" (the training
+    forward, which stores checkpoints)."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    args, dout, ckpt = mixer_inputs(dtype)
+    with compiled_launches(arch) as got:
+        if case == "bwd":
+            ss.scan_backward(*args, dout, ckpt=ckpt)
+        elif case == "fwd_ckpt":
+            ss.scan_forward(*args, torch.empty_like(dout), want_ckpt=True)
+        else:
+            raise ValueError(f"unknown case {case!r} (bwd, fwd_ckpt)")
+    return got
+
+
+def _cuobjdump(*args) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+
+
+def sass_report(cubin: bytes) -> dict:
+    """{"registers", "stack_bytes", "loops": [{"start", "end", "instructions", <class>: count}]} of a cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage, sass = _cuobjdump("--dump-resource-usage", path), _cuobjdump("-sass", path)
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    loops = set()
+    for i, (addr, text) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            loops.add((index[int(target.group(1), 16)], i))
+    rows = []
+    for first, last in sorted(loops):
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                                  for _, t in code[first:last + 1])
+        rows.append({"start": hex(code[first][0]), "end": hex(code[last][0]), "instructions": last - first + 1,
+                     **{c: ops[c] for c in CLASSES}})
+    return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
+            "loops": rows, "sass": sass}
+
+
+def innermost(loops: list) -> list:
+    """The loops that hold no other loop (the walks' bodies, one step or one group of steps each)."""
+    def inside(a, b):
+        return int(b["start"], 16) <= int(a["start"], 16) and int(a["end"], 16) <= int(b["end"], 16) and a != b
+    return [lp for lp in loops if not any(inside(other, lp) for other in loops)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
+    p.add_argument("--cases", nargs="+", choices=("bwd", "fwd_ckpt"), default=["bwd", "fwd_ckpt"])
+    p.add_argument("--save-sass", default="", metavar="DIR", help="also write each kernel's SASS there")
+    p.add_argument("--json", default="", help="also write every kernel's registers, stack and loops here")
+    args = p.parse_args(argv)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    reports = []
+    for case in args.cases:
+        for name in args.dtypes:
+            for kernel, compiled in compile_case(case, dtypes[name], args.arch):
+                rep = sass_report(compiled.asm["cubin"])
+                reports.append({"case": case, "dtype": name, "kernel": kernel, "arch": args.arch,
+                                **{k: v for k, v in rep.items() if k != "sass"}})
+                print(f"{case} {name} {kernel} sm_{args.arch}: {rep['registers']} registers, {rep['stack_bytes']} "
+                      f"bytes of stack", flush=True)
+                for lp in innermost(rep["loops"]):
+                    mix = " ".join(f"{c} {lp[c]}" for c in CLASSES if lp[c])
+                    print(f"  loop {lp['start']}-{lp['end']}: {lp['instructions']:4d} instructions | {mix}")
+                if args.save_sass:
+                    os.makedirs(args.save_sass, exist_ok=True)
+                    with open(os.path.join(args.save_sass, f"{case}_{name}_{kernel}.sass"), "w") as f:
+                        f.write(rep["sass"])
+    if args.json:
+        import json
+
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "command": " ".join(sys.argv), "kernels": reports}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
