@@ -267,6 +267,19 @@ def test_scan_backward_reads_state_contiguous_B_C_in_aligned_units(dtype):
                 assert rel(g, want[name]) < (1e-6 if dtype == torch.float32 else 1e-2), name
 
 
+def test_scan_backward_rejects_bad_launch_parameters_clearly():
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 1, 16, 4, 5
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731
+    args = (cl(R, b, d, L), cl(R, b, d, L), -torch.rand(R, d, N), torch.randn(R, b, 1, N, L),
+            torch.randn(R, b, 1, N, L), None, None, None, True, None, 1.0)
+    ckpt = torch.zeros(R, b, 1, N, d)
+    for bad, message in ((dict(sub_chunk=5), "sub_chunk .5. must divide"), (dict(sum_steps=3), "power of two")):
+        with triton_on_cpu(), pytest.raises(ValueError, match=message):
+            ss.scan_backward(*args, cl(b, d, L), ckpt=ckpt, **bad)
+
+
 def test_scan_lengths_walk_each_samples_own_sequence():
     """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
     at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by

@@ -996,6 +996,8 @@ def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, sc
     if CKPT_CHUNK % cfg.sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
                          f"({CKPT_CHUNK})")
+    if cfg.sum_steps < 1 or cfg.sum_steps & (cfg.sum_steps - 1):
+        raise ValueError(f"the backward's sum_steps ({cfg.sum_steps}) must be a power of two")
     return cfg
 
 
