@@ -1,15 +1,19 @@
-"""What the scan kernels compile to on a GPU, found without one: registers, spills and the instructions of each loop.
+"""What the Triton kernels compile to on a GPU, found without one: registers, spills and the instructions of each loop.
 
-    python benchmarks/kernel_sass.py [--arch 90] [--dtypes bf16 fp32] [--cases bwd fwd_ckpt] [--save-sass DIR]
+    python benchmarks/kernel_sass.py [--arch 90] [--dtypes bf16 fp32] [--cases bwd fwd_ckpt train:vim_small ...]
+                                     [--save-sass DIR] [--json FILE]
 
-Runs the real host path (selective_scan.scan_backward / scan_forward) on CPU tensors laid out as Vim-S's mixer
-passes them at training shapes (B and C strided views of x_proj's rows of 24 + 2 x 16 elements), with the launch
-replaced by Triton's compile for the given GPU architecture (a stand-in driver that reports that target): the
-kernels get the same specialisation as on the GPU (which arguments are 1, which divisible by 16), which decides
-how wide their loads are. Then, from the SASS (Triton's bundled cuobjdump): registers, spill bytes and, per loop
-(a backward branch), its instruction count and mix. Device time is short; this costs none. Instructions are not
-time (the scan kernels are bound by their walks' latency), but they show what a change did to the code:
-docs/kernels.md, "Backward", counts them.
+Runs the real host code on CPU tensors with every Triton launch replaced by the JIT's compile for the given GPU
+architecture (a stand-in driver reports that target; the kernels do not run, so their outputs are garbage): the
+kernels get the specialisation they get on the GPU (which arguments are 1, which divisible by 16), which decides
+how wide their loads are. Cases: "bwd" / "fwd_ckpt", the scan backward / training forward called directly on CPU
+tensors laid out as Vim-S's mixer passes them at training shapes (B and C strided views of x_proj's rows of
+24 + 2 x 16 elements); "train:MODEL", a training forward and backward of a registry model at batch 2 (every kernel
+of a training step; bf16 under CPU autocast; not the kernels a GPU path picks by its compute capability, such as
+the fp32 tensor-core linear); "infer:MODEL", an inference forward. Then, from the SASS (Triton's
+bundled cuobjdump): registers, spill bytes and, per loop (a backward branch), its instruction count and mix.
+Device time is short; this costs none. Instructions are not time (the scan kernels are bound by their walks'
+latency), but they show what a change did to the code: docs/kernels.md, "Backward", counts them.
 """
 import argparse
 import collections
@@ -49,19 +53,30 @@ class OfflineDriver:
 
 @contextmanager
 def compiled_launches(arch: int):
-    """Within the block, the scan kernels' launches compile for `arch` without running; yields the list that
-    collects (kernel name, compiled kernel)."""
+    """Within the block, Triton launches compile for `arch` without running, and CPU tensors take the Triton
+    kernels; yields the list that collects (kernel name, compiled kernel), one per new specialisation."""
     from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
 
-    from mamba_ssm.ops.triton import selective_scan as ss
+    from causal_conv1d import triton_utils
+    from causal_conv1d.kernel_utils import triton_on_cpu
 
-    got, launch, previous = [], ss.launch, driver._active  # (None until a driver was asked for: no GPU here)
-    ss.launch = lambda kernel, grid, *args, **kw: got.append((kernel.__name__, kernel.warmup(*args, grid=grid, **kw)))
+    got, seen, run, previous = [], set(), JITFunction.run, driver._active  # (None until a driver was asked for)
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if id(kernel) not in seen:
+            seen.add(id(kernel))
+            got.append((self.__name__, kernel))
+        return kernel
+
+    JITFunction.run = compile_only
     driver.set_active(OfflineDriver(arch))
     try:
-        yield got
+        with triton_on_cpu(), triton_utils.fast_launches(False):
+            yield got
     finally:
-        ss.launch = launch
+        JITFunction.run = run
         driver._active = previous
 
 
@@ -80,18 +95,29 @@ def mixer_inputs(dtype, batch=2, dim=768, L=197, N=16, dt_rank=24, R=2):
 
 
 def compile_case(case: str, dtype, arch: int) -> list:
-    """[(kernel name, compiled kernel)] of one case: "bwd" (the training backward) or "fwd_ckpt" (the training
-    forward, which stores checkpoints)."""
+    """[(kernel name, compiled kernel)] of one case (see the module's docstring)."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
-    args, dout, ckpt = mixer_inputs(dtype)
+    kind, _, model_name = case.partition(":")
     with compiled_launches(arch) as got:
-        if case == "bwd":
-            ss.scan_backward(*args, dout, ckpt=ckpt)
-        elif case == "fwd_ckpt":
-            ss.scan_forward(*args, torch.empty_like(dout), want_ckpt=True)
+        if kind in ("bwd", "fwd_ckpt"):
+            args, dout, ckpt = mixer_inputs(dtype)
+            if kind == "bwd":
+                ss.scan_backward(*args, dout, ckpt=ckpt)
+            else:
+                ss.scan_forward(*args, torch.empty_like(dout), want_ckpt=True)
+        elif kind in ("train", "infer") and model_name:
+            from dyvm.models.registry import create_model
+
+            model = create_model(model_name, img_size=224).train(kind == "train")
+            x = torch.randn(2, 3, 224, 224)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                    torch.set_grad_enabled(kind == "train"):
+                out = model(x)
+                if kind == "train":
+                    (out if torch.is_tensor(out) else out.logits).float().sum().backward()
         else:
-            raise ValueError(f"unknown case {case!r} (bwd, fwd_ckpt)")
+            raise ValueError(f"unknown case {case!r} (bwd, fwd_ckpt, train:MODEL, infer:MODEL)")
     return got
 
 
@@ -138,7 +164,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
-    p.add_argument("--cases", nargs="+", choices=("bwd", "fwd_ckpt"), default=["bwd", "fwd_ckpt"])
+    p.add_argument("--cases", nargs="+", default=["bwd", "fwd_ckpt"],
+                   help="bwd, fwd_ckpt, train:MODEL, infer:MODEL (MODEL: a registry name, e.g. vim_small)")
     p.add_argument("--save-sass", default="", metavar="DIR", help="also write each kernel's SASS there")
     p.add_argument("--json", default="", help="also write every kernel's registers, stack and loops here")
     args = p.parse_args(argv)
