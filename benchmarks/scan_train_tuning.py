@@ -31,17 +31,19 @@ BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, 4), (32, 1, True, 8, "evict_las
                (32, 1, True, 4, "evict_last", 168, 4), (32, 1, True, 8, "", 168, 4))
 
 
-def inputs(dtype, device, b, d, L, N=16, R=2):
+def inputs(dtype, device, b, d, L, N=16, R=2, dt_rank=24):
     """The mixer's layouts: u, delta (R, b, d, L) and z (b, d, L) channel-contiguous, B and C strided views of
-    x_proj's output, one gate per sample and direction."""
+    x_proj's output (rows of dt_rank + 2N elements, Vim-S's 56: results before 2026-11-28 10:00 UTC used rows of 80,
+    whose strides are all divisible by 16, which hid a load that Vim-S's rows made scalar), one gate per sample and
+    direction."""
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
     u = r(R, b, L, d).to(dtype).transpose(2, 3)
     delta = (0.5 * r(R, b, L, d) - 1).to(dtype).transpose(2, 3)
     A = -torch.rand(R, d, N, device=device, generator=g) - 0.2
-    xdbl = r(R, b * L, 48 + 2 * N).to(dtype)
-    B = xdbl[..., 48:48 + N].reshape(R, b, L, 1, N).permute(0, 1, 3, 4, 2)
-    C = xdbl[..., 48 + N:].reshape(R, b, L, 1, N).permute(0, 1, 3, 4, 2)
+    xdbl = r(R, b * L, dt_rank + 2 * N).to(dtype)
+    B = xdbl[..., dt_rank:dt_rank + N].reshape(R, b, L, 1, N).permute(0, 1, 3, 4, 2)
+    C = xdbl[..., dt_rank + N:].reshape(R, b, L, 1, N).permute(0, 1, 3, 4, 2)
     z = r(b, L, 2 * d).to(dtype).transpose(1, 2)[:, d:]
     gate = torch.ones(b, R, device=device)
     dout = r(b, L, d).to(dtype).transpose(1, 2)

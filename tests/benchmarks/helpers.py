@@ -26,7 +26,8 @@ DRY_RUNS = {
     "test_scan_train_tuning_dry_run": ("scan_train_tuning.py", ["--dry-run", "--out", "{dir}/tuning.json",
                                                                 "--results", "{dir}/rows.json"]),
     "test_scan_backward_ab_dry_run": ("scan_backward_ab.py", ["--dry-run", "--save", "{dir}/grads.pt"]),
-    "test_kernel_sass_offline": ("kernel_sass.py", ["--cases", "bwd", "train:vim_tiny", "--json", "{dir}/sass.json"]),
+    "test_kernel_sass_offline": ("kernel_sass.py", ["--cases", "bwd", "train:vim_tiny", "--dtypes", "bf16", "--json",
+                                                    "{dir}/sass.json"]),
 }
 _started = {}  # test name -> (Popen, output folder)
 
