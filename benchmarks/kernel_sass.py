@@ -29,6 +29,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # (compiled kernels, whatever the caller's
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scan_train_tuning import inputs  # noqa: E402  (the Vim-S mixer's layouts at training)
+
 # the instruction classes shown per loop (SASS opcodes before the first '.')
 CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "LDL", "STL")
 
@@ -80,20 +83,6 @@ def compiled_launches(arch: int):
         driver._active = previous
 
 
-def mixer_inputs(dtype, batch=2, dim=768, L=197, N=16, dt_rank=24, R=2):
-    """The Vim-S mixer's layouts at training: u, delta (R, b, d, L) and z channel-contiguous, B and C views of
-    x_proj's (R, b * L, dt_rank + 2N) output, a gate per sample and direction; and dout, ckpt of the right sizes
-    (their values do not matter here)."""
-    cl = lambda *s: torch.zeros(*s[:-2], s[-1], s[-2], dtype=dtype).transpose(-1, -2)  # noqa: E731
-    x_dbl = torch.zeros(R, batch * L, dt_rank + 2 * N, dtype=dtype)
-    B, C = [x_dbl[..., o:o + N].reshape(R, batch, L, 1, N).permute(0, 1, 3, 4, 2) for o in (dt_rank, dt_rank + N)]
-    z = torch.zeros(batch, L, 2 * dim, dtype=dtype).transpose(1, 2)[:, dim:]
-    args = (cl(R, batch, dim, L), cl(R, batch, dim, L), -torch.ones(R, dim, N), B, C, torch.ones(R, dim), z,
-            torch.zeros(R, dim), True, torch.ones(batch, R), 0.5)
-    ckpt = torch.zeros(R, batch, -(-L // 16), N, dim)
-    return args, cl(batch, dim, L), ckpt
-
-
 def compile_case(case: str, dtype, arch: int) -> list:
     """[(kernel name, compiled kernel)] of one case (see the module's docstring)."""
     from mamba_ssm.ops.triton import selective_scan as ss
@@ -101,7 +90,8 @@ def compile_case(case: str, dtype, arch: int) -> list:
     kind, _, model_name = case.partition(":")
     with compiled_launches(arch) as got:
         if kind in ("bwd", "fwd_ckpt"):
-            args, dout, ckpt = mixer_inputs(dtype)
+            args, dout = inputs(dtype, "cpu", 2, 768, 197)  # (batch 2: the strides' specialisation is Vim-S's)
+            ckpt = torch.zeros(2, 2, -(-197 // ss.CKPT_CHUNK), 16, 768)
             if kind == "bwd":
                 ss.scan_backward(*args, dout, ckpt=ckpt)
             else:

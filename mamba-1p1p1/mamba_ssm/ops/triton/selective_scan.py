@@ -435,6 +435,15 @@ def _channel_vector(base, off, mask_d, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _channel_store(ptr, value, mask_d, EVEN_D: tl.constexpr):
+    """A step's per-channel vector stored in ptr's dtype (unmasked where the channel block is full)."""
+    if EVEN_D:
+        tl.store(ptr, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
 def _step_state(h, A, u, dt_raw, Bt, bias, SOFTPLUS: tl.constexpr):
     """The state after a step from the one before: exp(dt A) h + dt u B, dt = softplus(dt_raw + bias)."""
     dt = dt_raw.to(tl.float32) + bias
@@ -499,7 +508,7 @@ def _piece_loads(u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z
 
 @triton.jit
 def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr,
-                   C_off, offs_n, do_base, z_base, dz_base, dz_ptr, s0, s1, seqlen, su_t, sdt_t, sB_n, sB_t, sC_n,
+                   C_off, offs_n, do_base, z_base, dz_base, s0, s1, seqlen, su_t, sdt_t, sB_n, sB_t, sC_n,
                    sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r: tl.constexpr, HAS_Z: tl.constexpr,
                    SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, EVEN_D: tl.constexpr,
                    EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -534,10 +543,7 @@ def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_b
             dgate_acc += dout * y * silu
             dyz = dout * g_scale
             dz = dyz * y * sig * (1.0 + z * (1.0 - sig)) + dzp.to(tl.float32)
-            if EVEN_D:
-                tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty))
-            else:
-                tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+            _channel_store(dz_base + t * sdz_t, dz, mask_d, EVEN_D)
             dy = dyz * silu
         else:
             dgate_acc += dout * y
@@ -703,7 +709,7 @@ def _scan_bwd_kernel(
                              sB_t, mask_d, mask_n, r, SOFTPLUS, PREFETCH, EVEN_D, EVEN_N, BC_ALIGN)
                 dgate_acc, dD_acc = _piece_forward(
                     h, A, Dv, bias, g_scale, walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr,
-                    C_off, offs_n, do_base, z_base, dz_base, dz_ptr, s0, s1, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n,
+                    C_off, offs_n, do_base, z_base, dz_base, s0, s1, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n,
                     sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
                     SCRATCH_EVICT, EVEN_D, EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
                 tl.debug_barrier()
@@ -746,13 +752,8 @@ def _scan_bwd_kernel(
                     if SOFTPLUS:
                         ddt = ddt * tl.sigmoid(dt_raw)
                     dbias_acc += ddt
-                    if EVEN_D:
-                        tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty))
-                        tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty))
-                    else:
-                        tl.store(du_ptr + dud_base + t * sdu_t, (dBu * dt + Dv * dy).to(du_ptr.dtype.element_ty),
-                                 mask=mask_d)
-                        tl.store(ddt_ptr + dud_base + t * sdu_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+                    _channel_store(du_ptr + dud_base + t * sdu_t, dBu * dt + Dv * dy, mask_d, EVEN_D)
+                    _channel_store(ddt_ptr + dud_base + t * sdu_t, ddt, mask_d, EVEN_D)
                     g = g * a
                 tl.debug_barrier()
                 _piece_sums(slots, dy_slots, dB_ptr + part_base, s0, s1, walk_len, r, 0, False, SUB_T, BLOCK_D,
