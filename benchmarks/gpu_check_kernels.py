@@ -13,7 +13,8 @@ proj   x_proj and dt_proj of gated inference (mamba_ssm.ops.triton.gated_proj) a
        Vim-S shapes, fp32 and bf16 (values of the pairs that are on; times with all and 0.74 of the pairs on),
        then DyVM-S forwards with and without it.
 linear the mixers' fp32 Linear layers as three TF32 products (mamba_ssm.ops.linear_fp32) against cuBLAS fp32 and
-       fp64 at Vim-S shapes (values, times), and a DyVM-S fp32 training step with each.
+       fp64 at Vim-S shapes (values, times), over DyVM's live rows only (bit for bit, times), and a DyVM-S fp32
+       training step with each, and with the live rows and without.
 tf32   one DyVM-S fp32 training step with matmuls in plain fp32 and on TF32 tensor cores (--tf32): the loss,
        logits and gradients compared.
 """
@@ -72,8 +73,9 @@ def tf32(summary, batch=16):
 def linear_check(summary, batch=128):
     """The mixers' fp32 Linear layers as three TF32 products (mamba_ssm.ops.linear_fp32) against cuBLAS fp32, both
     against fp64: in_proj and out_proj at Vim-S training shapes (the dense length and DyVM's after each stage),
-    forward and input gradient, values then times; then one DyVM-S fp32 training step (student, teacher, the
-    full loss) with the kernel and with cuBLAS: loss, logits and gradients."""
+    forward and input gradient, values then times; the kernel over DyVM's live rows; then one DyVM-S fp32 training
+    step (student, teacher, the full loss) with the kernel and with cuBLAS, and with the live rows and without
+    (dyvm.models.dyvm.LINEAR_KEPT_ONLY): loss, logits and gradients."""
     from triton.testing import do_bench_cudagraph
 
     from mamba_ssm.ops import linear_fp32
@@ -94,14 +96,50 @@ def linear_check(summary, batch=128):
             t_cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(a, w)) * 1e3
             summary[f"linear {name} L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
                 f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
+    _live_rows_check(summary, batch)
     saved = linear_fp32.ENABLED
     got = _dyvm_step_both_ways(lambda on: setattr(linear_fp32, "ENABLED", saved if on is None else on))
+    _step_compared(summary, "linear train fp32 kernel vs cuBLAS", got)
+    import dyvm.models.dyvm as dyvm_module
+
+    saved = dyvm_module.LINEAR_KEPT_ONLY
+    got = _dyvm_step_both_ways(lambda on: setattr(dyvm_module, "LINEAR_KEPT_ONLY", saved if on is None else on))
+    _step_compared(summary, "linear train fp32 live rows vs every row", got)
+
+
+def _step_compared(summary, name, got):
     (l0, o0, g0, k0), (l1, o1, g1, k1) = got[False], got[True]
     worst = max((rel(g1[n], g0[n]), n) for n in g0 if g0[n].norm() > 0)
-    summary["linear train fp32 kernel vs cuBLAS: loss rel"] = abs((l1 - l0) / l0).item()
-    summary["linear train fp32 kernel vs cuBLAS: logits rel"] = rel(o1, o0)
-    summary["linear train fp32 kernel vs cuBLAS: kept tokens"] = f"{k1} / {k0}"
-    summary["linear train fp32 kernel vs cuBLAS: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)})"
+    equal = torch.equal(l1, l0) and torch.equal(o1, o0) and all(torch.equal(g1[n], g0[n]) for n in g0)
+    summary[f"{name}: loss rel"] = abs((l1 - l0) / l0).item()
+    summary[f"{name}: logits rel"] = rel(o1, o0)
+    summary[f"{name}: kept tokens"] = f"{k1} / {k0}"
+    summary[f"{name}: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)}); bit for bit: {equal}"
+
+
+def _live_rows_check(summary, batch):
+    """The kernel with DyVM-S's live rows (mamba_ssm.ops.linear_fp32.LiveRows) at Vim-S training shapes: the live
+    rows equal the kernel's over every row bit for bit, the others are zeros; times with and without the map, at
+    the kept counts of each stage (token keep 0.7, plus the class token; lengths spread +-10 around them)."""
+    from triton.testing import do_bench_cudagraph
+
+    from mamba_ssm.ops.linear_fp32 import live_row_map
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for kept in (138, 97, 68):
+        lengths = (kept + torch.randint(-10, 11, (batch,), device="cuda", generator=g)).int()
+        row_map = live_row_map(lengths, 197, 3)
+        is_live = torch.arange(197, device="cuda")[None, :] < (lengths[:, None] + 3)
+        for name, K, N in (("in_proj fwd", 384, 1536), ("out_proj dgrad", 384, 768)):
+            a = torch.randn(batch, 197, K, device="cuda", generator=g)
+            w = torch.randn(N, K, device="cuda", generator=g) / K ** 0.5
+            full, got = linear_tf32x3(a, w), linear_tf32x3(a, w, live_rows=row_map)
+            ok = torch.equal(got[is_live], full[is_live]) and not got[~is_live].any()
+            t_full = do_bench_cudagraph(lambda: linear_tf32x3(a, w)) * 1e3
+            t_live = do_bench_cudagraph(lambda: linear_tf32x3(a, w, live_rows=row_map)) * 1e3
+            summary[f"linear live rows {name} kept {kept}: live rows equal, dead zero; us live / every row"] = (
+                f"{ok}; {t_live:.0f} / {t_full:.0f} (live {row_map[1].item() / (batch * 197):.2f})")
 
 
 def gate_kernel_off():

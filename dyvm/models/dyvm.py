@@ -23,6 +23,7 @@ from dyvm.models.vim import Vim, VimConfig, build_config
 from dyvm.pruning import (ClsPositions, gather_index, gather_stage, gumbel_sigmoid_gate, indices_to_mask, insert_cls,
                           keep_count, kept_first_order, make_selection, permute_tokens, split_cls,
                           to_original_order)
+from mamba_ssm.ops.linear_fp32 import LiveRows
 
 PRUNING_MODES = ("learned", "random", "static", "none")
 PREDICTOR_INPUTS = ("residual", "ssm_B", "ssm_delta")
@@ -38,6 +39,9 @@ DEFAULT_PRUNING_LOC = (6, 12, 18)
 # third of the scans' work at token keep 0.7. Outputs and gradients are the same either way; the test that
 # checks this turns it off.
 SCAN_KEPT_ONLY = True
+# With them, the mixers' fp32 Linear layers on the GPU kernel compute only those rows too (and the conv's reach
+# past them): mamba_ssm.ops.linear_fp32.LiveRows. The same outputs and gradients; the test turns it off.
+LINEAR_KEPT_ONLY = True
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,14 @@ def make_dyvm_config(*, token_keep_ratio: Optional[float] = None, token_keep_rat
 
 class _Tokens(NamedTuple):
     """Where the tokens are: class positions, keep policy (B, N), slot -> patch map (B, N), scan mask (B, N+n),
-    and in training each image's number of kept tokens with its class tokens (B,) int32, the scans' lengths."""
+    and in training each image's number of kept tokens with its class tokens (B,) int32, the scans' lengths, and
+    the rows of them the mixers' fp32 Linear layers compute (LINEAR_KEPT_ONLY)."""
     cls_positions: ClsPositions
     policy: Tensor
     slot_to_patch: Tensor
     mask: Optional[Tensor]
     scan_lengths: Optional[Tensor] = None
+    live_rows: Optional[LiveRows] = None
 
 
 class DyVM(Vim):
@@ -176,7 +182,8 @@ class DyVM(Vim):
         cls_ones = policy.new_ones(policy.shape[0], self.layout.num_tokens, 1)
         mask = insert_cls(policy.unsqueeze(-1), cls_ones, cls_positions).squeeze(-1)
         lengths = (kept + self.layout.num_tokens).to(torch.int32) if SCAN_KEPT_ONLY else None
-        return streams[0], streams[1], _Tokens(cls_positions, policy, slot_to_patch, mask, lengths), decision
+        live_rows = LiveRows(lengths) if lengths is not None and LINEAR_KEPT_ONLY else None
+        return streams[0], streams[1], _Tokens(cls_positions, policy, slot_to_patch, mask, lengths, live_rows), decision
 
     def forward_aux(self, x: Tensor) -> ForwardOutput:
         """Images (B, C, H, W) -> ForwardOutput (see its docstring)."""
@@ -199,7 +206,7 @@ class DyVM(Vim):
             normed, residual = layer.add_norm(hidden, residual)
             mixer = layer.mixer
             weights = layer_weights[i]
-            xz = mixer.in_proj_xz(normed, weights)
+            xz = mixer.in_proj_xz(normed, weights, tokens.live_rows)
             gate, gate_head = None, None
             if mixer.block_head is not None:
                 if rows_wanted and gate_rows is None:  # in the logits' dtype (autocast's, else xz's)
@@ -217,7 +224,7 @@ class DyVM(Vim):
             if ssm_input is not None and i + 1 in stage_at:  # the next stage's predictor reads this layer's SSM
                 feature = mixer.ssm_feature(xz, ssm_input, tokens.mask)
             hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, weights=weights, lengths=tokens.scan_lengths,
-                               gate_head=gate_head)
+                               gate_head=gate_head, live_rows=tokens.live_rows)
             seq_lens.append(hidden.shape[1])
         cls, patches = split_cls(self.final_norm(hidden, residual), tokens.cls_positions)
         policy = tokens.policy.detach().unsqueeze(-1)

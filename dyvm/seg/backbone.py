@@ -29,6 +29,7 @@ import dyvm.models.dyvm as dyvm_model
 from dyvm.models.dyvm import DyVM, DyVMConfig
 from dyvm.models.vim import VimConfig
 from dyvm.pruning import batch_gather, indices_to_mask, keep_count, kept_first_order, to_original_order
+from mamba_ssm.ops.linear_fp32 import LiveRows
 
 # A dense Vim is the same module tree without predictors and gate heads.
 DENSE = DyVMConfig(pruning="none", block_selection=False)
@@ -56,11 +57,14 @@ class SegBackboneOutput:
 class _Tokens(NamedTuple):
     """policy (B, S): 1 where a slot holds a kept token; slot_to_patch (B, S): raster index of each slot;
     mask (B, S) for the scans (training after a pruning stage) or None (every slot kept); scan_lengths (B,) int32:
-    each image's kept count, where its scans stop (training; dyvm.models.dyvm.SCAN_KEPT_ONLY)."""
+    each image's kept count, where its scans stop (training; dyvm.models.dyvm.SCAN_KEPT_ONLY); live_rows: the rows
+    the mixers' fp32 out_proj computes (dyvm.models.dyvm.LINEAR_KEPT_ONLY; in_proj computes every row: the gate
+    pools xz over the kept rows with the mask, whose gradient at a pruned row reads that row's xz)."""
     policy: Tensor
     slot_to_patch: Tensor
     mask: Optional[Tensor]
     scan_lengths: Optional[Tensor] = None
+    live_rows: Optional[LiveRows] = None
 
 
 def scatter_tokens(values: Tensor, slot_to_patch: Tensor, num_patches: int) -> Tensor:
@@ -155,7 +159,8 @@ class SegBackbone(DyVM):
         order = kept_first_order(keep)
         policy = keep.gather(1, order)
         lengths = (policy > 0.5).sum(1).to(torch.int32) if dyvm_model.SCAN_KEPT_ONLY else None
-        tokens = _Tokens(policy, tokens.slot_to_patch.gather(1, order), policy, lengths)
+        live_rows = LiveRows(lengths) if lengths is not None and dyvm_model.LINEAR_KEPT_ONLY else None
+        tokens = _Tokens(policy, tokens.slot_to_patch.gather(1, order), policy, lengths, live_rows)
         return batch_gather(hidden, order), batch_gather(residual, order), tokens, frozen, decision
 
     def forward(self, x: Tensor) -> SegBackboneOutput:
@@ -173,12 +178,12 @@ class SegBackbone(DyVM):
                 decisions.append(decision)
             normed, residual = layer.add_norm(hidden, residual)
             mixer = layer.mixer
-            xz = mixer.in_proj_xz(normed)
+            xz = mixer.in_proj_xz(normed)  # (every row: the gate's mean over kept rows has a mask gradient there)
             gate = None
             if mixer.block_head is not None:
                 gate = self._decide_gate(mixer.block_head(pooled_gate_input(xz, tokens.mask)))
                 gates.append(gate)
-            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, lengths=tokens.scan_lengths)
+            hidden = mixer.mix(xz, gate=gate, mask=tokens.mask, lengths=tokens.scan_lengths, live_rows=tokens.live_rows)
             seq_lens.append(hidden.shape[1])
             if i in self.out_indices:
                 features.append(self._restore(self._feature(hidden, residual), tokens, frozen))

@@ -345,6 +345,41 @@ def _spread_predictors(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
+@pytest.mark.parametrize("predictor_input", ["residual", "ssm_B"])  # (ssm_B: the predictor reads masked x too)
+def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch, predictor_input):
+    """With the scans over the kept tokens, the mixers' fp32 Linear layers on the tf32x3 kernel compute only each
+    image's kept and class tokens and the conv's reach past them (dyvm.models.dyvm.LINEAR_KEPT_ONLY): the same loss
+    and gradients as over every row (here the kernel runs in the interpreter, whose matmuls round by tile)."""
+    import dyvm.models.dyvm as dyvm_module
+    from mamba_ssm.ops import linear_fp32
+    from mamba_ssm.ops.triton import linear_tf32x3
+
+    monkeypatch.setattr(linear_fp32, "MIN_ROWS", 8)
+    monkeypatch.setattr(linear_fp32, "ENABLED", True)
+    monkeypatch.setattr(linear_fp32, "triton_enabled", lambda x, module: True)  # the linears only
+    live_counts, kernel = [], linear_tf32x3.linear_tf32x3
+    monkeypatch.setattr(linear_tf32x3, "linear_tf32x3", lambda *a, live_rows=None, **kw: live_counts.append(
+        None if live_rows is None else live_rows[1].item()) or kernel(*a, live_rows=live_rows, **kw))
+    model = tiny(predictor_input=predictor_input)
+    _spread_gates(model)
+    x = torch.randn(4, 3, 32, 32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    results = []
+    for kept_only in (False, True):
+        monkeypatch.setattr(dyvm_module, "LINEAR_KEPT_ONLY", kept_only)
+        live_counts.clear()
+        torch.manual_seed(3)  # the same Gumbel draws
+        out = model.forward_aux(x)
+        loss = out.logits.square().mean() + out.patch_tokens.square().mean() + out.gates.mean()
+        results.append([loss, *torch.autograd.grad(loss, params)])
+    # 4 layers x (in_proj, out_proj) forward and backward; the first layer's whole rows, then 3 stages' live rows
+    assert len(live_counts) == 16 and live_counts.count(None) == 4
+    assert all(n is not None and n < 4 * (M + 1) for n in live_counts[2:14]) and min(live_counts[2:14]) > 0
+    for a, b in zip(*results):
+        assert ((a - b).norm() <= 1e-6 * b.norm()) and torch.isfinite(a).all()
+
+
 def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
     """After a pruning stage the training scans walk each image's kept tokens only (dyvm.models.dyvm.SCAN_KEPT_ONLY;
     the pruned ones sit masked behind them): the same loss and the same gradient for every parameter as scans over

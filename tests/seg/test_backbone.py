@@ -133,6 +133,33 @@ def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
         assert (a - b).norm() <= 1e-6 * b.norm()
 
 
+def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch):
+    """The mixers' fp32 out_proj on the tf32x3 kernel computes only each image's kept rows and the conv's reach past
+    them (dyvm.models.dyvm.LINEAR_KEPT_ONLY; in_proj every row, see the backbone's _Tokens): the same feature maps
+    and gradients."""
+    import dyvm.models.dyvm as dyvm_model
+    from mamba_ssm.ops import linear_fp32
+
+    monkeypatch.setattr(linear_fp32, "MIN_ROWS", 8)
+    monkeypatch.setattr(linear_fp32, "ENABLED", True)
+    monkeypatch.setattr(linear_fp32, "triton_enabled", lambda x, module: True)  # the linears only (interpreter)
+    model = dyvm_backbone(gumbel_noise=True)
+    decisive(model).selection = LearnedSelection(gumbel_noise=True)
+    model.train()
+    x, params, results, maps = torch.randn(3, 3, 32, 32), list(model.parameters()), [], []
+    row_map = linear_fp32.LiveRows.row_map
+    monkeypatch.setattr(linear_fp32.LiveRows, "row_map", lambda self, *a: maps.append(a) or row_map(self, *a))
+    for kept_only in (False, True):
+        monkeypatch.setattr(dyvm_model, "LINEAR_KEPT_ONLY", kept_only)
+        torch.manual_seed(5)  # the same Gumbel draws
+        out = model(x)
+        loss = sum(f.square().mean() for f in out.features) + sum(d.mean() for d in out.decisions) + out.gates.mean()
+        results.append([*out.features, *torch.autograd.grad(loss, params)])
+    assert maps and all(a == (M, 3) for a in maps)  # (L, the conv's reach)
+    for a, b in zip(*results):
+        assert (a - b).norm() <= 1e-6 * b.norm()
+
+
 def test_gate_pooling_is_the_mean_over_kept_tokens():
     xz = torch.randn(2, 6, 5)
     mask = torch.tensor([[1.0, 1, 0, 0, 0], [1, 1, 1, 1, 0]])

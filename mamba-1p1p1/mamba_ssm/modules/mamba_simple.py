@@ -253,29 +253,35 @@ class Mamba(nn.Module):
         return InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in self._cached_linears().items()},
                                 fwd, bwd, stacked)
 
-    def linear(self, name: str, x, weights: Optional[InferenceWeights] = None):
+    def linear(self, name: str, x, weights: Optional[InferenceWeights] = None,
+               live_rows: Optional[linear_fp32.LiveRows] = None):
         """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given; fp32 on a GPU
-        as three TF32 tensor-core products where mamba_ssm.ops.linear_fp32 applies (training and inference)."""
+        as three TF32 tensor-core products where mamba_ssm.ops.linear_fp32 applies (training and inference), there
+        computing only the live rows when given (the others come out as zeros: for masked DyVM training, where
+        nobody reads them; margin: the conv's reach past each image's last live token)."""
         module = self._modules[name]
         if module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
             return module(x)  # the module itself: its hooks see the call, a replaced module runs its own forward
+        margin = self.d_conv - 1
         if weights is not None and name in weights.linears:
-            return linear_fp32.linear(x, *weights.linears[name])
-        if linear_fp32.tf32x3_applies(x, module.weight) and not _global_module_hooks():
-            return linear_fp32.linear_on_kernel(x, module.weight, module.bias)  # (checked once, here)
+            return linear_fp32.linear(x, *weights.linears[name], live_rows, margin)
+        if linear_fp32.tf32x3_applies(x, module.weight) and not _global_module_hooks():  # (checked once, here)
+            return linear_fp32.linear_on_kernel(x, module.weight, module.bias, live_rows, margin)
         return module(x)  # FLOP counters and other global module hooks see the call
 
-    def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None):
-        """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants."""
-        return self.linear("in_proj", hidden_states, weights).transpose(1, 2)
+    def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None,
+                   live_rows: Optional[linear_fp32.LiveRows] = None):
+        """(batch, L, d_model) -> xz (batch, 2*d_inner, L): x then z, channels first as the scan wants.
+        live_rows: see linear."""
+        return self.linear("in_proj", hidden_states, weights, live_rows).transpose(1, 2)
 
     def mix(self, xz, gate=None, mask=None, weights: Optional[InferenceWeights] = None, lengths=None,
-            gate_head=None):
+            gate_head=None, live_rows: Optional[linear_fp32.LiveRows] = None):
         """xz (batch, 2*d_inner, L) -> (batch, L, d_model): conv, scans, z-gating, out_proj.
 
         gate (batch, 2), mask (batch, L), lengths (batch,) and gate_head are the DyVM options of
         bimamba_v2_inner_fn ("v2" only);
-        weights: inference_weights(xz), if the caller has them already.
+        weights: inference_weights(xz), if the caller has them already; live_rows: out_proj's (see linear).
         """
         if self.bimamba_type == "v2":
             weights = weights if weights is not None else self.inference_weights(xz)
@@ -285,10 +291,10 @@ class Mamba(nn.Module):
                 fwd, bwd, stacked = weights.fwd, weights.bwd, weights.stacked
             y = bimamba_v2_inner_fn(xz, fwd, bwd, gate=gate, mask=mask, divide_out=self.if_divide_out,
                                     stacked=stacked, lengths=lengths, gate_head=gate_head)
-            out = self.linear("out_proj", y.transpose(1, 2), weights)
+            out = self.linear("out_proj", y.transpose(1, 2), weights, live_rows)
         else:
-            if gate is not None or mask is not None or lengths is not None or gate_head is not None:
-                raise ValueError("gate, mask, lengths and gate_head need bimamba_type='v2'")
+            if any(o is not None for o in (gate, mask, lengths, gate_head, live_rows)):
+                raise ValueError("gate, mask, lengths, gate_head and live_rows need bimamba_type='v2'")
             w = self.scan_weights()
             out = mamba_inner_fn(xz, w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight,
                                  self.out_proj.weight, self.out_proj.bias, w.A, None, None, w.D,

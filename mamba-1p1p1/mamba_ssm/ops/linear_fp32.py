@@ -10,10 +10,19 @@ FLOP counters, fake tensors see F.linear), and ENABLED (False: cuBLAS throughout
 MAMBA_FP32_LINEAR=cublas). The backward: the input's gradient by the same kernel (the weight transposed, copied),
 the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel was no faster there: 555 against 580
 us at in_proj's size), the bias's as a sum over tokens.
+
+Live rows (`LiveRows`): in DyVM training after a pruning stage each image's pruned tokens sit masked behind its
+kept ones, and no loss term reads them (dyvm.models.dyvm.SCAN_KEPT_ONLY). A mixer's in_proj and out_proj then need
+only each image's first rows (and the conv's reach past them): given a LiveRows, the kernel computes those rows,
+forward and input gradient, and writes zeros for the others. The caller vouches that nothing reads those rows and
+that they add nothing to the weight's gradient (out_proj's input and in_proj's output gradient are zero there).
+F.linear, where the kernel does not apply, computes every row; the results are the same (bit for bit on an H200:
+benchmarks/results/linear_live_rows_h200_2026-11-28.txt).
 """
 import os
 import warnings
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +53,57 @@ def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
             and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
 
 
-def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
-    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
+class LiveRows:
+    """Which token rows of a (batch, L, ...) activation the mixers' Linear layers must compute: image b's first
+    lengths[b] + margin (DyVM training: its kept and class tokens, then `margin` more, as far as the mixer's conv
+    reaches past them). One per pruning stage, shared by its layers: the row map is built on the device at first
+    use (a few small ops, no host sync, fixed shapes for CUDA graphs) and kept per (L, margin)."""
+
+    def __init__(self, lengths: Tensor):
+        self.lengths = lengths
+        self._maps = {}
+
+    def row_map(self, seqlen: int, margin: int):
+        """-> (rows (batch * L,) int32: the token rows b * L + t, live ones first in order, then the others;
+        live (1,) int32: how many are live), as mamba_ssm.ops.triton.linear_tf32x3 takes them."""
+        key = (seqlen, margin)
+        if key not in self._maps:
+            self._maps[key] = live_row_map(self.lengths, seqlen, margin)
+        return self._maps[key]
+
+
+def live_row_map(lengths: Tensor, seqlen: int, margin: int):
+    """LiveRows.row_map for per-image lengths (batch,) int."""
+    positions = torch.arange(seqlen, device=lengths.device)
+    live = (positions < (lengths.long() + margin)[:, None]).flatten()
+    count = live.sum().reshape(1)
+    slot = torch.where(live, live.long().cumsum(0) - 1, count + (~live).long().cumsum(0) - 1)
+    rows = torch.empty(live.shape, dtype=torch.int32, device=lengths.device)
+    rows.scatter_(0, slot, torch.arange(live.numel(), dtype=torch.int32, device=lengths.device))
+    return rows, count.to(torch.int32)
+
+
+def linear(x: Tensor, weight: Tensor, bias=None, live_rows: Optional[LiveRows] = None, margin: int = 0) -> Tensor:
+    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies; there, given live_rows, only
+    the live rows (see LiveRows; `margin` rows past each image's length) are computed, the others are zeros."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
-    return linear_on_kernel(x, weight, bias)
+    return linear_on_kernel(x, weight, bias, live_rows, margin)
 
 
-def linear_on_kernel(x: Tensor, weight: Tensor, bias=None) -> Tensor:
+def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, live_rows: Optional[LiveRows] = None,
+                     margin: int = 0) -> Tensor:
     """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
     where the kernel does not apply): the kernel, with autograd when a gradient is wanted."""
     from triton.runtime.errors import OutOfResources
 
     from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
 
+    row_map = None if live_rows is None else live_rows.row_map(x.shape[1], margin)
     try:
         if needs_grad(x, weight, bias):
-            return _LinearTF32x3.apply(x, weight, bias)
-        return linear_tf32x3(x, _k_contiguous(weight), bias)
+            return _LinearTF32x3.apply(x, weight, bias, row_map)
+        return linear_tf32x3(x, _k_contiguous(weight), bias, live_rows=row_map)
     except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
         _NO_ROOM.add(x.device.index)
         warnings.warn(f"fp32 in_proj / out_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})", stacklevel=2)
@@ -75,12 +117,12 @@ def _k_contiguous(weight: Tensor) -> Tensor:
 
 class _LinearTF32x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, row_map):
         from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
 
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return linear_tf32x3(x, _k_contiguous(weight), bias)
+        ctx.has_bias, ctx.row_map = bias is not None, row_map
+        return linear_tf32x3(x, _k_contiguous(weight), bias, live_rows=row_map)
 
     @staticmethod
     @once_differentiable  # (a second derivative through it raises instead of coming out wrong)
@@ -89,10 +131,10 @@ class _LinearTF32x3(torch.autograd.Function):
 
         x, weight = ctx.saved_tensors
         dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = linear_tf32x3(dout, weight.t().contiguous())
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0]:  # (zeros at the dead rows: nobody reads them)
+            dx = linear_tf32x3(dout, weight.t().contiguous(), live_rows=ctx.row_map)
+        if ctx.needs_input_grad[1]:  # (every row; dead ones add 0: out_proj's input, in_proj's dout are 0)
             dweight = dout.reshape(-1, dout.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dout.sum((0, 1))
-        return dx, dweight, dbias
+        return dx, dweight, dbias, None

@@ -157,3 +157,54 @@ def test_op_falls_back_to_f_linear_where_the_kernel_cannot_run(small_rows, monke
     with triton_on_cpu(), pytest.warns(UserWarning, match="stay on cuBLAS"):
         got = linear_fp32.linear(x, w)
     torch.testing.assert_close(got, F.linear(x, w))
+
+
+def test_live_row_map_lists_each_images_first_rows_first():
+    rows, live = linear_fp32.live_row_map(torch.tensor([3, 0, 5], dtype=torch.int32), seqlen=5, margin=1)
+    # image 0: rows 0..3 (3 + the margin), image 1: row 5 (0 + 1), image 2: rows 10..14 (clipped to L)
+    assert live.tolist() == [10] and rows.dtype == live.dtype == torch.int32
+    assert rows[:10].tolist() == [0, 1, 2, 3, 5, 10, 11, 12, 13, 14]
+    assert rows[10:].tolist() == [4, 6, 7, 8, 9] and sorted(rows.tolist()) == list(range(15))
+
+
+@pytest.mark.parametrize("out_features", [70, 1100])  # narrow and wide tiles
+def test_kernel_computes_only_the_live_rows(out_features):
+    """With a row map the live rows come out as without one (bit for bit on a GPU, where each row's products
+    are its own: gpu_check.py --sections linear; the interpreter's numpy matmul rounds by tile) and the others
+    as zeros, whether their tile is past the live count (nothing computed) or across it (the count is read on
+    the device)."""
+    x = _x("transposed", batch=4, seqlen=77)
+    w = torch.randn(out_features, x.shape[-1])
+    bias = torch.randn(out_features)
+    lengths = torch.tensor([77, 20, 0, 50], dtype=torch.int32)
+    rows, live = linear_fp32.live_row_map(lengths, 77, margin=3)
+    full = kernel.linear_tf32x3(x, w, bias)
+    got = kernel.linear_tf32x3(x, w, bias, live_rows=(rows, live))
+    is_live = torch.arange(77)[None, :] < (lengths[:, None] + 3)
+    torch.testing.assert_close(got[is_live], full[is_live], rtol=1e-5, atol=1e-5)
+    assert (got[~is_live] == 0).all()
+    assert kernel.TUNING["wide"][0] == kernel.TUNING["narrow"][0] == 128 and 128 < live.item() < 256 < 4 * 77
+    with pytest.raises(ValueError, match="live rows"):
+        kernel.linear_tf32x3(x, w, bias, live_rows=(rows.long(), live))
+
+
+def test_op_with_live_rows_gives_the_live_rows_and_every_gradient_of_f_linear(small_rows):
+    """The op layer's live rows: forward and input gradient at the live rows as without them (zeros elsewhere),
+    the weight's and bias's gradients over every row. In a DyVM the dead rows add nothing to those: out_proj's
+    input is zero there, in_proj's output gradient too; here both are."""
+    lengths = torch.tensor([9, 4, 0], dtype=torch.int32)
+    live_rows = linear_fp32.LiveRows(lengths)
+    is_live = (torch.arange(12)[None, :] < lengths[:, None] + 2).unsqueeze(-1)
+    x = (torch.randn(3, 12, 16) * is_live).requires_grad_()  # (dead inputs 0, as out_proj's are)
+    w, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
+    dout = torch.randn(3, 12, 8) * is_live
+    with triton_on_cpu():
+        out = linear_fp32.linear(x, w, bias, live_rows, margin=2)
+        assert live_rows.row_map(12, 2) is live_rows.row_map(12, 2)  # built once per stage
+    got = torch.autograd.grad(out, [x, w, bias], dout)
+    ref = F.linear(x, w, bias)
+    want = torch.autograd.grad(ref, [x, w, bias], dout)
+    torch.testing.assert_close(out, ref * is_live, rtol=1e-5, atol=1e-5)  # (the bias left out at dead rows)
+    assert (out[~is_live.expand_as(out)] == 0).all()
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

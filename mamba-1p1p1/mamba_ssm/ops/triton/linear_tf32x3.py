@@ -11,6 +11,13 @@ us (benchmarks/results/linear_tf32x3_probe_h200_2026-11-28.txt).
 x is (batch, L, K) with any strides (out_proj reads a transposed view); w is (N, K) K-contiguous, as both the
 forward (w = the weight) and the input gradient (w = the weight transposed, copied once: 2.4 MB at in_proj's
 size) give it. The output is (batch, L, N) contiguous. A leaf: the op layer is mamba_ssm.ops.linear_fp32.
+
+Live rows (DyVM training after a pruning stage, where each image's pruned tokens sit behind its kept ones and
+nothing reads them): with `rows` (batch * L,) int32, a permutation of the token rows b * L + t that lists the
+live rows first, and `live` (1,) int32 their count, both on the device, the row tiles walk that order: tiles
+of live rows compute as before (each row's result is the same as without the map), tiles past the live count
+write zeros and load nothing, and a tile across the count writes zeros for its dead rows. The count stays on the
+device, so the launch is the same for every batch and a CUDA graph replays it.
 """
 import torch
 import triton
@@ -22,9 +29,9 @@ from causal_conv1d.triton_utils import launch, remember
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, seqlen, sx_b, sx_t, sx_k, sw_n,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_b, sx_t, sx_k, sw_n,
+                   HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # programs walk GROUP_M row tiles down each column of tiles, so a group's x rows and w columns stay in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -33,25 +40,39 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, seqlen, sx_b, sx_t,
     group_m = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = rows < M, cols < N
-    # row m is token (m // seqlen, m % seqlen) of x's (batch, L) axes
-    row_off = (rows // seqlen).to(tl.int64) * sx_b + (rows % seqlen).to(tl.int64) * sx_t
-    x_p = x_ptr + row_off[:, None] + ks[None, :] * sx_k
-    w_p = w_ptr + cols.to(tl.int64)[None, :] * sw_n + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + ks) < K
-        x = tl.load(x_p, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_p, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_p += BLOCK_K * sx_k
-        w_p += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    mask_m, mask_n = slots < M, cols < N
+    if ROW_MAP:
+        rows = tl.load(rows_ptr + slots, mask=mask_m, other=0)
+        live = tl.load(live_ptr)
+        dead = pid_m * BLOCK_M >= live
+    else:
+        rows = slots
+        live = M
+        dead = False
+    out_p = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if dead:  # rows nobody reads: zeros, so that nothing uninitialised (a NaN) meets their masks downstream
+        tl.store(out_p, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        # row m is token (m // seqlen, m % seqlen) of x's (batch, L) axes
+        row_off = (rows // seqlen).to(tl.int64) * sx_b + (rows % seqlen).to(tl.int64) * sx_t
+        x_p = x_ptr + row_off[:, None] + ks[None, :] * sx_k
+        w_p = w_ptr + cols.to(tl.int64)[None, :] * sw_n + ks[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + ks) < K
+            x = tl.load(x_p, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_p, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            x_p += BLOCK_K * sx_k
+            w_p += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0)[None, :]
+        if ROW_MAP:  # a tile across the live count: its dead rows are zeros too
+            acc = tl.where((slots < live)[:, None], acc, 0.0)
+        tl.store(out_p, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 # Tiles (rows, columns, depth, warps, stages) by output width, from the sweep of .device/mm_probe.py at Vim-S
@@ -64,20 +85,23 @@ TUNING = {"wide": (128, 128, 32, 8, 3), "narrow": (128, 64, 32, 4, 4)}
 _plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
 
 
-def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = "tf32x3") -> torch.Tensor:
+def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = "tf32x3",
+                  live_rows=None) -> torch.Tensor:
     """x (batch, L, K) fp32 (any strides), w (N, K) fp32 K-contiguous, bias (N,) or None -> (batch, L, N)
     contiguous: x @ w^T + bias as three TF32 tensor-core products (precision: Triton's input_precision; the
-    others are for tests and probes)."""
+    others are for tests and probes). live_rows: None, or (rows, live) as the module docstring says: then only
+    the live rows are computed and the others come out as zeros."""
     key = (x.shape, x.stride(), x.dtype, w.shape, w.stride(), w.dtype, None if bias is None else bias.dtype,
-           precision)
+           precision, live_rows is not None)
     plan = _plans.get(key)
     if plan is None:
-        plan = remember(_plans, key, _plan(x, w, bias, precision))
+        plan = remember(_plans, key, _plan(x, w, bias, precision, live_rows is not None))
     grid, ints, kwargs, out_shape = plan
     out = torch.empty(out_shape, device=x.device, dtype=torch.float32)
+    rows, live = (out, out) if live_rows is None else _checked(live_rows, x)  # (unread without the map)
     while True:
         try:
-            launch(_linear_kernel, grid, x, w, w if bias is None else bias, out, *ints, **kwargs)
+            launch(_linear_kernel, grid, x, w, w if bias is None else bias, out, rows, live, *ints, **kwargs)
             return out
         except OutOfResources:  # a GPU with less shared memory than the H200 the tiles were chosen on
             if kwargs["num_stages"] <= 1:
@@ -85,7 +109,7 @@ def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = 
             kwargs["num_stages"] -= 1  # (in the cached plan too: the next call starts from what fitted)
 
 
-def _plan(x, w, bias, precision):
+def _plan(x, w, bias, precision, row_map: bool):
     """The launch for these shapes and strides, checked once."""
     if (x.dim() != 3 or w.dim() != 2 or w.shape[1] != x.shape[2] or w.stride(1) != 1
             or x.dtype != torch.float32 or w.dtype != torch.float32
@@ -99,6 +123,15 @@ def _plan(x, w, bias, precision):
     block_m, block_n, block_k, warps, stages = TUNING["wide" if N >= WIDE_N else "narrow"]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     ints = (M, N, K, max(seqlen, 1), x.stride(0), x.stride(1), x.stride(2), w.stride(0))
-    kwargs = dict(HAS_BIAS=bias is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+    kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
     return grid, ints, kwargs, (batch, seqlen, N)
+
+
+def _checked(live_rows, x):
+    rows, live = live_rows
+    if (rows.shape != (x.shape[0] * x.shape[1],) or rows.dtype != torch.int32 or rows.stride(0) != 1
+            or live.numel() != 1 or live.dtype != torch.int32 or rows.device != x.device or live.device != x.device):
+        raise ValueError(f"linear_tf32x3: live rows {tuple(rows.shape)} {rows.dtype} and count {tuple(live.shape)} "
+                         f"{live.dtype} do not fit x {tuple(x.shape)} (want (batch * L,) and (1,) int32 on its device)")
+    return rows, live
