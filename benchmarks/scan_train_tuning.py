@@ -85,11 +85,27 @@ def tune(dtype, device, shape, bench, fwd_caps, bwd_configs):
     return {"ckpt_maxnreg": fwd_best[1]}, bwd_best[1], rows
 
 
+def _bwd_config(text: str) -> tuple:
+    """'32,1,1,8,evict_last,0,4' -> (32, 1, True, 8, 'evict_last', 0, 4), in BWD_KEYS' order."""
+    parts = text.split(",")
+    if len(parts) != len(BWD_KEYS):
+        raise argparse.ArgumentTypeError(f"{text!r}: want {len(BWD_KEYS)} values ({','.join(BWD_KEYS)})")
+    try:
+        block_d, warps, prefetch, sub_chunk, evict, maxnreg, sum_steps = parts
+        return (int(block_d), int(warps), bool(int(prefetch)), int(sub_chunk), evict, int(maxnreg), int(sum_steps))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="scan_train_tuning.json", help="the tuning file (MAMBA_TRITON_TUNING)")
     p.add_argument("--results", default="", help="also write every measurement here (JSON)")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, two configurations")
+    p.add_argument("--bwd-configs", nargs="+", type=_bwd_config, default=None, metavar="CFG",
+                   help="backward launches to time instead of the built-in list, each as comma-separated values of "
+                        f"{','.join(BWD_KEYS)} (prefetch 0/1, evict '' for none); the first is the reference")
+    p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
     args = p.parse_args()
     if args.dry_run:
         from mamba_ssm.ops.dispatch import triton_on_cpu
@@ -103,7 +119,7 @@ def main():
         from contextlib import nullcontext
         from triton.testing import do_bench
 
-        device, shape, fwd_caps, bwd_configs = "cuda", (128, 768, 197), FWD_CAPS, BWD_CONFIGS
+        device, shape, fwd_caps, bwd_configs = "cuda", (128, 768, 197), FWD_CAPS, args.bwd_configs or BWD_CONFIGS
         bench = lambda fn: do_bench(fn, warmup=10, rep=50) * 1e3  # noqa: E731  (us)
         ctx = nullcontext()
     from mamba_ssm.ops.triton.selective_scan import _tuning_key
@@ -112,6 +128,8 @@ def main():
                                                "command": " ".join(sys.argv), "rows": {}}
     with ctx:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            if name not in args.dtypes:
+                continue
             key = _tuning_key(inputs(dtype, device, 1, 16, 3)[0][0])
             tuning["fwd"][key], tuning["bwd"][key], rows = tune(dtype, device, shape, bench, fwd_caps, bwd_configs)
             results["rows"][name] = rows

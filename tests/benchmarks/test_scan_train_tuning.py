@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from tests.benchmarks.helpers import dry_run, script_env
+from tests.benchmarks.helpers import dry_run, load_benchmark, script_env
 
 
 def test_scan_train_tuning_dry_run():
@@ -27,3 +27,17 @@ def test_scan_train_tuning_dry_run():
     for section in ("fwd", "bwd"):
         for key, entry in saved[section].items():
             assert {k: tables[section][key][k] for k in entry} == entry
+
+
+def test_backward_configurations_from_the_command_line():
+    import argparse
+
+    import pytest
+
+    tuning = load_benchmark("scan_train_tuning")
+    assert dict(zip(tuning.BWD_KEYS, tuning._bwd_config("16,1,0,8,,168,4"))) == {
+        "block_d": 16, "num_warps": 1, "prefetch": False, "sub_chunk": 8, "scratch_evict": "", "maxnreg": 168,
+        "sum_steps": 4}
+    for bad in ("32,1,1,8", "32,1,yes,8,evict_last,0,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="32,1"):
+            tuning._bwd_config(bad)
