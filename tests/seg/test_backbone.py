@@ -110,54 +110,50 @@ def test_gradients_reach_predictors_gates_and_backbone():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
-    """The training scans stop at each image's last kept token (dyvm.models.dyvm.SCAN_KEPT_ONLY): the same feature
-    maps and gradients, to rounding, as scans over the whole sequence (the maps read no pruned slot's output)."""
+def _same_both_ways(monkeypatch, flag: str):
+    """A DyVM backbone's training feature maps and gradients (Gumbel noise, the same draws) with
+    dyvm.models.dyvm.<flag> off and on: the same, to rounding."""
     import dyvm.models.dyvm as dyvm_model
 
     model = dyvm_backbone(gumbel_noise=True)
     decisive(model).selection = LearnedSelection(gumbel_noise=True)
     model.train()
-    x, params, results, lengths = torch.randn(3, 3, 32, 32), list(model.parameters()), [], []
-    mix = type(model.layers[0].mixer).mix
-    monkeypatch.setattr(type(model.layers[0].mixer), "mix",
-                        lambda self, *a, **kw: lengths.append(kw.get("lengths")) or mix(self, *a, **kw))
-    for kept_only in (False, True):
-        monkeypatch.setattr(dyvm_model, "SCAN_KEPT_ONLY", kept_only)
-        torch.manual_seed(5)  # the same Gumbel draws
+    x, params, results = torch.randn(3, 3, 32, 32), list(model.parameters()), []
+    for on in (False, True):
+        monkeypatch.setattr(dyvm_model, flag, on)
+        torch.manual_seed(5)
         out = model(x)
         loss = sum(f.square().mean() for f in out.features) + sum(d.mean() for d in out.decisions) + out.gates.mean()
         results.append([*out.features, *torch.autograd.grad(loss, params)])
-    assert lengths[:4] == [None] * 4 and lengths[4] is None and (lengths[-1] < M).all()
     for a, b in zip(*results):
         assert (a - b).norm() <= 1e-6 * b.norm()
+
+
+def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):
+    """The training scans stop at each image's last kept token (dyvm.models.dyvm.SCAN_KEPT_ONLY): the same feature
+    maps and gradients, to rounding, as scans over the whole sequence (the maps read no pruned slot's output)."""
+    from dyvm.models.mixer import DynamicMamba
+
+    lengths, mix = [], DynamicMamba.mix
+    monkeypatch.setattr(DynamicMamba, "mix",
+                        lambda self, *a, **kw: lengths.append(kw.get("lengths")) or mix(self, *a, **kw))
+    _same_both_ways(monkeypatch, "SCAN_KEPT_ONLY")
+    assert lengths[:4] == [None] * 4 and lengths[4] is None and (lengths[-1] < M).all()
 
 
 def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch):
     """The mixers' fp32 out_proj on the tf32x3 kernel computes only each image's kept rows and the conv's reach past
     them (dyvm.models.dyvm.LINEAR_KEPT_ONLY; in_proj every row, see the backbone's _Tokens): the same feature maps
     and gradients."""
-    import dyvm.models.dyvm as dyvm_model
     from mamba_ssm.ops import linear_fp32
 
     monkeypatch.setattr(linear_fp32, "MIN_ROWS", 8)
     monkeypatch.setattr(linear_fp32, "ENABLED", True)
     monkeypatch.setattr(linear_fp32, "triton_enabled", lambda x, module: True)  # the linears only (interpreter)
-    model = dyvm_backbone(gumbel_noise=True)
-    decisive(model).selection = LearnedSelection(gumbel_noise=True)
-    model.train()
-    x, params, results, maps = torch.randn(3, 3, 32, 32), list(model.parameters()), [], []
-    row_map = linear_fp32.LiveRows.row_map
+    maps, row_map = [], linear_fp32.LiveRows.row_map
     monkeypatch.setattr(linear_fp32.LiveRows, "row_map", lambda self, *a: maps.append(a) or row_map(self, *a))
-    for kept_only in (False, True):
-        monkeypatch.setattr(dyvm_model, "LINEAR_KEPT_ONLY", kept_only)
-        torch.manual_seed(5)  # the same Gumbel draws
-        out = model(x)
-        loss = sum(f.square().mean() for f in out.features) + sum(d.mean() for d in out.decisions) + out.gates.mean()
-        results.append([*out.features, *torch.autograd.grad(loss, params)])
+    _same_both_ways(monkeypatch, "LINEAR_KEPT_ONLY")
     assert maps and all(a == (M, 3) for a in maps)  # (L, the conv's reach)
-    for a, b in zip(*results):
-        assert (a - b).norm() <= 1e-6 * b.norm()
 
 
 def test_gate_pooling_is_the_mean_over_kept_tokens():
