@@ -136,10 +136,11 @@ def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(
 
     monkeypatch.setattr(kernel, "launch", short_on_shared_memory)
     monkeypatch.setattr(kernel, "_plans", {})
+    monkeypatch.setitem(kernel.TUNING, "narrow", (128, 64, 32, 4, 4))
     x, w = torch.randn(2, 33, 24), torch.randn(40, 24)
     got = kernel.linear_tf32x3(x, w)
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert stages_tried == [4, 3, 2]  # the narrow tiles' 4 stages, then 3, then 2 fitted
+    assert stages_tried == [4, 3, 2]  # the tiles' 4 stages, then 3, then 2 fitted
     stages_tried.clear()
     kernel.linear_tf32x3(x, w)
     assert stages_tried == [2]
@@ -183,7 +184,7 @@ def test_kernel_computes_only_the_live_rows(out_features):
     is_live = torch.arange(77)[None, :] < (lengths[:, None] + 3)
     torch.testing.assert_close(got[is_live], full[is_live], rtol=1e-5, atol=1e-5)
     assert (got[~is_live] == 0).all()
-    assert kernel.TUNING["wide"][0] == kernel.TUNING["narrow"][0] == 128 and 128 < live.item() < 256 < 4 * 77
+    assert {tiles[0] for tiles in kernel.TUNING.values()} == {128} and 128 < live.item() < 256 < 4 * 77
     with pytest.raises(ValueError, match="live rows"):
         kernel.linear_tf32x3(x, w, bias, live_rows=(rows.long(), live))
 

@@ -78,9 +78,14 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K,
 # Tiles (rows, columns, depth, warps, stages) by output width, from the sweep of .device/mm_probe.py at Vim-S
 # training shapes (H200, 25216 rows; us, against cuBLAS fp32): 1536 columns (in_proj) 128 x 128 x 32, 8 warps,
 # 3 stages: 420 against 610; 384 and 768 columns (in_proj's input gradient, out_proj both ways) 128 x 64 x 32,
-# 4 warps, 4 stages: 438 / 225 / 290 against 684 / 381 / 329. (128 x 256 tiles and 16-deep steps were slower.)
+# then with 4 warps and 4 stages: 438 / 225 / 290 against 684 / 381 / 329 (128 x 256 tiles and 16-deep steps were
+# slower). 8 warps and 3 stages since (benchmarks/results/linear_tiles_h200_2026-11-28.txt, 128 x 197 / 138 / 98 / 68
+# rows, DyVM's stages): in_proj's input gradient 418 / 318 / 231 / 184 against 448 / 358 / 272 / 183, out_proj's
+# forward 216 / 165 / 120 / 95 against 232 / 186 / 141 / 95, its input gradient equal or faster; but over live rows
+# (a row map) 8 warps were slower (out_proj's input gradient 211 / 159 / 121 against 180 / 131 / 103 us at the
+# three stages' shares), so the row map keeps 4 warps and 4 stages ("narrow rows").
 WIDE_N = 1024
-TUNING = {"wide": (128, 128, 32, 8, 3), "narrow": (128, 64, 32, 4, 4)}
+TUNING = {"wide": (128, 128, 32, 8, 3), "narrow": (128, 64, 32, 8, 3), "narrow rows": (128, 64, 32, 4, 4)}
 
 _plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
 
@@ -120,7 +125,7 @@ def _plan(x, w, bias, precision, row_map: bool):
     batch, seqlen, K = x.shape
     N = w.shape[0]
     M = batch * seqlen
-    block_m, block_n, block_k, warps, stages = TUNING["wide" if N >= WIDE_N else "narrow"]
+    block_m, block_n, block_k, warps, stages = TUNING["wide" if N >= WIDE_N else "narrow rows" if row_map else "narrow"]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     ints = (M, N, K, max(seqlen, 1), x.stride(0), x.stride(1), x.stride(2), w.stride(0))
     kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
