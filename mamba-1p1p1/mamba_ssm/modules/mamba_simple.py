@@ -257,8 +257,8 @@ class Mamba(nn.Module):
                live_rows: Optional[linear_fp32.LiveRows] = None):
         """The Linear `name` (see _cached_linears) applied to x, with the cached weights when given; fp32 on a GPU
         as three TF32 tensor-core products where mamba_ssm.ops.linear_fp32 applies (training and inference), there
-        computing only the live rows when given (the others come out as zeros: for masked DyVM training, where
-        nobody reads them; margin: the conv's reach past each image's last live token)."""
+        computing only the live rows when given: each image's first lengths + d_conv - 1 rows (the conv reads that
+        far past its last kept token); the others come out as zeros (masked DyVM training, where nobody reads them)."""
         module = self._modules[name]
         if module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
             return module(x)  # the module itself: its hooks see the call, a replaced module runs its own forward
