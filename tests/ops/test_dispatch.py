@@ -84,7 +84,6 @@ def test_dispatch_and_errors(monkeypatch):
         selective_scan_fn(u, delta, A, B, C, D[:3])
 
 
-
 def test_reference_forced_follows_the_environment_as_it_changes(monkeypatch):
     """reference_forced reads os.environ's own store (a fast path): every way of setting or clearing the
     variable is seen at the next call, and a replaced os.environ falls back to the plain lookup."""
@@ -102,6 +101,7 @@ def test_reference_forced_follows_the_environment_as_it_changes(monkeypatch):
     assert not reference_forced()
     monkeypatch.setattr(os, "environ", {FORCE_REFERENCE_ENV: "1"})
     assert reference_forced()
+
 
 def test_env_report_names_every_op():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

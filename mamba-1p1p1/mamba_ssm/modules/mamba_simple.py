@@ -262,11 +262,11 @@ class Mamba(nn.Module):
         module = self._modules[name]
         if module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
             return module(x)  # the module itself: its hooks see the call, a replaced module runs its own forward
-        margin = self.d_conv - 1
-        if weights is not None and name in weights.linears:
-            return linear_fp32.linear(x, *weights.linears[name], live_rows, margin)
+        if weights is not None and name in weights.linears:  # (inference: no live rows)
+            return linear_fp32.linear(x, *weights.linears[name])
         if linear_fp32.tf32x3_applies(x, module.weight) and not _global_module_hooks():  # (checked once, here)
-            return linear_fp32.linear_on_kernel(x, module.weight, module.bias, live_rows, margin)
+            row_map = None if live_rows is None else live_rows.row_map(x.shape[1], self.d_conv - 1)
+            return linear_fp32.linear_on_kernel(x, module.weight, module.bias, row_map)
         return module(x)  # FLOP counters and other global module hooks see the call
 
     def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None,

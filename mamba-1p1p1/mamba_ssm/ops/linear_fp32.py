@@ -83,23 +83,21 @@ def live_row_map(lengths: Tensor, seqlen: int, margin: int):
     return rows, count.to(torch.int32)
 
 
-def linear(x: Tensor, weight: Tensor, bias=None, live_rows: Optional[LiveRows] = None, margin: int = 0) -> Tensor:
-    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies; there, given live_rows, only
-    the live rows (see LiveRows; `margin` rows past each image's length) are computed, the others are zeros."""
+def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
+    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
-    return linear_on_kernel(x, weight, bias, live_rows, margin)
+    return linear_on_kernel(x, weight, bias)
 
 
-def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, live_rows: Optional[LiveRows] = None,
-                     margin: int = 0) -> Tensor:
+def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tuple] = None) -> Tensor:
     """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
-    where the kernel does not apply): the kernel, with autograd when a gradient is wanted."""
+    where the kernel does not apply): the kernel, with autograd when a gradient is wanted. row_map: None, or
+    LiveRows.row_map(...) to compute the live rows only (zeros elsewhere)."""
     from triton.runtime.errors import OutOfResources
 
     from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
 
-    row_map = None if live_rows is None else live_rows.row_map(x.shape[1], margin)
     try:
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias, row_map)

@@ -200,7 +200,8 @@ def test_op_with_live_rows_gives_the_live_rows_and_every_gradient_of_f_linear(sm
     w, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
     dout = torch.randn(3, 12, 8) * is_live
     with triton_on_cpu():
-        out = linear_fp32.linear(x, w, bias, live_rows, margin=2)
+        assert linear_fp32.tf32x3_applies(x, w)
+        out = linear_fp32.linear_on_kernel(x, w, bias, live_rows.row_map(12, 2))
         assert live_rows.row_map(12, 2) is live_rows.row_map(12, 2)  # built once per stage
     got = torch.autograd.grad(out, [x, w, bias], dout)
     ref = F.linear(x, w, bias)

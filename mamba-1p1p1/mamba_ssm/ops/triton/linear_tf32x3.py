@@ -50,7 +50,6 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K,
         dead = pid_m * BLOCK_M >= live
     else:
         rows = slots
-        live = M
         dead = False
     out_p = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     if dead:  # rows nobody reads: zeros, so that nothing uninitialised (a NaN) meets their masks downstream
