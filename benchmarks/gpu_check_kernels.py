@@ -79,7 +79,7 @@ def linear_check(summary, batch=128):
     from triton.testing import do_bench_cudagraph
 
     from mamba_ssm.ops import linear_fp32
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
 
     for L in (197, 138, 98, 68):
         x = torch.randn(batch, L, 384, device="cuda")
@@ -90,9 +90,9 @@ def linear_check(summary, batch=128):
                  ("out_proj fwd", y, w_out), ("out_proj dgrad", torch.randn(batch, L, 384, device="cuda"), w_out.t())]
         for name, a, w in cases:
             exact = torch.nn.functional.linear(a.double(), w.double())
-            wk = w.contiguous()  # (the op layer copies the transposed weight once per backward)
-            got, ref = linear_tf32x3(a, wk), torch.nn.functional.linear(a, w)
-            t_kernel = do_bench_cudagraph(lambda: linear_tf32x3(a, wk)) * 1e3
+            got, ref = linear_tf32x3(a, *split_tf32(w)), torch.nn.functional.linear(a, w)
+            # (timed with the weight's split, as training runs it: once per call)
+            t_kernel = do_bench_cudagraph(lambda: linear_tf32x3(a, *split_tf32(w))) * 1e3
             t_cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(a, w)) * 1e3
             summary[f"linear {name} L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
                 f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
@@ -124,7 +124,7 @@ def _live_rows_check(summary, batch):
     from triton.testing import do_bench_cudagraph
 
     from mamba_ssm.ops.linear_fp32 import live_row_map
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for kept in (138, 97, 68):
@@ -133,11 +133,11 @@ def _live_rows_check(summary, batch):
         is_live = torch.arange(197, device="cuda")[None, :] < (lengths[:, None] + 3)
         for name, K, N in (("in_proj fwd", 384, 1536), ("out_proj dgrad", 384, 768)):
             a = torch.randn(batch, 197, K, device="cuda", generator=g)
-            w = torch.randn(N, K, device="cuda", generator=g) / K ** 0.5
-            full, got = linear_tf32x3(a, w), linear_tf32x3(a, w, live_rows=row_map)
+            w = split_tf32(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5)
+            full, got = linear_tf32x3(a, *w), linear_tf32x3(a, *w, live_rows=row_map)
             ok = torch.equal(got[is_live], full[is_live]) and not got[~is_live].any()
-            t_full = do_bench_cudagraph(lambda: linear_tf32x3(a, w)) * 1e3
-            t_live = do_bench_cudagraph(lambda: linear_tf32x3(a, w, live_rows=row_map)) * 1e3
+            t_full = do_bench_cudagraph(lambda: linear_tf32x3(a, *w)) * 1e3
+            t_live = do_bench_cudagraph(lambda: linear_tf32x3(a, *w, live_rows=row_map)) * 1e3
             summary[f"linear live rows {name} kept {kept}: live rows equal, dead zero; us live / every row"] = (
                 f"{ok}; {t_live:.0f} / {t_full:.0f} (live {row_map[1].item() / (batch * 197):.2f})")
 
@@ -169,7 +169,7 @@ def _gate_decisions_compared(model, x, autocast):
         for mixer, xz, pos, weights, logits in seen:
             ops_gates = (logits > 0).to(logits.dtype)
             got = gate_head_decide(xz, *mixer.gate_head_for(xz, pos, weights), torch.empty_like(ops_gates))
-            w, b = weights.linears["block_head"] if weights is not None else (mixer.block_head.weight,
+            w, b = weights.linears["block_head"][:2] if weights is not None else (mixer.block_head.weight,
                                                                               mixer.block_head.bias)
             col = xz[:, :, pos if isinstance(pos, int) else pos[0]]
             exact = col.double() @ w.to(xz.dtype).double().t() + b.to(xz.dtype).double()

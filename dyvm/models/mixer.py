@@ -60,7 +60,7 @@ class DynamicMamba(Mamba):
         positions = (cls_positions,) if isinstance(cls_positions, int) else tuple(cls_positions)
         if len(positions) != 1:
             return None
-        weight, bias = weights.linears["block_head"] if weights is not None else (head.weight, head.bias)
+        weight, bias = weights.linears["block_head"][:2] if weights is not None else (head.weight, head.bias)
         return positions[0], weight, bias
 
     def ssm_feature(self, xz: Tensor, kind: str, mask: Optional[Tensor] = None) -> Tensor:

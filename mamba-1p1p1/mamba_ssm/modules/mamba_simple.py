@@ -35,7 +35,7 @@ class InferenceWeights(NamedTuple):
     """A v2 layer's weights as inference on the kernels takes them (Mamba.inference_weights): the Linear
     weights and biases by name and the stacked x_proj / dt_proj weights in the autocast dtype (no cast per
     call), A = -exp(A_log) and the other fp32 parameters as the kernels read them."""
-    linears: dict  # name -> (weight, bias or None)
+    linears: dict  # name -> (weight, bias or None, memo: a dict for what the fp32 kernel derives from the weight)
     fwd: ScanWeights
     bwd: ScanWeights
     stacked: "StackedWeights"
@@ -250,7 +250,7 @@ class Mamba(nn.Module):
         stacked = stack_directions(fwd, bwd)
         stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
                                    dt_proj_weight=cast(stacked.dt_proj_weight))
-        return InferenceWeights({n: (cast(m.weight), cast(m.bias)) for n, m in self._cached_linears().items()},
+        return InferenceWeights({n: (cast(m.weight), cast(m.bias), {}) for n, m in self._cached_linears().items()},
                                 fwd, bwd, stacked)
 
     def linear(self, name: str, x, weights: Optional[InferenceWeights] = None,

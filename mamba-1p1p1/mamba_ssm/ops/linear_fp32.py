@@ -7,9 +7,10 @@ not allowed (with `--tf32` the user asked for cuBLAS's plain TF32, which is fast
 MIN_ROWS tokens (it was measured at 8704 to 25216 rows; tiny inputs keep cuBLAS), a GPU with TF32 tensor cores
 (compute capability 8.0 or later) or the interpreter in tests, nothing tracing or watching the ops (torch.compile,
 FLOP counters, fake tensors see F.linear), and ENABLED (False: cuBLAS throughout, for A/B runs; also
-MAMBA_FP32_LINEAR=cublas). The backward: the input's gradient by the same kernel (the weight transposed, copied),
-the weight's by cuBLAS in fp32 as F.linear's backward computes it (the kernel was no faster there: 555 against 580
-us at in_proj's size), the bias's as a sum over tokens.
+MAMBA_FP32_LINEAR=cublas). The kernel takes the weight split into two TF32 parts (split_tf32, one small launch per
+call; inference keeps the parts with the layer's cached weights: `memo`). The backward: the input's gradient by
+the same kernel (the transposed weight split), the weight's by cuBLAS in fp32 as F.linear's backward computes it
+(a kernel was no faster there: 555 against 580 us at in_proj's size), the bias's as a sum over tokens.
 
 Live rows (`LiveRows`): in DyVM training after a pruning stage each image's pruned tokens sit masked behind its
 kept ones, and no loss term reads them (dyvm.models.dyvm.SCAN_KEPT_ONLY). A mixer's in_proj and out_proj then need
@@ -83,17 +84,19 @@ def live_row_map(lengths: Tensor, seqlen: int, margin: int):
     return rows, count.to(torch.int32)
 
 
-def linear(x: Tensor, weight: Tensor, bias=None) -> Tensor:
-    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies."""
+def linear(x: Tensor, weight: Tensor, bias=None, memo: Optional[dict] = None) -> Tensor:
+    """F.linear(x, weight, bias), fp32 on TF32 tensor cores where tf32x3_applies. memo: a dict that lives as long
+    as the weight's values (inference's cached weights), where the weight's split is kept after its first use."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
-    return linear_on_kernel(x, weight, bias)
+    return linear_on_kernel(x, weight, bias, memo=memo)
 
 
-def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tuple] = None) -> Tensor:
+def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tuple] = None,
+                     memo: Optional[dict] = None) -> Tensor:
     """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
     where the kernel does not apply): the kernel, with autograd when a gradient is wanted. row_map: None, or
-    LiveRows.row_map(...) to compute the live rows only (zeros elsewhere)."""
+    LiveRows.row_map(...) to compute the live rows only (zeros elsewhere); memo: see linear (no gradient only)."""
     from triton.runtime.errors import OutOfResources
 
     from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
@@ -101,36 +104,43 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
     try:
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias, row_map)
-        return linear_tf32x3(x, _k_contiguous(weight), bias, live_rows=row_map)
+        return linear_tf32x3(x, *_weight_parts(weight, memo), bias, live_rows=row_map)
     except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
         _NO_ROOM.add(x.device.index)
         warnings.warn(f"fp32 in_proj / out_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})", stacklevel=2)
         return F.linear(x, weight, bias)
 
 
-def _k_contiguous(weight: Tensor) -> Tensor:
-    """The (N, K) weight with K contiguous, as the kernel reads it (a copy only where it is not)."""
-    return weight if weight.stride(1) == 1 else weight.contiguous()
+def _weight_parts(weight: Tensor, memo: Optional[dict]) -> tuple:
+    """split_tf32(weight), from memo["tf32"] when it holds them (and kept there when memo is given)."""
+    from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
+
+    parts = None if memo is None else memo.get("tf32")
+    if parts is None:
+        parts = split_tf32(weight)
+        if memo is not None:
+            memo["tf32"] = parts
+    return parts
 
 
 class _LinearTF32x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_map):
-        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
 
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.row_map = bias is not None, row_map
-        return linear_tf32x3(x, _k_contiguous(weight), bias, live_rows=row_map)
+        return linear_tf32x3(x, *split_tf32(weight), bias, live_rows=row_map)
 
     @staticmethod
     @once_differentiable  # (a second derivative through it raises instead of coming out wrong)
     def backward(ctx, dout):
-        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
 
         x, weight = ctx.saved_tensors
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # (zeros at the dead rows: nobody reads them)
-            dx = linear_tf32x3(dout, weight.t().contiguous(), live_rows=ctx.row_map)
+            dx = linear_tf32x3(dout, *split_tf32(weight.t()), live_rows=ctx.row_map)
         if ctx.needs_input_grad[1]:  # (every row; dead ones add 0: out_proj's input, in_proj's dout are 0)
             dweight = dout.reshape(-1, dout.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -22,25 +22,50 @@ def _x(layout, batch=3, seqlen=77, width=40):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-@pytest.mark.parametrize("out_features, with_bias", [(70, True), (1100, False)])  # narrow and wide tiles
+@pytest.mark.parametrize("out_features, with_bias", [(70, True), (300, False)])  # one tile of columns, several
 def test_kernel_equals_the_fp64_product(layout, out_features, with_bias):
     x = _x(layout)
     w = torch.randn(out_features, x.shape[-1]) / x.shape[-1] ** 0.5
     bias = torch.randn(out_features) if with_bias else None
-    got = kernel.linear_tf32x3(x, w, bias)
+    got = kernel.linear_tf32x3(x, *kernel.split_tf32(w), bias)
     want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     assert got.shape == want.shape and got.is_contiguous() and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _low_bits(t):
+    return t.view(torch.int32) & 0x1FFF
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_split_gives_two_tf32_parts_that_sum_to_the_weight(transposed):
+    """hi: the weight rounded to the nearest TF32 value; lo: the rest, rounded to TF32 too (exact TF32 values, so the
+    tensor cores' products of them are exact); the weight's transposed view is read in place."""
+    w = torch.randn(33, 50) * torch.logspace(-3, 3, 50)
+    if transposed:
+        w = torch.randn(50, 33).t()
+    hi, lo = kernel.split_tf32(w)
+    assert hi.shape == lo.shape == w.shape and hi.is_contiguous() and lo.is_contiguous()
+    assert not _low_bits(hi).any() and not _low_bits(lo).any()
+    wd = w.double()
+    assert ((wd - hi.double()).abs() <= wd.abs() * 2.0 ** -11).all()  # half a TF32 step: to nearest
+    assert ((wd - hi.double() - lo.double()).abs() <= wd.abs() * 2.0 ** -21).all()
+    assert not (lo == 0).all()
+    with pytest.raises(ValueError, match="split_tf32"):
+        kernel.split_tf32(w.bfloat16())
+
+
 def test_kernel_refuses_what_does_not_fit():
     x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+    hi, lo = kernel.split_tf32(w)
     with pytest.raises(ValueError, match="linear_tf32x3"):
-        kernel.linear_tf32x3(x, w.t().contiguous().t())  # not K-contiguous
+        kernel.linear_tf32x3(x, hi.t().contiguous().t(), lo)  # not split_tf32's layout
     with pytest.raises(ValueError, match="linear_tf32x3"):
-        kernel.linear_tf32x3(x.bfloat16(), w.bfloat16())
+        kernel.linear_tf32x3(x.bfloat16(), hi, lo)
     with pytest.raises(ValueError, match="linear_tf32x3"):
-        kernel.linear_tf32x3(x, w, torch.randn(5))
+        kernel.linear_tf32x3(x, hi, lo[:5])
+    with pytest.raises(ValueError, match="linear_tf32x3"):
+        kernel.linear_tf32x3(x, hi, lo, torch.randn(5))
 
 
 @pytest.fixture
@@ -129,6 +154,8 @@ def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(
     stages_tried, real = [], kernel.launch
 
     def short_on_shared_memory(fn, grid, *args, **kwargs):
+        if fn is not kernel._linear_kernel:  # (the weight's split)
+            return real(fn, grid, *args, **kwargs)
         stages_tried.append(kwargs["num_stages"])
         if kwargs["num_stages"] > 2:
             raise OutOfResources(131072, 101376, "shared memory")
@@ -136,13 +163,14 @@ def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(
 
     monkeypatch.setattr(kernel, "launch", short_on_shared_memory)
     monkeypatch.setattr(kernel, "_plans", {})
-    monkeypatch.setitem(kernel.TUNING, "narrow", (128, 64, 32, 4, 4))
+    monkeypatch.setattr(kernel, "TILES", (128, 64, 32, 4, 4))
     x, w = torch.randn(2, 33, 24), torch.randn(40, 24)
-    got = kernel.linear_tf32x3(x, w)
+    parts = kernel.split_tf32(w)
+    got = kernel.linear_tf32x3(x, *parts)
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert stages_tried == [4, 3, 2]  # the tiles' 4 stages, then 3, then 2 fitted
     stages_tried.clear()
-    kernel.linear_tf32x3(x, w)
+    kernel.linear_tf32x3(x, *parts)
     assert stages_tried == [2]
 
 
@@ -168,7 +196,7 @@ def test_live_row_map_lists_each_images_first_rows_first():
     assert rows[10:].tolist() == [4, 6, 7, 8, 9] and sorted(rows.tolist()) == list(range(15))
 
 
-@pytest.mark.parametrize("out_features", [70, 1100])  # narrow and wide tiles
+@pytest.mark.parametrize("out_features", [70, 300])  # one tile of columns, several
 def test_kernel_computes_only_the_live_rows(out_features):
     """With a row map the live rows come out as without one (bit for bit on a GPU, where each row's products
     are its own: gpu_check.py --sections linear; the interpreter's numpy matmul rounds by tile) and the others
@@ -179,14 +207,15 @@ def test_kernel_computes_only_the_live_rows(out_features):
     bias = torch.randn(out_features)
     lengths = torch.tensor([77, 20, 0, 50], dtype=torch.int32)
     rows, live = linear_fp32.live_row_map(lengths, 77, margin=3)
-    full = kernel.linear_tf32x3(x, w, bias)
-    got = kernel.linear_tf32x3(x, w, bias, live_rows=(rows, live))
+    parts = kernel.split_tf32(w)
+    full = kernel.linear_tf32x3(x, *parts, bias)
+    got = kernel.linear_tf32x3(x, *parts, bias, live_rows=(rows, live))
     is_live = torch.arange(77)[None, :] < (lengths[:, None] + 3)
     torch.testing.assert_close(got[is_live], full[is_live], rtol=1e-5, atol=1e-5)
     assert (got[~is_live] == 0).all()
-    assert {tiles[0] for tiles in kernel.TUNING.values()} == {128} and 128 < live.item() < 256 < 4 * 77
+    assert kernel.TILES[0] == 128 and 128 < live.item() < 256 < 4 * 77
     with pytest.raises(ValueError, match="live rows"):
-        kernel.linear_tf32x3(x, w, bias, live_rows=(rows.long(), live))
+        kernel.linear_tf32x3(x, *parts, bias, live_rows=(rows.long(), live))
 
 
 def test_op_with_live_rows_gives_the_live_rows_and_every_gradient_of_f_linear(small_rows):
@@ -210,3 +239,25 @@ def test_op_with_live_rows_gives_the_live_rows_and_every_gradient_of_f_linear(sm
     assert (out[~is_live.expand_as(out)] == 0).all()
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_keeps_the_weight_split_with_the_cached_weights(small_rows, monkeypatch):
+    """Eager inference splits each Linear's weight once and keeps the parts with the layer's cached weights; a changed
+    weight (an in-place update bumps its version) is split again; a step that wants gradients splits per call."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    mixer = Mamba(d_model=16, d_state=4, bimamba_type="v2")
+    splits, real = [], kernel.split_tf32
+    monkeypatch.setattr(kernel, "split_tf32", lambda w: splits.append(tuple(w.shape)) or real(w))
+    x = torch.randn(2, 9, 16)
+    with triton_on_cpu(), torch.no_grad():
+        first = mixer(x)
+        assert len(splits) == 2  # in_proj, out_proj
+        torch.testing.assert_close(mixer(x), first, rtol=0, atol=0)
+        assert len(splits) == 2
+        mixer.out_proj.weight.mul_(2)
+        mixer(x)
+        assert len(splits) == 4  # the whole layer's cache is derived again
+    with triton_on_cpu():
+        mixer(x.requires_grad_()).sum().backward()
+    assert len(splits) == 4 + 4  # forward and input gradient of both

@@ -2,15 +2,22 @@
 
 cuBLAS multiplies fp32 on the CUDA cores (torch's default, allow_tf32 off): at Vim-S training shapes (25216 token
 rows) in_proj's forward took 610 us on an H200. TF32 tensor cores are several times faster but keep 10 mantissa
-bits. Split each fp32 operand into a TF32 part and a TF32 remainder, a = a_hi + a_lo, and sum three tensor-core
-products, a_hi b_hi + a_hi b_lo + a_lo b_hi (Triton's input_precision "tf32x3"): the dropped a_lo b_lo is about
-2^-22 of each product, and the fp32 accumulation runs in blocks of the reduction, so the result is closer to the
-fp64 product than cuBLAS's fp32 one (1.5e-7 against 3.5e-7 to 7e-7 relative at Vim-S shapes), in 420 against 610
-us (benchmarks/results/linear_tf32x3_probe_h200_2026-11-28.txt).
+bits. Split each fp32 operand into a TF32 part and a TF32 remainder, a = a_hi + a_lo, both rounded to nearest, and
+sum three tensor-core products, a_lo b_hi + a_hi b_lo + a_hi b_hi: the dropped a_lo b_lo is about 2^-22 of each
+product, and the fp32 accumulation runs in blocks of the reduction, so the result is closer to the fp64 product
+than cuBLAS's fp32 one (1.5e-7 against 3.5e-7 to 7e-7 relative at Vim-S shapes).
 
-x is (batch, L, K) with any strides (out_proj reads a transposed view); w is (N, K) K-contiguous, as both the
-forward (w = the weight) and the input gradient (w = the weight transposed, copied once: 2.4 MB at in_proj's
-size) give it. The output is (batch, L, N) contiguous. A leaf: the op layer is mamba_ssm.ops.linear_fp32.
+The weight comes split already (`split_tf32`: two (N, K) tensors whose values are exact TF32), and x is split in
+registers. Triton's own input_precision "tf32x3" splits both operands inside the kernel; a split weight is loaded
+as it is, so the tensor cores read it from shared memory (Hopper's wgmma) and the three products run as plain TF32
+dots, each 32-deep step into a fresh accumulator (see the kernel): 354 against 435 us for in_proj's forward, 182
+against 216 for out_proj's, 348 against 418 for in_proj's input gradient at 25216 rows on an H200, the weight's
+split included (benchmarks/results/linear_tf32_split_h200_2026-11-28.txt). Splitting a weight is one small launch
+(in_proj's: 0.6M elements); eager inference keeps the parts with the layer's other cached weights.
+
+x is (batch, L, K) with any strides (out_proj reads a transposed view); the weight's parts are (N, K)
+contiguous, as split_tf32 writes them from the weight (forward) or its transposed view (input gradient). The output
+is (batch, L, N) contiguous. A leaf: the op layer is mamba_ssm.ops.linear_fp32.
 
 Live rows (DyVM training after a pruning stage, where each image's pruned tokens sit behind its kept ones and
 nothing reads them): with `rows` (batch * L,) int32, a permutation of the token rows b * L + t that lists the
@@ -29,9 +36,26 @@ from causal_conv1d.triton_utils import launch, remember
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_b, sx_t, sx_k, sw_n,
-                   HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _tf32(x):
+    """x rounded to the nearest TF32 value (10 mantissa bits; ties away from zero), as fp32: its low 13 bits
+    rounded into the rest through the integer add, then cleared."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_kernel(w_ptr, hi_ptr, lo_ptr, N, K, sw_n, sw_k, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N * K
+    w = tl.load(w_ptr + (offs // K).to(tl.int64) * sw_n + (offs % K).to(tl.int64) * sw_k, mask=ok)
+    hi = _tf32(w)
+    tl.store(hi_ptr + offs, hi, mask=ok)
+    tl.store(lo_ptr + offs, _tf32(w - hi), mask=ok)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_b, sx_t, sx_k,
+                   HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # programs walk GROUP_M row tiles down each column of tiles, so a group's x rows and w columns stay in L2
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -58,15 +82,26 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K,
         # row m is token (m // seqlen, m % seqlen) of x's (batch, L) axes
         row_off = (rows // seqlen).to(tl.int64) * sx_b + (rows % seqlen).to(tl.int64) * sx_t
         x_p = x_ptr + row_off[:, None] + ks[None, :] * sx_k
-        w_p = w_ptr + cols.to(tl.int64)[None, :] * sw_n + ks[:, None]
+        w_off = cols.to(tl.int64)[None, :] * K + ks[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask_k = (k0 + ks) < K
             x = tl.load(x_p, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_p, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            mask_w = mask_k[:, None] & mask_n[None, :]
+            w_hi = tl.load(wh_ptr + w_off, mask=mask_w, other=0.0)
+            w_lo = tl.load(wl_ptr + w_off, mask=mask_w, other=0.0)
+            x_hi = _tf32(x)
+            x_lo = _tf32(x - x_hi)
+            # Exact TF32 values, so each product is exact; the small terms first. The tensor cores add into their
+            # accumulator without rounding to nearest (the addends' low bits are cut where the sum's exponent is
+            # larger), so a long sum in one accumulator drifts: 2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes. Each
+            # BLOCK_K step sums into a fresh one and is added to the total by an fp32 add, as Triton's own tf32x3
+            # does: 1.5e-7.
+            step = tl.dot(x_lo, w_hi, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision="tf32")
+            step = tl.dot(x_hi, w_lo, step, input_precision="tf32")
+            acc += tl.dot(x_hi, w_hi, step, input_precision="tf32")
             x_p += BLOCK_K * sx_k
-            w_p += BLOCK_K
+            w_off += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0)[None, :]
         if ROW_MAP:  # a tile across the live count: its dead rows are zeros too
@@ -74,38 +109,48 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K,
         tl.store(out_p, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Tiles (rows, columns, depth, warps, stages) by output width, from the sweep of .device/mm_probe.py at Vim-S
-# training shapes (H200, 25216 rows; us, against cuBLAS fp32): 1536 columns (in_proj) 128 x 128 x 32, 8 warps,
-# 3 stages: 420 against 610; 384 and 768 columns (in_proj's input gradient, out_proj both ways) 128 x 64 x 32,
-# then with 4 warps and 4 stages: 438 / 225 / 290 against 684 / 381 / 329 (128 x 256 tiles and 16-deep steps were
-# slower). 8 warps and 3 stages since (benchmarks/results/linear_tiles_h200_2026-11-28.txt, 128 x 197 / 138 / 98 / 68
-# rows, DyVM's stages): in_proj's input gradient 418 / 318 / 231 / 184 against 448 / 358 / 272 / 183, out_proj's
-# forward 216 / 165 / 120 / 95 against 232 / 186 / 141 / 95, its input gradient equal or faster; but over live rows
-# (a row map) 8 warps were slower (out_proj's input gradient 211 / 159 / 121 against 180 / 131 / 103 us at the
-# three stages' shares), so the row map keeps 4 warps and 4 stages ("narrow rows").
-WIDE_N = 1024
-TUNING = {"wide": (128, 128, 32, 8, 3), "narrow": (128, 64, 32, 8, 3), "narrow rows": (128, 64, 32, 4, 4)}
+# Tiles (rows, columns, depth, warps, stages). Triton's own tf32x3 (both operands split inside the kernel) had
+# 128 x 128 x 32 with 8 warps and 3 stages for in_proj's 1536 columns and 128 x 64 x 32 for 384 and 768
+# (benchmarks/results/linear_tiles_h200_2026-11-28.txt). With the weight split before and a fresh accumulator per
+# step (benchmarks/results/linear_tf32_split_h200_2026-11-28.txt; H200, 25216 rows, us): 128 x 128 x 32, 8 warps, 3
+# stages is the fastest or within 1% of it for in_proj's forward (351) and input gradient (354) and out_proj's
+# input gradient (180), within 1% for out_proj's forward (184 against 183), and the fastest over DyVM's live rows
+# (a row map) at every stage's share but one; 128 x 256 spills (576 for in_proj's forward).
+TILES = (128, 128, 32, 8, 3)
 
 _plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
 
 
-def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = "tf32x3",
-                  live_rows=None) -> torch.Tensor:
-    """x (batch, L, K) fp32 (any strides), w (N, K) fp32 K-contiguous, bias (N,) or None -> (batch, L, N)
-    contiguous: x @ w^T + bias as three TF32 tensor-core products (precision: Triton's input_precision; the
-    others are for tests and probes). live_rows: None, or (rows, live) as the module docstring says: then only
-    the live rows are computed and the others come out as zeros."""
-    key = (x.shape, x.stride(), x.dtype, w.shape, w.stride(), w.dtype, None if bias is None else bias.dtype,
-           precision, live_rows is not None)
+def split_tf32(w: torch.Tensor):
+    """w (N, K) fp32, any strides -> (hi, lo), each (N, K) contiguous fp32 holding exact TF32 values: hi = w
+    rounded to TF32, lo = the rest rounded to TF32 (w = hi + lo to about 2^-22 of w). One launch; pass w.t() for
+    the transposed weight (the input gradient's)."""
+    if w.dim() != 2 or w.dtype != torch.float32:
+        raise ValueError(f"split_tf32: want a 2-D fp32 weight, got {tuple(w.shape)} {w.dtype}")
+    hi = torch.empty(w.shape, device=w.device, dtype=torch.float32)
+    lo = torch.empty_like(hi)
+    n, block = w.numel(), 1024
+    launch(_split_kernel, (triton.cdiv(n, block),), w, hi, lo, w.shape[0], w.shape[1], w.stride(0), w.stride(1),
+           BLOCK=block)
+    return hi, lo
+
+
+def linear_tf32x3(x: torch.Tensor, w_hi: torch.Tensor, w_lo: torch.Tensor, bias=None, live_rows=None) -> torch.Tensor:
+    """x (batch, L, K) fp32 (any strides), (w_hi, w_lo) = split_tf32(w) of an (N, K) weight, bias (N,) or None ->
+    (batch, L, N) contiguous: x @ w^T + bias as three TF32 tensor-core products. live_rows: None, or (rows, live)
+    as the module docstring says: then only the live rows are computed and the others come out as zeros."""
+    key = (x.shape, x.stride(), x.dtype, w_hi.shape, w_hi.stride(), w_hi.dtype, w_lo.shape, w_lo.stride(),
+           w_lo.dtype, None if bias is None else bias.dtype, live_rows is not None)
     plan = _plans.get(key)
     if plan is None:
-        plan = remember(_plans, key, _plan(x, w, bias, precision, live_rows is not None))
+        plan = remember(_plans, key, _plan(x, w_hi, w_lo, bias, live_rows is not None))
     grid, ints, kwargs, out_shape = plan
     out = torch.empty(out_shape, device=x.device, dtype=torch.float32)
     rows, live = (out, out) if live_rows is None else _checked(live_rows, x)  # (unread without the map)
     while True:
         try:
-            launch(_linear_kernel, grid, x, w, w if bias is None else bias, out, rows, live, *ints, **kwargs)
+            launch(_linear_kernel, grid, x, w_hi, w_lo, w_hi if bias is None else bias, out, rows, live, *ints,
+                   **kwargs)
             return out
         except OutOfResources:  # a GPU with less shared memory than the H200 the tiles were chosen on
             if kwargs["num_stages"] <= 1:
@@ -113,22 +158,24 @@ def linear_tf32x3(x: torch.Tensor, w: torch.Tensor, bias=None, precision: str = 
             kwargs["num_stages"] -= 1  # (in the cached plan too: the next call starts from what fitted)
 
 
-def _plan(x, w, bias, precision, row_map: bool):
+def _plan(x, w_hi, w_lo, bias, row_map: bool):
     """The launch for these shapes and strides, checked once."""
-    if (x.dim() != 3 or w.dim() != 2 or w.shape[1] != x.shape[2] or w.stride(1) != 1
-            or x.dtype != torch.float32 or w.dtype != torch.float32
+    if (x.dim() != 3 or w_hi.dim() != 2 or w_hi.shape[1] != x.shape[2] or not w_hi.is_contiguous()
+            or w_lo.shape != w_hi.shape or not w_lo.is_contiguous()
+            or x.dtype != torch.float32 or w_hi.dtype != torch.float32 or w_lo.dtype != torch.float32
             or (bias is not None
-                and (bias.shape != w.shape[:1] or bias.dtype != torch.float32 or bias.stride(0) != 1))):
-        raise ValueError(f"linear_tf32x3: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype} (K-contiguous) "
-                         f"and bias {None if bias is None else tuple(bias.shape)} do not fit")
+                and (bias.shape != w_hi.shape[:1] or bias.dtype != torch.float32 or bias.stride(0) != 1))):
+        raise ValueError(f"linear_tf32x3: x {tuple(x.shape)} {x.dtype}, weight parts {tuple(w_hi.shape)} "
+                         f"{w_hi.dtype} / {tuple(w_lo.shape)} {w_lo.dtype} (split_tf32's, contiguous) and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
     batch, seqlen, K = x.shape
-    N = w.shape[0]
+    N = w_hi.shape[0]
     M = batch * seqlen
-    block_m, block_n, block_k, warps, stages = TUNING["wide" if N >= WIDE_N else "narrow rows" if row_map else "narrow"]
+    block_m, block_n, block_k, warps, stages = TILES
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    ints = (M, N, K, max(seqlen, 1), x.stride(0), x.stride(1), x.stride(2), w.stride(0))
-    kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    ints = (M, N, K, max(seqlen, 1), x.stride(0), x.stride(1), x.stride(2))
+    kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                  GROUP_M=8, num_warps=warps, num_stages=stages)
     return grid, ints, kwargs, (batch, seqlen, N)
 
 
