@@ -96,6 +96,7 @@ def linear_check(summary, batch=128):
             t_cublas = do_bench_cudagraph(lambda: torch.nn.functional.linear(a, w)) * 1e3
             summary[f"linear {name} L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
                 f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
+    _x_proj_check(summary, batch)
     _live_rows_check(summary, batch)
     saved = linear_fp32.ENABLED
     got = _dyvm_step_both_ways(lambda on: setattr(linear_fp32, "ENABLED", saved if on is None else on))
@@ -115,6 +116,24 @@ def _step_compared(summary, name, got):
     summary[f"{name}: logits rel"] = rel(o1, o0)
     summary[f"{name}: kept tokens"] = f"{k1} / {k0}"
     summary[f"{name}: worst grad rel"] = f"{worst[0]:.2e} ({worst[1]}, of {len(g0)}); bit for bit: {equal}"
+
+
+def _x_proj_check(summary, batch):
+    """x_proj's forward (both directions, one launch) on the kernel against cuBLAS's fp32 batched matmul, both
+    against fp64, at the dense length and DyVM-S's after each stage."""
+    from triton.testing import do_bench_cudagraph
+
+    from mamba_ssm.ops.bimamba_stacked import _rows, _x_proj_matmul
+
+    for L in (197, 138, 98, 68):
+        xc = torch.randn(2, batch, L, 768, device="cuda").transpose(2, 3)  # the conv's channel-contiguous output
+        w = torch.randn(2, 56, 768, device="cuda") / 768 ** 0.5
+        exact = torch.bmm(_rows(xc).double(), w.double().transpose(1, 2))
+        got, ref = _x_proj_matmul(xc, w), torch.bmm(_rows(xc), w.transpose(1, 2))
+        t_kernel = do_bench_cudagraph(lambda: _x_proj_matmul(xc, w)) * 1e3
+        t_cublas = do_bench_cudagraph(lambda: torch.bmm(_rows(xc), w.transpose(1, 2))) * 1e3
+        summary[f"linear x_proj fwd L{L}: rel to fp64 kernel / cuBLAS fp32; us kernel / cuBLAS"] = (
+            f"{rel(got, exact):.1e} / {rel(ref, exact):.1e}; {t_kernel:.0f} / {t_cublas:.0f}")
 
 
 def _live_rows_check(summary, batch):

@@ -358,8 +358,13 @@ def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch, 
     monkeypatch.setattr(linear_fp32, "ENABLED", True)
     monkeypatch.setattr(linear_fp32, "triton_enabled", lambda x, module: True)  # the linears only
     live_counts, kernel = [], linear_tf32x3.linear_tf32x3
-    monkeypatch.setattr(linear_tf32x3, "linear_tf32x3", lambda *a, live_rows=None, **kw: live_counts.append(
-        None if live_rows is None else live_rows[1].item()) or kernel(*a, live_rows=live_rows, **kw))
+
+    def counted(x, *args, live_rows=None, **kwargs):
+        if x.dim() == 3:  # in_proj, out_proj (x_proj's two directions come stacked, 4-D)
+            live_counts.append(None if live_rows is None else live_rows[1].item())
+        return kernel(x, *args, live_rows=live_rows, **kwargs)
+
+    monkeypatch.setattr(linear_tf32x3, "linear_tf32x3", counted)
     model = tiny(predictor_input=predictor_input)
     _spread_gates(model)
     x = torch.randn(4, 3, 32, 32)
@@ -376,8 +381,8 @@ def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch, 
     # 4 layers x (in_proj, out_proj) forward and backward; the first layer's whole rows, then 3 stages' live rows
     assert len(live_counts) == 16 and live_counts.count(None) == 4
     assert all(n is not None and n < 4 * (M + 1) for n in live_counts[2:14]) and min(live_counts[2:14]) > 0
-    for a, b in zip(*results):
-        assert ((a - b).norm() <= 1e-6 * b.norm()) and torch.isfinite(a).all()
+    for a, b in zip(*results):  # (the floor: a gradient of 1e-4 rounds by tile in the interpreter too)
+        assert ((a - b).norm() <= 1e-6 * b.norm() + 1e-9) and torch.isfinite(a).all()
 
 
 def test_training_scans_over_the_kept_tokens_only_change_nothing(monkeypatch):

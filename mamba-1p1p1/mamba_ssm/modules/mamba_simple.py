@@ -248,7 +248,7 @@ class Mamba(nn.Module):
         cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))  # noqa: E731
         fwd, bwd = self.scan_weights(), self.scan_weights(backward=True)
         stacked = stack_directions(fwd, bwd)
-        stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight),
+        stacked = stacked._replace(x_proj_weight=cast(stacked.x_proj_weight), memo={},
                                    dt_proj_weight=cast(stacked.dt_proj_weight))
         return InferenceWeights({n: (cast(m.weight), cast(m.bias), {}) for n, m in self._cached_linears().items()},
                                 fwd, bwd, stacked)

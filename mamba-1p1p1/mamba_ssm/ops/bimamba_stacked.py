@@ -3,7 +3,8 @@ device (the ops run the Triton kernels for CUDA tensors, the PyTorch implementat
 
     conv (both directions, one launch, custom op causal_conv1d::conv_fwd; direction 1 anti-causal, so
     nothing is flipped)
-    -> x_proj and dt_proj as batched matmuls over the direction axis
+    -> x_proj and dt_proj as batched matmuls over the direction axis (x_proj's forward in fp32 on the kernels'
+       devices: three TF32 products, mamba_ssm.ops.triton.linear_tf32x3)
     -> selective scan (both directions, one launch; the custom op mamba_ssm::scan_fwd), which also applies
        D, z-gating, the per-sample gate, the sum of the directions and the halving, writing (batch, L,
        d_inner) once.
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply
+from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
 
@@ -47,6 +49,7 @@ class StackedWeights(NamedTuple):
     A: Tensor  # (2, d_inner, d_state) fp32 (fp64 if given in fp64)
     D: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
     dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
+    memo: Optional[dict] = None  # inference's cached weights: what the fp32 x_proj kernel derives (_x_proj_matmul)
 
 
 def stack_directions(fwd, bwd) -> StackedWeights:
@@ -125,6 +128,20 @@ def _rows(xc: Tensor) -> Tensor:
     return xc.transpose(2, 3).reshape(R, batch * seqlen, dim)
 
 
+def _x_proj_matmul(xc: Tensor, weight: Tensor, memo: Optional[dict] = None) -> Tensor:
+    """xc's rows times x_proj^T per direction, (2, b*L, R + 2N): in fp32 on the kernels' devices as three TF32
+    products (mamba_ssm.ops.triton.linear_tf32x3, where linear_fp32.tf32x3_applies: 2x cuBLAS's fp32 batched matmul
+    at Vim-S shapes, whose 56 columns leave it bound by memory), else torch.bmm. memo: see linear_fp32.linear."""
+    rows = _rows(xc)
+    if not linear_fp32.tf32x3_applies(rows, weight):
+        return torch.bmm(rows, weight.transpose(1, 2))
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+    R, batch, dim, seqlen = xc.shape
+    out = linear_tf32x3(xc.transpose(2, 3), *linear_fp32.weight_parts(weight.contiguous(), memo))
+    return out.view(R, batch * seqlen, -1)
+
+
 class _XProj(torch.autograd.Function):
     """x_proj over both directions: xc (2, b, d, L) channels-last, weight (2, R + 2N, d) in xc's dtype ->
     (2, b*L, R + 2N), as torch.bmm of xc's rows; the backward adds the input gradient into the scan's du when the
@@ -134,7 +151,7 @@ class _XProj(torch.autograd.Function):
     def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads):
         ctx.save_for_backward(xc, weight)
         ctx.grads, grads.du_wanted = grads, True
-        return torch.bmm(_rows(xc), weight.transpose(1, 2))
+        return _x_proj_matmul(xc, weight)
 
     @staticmethod
     def backward(ctx, d_xdbl):
@@ -170,11 +187,13 @@ class _DtProj(torch.autograd.Function):
         return d_dt, d_weight, None
 
 
-def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads]) -> Tensor:
+def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optional[dict]) -> Tensor:
     """x_proj of both directions' conv outputs, (2, b*L, R + 2N): through _XProj in eager training."""
     if grads is not None and EAGER_PROJ_BACKWARD:
         return _XProj.apply(xc, weight.to(xc.dtype), grads)
-    return torch.bmm(_rows(xc), weight.transpose(1, 2))
+    if needs_grad(xc, weight):  # (autograd's own backward: torch.compile, dispatch modes, the bit-for-bit test)
+        return torch.bmm(_rows(xc), weight.transpose(1, 2))
+    return _x_proj_matmul(xc, weight, memo)
 
 
 def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool) -> Tensor:
@@ -278,7 +297,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
                                          head=(xz, *gate_head) if head_in_projections else None)
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
-        x_dbl = _x_proj(xc, w.x_proj_weight, grads)
+        x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
         delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None)
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)

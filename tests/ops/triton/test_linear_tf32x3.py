@@ -124,15 +124,16 @@ def test_mixer_linears_take_the_kernel_unless_hooked(small_rows, monkeypatch):
         out = mixer(x)
         out.sum().backward()
     in_w, out_w = tuple(mixer.in_proj.weight.shape), tuple(mixer.out_proj.weight.shape)
-    # forward: in_proj, out_proj; backward: their input gradients (the weights transposed)
-    assert [tuple(s) for s in calls] == [in_w, out_w, out_w[::-1], in_w[::-1]]
+    x_proj_w = (2, *mixer.x_proj.weight.shape)  # (both directions' weights, one launch)
+    # forward: in_proj, x_proj, out_proj; backward: in_proj's and out_proj's input gradients (the weights transposed)
+    assert [tuple(s) for s in calls] == [in_w, x_proj_w, out_w, out_w[::-1], in_w[::-1]]
     calls.clear()
     seen = []
     handle = mixer.in_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with triton_on_cpu():
         mixer(x)
     handle.remove()
-    assert seen and [tuple(s) for s in calls] == [out_w]  # the hooked in_proj ran as its module
+    assert seen and [tuple(s) for s in calls] == [x_proj_w, out_w]  # the hooked in_proj ran as its module
     calls.clear()
     seen.clear()
     handle = nn.modules.module.register_module_forward_hook(
@@ -142,7 +143,8 @@ def test_mixer_linears_take_the_kernel_unless_hooked(small_rows, monkeypatch):
             mixer(x)
     finally:
         handle.remove()
-    assert seen == ["Linear", "Linear"] and not calls  # global hooks (FLOP counters' module tracking) see them
+    # global hooks (FLOP counters' module tracking) see in_proj and out_proj as modules (x_proj is no module call)
+    assert seen == ["Linear", "Linear"] and [tuple(s) for s in calls] == [x_proj_w]
 
 
 def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(monkeypatch):
@@ -163,7 +165,7 @@ def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(
 
     monkeypatch.setattr(kernel, "launch", short_on_shared_memory)
     monkeypatch.setattr(kernel, "_plans", {})
-    monkeypatch.setattr(kernel, "TILES", (128, 64, 32, 4, 4))
+    monkeypatch.setattr(kernel, "NARROW_TILES", (128, 64, 32, 4, 4))  # (40 columns)
     x, w = torch.randn(2, 33, 24), torch.randn(40, 24)
     parts = kernel.split_tf32(w)
     got = kernel.linear_tf32x3(x, *parts)
@@ -252,12 +254,61 @@ def test_inference_keeps_the_weight_split_with_the_cached_weights(small_rows, mo
     x = torch.randn(2, 9, 16)
     with triton_on_cpu(), torch.no_grad():
         first = mixer(x)
-        assert len(splits) == 2  # in_proj, out_proj
+        assert len(splits) == 3  # in_proj, x_proj (both directions), out_proj
         torch.testing.assert_close(mixer(x), first, rtol=0, atol=0)
-        assert len(splits) == 2
+        assert len(splits) == 3
         mixer.out_proj.weight.mul_(2)
         mixer(x)
-        assert len(splits) == 4  # the whole layer's cache is derived again
+        assert len(splits) == 6  # the whole layer's cache is derived again
     with triton_on_cpu():
         mixer(x.requires_grad_()).sum().backward()
-    assert len(splits) == 4 + 4  # forward and input gradient of both
+    assert len(splits) == 6 + 5  # the three forwards, in_proj's and out_proj's input gradients
+
+
+def test_a_stack_of_weights_multiplies_each_slice_by_its_own():
+    """x (R, batch, L, K) with weights (R, N, K) and a bias (R, N): slice r by weight r, as R separate calls would
+    (x_proj's two directions in one launch); a row map applies to every slice."""
+    x = torch.randn(2, 3, 40, 77).transpose(2, 3)  # (2, 3, 77, 40), the conv output's channel-contiguous layout
+    w, bias = torch.randn(2, 56, 40), torch.randn(2, 56)
+    got = kernel.linear_tf32x3(x, *kernel.split_tf32(w), bias)
+    assert got.shape == (2, 3, 77, 56) and got.is_contiguous()
+    for r in range(2):
+        want = F.linear(x[r].double(), w[r].double(), bias[r].double())
+        torch.testing.assert_close(got[r].double(), want, rtol=1e-5, atol=1e-5)
+    lengths = torch.tensor([77, 10, 0], dtype=torch.int32)
+    rows, live = linear_fp32.live_row_map(lengths, 77, margin=0)
+    masked = kernel.linear_tf32x3(x, *kernel.split_tf32(w), bias, live_rows=(rows, live))
+    is_live = torch.arange(77)[None, :] < lengths[:, None]
+    torch.testing.assert_close(masked[:, is_live], got[:, is_live], rtol=1e-5, atol=1e-5)
+    assert (masked[:, ~is_live] == 0).all()
+    with pytest.raises(ValueError, match="linear_tf32x3"):
+        kernel.linear_tf32x3(x, *kernel.split_tf32(w[0]))  # a stack of x needs a stack of weights
+    with pytest.raises(ValueError, match="split_tf32"):
+        kernel.split_tf32(w.transpose(1, 2))  # a stack must be contiguous
+
+
+def test_x_proj_in_fp32_takes_the_kernel_and_gives_the_matmuls_values(small_rows, monkeypatch):
+    """bimamba_stacked's x_proj (both directions, one launch) in fp32: the kernel where it applies, in inference and
+    in eager training (_XProj's forward; its backward stays on the matmuls), the batched matmul's values."""
+    from mamba_ssm.ops import bimamba_stacked
+
+    calls, real = [], kernel.linear_tf32x3
+    monkeypatch.setattr(kernel, "linear_tf32x3", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    xc = torch.randn(2, 3, 11, 16).transpose(2, 3)  # (2, b, d, L) channels-last, as the conv writes it
+    w = torch.randn(2, 10, 16)
+    want = torch.bmm(bimamba_stacked._rows(xc).double(), w.double().transpose(1, 2))
+    memo = {}
+    with triton_on_cpu():
+        got = bimamba_stacked._x_proj(xc, w, None, memo)
+        assert "tf32" in memo and len(calls) == 1  # (the split kept for the next call)
+        xg, wg = xc.detach().requires_grad_(), w.detach().requires_grad_()
+        grads = bimamba_stacked.MixerGrads((3, 32, 11), True, torch.float32, xc.device)
+        trained = bimamba_stacked._x_proj(xg, wg, grads, None)
+    assert len(calls) == 2 and got.shape == want.shape == trained.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained.detach().double(), want, rtol=1e-5, atol=1e-5)
+    d_out = torch.randn_like(trained)
+    gx, gw = torch.autograd.grad(trained, [xg, wg], d_out)
+    rx, rw = torch.autograd.grad(torch.bmm(bimamba_stacked._rows(xg), wg.transpose(1, 2)), [xg, wg], d_out)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)

@@ -53,11 +53,17 @@ def _split_kernel(w_ptr, hi_ptr, lo_ptr, N, K, sw_n, sw_k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_b, sx_t, sx_k,
+def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_r, sx_b, sx_t, sx_k,
                    HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # programs walk GROUP_M row tiles down each column of tiles, so a group's x rows and w columns stay in L2
     pid = tl.program_id(0)
+    stack = tl.program_id(1).to(tl.int64)  # which of a stack of weights (x_proj's two directions)
+    x_ptr += stack * sx_r
+    wh_ptr += stack * N * K
+    wl_ptr += stack * N * K
+    bias_ptr += stack * N
+    out_ptr += stack * M * N
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
@@ -117,28 +123,34 @@ def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr,
 # input gradient (180), within 1% for out_proj's forward (184 against 183), and the fastest over DyVM's live rows
 # (a row map) at every stage's share but one; 128 x 256 spills (576 for in_proj's forward).
 TILES = (128, 128, 32, 8, 3)
+# Up to 64 columns (x_proj's 56): half as wide, from the first probe of that file (one accumulator): 36 against 69 us.
+NARROW_N, NARROW_TILES = 64, (128, 64, 32, 8, 3)
 
 _plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
 
 
 def split_tf32(w: torch.Tensor):
-    """w (N, K) fp32, any strides -> (hi, lo), each (N, K) contiguous fp32 holding exact TF32 values: hi = w
-    rounded to TF32, lo = the rest rounded to TF32 (w = hi + lo to about 2^-22 of w). One launch; pass w.t() for
-    the transposed weight (the input gradient's)."""
-    if w.dim() != 2 or w.dtype != torch.float32:
-        raise ValueError(f"split_tf32: want a 2-D fp32 weight, got {tuple(w.shape)} {w.dtype}")
+    """w (N, K) fp32 with any strides, or a contiguous stack (R, N, K) -> (hi, lo), each contiguous fp32 of w's shape
+    holding exact TF32 values: hi = w rounded to TF32, lo = the rest rounded to TF32 (w = hi + lo to about 2^-22 of
+    w). One launch; pass w.t() for the transposed weight (the input gradient's)."""
+    if w.dim() not in (2, 3) or w.dtype != torch.float32 or (w.dim() == 3 and not w.is_contiguous()):
+        raise ValueError(f"split_tf32: want an (N, K) or a contiguous stack (R, N, K) of fp32 weights, got "
+                         f"{tuple(w.shape)} {w.dtype}")
     hi = torch.empty(w.shape, device=w.device, dtype=torch.float32)
     lo = torch.empty_like(hi)
+    rows, cols = w.shape[-2:]
     n, block = w.numel(), 1024
-    launch(_split_kernel, (triton.cdiv(n, block),), w, hi, lo, w.shape[0], w.shape[1], w.stride(0), w.stride(1),
+    launch(_split_kernel, (triton.cdiv(n, block),), w, hi, lo, w.numel() // cols, cols, w.stride(-2), w.stride(-1),
            BLOCK=block)
     return hi, lo
 
 
 def linear_tf32x3(x: torch.Tensor, w_hi: torch.Tensor, w_lo: torch.Tensor, bias=None, live_rows=None) -> torch.Tensor:
     """x (batch, L, K) fp32 (any strides), (w_hi, w_lo) = split_tf32(w) of an (N, K) weight, bias (N,) or None ->
-    (batch, L, N) contiguous: x @ w^T + bias as three TF32 tensor-core products. live_rows: None, or (rows, live)
-    as the module docstring says: then only the live rows are computed and the others come out as zeros."""
+    (batch, L, N) contiguous: x @ w^T + bias as three TF32 tensor-core products. A stack of weights: x (R, batch,
+    L, K), the parts (R, N, K), bias (R, N) -> (R, batch, L, N), x[r] times weight r. live_rows: None, or (rows,
+    live) as the module docstring says (the same rows in every x[r]): then only the live rows are computed and the
+    others come out as zeros."""
     key = (x.shape, x.stride(), x.dtype, w_hi.shape, w_hi.stride(), w_hi.dtype, w_lo.shape, w_lo.stride(),
            w_lo.dtype, None if bias is None else bias.dtype, live_rows is not None)
     plan = _plans.get(key)
@@ -160,28 +172,31 @@ def linear_tf32x3(x: torch.Tensor, w_hi: torch.Tensor, w_lo: torch.Tensor, bias=
 
 def _plan(x, w_hi, w_lo, bias, row_map: bool):
     """The launch for these shapes and strides, checked once."""
-    if (x.dim() != 3 or w_hi.dim() != 2 or w_hi.shape[1] != x.shape[2] or not w_hi.is_contiguous()
+    stacked = x.dim() == 4
+    R = x.shape[0] if stacked else 1
+    want_w = (R, *w_hi.shape[-2:]) if stacked else w_hi.shape[-2:]
+    if (x.dim() not in (3, 4) or w_hi.shape != want_w or w_hi.shape[-1] != x.shape[-1] or not w_hi.is_contiguous()
             or w_lo.shape != w_hi.shape or not w_lo.is_contiguous()
             or x.dtype != torch.float32 or w_hi.dtype != torch.float32 or w_lo.dtype != torch.float32
             or (bias is not None
-                and (bias.shape != w_hi.shape[:1] or bias.dtype != torch.float32 or bias.stride(0) != 1))):
+                and (bias.shape != w_hi.shape[:-1] or bias.dtype != torch.float32 or not bias.is_contiguous()))):
         raise ValueError(f"linear_tf32x3: x {tuple(x.shape)} {x.dtype}, weight parts {tuple(w_hi.shape)} "
                          f"{w_hi.dtype} / {tuple(w_lo.shape)} {w_lo.dtype} (split_tf32's, contiguous) and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit")
-    batch, seqlen, K = x.shape
-    N = w_hi.shape[0]
+    batch, seqlen, K = x.shape[-3:]
+    N = w_hi.shape[-2]
     M = batch * seqlen
-    block_m, block_n, block_k, warps, stages = TILES
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    ints = (M, N, K, max(seqlen, 1), x.stride(0), x.stride(1), x.stride(2))
+    block_m, block_n, block_k, warps, stages = NARROW_TILES if N <= NARROW_N else TILES
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), R)
+    ints = (M, N, K, max(seqlen, 1), x.stride(0) if stacked else 0, *x.stride()[-3:])
     kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                   GROUP_M=8, num_warps=warps, num_stages=stages)
-    return grid, ints, kwargs, (batch, seqlen, N)
+    return grid, ints, kwargs, (*x.shape[:-1], N)
 
 
 def _checked(live_rows, x):
     rows, live = live_rows
-    if (rows.shape != (x.shape[0] * x.shape[1],) or rows.dtype != torch.int32 or rows.stride(0) != 1
+    if (rows.shape != (x.shape[-3] * x.shape[-2],) or rows.dtype != torch.int32 or rows.stride(0) != 1
             or live.numel() != 1 or live.dtype != torch.int32 or rows.device != x.device or live.device != x.device):
         raise ValueError(f"linear_tf32x3: live rows {tuple(rows.shape)} {rows.dtype} and count {tuple(live.shape)} "
                          f"{live.dtype} do not fit x {tuple(x.shape)} (want (batch * L,) and (1,) int32 on its device)")
