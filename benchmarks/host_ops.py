@@ -29,9 +29,11 @@ whose matmuls then read ~4 MB of fp32 weights per layer: a CPU measure, not a ho
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/host_ops.py [--models vim_small dyvm_vim_small]
         [--paths cpu cuda-proxy] [--dtype fp32|bf16] [--rounds 7] [--iters 50] [--json FILE] [--profile MODEL]
-        [--baseline OTHER_CHECKOUT [--repeat 5]]
+        [--min-rows 1] [--baseline OTHER_CHECKOUT [--repeat 5]]
 --baseline: the same measurement of another checkout's code (e.g. `git worktree add /tmp/base main`), the two
 alternating in separate processes, side by side: before/after numbers from one machine in one sitting.
+--min-rows 1: fp32 forwards take the tf32x3 kernel's paths (in_proj, out_proj, x_proj), whose threshold of 1024
+token rows the proxy's shapes stay below.
 --dry-run: a 4-layer model, few iterations (the test). Timings on a shared machine are noisy: compare runs of
 the same sitting (interleaved), never numbers from different sessions.
 """
@@ -230,6 +232,10 @@ def per_layer(base: dict, deeper: dict, depth: int) -> dict:
 
 def measure(args) -> dict:
     dtype = DTYPES[args.dtype]
+    if args.min_rows is not None:  # (the fp32 Linear kernel's threshold: its path on the proxy's few tokens)
+        from mamba_ssm.ops import linear_fp32
+
+        linear_fp32.MIN_ROWS = args.min_rows
     results = {}
     for path in args.paths:
         proxy = path == "cuda-proxy"
@@ -314,6 +320,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     p.add_argument("--profile", default=None, help="also print a cProfile of this model's forwards")
+    p.add_argument("--min-rows", type=int, default=None,
+                   help="fp32: the token rows from which in_proj / out_proj / x_proj take the tf32x3 kernel "
+                        "(mamba_ssm.ops.linear_fp32.MIN_ROWS, 1024; the proxy's tiny inputs stay below it)")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--dry-run", action="store_true", help="4-layer tiny models, few iterations (the test)")
     p.add_argument("--baseline", default=None, help="another checkout: measure its code too, interleaved (compare)")

@@ -135,11 +135,8 @@ def _x_proj_matmul(xc: Tensor, weight: Tensor, memo: Optional[dict] = None) -> T
     rows = _rows(xc)
     if not linear_fp32.tf32x3_applies(rows, weight):
         return torch.bmm(rows, weight.transpose(1, 2))
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
-
     R, batch, dim, seqlen = xc.shape
-    out = linear_tf32x3(xc.transpose(2, 3), *linear_fp32.weight_parts(weight.contiguous(), memo))
-    return out.view(R, batch * seqlen, -1)
+    return linear_fp32.stacked_linear(xc.transpose(2, 3), weight, memo).view(R, batch * seqlen, -1)
 
 
 class _XProj(torch.autograd.Function):

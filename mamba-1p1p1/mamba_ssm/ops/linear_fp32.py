@@ -106,10 +106,30 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias, row_map)
         return linear_tf32x3(x, *weight_parts(weight, memo), bias, live_rows=row_map)
-    except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
-        _NO_ROOM.add(x.device.index)
-        warnings.warn(f"fp32 in_proj / out_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})", stacklevel=2)
+    except OutOfResources as e:
+        _no_room(x, e)
         return F.linear(x, weight, bias)
+
+
+def stacked_linear(x: Tensor, weight: Tensor, memo: Optional[dict] = None) -> Tensor:
+    """x (R, batch, L, K) times each weight of the stack (R, N, K) -> (R, batch, L, N), no gradient (x_proj's forward,
+    both directions): the kernel, for a caller that has checked tf32x3_applies. memo: see linear."""
+    from triton.runtime.errors import OutOfResources
+
+    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
+
+    try:
+        return linear_tf32x3(x, *weight_parts(weight.contiguous(), memo))
+    except OutOfResources as e:
+        _no_room(x, e)
+        return torch.matmul(x, weight.transpose(1, 2).unsqueeze(1))
+
+
+def _no_room(x: Tensor, error):
+    """The kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on, with one warning."""
+    _NO_ROOM.add(x.device.index)
+    warnings.warn(f"fp32 in_proj / out_proj / x_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {error})",
+                  stacklevel=3)
 
 
 def weight_parts(weight: Tensor, memo: Optional[dict]) -> tuple:

@@ -53,8 +53,8 @@ def _split_kernel(w_ptr, hi_ptr, lo_ptr, N, K, sw_n, sw_k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_r, sx_b, sx_t, sx_k,
-                   HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr, M, N, K, seqlen, sx_r, sx_b, sx_t,
+                   sx_k, HAS_BIAS: tl.constexpr, ROW_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # programs walk GROUP_M row tiles down each column of tiles, so a group's x rows and w columns stay in L2
     pid = tl.program_id(0)
@@ -138,10 +138,8 @@ def split_tf32(w: torch.Tensor):
                          f"{tuple(w.shape)} {w.dtype}")
     hi = torch.empty(w.shape, device=w.device, dtype=torch.float32)
     lo = torch.empty_like(hi)
-    rows, cols = w.shape[-2:]
-    n, block = w.numel(), 1024
-    launch(_split_kernel, (triton.cdiv(n, block),), w, hi, lo, w.numel() // cols, cols, w.stride(-2), w.stride(-1),
-           BLOCK=block)
+    n, cols, block = w.numel(), w.shape[-1], 1024
+    launch(_split_kernel, (triton.cdiv(n, block),), w, hi, lo, n // cols, cols, w.stride(-2), w.stride(-1), BLOCK=block)
     return hi, lo
 
 
