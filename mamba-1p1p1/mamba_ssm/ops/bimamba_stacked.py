@@ -51,6 +51,10 @@ class StackedWeights(NamedTuple):
     dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
     memo: Optional[dict] = None  # inference's cached weights: what the fp32 x_proj kernel derives (_x_proj_matmul)
 
+    def tensors(self) -> tuple:
+        """The weights (every field but the memo)."""
+        return self[:-1]
+
 
 def stack_directions(fwd, bwd) -> StackedWeights:
     """Stack two ScanWeights (differentiable). Inference callers may cache the result (Mamba does).
@@ -274,7 +278,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
         mask = mask.to(x.dtype)
-    training = needs_grad(xz, gate, *w)
+    training = needs_grad(xz, gate, *w.tensors())
     gate_skip = gate if gate is not None and not training else None
     head_in_projections = gate_head is not None and gate_skip is not None and _gate_in_projections(x)
     if gate_head is not None and not head_in_projections:

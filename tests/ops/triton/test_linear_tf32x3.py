@@ -263,9 +263,12 @@ def test_inference_keeps_the_weight_split_with_the_cached_weights(small_rows, mo
         torch.testing.assert_close(mixer(x), first, rtol=0, atol=0)
         assert len(splits) == 3
         mixer.out_proj.weight.mul_(2)
-        mixer(x)
+        second = mixer(x)
         assert len(splits) == 6  # the whole layer's cache is derived again
-    with triton_on_cpu():
+    mixer.requires_grad_(False)
+    with triton_on_cpu():  # a frozen layer with gradients on: the cached weights (and their memo), no autograd
+        torch.testing.assert_close(mixer(x), second, rtol=0, atol=0)
+        mixer.requires_grad_(True)
         mixer(x.requires_grad_()).sum().backward()
     assert len(splits) == 6 + 5  # the three forwards, in_proj's and out_proj's input gradients
 
