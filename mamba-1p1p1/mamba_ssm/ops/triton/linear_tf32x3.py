@@ -98,11 +98,10 @@ def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr,
             w_lo = tl.load(wl_ptr + w_off, mask=mask_w, other=0.0)
             x_hi = _tf32(x)
             x_lo = _tf32(x - x_hi)
-            # Exact TF32 values, so each product is exact; the small terms first. The tensor cores add into their
-            # accumulator without rounding to nearest (the addends' low bits are cut where the sum's exponent is
-            # larger), so a long sum in one accumulator drifts: 2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes. Each
-            # BLOCK_K step sums into a fresh one and is added to the total by an fp32 add, as Triton's own tf32x3
-            # does: 1.5e-7.
+            # Exact TF32 values, so each product is exact; the small terms first. A long sum in one tensor-core
+            # accumulator drifts (2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes: its adds do not round to nearest,
+            # the addends' low bits cut against the running sum, it seems). Each BLOCK_K step sums into a fresh
+            # one, added to the total by an fp32 add, as Triton's own tf32x3 does: 1.5e-7.
             step = tl.dot(x_lo, w_hi, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision="tf32")
             step = tl.dot(x_hi, w_lo, step, input_precision="tf32")
             acc += tl.dot(x_hi, w_hi, step, input_precision="tf32")
