@@ -136,11 +136,11 @@ def _x_proj_matmul(xc: Tensor, weight: Tensor, memo: Optional[dict] = None) -> T
     """xc's rows times x_proj^T per direction, (2, b*L, R + 2N): in fp32 on the kernels' devices as three TF32
     products (mamba_ssm.ops.triton.linear_tf32x3, where linear_fp32.tf32x3_applies: 2x cuBLAS's fp32 batched matmul
     at Vim-S shapes, whose 56 columns leave it bound by memory), else torch.bmm. memo: see linear_fp32.linear."""
-    rows = _rows(xc)
-    if not linear_fp32.tf32x3_applies(rows, weight):
-        return torch.bmm(rows, weight.transpose(1, 2))
     R, batch, dim, seqlen = xc.shape
-    return linear_fp32.stacked_linear(xc.transpose(2, 3), weight, memo).view(R, batch * seqlen, -1)
+    x = xc.transpose(2, 3)  # (2, b, L, d)
+    if not linear_fp32.tf32x3_applies(x, weight):
+        return torch.bmm(_rows(xc), weight.transpose(1, 2))
+    return linear_fp32.linear_on_kernel(x, weight.contiguous(), memo=memo).view(R, batch * seqlen, -1)
 
 
 class _XProj(torch.autograd.Function):

@@ -47,9 +47,11 @@ _NO_ROOM = set()  # devices where even one pipeline stage of the kernel's tiles 
 
 
 def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether linear(x, weight, ...) takes the kernel (see the module docstring)."""
-    return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 3
-            and x.shape[0] * x.shape[1] >= MIN_ROWS and not torch.backends.cuda.matmul.allow_tf32
+    """Whether linear(x, weight, ...) takes the kernel (see the module docstring); x (batch, L, K) with weight (N, K),
+    or a stack x (R, batch, L, K) with weights (R, N, K) (x_proj's two directions)."""
+    return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() in (3, 4)
+            and weight.dim() == x.dim() - 1 and x.shape[-3] * x.shape[-2] >= MIN_ROWS
+            and not torch.backends.cuda.matmul.allow_tf32
             and not torch.is_autocast_enabled(x.device.type) and not ops_watched()
             and triton_enabled(x, KERNELS)
             and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
@@ -97,7 +99,8 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
                      memo: Optional[dict] = None) -> Tensor:
     """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
     where the kernel does not apply): the kernel, with autograd when a gradient is wanted. row_map: None, or
-    LiveRows.row_map(...) to compute the live rows only (zeros elsewhere); memo: see linear (no gradient only)."""
+    LiveRows.row_map(...) to compute the live rows only (zeros elsewhere); memo: see linear (no gradient only).
+    A stack (x (R, batch, L, K), weights (R, N, K) contiguous -> (R, batch, L, N)): no gradient (x_proj's forward)."""
     from triton.runtime.errors import OutOfResources
 
     from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
@@ -106,30 +109,13 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias, row_map)
         return linear_tf32x3(x, *weight_parts(weight, memo), bias, live_rows=row_map)
-    except OutOfResources as e:
-        _no_room(x, e)
+    except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
+        _NO_ROOM.add(x.device.index)
+        warnings.warn(f"fp32 in_proj / out_proj / x_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})",
+                      stacklevel=2)
+        if weight.dim() == 3:  # (a stack)
+            return torch.matmul(x, weight.transpose(1, 2).unsqueeze(1))
         return F.linear(x, weight, bias)
-
-
-def stacked_linear(x: Tensor, weight: Tensor, memo: Optional[dict] = None) -> Tensor:
-    """x (R, batch, L, K) times each weight of the stack (R, N, K) -> (R, batch, L, N), no gradient (x_proj's forward,
-    both directions): the kernel, for a caller that has checked tf32x3_applies. memo: see linear."""
-    from triton.runtime.errors import OutOfResources
-
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
-
-    try:
-        return linear_tf32x3(x, *weight_parts(weight.contiguous(), memo))
-    except OutOfResources as e:
-        _no_room(x, e)
-        return torch.matmul(x, weight.transpose(1, 2).unsqueeze(1))
-
-
-def _no_room(x: Tensor, error):
-    """The kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on, with one warning."""
-    _NO_ROOM.add(x.device.index)
-    warnings.warn(f"fp32 in_proj / out_proj / x_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {error})",
-                  stacklevel=3)
 
 
 def weight_parts(weight: Tensor, memo: Optional[dict]) -> tuple:

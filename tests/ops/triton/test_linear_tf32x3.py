@@ -191,7 +191,7 @@ def test_op_falls_back_to_f_linear_where_the_kernel_cannot_run(small_rows, monke
     monkeypatch.setattr(linear_fp32, "_NO_ROOM", set())
     xs, ws = torch.randn(2, 3, 9, 16), torch.randn(2, 8, 16)  # x_proj's stack of both directions
     with triton_on_cpu(), pytest.warns(UserWarning, match="stay on cuBLAS"):
-        got = linear_fp32.stacked_linear(xs, ws)
+        got = linear_fp32.linear_on_kernel(xs, ws)
     torch.testing.assert_close(got, torch.stack([F.linear(xs[r], ws[r]) for r in range(2)]))
 
 
