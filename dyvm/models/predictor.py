@@ -11,6 +11,7 @@ from torch import Tensor
 from dyvm.pruning import ClsPositions, single_static_position, split_cls, stage_kernels_apply
 
 from mamba_ssm.modules.mamba_simple import cached_for_inference, inference_cache_usable
+from mamba_ssm.ops import linear_fp32
 
 
 class TokenScorePredictor(nn.Module):
@@ -33,8 +34,8 @@ class TokenScorePredictor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
-        linears = self._inference_linears(x)
-        x = self.in_conv(x) if linears is None else F.gelu(F.linear(self.in_conv[0](x), *linears[0]))
+        linears = self._linears(x)
+        x = self.in_conv(x) if linears is None else F.gelu(linear_fp32.linear(self.in_conv[0](x), *linears[0]))
         return self._scores(x, policy, linears)
 
     def score_stream(self, hidden: Tensor, residual: Tensor, cls_positions: ClsPositions, policy: Tensor) -> Tensor:
@@ -53,8 +54,8 @@ class TokenScorePredictor(nn.Module):
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_dtype
         normed = patch_layer_norm(hidden, residual, single_static_position(cls_positions), norm.weight, norm.bias,
                                   norm.eps, out_dtype)
-        linears = self._inference_linears(normed)
-        pre = self.in_conv[1](normed) if linears is None else F.linear(normed, *linears[0])
+        linears = self._linears(normed)
+        pre = self.in_conv[1](normed) if linears is None else linear_fp32.linear(normed, *linears[0])
         # the GELU and the pooled half in one kernel where its input is what the next Linear computes in (fp32
         # tokens and policy, or autocast's dtype)
         if policy.dtype == torch.float32 and pre.dtype == out_dtype:
@@ -89,20 +90,27 @@ class TokenScorePredictor(nn.Module):
         """out_conv: the three Linears with their GELUs, then log-softmax."""
         if linears is None:
             return self.out_conv(x)
-        for weight_bias in linears[1:3]:
-            x = F.gelu(F.linear(x, *weight_bias))
-        return F.log_softmax(F.linear(x, *linears[3]), dim=-1)
+        for weight_bias_memo in linears[1:3]:
+            x = F.gelu(linear_fp32.linear(x, *weight_bias_memo))
+        return F.log_softmax(F.linear(x, *linears[3][:2]), dim=-1)  # (2 columns: no use for the kernel's tiles)
 
-    def _inference_linears(self, x: Tensor):
-        """The four Linears' (weight, bias) cast to the autocast dtype, kept while the parameters are unchanged,
-        for eager inference under autocast (as the Mamba mixers keep theirs: autocast would cast each weight
-        and bias on every call, 8 small ops per stage); None otherwise (then the modules run)."""
-        device = x.device.type
-        if not torch.is_autocast_enabled(device) or not inference_cache_usable(x):
-            return None
+    def _linears(self, x: Tensor):
+        """The four Linears' (weight, bias, memo) for the functional path (linear_fp32.linear: fp32 on the tf32x3
+        kernel where it applies, training and inference alike, as the mixers' Linears), or None where the modules
+        run: hooks that must see their calls, or autocast with no cache (autocast casts the modules' weights itself).
+        Eager inference keeps them while the parameters are unchanged, cast to the autocast dtype (as the Mamba
+        mixers keep theirs: autocast would cast each weight and bias on every call, 8 small ops per stage), with the
+        memo where the fp32 kernel keeps the weights' split; elsewhere (training, CUDA graph capture) they are the
+        parameters themselves."""
         modules = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        if (any(type(m) is not nn.Linear for m in modules)
+                or linear_fp32.module_hooked(self.in_conv, self.out_conv, *self.in_conv, *self.out_conv)):
             return None
-        params = [p for m in modules for p in (m.weight, m.bias)]
-        return cached_for_inference(self, params, x,
-                                    lambda dtype: [(m.weight.to(dtype), m.bias.to(dtype)) for m in modules])
+        if inference_cache_usable(x):
+            params = [p for m in modules for p in (m.weight, m.bias)]
+            cached = cached_for_inference(
+                self, params, x, lambda dtype: [(m.weight if dtype is None else m.weight.to(dtype),
+                                                 m.bias if dtype is None else m.bias.to(dtype), {}) for m in modules])
+            if cached is not None:
+                return cached
+        return None if torch.is_autocast_enabled(x.device.type) else [(m.weight, m.bias, None) for m in modules]

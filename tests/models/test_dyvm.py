@@ -358,14 +358,18 @@ def test_training_linears_over_the_kept_tokens_only_change_nothing(monkeypatch, 
     monkeypatch.setattr(linear_fp32, "ENABLED", True)
     monkeypatch.setattr(linear_fp32, "triton_enabled", lambda x, module: True)  # the linears only
     live_counts, kernel = [], linear_tf32x3.linear_tf32x3
+    model = tiny(predictor_input=predictor_input)
+    mixer = model.layers[0].mixer  # in_proj's and out_proj's weights, and their transposes (the input gradients)
+    mixer_weights = {tuple(s) for m in (mixer.in_proj, mixer.out_proj) for s in (m.weight.shape, m.weight.t().shape)}
 
-    def counted(x, *args, live_rows=None, **kwargs):
-        if x.dim() == 3:  # in_proj, out_proj (x_proj's two directions come stacked, 4-D)
+    def counted(x, w_hi, *args, live_rows=None, **kwargs):
+        # in_proj and out_proj (x_proj's two directions come stacked, 4-D; the predictors' Linears take the kernel
+        # too, over every row)
+        if x.dim() == 3 and tuple(w_hi.shape) in mixer_weights:
             live_counts.append(None if live_rows is None else live_rows[1].item())
-        return kernel(x, *args, live_rows=live_rows, **kwargs)
+        return kernel(x, w_hi, *args, live_rows=live_rows, **kwargs)
 
     monkeypatch.setattr(linear_tf32x3, "linear_tf32x3", counted)
-    model = tiny(predictor_input=predictor_input)
     _spread_gates(model)
     x = torch.randn(4, 3, 32, 32)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _nn_module
 
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
@@ -23,12 +22,6 @@ if TYPE_CHECKING:
 BIMAMBA_TYPES = ("none", "v2")
 # What the inference cache's key reads from each parameter (C-level getters: the key is built on every call)
 _data_ptr, _version, _dtype = torch.Tensor.data_ptr, operator.attrgetter("_version"), operator.attrgetter("dtype")
-
-
-def _global_module_hooks() -> bool:
-    """Whether module hooks are registered for every module (torch.nn.modules.module.register_module_forward_hook
-    and its pre-hook): then the Linear modules run themselves so that the hooks see them."""
-    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 class InferenceWeights(NamedTuple):
@@ -259,15 +252,8 @@ class Mamba(nn.Module):
         as three TF32 tensor-core products where mamba_ssm.ops.linear_fp32 applies (training and inference), there
         computing only the live rows when given: each image's first lengths + d_conv - 1 rows (the conv reads that
         far past its last kept token); the others come out as zeros (masked DyVM training, where nobody reads them)."""
-        module = self._modules[name]
-        if module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
-            return module(x)  # the module itself: its hooks see the call, a replaced module runs its own forward
-        if weights is not None and name in weights.linears:  # (inference: no live rows)
-            return linear_fp32.linear(x, *weights.linears[name])
-        if linear_fp32.tf32x3_applies(x, module.weight) and not _global_module_hooks():  # (checked once, here)
-            row_map = None if live_rows is None else live_rows.row_map(x.shape[1], self.d_conv - 1)
-            return linear_fp32.linear_on_kernel(x, module.weight, module.bias, row_map)
-        return module(x)  # FLOP counters and other global module hooks see the call
+        cached = weights.linears.get(name) if weights is not None else None  # (inference: no live rows)
+        return linear_fp32.linear_module(self._modules[name], x, cached, live_rows, self.d_conv - 1)
 
     def in_proj_xz(self, hidden_states, weights: Optional[InferenceWeights] = None,
                    live_rows: Optional[linear_fp32.LiveRows] = None):

@@ -27,8 +27,10 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _nn_module
 from torch.autograd.function import once_differentiable
 
 from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
@@ -85,6 +87,34 @@ def live_row_map(lengths: Tensor, seqlen: int, margin: int):
     rows = torch.empty(live.shape, dtype=torch.int32, device=lengths.device)
     rows.scatter_(0, slot, torch.arange(live.numel(), dtype=torch.int32, device=lengths.device))
     return rows, count.to(torch.int32)
+
+
+def _global_module_hooks() -> bool:
+    """Whether module hooks are registered for every module (torch.nn.modules.module.register_module_forward_hook
+    and its pre-hook): then the Linear modules run themselves so that the hooks see them."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
+
+
+def module_hooked(*modules: nn.Module) -> bool:
+    """Whether a hook must see these modules' calls (their own hooks or global ones): then they run themselves."""
+    return _global_module_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def linear_module(module: nn.Module, x: Tensor, cached: Optional[tuple] = None,
+                  live_rows: Optional["LiveRows"] = None, margin: int = 0) -> Tensor:
+    """A Linear module applied to x, fp32 on the kernel where tf32x3_applies (the mixers' Linears, DyVM's score
+    predictors). cached: (weight, bias, memo), inference's cached weights of the module, when the caller has them;
+    live_rows: compute only each image's first lengths + margin rows (see LiveRows; not with cached weights). The
+    module runs itself where a hook must see its call, where it is not a plain nn.Linear (a replaced module runs
+    its own forward), and where the kernel does not apply."""
+    if type(module) is not nn.Linear or module_hooked(module):
+        return module(x)
+    if cached is not None:
+        return linear(x, *cached)
+    if tf32x3_applies(x, module.weight):
+        row_map = None if live_rows is None else live_rows.row_map(x.shape[1], margin)
+        return linear_on_kernel(x, module.weight, module.bias, row_map)
+    return module(x)
 
 
 def linear(x: Tensor, weight: Tensor, bias=None, memo: Optional[dict] = None) -> Tensor:

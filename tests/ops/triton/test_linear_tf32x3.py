@@ -147,6 +147,57 @@ def test_mixer_linears_take_the_kernel_unless_hooked(small_rows, monkeypatch):
     assert seen == ["Linear", "Linear"] and [tuple(s) for s in calls] == [x_proj_w]
 
 
+def test_score_predictor_linears_take_the_kernel(small_rows, monkeypatch):
+    """DyVM's token-score predictors run their fp32 Linears (all but the 2-column last) on the kernel: the modules'
+    values and gradients (fp64 reference); eager inference splits each weight once (kept with the cached weights),
+    graph capture's path (no cache) per call; a hook on any of the predictor's modules runs them all as modules."""
+    from dyvm.models.predictor import TokenScorePredictor
+
+    predictor = TokenScorePredictor(32)
+    for m in predictor.modules():
+        if isinstance(m, nn.Linear):  # (a useful scale: the init's 0.02 makes every score alike)
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    reference = TokenScorePredictor(32).double()
+    reference.load_state_dict(predictor.state_dict())
+    calls, splits, real, real_split = [], [], kernel.linear_tf32x3, kernel.split_tf32
+    monkeypatch.setattr(kernel, "linear_tf32x3", lambda *a, **k: calls.append(tuple(a[1].shape)) or real(*a, **k))
+    monkeypatch.setattr(kernel, "split_tf32", lambda w: splits.append(tuple(w.shape)) or real_split(w))
+    x, policy = torch.randn(2, 9, 32, requires_grad=True), (torch.rand(2, 9, 1) > 0.3).float()
+    weights = [(32, 32), (16, 32), (8, 16)]
+    with triton_on_cpu():  # training
+        out = predictor(x, policy)
+        assert calls == weights
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *predictor.parameters()], dout)
+    assert calls == weights + [w[::-1] for w in reversed(weights)]  # the input gradients, last layer first
+    x64 = x.detach().double().requires_grad_()
+    want = reference(x64, policy.double())
+    want_grads = torch.autograd.grad(want, [x64, *reference.parameters()], dout.double())
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, want_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    want = want.detach()
+    calls.clear()
+    splits.clear()
+    with torch.no_grad(), triton_on_cpu():  # eager inference
+        first = predictor(x, policy)
+        torch.testing.assert_close(predictor(x, policy), first, rtol=0, atol=0)
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == weights * 2 and splits == weights  # split once, then from the cached weights' memo
+    calls.clear()
+    splits.clear()
+    monkeypatch.setattr("dyvm.models.predictor.inference_cache_usable", lambda x: False)  # (as under capture)
+    with torch.no_grad(), triton_on_cpu():
+        torch.testing.assert_close(predictor(x, policy).double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == weights and splits == weights
+    calls.clear()
+    handle = predictor.out_conv[1].register_forward_hook(lambda *args: None)
+    with torch.no_grad(), triton_on_cpu():
+        torch.testing.assert_close(predictor(x, policy).double(), want, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert calls == []  # (a hooked GELU: the predictor's modules ran themselves)
+
+
 def test_kernel_retries_with_fewer_pipeline_stages_where_shared_memory_is_short(monkeypatch):
     """The tiles were chosen on an H200; a GPU with less shared memory per block refuses them at the first launch
     (OutOfResources): the launch is retried with one pipeline stage fewer at a time, and the plan keeps what
