@@ -1,6 +1,7 @@
 """The mixers' Linear layers (in_proj, out_proj) in fp32 on a GPU: three TF32 tensor-core products instead of
 cuBLAS's CUDA-core fp32 (mamba_ssm.ops.triton.linear_tf32x3 says how, and how close to fp64 it is). x_proj's
-forward takes the same kernel where tf32x3_applies (mamba_ssm.ops.bimamba_stacked._x_proj_matmul).
+forward takes the same kernel where tf32x3_applies (mamba_ssm.ops.bimamba_stacked._x_proj_matmul), and so do DyVM's
+token-score predictors' Linears (dyvm.models.predictor, through linear_module as the mixers' Linears).
 
 `linear(x, weight, bias)` is F.linear(x, weight, bias). It takes the kernel where all of this holds, and F.linear
 otherwise: fp32 input and weight with no autocast (under autocast F.linear runs in the autocast dtype), TF32 matmuls
@@ -141,8 +142,8 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
         return linear_tf32x3(x, *weight_parts(weight, memo), bias, live_rows=row_map)
     except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
         _NO_ROOM.add(x.device.index)
-        warnings.warn(f"fp32 in_proj / out_proj / x_proj stay on cuBLAS on this GPU (the tf32x3 kernel: {e})",
-                      stacklevel=2)
+        warnings.warn(f"fp32 in_proj / out_proj / x_proj / predictors stay on cuBLAS on this GPU (the tf32x3 "
+                      f"kernel: {e})", stacklevel=2)
         if weight.dim() == 3:  # (a stack)
             return torch.matmul(x, weight.transpose(1, 2).unsqueeze(1))
         return F.linear(x, weight, bias)
