@@ -103,7 +103,7 @@ class TokenScorePredictor(nn.Module):
         memo where the fp32 kernel keeps the weights' split; elsewhere (training, CUDA graph capture) they are the
         parameters themselves."""
         modules = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
-        if (any(type(m) is not nn.Linear for m in modules)
+        if ({type(m) for m in modules} != {nn.Linear}
                 or linear_fp32.module_hooked(self.in_conv, self.out_conv, *self.in_conv, *self.out_conv)):
             return None
         if inference_cache_usable(x):

@@ -90,15 +90,14 @@ def live_row_map(lengths: Tensor, seqlen: int, margin: int):
     return rows, count.to(torch.int32)
 
 
-def _global_module_hooks() -> bool:
-    """Whether module hooks are registered for every module (torch.nn.modules.module.register_module_forward_hook
-    and its pre-hook): then the Linear modules run themselves so that the hooks see them."""
-    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
-
-
 def module_hooked(*modules: nn.Module) -> bool:
     """Whether a hook must see these modules' calls (their own hooks or global ones): then they run themselves."""
-    return _global_module_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    for m in modules:  # (a loop, not any() over a generator: this runs per call of eager inference)
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+    return False
 
 
 def linear_module(module: nn.Module, x: Tensor, cached: Optional[tuple] = None,
@@ -108,7 +107,8 @@ def linear_module(module: nn.Module, x: Tensor, cached: Optional[tuple] = None,
     live_rows: compute only each image's first lengths + margin rows (see LiveRows; not with cached weights). The
     module runs itself where a hook must see its call, where it is not a plain nn.Linear (a replaced module runs
     its own forward), and where the kernel does not apply."""
-    if type(module) is not nn.Linear or module_hooked(module):
+    if (type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks
+            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):  # (no calls: per layer)
         return module(x)
     if cached is not None:
         return linear(x, *cached)
