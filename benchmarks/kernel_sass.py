@@ -25,7 +25,8 @@ import tempfile
 from contextlib import contextmanager
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ["TRITON_INTERPRET"] = "0"  # (compiled kernels, whatever the caller's setting: the tests' is 1)
+if __name__ == "__main__":  # compiled kernels, whatever the caller's setting (the tests' is 1); a test that
+    os.environ["TRITON_INTERPRET"] = "0"  # imports this file for its parsers leaves its own process's setting alone
 
 import torch  # noqa: E402
 

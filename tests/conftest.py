@@ -12,7 +12,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (pyproject's addopts: -n 2) each of the two workers takes one core.
+XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
@@ -30,17 +32,23 @@ def tf32_switch():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The tests of the benchmarks' dry runs go last: their runs have had the whole suite's time by then."""
+    """In one process: the tests of the benchmarks' dry runs go last, their runs having had the whole suite's time
+    on the second core by then (pytest_collection_finish). Under xdist they go first: a worker waiting for its
+    run's process leaves that process the core, so the runs start as early as possible."""
     from tests.benchmarks import helpers
 
-    items.sort(key=lambda item: item.name in helpers.DRY_RUNS)  # (stable: the rest keep their order)
+    # (stable sorts: the rest keep their order)
+    items.sort(key=lambda item: (item.name in helpers.DRY_RUNS) != XDIST_WORKER)
 
 
 def pytest_collection_finish(session):
-    """The benchmarks' dry runs (tests.benchmarks.helpers.DRY_RUNS) start as soon as collection ends, in the
-    background on the second core; their tests wait for them."""
+    """In one process the benchmarks' dry runs (tests.benchmarks.helpers.DRY_RUNS) start as soon as collection
+    ends, in the background on the second core; their tests wait for them. (Under xdist every worker collects every
+    test and runs only some: each test starts its own run.)"""
     from tests.benchmarks import helpers
 
+    if XDIST_WORKER:
+        return
     for item in session.items:
         if item.name in helpers.DRY_RUNS:
             helpers.start_dry_run(item.name)
