@@ -19,8 +19,9 @@ kept ones, and no loss term reads them (dyvm.models.dyvm.SCAN_KEPT_ONLY). A mixe
 only each image's first rows (and the conv's reach past them): given a LiveRows, the kernel computes those rows,
 forward and input gradient, and writes zeros for the others. The caller vouches that nothing reads those rows and
 that they add nothing to the weight's gradient (out_proj's input and in_proj's output gradient are zero there).
-F.linear, where the kernel does not apply, computes every row; the results are the same (bit for bit on an H200:
-benchmarks/results/linear_live_rows_h200_2026-11-28.txt).
+F.linear, where the kernel does not apply, computes every row; the results are the same (bit for bit on an H200 with
+the same tiles: benchmarks/results/linear_live_rows_h200_2026-11-28.txt; launches without a row map now take
+narrower tiles, linear_tiles_short_h200_2026-11-28.txt, and the comparison has not been repeated since).
 """
 import os
 import warnings

@@ -271,7 +271,7 @@ def test_kernel_computes_only_the_live_rows(out_features):
     is_live = torch.arange(77)[None, :] < (lengths[:, None] + 3)
     torch.testing.assert_close(got[is_live], full[is_live], rtol=1e-5, atol=1e-5)
     assert (got[~is_live] == 0).all()
-    assert kernel.TILES[0] == 128 and 128 < live.item() < 256 < 4 * 77
+    assert kernel.ROW_MAP_TILES[0] == 128 and 128 < live.item() < 256 < 4 * 77
     with pytest.raises(ValueError, match="live rows"):
         kernel.linear_tf32x3(x, *parts, bias, live_rows=(rows.long(), live))
 

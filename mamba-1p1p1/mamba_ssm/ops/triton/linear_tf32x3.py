@@ -117,12 +117,17 @@ def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr,
 # Tiles (rows, columns, depth, warps, stages). Triton's own tf32x3 (both operands split inside the kernel) had
 # 128 x 128 x 32 with 8 warps and 3 stages for in_proj's 1536 columns and 128 x 64 x 32 for 384 and 768
 # (benchmarks/results/linear_tiles_h200_2026-11-28.txt). With the weight split before and a fresh accumulator per
-# step (benchmarks/results/linear_tf32_split_h200_2026-11-28.txt; H200, 25216 rows, us): 128 x 128 x 32, 8 warps, 3
-# stages is the fastest or within 1% of it for in_proj's forward (351) and input gradient (354) and out_proj's
-# input gradient (180), within 1% for out_proj's forward (184 against 183), and the fastest over DyVM's live rows
-# (a row map) at every stage's share but one; 128 x 256 spills (576 for in_proj's forward).
-TILES = (128, 128, 32, 8, 3)
-# Up to 64 columns (x_proj's 56): half as wide, from the first probe of that file (one accumulator): 36 against 69 us.
+# step, 128 x 128 x 32, 8 warps, 3 stages was the fastest at 25216 rows and over DyVM's live rows (a row map) at
+# every stage's share but one (linear_tf32_split_h200_2026-11-28.txt): launches with a row map keep it.
+# Without a row map, 64 x 128 x 32 with 4 warps and 3 stages (linear_tiles_short_h200_2026-11-28.txt, H200, us,
+# against 128 x 128 / 8 warps): the shorter sequences of DyVM inference fill the GPU's waves better (out_proj's
+# forward 149 / 112 / 75 against 164 / 124 / 81 at 138 / 97 / 68 tokens, in_proj's 248 / 184 / 129 against
+# 254 / 177 / 137, the input gradients 5% to 14% faster), and at 197 tokens out_proj's forward 199 against 219,
+# in_proj's input gradient 343 against 355, in_proj's forward and out_proj's input gradient within 2%.
+TILES = (64, 128, 32, 4, 3)
+ROW_MAP_TILES = (128, 128, 32, 8, 3)
+# Up to 64 columns (x_proj's 56): half as wide, from linear_tf32_split_h200_2026-11-28.txt's first probe (one
+# accumulator): 36 against 69 us.
 NARROW_N, NARROW_TILES = 64, (128, 64, 32, 8, 3)
 
 _plans = {}  # eager inference is bound by the host: the same layer shapes come back on every forward
@@ -183,7 +188,8 @@ def _plan(x, w_hi, w_lo, bias, row_map: bool):
     batch, seqlen, K = x.shape[-3:]
     N = w_hi.shape[-2]
     M = batch * seqlen
-    block_m, block_n, block_k, warps, stages = NARROW_TILES if N <= NARROW_N else TILES
+    block_m, block_n, block_k, warps, stages = (NARROW_TILES if N <= NARROW_N else
+                                                 ROW_MAP_TILES if row_map else TILES)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), R)
     ints = (M, N, K, max(seqlen, 1), x.stride(0) if stacked else 0, *x.stride()[-3:])
     kwargs = dict(HAS_BIAS=bias is not None, ROW_MAP=row_map, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
