@@ -50,8 +50,8 @@ def _conv_implementation(device: torch.device) -> str:
 
 
 def _fp32_linear(device: torch.device) -> str:
-    """What the mixers' in_proj, out_proj and x_proj's forward and DyVM's score predictors run in fp32 (no autocast) at training sizes
-    (mamba_ssm.ops.linear_fp32)."""
+    """What the mixers' in_proj, out_proj and x_proj's forward and DyVM's score predictors run in fp32 (no autocast)
+    at training sizes (mamba_ssm.ops.linear_fp32)."""
     from mamba_ssm.ops import linear_fp32
 
     x = torch.empty(1, linear_fp32.MIN_ROWS, 8, device=device)

@@ -108,8 +108,7 @@ def linear_module(module: nn.Module, x: Tensor, cached: Optional[tuple] = None,
     live_rows: compute only each image's first lengths + margin rows (see LiveRows; not with cached weights). The
     module runs itself where a hook must see its call, where it is not a plain nn.Linear (a replaced module runs
     its own forward), and where the kernel does not apply."""
-    if (type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks
-            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):  # (no calls: per layer)
+    if type(module) is not nn.Linear or module_hooked(module):
         return module(x)
     if cached is not None:
         return linear(x, *cached)
@@ -129,7 +128,7 @@ def linear(x: Tensor, weight: Tensor, bias=None, memo: Optional[dict] = None) ->
 
 def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tuple] = None,
                      memo: Optional[dict] = None) -> Tensor:
-    """linear() for a caller that has checked tf32x3_applies itself (Mamba.linear, which runs the Linear module
+    """linear() for a caller that has checked tf32x3_applies itself (linear_module, which runs the Linear module
     where the kernel does not apply): the kernel, with autograd when a gradient is wanted. row_map: None, or
     LiveRows.row_map(...) to compute the live rows only (zeros elsewhere); memo: see linear (no gradient only).
     A stack (x (R, batch, L, K), weights (R, N, K) contiguous -> (R, batch, L, N)): no gradient (x_proj's forward)."""
