@@ -409,37 +409,56 @@ def _stage_ties(summary, device, batch):
 def proj_check(summary):
     """The gated projections against the batched matmuls they replace (see the module docstring), and a sweep of
     their launch parameters (tokens per program, channels per delta slab, warps) at the sequence lengths of
-    DyVM-S's first and last stages."""
+    DyVM-S's stages. fp32 (TF32 off) takes three TF32 products of the weights' parts; what it replaces is x_proj on
+    the tf32x3 Linear kernel and dt_proj on cuBLAS (fp32 inference without it), and its error is against fp64."""
     import triton
+    from triton.runtime.errors import OutOfResources
 
     from dyvm.benchmark import build_model
+    from mamba_ssm.ops.bimamba_stacked import _rows, _x_proj_matmul
     from mamba_ssm.ops.triton.gated_proj import gated_projections
+    from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
 
     b, d, R, N = 128, 768, 24, 16
     configs = [(64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 64, 8)]
-    for dtype, L, tf32 in ((torch.float32, 197, False), (torch.float32, 197, True), (torch.bfloat16, 197, False),
+    split_configs = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (32, 64, 4), (64, 64, 2), (128, 64, 8), (64, 128, 8),
+                     (128, 32, 4), (32, 32, 2)]
+    for dtype, L, tf32 in ((torch.float32, 197, False), (torch.float32, 138, False), (torch.float32, 97, False),
+                           (torch.float32, 68, False), (torch.float32, 197, True), (torch.bfloat16, 197, False),
                            (torch.bfloat16, 68, False)):
         name = f"{'fp32' if dtype == torch.float32 else 'bf16'}{' tf32' if tf32 else ''} L{L}"
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        split = dtype == torch.float32 and not tf32
         xc = torch.randn(2, b, L, d, device="cuda", dtype=dtype).transpose(2, 3)
         wx = (torch.randn(2, R + 2 * N, d, device="cuda") / d ** 0.5).to(dtype)
         wdt = (torch.randn(2, d, R, device="cuda") / R ** 0.5).to(dtype)
+        parts = (split_tf32(wx), split_tf32(wdt)) if split else None
 
         def matmuls():
-            x_dbl = torch.bmm(xc.transpose(2, 3).reshape(2, b * L, d), wx.transpose(1, 2))
+            x_dbl = _x_proj_matmul(xc, wx) if split else torch.bmm(_rows(xc), wx.transpose(1, 2))
             return x_dbl, torch.bmm(x_dbl[..., :R], wdt.transpose(1, 2))
         want = matmuls()
         gate = (torch.rand(b, 2, device="cuda") < 0.74).float()
         ones = torch.ones_like(gate)
         on = gate.t().repeat_interleave(L, dim=1).bool()  # (2, b*L) rows of the pairs that are on
-        got = gated_projections(xc, wx, wdt, gate)
+        got = gated_projections(xc, wx, wdt, gate, tf32_parts=parts)
         summary[f"proj {name} b128: x_dbl rel, delta rel (pairs on)"] = (
             f"{rel(got[0][on], want[0][on]):.1e}, {rel(got[1][on], want[1][on]):.1e}")
+        if split:  # against fp64 (delta from the kernel's own dt), and what the matmuls are off by
+            x64 = torch.bmm(_rows(xc).double(), wx.double().transpose(1, 2))
+            for label, pair in (("kernel", got), ("matmuls", want)):
+                d64 = torch.bmm(pair[0][..., :R].double(), wdt.double().transpose(1, 2))
+                summary[f"proj {name} b128 {label}: x_dbl, delta rel to fp64"] = (
+                    f"{rel(pair[0][on].double(), x64[on]):.1e}, {rel(pair[1][on].double(), d64[on]):.1e}")
         base = triton.testing.do_bench_cudagraph(matmuls) * 1e3
-        for cfg in (configs if dtype != torch.float32 else configs[:1]):
-            kw = dict(block_t=cfg[0], block_d=cfg[1], num_warps=cfg[2])
-            times = [triton.testing.do_bench_cudagraph(lambda: gated_projections(xc, wx, wdt, g, **kw)) * 1e3
-                     for g in (ones, gate)]
+        for cfg in (split_configs if split else configs if dtype != torch.float32 else configs[:1]):
+            kw = dict(block_t=cfg[0], block_d=cfg[1], num_warps=cfg[2], tf32_parts=parts)
+            try:
+                times = [triton.testing.do_bench_cudagraph(lambda: gated_projections(xc, wx, wdt, g, **kw)) * 1e3
+                         for g in (ones, gate)]
+            except OutOfResources:
+                summary[f"proj {name} b128 {cfg}"] = "does not fit in shared memory"
+                continue
             summary[f"proj {name} b128 {cfg} us: matmuls, kernel all on, {float(gate.mean()):.2f} on"] = (
                 f"{base:.0f}, {times[0]:.0f}, {times[1]:.0f}")
     torch.backends.cuda.matmul.allow_tf32 = False

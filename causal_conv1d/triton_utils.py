@@ -1,5 +1,5 @@
 """Triton device helpers shared by the kernels of both packages (triton_causal_conv1d.py and mamba_ssm's
-ops/triton/selective_scan.py). A leaf: imports Triton and nothing of either package."""
+ops/triton/*.py), and their launches. A leaf: imports Triton and nothing of either package."""
 import functools
 import inspect
 import itertools
@@ -25,6 +25,27 @@ def pick4(v0, v1, v2, v3, j: tl.constexpr):
     if j == 3:
         v = v3
     return v
+
+
+@triton.jit
+def tf32_round(x):
+    """x rounded to the nearest TF32 value (10 mantissa bits; ties away from zero), as fp32: its low 13 bits
+    rounded into the rest through the integer add, then cleared. x = tf32_round(x) + tf32_round(the rest) to about
+    2^-22 of x, both parts exact TF32 values: the split of the three-product fp32 matmuls (mamba_ssm's
+    linear_tf32x3 and gated_proj kernels)."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_tf32x3(a_hi, a_lo, b_hi, b_lo, acc):
+    """acc + a @ b for fp32 a = a_hi + a_lo, b = b_hi + b_lo (tf32_round's parts) as three TF32 tensor-core
+    products (the dropped a_lo b_lo is about 2^-22 of each product). Exact TF32 values, so each product is exact;
+    the small terms first, into a fresh accumulator added to acc by an fp32 add: a long sum in one tensor-core
+    accumulator drifts (2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes; the accumulator's adds do not round to
+    nearest, it seems), a fresh one per 32-deep step gives 1.5e-7, as Triton's own tf32x3 does."""
+    step = tl.dot(a_lo, b_hi, tl.zeros(acc.shape, dtype=tl.float32), input_precision="tf32")
+    step = tl.dot(a_hi, b_lo, step, input_precision="tf32")
+    return acc + tl.dot(a_hi, b_hi, step, input_precision="tf32")
 
 
 # Host-side launch arithmetic in plain integers: triton.cdiv / triton.next_power_of_2 are constexpr functions

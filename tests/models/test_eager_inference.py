@@ -86,35 +86,33 @@ def _bit_identical_to_the_general_path(models, name, kernels):
 
 
 def test_gated_projections_skip_the_pairs_that_are_off(models, monkeypatch):
-    """DyVM's eager inference on the kernels in bf16 takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj,
-    which computes the gates itself (the head's code) and then only the (sample, direction) pairs whose gate is
-    on: the same products (fp32 in the interpreter), summed in another order, so the outputs agree with the
-    general path's batched matmuls to rounding and every decision is the same. (fp32 keeps the matmuls: see the next test.)"""
+    """DyVM's eager inference on the kernels takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj, which
+    computes the gates itself (the head's code) and then only the (sample, direction) pairs whose gate is on: the
+    same products, summed in another order (bf16: fp32 products in the interpreter; fp32: three TF32 products of
+    the weights' TF32 parts, as the fp32 Linears take), so the outputs agree with the general path's batched
+    matmuls to rounding and every decision is the same."""
     import mamba_ssm.ops.triton.gated_proj as proj
 
     calls = []
     kernel = proj.gated_projections
 
-    heads = []
-
     def spy(*args, **kwargs):
-        heads.append(kwargs.get("head") is not None)
         out = kernel(*args, **kwargs)
-        calls.append(args[3].clone())  # the gates the kernel skipped by (written by it when it computes them)
+        calls.append((args[3].clone(), kwargs.get("head") is not None, kwargs.get("tf32_parts") is not None))
         return out
     monkeypatch.setattr(proj, "gated_projections", spy)
     model = models["dyvm"].eval()
     x = torch.randn(3, 3, 12, 12)
-    with torch.no_grad():
-        want, _ = _outputs(model, x, watched=True, kernels=True, dtype=torch.bfloat16)
-        got, _ = _outputs(model, x, watched=False, kernels=True, dtype=torch.bfloat16)
-        assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g in calls)  # mixed gates
-        assert heads == [True] * len(model.layers)  # the gates computed inside the projections kernel
-        torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)  # logits
-        _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
+    for dtype, tol in ((torch.bfloat16, 2e-2), (None, 1e-5)):
         calls.clear()
-        _outputs(model, x, watched=False, kernels=True)
-        assert calls == []  # fp32: the batched matmuls (Triton's fp32 products are far slower than cuBLAS's)
+        with torch.no_grad():
+            want, _ = _outputs(model, x, watched=True, kernels=True, dtype=dtype)
+            got, _ = _outputs(model, x, watched=False, kernels=True, dtype=dtype)
+        assert len(calls) == len(model.layers) and any(0 < float(g.mean()) < 1 for g, _, _ in calls)  # mixed gates
+        assert all(head for _, head, _ in calls)  # the gates computed inside the projections kernel
+        assert all(split == (dtype is None) for _, _, split in calls)  # fp32: the three-product path
+        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)  # logits
+        _assert_identical(got[2:], want[2:])  # policy, slots, decisions, gates
 
 
 def test_eval_with_gradients_enabled_matches_no_grad(models):

@@ -244,9 +244,19 @@ class _SplitXZ(torch.autograd.Function):
 def _projections_kernel_takes(t: Tensor) -> bool:
     """Whether gated inference on tensors like t takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj (the
     pairs that are on only): on the devices the kernels run on, with nothing tracing or watching the ops
-    (torch.compile and FLOP counting see the batched matmuls), for 16-bit inputs. (In plain fp32 Triton multiplies
-    on the CUDA cores at a fifth of cuBLAS's speed, 1202 against 226 us at Vim-S shapes on an H200.)"""
-    return t.dtype in (torch.bfloat16, torch.float16) and not ops_watched() and triton_enabled(t, "gated_proj")
+    (torch.compile and FLOP counting see the batched matmuls), for 16-bit inputs, and for fp32 where the mixers'
+    fp32 Linears take three TF32 products (linear_fp32.tf32x3_wanted: the kernel does the same; plain fp32 products
+    in Triton run on the CUDA cores at a fifth of cuBLAS's speed, 1202 against 226 us at Vim-S shapes on an H200)."""
+    return ((t.dtype in (torch.bfloat16, torch.float16) or linear_fp32.tf32x3_wanted(t)) and not ops_watched()
+            and triton_enabled(t, "gated_proj"))
+
+
+def _projection_parts(xc: Tensor, w: StackedWeights) -> Optional[tuple]:
+    """gated_projections' tf32_parts for fp32 inputs (None otherwise), kept in the cached weights' memo."""
+    if xc.dtype != torch.float32:
+        return None
+    return (linear_fp32.weight_parts(w.x_proj_weight.contiguous(), w.memo),  # (the key _x_proj_matmul's split uses)
+            linear_fp32.weight_parts(w.dt_proj_weight.contiguous(), w.memo, "dt_proj_tf32"))
 
 
 def _gated_projections_apply(xc: Tensor) -> bool:
@@ -295,7 +305,8 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
         x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip,
-                                         head=(xz, *gate_head) if head_in_projections else None)
+                                         head=(xz, *gate_head) if head_in_projections else None,
+                                         tf32_parts=_projection_parts(xc, w))
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
         x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo)

@@ -1,7 +1,9 @@
 """The mixers' Linear layers (in_proj, out_proj) in fp32 on a GPU: three TF32 tensor-core products instead of
 cuBLAS's CUDA-core fp32 (mamba_ssm.ops.triton.linear_tf32x3 says how, and how close to fp64 it is). x_proj's
 forward takes the same kernel where tf32x3_applies (mamba_ssm.ops.bimamba_stacked._x_proj_matmul), and so do DyVM's
-token-score predictors' Linears (dyvm.models.predictor, through linear_module as the mixers' Linears).
+token-score predictors' Linears (dyvm.models.predictor, through linear_module as the mixers' Linears). DyVM's gated
+inference takes x_proj and dt_proj of the pairs that are on as three TF32 products in its own kernel where
+tf32x3_wanted (mamba_ssm.ops.triton.gated_proj, with the weights' parts from weight_parts).
 
 `linear(x, weight, bias)` is F.linear(x, weight, bias). It takes the kernel where all of this holds, and F.linear
 otherwise: fp32 input and weight with no autocast (under autocast F.linear runs in the autocast dtype), TF32 matmuls
@@ -53,9 +55,14 @@ _NO_ROOM = set()  # devices where even one pipeline stage of the kernel's tiles 
 def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether linear(x, weight, ...) takes the kernel (see the module docstring); x (batch, L, K) with weight (N, K),
     or a stack x (R, batch, L, K) with weights (R, N, K) (x_proj's two directions)."""
-    return (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() in (3, 4)
-            and weight.dim() == x.dim() - 1 and x.shape[-3] * x.shape[-2] >= MIN_ROWS
-            and not torch.backends.cuda.matmul.allow_tf32
+    return (weight.dtype == torch.float32 and x.dim() in (3, 4) and weight.dim() == x.dim() - 1
+            and x.shape[-3] * x.shape[-2] >= MIN_ROWS and tf32x3_wanted(x))
+
+
+def tf32x3_wanted(x: Tensor) -> bool:
+    """The conditions of tf32x3_applies that are not about shapes: fp32 products of x on TF32 tensor cores as three
+    TF32 products, here (the kernel) or in another kernel that does so (gated_proj's fp32 projections)."""
+    return (ENABLED and x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
             and not torch.is_autocast_enabled(x.device.type) and not ops_watched()
             and triton_enabled(x, KERNELS)
             and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
@@ -149,15 +156,16 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
         return F.linear(x, weight, bias)
 
 
-def weight_parts(weight: Tensor, memo: Optional[dict]) -> tuple:
-    """split_tf32(weight), from memo["tf32"] when it holds them (and kept there when memo is given)."""
+def weight_parts(weight: Tensor, memo: Optional[dict], key: str = "tf32") -> tuple:
+    """split_tf32(weight), from memo[key] when it holds them (and kept there when memo is given: one key per
+    weight that the memo's owner splits)."""
     from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
 
-    parts = None if memo is None else memo.get("tf32")
+    parts = None if memo is None else memo.get(key)
     if parts is None:
         parts = split_tf32(weight)
         if memo is not None:
-            memo["tf32"] = parts
+            memo[key] = parts
     return parts
 
 

@@ -55,6 +55,27 @@ def test_gated_projections_compute_the_gates_with_the_head_kernels_code(dtype):
                 assert torch.equal(got[0][r, sl], want[0][r, sl]) and torch.equal(got[1][r, sl], want[1][r, sl])
 
 
+def test_gated_projections_in_three_tf32_products_are_as_close_to_fp64_as_fp32():
+    """fp32 with the weights' TF32 parts (tf32_parts, as the fp32 Linears take them): the products come out within
+    fp32 rounding of the fp64 matmuls (dt_proj from the fp32 dt it wrote), where one TF32 product would be about
+    1e-3 off; the off pairs' rows are left alone."""
+    from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
+
+    torch.manual_seed(2)
+    xc, x_proj, dt_proj, gate, dt_rank = _inputs(torch.float32, dim=72, dt_rank=6)
+    batch, dim, seqlen = xc.shape[1:]
+    with pytest.raises(ValueError, match="TF32 parts"):  # (checked with the launch's plan: before the first call)
+        gated_projections(xc, x_proj, dt_proj, gate, tf32_parts=(split_tf32(x_proj), split_tf32(x_proj)))
+    x_dbl, delta = gated_projections(xc, x_proj, dt_proj, gate, tf32_parts=(split_tf32(x_proj), split_tf32(dt_proj)))
+    rows = xc.transpose(2, 3).reshape(2, batch * seqlen, dim).double()
+    want_dbl = torch.bmm(rows, x_proj.double().transpose(1, 2))
+    want_delta = torch.bmm(x_dbl[..., :dt_rank].double(), dt_proj.double().transpose(1, 2))
+    on = gate.t().repeat_interleave(seqlen, dim=1).bool()  # (2, b*L) rows of the pairs that are on
+    for got, want in ((x_dbl, want_dbl), (delta, want_delta)):
+        err = (got[on].double() - want[on]).abs().max() / want[on].abs().max()
+        assert err < 1e-6, err
+
+
 def test_gated_projections_refuse_what_does_not_fit():
     xc, x_proj, dt_proj, gate, _ = _inputs(torch.float32)
     with pytest.raises(ValueError, match="gated projections"):

@@ -20,7 +20,10 @@ of one pair's tokens through both projections and returns at once where the pair
 matmul reads it). Pairs that are off leave their rows unwritten; the scan does not read them.
 
 Same arithmetic as the matmuls, fp32 accumulation of products of the input dtype, in another order of the
-sums; fp32 inputs use TF32 tensor cores only where torch's matmuls would (allow_tf32).
+sums; fp32 inputs use TF32 tensor cores only where torch's matmuls would (allow_tf32). With TF32 off, fp32 inputs
+given the weights' TF32 parts (`tf32_parts`, as the fp32 Linear kernel takes its weights: linear_tf32x3) take
+three TF32 products per product instead (dot_tf32x3), as close to fp64 as cuBLAS's fp32 and at Vim-S shapes faster
+than x_proj on the Linear kernel plus dt_proj on cuBLAS, once a quarter of the pairs is off (SPLIT_TUNING).
 
 In eager inference the projections kernel can compute the gates itself (its `head` argument: every program of a
 pair computes the pair's two logits with gate_logits, the same code as the head's kernel, and the first writes
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causal_conv1d.triton_utils import interpreted, launch, next_pow2, remember
+from causal_conv1d.triton_utils import dot_tf32x3, interpreted, launch, next_pow2, remember, tf32_round
 
 
 @triton.jit
@@ -85,14 +88,28 @@ def gate_head_decide(xz: torch.Tensor, column: int, weight: torch.Tensor, bias: 
 
 
 @triton.jit
-def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
+def _x_proj_columns(w_base, k, mk, cols_r, cols_n, swx_o, dt_rank, d_state):
+    """x_proj's rows for the reduction steps k, read transposed (K, outputs): dt (dt_rank), then B and C (d_state
+    each), padded with zeros to their blocks."""
+    w_dt = tl.load(w_base + cols_r[None, :] * swx_o + k[:, None], mask=mk[:, None] & (cols_r < dt_rank)[None, :],
+                   other=0.0)
+    mask_n = mk[:, None] & (cols_n < d_state)[None, :]
+    w_B = tl.load(w_base + (dt_rank + cols_n)[None, :] * swx_o + k[:, None], mask=mask_n, other=0.0)
+    w_C = tl.load(w_base + (dt_rank + d_state + cols_n)[None, :] * swx_o + k[:, None], mask=mask_n, other=0.0)
+    return w_dt, w_B, w_C
+
+
+@triton.jit
+def _gated_proj_kernel(x_ptr, wx_ptr, wx_lo_ptr, wdt_ptr, wdt_lo_ptr, gate_ptr, xdbl_ptr, delta_ptr,
                        xz_ptr, hw_ptr, hb_ptr, width, column, sxz_b, sxz_c, sxz_t, shw_r,
                        seqlen, dim, dt_rank, d_state,
                        sx_r, sx_b, sx_t, swx_r, swx_o, swdt_r, swdt_o, sg_b, sg_r,
                        so_r, so_t, sd_r, sd_t,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        GATE_HEAD: tl.constexpr, HEAD_BLOCK: tl.constexpr):
+    # SPLIT: fp32 as three TF32 products (dot_tf32x3), the weights given as their TF32 parts (wx / wx_lo, wdt /
+    # wdt_lo), x and dt split here; else one tl.dot of PRECISION (wx_lo, wdt_lo unread).
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2)
@@ -111,7 +128,6 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
     cols_n = tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_base = x_ptr + r * sx_r + pid_b * sx_b + rows[:, None] * sx_t
-    wx_base = wx_ptr + r * swx_r
     acc_dt = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc_B = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     acc_C = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -119,18 +135,20 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
         k = k0 + ks
         mk = k < dim
         x = tl.load(x_base + k[None, :], mask=mask_t[:, None] & mk[None, :], other=0.0)
-        # x_proj's rows: dt (dt_rank), then B and C (d_state each), read transposed (K, outputs)
-        w_dt = tl.load(wx_base + cols_r[None, :] * swx_o + k[:, None],
-                       mask=mk[:, None] & (cols_r < dt_rank)[None, :], other=0.0)
-        w_B = tl.load(wx_base + (dt_rank + cols_n)[None, :] * swx_o + k[:, None],
-                      mask=mk[:, None] & (cols_n < d_state)[None, :], other=0.0)
-        w_C = tl.load(wx_base + (dt_rank + d_state + cols_n)[None, :] * swx_o + k[:, None],
-                      mask=mk[:, None] & (cols_n < d_state)[None, :], other=0.0)
-        if UPCAST:  # (the interpreter's dot cannot multiply bf16: fp32 products of the same values)
-            x, w_dt, w_B, w_C = x.to(tl.float32), w_dt.to(tl.float32), w_B.to(tl.float32), w_C.to(tl.float32)
-        acc_dt = tl.dot(x, w_dt, acc_dt, input_precision=PRECISION)
-        acc_B = tl.dot(x, w_B, acc_B, input_precision=PRECISION)
-        acc_C = tl.dot(x, w_C, acc_C, input_precision=PRECISION)
+        w_dt, w_B, w_C = _x_proj_columns(wx_ptr + r * swx_r, k, mk, cols_r, cols_n, swx_o, dt_rank, d_state)
+        if SPLIT:
+            l_dt, l_B, l_C = _x_proj_columns(wx_lo_ptr + r * swx_r, k, mk, cols_r, cols_n, swx_o, dt_rank, d_state)
+            x_hi = tf32_round(x)
+            x_lo = tf32_round(x - x_hi)
+            acc_dt = dot_tf32x3(x_hi, x_lo, w_dt, l_dt, acc_dt)
+            acc_B = dot_tf32x3(x_hi, x_lo, w_B, l_B, acc_B)
+            acc_C = dot_tf32x3(x_hi, x_lo, w_C, l_C, acc_C)
+        else:
+            if UPCAST:  # (the interpreter's dot cannot multiply bf16: fp32 products of the same values)
+                x, w_dt, w_B, w_C = x.to(tl.float32), w_dt.to(tl.float32), w_B.to(tl.float32), w_C.to(tl.float32)
+            acc_dt = tl.dot(x, w_dt, acc_dt, input_precision=PRECISION)
+            acc_B = tl.dot(x, w_B, acc_B, input_precision=PRECISION)
+            acc_C = tl.dot(x, w_C, acc_C, input_precision=PRECISION)
     out_dtype = xdbl_ptr.dtype.element_ty
     o_base = xdbl_ptr + r * so_r + (pid_b * seqlen + rows)[:, None] * so_t
     dt = acc_dt.to(out_dtype)
@@ -139,14 +157,21 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
     tl.store(o_base + (dt_rank + cols_n)[None, :], acc_B.to(out_dtype), mask=mask_n)
     tl.store(o_base + (dt_rank + d_state + cols_n)[None, :], acc_C.to(out_dtype), mask=mask_n)
     # delta = dt @ dt_proj^T, a BLOCK_D-channel slab at a time (dt's padding columns are zeros)
+    if SPLIT:
+        dt_hi = tf32_round(dt)
+        dt_lo = tf32_round(dt - dt_hi)
     cols_d = tl.arange(0, BLOCK_D)
     d_base = delta_ptr + r * sd_r + (pid_b * seqlen + rows)[:, None] * sd_t
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + cols_d
         md = d < dim
-        w = tl.load(wdt_ptr + r * swdt_r + d[None, :] * swdt_o + cols_r[:, None],
-                    mask=(cols_r < dt_rank)[:, None] & md[None, :], other=0.0)
-        if UPCAST:
+        w_off = r * swdt_r + d[None, :] * swdt_o + cols_r[:, None]
+        mask_w = (cols_r < dt_rank)[:, None] & md[None, :]
+        w = tl.load(wdt_ptr + w_off, mask=mask_w, other=0.0)
+        if SPLIT:
+            delta = dot_tf32x3(dt_hi, dt_lo, w, tl.load(wdt_lo_ptr + w_off, mask=mask_w, other=0.0),
+                               tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32))
+        elif UPCAST:
             delta = tl.dot(dt.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
         else:
             delta = tl.dot(dt, w, input_precision=PRECISION)
@@ -159,26 +184,37 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wdt_ptr, gate_ptr, xdbl_ptr, delta_ptr,
 # 80 / 46; more warps or larger tiles were slower (gpu_check_proj7_h200_2026-11-27h.log). With every pair on the
 # matmuls are faster (64 / 27 against 71 / 41).
 TUNING = {"block_t": 64, "block_d": 128, "num_warps": 4}
+# fp32 as three TF32 products (tf32_parts), the same sweep (benchmarks/results/gated_proj_fp32_tf32x3_h200_2026-11-28.txt;
+# us with about 3/4 of the pairs on at L 197 / 138 / 97 / 68, against x_proj on the tf32x3 Linear kernel and dt_proj on
+# cuBLAS over every pair: 169 / 134 / 89 / 78): (64, 64, 4) 129 / 119 / 65 / 64; (128, 64, 8) 143 / 141 / 93 / 88;
+# (64, 32, 4) 148 / 139 / 76 / 75; (64, 128, 4) 193 at L 197; wider slabs or 2 warps were slower still. With every
+# pair on the matmuls are faster (169 / 134 against 179 / 126 at L 197 / 138): dense models keep them.
+SPLIT_TUNING = {"block_t": 64, "block_d": 64, "num_warps": 4}
 
 
 _plans = {}  # (grid, integer arguments, constexprs, output shapes) per key: eager inference is bound by the host
 
 
 def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
-                      gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0, head=None):
+                      gate: torch.Tensor, block_t: int = 0, block_d: int = 0, num_warps: int = 0, head=None,
+                      tf32_parts=None):
     """xc (2, b, d, L) channel-contiguous (the stacked conv's output), x_proj_weight (2, R + 2N, d), dt_proj_weight
     (2, d, R), gate (b, 2) -> x_dbl (2, b*L, R + 2N) and delta (2, b*L, d) in xc's dtype, as
     torch.bmm(xc rows, x_proj^T) and torch.bmm(x_dbl[..., :R], dt_proj^T) compute them, for the pairs whose gate
     is not 0 (the rows of the others are left unwritten). block_t, block_d, num_warps override TUNING.
     head (xz, column, weight, bias): the gates are not known yet; the kernel computes them from DyVM's gate head
-    as gate_head_decide does (the same code) and writes them into `gate`."""
+    as gate_head_decide does (the same code) and writes them into `gate`.
+    tf32_parts ((x_proj hi, lo), (dt_proj hi, lo)), fp32 only: the weights' TF32 parts as linear_tf32x3.split_tf32
+    writes them; both products are then three TF32 tensor-core products (closer to fp64 than cuBLAS's fp32, as
+    linear_tf32x3's), and the parts are read instead of the weights."""
     x_proj_weight, dt_proj_weight = x_proj_weight.contiguous(), dt_proj_weight.contiguous()
     key = (xc.shape, xc.stride(), xc.dtype, x_proj_weight.shape, x_proj_weight.stride(), x_proj_weight.dtype,
            dt_proj_weight.shape, dt_proj_weight.stride(), dt_proj_weight.dtype, gate.shape, gate.stride(),
-           torch.backends.cuda.matmul.allow_tf32, block_t, block_d, num_warps)
+           torch.backends.cuda.matmul.allow_tf32, block_t, block_d, num_warps, tf32_parts is not None)
     plan = _plans.get(key)
     if plan is None:
-        plan = remember(_plans, key, _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps))
+        plan = remember(_plans, key, _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps,
+                                           tf32_parts))
     grid, ints, kwargs, (dbl_shape, delta_shape) = plan
     x_dbl = torch.empty(dbl_shape, device=xc.device, dtype=xc.dtype)
     delta = torch.empty(delta_shape, device=xc.device, dtype=xc.dtype)
@@ -189,12 +225,13 @@ def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_wei
         weight, bias = check_head(xz, weight, bias, gate)
         head_args = (xz, weight, bias, xz.shape[1], column, *xz.stride(), weight.stride(0))
         head_kwargs = dict(GATE_HEAD=True, HEAD_BLOCK=head_block(xz.shape[1]))
-    launch(_gated_proj_kernel, grid, xc, x_proj_weight, dt_proj_weight, gate, x_dbl, delta, *head_args, *ints,
-           **kwargs, **head_kwargs)
+    (wx, wx_lo), (wdt, wdt_lo) = tf32_parts or ((x_proj_weight, x_proj_weight), (dt_proj_weight, dt_proj_weight))
+    launch(_gated_proj_kernel, grid, xc, wx, wx_lo, wdt, wdt_lo, gate, x_dbl, delta, *head_args, *ints, **kwargs,
+           **head_kwargs)
     return x_dbl, delta
 
 
-def _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps):
+def _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps, tf32_parts):
     """The launch of gated_projections for these inputs' shapes, strides and dtypes, checked once."""
     R2, batch, dim, seqlen = xc.shape
     n_out, dt_rank = x_proj_weight.shape[1], dt_proj_weight.shape[2]
@@ -205,17 +242,25 @@ def _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps):
         raise ValueError(f"gated projections: xc {tuple(xc.shape)} {xc.dtype} (channel-contiguous), x_proj "
                          f"{tuple(x_proj_weight.shape)} {x_proj_weight.dtype}, dt_proj {tuple(dt_proj_weight.shape)} "
                          f"{dt_proj_weight.dtype} and gate {tuple(gate.shape)} do not fit")
+    split = tf32_parts is not None
+    if split and (xc.dtype != torch.float32 or any(
+            p.shape != w.shape or p.dtype != torch.float32 or not p.is_contiguous()
+            for part, w in zip(tf32_parts, (x_proj_weight, dt_proj_weight)) for p in part)):
+        raise ValueError("gated projections: TF32 parts are for fp32 inputs, two contiguous fp32 tensors of each "
+                         "weight's shape (split_tf32's)")
     upcast = interpreted(_gated_proj_kernel) and xc.dtype != torch.float32
     if xc.dtype == torch.float32:  # TF32 tensor cores only where torch's matmuls would use them
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:  # (no effect on 16-bit inputs on a GPU; the interpreter's upcast products are exact in fp32)
         precision = "ieee" if upcast else "tf32"
-    block_t = block_t or TUNING["block_t"]
+    tuning = SPLIT_TUNING if split else TUNING
+    block_t = block_t or tuning["block_t"]
     # x_dbl, delta: (2, b*L, n) contiguous, so their strides follow from the shapes
     ints = (seqlen, dim, dt_rank, d_state, xc.stride(0), xc.stride(1), xc.stride(3), x_proj_weight.stride(0),
             x_proj_weight.stride(1), dt_proj_weight.stride(0), dt_proj_weight.stride(1), gate.stride(0),
             gate.stride(1), batch * seqlen * n_out, n_out, batch * seqlen * dim, dim)
-    kwargs = dict(PRECISION=precision, UPCAST=upcast, BLOCK_T=block_t, BLOCK_K=64,
+    # (SPLIT: 32-deep steps, each into a fresh accumulator, as linear_tf32x3's)
+    kwargs = dict(PRECISION=precision, SPLIT=split, UPCAST=upcast, BLOCK_T=block_t, BLOCK_K=32 if split else 64,
                   BLOCK_R=max(16, next_pow2(dt_rank)), BLOCK_N=max(16, next_pow2(d_state)),
-                  BLOCK_D=block_d or TUNING["block_d"], num_warps=num_warps or TUNING["num_warps"])
+                  BLOCK_D=block_d or tuning["block_d"], num_warps=num_warps or tuning["num_warps"])
     return (-(-seqlen // block_t), batch, 2), ints, kwargs, ((2, batch * seqlen, n_out), (2, batch * seqlen, dim))

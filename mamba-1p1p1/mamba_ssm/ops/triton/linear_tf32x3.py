@@ -32,14 +32,7 @@ import triton.language as tl
 
 from triton.runtime.errors import OutOfResources
 
-from causal_conv1d.triton_utils import launch, remember
-
-
-@triton.jit
-def _tf32(x):
-    """x rounded to the nearest TF32 value (10 mantissa bits; ties away from zero), as fp32: its low 13 bits
-    rounded into the rest through the integer add, then cleared."""
-    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+from causal_conv1d.triton_utils import dot_tf32x3, launch, remember, tf32_round
 
 
 @triton.jit
@@ -47,9 +40,9 @@ def _split_kernel(w_ptr, hi_ptr, lo_ptr, N, K, sw_n, sw_k, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N * K
     w = tl.load(w_ptr + (offs // K).to(tl.int64) * sw_n + (offs % K).to(tl.int64) * sw_k, mask=ok)
-    hi = _tf32(w)
+    hi = tf32_round(w)
     tl.store(hi_ptr + offs, hi, mask=ok)
-    tl.store(lo_ptr + offs, _tf32(w - hi), mask=ok)
+    tl.store(lo_ptr + offs, tf32_round(w - hi), mask=ok)
 
 
 @triton.jit
@@ -96,15 +89,9 @@ def _linear_kernel(x_ptr, wh_ptr, wl_ptr, bias_ptr, out_ptr, rows_ptr, live_ptr,
             mask_w = mask_k[:, None] & mask_n[None, :]
             w_hi = tl.load(wh_ptr + w_off, mask=mask_w, other=0.0)
             w_lo = tl.load(wl_ptr + w_off, mask=mask_w, other=0.0)
-            x_hi = _tf32(x)
-            x_lo = _tf32(x - x_hi)
-            # Exact TF32 values, so each product is exact; the small terms first. A long sum in one tensor-core
-            # accumulator drifts (2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes: its adds do not round to nearest,
-            # the addends' low bits cut against the running sum, it seems). Each BLOCK_K step sums into a fresh
-            # one, added to the total by an fp32 add, as Triton's own tf32x3 does: 1.5e-7.
-            step = tl.dot(x_lo, w_hi, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision="tf32")
-            step = tl.dot(x_hi, w_lo, step, input_precision="tf32")
-            acc += tl.dot(x_hi, w_hi, step, input_precision="tf32")
+            x_hi = tf32_round(x)
+            # (each BLOCK_K step into a fresh tensor-core accumulator: dot_tf32x3)
+            acc = dot_tf32x3(x_hi, tf32_round(x - x_hi), w_hi, w_lo, acc)
             x_p += BLOCK_K * sx_k
             w_off += BLOCK_K
         if HAS_BIAS:
