@@ -22,8 +22,8 @@ only each image's first rows (and the conv's reach past them): given a LiveRows,
 forward and input gradient, and writes zeros for the others. The caller vouches that nothing reads those rows and
 that they add nothing to the weight's gradient (out_proj's input and in_proj's output gradient are zero there).
 F.linear, where the kernel does not apply, computes every row; the results are the same (bit for bit on an H200 with
-the same tiles: benchmarks/results/linear_live_rows_h200_2026-11-28.txt; launches without a row map now take
-narrower tiles, linear_tiles_short_h200_2026-11-28.txt, and the comparison has not been repeated since).
+the same tiles, benchmarks/results/linear_live_rows_h200_2026-11-28.txt; and with the narrower tiles that launches
+without a row map take since, linear_tiles_training_h200_2026-11-28.txt: a whole DyVM-S training step too).
 """
 import os
 import warnings
