@@ -83,14 +83,15 @@ def report() -> str:
         f"MAMBA_TRITON_FAST_LAUNCH={os.environ.get('MAMBA_TRITON_FAST_LAUNCH', '')!r} "
         "(0: Triton's own launch path instead of direct launches) "
         f"MAMBA_FP32_LINEAR={os.environ.get('MAMBA_FP32_LINEAR', '')!r} "
-        "(cublas: fp32 in_proj / out_proj / x_proj / predictors on cuBLAS)",
+        "(cublas: fp32 in_proj / out_proj / x_proj / dt_proj / predictors on cuBLAS)",
         f"ops on {device.type} tensors:",
         f"  selective_scan_fn: {_implementation('selective_scan', device)}",
         f"  bimamba_v2_inner_fn (DyVM scan): {_implementation('bimamba', device)}",
         f"  rms_norm_fn / layer_norm_fn: {_implementation('layernorm_kernel', device)}",
         f"  causal_conv1d_fn: {_conv_implementation(device)}",
         f"  DyVM gate head at inference: {_implementation('gate_head', device, has_implementation=False)}",
-        f"  in_proj / out_proj / x_proj / predictors in fp32: {_fp32_linear(device)}",
+        f"  in_proj / out_proj / x_proj / predictors (and DyVM's gated x_proj + dt_proj at inference) in fp32: "
+        f"{_fp32_linear(device)}",
     ]
     return "\n".join(lines)
 

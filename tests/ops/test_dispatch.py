@@ -110,7 +110,8 @@ def test_env_report_names_every_op():
     for needle in ("torch:", "triton:", "gpu:", "selective_scan_fn: PyTorch implementation (cpu tensors)",
                    "bimamba_v2_inner_fn", "rms_norm_fn", "causal_conv1d_fn", "DyVM gate head",
                    "MAMBA_TRITON_FAST_LAUNCH=", "MAMBA_FP32_LINEAR=",
-                   "in_proj / out_proj / x_proj / predictors in fp32: F.linear (cpu tensors)"):
+                   "in_proj / out_proj / x_proj / predictors (and DyVM's gated x_proj + dt_proj at inference) in fp32: "
+                   "F.linear (cpu tensors)"):
         assert needle in out.stdout, out.stdout
 
 
