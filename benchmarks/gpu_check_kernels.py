@@ -421,11 +421,11 @@ def proj_check(summary):
 
     b, d, R, N = 128, 768, 24, 16
     configs = [(64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (64, 64, 8)]
-    split_configs = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (32, 64, 4), (64, 64, 2), (128, 64, 8), (64, 128, 8),
+    fp32_configs = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (32, 64, 4), (64, 64, 2), (128, 64, 8), (64, 128, 8),
                      (128, 32, 4), (32, 32, 2)]
     for dtype, L, tf32 in ((torch.float32, 197, False), (torch.float32, 138, False), (torch.float32, 97, False),
-                           (torch.float32, 68, False), (torch.float32, 197, True), (torch.bfloat16, 197, False),
-                           (torch.bfloat16, 68, False)):
+                           (torch.float32, 68, False), (torch.float32, 197, True), (torch.float32, 68, True),
+                           (torch.bfloat16, 197, False), (torch.bfloat16, 68, False)):
         name = f"{'fp32' if dtype == torch.float32 else 'bf16'}{' tf32' if tf32 else ''} L{L}"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         split = dtype == torch.float32 and not tf32
@@ -451,7 +451,7 @@ def proj_check(summary):
                 summary[f"proj {name} b128 {label}: x_dbl, delta rel to fp64"] = (
                     f"{rel(pair[0][on].double(), x64[on]):.1e}, {rel(pair[1][on].double(), d64[on]):.1e}")
         base = triton.testing.do_bench_cudagraph(matmuls) * 1e3
-        for cfg in (split_configs if split else configs if dtype != torch.float32 else configs[:1]):
+        for cfg in (fp32_configs if dtype == torch.float32 else configs):
             kw = dict(block_t=cfg[0], block_d=cfg[1], num_warps=cfg[2], tf32_parts=parts)
             try:
                 times = [triton.testing.do_bench_cudagraph(lambda: gated_projections(xc, wx, wdt, g, **kw)) * 1e3

@@ -245,15 +245,19 @@ def _projections_kernel_takes(t: Tensor) -> bool:
     """Whether gated inference on tensors like t takes x_proj and dt_proj from mamba_ssm.ops.triton.gated_proj (the
     pairs that are on only): on the devices the kernels run on, with nothing tracing or watching the ops
     (torch.compile and FLOP counting see the batched matmuls), for 16-bit inputs, and for fp32 where the mixers'
-    fp32 Linears take three TF32 products (linear_fp32.tf32x3_wanted: the kernel does the same; plain fp32 products
-    in Triton run on the CUDA cores at a fifth of cuBLAS's speed, 1202 against 226 us at Vim-S shapes on an H200)."""
+    fp32 Linears take three TF32 products (linear_fp32.tf32x3_wanted: the kernel does the same). Not for plain fp32
+    products otherwise (in Triton they run on the CUDA cores at a fifth of cuBLAS's speed, 1202 against 226 us at
+    Vim-S shapes on an H200), nor with TF32 matmuls allowed (`--tf32`): one TF32 product in the kernel was faster
+    than cuBLAS's at 197 tokens and slower at 68, graphed DyVM-S +3.3% and +0.2% in two rounds
+    (gated_proj_tf32_probe_h200_2026-11-28.txt), too little to take."""
     return ((t.dtype in (torch.bfloat16, torch.float16) or linear_fp32.tf32x3_wanted(t)) and not ops_watched()
             and triton_enabled(t, "gated_proj"))
 
 
 def _projection_parts(xc: Tensor, w: StackedWeights) -> Optional[tuple]:
-    """gated_projections' tf32_parts for fp32 inputs (None otherwise), kept in the cached weights' memo."""
-    if xc.dtype != torch.float32:
+    """gated_projections' tf32_parts where fp32 takes three TF32 products (None otherwise: 16-bit inputs, TF32
+    matmuls allowed), kept in the cached weights' memo."""
+    if not linear_fp32.tf32x3_wanted(xc):
         return None
     return (linear_fp32.weight_parts(w.x_proj_weight.contiguous(), w.memo),  # (the key _x_proj_matmul's split uses)
             linear_fp32.weight_parts(w.dt_proj_weight.contiguous(), w.memo, "dt_proj_tf32"))

@@ -23,7 +23,7 @@ Same arithmetic as the matmuls, fp32 accumulation of products of the input dtype
 sums; fp32 inputs use TF32 tensor cores only where torch's matmuls would (allow_tf32). With TF32 off, fp32 inputs
 given the weights' TF32 parts (`tf32_parts`, as the fp32 Linear kernel takes its weights: linear_tf32x3) take
 three TF32 products per product instead (dot_tf32x3), as close to fp64 as cuBLAS's fp32 and at Vim-S shapes faster
-than x_proj on the Linear kernel plus dt_proj on cuBLAS, once a quarter of the pairs is off (SPLIT_TUNING).
+than x_proj on the Linear kernel plus dt_proj on cuBLAS, once a quarter of the pairs is off (FP32_TUNING).
 
 In eager inference the projections kernel can compute the gates itself (its `head` argument: every program of a
 pair computes the pair's two logits with gate_logits, the same code as the head's kernel, and the first writes
@@ -184,12 +184,14 @@ def _gated_proj_kernel(x_ptr, wx_ptr, wx_lo_ptr, wdt_ptr, wdt_lo_ptr, gate_ptr, 
 # 80 / 46; more warps or larger tiles were slower (gpu_check_proj7_h200_2026-11-27h.log). With every pair on the
 # matmuls are faster (64 / 27 against 71 / 41).
 TUNING = {"block_t": 64, "block_d": 128, "num_warps": 4}
-# fp32 as three TF32 products (tf32_parts), the same sweep (benchmarks/results/gated_proj_fp32_tf32x3_h200_2026-11-28.txt;
+# fp32, the same sweep (three TF32 products with tf32_parts; results/gated_proj_fp32_tf32x3_h200_2026-11-28.txt;
 # us with about 3/4 of the pairs on at L 197 / 138 / 97 / 68, against x_proj on the tf32x3 Linear kernel and dt_proj on
 # cuBLAS over every pair: 169 / 134 / 89 / 78): (64, 64, 4) 129 / 119 / 65 / 64; (128, 64, 8) 143 / 141 / 93 / 88;
 # (64, 32, 4) 148 / 139 / 76 / 75; (64, 128, 4) 193 at L 197; wider slabs or 2 warps were slower still. With every
-# pair on the matmuls are faster (169 / 134 against 179 / 126 at L 197 / 138): dense models keep them.
-SPLIT_TUNING = {"block_t": 64, "block_d": 64, "num_warps": 4}
+# pair on the matmuls are faster (169 / 134 against 179 / 126 at L 197 / 138): dense models keep them. One TF32
+# product (TF32 matmuls allowed; not taken by the mixer, see bimamba_stacked) was fastest with the same tiles at L 197
+# (gated_proj_tf32_probe_h200_2026-11-28.txt).
+FP32_TUNING = {"block_t": 64, "block_d": 64, "num_warps": 4}
 
 
 _plans = {}  # (grid, integer arguments, constexprs, output shapes) per key: eager inference is bound by the host
@@ -253,7 +255,7 @@ def _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps, 
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:  # (no effect on 16-bit inputs on a GPU; the interpreter's upcast products are exact in fp32)
         precision = "ieee" if upcast else "tf32"
-    tuning = SPLIT_TUNING if split else TUNING
+    tuning = FP32_TUNING if xc.dtype == torch.float32 else TUNING
     block_t = block_t or tuning["block_t"]
     # x_dbl, delta: (2, b*L, n) contiguous, so their strides follow from the shapes
     ints = (seqlen, dim, dt_rank, d_state, xc.stride(0), xc.stride(1), xc.stride(3), x_proj_weight.stride(0),
