@@ -40,9 +40,10 @@ def tf32_round(x):
 def dot_tf32x3(a_hi, a_lo, b_hi, b_lo, acc):
     """acc + a @ b for fp32 a = a_hi + a_lo, b = b_hi + b_lo (tf32_round's parts) as three TF32 tensor-core
     products (the dropped a_lo b_lo is about 2^-22 of each product). Exact TF32 values, so each product is exact;
-    the small terms first, into a fresh accumulator added to acc by an fp32 add: a long sum in one tensor-core
-    accumulator drifts (2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes; the accumulator's adds do not round to
-    nearest, it seems), a fresh one per 32-deep step gives 1.5e-7, as Triton's own tf32x3 does."""
+    the small terms first, into a fresh accumulator added to acc by an fp32 add. The tensor cores add into their
+    accumulator without rounding to nearest (the addends' low bits are cut where the sum's exponent is larger), so
+    a long sum in one accumulator drifts: 2.6e-6 to 1.1e-5 from fp64 at Vim-S shapes; a fresh one per 32-deep step,
+    as Triton's own tf32x3 does, gives 1.5e-7."""
     step = tl.dot(a_lo, b_hi, tl.zeros(acc.shape, dtype=tl.float32), input_precision="tf32")
     step = tl.dot(a_hi, b_lo, step, input_precision="tf32")
     return acc + tl.dot(a_hi, b_hi, step, input_precision="tf32")

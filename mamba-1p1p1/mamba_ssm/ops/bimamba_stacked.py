@@ -255,9 +255,10 @@ def _projections_kernel_takes(t: Tensor) -> bool:
 
 
 def _projection_parts(xc: Tensor, w: StackedWeights) -> Optional[tuple]:
-    """gated_projections' tf32_parts where fp32 takes three TF32 products (None otherwise: 16-bit inputs, TF32
-    matmuls allowed), kept in the cached weights' memo."""
-    if not linear_fp32.tf32x3_wanted(xc):
+    """gated_projections' tf32_parts for fp32 inputs (None for 16-bit ones), kept in the cached weights' memo. Called
+    only where _projections_kernel_takes held, which lets fp32 through only where tf32x3_wanted: not asked again
+    (eager inference is bound by the host, and this runs per layer)."""
+    if xc.dtype != torch.float32:
         return None
     return (linear_fp32.weight_parts(w.x_proj_weight.contiguous(), w.memo),  # (the key _x_proj_matmul's split uses)
             linear_fp32.weight_parts(w.dt_proj_weight.contiguous(), w.memo, "dt_proj_tf32"))
