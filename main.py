@@ -27,7 +27,7 @@ import torch.nn as nn
 from dyvm.checkpoint import (CheckpointError, load_checkpoint, load_training_checkpoint, read_checkpoint,
                              recorded_teacher_path, restore_training_state, save_training_checkpoint,
                              training_state)
-from dyvm.cli import run_cli
+from dyvm.cli import check_kernel_settings, run_cli
 from dyvm.config import ConfigError, apply_tf32, parse_args, save_args, show_progress
 from dyvm.data import DataError, build_datasets, build_loaders, describe, set_epoch
 from dyvm.engine import (AuxForward, ClassificationLoss, ModelOptionError, NonFiniteLossError, build_model, evaluate,
@@ -118,6 +118,7 @@ def load_weights(args, model: nn.Module, say) -> Optional[dict]:
 
 def prepare(args) -> Session:
     """Processes, seeds, output folder, data, model and weights: what training and --eval share."""
+    check_kernel_settings()
     world_size, rank, device = init_distributed(args)
     seed_everything(args.seed)  # the same on every rank: fresh heads (and their EMA copies) start identical
     if args.output_dir and rank == 0:

@@ -77,6 +77,24 @@ def says_error(e: BaseException) -> bool:
     return isinstance(e, NonFiniteLossError) and "in another process" not in str(e)
 
 
+def check_kernel_settings() -> None:
+    """The kernels' environment settings (MAMBA_SCAN_CKPT_CHUNK, MAMBA_TRITON_TUNING), read when their module loads:
+    checked before any work, so that a bad value is one line (a ConfigError) rather than a traceback at the first
+    training step. Without Triton the PyTorch implementations run, which read neither."""
+    from dyvm.config import ConfigError
+
+    try:
+        from mamba_ssm.ops.triton.selective_scan import ckpt_chunk_from_env
+    except ImportError:
+        return
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        ckpt_chunk_from_env()  # (again: the module may have loaded before the variable was set)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_cli(work: Callable[[], object], user_errors: tuple) -> int:
     """An entry point's main: run `work`; a user error (one of user_errors) is one line on stderr, said once under
     torchrun (says_error), exit status 1; the process group is torn down either way."""

@@ -259,6 +259,15 @@ def test_asking_for_graphed_steps_where_they_cannot_run_says_why(capsys):
     assert "note: a CUDA-graph training step needs a CUDA device; training steps run eagerly" in text
 
 
+def test_a_bad_kernel_setting_is_one_line_before_any_work(monkeypatch, capsys):
+    monkeypatch.setenv("MAMBA_SCAN_CKPT_CHUNK", "12")
+    assert run("--model", "vim_tiny", "--epochs", "1", "--max-steps-per-epoch", "1") == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("error: MAMBA_SCAN_CKPT_CHUNK=12: the scan's checkpoint interval must be one of "
+                                    "8, 16, 32 (steps)"), captured.err
+    assert "data:" not in captured.out
+
+
 def test_a_flag_typo_is_one_line_with_a_hint(capsys):
     with pytest.raises(SystemExit) as exit_:
         run("--tokn-keep-ratio", "0.5")

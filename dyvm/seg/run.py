@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from dyvm.checkpoint import CheckpointError, save_checkpoint
-from dyvm.cli import run_cli
+from dyvm.cli import check_kernel_settings, run_cli
 from dyvm.config import apply_tf32, show_progress
 from dyvm.data import DataError
 from dyvm.engine import init_distributed, seed_everything
@@ -220,6 +220,7 @@ def train(args, model, splits, device, world_size: int, rank: int, resumed, amp_
 
 
 def run(args) -> dict:
+    check_kernel_settings()
     world_size, rank, device = init_distributed(args)
     seed_everything(args.seed)  # the same on every rank: identical fresh weights
     if args.output_dir and rank == 0:

@@ -341,3 +341,39 @@ def test_cpu_scan_walks_stop_after_the_longest_sample():
         assert rel(g, want[name]) < 1e-6, name
         if name in ("du", "ddelta", "dB", "dC", "dz"):
             assert not g[..., 13:].any(), name
+
+
+def test_scan_checkpoint_intervals_agree(monkeypatch):
+    """MAMBA_SCAN_CKPT_CHUNK (8, 16 or 32 steps between the training forward's stored states): every interval gives
+    what the PyTorch implementation computes, output and every gradient, with per-sample lengths that end inside a
+    chunk and a sequence whose last chunk is partial; any other value is one line naming the variable."""
+    from mamba_ssm.ops.cpu import selective_scan as cpu
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, b, d, N, L = 2, 2, 16, 8, 37
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731  (channel-contiguous)
+    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    args = (u, delta, A, B, C, torch.randn(R, d), z, torch.randn(R, d), True, torch.tensor([[1.0, 0.5], [0.3, 1.0]]),
+            0.5)
+    for lengths in (None, torch.tensor([37, 19])):
+        want = cl(b, d, L)
+        _, ckpt = cpu.scan_forward(*args, want, want_ckpt=True, lengths=lengths)
+        want_grads = cpu.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths)
+        for chunk in ss.CKPT_CHUNKS:
+            monkeypatch.setattr(ss, "CKPT_CHUNK", chunk)
+            out = cl(b, d, L)
+            lens = None if lengths is None else lengths.int()
+            with triton_on_cpu():
+                _, ckpt = ss.scan_forward(*args, out, want_ckpt=True, lengths=lens)
+                got = ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lens)
+            assert ckpt.shape[2] == -(-L // chunk) and rel(out, want) < 1e-6, chunk
+            for name, g in got.items():
+                assert g is None or rel(g, want_grads[name]) < 1e-6, (chunk, name)
+    for value in ("8", "32"):
+        monkeypatch.setenv(ss.CKPT_CHUNK_ENV, value)
+        assert ss.ckpt_chunk_from_env() == int(value)
+    monkeypatch.setenv(ss.CKPT_CHUNK_ENV, "12")
+    with pytest.raises(RuntimeError) as e:
+        ss.ckpt_chunk_from_env()
+    assert str(e.value) == "MAMBA_SCAN_CKPT_CHUNK=12: the scan's checkpoint interval must be one of 8, 16, 32 (steps)"

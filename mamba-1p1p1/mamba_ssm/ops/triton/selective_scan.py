@@ -26,6 +26,7 @@ and reduced with torch, so results are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -75,7 +76,26 @@ BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chu
                        "maxnreg": 0, "sum_steps": 4}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
-CKPT_CHUNK = 16
+# MAMBA_SCAN_CKPT_CHUNK=8 trades memory for speed: a chunk is then one piece, which the backward walks twice, not
+# 2.5 times (no advance). Vim-S training shapes, bf16, H200: the scan backward 1958 against 2153 us a layer (forward
+# 487 against 472), graphed training +3% dense and DyVM-S (1566 against 1520 images/s) for 3.3 GiB more at batch
+# 128 (4 more bytes per step, channel and direction of each layer). 32 keeps half the states of 16: 1.7 GiB less,
+# training about 10% slower (benchmarks/results/ckpt_interval_h200_2026-11-28.txt).
+CKPT_CHUNK_ENV = "MAMBA_SCAN_CKPT_CHUNK"
+CKPT_CHUNKS = (8, 16, 32)
+
+
+def ckpt_chunk_from_env() -> int:
+    """The checkpoint interval: MAMBA_SCAN_CKPT_CHUNK (8, 16 or 32; a multiple of every piece length the backward
+    is tuned to), 16 when unset."""
+    value = os.environ.get(CKPT_CHUNK_ENV, "16")
+    if value not in {str(c) for c in CKPT_CHUNKS}:
+        raise RuntimeError(f"{CKPT_CHUNK_ENV}={value}: the scan's checkpoint interval must be one of "
+                           f"{', '.join(map(str, CKPT_CHUNKS))} (steps)")
+    return int(value)
+
+
+CKPT_CHUNK = ckpt_chunk_from_env()
 # Gated inference walks in the order of their gates (_active_pair) up to this many (sample, direction) pairs:
 # each program ranks them all (batch 2048 with two directions).
 MAX_ACTIVE_PAIRS = 4096
@@ -884,7 +904,8 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     options = (block_d, num_warps, unroll, lanes_on_channels, prefetch, split_dirs, maxnreg, active_first)
     key = (u.shape, u.stride(), u.dtype, delta.stride(), A.shape, B.shape, B.stride(), C.shape, C.stride(),
            out.shape, out.stride(), None if z is None else z.stride(), None if gate is None else gate.stride(),
-           D is None, delta_bias is None, softplus, scale, want_last, want_ckpt, lengths is None, options)
+           D is None, delta_bias is None, softplus, scale, want_last, want_ckpt and CKPT_CHUNK, lengths is None,
+           options)
     plan = _forward_plans.get(key)
     if plan is None:
         plan = remember(_forward_plans, key, _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate,
