@@ -85,12 +85,10 @@ def check_kernel_settings() -> None:
 
     try:
         from mamba_ssm.ops.triton.selective_scan import ckpt_chunk_from_env
+
+        ckpt_chunk_from_env()  # (again: the module may have loaded before the variable was set)
     except ImportError:
         return
-    except RuntimeError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        ckpt_chunk_from_env()  # (again: the module may have loaded before the variable was set)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
 
