@@ -20,10 +20,12 @@ def test_kernel_sass_offline():
     for k in backward:
         assert 0 < k["registers"] <= 255 and k["stack_bytes"] == 0, k  # no spills
         walks = load_benchmark("kernel_sass").innermost(k["loops"])
-        assert len(walks) == 10, walks  # per direction: advance, forward walk, dC sums, adjoint walk, dB sums
+        assert len(walks) == 6, walks  # per direction: advance, forward walk, adjoint walk (which sums dB and dC)
         advance = walks[0]
         # a step of the advance loads u and delta (one element per lane) and B: in 16-byte pieces, not one load
         # per state (x_proj's rows of 56 elements: the strides' units, docs/kernels.md)
         assert advance["LDG"] <= 6 and advance["SHFL"] == 0 and advance["BAR"] == 0, advance
-        adjoint = walks[3]  # the walks hold no layout conversions (a channel per lane)
-        assert adjoint["SHFL"] == 0 and adjoint["BAR"] == 0 and adjoint["LDS"] == 0, adjoint
+        forward, adjoint = walks[1], walks[2]  # the walks hold no layout conversions (a channel per lane)
+        assert forward["SHFL"] == 0 and forward["BAR"] == 0 and forward["LDS"] == 0, forward
+        # the adjoint's only shuffles: the reduce-scatters of dB and dC, 8 + 4 + 2 + 1 + 1 values each
+        assert adjoint["SHFL"] == 32 and adjoint["BAR"] == 0 and adjoint["LDS"] == 0, adjoint

@@ -343,6 +343,17 @@ def test_cpu_scan_walks_stop_after_the_longest_sample():
             assert not g[..., 13:].any(), name
 
 
+def _gated_two_direction_inputs(b, d, N, L):
+    """The stacked scan's arguments for two samples (both directions, channel-contiguous, D, z, delta_bias,
+    softplus, gates, scale 0.5), the output gradient, and the channel-contiguous tensor maker."""
+    R = 2
+    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731  (channel-contiguous)
+    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
+    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
+    gate = torch.tensor([[1.0, 0.5], [0.3, 1.0]])
+    return (u, delta, A, B, C, torch.randn(R, d), z, torch.randn(R, d), True, gate, 0.5), dout, cl
+
+
 def test_scan_checkpoint_intervals_agree(monkeypatch):
     """MAMBA_SCAN_CKPT_CHUNK (8, 16 or 32 steps between the training forward's stored states): every interval gives
     what the PyTorch implementation computes, output and every gradient, with per-sample lengths that end inside a
@@ -350,12 +361,8 @@ def test_scan_checkpoint_intervals_agree(monkeypatch):
     from mamba_ssm.ops.cpu import selective_scan as cpu
     from mamba_ssm.ops.triton import selective_scan as ss
 
-    R, b, d, N, L = 2, 2, 16, 8, 37
-    cl = lambda *s: torch.randn(*s[:-2], s[-1], s[-2]).transpose(-1, -2)  # noqa: E731  (channel-contiguous)
-    u, delta, z, dout = cl(R, b, d, L), 0.5 * cl(R, b, d, L), cl(b, d, L), cl(b, d, L)
-    A, B, C = -torch.rand(R, d, N) - 0.5, torch.randn(R, b, 1, N, L), torch.randn(R, b, 1, N, L)
-    args = (u, delta, A, B, C, torch.randn(R, d), z, torch.randn(R, d), True, torch.tensor([[1.0, 0.5], [0.3, 1.0]]),
-            0.5)
+    b, d, L = 2, 16, 37
+    args, dout, cl = _gated_two_direction_inputs(b, d, 8, L)
     for lengths in (None, torch.tensor([37, 19])):
         want = cl(b, d, L)
         _, ckpt = cpu.scan_forward(*args, want, want_ckpt=True, lengths=lengths)
@@ -377,3 +384,74 @@ def test_scan_checkpoint_intervals_agree(monkeypatch):
     with pytest.raises(RuntimeError) as e:
         ss.ckpt_chunk_from_env()
     assert str(e.value) == "MAMBA_SCAN_CKPT_CHUNK=12: the scan's checkpoint interval must be one of 8, 16, 32 (steps)"
+
+
+def test_scan_backward_channel_sums_in_the_adjoint_walk_or_after_it_agree():
+    """dB and dC summed over the program's channels within the adjoint walk (lane_sums, the default: from the state
+    the walk reads and the g dt u it makes; in the interpreter with Triton's sums over the lanes, the GPU's warp
+    reduce-scatter being tested below) or from the scratch after each walk: both give what the PyTorch
+    implementation computes, with a partial channel block, per-sample lengths and a partial last chunk."""
+    from mamba_ssm.ops.cpu import selective_scan as cpu
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    b, d, L = 2, 48, 29
+    args, dout, cl = _gated_two_direction_inputs(b, d, 16, L)
+    for lengths in (None, torch.tensor([29, 12])):
+        _, ckpt = cpu.scan_forward(*args, cl(b, d, L), want_ckpt=True, lengths=lengths)
+        want = cpu.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths)
+        lens = None if lengths is None else lengths.int()
+        for lane_sums in (True, False):
+            with triton_on_cpu():
+                _, ckpt = ss.scan_forward(*args, cl(b, d, L), want_ckpt=True, lengths=lens)
+                got = ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lens, lane_sums=lane_sums)
+            for name, g in got.items():
+                assert g is None or rel(g, want[name]) < 1e-6, (lane_sums, name)
+
+
+def _run_warp_ptx(asm: str, inputs):
+    """Runs the straight-line PTX of REDUCE_SCATTER_ASM on 32 lanes in lockstep (the instructions it uses only),
+    inputs[lane] the lane's $16.. registers; -> each lane's $0.. outputs."""
+    import re
+
+    n_out = len(inputs[0])
+    regs = [{f"${n_out + j}": float(x) for j, x in enumerate(row)} | {"%laneid": lane} for lane, row in
+            enumerate(inputs)]
+    val = lambda r, a: r[a] if a in r else int(a)  # noqa: E731
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [x.strip() for x in rest.split(",")]
+        if op.startswith("shfl.sync.bfly"):
+            sent = [val(r, a[1]) for r in regs]
+            for lane, r in enumerate(regs):
+                r[a[0]] = sent[lane ^ int(a[2])]
+            continue
+        for r in regs:
+            if op in ("mov.u32", "mov.f32"):
+                r[a[0]] = val(r, a[1])
+            elif op == "and.b32":
+                r[a[0]] = val(r, a[1]) & int(a[2])
+            elif op == "setp.ne.u32":
+                r[a[0]] = val(r, a[1]) != int(a[2])
+            elif op == "selp.f32":
+                r[a[0]] = val(r, a[1]) if r[a[3]] else val(r, a[2])
+            elif op == "add.f32":
+                r[a[0]] = val(r, a[1]) + val(r, a[2])
+            else:
+                raise AssertionError(f"instruction outside the simulated subset: {line}")
+        assert re.fullmatch(r"[\w.]+", op)
+    return [[r[f"${j}"] for j in range(n_out)] for r in regs]
+
+
+def test_the_warp_reduce_scatter_gives_each_lane_pair_one_states_sum():
+    """The PTX that sums the backward's (16 states x 32 lanes) tiles over the lanes on the GPU, run here by a
+    lockstep simulation of its instructions: lanes 2n and 2n + 1 end with the sum over all 32 lanes of state n,
+    in every output register (integers, so every order of the adds gives the exact sum)."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    x = torch.randint(-1000, 1000, (32, 16), generator=torch.Generator().manual_seed(0)).double()
+    out = torch.tensor(_run_warp_ptx(ss.REDUCE_SCATTER_ASM.value, x.tolist()))
+    want = x.sum(0)[torch.arange(32) // 2]
+    assert torch.equal(out, want[:, None].expand(32, 16))

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
-from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4, remember
+from causal_conv1d.triton_utils import cdiv, interpreted, launch, next_pow2, pick4, remember
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
 # Forward: per input layout (time-contiguous "cf", as selective_scan_fn callers pass; channel-contiguous
@@ -71,9 +71,9 @@ FWD_TUNING = {
 # With the piece in two walks (forward, then adjoint): 2411 us bf16, 2461 us fp32; caps of 160 and below slower
 # (2677 us and up), 168 within the noise, pieces of 4 slower (2871 us) (bwd_two_walks_h200_2026-11-27i.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "sum_steps": 4},
+                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "sum_steps": 4}}
+                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 # MAMBA_SCAN_CKPT_CHUNK=8 trades memory for speed: a chunk is then one piece, which the backward walks twice, not
@@ -597,6 +597,50 @@ def _piece_sums(slots, dy_slots, part_base, s0, s1, seqlen, r: tl.constexpr, FIR
                  mask=(k0 + offs_k < s1 - s0)[:, None])
 
 
+def _reduce_scatter_asm() -> str:
+    """PTX summing a warp's (16 states x 32 lanes) tile over its lanes, each lane holding one channel's 16 states
+    in $16..$31: four rounds of butterfly shuffles, each sending half of the values still held to the partner
+    lane and adding the other half received, then one round of a single value (16 + 8 + 4 + 2 + 1 values
+    exchanged, where summing each state over the lanes would take 5 rounds of 16). Lane l ends with the sum of
+    state l >> 1, written to all of $0..$15."""
+    lines = ["{", ".reg .pred q<4>;", ".reg .b32 lane, bit;", ".reg .f32 v<16>, snd, got;",
+             "mov.u32 lane, %laneid;"]
+    for k, mask in enumerate((16, 8, 4, 2)):
+        lines += [f"and.b32 bit, lane, {mask};", f"setp.ne.u32 q{k}, bit, 0;"]
+    lines += [f"mov.f32 v{j}, ${16 + j};" for j in range(16)]
+    held = 16
+    for k, mask in enumerate((16, 8, 4, 2)):
+        held //= 2
+        for j in range(held):  # a lane with the bit set keeps the upper half, its partner the lower
+            lines += [f"selp.f32 snd, v{j}, v{j + held}, q{k};", f"selp.f32 v{j}, v{j + held}, v{j}, q{k};",
+                      f"shfl.sync.bfly.b32 got, snd, {mask}, 31, -1;", f"add.f32 v{j}, v{j}, got;"]
+    lines += ["shfl.sync.bfly.b32 got, v0, 1, 31, -1;", "add.f32 v0, v0, got;"]
+    lines += [f"mov.f32 ${j}, v0;" for j in range(16)] + ["}"]
+    return "\n".join(lines)
+
+
+REDUCE_SCATTER_ASM = tl.constexpr(_reduce_scatter_asm())
+
+
+@triton.jit
+def _first(a, b):
+    return a
+
+
+@triton.jit
+def _store_lane_sums(tile, row_ptr, ok, REDUCE_ASM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (BLOCK_N,) sums over the channels (the lanes) of a walk's (BLOCK_N, BLOCK_D) tile into row_ptr[0:BLOCK_N]
+    where ok. REDUCE_ASM (16 states, a warp of 32 lanes, compiled): REDUCE_SCATTER_ASM, and the even lanes store
+    their state's sum; else Triton's sum over the lanes (the interpreter, which runs no PTX)."""
+    if REDUCE_ASM:
+        sums = tl.inline_asm_elementwise(REDUCE_SCATTER_ASM, "=f," * 16 + "f," * 15 + "f", [tile],
+                                         dtype=tl.float32, is_pure=True, pack=16)
+        lane = tl.arange(0, BLOCK_D)
+        tl.store(row_ptr + lane // 2, tl.reduce(sums, 0, _first), mask=ok & (lane % 2 == 0))
+    else:
+        tl.store(row_ptr + tl.arange(0, BLOCK_N), tl.sum(tile, axis=1), mask=ok)
+
+
 @triton.jit
 def _adjoint_loads(walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s, s0,
                    seqlen, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r: tl.constexpr, EVEN_D: tl.constexpr,
@@ -635,7 +679,8 @@ def _scan_bwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
     PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr,
+    EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr, LANE_SUMS: tl.constexpr,
+    REDUCE_ASM: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
@@ -646,8 +691,10 @@ def _scan_bwd_kernel(
     Tiles are (d_state, channels), a channel per lane and all its states in that thread (BLOCK_D = 32, one
     warp): the sums over states are in-thread and the per-channel vectors need no layout conversion. Triton picks
     that layout from the walks' scratch accesses, whose addresses it cannot prove aligned (`skew`, a run-time 0
-    that is not specialised): it then gives each lane one element of a row. The sums over channels (dB, dC) are
-    taken once per piece from the scratch (_piece_sums), not at every step.
+    that is not specialised): it then gives each lane one element of a row. The sums over channels (dB, dC):
+    LANE_SUMS, in the adjoint walk (dC of step t - 1 from the state it reads for step t) across the lanes,
+    REDUCE_ASM by the warp reduce-scatter of REDUCE_SCATTER_ASM (else Triton's sum: the interpreter); otherwise
+    once per piece from the scratch (_piece_sums).
 
     EVEN_D / EVEN_N: dim is a multiple of BLOCK_D / d_state is BLOCK_N (no masks). BC_ALIGN: B's and C's strides
     but the states' come in units of that many elements (_state_vector).
@@ -707,9 +754,9 @@ def _scan_bwd_kernel(
         # Chunks from last to first, and within a chunk its SUB_T-step pieces from last to first. Each piece in
         # two walks. Forward: advance the chunk's checkpoint to the piece's first step (no stores), then walk the
         # piece, storing the state entering each step into the scratch and doing everything that needs the
-        # state but not the adjoint (y, dz, dgate, dD) and dy, kept in the scratch too; dC from those states
-        # (_piece_sums). Backward: the adjoint walk, which then needs only the state before each step and dy; it
-        # leaves g * dt * u in each step's slot, which gives dB. Splitting the work this way shortens the
+        # state but not the adjoint (y, dz, dgate, dD) and dy, kept in the scratch too. Backward: the adjoint
+        # walk, which then needs only the state before each step and dy; dB from its g * dt * u and dC from the
+        # states it reads (LANE_SUMS; else _piece_sums from the scratch). Splitting the work this way shortens the
         # backward walk's chain per step, the part that carries the recurrence of the adjoint. SUB_T < CHUNK_T
         # keeps the scratch that all resident programs hold small enough to stay in L2.
         for ci in range(walk_chunks):
@@ -733,9 +780,16 @@ def _scan_bwd_kernel(
                     sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
                     SCRATCH_EVICT, EVEN_D, EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
                 tl.debug_barrier()
-                _piece_sums(slots, dy_slots, dC_ptr + part_base, s0, s1, walk_len, r, 1, True, SUB_T, BLOCK_D,
-                            BLOCK_N, SUM_T)
-                tl.debug_barrier()  # (the adjoint walk overwrites the slots)
+                if LANE_SUMS:  # dC of the piece's last step (the others' in the adjoint walk)
+                    h_last = tl.load(walk_slots + (s1 - s0) * BLOCK_D * BLOCK_N + offs_tile)
+                    dy_last = tl.load(dy_walk + (s1 - 1 - s0) * BLOCK_D)
+                    _store_lane_sums(h_last * dy_last[None, :],
+                                     dC_ptr + part_base + _walk_time(s1 - 1, walk_len, r) * BLOCK_N, True,
+                                     REDUCE_ASM, BLOCK_D, BLOCK_N)
+                else:
+                    _piece_sums(slots, dy_slots, dC_ptr + part_base, s0, s1, walk_len, r, 1, True, SUB_T, BLOCK_D,
+                                BLOCK_N, SUM_T)
+                    tl.debug_barrier()  # (the adjoint walk overwrites the slots)
                 if PREFETCH:
                     nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
                         walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s1 - 1,
@@ -755,6 +809,14 @@ def _scan_bwd_kernel(
                             walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s,
                             s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D, EVEN_N,
                             BC_ALIGN, BLOCK_D, BLOCK_N)
+                    if LANE_SUMS:  # dC of step s - 1: the state entering step s is the state after it
+                        if PREFETCH:
+                            dy_before = ndy
+                        else:
+                            dy_before = tl.load(dy_walk + tl.maximum(s - 1 - s0, 0) * BLOCK_D)
+                        _store_lane_sums(h_prev * dy_before[None, :],
+                                         dC_ptr + part_base + _walk_time(s - 1, walk_len, r) * BLOCK_N, s > s0,
+                                         REDUCE_ASM, BLOCK_D, BLOCK_N)
                     u = u.to(tl.float32)
                     dt_raw = dt_raw.to(tl.float32) + bias
                     dt = dt_raw
@@ -766,18 +828,22 @@ def _scan_bwd_kernel(
                     gah = g * a * h_prev
                     ddt = dBu * u + tl.sum(gah * A, axis=0)
                     dA_acc += gah * dt[None, :]
-                    # (g * dt * u into the slot just read: _piece_sums makes dB of it)
-                    tl.store(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, g * (dt * u)[None, :],
-                             eviction_policy=SCRATCH_EVICT)
+                    if LANE_SUMS:
+                        _store_lane_sums(g * (dt * u)[None, :], dB_ptr + part_base + t * BLOCK_N, True, REDUCE_ASM,
+                                         BLOCK_D, BLOCK_N)
+                    else:  # (g * dt * u into the slot just read: _piece_sums makes dB of it)
+                        tl.store(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, g * (dt * u)[None, :],
+                                 eviction_policy=SCRATCH_EVICT)
                     if SOFTPLUS:
                         ddt = ddt * tl.sigmoid(dt_raw)
                     dbias_acc += ddt
                     _channel_store(du_ptr + dud_base + t * sdu_t, dBu * dt + Dv * dy, mask_d, EVEN_D)
                     _channel_store(ddt_ptr + dud_base + t * sdu_t, ddt, mask_d, EVEN_D)
                     g = g * a
-                tl.debug_barrier()
-                _piece_sums(slots, dy_slots, dB_ptr + part_base, s0, s1, walk_len, r, 0, False, SUB_T, BLOCK_D,
-                            BLOCK_N, SUM_T)
+                if not LANE_SUMS:
+                    tl.debug_barrier()
+                    _piece_sums(slots, dy_slots, dB_ptr + part_base, s0, s1, walk_len, r, 0, False, SUB_T, BLOCK_D,
+                                BLOCK_N, SUM_T)
         if HAS_LEN:  # past the sample's end: zero gradients (direction 1 leaves direction 0's dz there)
             zero_d = tl.zeros((BLOCK_D,), dtype=tl.float32)
             zero_n = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -943,12 +1009,13 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
                   maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                  sum_steps: Optional[int] = None):
+                  sum_steps: Optional[int] = None, lane_sums: Optional[bool] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
-    the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none; sum_steps: the steps whose dB
-    and dC sums over channels are taken at a time).
+    the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none; lane_sums: the dB and dC sums
+    over channels within the adjoint walk, across the warp's lanes (compiled kernels with 16 states and a warp of 32
+    channels; else from the scratch after each walk, sum_steps steps at a time).
     dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
     lengths: the forward's (see scan_forward); the gradients after each sample's end are zeros.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
@@ -967,7 +1034,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg,
-                           sum_steps)
+                           sum_steps, lane_sums)
     block_n, n_dblocks = next_pow2(d_state), cdiv(dim, cfg.block_d)
     out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg)
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
@@ -975,6 +1042,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         dlast = dlast.contiguous()
     dummy = du
     bc_align = _vector_alignment(B, C)
+    # The sums over channels in the adjoint walk where the warp's reduce-scatter applies (and in the interpreter,
+    # with Triton's sums over the lanes, so that the CPU tests cover this path's indexing)
+    interpret = interpreted(_scan_bwd_kernel)
+    lane_sums = cfg.lane_sums and (interpret or (block_n == 16 and cfg.block_d == 32 and cfg.num_warps == 1))
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
     launch(_scan_bwd_kernel, (batch, n_dblocks),
@@ -992,6 +1063,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         BLOCK_D=cfg.block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=cfg.sub_chunk, PREFETCH=cfg.prefetch,
         SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, EVEN_D=dim % cfg.block_d == 0,
         EVEN_N=d_state == block_n, BC_ALIGN=bc_align, SUM_T=min(cfg.sum_steps, cfg.sub_chunk),
+        LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret,
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
@@ -1005,16 +1077,19 @@ class _BackwardConfig(NamedTuple):
     scratch_evict: str
     maxnreg: int
     sum_steps: int
+    lane_sums: bool
 
 
-def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps):
+def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps,
+                     lane_sums):
     """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     cfg = _BackwardConfig(
         block_d=_block_d(dim, groups, block_d or tuning["block_d"]), num_warps=num_warps or tuning["num_warps"],
         prefetch=tuning["prefetch"] if prefetch is None else prefetch, sub_chunk=sub_chunk or tuning["sub_chunk"],
         scratch_evict=tuning["scratch_evict"] if scratch_evict is None else scratch_evict,
-        maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg, sum_steps=sum_steps or tuning["sum_steps"])
+        maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg, sum_steps=sum_steps or tuning["sum_steps"],
+        lane_sums=tuning["lane_sums"] if lane_sums is None else lane_sums)
     if CKPT_CHUNK % cfg.sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
                          f"({CKPT_CHUNK})")
