@@ -21,14 +21,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 FWD_CAPS = (0, 192, 168, 160, 128)
-# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps); the first is the reference launch
-BWD_KEYS = ("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg", "sum_steps")
-BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, 4), (32, 1, True, 8, "evict_last", 192, 4),
-               (32, 1, True, 8, "evict_last", 168, 4), (32, 1, True, 8, "evict_last", 128, 4),
-               (32, 1, False, 8, "evict_last", 0, 4), (32, 1, False, 8, "evict_last", 168, 4),
-               (32, 1, False, 8, "evict_last", 128, 4), (32, 1, True, 8, "evict_last", 168, 8),
-               (32, 1, True, 8, "evict_last", 168, 2), (32, 1, True, 16, "evict_last", 168, 4),
-               (32, 1, True, 4, "evict_last", 168, 4), (32, 1, True, 8, "", 168, 4))
+# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps, lane_sums); the first is the reference
+# launch (sum_steps matters only without lane_sums: the channel sums then come from the scratch after each walk)
+BWD_KEYS = ("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg", "sum_steps", "lane_sums")
+BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, 4, True), (32, 1, True, 8, "evict_last", 192, 4, True),
+               (32, 1, True, 8, "evict_last", 168, 4, True), (32, 1, False, 8, "evict_last", 0, 4, True),
+               (32, 1, True, 16, "evict_last", 0, 4, True), (32, 1, True, 4, "evict_last", 0, 4, True),
+               (32, 1, True, 8, "", 0, 4, True), (32, 1, True, 8, "evict_last", 0, 4, False),
+               (32, 1, True, 8, "evict_last", 0, 8, False))
 
 
 def inputs(dtype, device, b, d, L, N=16, R=2, dt_rank=24):
@@ -86,13 +86,17 @@ def tune(dtype, device, shape, bench, fwd_caps, bwd_configs):
 
 
 def _bwd_config(text: str) -> tuple:
-    """'32,1,1,8,evict_last,0,4' -> (32, 1, True, 8, 'evict_last', 0, 4), in BWD_KEYS' order."""
+    """'32,1,1,8,evict_last,0,4,1' -> (32, 1, True, 8, 'evict_last', 0, 4, True), in BWD_KEYS' order (lane_sums
+    may be left out: 1, as written before it existed)."""
     parts = text.split(",")
+    if len(parts) == len(BWD_KEYS) - 1:
+        parts.append("1")
     if len(parts) != len(BWD_KEYS):
         raise argparse.ArgumentTypeError(f"{text!r}: want {len(BWD_KEYS)} values ({','.join(BWD_KEYS)})")
     try:
-        block_d, warps, prefetch, sub_chunk, evict, maxnreg, sum_steps = parts
-        return (int(block_d), int(warps), bool(int(prefetch)), int(sub_chunk), evict, int(maxnreg), int(sum_steps))
+        block_d, warps, prefetch, sub_chunk, evict, maxnreg, sum_steps, lane_sums = parts
+        return (int(block_d), int(warps), bool(int(prefetch)), int(sub_chunk), evict, int(maxnreg), int(sum_steps),
+                bool(int(lane_sums)))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
@@ -104,13 +108,14 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, two configurations")
     p.add_argument("--bwd-configs", nargs="+", type=_bwd_config, default=None, metavar="CFG",
                    help="backward launches to time instead of the built-in list, each as comma-separated values of "
-                        f"{','.join(BWD_KEYS)} (prefetch 0/1, evict '' for none); the first is the reference")
+                        f"{','.join(BWD_KEYS)} (prefetch and lane_sums 0/1, evict '' for none); the first is the "
+                        "reference")
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
     args = p.parse_args()
     if args.dry_run:
         from mamba_ssm.ops.dispatch import triton_on_cpu
 
-        device, shape, fwd_caps, bwd_configs = "cpu", (2, 32, 19), FWD_CAPS[:2], BWD_CONFIGS[:2]
+        device, shape, fwd_caps, bwd_configs = "cpu", (2, 32, 19), FWD_CAPS[:2], (BWD_CONFIGS[0], BWD_CONFIGS[-2])
         bench = lambda fn: (fn(), 1.0)[1]  # noqa: E731
         ctx = triton_on_cpu()
     else:
