@@ -119,29 +119,65 @@ def _cuobjdump(*args) -> str:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
 
+def control_bits(high_word: int) -> tuple:
+    """(write scoreboard, read scoreboard, wait mask) of an sm_70+ instruction from the high 64 bits of its encoding
+    (bits 105-125 of 128: stall 4, yield 1, write scoreboard 3, read scoreboard 3, wait mask 6, reuse 4; scoreboard
+    7 is none). A variable-latency instruction (a load, MUFU) counts up its write scoreboard until its result is
+    written, and a read scoreboard until its source registers are read; an instruction with bit k of its wait mask
+    set waits until everything on scoreboard k is done."""
+    c = high_word >> 41
+    return (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 63
+
+
+def merged_waits(body: list) -> int:
+    """How many waits in a loop body [(text, high word)] are on a scoreboard that holds both a MUFU result and a
+    load issued since that scoreboard's last wait: ptxas has six scoreboards, and where it puts an exponential on
+    one that the next step's prefetched loads hold, the exponential's user waits for those loads
+    (docs/kernels.md, "What the walks wait on")."""
+    pending, merged = {k: set() for k in range(6)}, 0
+    for text, high in body:
+        write, read, wait = control_bits(high)
+        for k in range(6):
+            if wait >> k & 1:
+                merged += {"MUFU", "LDG"} <= pending[k]
+                pending[k] = set()
+        op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        for k in (write, read):
+            if k != 7:
+                pending[k].add(op)
+    return merged
+
+
+def analyse_sass(sass: str) -> list:
+    """The loops (a backward branch each) of cuobjdump's SASS text: [{"start", "end", "instructions",
+    "merged_waits", <class>: count}]."""
+    code = [(int(a, 16), text, int(high, 16)) for a, text, high in re.findall(
+        r"/\*([0-9a-f]{4,})\*/\s+([^;]*);\s*/\* 0x[0-9a-f]+ \*/\s*/\* (0x[0-9a-f]+) \*/", sass)]
+    index = {addr: i for i, (addr, _, _) in enumerate(code)}
+    loops = set()
+    for i, (addr, text, _) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            loops.add((index[int(target.group(1), 16)], i))
+    rows = []
+    for first, last in sorted(loops):
+        body = code[first:last + 1]
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for _, t, _ in body)
+        rows.append({"start": hex(code[first][0]), "end": hex(code[last][0]), "instructions": last - first + 1,
+                     "merged_waits": merged_waits([(t, h) for _, t, h in body]), **{c: ops[c] for c in CLASSES}})
+    return rows
+
+
 def sass_report(cubin: bytes) -> dict:
-    """{"registers", "stack_bytes", "loops": [{"start", "end", "instructions", <class>: count}]} of a cubin."""
+    """{"registers", "stack_bytes", "loops": analyse_sass's, "sass"} of a cubin."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         usage, sass = _cuobjdump("--dump-resource-usage", path), _cuobjdump("-sass", path)
     regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
-    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    index = {addr: i for i, (addr, _) in enumerate(code)}
-    loops = set()
-    for i, (addr, text) in enumerate(code):
-        target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
-            loops.add((index[int(target.group(1), 16)], i))
-    rows = []
-    for first, last in sorted(loops):
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                                  for _, t in code[first:last + 1])
-        rows.append({"start": hex(code[first][0]), "end": hex(code[last][0]), "instructions": last - first + 1,
-                     **{c: ops[c] for c in CLASSES}})
     return {"registers": int(regs.group(1)) if regs else None, "stack_bytes": int(stack.group(1)) if stack else None,
-            "loops": rows, "sass": sass}
+            "loops": analyse_sass(sass), "sass": sass}
 
 
 def innermost(loops: list) -> list:
@@ -172,7 +208,8 @@ def main(argv=None):
                       f"bytes of stack", flush=True)
                 for lp in innermost(rep["loops"]):
                     mix = " ".join(f"{c} {lp[c]}" for c in CLASSES if lp[c])
-                    print(f"  loop {lp['start']}-{lp['end']}: {lp['instructions']:4d} instructions | {mix}")
+                    print(f"  loop {lp['start']}-{lp['end']}: {lp['instructions']:4d} instructions | {mix} | "
+                          f"merged waits {lp['merged_waits']}")
                 if args.save_sass:
                     os.makedirs(args.save_sass, exist_ok=True)
                     with open(os.path.join(args.save_sass, f"{case}_{name}_{kernel}.sass"), "w") as f:

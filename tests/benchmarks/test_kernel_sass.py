@@ -29,3 +29,24 @@ def test_kernel_sass_offline():
         assert forward["SHFL"] == 0 and forward["BAR"] == 0 and forward["LDS"] == 0, forward
         # the adjoint's only shuffles: the reduce-scatters of dB and dC, 8 + 4 + 2 + 1 + 1 values each
         assert adjoint["SHFL"] == 32 and adjoint["BAR"] == 0 and adjoint["LDS"] == 0, adjoint
+        assert all(isinstance(w["merged_waits"], int) for w in walks), walks
+
+
+def test_the_sass_reader_counts_waits_that_a_load_holds_up():
+    """kernel_sass reads each instruction's scoreboards from its encoding and counts, per loop, the waits for a
+    MUFU result on a scoreboard that a load issued in the same iteration also holds (on a hand-made loop)."""
+    ks = load_benchmark("kernel_sass")
+
+    def line(addr, text, write=7, read=7, wait=0):
+        high = ((write << 5) | (read << 8) | (wait << 11)) << 41
+        return f"        /*{addr:04x}*/   {text} ;   /* 0x000000000000794c */\n        /* {high:#018x} */\n"
+
+    sass = (line(0x10, "LDG.E R2, desc[UR4][R4.64]", write=2)
+            + line(0x20, "MUFU.EX2 R3, R5", write=2)
+            + line(0x30, "FMUL R6, R3, R7", wait=0b100)  # scoreboard 2: the exponential and the load
+            + line(0x40, "MUFU.EX2 R8, R9", write=1, read=2)
+            + line(0x50, "FMUL R10, R8, R7", wait=0b10)  # scoreboard 1: the exponential alone
+            + line(0x60, "@P0 BRA 0x10"))
+    [loop] = ks.analyse_sass(sass)
+    assert (loop["instructions"], loop["MUFU"], loop["LDG"], loop["merged_waits"]) == (6, 2, 1, 1), loop
+    assert ks.control_bits(((3 << 5) | (7 << 8) | (0b101 << 11) | 9) << 41) == (3, 7, 0b101)
