@@ -11,7 +11,9 @@ tensors laid out as Vim-S's mixer passes them at training shapes (B and C stride
 24 + 2 x 16 elements); "train:MODEL", a training forward and backward of a registry model at batch 2 (every kernel
 of a training step; bf16 under CPU autocast; not the kernels a GPU path picks by its compute capability, such as
 the fp32 tensor-core linear); "infer:MODEL", an inference forward. Then, from the SASS (Triton's
-bundled cuobjdump): registers, spill bytes and, per loop (a backward branch), its instruction count and mix.
+bundled cuobjdump): registers, spill bytes and, per loop (a backward branch), its instruction count and mix, and
+its "merged waits": waits for an exponential that a load issued in the same iteration holds up (the scoreboards,
+from the instructions' control bits; what stalls the scan backward's forward walk, docs/kernels.md).
 Device time is short; this costs none. Instructions are not time (the scan kernels are bound by their walks'
 latency), but they show what a change did to the code: docs/kernels.md, "Backward", counts them.
 """
@@ -119,6 +121,11 @@ def _cuobjdump(*args) -> str:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
 
+def _opcode(text: str) -> str:
+    """'@!P2 FMUL.FTZ R1, R2, R3' -> 'FMUL'."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
 def control_bits(high_word: int) -> tuple:
     """(write scoreboard, read scoreboard, wait mask) of an sm_70+ instruction from the high 64 bits of its encoding
     (bits 105-125 of 128: stall 4, yield 1, write scoreboard 3, read scoreboard 3, wait mask 6, reuse 4; scoreboard
@@ -141,10 +148,9 @@ def merged_waits(body: list) -> int:
             if wait >> k & 1:
                 merged += {"MUFU", "LDG"} <= pending[k]
                 pending[k] = set()
-        op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
         for k in (write, read):
             if k != 7:
-                pending[k].add(op)
+                pending[k].add(_opcode(text))
     return merged
 
 
@@ -162,7 +168,7 @@ def analyse_sass(sass: str) -> list:
     rows = []
     for first, last in sorted(loops):
         body = code[first:last + 1]
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for _, t, _ in body)
+        ops = collections.Counter(_opcode(t) for _, t, _ in body)
         rows.append({"start": hex(code[first][0]), "end": hex(code[last][0]), "instructions": last - first + 1,
                      "merged_waits": merged_waits([(t, h) for _, t, h in body]), **{c: ops[c] for c in CLASSES}})
     return rows
