@@ -4,7 +4,8 @@ L 197, both directions, gated, channel-contiguous as the mixer passes them), bat
     python benchmarks/scan_train_tuning.py --out tuning.json    # then MAMBA_TRITON_TUNING=tuning.json
 
 Times the training forward (which stores checkpoints) under register caps, and the backward under its piece
-length (sub_chunk), the scratch's eviction policy and register caps. Every configuration is first compared with
+length (sub_chunk), the scratch's eviction policy, register caps, prefetch and where it sums dB and dC over channels
+(lane_sums: in the adjoint walk, or from the scratch after each walk). Every configuration is first compared with
 the default launch's results (they must agree to rounding), then timed (triton.testing.do_bench, median). Writes
 the fastest as a tuning file. benchmarks/kernels.py --sweep covers the inference forward and single-direction
 backward; this script times what a training step runs.
