@@ -455,3 +455,59 @@ def test_the_warp_reduce_scatter_gives_each_lane_pair_one_states_sum():
     out = torch.tensor(_run_warp_ptx(ss.REDUCE_SCATTER_ASM.value, x.tolist()))
     want = x.sum(0)[torch.arange(32) // 2]
     assert torch.equal(out, want[:, None].expand(32, 16))
+
+
+def _run_shared_tile_ptx(asm: str, operands, memory: dict) -> list:
+    """Runs SHARED_TILE_STORE_ASM or SHARED_TILE_LOAD_ASM on 32 lanes (operands[lane]: that lane's $n -> value) over
+    `memory` (byte address -> fp32 value); -> each lane's operands after it, and records in memory["spans"] the
+    bytes that each instruction touched across the lanes."""
+    import re
+
+    regs = [dict(r) for r in operands]
+    for line in asm.splitlines():
+        vector = re.fullmatch(r"(ld|st)\.shared\.v4\.f32 (?:\{(.+)\}, )?\[\$(\d+)\+(\d+)\](?:, \{(.+)\})?;", line)
+        if vector:
+            kind, loaded, base, offset, stored = vector.groups()
+            touched = []
+            for r in regs:
+                address = r[f"${base}"] + int(offset)
+                touched.append(address)
+                for j, name in enumerate((loaded or stored).split(", ")):
+                    if kind == "ld":
+                        r[name] = memory[address + 4 * j]
+                    else:
+                        memory[address + 4 * j] = r[name]
+            memory.setdefault("spans", []).append(touched)
+        else:
+            dead = re.fullmatch(r"mov\.b32 (\$\d+), 0;", line)
+            assert dead, f"instruction outside the simulated subset: {line}"
+            for r in regs:
+                r[dead.group(1)] = 0
+    return regs
+
+
+def test_the_shared_scratch_holds_each_slots_states_without_bank_conflicts():
+    """The PTX that stores (loads) a lane's 16 states into (from) a state slot of the scan backward's scratch in
+    shared memory, at the addresses _state_slot_store gives it (slot k at k * 2048 bytes, lane l's 16 bytes at
+    l * 16 within each 512-byte vector row), simulated on 32 lanes for the 9 slots of a piece of 8 steps: every load
+    returns its slot's stored tile; each instruction covers 512 contiguous bytes, one lane's 16 after another's (no
+    bank conflicts); the slots fill the scratch's state part exactly, its dy rows after them."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    memory, slots, n, d = {}, 9, 16, 32
+    tiles = torch.randn(slots, d, n, generator=torch.Generator().manual_seed(0)).tolist()
+    lane_address = lambda k, lane: k * n * d * 4 + lane * 16  # noqa: E731
+    for k in range(slots):
+        operands = [{"$16": lane_address(k, lane)} | {f"${32 + j}": tiles[k][lane][j] for j in range(n)}
+                    for lane in range(d)]
+        _run_shared_tile_ptx(ss.SHARED_TILE_STORE_ASM.value, operands, memory)
+    for k in reversed(range(slots)):
+        got = _run_shared_tile_ptx(ss.SHARED_TILE_LOAD_ASM.value, [{"$16": lane_address(k, lane)} for lane in range(d)],
+                                   memory)
+        assert [[r[f"${j}"] for j in range(n)] for r in got] == tiles[k]
+    for touched in memory.pop("spans"):
+        assert touched == list(range(touched[0], touched[0] + 16 * d, 16))
+    assert sorted(memory) == list(range(0, slots * n * d * 4, 4))
+    sub_t = 8  # the scratch's size for pieces of 8 steps: these state slots, then a dy row of 32 lanes per step
+    config = ss._BackwardConfig(32, 1, True, sub_t, "", 0, 4, True, True)
+    assert ss._scratch_elements(n, config) * 4 == slots * n * d * 4 + sub_t * d * 4

@@ -15,8 +15,8 @@ machine unevenly.
 Backward: from the states the forward stored every CKPT_CHUNK steps (checkpoints), the program takes the
 chunks from last to first, recomputes each chunk's states into a small per-program scratch and walks it
 in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}. A chunk may be taken in pieces of
-sub_chunk steps (last piece first, each recomputed from the chunk's checkpoint): a smaller scratch, which
-then stays in L2, for some steps walked twice.
+sub_chunk steps (last piece first, each recomputed from the chunk's checkpoint): a smaller scratch, for some
+steps walked twice. The scratch is in shared memory (smem_scratch; else in global memory, where it stays in L2).
 
 Prefetch (both walks): loads are issued ahead of the stores of the current step(s). Triton does not know
 that the stores cannot alias the inputs, so a load written after a store waits for it, and each step
@@ -70,10 +70,15 @@ FWD_TUNING = {
 # register cap tried was slower (168: 3023 us, 128: 4945 us, bf16): the spills sit in the walk's inner loop.
 # With the piece in two walks (forward, then adjoint): 2411 us bf16, 2461 us fp32; caps of 160 and below slower
 # (2677 us and up), 168 within the noise, pieces of 4 slower (2871 us) (bwd_two_walks_h200_2026-11-27i.txt).
+# smem_scratch: the walks' scratch (19 KiB a program) in shared memory rather than global memory (where lane_sums
+# holds: nothing else reads it): its stores no longer go to L2, a state is four 16-byte stores (loads) rather than
+# 16, and the kernel needs 222 registers instead of 251 (9 warps an SM instead of 8). Vim-S training shapes, H200:
+# 1874 against 1999 us bf16 (-6.3%), 1883 against 2055 fp32 (-8.3%), gradients bit for bit the same
+# (scan_bwd_smem_scratch_h200_2026-11-28.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True},
+                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True, "smem_scratch": True},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
-                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True}}
+                       "maxnreg": 0, "sum_steps": 4, "lane_sums": True, "smem_scratch": True}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 # MAMBA_SCAN_CKPT_CHUNK=8 trades memory for speed: a chunk is then one piece, which the backward walks twice, not
@@ -506,6 +511,72 @@ def _advance(h, A, bias, u_base, dt_base, B_ptr, B_off, offs_n, s_from, s_to, se
     return h
 
 
+def _shared_tile_asm(load: bool) -> str:
+    """PTX storing (load: loading) a lane's 16 fp32 states at shared byte address $16 (per lane: the tile's 16 inputs
+    all carry it) as four 16-byte vectors, vector k of every lane 512 bytes after vector k - 1 (layout (4, 32 lanes,
+    4)): each instruction covers 512 contiguous bytes, no bank conflicts. Store: the values are $32..$47 and the 16
+    results dead registers (an inline-asm op must have one, ptxas drops them)."""
+    lines = []
+    for k in range(4):
+        regs = ", ".join(f"${(0 if load else 32) + 4 * k + j}" for j in range(4))
+        lines.append(f"ld.shared.v4.f32 {{{regs}}}, [$16+{512 * k}];" if load else
+                     f"st.shared.v4.f32 [$16+{512 * k}], {{{regs}}};")
+    if not load:
+        lines += [f"mov.b32 ${j}, 0;" for j in range(16)]
+    return "\n".join(lines)
+
+
+SHARED_TILE_STORE_ASM = tl.constexpr(_shared_tile_asm(False))
+SHARED_TILE_LOAD_ASM = tl.constexpr(_shared_tile_asm(True))
+
+
+@triton.jit
+def _state_slot_store(slots, k, h, offs_tile, SMEM: tl.constexpr, SCRATCH_EVICT: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) state tile h into the scratch's state slot k: global memory (slots a pointer, the tile
+    in its (n, d) order) or SMEM (slots the shared scratch's byte address; _shared_tile_asm's layout, 16 states)."""
+    if SMEM:
+        lane = slots + k * (BLOCK_N * BLOCK_D * 4) + tl.arange(0, BLOCK_D) * 16
+        tl.inline_asm_elementwise(SHARED_TILE_STORE_ASM, "=r," * 16 + "r," * 16 + "f," * 15 + "f",
+                                  [tl.broadcast_to(lane[None, :], (BLOCK_N, BLOCK_D)), h], dtype=tl.int32,
+                                  is_pure=False, pack=16)
+    else:
+        tl.store(slots + k * (BLOCK_N * BLOCK_D) + offs_tile, h, eviction_policy=SCRATCH_EVICT)
+
+
+@triton.jit
+def _state_slot_load(slots, k, offs_tile, SMEM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The state tile that _state_slot_store put into slot k."""
+    if SMEM:
+        lane = slots + k * (BLOCK_N * BLOCK_D * 4) + tl.arange(0, BLOCK_D) * 16
+        return tl.inline_asm_elementwise(SHARED_TILE_LOAD_ASM, "=f," * 16 + "r," * 15 + "r",
+                                         [tl.broadcast_to(lane[None, :], (BLOCK_N, BLOCK_D))], dtype=tl.float32,
+                                         is_pure=False, pack=16)
+    else:
+        return tl.load(slots + k * (BLOCK_N * BLOCK_D) + offs_tile)
+
+
+@triton.jit
+def _dy_slot_store(dy_slots, k, dy, SMEM: tl.constexpr, SCRATCH_EVICT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (BLOCK_D,) row dy into the scratch's dy slot k (dy_slots: the slot 0 of each lane, pointers or SMEM's
+    byte addresses)."""
+    if SMEM:
+        tl.inline_asm_elementwise("st.shared.f32 [$1], $2;\nmov.b32 $0, 0;", "=r,r,f",
+                                  [dy_slots + k * (BLOCK_D * 4), dy], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(dy_slots + k * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
+
+
+@triton.jit
+def _dy_slot_load(dy_slots, k, SMEM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The row that _dy_slot_store put into dy slot k."""
+    if SMEM:
+        return tl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [dy_slots + k * (BLOCK_D * 4)],
+                                         dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return tl.load(dy_slots + k * BLOCK_D)
+
+
 @triton.jit
 def _piece_loads(u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s, s_last, seqlen,
                  su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r: tl.constexpr,
@@ -531,7 +602,8 @@ def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_b
                    C_off, offs_n, do_base, z_base, dz_base, s0, s1, seqlen, su_t, sdt_t, sB_n, sB_t, sC_n,
                    sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r: tl.constexpr, HAS_Z: tl.constexpr,
                    SOFTPLUS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, EVEN_D: tl.constexpr,
-                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SMEM: tl.constexpr):
     """The forward walk of the piece s0 .. s1 from h, the state entering s0: into slot k of the scratch the state
     entering step s0 + k (and into slot s1 - s0 the state after the last step), into the dy slots dy of each
     step; out: dz of every step; returns dgate_acc and dD_acc."""
@@ -551,7 +623,7 @@ def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_b
             u, dt, Bt, Ct, dout, z, dzp = _piece_loads(
                 u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, do_base, z_base, dz_base, s, s_last, seqlen, su_t,
                 sdt_t, sB_n, sB_t, sC_n, sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, r, HAS_Z, EVEN_D, EVEN_N, BC_ALIGN)
-        tl.store(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
+        _state_slot_store(walk_slots, s - s0, h, offs_tile, SMEM, SCRATCH_EVICT, BLOCK_D, BLOCK_N)
         h = _step_state(h, A, u, dt, Bt, bias, SOFTPLUS)
         u = u.to(tl.float32)
         dout = dout.to(tl.float32)
@@ -568,9 +640,9 @@ def _piece_forward(h, A, Dv, bias, g_scale, walk_slots, dy_slots, offs_tile, u_b
         else:
             dgate_acc += dout * y
             dy = dout * g_scale
-        tl.store(dy_slots + (s - s0) * BLOCK_D, dy, eviction_policy=SCRATCH_EVICT)
+        _dy_slot_store(dy_slots, s - s0, dy, SMEM, SCRATCH_EVICT, BLOCK_D)
         dD_acc += dy * u
-    tl.store(walk_slots + (s1 - s0) * BLOCK_D * BLOCK_N + offs_tile, h, eviction_policy=SCRATCH_EVICT)
+    _state_slot_store(walk_slots, s1 - s0, h, offs_tile, SMEM, SCRATCH_EVICT, BLOCK_D, BLOCK_N)
     return dgate_acc, dD_acc
 
 
@@ -646,14 +718,15 @@ def _store_lane_sums(tile, row_ptr, ok, REDUCE_ASM: tl.constexpr, BLOCK_D: tl.co
 @triton.jit
 def _adjoint_loads(walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s, s0,
                    seqlen, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r: tl.constexpr, EVEN_D: tl.constexpr,
-                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SMEM: tl.constexpr):
     """What step s of a piece's adjoint walk reads: the state entering the step and its dy (from the scratch),
     u, dt (before bias), B and C in their own dtypes. A step before s0 (the prefetch past the walk's end) reads
     s0 again: its values are never used, and no mask is needed."""
     s = tl.maximum(s, s0)
     t = _walk_time(s, seqlen, r)
-    h_prev = tl.load(walk_slots + (s - s0) * BLOCK_D * BLOCK_N + offs_tile)
-    dy = tl.load(dy_slots + (s - s0) * BLOCK_D)
+    h_prev = _state_slot_load(walk_slots, s - s0, offs_tile, SMEM, BLOCK_D, BLOCK_N)
+    dy = _dy_slot_load(dy_slots, s - s0, SMEM, BLOCK_D)
     u = _channel_vector(u_base, t * su_t, mask_d, EVEN_D)
     dt = _channel_vector(dt_base, t * sdt_t, mask_d, EVEN_D)
     Bt = _state_vector(B_ptr, B_off + t * sB_t, offs_n, sB_n, mask_n, EVEN_N, BC_ALIGN)
@@ -682,7 +755,7 @@ def _scan_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr, SUB_T: tl.constexpr,
     PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr, LANE_SUMS: tl.constexpr,
-    REDUCE_ASM: tl.constexpr,
+    REDUCE_ASM: tl.constexpr, SMEM_SCRATCH: tl.constexpr, SCRATCH_DECL: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
@@ -692,8 +765,11 @@ def _scan_bwd_kernel(
 
     Tiles are (d_state, channels), a channel per lane and all its states in that thread (BLOCK_D = 32, one
     warp): the sums over states are in-thread and the per-channel vectors need no layout conversion. Triton picks
-    that layout from the walks' scratch accesses, whose addresses it cannot prove aligned (`skew`, a run-time 0
-    that is not specialised): it then gives each lane one element of a row. The sums over channels (dB, dC):
+    that layout from the accesses of the checkpoints, A and the global scratch, whose addresses it cannot prove
+    aligned (`skew`, a run-time 0 that is not specialised): it then gives each lane one element of a row.
+    SMEM_SCRATCH: the walks' scratch is a static shared array that SCRATCH_DECL declares (the same slots; state
+    tiles in _shared_tile_asm's layout), which only the lane that wrote an element reads back: no barriers. The
+    sums over channels (dB, dC):
     LANE_SUMS, in the adjoint walk (dC of step t - 1 from the state it reads for step t) across the lanes,
     REDUCE_ASM by the warp reduce-scatter of REDUCE_SCATTER_ASM (else Triton's sum: the interpreter); otherwise
     once per piece from the scratch (_piece_sums).
@@ -721,6 +797,9 @@ def _scan_bwd_kernel(
     walk_slots = slots + skew  # (the same memory, for the walks: see the layout above)
     dy_slots = slots + (SUB_T + 1) * BLOCK_N * BLOCK_D
     dy_walk = dy_slots + skew + tl.arange(0, BLOCK_D)
+    if SMEM_SCRATCH:  # the walks' scratch in shared memory instead (byte addresses; the same slots)
+        walk_slots = tl.inline_asm_elementwise(SCRATCH_DECL, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        dy_walk = walk_slots + ((SUB_T + 1) * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)) * 4
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
@@ -760,7 +839,7 @@ def _scan_bwd_kernel(
         # walk, which then needs only the state before each step and dy; dB from its g * dt * u and dC from the
         # states it reads (LANE_SUMS; else _piece_sums from the scratch). Splitting the work this way shortens the
         # backward walk's chain per step, the part that carries the recurrence of the adjoint. SUB_T < CHUNK_T
-        # keeps the scratch that all resident programs hold small enough to stay in L2.
+        # keeps the scratch that all resident programs hold small enough for shared memory (or L2).
         for ci in range(walk_chunks):
             c = walk_chunks - 1 - ci
             cs = c * CHUNK_T
@@ -780,11 +859,11 @@ def _scan_bwd_kernel(
                     h, A, Dv, bias, g_scale, walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr,
                     C_off, offs_n, do_base, z_base, dz_base, s0, s1, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n,
                     sC_t, sdo_t, sz_t, sdz_t, mask_d, mask_n, dgate_acc, dD_acc, r, HAS_Z, SOFTPLUS, PREFETCH,
-                    SCRATCH_EVICT, EVEN_D, EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
+                    SCRATCH_EVICT, EVEN_D, EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N, SMEM_SCRATCH)
                 tl.debug_barrier()
                 if LANE_SUMS:  # dC of the piece's last step (the others' in the adjoint walk)
-                    h_last = tl.load(walk_slots + (s1 - s0) * BLOCK_D * BLOCK_N + offs_tile)
-                    dy_last = tl.load(dy_walk + (s1 - 1 - s0) * BLOCK_D)
+                    h_last = _state_slot_load(walk_slots, s1 - s0, offs_tile, SMEM_SCRATCH, BLOCK_D, BLOCK_N)
+                    dy_last = _dy_slot_load(dy_walk, s1 - 1 - s0, SMEM_SCRATCH, BLOCK_D)
                     _store_lane_sums(h_last * dy_last[None, :],
                                      dC_ptr + part_base + _walk_time(s1 - 1, walk_len, r) * BLOCK_N, True,
                                      REDUCE_ASM, BLOCK_D, BLOCK_N)
@@ -796,7 +875,7 @@ def _scan_bwd_kernel(
                     nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
                         walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s1 - 1,
                         s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D, EVEN_N,
-                        BC_ALIGN, BLOCK_D, BLOCK_N)
+                        BC_ALIGN, BLOCK_D, BLOCK_N, SMEM_SCRATCH)
                 for i in range(s1 - s0):
                     s = s1 - 1 - i
                     t = _walk_time(s, walk_len, r)
@@ -805,17 +884,17 @@ def _scan_bwd_kernel(
                         nh, ndy, nu, ndt, nB, nC = _adjoint_loads(
                             walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n,
                             s - 1, s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D,
-                            EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N)
+                            EVEN_N, BC_ALIGN, BLOCK_D, BLOCK_N, SMEM_SCRATCH)
                     else:
                         h_prev, dy, u, dt_raw, Bt, Ct = _adjoint_loads(
                             walk_slots, dy_walk, offs_tile, u_base, dt_base, B_ptr, B_off, C_ptr, C_off, offs_n, s,
                             s0, walk_len, su_t, sdt_t, sB_n, sB_t, sC_n, sC_t, mask_d, mask_n, r, EVEN_D, EVEN_N,
-                            BC_ALIGN, BLOCK_D, BLOCK_N)
+                            BC_ALIGN, BLOCK_D, BLOCK_N, SMEM_SCRATCH)
                     if LANE_SUMS:  # dC of step s - 1: the state entering step s is the state after it
                         if PREFETCH:
                             dy_before = ndy
                         else:
-                            dy_before = tl.load(dy_walk + tl.maximum(s - 1 - s0, 0) * BLOCK_D)
+                            dy_before = _dy_slot_load(dy_walk, tl.maximum(s - 1 - s0, 0), SMEM_SCRATCH, BLOCK_D)
                         _store_lane_sums(h_prev * dy_before[None, :],
                                          dC_ptr + part_base + _walk_time(s - 1, walk_len, r) * BLOCK_N, s > s0,
                                          REDUCE_ASM, BLOCK_D, BLOCK_N)
@@ -1011,7 +1090,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   block_d: Optional[int] = None, num_warps: Optional[int] = None, prefetch: Optional[bool] = None,
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
                   maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                  sum_steps: Optional[int] = None, lane_sums: Optional[bool] = None):
+                  sum_steps: Optional[int] = None, lane_sums: Optional[bool] = None,
+                  smem_scratch: Optional[bool] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
@@ -1036,18 +1116,20 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg,
-                           sum_steps, lane_sums)
+                           sum_steps, lane_sums, smem_scratch)
     block_n, n_dblocks = next_pow2(d_state), cdiv(dim, cfg.block_d)
-    out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg)
+    # The sums over channels in the adjoint walk where the warp's reduce-scatter applies (and in the interpreter,
+    # with Triton's sums over the lanes, so that the CPU tests cover this path's indexing)
+    interpret = interpreted(_scan_bwd_kernel)
+    lane_sums = cfg.lane_sums and (interpret or (block_n == 16 and cfg.block_d == 32 and cfg.num_warps == 1))
+    # The walks' scratch in shared memory where the sums need no pass over it (which reads it in another layout)
+    smem_scratch = cfg.smem_scratch and lane_sums and not interpret
+    out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg, smem_scratch)
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
         dlast = dlast.contiguous()
     dummy = du
     bc_align = _vector_alignment(B, C)
-    # The sums over channels in the adjoint walk where the warp's reduce-scatter applies (and in the interpreter,
-    # with Triton's sums over the lanes, so that the CPU tests cover this path's indexing)
-    interpret = interpreted(_scan_bwd_kernel)
-    lane_sums = cfg.lane_sums and (interpret or (block_n == 16 and cfg.block_d == 32 and cfg.num_warps == 1))
     zs = _strides4(z) if z is not None else [0, 0, 0]
     gs = _strides4(gate) if gate is not None else [0, 0]
     launch(_scan_bwd_kernel, (batch, n_dblocks),
@@ -1065,7 +1147,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         BLOCK_D=cfg.block_d, BLOCK_N=block_n, CHUNK_T=CKPT_CHUNK, SUB_T=cfg.sub_chunk, PREFETCH=cfg.prefetch,
         SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, EVEN_D=dim % cfg.block_d == 0,
         EVEN_N=d_state == block_n, BC_ALIGN=bc_align, SUM_T=min(cfg.sum_steps, cfg.sub_chunk),
-        LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret,
+        LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret, SMEM_SCRATCH=smem_scratch,
+        SCRATCH_DECL=_scratch_decl_asm(_scratch_elements(block_n, cfg) * 4) if smem_scratch else "",
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
@@ -1080,10 +1163,11 @@ class _BackwardConfig(NamedTuple):
     maxnreg: int
     sum_steps: int
     lane_sums: bool
+    smem_scratch: bool
 
 
 def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps,
-                     lane_sums):
+                     lane_sums, smem_scratch):
     """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     cfg = _BackwardConfig(
@@ -1091,7 +1175,8 @@ def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, sc
         prefetch=tuning["prefetch"] if prefetch is None else prefetch, sub_chunk=sub_chunk or tuning["sub_chunk"],
         scratch_evict=tuning["scratch_evict"] if scratch_evict is None else scratch_evict,
         maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg, sum_steps=sum_steps or tuning["sum_steps"],
-        lane_sums=tuning["lane_sums"] if lane_sums is None else lane_sums)
+        lane_sums=tuning["lane_sums"] if lane_sums is None else lane_sums,
+        smem_scratch=tuning["smem_scratch"] if smem_scratch is None else smem_scratch)
     if CKPT_CHUNK % cfg.sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
                          f"({CKPT_CHUNK})")
@@ -1100,9 +1185,21 @@ def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, sc
     return cfg
 
 
-def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state, cfg) -> dict:
+def _scratch_elements(block_n: int, cfg) -> int:
+    """The fp32 elements of one program's scratch: sub_chunk + 1 state tiles (block_n, block_d), sub_chunk dy rows."""
+    return ((cfg.sub_chunk + 1) * block_n + cfg.sub_chunk) * cfg.block_d
+
+
+def _scratch_decl_asm(n_bytes: int) -> str:
+    """PTX declaring a program's scratch in shared memory (a static array, which ptxas adds to the kernel's shared
+    memory) and returning its byte address."""
+    return f"{{ .shared .align 16 .b8 scan_bwd_scratch[{n_bytes}]; mov.u32 $0, scan_bwd_scratch; }}"
+
+
+def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state, cfg, smem_scratch) -> dict:
     """What the backward kernel writes: du, ddelta (channel-contiguous, in the inputs' dtypes: the kernel accumulates
-    in fp32 and rounds once on store), dz, the fp32 partial sums and the per-program scratch."""
+    in fp32 and rounds once on store), dz, the fp32 partial sums and the per-program scratch (none where the
+    scratch is in shared memory)."""
     R, batch, dim, seqlen = u.shape
     dev, f32 = u.device, torch.float32
     if dz_out is not None and (z is None or dz_out.shape != z.shape or dz_out.dtype != z.dtype):
@@ -1118,7 +1215,7 @@ def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state
         dC=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
         dA=torch.empty((R, batch, dim, d_state), device=dev, dtype=f32), dD=dD, dbias=torch.empty_like(dD),
         dgate=torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if has_gate else None,
-        scratch=torch.empty((batch * n_dblocks * ((cfg.sub_chunk + 1) * block_n + cfg.sub_chunk) * cfg.block_d,),
+        scratch=torch.empty((0 if smem_scratch else batch * n_dblocks * _scratch_elements(block_n, cfg),),
                             device=dev, dtype=f32))
 
 
