@@ -511,3 +511,17 @@ def test_the_shared_scratch_holds_each_slots_states_without_bank_conflicts():
     sub_t = 8  # the scratch's size for pieces of 8 steps: these state slots, then a dy row of 32 lanes per step
     config = ss._BackwardConfig(32, 1, True, sub_t, "", 0, 4, True, True)
     assert ss._scratch_elements(n, config) * 4 == slots * n * d * 4 + sub_t * d * 4
+
+
+def test_the_scratch_goes_to_shared_memory_only_where_the_programs_fit():
+    """The scan backward's scratch (19 KiB a program at pieces of 8 steps) goes to shared memory where an SM holds 8
+    programs' (H100 / H200: 228 KiB, A100: 164 KiB), not on GPUs with about 100 KiB an SM (there it would halve the
+    programs in flight); a scratch past the 48 KiB of a static array never does."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    config = ss._BackwardConfig(32, 1, True, 8, "", 0, 4, True, True)
+    piece_bytes = ss._scratch_elements(16, config) * 4
+    assert piece_bytes == 19456
+    assert ss.shared_scratch_fits(228 * 1024, piece_bytes) and ss.shared_scratch_fits(164 * 1024, piece_bytes)
+    assert not ss.shared_scratch_fits(100 * 1024, piece_bytes)
+    assert not ss.shared_scratch_fits(228 * 1024, 48 * 1024)

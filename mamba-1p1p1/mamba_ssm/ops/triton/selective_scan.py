@@ -1123,7 +1123,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     interpret = interpreted(_scan_bwd_kernel)
     lane_sums = cfg.lane_sums and (interpret or (block_n == 16 and cfg.block_d == 32 and cfg.num_warps == 1))
     # The walks' scratch in shared memory where the sums need no pass over it (which reads it in another layout)
-    smem_scratch = cfg.smem_scratch and lane_sums and not interpret
+    # and the device holds as many programs' scratch as its registers allow programs
+    smem_scratch = cfg.smem_scratch and lane_sums and not interpret and \
+        _shared_scratch_fits(u.device, _scratch_elements(block_n, cfg) * 4)
     out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg, smem_scratch)
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
@@ -1188,6 +1190,36 @@ def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, sc
 def _scratch_elements(block_n: int, cfg) -> int:
     """The fp32 elements of one program's scratch: sub_chunk + 1 state tiles (block_n, block_d), sub_chunk dy rows."""
     return ((cfg.sub_chunk + 1) * block_n + cfg.sub_chunk) * cfg.block_d
+
+
+# The backward's programs an SM that its registers allow (over 168 registers a thread: two one-warp programs a
+# scheduler), and what each takes of shared memory beside its scratch (the 1 KiB the driver reserves a block, and
+# Triton's own 512 bytes at Vim-S, with a margin). Where fewer scratches fit (GPUs with about 100 KiB an SM) the
+# scratch stays in global memory, whose programs are then not limited by shared memory (not measured there).
+SMEM_SCRATCH_PROGRAMS = 8
+SMEM_BLOCK_EXTRA_BYTES = 1536
+STATIC_SHARED_LIMIT = 48 * 1024  # (a static shared array's limit per block)
+_smem_fits: dict = {}
+
+
+def shared_scratch_fits(shared_per_sm: int, n_bytes: int) -> bool:
+    """Whether SMEM_SCRATCH_PROGRAMS programs' scratch of n_bytes fits an SM with shared_per_sm bytes."""
+    return n_bytes <= STATIC_SHARED_LIMIT - SMEM_BLOCK_EXTRA_BYTES and \
+        shared_per_sm >= SMEM_SCRATCH_PROGRAMS * (n_bytes + SMEM_BLOCK_EXTRA_BYTES)
+
+
+def _shared_scratch_fits(device: torch.device, n_bytes: int) -> bool:
+    """shared_scratch_fits for a CUDA device (cached); True elsewhere (benchmarks/kernel_sass.py compiles for
+    Hopper from CPU tensors)."""
+    if device.type != "cuda":
+        return True
+    key = (device.index, n_bytes)
+    fits = _smem_fits.get(key)
+    if fits is None:
+        props = torch.cuda.get_device_properties(device)
+        fits = remember(_smem_fits, key, shared_scratch_fits(getattr(props, "shared_memory_per_multiprocessor", 0),
+                                                             n_bytes))
+    return fits
 
 
 def _scratch_decl_asm(n_bytes: int) -> str:
