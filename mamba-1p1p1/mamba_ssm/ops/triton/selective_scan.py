@@ -72,7 +72,7 @@ FWD_TUNING = {
 # (2677 us and up), 168 within the noise, pieces of 4 slower (2871 us) (bwd_two_walks_h200_2026-11-27i.txt).
 # smem_scratch: the walks' scratch (19 KiB a program) in shared memory rather than global memory (where lane_sums
 # holds: nothing else reads it): its stores no longer go to L2, a state is four 16-byte stores (loads) rather than
-# 16, and the kernel needs 222 registers instead of 251 (9 warps an SM instead of 8). Vim-S training shapes, H200:
+# 16, and the kernel needs 222 registers instead of 251 (still two warps a scheduler). Vim-S training shapes, H200:
 # 1874 against 1999 us bf16 (-6.3%), 1883 against 2055 fp32 (-8.3%), gradients bit for bit the same
 # (scan_bwd_smem_scratch_h200_2026-11-28.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
@@ -793,13 +793,14 @@ def _scan_bwd_kernel(
     walk_len = _sample_length(len_ptr, pid_b, seqlen, HAS_LEN)
     walk_chunks = tl.cdiv(walk_len, CHUNK_T)
     # The program's scratch: SUB_T + 1 state slots (n, d), then SUB_T dy slots (d,).
-    slots = scratch_ptr + (pid_b * n_dblocks + pid_d) * ((SUB_T + 1) * BLOCK_N + SUB_T) * BLOCK_D
-    walk_slots = slots + skew  # (the same memory, for the walks: see the layout above)
-    dy_slots = slots + (SUB_T + 1) * BLOCK_N * BLOCK_D
-    dy_walk = dy_slots + skew + tl.arange(0, BLOCK_D)
-    if SMEM_SCRATCH:  # the walks' scratch in shared memory instead (byte addresses; the same slots)
+    if SMEM_SCRATCH:  # in shared memory (byte addresses)
         walk_slots = tl.inline_asm_elementwise(SCRATCH_DECL, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         dy_walk = walk_slots + ((SUB_T + 1) * BLOCK_N * BLOCK_D + tl.arange(0, BLOCK_D)) * 4
+    else:  # in global memory, this program's part of scratch_ptr
+        slots = scratch_ptr + (pid_b * n_dblocks + pid_d) * ((SUB_T + 1) * BLOCK_N + SUB_T) * BLOCK_D
+        walk_slots = slots + skew  # (the same memory, for the walks: see the layout above)
+        dy_slots = slots + (SUB_T + 1) * BLOCK_N * BLOCK_D
+        dy_walk = dy_slots + skew + tl.arange(0, BLOCK_D)
     dz_base = dz_ptr + pid_b * sdz_b + offs_d * sdz_d
     for r in tl.static_range(N_DIRS):
         g_scale = scale
@@ -1124,8 +1125,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     lane_sums = cfg.lane_sums and (interpret or (block_n == 16 and cfg.block_d == 32 and cfg.num_warps == 1))
     # The walks' scratch in shared memory where the sums need no pass over it (which reads it in another layout)
     # and the device holds as many programs' scratch as its registers allow programs
-    smem_scratch = cfg.smem_scratch and lane_sums and not interpret and \
-        _shared_scratch_fits(u.device, _scratch_elements(block_n, cfg) * 4)
+    scratch_bytes = _scratch_elements(block_n, cfg) * 4
+    smem_scratch = cfg.smem_scratch and lane_sums and not interpret and _shared_scratch_fits(u.device, scratch_bytes)
     out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg, smem_scratch)
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
@@ -1150,7 +1151,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         SCRATCH_EVICT=cfg.scratch_evict, HAS_LEN=lengths is not None, EVEN_D=dim % cfg.block_d == 0,
         EVEN_N=d_state == block_n, BC_ALIGN=bc_align, SUM_T=min(cfg.sum_steps, cfg.sub_chunk),
         LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret, SMEM_SCRATCH=smem_scratch,
-        SCRATCH_DECL=_scratch_decl_asm(_scratch_elements(block_n, cfg) * 4) if smem_scratch else "",
+        SCRATCH_DECL=_scratch_decl_asm(scratch_bytes) if smem_scratch else "",
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
