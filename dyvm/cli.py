@@ -78,12 +78,15 @@ def says_error(e: BaseException) -> bool:
 
 
 def check_kernel_settings() -> None:
-    """The kernels' environment settings (MAMBA_SCAN_CKPT_CHUNK, MAMBA_TRITON_TUNING), read when their module loads:
-    checked before any work, so that a bad value is one line (a ConfigError) rather than a traceback at the first
-    training step. Without Triton the PyTorch implementations run, which read neither."""
+    """The kernels' environment settings (MAMBA_SCAN_CKPT_CHUNK, MAMBA_TRITON_TUNING, MAMBA_REBUILD_SCAN_INPUTS), read
+    when their module loads or at the first training call: checked before any work, so that a bad value is one line
+    (a ConfigError) rather than a traceback at the first training step. Without Triton the PyTorch implementations
+    run, which read only the last."""
     from dyvm.config import ConfigError
+    from mamba_ssm.ops.bimamba_stacked import rebuild_from_env
 
     try:
+        rebuild_from_env()
         from mamba_ssm.ops.triton.selective_scan import ckpt_chunk_from_env
 
         ckpt_chunk_from_env()  # (again: the module may have loaded before the variable was set)

@@ -85,7 +85,9 @@ def report() -> str:
         f"MAMBA_FP32_LINEAR={os.environ.get('MAMBA_FP32_LINEAR', '')!r} "
         "(cublas: fp32 in_proj / out_proj / x_proj / dt_proj / predictors on cuBLAS) "
         f"MAMBA_SCAN_CKPT_CHUNK={os.environ.get('MAMBA_SCAN_CKPT_CHUNK', '')!r} "
-        "(steps between the training scan's stored states: 8 faster, 32 less memory, 16 when unset)",
+        "(steps between the training scan's stored states: 8 faster, 32 less memory, 16 when unset) "
+        f"MAMBA_REBUILD_SCAN_INPUTS={os.environ.get('MAMBA_REBUILD_SCAN_INPUTS', '')!r} "
+        "(1: training recomputes the scan's inputs in the backward, for 27% less memory; 0 or unset: keeps them)",
         f"ops on {device.type} tensors:",
         f"  selective_scan_fn: {_implementation('selective_scan', device)}",
         f"  bimamba_v2_inner_fn (DyVM scan): {_implementation('bimamba', device)}",

@@ -259,12 +259,15 @@ def test_asking_for_graphed_steps_where_they_cannot_run_says_why(capsys):
     assert "note: a CUDA-graph training step needs a CUDA device; training steps run eagerly" in text
 
 
-def test_a_bad_kernel_setting_is_one_line_before_any_work(monkeypatch, capsys):
-    monkeypatch.setenv("MAMBA_SCAN_CKPT_CHUNK", "12")
+@pytest.mark.parametrize("variable, value, message", [
+    ("MAMBA_SCAN_CKPT_CHUNK", "12", "the scan's checkpoint interval must be one of 8, 16, 32 (steps)"),
+    ("MAMBA_REBUILD_SCAN_INPUTS", "on", "must be 1 (recompute the scan's inputs in the backward), 0 (keep them) or "
+                                        "unset")])
+def test_a_bad_kernel_setting_is_one_line_before_any_work(monkeypatch, capsys, variable, value, message):
+    monkeypatch.setenv(variable, value)
     assert run("--model", "vim_tiny", "--epochs", "1", "--max-steps-per-epoch", "1") == 1
     captured = capsys.readouterr()
-    assert captured.err.strip() == ("error: MAMBA_SCAN_CKPT_CHUNK=12: the scan's checkpoint interval must be one of "
-                                    "8, 16, 32 (steps)"), captured.err
+    assert captured.err.strip() == f"error: {variable}={value}: {message}", captured.err
     assert "data:" not in captured.out
 
 

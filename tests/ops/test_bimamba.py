@@ -224,3 +224,76 @@ def test_lengths_change_nothing_where_the_mask_ends_the_sequence(kernels):
                             lengths=lengths.long())
     with pytest.raises(ValueError, match="give the mask too"):
         bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), lengths=lengths)
+
+
+@pytest.mark.parametrize("kernels, kept_only", [(False, False), (True, False), (True, True)],
+                         ids=["cpu", "triton", "triton-kept-only"])
+def test_rebuilt_scan_inputs_give_the_same_gradients_and_are_not_kept(kernels, kept_only, monkeypatch):
+    """Eager training with the scan's inputs (the conv's output u and delta) recomputed in the backward
+    (MAMBA_REBUILD_SCAN_INPUTS): the same output and gradients bit for bit, with gates and a DyVM token mask (and
+    DyVM's kept-only scans: lengths), and autograd keeps exactly those two tensors' memory less for the backward."""
+    import mamba_ssm.ops.bimamba_stacked as stacked
+
+    batch, dim, seqlen = 2, 16, 19
+    fwd, bwd = scan_weights(dim, 4, 8, torch.float32), scan_weights(dim, 4, 8, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (torch.randn(batch, seqlen, 2 * dim).transpose(1, 2), *fwd, *bwd)]
+    gate = torch.tensor([[1.0, 0.3], [0.7, 1.3]], requires_grad=True)
+    lengths = torch.tensor([19, 11], dtype=torch.int32) if kept_only else None
+    inside = torch.arange(seqlen) < (lengths if kept_only else torch.tensor([seqlen] * batch))[:, None].long()
+    mask = (inside * (0.5 + torch.rand(batch, seqlen))).requires_grad_()
+    dout = torch.randn(batch, dim, seqlen)
+    results, kept = [], []
+    for rebuild in (False, True):
+        monkeypatch.setattr(stacked, "REBUILD_SCAN_INPUTS", rebuild)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with triton_on_cpu() if kernels else contextlib.nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = bimamba_v2_inner_fn(leaves[0], ScanWeights(*leaves[1:8]), ScanWeights(*leaves[8:15]), gate,
+                                          mask, lengths=lengths)
+            results.append([out, *torch.autograd.grad(out, [*leaves, gate, mask], dout)])
+        kept.append(sum(storages.values()))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), i
+    assert kept[0] - kept[1] == 2 * (2 * batch * dim * seqlen * 4)  # u and delta: (2, b, d, L) fp32 each
+
+
+def test_rebuild_setting_is_checked():
+    """MAMBA_REBUILD_SCAN_INPUTS: 1, 0 or unset; anything else is one line naming it."""
+    import mamba_ssm.ops.bimamba_stacked as stacked
+
+    with pytest.MonkeyPatch.context() as m:
+        for value, want in (("", False), ("0", False), ("1", True)):
+            m.setenv(stacked.REBUILD_ENV, value)
+            assert stacked.rebuild_from_env() is want
+        m.setenv(stacked.REBUILD_ENV, "yes")
+        with pytest.raises(RuntimeError) as e:
+            stacked.rebuild_from_env()
+    assert str(e.value) == ("MAMBA_REBUILD_SCAN_INPUTS=yes: must be 1 (recompute the scan's inputs in the backward), "
+                            "0 (keep them) or unset")
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_a_graph_kept_by_its_output_holds_no_activations_after_the_backward(rebuild, monkeypatch):
+    """After the backward, an output that is still referenced (a training loop's last result) keeps the graph's
+    nodes alive, but not the layer's activations: in_proj's output xz is freed with the rest (the rebuild of the
+    scan's inputs reads it through the scan's saved tensors, not through the shared state the nodes keep)."""
+    import gc
+    import weakref
+
+    import mamba_ssm.ops.bimamba_stacked as stacked
+
+    monkeypatch.setattr(stacked, "REBUILD_SCAN_INPUTS", rebuild)
+    fwd, bwd = scan_weights(16, 4, 8, torch.float32), scan_weights(16, 4, 8, torch.float32)
+    leaf = torch.randn(2, 11, 32).transpose(1, 2).requires_grad_()
+    with triton_on_cpu():
+        xz = leaf * 2
+        freed = weakref.ref(xz)
+        out = bimamba_v2_inner_fn(xz, fwd, bwd)
+        del xz
+        out.sum().backward()
+    gc.collect()
+    assert out.grad_fn is not None and freed() is None

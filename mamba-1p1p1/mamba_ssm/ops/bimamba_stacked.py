@@ -14,13 +14,15 @@ Inference with gates: a (sample, direction) whose gate is 0 is skipped inside th
 (mamba_ssm.ops.triton.gated_proj); elsewhere the matmuls run over the whole batch. Training: every direction
 runs and the gate multiplies its output, so the gate gets its gradient.
 """
+import functools
 import math
-from typing import NamedTuple, Optional
+import os
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from causal_conv1d.conv_op import conv_apply
+from causal_conv1d.conv_op import conv_apply, conv_fwd_impl
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
@@ -78,13 +80,46 @@ class MixerGrads:
       first `half` call, in the backward pass.
     - du, the scan's gradient of its input u (the conv's output, which x_proj reads too): the scan's backward
       leaves it here instead of returning it, and x_proj's backward (_XProj) adds its own term into it with one
-      batched matmul, instead of autograd adding two full tensors."""
+      batched matmul, instead of autograd adding two full tensors.
+    - the rebuild of the scan's inputs (u, delta) with MAMBA_REBUILD_SCAN_INPUTS=1: the forward hands the scan the
+      tensors they are recomputed from (set_rebuild), which the scan saves for its backward in their place; that
+      backward recomputes them (scan_inputs), x_proj's backward takes u after it (rebuilt_u). Saved rather than
+      held here, so autograd releases them with the rest after the backward: a graph kept alive by an output
+      keeps this object, not the layer's activations."""
 
-    def __init__(self, shape, channels_last: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape, channels_last: bool, dtype: torch.dtype, device: torch.device, rebuilds: bool = False):
         self.meta = (shape, channels_last, dtype, device)
         self.grad: Optional[Tensor] = None
         self.du: Optional[Tensor] = None
         self.du_wanted = False  # set by _XProj: its backward takes du from here
+        self.rebuilds = rebuilds
+        self._rebuild_fn = None
+        self._rebuild_from: Optional[tuple] = None  # (until the scan takes them)
+        self._rebuilt_u: Optional[Tensor] = None
+
+    def set_rebuild(self, function, tensors: tuple) -> None:
+        self._rebuild_fn = function
+        self._rebuild_from = tuple(None if t is None else t.detach() for t in tensors)
+
+    def take_rebuild_tensors(self) -> Optional[tuple]:
+        """The tensors the scan saves instead of u and delta (None: it keeps u and delta)."""
+        tensors, self._rebuild_from = self._rebuild_from, None
+        return tensors
+
+    def scan_inputs(self, *tensors) -> Tuple[Tensor, Tensor]:
+        """(u, delta) recomputed from the scan's saved tensors, for its backward; u stays here for x_proj's,
+        which runs next in the same pass (it needs the scan's gradients)."""
+        with torch.no_grad():
+            u, delta = self._rebuild_fn(*tensors)
+        self._rebuilt_u = u
+        return u, delta
+
+    def rebuilt_u(self) -> Tensor:
+        """u for x_proj's backward: the one the scan's backward rebuilt, released here."""
+        u, self._rebuilt_u = self._rebuilt_u, None
+        if u is None:
+            raise RuntimeError("x_proj's backward ran before the scan's, which rebuilds its input")
+        return u
 
     def full(self) -> Tensor:
         if self.grad is None:
@@ -113,6 +148,44 @@ EAGER_PROJ_BACKWARD = True
 # 32); dt_proj's 871 against 128, 93, 74 us; closer to fp64 too (wgrad_blocks_h200_2026-11-28.txt). 16-bit inputs
 # keep the one matmul: its tensor-core kernel takes 47 and 41 us, and block sums would round in 16 bits.
 WGRAD_BLOCKS = 16
+
+# MAMBA_REBUILD_SCAN_INPUTS=1: eager training keeps neither of the scan's inputs u (the conv's output) and delta
+# (dt_proj's output), each (2, b, d_inner, L) in the activations' dtype; the scan's backward recomputes them (the
+# conv's forward and dt_proj's matmul, bit for bit the forward's) from xz's x half and dt, which the layer keeps
+# anyway. Vim-S, batch 128, bf16, graphed training on an H200: peak 9.0 against 12.3 GiB for about 3% of the speed
+# (the checkpoint interval 32 saves 1.7 GiB for 10%); with MAMBA_SCAN_CKPT_CHUNK=8 as well, 12.4 GiB and about the
+# default's speed (docs/speed.md). Off by default (0 or unset).
+REBUILD_ENV = "MAMBA_REBUILD_SCAN_INPUTS"
+
+
+def rebuild_from_env() -> bool:
+    """MAMBA_REBUILD_SCAN_INPUTS as a bool (unset: False)."""
+    value = os.environ.get(REBUILD_ENV, "")
+    if value not in ("", "0", "1"):
+        raise RuntimeError(f"{REBUILD_ENV}={value}: must be 1 (recompute the scan's inputs in the backward), "
+                           f"0 (keep them) or unset")
+    return value == "1"
+
+
+# True / False overrides the environment (tests); None: MAMBA_REBUILD_SCAN_INPUTS, read at the first training call
+# (the entry points check it first: dyvm.cli.check_kernel_settings).
+REBUILD_SCAN_INPUTS: Optional[bool] = None
+_rebuild_env = functools.cache(rebuild_from_env)
+
+
+def rebuilds_scan_inputs() -> bool:
+    """Whether eager training recomputes the scan's inputs in its backward (see REBUILD_ENV)."""
+    return REBUILD_SCAN_INPUTS if REBUILD_SCAN_INPUTS is not None else _rebuild_env()
+
+
+def _scan_inputs_rebuild(batch: int, seqlen: int):
+    """The function recomputing (u, delta) as the training forward made them (the conv's output, channel-contiguous,
+    and dt_proj's, transposed to (2, b, d, L)) from what they were made of: see its call."""
+    def rebuild(x, conv_weight, conv_bias, mask, dt, dt_weight):
+        u = conv_fwd_impl(x, conv_weight, conv_bias, mask, None, True, True)
+        delta = _dt_matmul(dt, dt_weight.to(dt.dtype))  # (the cast _dt_proj makes)
+        return u, delta.view(2, batch, seqlen, -1).transpose(2, 3)
+    return rebuild
 
 
 def _weight_grad(d_out: Tensor, x: Tensor, batch: int) -> Tensor:
@@ -150,7 +223,8 @@ class _XProj(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads):
-        ctx.save_for_backward(xc, weight)
+        ctx.rebuilt_input = grads.rebuilds
+        ctx.save_for_backward(None if ctx.rebuilt_input else xc, weight)
         ctx.grads, grads.du_wanted = grads, True
         return _x_proj_matmul(xc, weight)
 
@@ -158,6 +232,8 @@ class _XProj(torch.autograd.Function):
     def backward(ctx, d_xdbl):
         xc, weight = ctx.saved_tensors
         grads = ctx.grads  # (du: handed off by this backward pass's scan, which always runs before this)
+        if ctx.rebuilt_input:
+            xc = grads.rebuilt_u()
         du, grads.du = grads.du, None
         d_weight = _weight_grad(d_xdbl, _rows(xc), xc.shape[1]) if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:
@@ -170,6 +246,11 @@ class _XProj(torch.autograd.Function):
         return (d_xc if du is None else du + d_xc), d_weight, None
 
 
+def _dt_matmul(dt: Tensor, weight: Tensor) -> Tensor:
+    """dt_proj's product, (2, b*L, R) x (2, d, R)^T: the training forward's and its rebuild's (the same bits)."""
+    return torch.bmm(dt, weight.transpose(1, 2))
+
+
 class _DtProj(torch.autograd.Function):
     """dt_proj over both directions: dt (2, b*L, R) -> delta (2, b*L, d) = dt weight^T, weight (2, d, R) in dt's
     dtype; the backward takes the weight gradient from _weight_grad."""
@@ -178,7 +259,7 @@ class _DtProj(torch.autograd.Function):
     def forward(ctx, dt: Tensor, weight: Tensor, batch: int):
         ctx.save_for_backward(dt, weight)
         ctx.batch = batch
-        return torch.bmm(dt, weight.transpose(1, 2))
+        return _dt_matmul(dt, weight)
 
     @staticmethod
     def backward(ctx, d_delta):
@@ -201,7 +282,7 @@ def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool) -> 
     """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training."""
     if training_eagerly and EAGER_PROJ_BACKWARD:
         return _DtProj.apply(dt, weight.to(dt.dtype), batch)
-    return torch.bmm(dt, weight.transpose(1, 2))
+    return _dt_matmul(dt, weight)
 
 
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
@@ -287,7 +368,8 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
     xz_needs_grad = needs_grad(xz)
-    grads = MixerGrads(*_xz_meta(xz)) if xz_needs_grad and not ops_watched() else None
+    grads = MixerGrads(*_xz_meta(xz), rebuilds=rebuilds_scan_inputs()) if xz_needs_grad and not ops_watched() \
+        else None
     x, z = _SplitXZ.apply(xz, grads) if xz_needs_grad else (xz[:, :dim], xz[:, dim:])
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
@@ -317,6 +399,9 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
         delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None)
+        if grads is not None and grads.rebuilds:
+            grads.set_rebuild(_scan_inputs_rebuild(batch, seqlen),
+                              (x, w.conv_weight, w.conv_bias, mask, dt, w.dt_proj_weight))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)

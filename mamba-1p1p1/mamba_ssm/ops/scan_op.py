@@ -134,18 +134,25 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dl
     return [same(u), same(delta), like(A), like(B), like(C), like(D), same(z), like(delta_bias), like(gate)]
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx, inputs, output, rebuild_from: Optional[tuple] = None):
+    """rebuild_from (eager training): the tensors the mixer recomputes u and delta from, saved in their place
+    (mamba_ssm.ops.bimamba_stacked.MixerGrads)."""
     u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last = inputs[:12]
     lengths = inputs[14] if len(inputs) > 14 else None
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2], lengths)
+    if rebuild_from is not None:
+        u = delta = None
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gate, output[2], lengths, *(rebuild_from or ()))
     ctx.delta_softplus, ctx.scale, ctx.want_last = delta_softplus, scale, want_last
     # No zero-filled gradients for the outputs nothing differentiates (the checkpoint: a zero tensor of its
     # size per call was 9% of a CPU training step of the demo): they arrive as None.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd):
-    u, delta, A, B, C, D, z, delta_bias, gate, ckpt, lengths = ctx.saved_tensors
+def _backward(ctx, dout, dlast, dckpt, bwd=scan_bwd, rebuild=None):
+    saved = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, gate, ckpt, lengths = saved[:11]
+    if rebuild is not None:
+        u, delta = rebuild(*saved[11:])
     if dout is None:
         dout = u.new_zeros(u.shape[1:])
     args = (u, delta, A, B, C, D, z, delta_bias, gate, ctx.delta_softplus, ctx.scale, dout,
@@ -164,7 +171,9 @@ class _EagerScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mixer_grads, *args):
         out = scan_fwd_impl(*args)
-        _setup(ctx, args, out)
+        rebuild_from = mixer_grads.take_rebuild_tensors() if mixer_grads is not None else None
+        ctx.rebuilt_inputs = rebuild_from is not None
+        _setup(ctx, args, out, rebuild_from)
         ctx.mark_non_differentiable(out[2])
         ctx.mixer_grads = mixer_grads  # (kept after the backward: a retained graph's next one hands off again)
         return out
@@ -172,7 +181,8 @@ class _EagerScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast, dckpt):
         shared = ctx.mixer_grads
-        grads = _backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, mixer_grads=shared))
+        grads = _backward(ctx, dout, dlast, dckpt, bwd=lambda *a: scan_bwd_impl(*a, mixer_grads=shared),
+                          rebuild=shared.scan_inputs if ctx.rebuilt_inputs else None)
         if shared is not None and shared.du_wanted:  # u's gradient goes on through it (x_proj adds into it)
             shared.du, grads = grads[0], (None, *grads[1:])
         return None, *grads
