@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scan_train_tuning import inputs  # noqa: E402  (the Vim-S mixer's layouts at training)
 
 # the instruction classes shown per loop (SASS opcodes before the first '.')
-CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "LDL", "STL")
+CLASSES = ("FFMA", "FMUL", "FADD", "MUFU", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "LDL", "STL", "CCTL")
 
 
 class OfflineDriver:

@@ -19,8 +19,13 @@ def test_kernel_sass_offline():
     assert [(k["dtype"], k["kernel"]) for k in backward] == [("bf16", "_scan_bwd_kernel")]
     for k in backward:
         assert 0 < k["registers"] <= 255 and k["stack_bytes"] == 0, k  # no spills
-        walks = load_benchmark("kernel_sass").innermost(k["loops"])
-        assert len(walks) == 6, walks  # per direction: advance, forward walk, adjoint walk (which sums dB and dC)
+        loops = load_benchmark("kernel_sass").innermost(k["loops"])
+        # the L2 prefetches of the first chunk's inputs (loops of CCTL.E.PF2, before each direction's walks; those of
+        # each next chunk, inside the chunk loop, hold no loop) and nothing else; the walks: per direction, advance,
+        # forward walk, adjoint walk (which sums dB and dC), which prefetch nothing into L2
+        prefetches, walks = [lp for lp in loops if lp["CCTL"]], [lp for lp in loops if not lp["CCTL"]]
+        assert prefetches and not any(lp["MUFU"] or lp["LDG"] or lp["STG"] for lp in prefetches), prefetches
+        assert len(walks) == 6, walks
         advance = walks[0]
         # a step of the advance loads u and delta (one element per lane) and B: in 16-byte pieces, not one load
         # per state (x_proj's rows of 56 elements: the strides' units, docs/kernels.md)
