@@ -18,10 +18,10 @@ in reverse with the adjoint state g_t = C_t dy_t + a_{t+1} g_{t+1}. A chunk may 
 sub_chunk steps (last piece first, each recomputed from the chunk's checkpoint): a smaller scratch, for some
 steps walked twice. The scratch is in shared memory (smem_scratch; else in global memory, where it stays in L2).
 
-Prefetch (both walks): loads are issued ahead of the stores of the current step(s). The backward also asks L2 for
-each checkpoint chunk's inputs a chunk ahead (l2_prefetch). Triton does not know
-that the stores cannot alias the inputs, so a load written after a store waits for it, and each step
-would expose a memory latency (docs/kernels.md). Cross-channel sums
+Prefetch (both walks): loads are issued ahead of the stores of the current step(s). Triton does not know that the
+stores cannot alias the inputs, so a load written after a store waits for it, and each step would expose a memory
+latency (docs/kernels.md). The backward also asks L2 for each checkpoint chunk's inputs a chunk ahead (l2_prefetch),
+and L1 as the chunk starts (l1_prefetch). Cross-channel sums
 (dB, dC) and cross-sample sums (dA, dD, d delta_bias, d gate) are written as per-program partial sums
 and reduced with torch, so results are deterministic.
 
@@ -80,14 +80,15 @@ FWD_TUNING = {
 # next chunk will read first (its checkpoint; u, dt, B, C, dout, z of its steps): those first touches came from DRAM,
 # which the one-step-ahead loads do not hide (Nsight Compute: the advance and forward walk's long-scoreboard stalls).
 # Vim-S training shapes, H200: 1750 against 1844 us bf16 (-5.1%), kept lengths -5.3%; fp32 -0.3%, kept lengths -2%;
-# the same prefetch in the forward kernel was slower in training and in fp32 (not kept;
-# scan_bwd_l2_prefetch_h200_2026-11-28.txt).
+# the same prefetch in the forward kernel was slower in training and in fp32 (not kept). l1_prefetch (with
+# l2_prefetch): at the start of each chunk, its own inputs asked from L2 into L1 as well: 1716 against 1764 us bf16
+# (-2.7%), graphed dense training +2.6% (scan_bwd_l2_prefetch_h200_2026-11-28.txt).
 BWD_TUNING = {"cl/4": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
                        "maxnreg": 0, "sum_steps": 4, "lane_sums": True, "smem_scratch": True,
-                       "l2_prefetch": True},
+                       "l2_prefetch": True, "l1_prefetch": True},
               "cl/2": {"block_d": 32, "num_warps": 1, "prefetch": True, "sub_chunk": 8, "scratch_evict": "evict_last",
                        "maxnreg": 0, "sum_steps": 4, "lane_sums": True, "smem_scratch": True,
-                       "l2_prefetch": True}}
+                       "l2_prefetch": True, "l1_prefetch": True}}
 # The forward stores the state every CKPT_CHUNK steps when a backward will follow; the backward
 # recomputes one chunk at a time from it (memory: 4 * d_state / CKPT_CHUNK bytes per input element).
 # MAMBA_SCAN_CKPT_CHUNK=8 trades memory for speed: a chunk is then one piece, which the backward walks twice, not
@@ -521,15 +522,19 @@ def _advance(h, A, bias, u_base, dt_base, B_ptr, B_off, offs_n, s_from, s_to, se
 
 
 @triton.jit
-def _prefetch_l2(addresses):
-    """Asks L2 for the lines at `addresses` (int64 tensor): PTX prefetch, which no instruction waits on."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.b32 $0, 0;", "=r,l", [addresses], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def _prefetch_l2(addresses, L1: tl.constexpr = False):
+    """Asks L2 (L1: L1) for the lines at `addresses` (int64 tensor): PTX prefetch, which no instruction waits on."""
+    if L1:
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.b32 $0, 0;", "=r,l", [addresses], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.b32 $0, 0;", "=r,l", [addresses], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
 def _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_to, seqlen, su_t, sdt_t, sz_t, sB_t,
-                    sC_t, r, HAS_Z: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr):
+                    sC_t, r, HAS_Z: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
     """L2 prefetches of the inputs of a walk's steps s_from .. s_to - 1 (direction r): each step's u, dt, z, B and
     C, a line each (a program's channels of a step are one 64- or 128-byte segment, a step's states one of 32 or
     64). *_blk: the program's first channel; B's and C's offsets in units of BC_ALIGN elements. Issued well ahead,
@@ -540,20 +545,20 @@ def _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_
     first = lane < HALF
     for k0 in range(s_from, s_to, HALF):
         t = _walk_time(tl.minimum(k0 + lane % HALF, s_to - 1), seqlen, r).to(tl.int64)
-        _prefetch_l2(tl.where(first, (u_blk + t * su_t).to(tl.int64), (dt_blk + t * sdt_t).to(tl.int64)))
+        _prefetch_l2(tl.where(first, (u_blk + t * su_t).to(tl.int64), (dt_blk + t * sdt_t).to(tl.int64)), L1)
         _prefetch_l2(tl.where(first, (B_ptr + (B_off + t * sB_t) * BC_ALIGN).to(tl.int64),
-                              (C_ptr + (C_off + t * sC_t) * BC_ALIGN).to(tl.int64)))
+                              (C_ptr + (C_off + t * sC_t) * BC_ALIGN).to(tl.int64)), L1)
         if HAS_Z:
-            _prefetch_l2((z_blk + t * sz_t).to(tl.int64))
+            _prefetch_l2((z_blk + t * sz_t).to(tl.int64), L1)
 
 
 @triton.jit
-def _prefetch_rows(blk, s_from, s_to, seqlen, s_t, r, BLOCK_D: tl.constexpr):
+def _prefetch_rows(blk, s_from, s_to, seqlen, s_t, r, BLOCK_D: tl.constexpr, L1: tl.constexpr):
     """L2 prefetches of one more per-channel input of steps s_from .. s_to - 1 (see _prefetch_steps)."""
     lane = tl.arange(0, BLOCK_D)
     for k0 in range(s_from, s_to, BLOCK_D):
         t = _walk_time(tl.minimum(k0 + lane, s_to - 1), seqlen, r).to(tl.int64)
-        _prefetch_l2((blk + t * s_t).to(tl.int64))
+        _prefetch_l2((blk + t * s_t).to(tl.int64), L1)
 
 
 def _shared_tile_asm(load: bool) -> str:
@@ -782,16 +787,16 @@ def _adjoint_loads(walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_of
 @triton.jit
 def _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off, ckpt_rows, s_from, s_to,
                     walk_len, su_t, sdt_t, sdo_t, sz_t, sdz_t, sB_t, sC_t, r: tl.constexpr, HAS_Z: tl.constexpr,
-                    BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr = False):
     """The backward's L2 prefetches of what its walks over the chunk of steps s_from .. s_to - 1 read first: the
     chunk's checkpoint (ckpt_rows: its rows' addresses), the steps' inputs (_prefetch_steps), dout and, in direction
     1, direction 0's dz. Issued a chunk ahead."""
-    _prefetch_l2(ckpt_rows.to(tl.int64))
+    _prefetch_l2(ckpt_rows.to(tl.int64), L1)
     _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_to, walk_len, su_t, sdt_t, sz_t, sB_t,
-                    sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D)
-    _prefetch_rows(do_blk, s_from, s_to, walk_len, sdo_t, r, BLOCK_D)
+                    sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D, L1)
+    _prefetch_rows(do_blk, s_from, s_to, walk_len, sdo_t, r, BLOCK_D, L1)
     if HAS_Z and r > 0:
-        _prefetch_rows(dz_blk, s_from, s_to, walk_len, sdz_t, r, BLOCK_D)
+        _prefetch_rows(dz_blk, s_from, s_to, walk_len, sdz_t, r, BLOCK_D, L1)
 
 
 @triton.jit(do_not_specialize=["skew"])
@@ -816,6 +821,7 @@ def _scan_bwd_kernel(
     PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr, LANE_SUMS: tl.constexpr,
     REDUCE_ASM: tl.constexpr, SMEM_SCRATCH: tl.constexpr, SCRATCH_DECL: tl.constexpr, L2_PREFETCH: tl.constexpr,
+    L1_PREFETCH: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
@@ -918,6 +924,10 @@ def _scan_bwd_kernel(
             c = walk_chunks - 1 - ci
             cs = c * CHUNK_T
             ce = tl.minimum(cs + CHUNK_T, walk_len)
+            if L1_PREFETCH:  # this chunk's inputs, from L2 into L1
+                _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off,
+                                ckpt_rows + c * d_state * dim, cs, ce, walk_len, su_t, sdt_t, sdo_t,
+                                sz_t, sdz_t, sB_t, sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D, True)
             if L2_PREFETCH and c > 0:  # the next chunk's inputs, while this one's walks run
                 _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off,
                                 ckpt_rows + (c - 1) * d_state * dim, cs - CHUNK_T, cs, walk_len, su_t, sdt_t, sdo_t,
@@ -1169,14 +1179,16 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   sub_chunk: Optional[int] = None, scratch_evict: Optional[str] = None,
                   maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                   sum_steps: Optional[int] = None, lane_sums: Optional[bool] = None,
-                  smem_scratch: Optional[bool] = None, l2_prefetch: Optional[bool] = None):
+                  smem_scratch: Optional[bool] = None, l2_prefetch: Optional[bool] = None,
+                  l1_prefetch: Optional[bool] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
     the scratch's stores, "" or "evict_last"; maxnreg: a register cap, 0 for none; lane_sums: the dB and dC sums
     over channels within the adjoint walk, across the warp's lanes (compiled kernels with 16 states and a warp of 32
     channels; else from the scratch after each walk, sum_steps steps at a time); smem_scratch: the walks' scratch in
-    shared memory; l2_prefetch: each chunk's inputs asked into L2 a chunk ahead (compiled kernels).
+    shared memory; l2_prefetch: each chunk's inputs asked into L2 a chunk ahead, l1_prefetch: and into L1 as the
+    chunk starts (compiled kernels).
     dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
     lengths: the forward's (see scan_forward); the gradients after each sample's end are zeros.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
@@ -1195,7 +1207,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     cfg = _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg,
-                           sum_steps, lane_sums, smem_scratch, l2_prefetch)
+                           sum_steps, lane_sums, smem_scratch, l2_prefetch, l1_prefetch)
     block_n, n_dblocks = next_pow2(d_state), cdiv(dim, cfg.block_d)
     # The sums over channels in the adjoint walk where the warp's reduce-scatter applies (and in the interpreter,
     # with Triton's sums over the lanes, so that the CPU tests cover this path's indexing)
@@ -1231,6 +1243,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret, SMEM_SCRATCH=smem_scratch,
         SCRATCH_DECL=_scratch_decl_asm(scratch_bytes) if smem_scratch else "",
         L2_PREFETCH=cfg.l2_prefetch and not interpret,
+        L1_PREFETCH=cfg.l2_prefetch and cfg.l1_prefetch and not interpret,
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
@@ -1247,10 +1260,11 @@ class _BackwardConfig(NamedTuple):
     lane_sums: bool
     smem_scratch: bool
     l2_prefetch: bool = False
+    l1_prefetch: bool = False
 
 
 def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps,
-                     lane_sums, smem_scratch, l2_prefetch=None):
+                     lane_sums, smem_scratch, l2_prefetch=None, l1_prefetch=None):
     """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     cfg = _BackwardConfig(
@@ -1260,7 +1274,8 @@ def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, sc
         maxnreg=tuning["maxnreg"] if maxnreg is None else maxnreg, sum_steps=sum_steps or tuning["sum_steps"],
         lane_sums=tuning["lane_sums"] if lane_sums is None else lane_sums,
         smem_scratch=tuning["smem_scratch"] if smem_scratch is None else smem_scratch,
-        l2_prefetch=tuning["l2_prefetch"] if l2_prefetch is None else l2_prefetch)
+        l2_prefetch=tuning["l2_prefetch"] if l2_prefetch is None else l2_prefetch,
+        l1_prefetch=tuning["l1_prefetch"] if l1_prefetch is None else l1_prefetch)
     if CKPT_CHUNK % cfg.sub_chunk:
         raise ValueError(f"the backward's sub_chunk ({cfg.sub_chunk}) must divide the checkpoint interval "
                          f"({CKPT_CHUNK})")
