@@ -5,8 +5,9 @@ L 197, both directions, gated, channel-contiguous as the mixer passes them), bat
 
 Times the training forward (which stores checkpoints) under register caps, and the backward under its piece
 length (sub_chunk), the scratch's eviction policy, register caps, prefetch, where it sums dB and dC over channels
-(lane_sums: in the adjoint walk, or from the scratch after each walk) and where the walks' scratch lies (smem_scratch:
-shared or global memory). Every configuration is first compared with
+(lane_sums: in the adjoint walk, or from the scratch after each walk), where the walks' scratch lies (smem_scratch:
+shared or global memory) and whether it asks L2 and L1 for each chunk's inputs ahead (l2_prefetch, l1_prefetch: they
+may pay differently on GPUs other than the H200 they were chosen on). Every configuration is first compared with
 the default launch's results (they must agree to rounding), then timed (triton.testing.do_bench, median). Writes
 the fastest as a tuning file. benchmarks/kernels.py --sweep covers the inference forward and single-direction
 backward; this script times what a training step runs.
@@ -23,16 +24,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 FWD_CAPS = (0, 192, 168, 160, 128)
-# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps, lane_sums, smem_scratch); the first is
-# the reference launch (sum_steps matters only without lane_sums: the channel sums then come from the scratch after
-# each walk, which is then in global memory; scratch_evict only with the scratch in global memory)
+# (block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps, lane_sums, smem_scratch, l2_prefetch,
+# l1_prefetch); the first is the reference launch (sum_steps matters only without lane_sums: the channel sums then come
+# from the scratch after each walk, which is then in global memory; scratch_evict only with the scratch in global
+# memory; l1_prefetch only with l2_prefetch)
 BWD_KEYS = ("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "maxnreg", "sum_steps", "lane_sums",
-            "smem_scratch")
-BWD_CONFIGS = ((32, 1, True, 8, "evict_last", 0, 4, True, True), (32, 1, True, 8, "evict_last", 200, 4, True, True),
-               (32, 1, True, 8, "evict_last", 168, 4, True, True), (32, 1, False, 8, "evict_last", 0, 4, True, True),
-               (32, 1, True, 16, "evict_last", 0, 4, True, True), (32, 1, True, 4, "evict_last", 0, 4, True, True),
-               (32, 1, True, 8, "evict_last", 0, 4, True, False), (32, 1, True, 8, "", 0, 4, True, False),
-               (32, 1, True, 8, "evict_last", 0, 4, False, False), (32, 1, True, 8, "evict_last", 0, 8, False, False))
+            "smem_scratch", "l2_prefetch", "l1_prefetch")
+BWD_OPTIONAL = 4  # (the last four may be left out on the command line: 1, as written before they existed)
+_DEFAULT = (32, 1, True, 8, "evict_last", 0, 4, True, True, True, True)
+BWD_CONFIGS = (_DEFAULT, (32, 1, True, 8, "evict_last", 200, 4, True, True, True, True),
+               (32, 1, True, 8, "evict_last", 168, 4, True, True, True, True),
+               (32, 1, False, 8, "evict_last", 0, 4, True, True, True, True),
+               (32, 1, True, 16, "evict_last", 0, 4, True, True, True, True),
+               (32, 1, True, 4, "evict_last", 0, 4, True, True, True, True),
+               (32, 1, True, 8, "evict_last", 0, 4, True, True, True, False),
+               (32, 1, True, 8, "evict_last", 0, 4, True, True, False, False),
+               (32, 1, True, 8, "evict_last", 0, 4, True, False, True, True),
+               (32, 1, True, 8, "", 0, 4, True, False, True, True),
+               (32, 1, True, 8, "evict_last", 0, 4, False, False, True, True),
+               (32, 1, True, 8, "evict_last", 0, 8, False, False, True, True))
 
 
 def inputs(dtype, device, b, d, L, N=16, R=2, dt_rank=24):
@@ -90,17 +100,17 @@ def tune(dtype, device, shape, bench, fwd_caps, bwd_configs):
 
 
 def _bwd_config(text: str) -> tuple:
-    """'32,1,1,8,evict_last,0,4,1,1' -> (32, 1, True, 8, 'evict_last', 0, 4, True, True), in BWD_KEYS' order
-    (lane_sums and smem_scratch may be left out: 1, as written before they existed)."""
+    """'32,1,1,8,evict_last,0,4,1,1,1,1' -> (32, 1, True, 8, 'evict_last', 0, 4, True, True, True, True), in BWD_KEYS'
+    order (the last BWD_OPTIONAL may be left out: 1, as written before they existed)."""
     parts = text.split(",")
-    if len(BWD_KEYS) - 2 <= len(parts) < len(BWD_KEYS):
+    if len(BWD_KEYS) - BWD_OPTIONAL <= len(parts) < len(BWD_KEYS):
         parts += ["1"] * (len(BWD_KEYS) - len(parts))
     if len(parts) != len(BWD_KEYS):
         raise argparse.ArgumentTypeError(f"{text!r}: want {len(BWD_KEYS)} values ({','.join(BWD_KEYS)})")
     try:
-        block_d, warps, prefetch, sub_chunk, evict, maxnreg, sum_steps, lane_sums, smem = parts
+        block_d, warps, prefetch, sub_chunk, evict, maxnreg, sum_steps, *flags = parts
         return (int(block_d), int(warps), bool(int(prefetch)), int(sub_chunk), evict, int(maxnreg), int(sum_steps),
-                bool(int(lane_sums)), bool(int(smem)))
+                *(bool(int(f)) for f in flags))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
@@ -112,7 +122,7 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, two configurations")
     p.add_argument("--bwd-configs", nargs="+", type=_bwd_config, default=None, metavar="CFG",
                    help="backward launches to time instead of the built-in list, each as comma-separated values of "
-                        f"{','.join(BWD_KEYS)} (prefetch, lane_sums and smem_scratch 0/1, evict '' for none); the "
+                        f"{','.join(BWD_KEYS)} (prefetch and the last four 0/1, evict '' for none); the "
                         "first is the reference")
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"])
     args = p.parse_args()

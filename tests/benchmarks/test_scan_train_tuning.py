@@ -35,12 +35,13 @@ def test_backward_configurations_from_the_command_line():
     import pytest
 
     tuning = load_benchmark("scan_train_tuning")
-    assert dict(zip(tuning.BWD_KEYS, tuning._bwd_config("16,1,0,8,,168,4,0,0"))) == {
+    assert dict(zip(tuning.BWD_KEYS, tuning._bwd_config("16,1,0,8,,168,4,0,0,1,0"))) == {
         "block_d": 16, "num_warps": 1, "prefetch": False, "sub_chunk": 8, "scratch_evict": "", "maxnreg": 168,
-        "sum_steps": 4, "lane_sums": False, "smem_scratch": False}
-    # (lane_sums and smem_scratch left out, as written before they existed)
-    assert tuning._bwd_config("16,1,0,8,,168,4")[-2:] == (True, True)
-    assert tuning._bwd_config("16,1,0,8,,168,4,0")[-2:] == (False, True)
-    for bad in ("32,1,1,8", "32,1,yes,8,evict_last,0,4", "32,1,1,8,evict_last,0,4,1,1,1"):
+        "sum_steps": 4, "lane_sums": False, "smem_scratch": False, "l2_prefetch": True, "l1_prefetch": False}
+    # (lane_sums, smem_scratch and the prefetches left out, as written before they existed)
+    assert tuning._bwd_config("16,1,0,8,,168,4")[-4:] == (True, True, True, True)
+    assert tuning._bwd_config("16,1,0,8,,168,4,0")[-4:] == (False, True, True, True)
+    assert tuning._bwd_config("16,1,0,8,,168,4,0,0,0")[-4:] == (False, False, False, True)
+    for bad in ("32,1,1,8", "32,1,yes,8,evict_last,0,4", "32,1,1,8,evict_last,0,4,1,1,1,1,1"):
         with pytest.raises(argparse.ArgumentTypeError, match="32,1"):
             tuning._bwd_config(bad)
