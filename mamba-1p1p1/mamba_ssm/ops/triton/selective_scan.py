@@ -76,9 +76,10 @@ FWD_TUNING = {
 # 16, and the kernel needs 222 registers instead of 251 (still two warps a scheduler). Vim-S training shapes, H200:
 # 1874 against 1999 us bf16 (-6.3%), 1883 against 2055 fp32 (-8.3%), gradients bit for bit the same
 # (scan_bwd_smem_scratch_h200_2026-11-28.txt).
-# l2_prefetch: at the start of each checkpoint chunk, prefetch instructions ask L2 for everything the walks of the
-# next chunk will read first (its checkpoint; u, dt, B, C, dout, z of its steps): those first touches came from DRAM,
-# which the one-step-ahead loads do not hide (Nsight Compute: the advance and forward walk's long-scoreboard stalls).
+# l2_prefetch (where the scratch is in shared memory): at the start of each checkpoint chunk, prefetch instructions
+# ask L2 for everything the walks of the next chunk will read first (its checkpoint; u, dt, B, C, dout, z of its
+# steps): those first touches came from DRAM, which the one-step-ahead loads do not hide (Nsight Compute: the
+# advance and forward walk's long-scoreboard stalls).
 # Vim-S training shapes, H200: 1750 against 1844 us bf16 (-5.1%), kept lengths -5.3%; fp32 -0.3%, kept lengths -2%;
 # the same prefetch in the forward kernel was slower in training and in fp32 (not kept). l1_prefetch (with
 # l2_prefetch): at the start of each chunk, its own inputs asked from L2 into L1 as well: 1716 against 1764 us bf16
@@ -1218,6 +1219,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     scratch_bytes = _scratch_elements(block_n, cfg) * 4
     smem_scratch = cfg.smem_scratch and lane_sums and not interpret and _shared_scratch_fits(u.device, scratch_bytes)
     out = _backward_outputs(u, delta, z, dz_out, gate is not None, n_dblocks, block_n, d_state, cfg, smem_scratch)
+    # The chunks' inputs asked of L2 (and L1) ahead where the scratch is in shared memory: with it in global memory,
+    # whose traffic keeps L2 busy, the L2 prefetch was measured mixed (-1.4% to +2.9%, scan_bwd_stalls_h200_2026-11-28)
+    prefetch_ahead = cfg.l2_prefetch and smem_scratch
     du, ddelta, dz = out["du"], out["ddelta"], out["dz"]
     if dlast is not None:
         dlast = dlast.contiguous()
@@ -1242,8 +1246,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         EVEN_N=d_state == block_n, BC_ALIGN=bc_align, SUM_T=min(cfg.sum_steps, cfg.sub_chunk),
         LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret, SMEM_SCRATCH=smem_scratch,
         SCRATCH_DECL=_scratch_decl_asm(scratch_bytes) if smem_scratch else "",
-        L2_PREFETCH=cfg.l2_prefetch and not interpret,
-        L1_PREFETCH=cfg.l2_prefetch and cfg.l1_prefetch and not interpret,
+        L2_PREFETCH=prefetch_ahead, L1_PREFETCH=prefetch_ahead and cfg.l1_prefetch,
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
