@@ -32,17 +32,19 @@ BWD_KEYS = ("block_d", "num_warps", "prefetch", "sub_chunk", "scratch_evict", "m
             "smem_scratch", "l2_prefetch", "l1_prefetch")
 BWD_OPTIONAL = 4  # (the last four may be left out on the command line: 1, as written before they existed)
 _DEFAULT = (32, 1, True, 8, "evict_last", 0, 4, True, True, True, True)
-BWD_CONFIGS = (_DEFAULT, (32, 1, True, 8, "evict_last", 200, 4, True, True, True, True),
-               (32, 1, True, 8, "evict_last", 168, 4, True, True, True, True),
-               (32, 1, False, 8, "evict_last", 0, 4, True, True, True, True),
-               (32, 1, True, 16, "evict_last", 0, 4, True, True, True, True),
-               (32, 1, True, 4, "evict_last", 0, 4, True, True, True, True),
-               (32, 1, True, 8, "evict_last", 0, 4, True, True, True, False),
-               (32, 1, True, 8, "evict_last", 0, 4, True, True, False, False),
-               (32, 1, True, 8, "evict_last", 0, 4, True, False, True, True),
-               (32, 1, True, 8, "", 0, 4, True, False, True, True),
-               (32, 1, True, 8, "evict_last", 0, 4, False, False, True, True),
-               (32, 1, True, 8, "evict_last", 0, 8, False, False, True, True))
+
+
+def _variant(**changes) -> tuple:
+    """_DEFAULT with some of BWD_KEYS' values changed."""
+    cfg = {**dict(zip(BWD_KEYS, _DEFAULT)), **changes}
+    return tuple(cfg[k] for k in BWD_KEYS)
+
+
+BWD_CONFIGS = (_DEFAULT, _variant(maxnreg=200), _variant(maxnreg=168), _variant(prefetch=False),
+               _variant(sub_chunk=16), _variant(sub_chunk=4), _variant(l1_prefetch=False),
+               _variant(l2_prefetch=False, l1_prefetch=False), _variant(smem_scratch=False),
+               _variant(smem_scratch=False, scratch_evict=""), _variant(lane_sums=False, smem_scratch=False),
+               _variant(lane_sums=False, smem_scratch=False, sum_steps=8))
 
 
 def inputs(dtype, device, b, d, L, N=16, R=2, dt_rank=24):

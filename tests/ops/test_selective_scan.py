@@ -509,7 +509,7 @@ def test_the_shared_scratch_holds_each_slots_states_without_bank_conflicts():
         assert touched == list(range(touched[0], touched[0] + 16 * d, 16))
     assert sorted(memory) == list(range(0, slots * n * d * 4, 4))
     sub_t = 8  # the scratch's size for pieces of 8 steps: these state slots, then a dy row of 32 lanes per step
-    config = ss._BackwardConfig(32, 1, True, sub_t, "", 0, 4, True, True)
+    config = ss._BackwardConfig(32, 1, True, sub_t, "", 0, 4, True, True, True, True)
     assert ss._scratch_elements(n, config) * 4 == slots * n * d * 4 + sub_t * d * 4
 
 
@@ -519,7 +519,7 @@ def test_the_scratch_goes_to_shared_memory_only_where_the_programs_fit():
     programs in flight); a scratch past the 48 KiB of a static array never does."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
-    config = ss._BackwardConfig(32, 1, True, 8, "", 0, 4, True, True)
+    config = ss._BackwardConfig(32, 1, True, 8, "", 0, 4, True, True, True, True)
     piece_bytes = ss._scratch_elements(16, config) * 4
     assert piece_bytes == 19456
     assert ss.shared_scratch_fits(228 * 1024, piece_bytes) and ss.shared_scratch_fits(164 * 1024, piece_bytes)

@@ -523,7 +523,7 @@ def _advance(h, A, bias, u_base, dt_base, B_ptr, B_off, offs_n, s_from, s_to, se
 
 
 @triton.jit
-def _prefetch_l2(addresses, L1: tl.constexpr = False):
+def _prefetch(addresses, L1: tl.constexpr):
     """Asks L2 (L1: L1) for the lines at `addresses` (int64 tensor): PTX prefetch, which no instruction waits on."""
     if L1:
         tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.b32 $0, 0;", "=r,l", [addresses], dtype=tl.int32,
@@ -536,8 +536,8 @@ def _prefetch_l2(addresses, L1: tl.constexpr = False):
 @triton.jit
 def _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_to, seqlen, su_t, sdt_t, sz_t, sB_t,
                     sC_t, r, HAS_Z: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
-    """L2 prefetches of the inputs of a walk's steps s_from .. s_to - 1 (direction r): each step's u, dt, z, B and
-    C, a line each (a program's channels of a step are one 64- or 128-byte segment, a step's states one of 32 or
+    """Prefetches (into L2, or L1) of the inputs of a walk's steps s_from .. s_to - 1 (direction r): each step's u,
+    dt, z, B and C, a line each (a program's channels of a step are one 64- or 128-byte segment, a step's states one of 32 or
     64). *_blk: the program's first channel; B's and C's offsets in units of BC_ALIGN elements. Issued well ahead,
     they make the walks' first touches of their inputs, which wait on DRAM (the loads issued a step or a group
     ahead do not hide that), L2 hits."""
@@ -546,20 +546,20 @@ def _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_
     first = lane < HALF
     for k0 in range(s_from, s_to, HALF):
         t = _walk_time(tl.minimum(k0 + lane % HALF, s_to - 1), seqlen, r).to(tl.int64)
-        _prefetch_l2(tl.where(first, (u_blk + t * su_t).to(tl.int64), (dt_blk + t * sdt_t).to(tl.int64)), L1)
-        _prefetch_l2(tl.where(first, (B_ptr + (B_off + t * sB_t) * BC_ALIGN).to(tl.int64),
+        _prefetch(tl.where(first, (u_blk + t * su_t).to(tl.int64), (dt_blk + t * sdt_t).to(tl.int64)), L1)
+        _prefetch(tl.where(first, (B_ptr + (B_off + t * sB_t) * BC_ALIGN).to(tl.int64),
                               (C_ptr + (C_off + t * sC_t) * BC_ALIGN).to(tl.int64)), L1)
         if HAS_Z:
-            _prefetch_l2((z_blk + t * sz_t).to(tl.int64), L1)
+            _prefetch((z_blk + t * sz_t).to(tl.int64), L1)
 
 
 @triton.jit
 def _prefetch_rows(blk, s_from, s_to, seqlen, s_t, r, BLOCK_D: tl.constexpr, L1: tl.constexpr):
-    """L2 prefetches of one more per-channel input of steps s_from .. s_to - 1 (see _prefetch_steps)."""
+    """Prefetches of one more per-channel input of steps s_from .. s_to - 1 (see _prefetch_steps)."""
     lane = tl.arange(0, BLOCK_D)
     for k0 in range(s_from, s_to, BLOCK_D):
         t = _walk_time(tl.minimum(k0 + lane, s_to - 1), seqlen, r).to(tl.int64)
-        _prefetch_l2((blk + t * s_t).to(tl.int64), L1)
+        _prefetch((blk + t * s_t).to(tl.int64), L1)
 
 
 def _shared_tile_asm(load: bool) -> str:
@@ -788,11 +788,11 @@ def _adjoint_loads(walk_slots, dy_slots, offs_tile, u_base, dt_base, B_ptr, B_of
 @triton.jit
 def _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off, ckpt_rows, s_from, s_to,
                     walk_len, su_t, sdt_t, sdo_t, sz_t, sdz_t, sB_t, sC_t, r: tl.constexpr, HAS_Z: tl.constexpr,
-                    BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr = False):
-    """The backward's L2 prefetches of what its walks over the chunk of steps s_from .. s_to - 1 read first: the
+                    BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
+    """The backward's prefetches of what its walks over the chunk of steps s_from .. s_to - 1 read first: the
     chunk's checkpoint (ckpt_rows: its rows' addresses), the steps' inputs (_prefetch_steps), dout and, in direction
-    1, direction 0's dz. Issued a chunk ahead."""
-    _prefetch_l2(ckpt_rows.to(tl.int64), L1)
+    1, direction 0's dz. Into L2 a chunk ahead, into L1 (L1) as the chunk starts."""
+    _prefetch(ckpt_rows.to(tl.int64), L1)
     _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_to, walk_len, su_t, sdt_t, sz_t, sB_t,
                     sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D, L1)
     _prefetch_rows(do_blk, s_from, s_to, walk_len, sdo_t, r, BLOCK_D, L1)
@@ -892,7 +892,9 @@ def _scan_bwd_kernel(
         part_base = ((r * n_dblocks + pid_d) * batch + pid_b) * seqlen * BLOCK_N  # + t * BLOCK_N + n
         ckpt_base = ckpt_ptr + skew + (r * batch + pid_b) * n_chunks * d_state * dim + offs_n[:, None] * dim \
             + offs_d[None, :]
-        if L2_PREFETCH:  # the program's first channel of each input, and its checkpoint rows of chunk 0
+        if L2_PREFETCH:  # the program's first channel of each input, and its checkpoint rows of chunk 0; the first
+            # chunk the walks take asked of L2 now (with L1_PREFETCH asked of L1 again as the chunk loop starts: left
+            # so, as measured; without this call the offline build takes 227 registers instead of 220)
             first_d = pid_d * BLOCK_D
             u_blk = u_ptr + r * su_r + pid_b * su_b + first_d * su_d
             dt_blk = dt_ptr + r * sdt_r + pid_b * sdt_b + first_d * sdt_d
@@ -904,7 +906,7 @@ def _scan_bwd_kernel(
             c_last = tl.maximum(walk_chunks - 1, 0)
             _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off,
                             ckpt_rows + c_last * d_state * dim, c_last * CHUNK_T, walk_len, walk_len, su_t, sdt_t,
-                            sdo_t, sz_t, sdz_t, sB_t, sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D)
+                            sdo_t, sz_t, sdz_t, sB_t, sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D, False)
         g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * adjoint_{t+1}
         if HAS_DLAST:
             g = tl.load(dlast_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None],
@@ -932,7 +934,7 @@ def _scan_bwd_kernel(
             if L2_PREFETCH and c > 0:  # the next chunk's inputs, while this one's walks run
                 _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C_off,
                                 ckpt_rows + (c - 1) * d_state * dim, cs - CHUNK_T, cs, walk_len, su_t, sdt_t, sdo_t,
-                                sz_t, sdz_t, sB_t, sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D)
+                                sz_t, sdz_t, sB_t, sC_t, r, HAS_Z, BC_ALIGN, BLOCK_D, False)
             n_sub = tl.cdiv(ce - cs, SUB_T)
             for pi in range(n_sub):
                 s0 = cs + (n_sub - 1 - pi) * SUB_T
@@ -1262,12 +1264,12 @@ class _BackwardConfig(NamedTuple):
     sum_steps: int
     lane_sums: bool
     smem_scratch: bool
-    l2_prefetch: bool = False
-    l1_prefetch: bool = False
+    l2_prefetch: bool
+    l1_prefetch: bool
 
 
 def _backward_config(u, dim, groups, block_d, num_warps, prefetch, sub_chunk, scratch_evict, maxnreg, sum_steps,
-                     lane_sums, smem_scratch, l2_prefetch=None, l1_prefetch=None):
+                     lane_sums, smem_scratch, l2_prefetch, l1_prefetch):
     """scan_backward's launch parameters: its arguments where given, else BWD_TUNING's for u's element size."""
     tuning = BWD_TUNING[f"cl/{min(u.element_size(), 4)}"]
     cfg = _BackwardConfig(
