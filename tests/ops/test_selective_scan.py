@@ -282,6 +282,33 @@ def test_scan_backward_rejects_bad_launch_parameters_clearly():
             ss.scan_backward(*args, cl(b, d, L), ckpt=ckpt, **bad)
 
 
+def test_backward_partial_sums_reduce_in_order_and_skip_past_lengths():
+    """The scan backward's partial sums of dB and dC (one per channel block) are summed block by block in order, the
+    same bits as a sequential fp32 sum, and nothing at or past a sample's length is read (the kernel writes no
+    partials there: NaN here) and those positions come out 0; dD and d delta_bias, which share one buffer, come out
+    as their own sums over the samples."""
+    from mamba_ssm.ops.triton import selective_scan as ss
+
+    R, blocks, b, L, N, d = 2, 5, 3, 70, 16, 8
+    part_B, part_C = torch.randn(R, blocks, b, L, N), torch.randn(R, blocks, b, L, N)
+    lengths = torch.tensor([70, 33, 0], dtype=torch.int32)
+    dead = torch.arange(L)[None, :] >= lengths[:, None].long()  # (b, L)
+    for part in (part_B, part_C):
+        part[:, :, dead] = float("nan")
+    dD_dbias = torch.randn(2, R, b, d)
+    out = dict(dB=part_B, dC=part_C, dA=torch.randn(R, b, d, N), dD_dbias=dD_dbias, du=None, ddelta=None, dz=None,
+               dgate=None)
+    with triton_on_cpu():
+        got = ss._reduce_backward_partials(out, N, (1, 1), True, True, lengths)
+    for name, part in (("dB", part_B), ("dC", part_C)):
+        want = part[:, 0].clone()
+        for k in range(1, blocks):
+            want += part[:, k]
+        want[:, dead] = 0
+        assert torch.equal(got[name], want.unsqueeze(2).transpose(-1, -2)), name  # (R, b, 1, N, L) view
+    assert torch.equal(got["dD"], dD_dbias[0].sum(1)) and torch.equal(got["ddelta_bias"], dD_dbias[1].sum(1))
+
+
 def test_scan_lengths_walk_each_samples_own_sequence():
     """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
     at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by

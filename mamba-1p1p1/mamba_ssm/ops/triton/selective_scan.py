@@ -23,7 +23,8 @@ stores cannot alias the inputs, so a load written after a store waits for it, an
 latency (docs/kernels.md). The backward also asks L2 for each checkpoint chunk's inputs a chunk ahead (l2_prefetch),
 and L1 as the chunk starts (l1_prefetch). Cross-channel sums
 (dB, dC) and cross-sample sums (dA, dD, d delta_bias, d gate) are written as per-program partial sums
-and reduced with torch, so results are deterministic.
+and reduced in a fixed order after the launch (dB and dC by _sum_bc_partials_kernel, the rest by torch), so results
+are deterministic.
 
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
@@ -822,7 +823,7 @@ def _scan_bwd_kernel(
     PREFETCH: tl.constexpr, SCRATCH_EVICT: tl.constexpr, HAS_LEN: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr, BC_ALIGN: tl.constexpr, SUM_T: tl.constexpr, LANE_SUMS: tl.constexpr,
     REDUCE_ASM: tl.constexpr, SMEM_SCRATCH: tl.constexpr, SCRATCH_DECL: tl.constexpr, L2_PREFETCH: tl.constexpr,
-    L1_PREFETCH: tl.constexpr,
+    L1_PREFETCH: tl.constexpr, ZERO_BC_TAIL: tl.constexpr,
 ):
     """Outputs: du, ddt (r, b, d, t) and dz (b, d, t, summed over directions) in the dtypes of u, delta and z
     (no separate cast afterwards), channel-contiguous; fp32 partial sums dB, dC (r, n_dblocks, b, t, n);
@@ -844,7 +845,8 @@ def _scan_bwd_kernel(
     EVEN_D / EVEN_N: dim is a multiple of BLOCK_D / d_state is BLOCK_N (no masks). BC_ALIGN: B's and C's strides
     but the states' come in units of that many elements (_state_vector).
     HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
-    the per-position gradients after them (du, ddt, dB, dC, dz) are zeros."""
+    the per-position gradients after them (du, ddt, dB, dC, dz) are zeros; the partial sums of dB and dC there are
+    written only with ZERO_BC_TAIL (torch sums them; _sum_bc_partials_kernel reads none past the end)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     batch = tl.num_programs(0)
@@ -1022,8 +1024,9 @@ def _scan_bwd_kernel(
             for t in range(walk_len, seqlen):
                 tl.store(du_ptr + dud_base + t * sdu_t, zero_d.to(du_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(ddt_ptr + dud_base + t * sdu_t, zero_d.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-                tl.store(dB_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
-                tl.store(dC_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
+                if ZERO_BC_TAIL:  # (_sum_bc_partials_kernel reads no partial past the sample's end)
+                    tl.store(dB_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
+                    tl.store(dC_ptr + part_base + t * BLOCK_N + offs_n, zero_n)
                 if HAS_Z and r == 0:
                     tl.store(dz_base + t * sdz_t, zero_d.to(dz_ptr.dtype.element_ty), mask=mask_d)
         tl.store(dA_ptr + ((r * batch + pid_b) * dim + offs_d[None, :]) * d_state + offs_n[:, None], dA_acc,
@@ -1249,9 +1252,10 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         LANE_SUMS=lane_sums, REDUCE_ASM=lane_sums and not interpret, SMEM_SCRATCH=smem_scratch,
         SCRATCH_DECL=_scratch_decl_asm(scratch_bytes) if smem_scratch else "",
         L2_PREFETCH=prefetch_ahead, L1_PREFETCH=prefetch_ahead and cfg.l1_prefetch,
+        ZERO_BC_TAIL=lengths is not None and not _bc_sums_in_kernel(groups),
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
-    return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None)
+    return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None, lengths)
 
 
 class _BackwardConfig(NamedTuple):
@@ -1340,14 +1344,15 @@ def _backward_outputs(u, delta, z, dz_out, has_gate, n_dblocks, block_n, d_state
         raise ValueError(f"scan backward: dz_out {tuple(dz_out.shape)} {dz_out.dtype} does not fit z")
     dz = dz_out if dz_out is not None else \
         torch.empty((batch, seqlen, dim), device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
-    dD = torch.empty((R, batch, dim), device=dev, dtype=f32)
+    dD_dbias = torch.empty((2, R, batch, dim), device=dev, dtype=f32)  # (one sum over the samples for both)
     return dict(
         du=torch.empty((R, batch, seqlen, dim), device=dev, dtype=u.dtype).transpose(2, 3),
         ddelta=torch.empty((R, batch, seqlen, dim), device=dev, dtype=delta.dtype).transpose(2, 3), dz=dz,
         # (the states innermost: a step's 16 partial sums are one contiguous store, not 16 scattered ones)
         dB=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
         dC=torch.empty((R, n_dblocks, batch, seqlen, block_n), device=dev, dtype=f32),
-        dA=torch.empty((R, batch, dim, d_state), device=dev, dtype=f32), dD=dD, dbias=torch.empty_like(dD),
+        dA=torch.empty((R, batch, dim, d_state), device=dev, dtype=f32), dD_dbias=dD_dbias, dD=dD_dbias[0],
+        dbias=dD_dbias[1],
         dgate=torch.empty((batch, R, n_dblocks), device=dev, dtype=f32) if has_gate else None,
         scratch=torch.empty((0 if smem_scratch else batch * n_dblocks * _scratch_elements(block_n, cfg),),
                             device=dev, dtype=f32))
@@ -1369,21 +1374,66 @@ def _vector_alignment(B: Tensor, C: Tensor) -> int:
     return vec
 
 
-def _reduce_backward_partials(out, d_state, groups, has_D, has_bias) -> dict:
-    """The backward kernel's outputs with its partial sums reduced (deterministically, by torch)."""
-    R, n_dblocks, batch, seqlen, _ = out["dB"].shape
-    # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): sum the blocks of each group. The sums lie (R, G, b, L, N) in
-    # memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's without a transposing copy.
-    def reduce_bc(part, n_groups):
-        part = part[..., :d_state]
-        if n_groups == 1:
-            return part.sum(1, keepdim=True).permute(0, 2, 1, 4, 3)
-        part = part.reshape(R, n_groups, n_dblocks // n_groups, batch, seqlen, d_state).sum(2)
-        return part.permute(0, 2, 1, 4, 3)
+@triton.jit
+def _sum_bc_partials_kernel(dB_part, dC_part, dB_ptr, dC_ptr, len_ptr, seqlen, d_state, n_dblocks, batch,
+                            HAS_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dB, dC (R, b, L, N) = the backward kernel's partial sums (R, n_dblocks, b, L, BLOCK_N) summed over the
+    channel blocks, in their order (deterministic), both in one pass. HAS_LEN: positions at or after the sample's
+    length read nothing (the backward kernel wrote no partials there) and come out 0."""
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(2).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_seq = offs_t < seqlen
+    live = in_seq
+    if HAS_LEN:
+        live = in_seq & (offs_t < tl.load(len_ptr + pid_b))
+    load_mask = live[:, None] & (offs_n < BLOCK_N)[None, :]
+    part = ((r * n_dblocks * batch + pid_b) * seqlen + offs_t[:, None]) * BLOCK_N + offs_n[None, :]
+    block_stride = batch * seqlen * BLOCK_N
+    acc_B = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    acc_C = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k in range(n_dblocks):
+        acc_B += tl.load(dB_part + part, mask=load_mask, other=0.0)
+        acc_C += tl.load(dC_part + part, mask=load_mask, other=0.0)
+        part += block_stride
+    out = ((r * batch + pid_b) * seqlen + offs_t[:, None]) * d_state + offs_n[None, :]
+    store_mask = in_seq[:, None] & (offs_n < d_state)[None, :]
+    tl.store(dB_ptr + out, acc_B, mask=store_mask)
+    tl.store(dC_ptr + out, acc_C, mask=store_mask)
 
+
+def _bc_sums_in_kernel(groups: tuple) -> bool:
+    """Whether _sum_bc_partials_kernel sums dB and dC: one group of B and of C (Vim, Mamba); torch sums the
+    grouped case's blocks group by group."""
+    return groups == (1, 1)
+
+
+def _reduce_backward_partials(out, d_state, groups, has_D, has_bias, lengths=None) -> dict:
+    """The backward kernel's outputs with its partial sums reduced (deterministically): dB and dC in one kernel
+    that skips each sample's positions past its length (_sum_bc_partials_kernel; at Vim-S training shapes on an
+    H200 torch's five sums took 82 us a call, whatever the lengths), dD and d delta_bias in one sum."""
+    R, n_dblocks, batch, seqlen, block_n = out["dB"].shape
+    # The sums lie (R, G, b, L, N) in memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's
+    # without a transposing copy; returned as (R, b, G, N, L) views.
+    if _bc_sums_in_kernel(groups):
+        dB = torch.empty((R, 1, batch, seqlen, d_state), device=out["dB"].device, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        block_t = 64
+        launch(_sum_bc_partials_kernel, (cdiv(seqlen, block_t), batch, R), out["dB"], out["dC"], dB, dC,
+               lengths if lengths is not None else dB, seqlen, d_state, n_dblocks, batch,
+               HAS_LEN=lengths is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
+        dB, dC = dB.permute(0, 2, 1, 4, 3), dC.permute(0, 2, 1, 4, 3)
+    else:
+        def reduce_bc(part, n_groups):  # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): the blocks of each group
+            part = part[..., :d_state].reshape(R, n_groups, n_dblocks // n_groups, batch, seqlen, d_state).sum(2)
+            return part.permute(0, 2, 1, 4, 3)
+
+        dB, dC = reduce_bc(out["dB"], groups[0]), reduce_bc(out["dC"], groups[1])
+    dD_dbias = out["dD_dbias"].sum(2) if has_D or has_bias else (None, None)
     return dict(
-        du=out["du"], ddelta=out["ddelta"], dA=out["dA"].sum(1), dB=reduce_bc(out["dB"], groups[0]),
-        dC=reduce_bc(out["dC"], groups[1]), dD=out["dD"].sum(1) if has_D else None,
-        ddelta_bias=out["dbias"].sum(1) if has_bias else None,
+        du=out["du"], ddelta=out["ddelta"], dA=out["dA"].sum(1), dB=dB, dC=dC,
+        dD=dD_dbias[0] if has_D else None, ddelta_bias=dD_dbias[1] if has_bias else None,
         dz=out["dz"], dgate=out["dgate"].sum(2) if out["dgate"] is not None else None,
     )
