@@ -78,6 +78,11 @@ def ops_watched() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def graph_capturing(x: torch.Tensor) -> bool:
+    """Whether x's device is capturing a CUDA graph on the current stream (work queued now runs at each replay)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from dyvm.models.output import ForwardOutput
 from dyvm.models.vim import Vim, VimConfig
 from dyvm.pruning import batch_gather
+from mamba_ssm.modules.mamba_simple import declare_constant_weights
 
 LOSS_PARTS = ("cls_loss", "token_pruning_loss", "block_pruning_loss", "cls_kl_loss", "token_kl_loss")
 
@@ -59,7 +60,8 @@ class DyVMLoss(nn.Module):
 
     forward(images, out, targets) -> (total, parts); parts holds every term, already weighted and detached,
     under LOSS_PARTS names. Terms that do not apply (no decisions, gates or teacher) are 0. teacher_dtype: the
-    autocast dtype of the teacher's forward ("auto": the training's own; None: fp32).
+    autocast dtype of the teacher's forward ("auto": the training's own; None: fp32). The teacher is frozen and its
+    weights are taken as constant from here on (load them before building the loss: see declare_constant_weights).
     """
 
     def __init__(self, base_criterion: nn.Module, teacher: Optional[nn.Module], token_keep_ratios: Sequence[float],
@@ -71,7 +73,10 @@ class DyVMLoss(nn.Module):
         self.teacher = teacher
         self._teacher_fast = None
         if teacher is not None:
-            freeze(teacher)
+            # Its weights are constant from here on: the CUDA graphs its forward is captured in (its own, below, and
+            # a graphed training step's) read the weights its eager calls derived, stacked and cast, instead of
+            # deriving them again at every replay (mamba_ssm.modules.mamba_simple.declare_constant_weights).
+            declare_constant_weights(freeze(teacher))
             # The frozen teacher needs no autograd: on a GPU it replays a CUDA graph of its forward (captured per
             # batch shape and autocast dtype), which takes its launch work off the training step's host time.
             from dyvm.serving import GraphedModule

@@ -215,6 +215,59 @@ def test_one_cache_check_per_forward(models, name, monkeypatch):
         assert torch.equal(model.forward_aux(x).logits, want[0]) and torch.equal(first, want[0])
 
 
+def test_constant_weights_are_read_inside_graph_captures(monkeypatch):
+    """A CUDA-graph capture (simulated: graph_capturing True) derives a model's inference weights in the graph,
+    and caches nothing, unless the weights were declared constant (DyVMLoss's teacher): then it takes those an
+    eager call derived before it, the same objects, and still derives nothing and caches nothing where none were
+    derived, or where the parameters changed since; the fp32 kernel's weight split is not kept from a capture."""
+    from mamba_ssm.modules import mamba_simple
+    from mamba_ssm.modules.mamba_simple import declare_constant_weights
+    from mamba_ssm.ops import linear_fp32
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    model = create_model("vim_tiny", **TINY).eval()
+    hidden = model.embed(x)
+    capturing = [False]
+    monkeypatch.setattr(mamba_simple, "graph_capturing", lambda t: capturing[0])
+    monkeypatch.setattr(linear_fp32, "graph_capturing", lambda t: capturing[0])
+
+    def weights(capture: bool):
+        capturing[0] = capture
+        try:
+            with torch.no_grad():
+                return model.layer_inference_weights(hidden)
+        finally:
+            capturing[0] = False
+
+    eager = weights(False)
+    assert all(w is not None for w in eager)
+    assert weights(True) == [None] * len(model.layers)  # parameters that may change: the graph reads them
+    declare_constant_weights(model)
+    assert all(a is b for a, b in zip(weights(True), eager))
+    with torch.no_grad():  # a layer's own check too (a caller without the model's list)
+        capturing[0] = True
+        assert model.layers[0].mixer.inference_weights(hidden) is eager[0]
+        capturing[0] = False
+    model = declare_constant_weights(create_model("vim_tiny", **TINY).eval())  # (weights() reads the new one)
+    hidden = model.embed(x)
+    assert weights(True) == [None] * len(model.layers)  # nothing derived eagerly yet: none derived in a capture
+    assert "_inference_cache" not in model.layers[0].mixer.__dict__
+    first = weights(False)
+    with torch.no_grad():
+        model.layers[0].mixer.out_proj.weight.mul_(2.0)  # changed: the capture no longer matches, derives nothing
+    assert weights(True) == [None] * len(model.layers) and weights(False)[0] is not first[0]
+    memo = {}
+    capturing[0] = True
+    try:
+        linear_fp32.weight_parts(torch.randn(8, 4), memo)
+    finally:
+        capturing[0] = False
+    assert memo == {}
+    linear_fp32.weight_parts(torch.randn(8, 4), memo)
+    assert set(memo) == {"tf32"}
+
+
 def test_predictor_keeps_its_autocast_weights_while_unchanged():
     """Under autocast, eager inference takes the token-score predictor's Linears from a cache in the autocast
     dtype (no casts per call): the output equals the modules' own, also after an in-place update."""

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import ops_watched, reference_forced
+from mamba_ssm.ops.dispatch import graph_capturing, ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 if TYPE_CHECKING:
@@ -34,11 +34,29 @@ class InferenceWeights(NamedTuple):
     stacked: "StackedWeights"
 
 
-def inference_cache_usable(x) -> bool:
+# Set on a module and its submodules by declare_constant_weights.
+_CONSTANT_WEIGHTS = "_constant_weights"
+
+
+def declare_constant_weights(module: nn.Module) -> nn.Module:
+    """Declare that `module`'s parameters never change from now on (DyVM's frozen teacher, dyvm.losses.DyVMLoss):
+    the weights its inference derives from them (each layer's stacked, cast weights and A = -exp(A_log)), kept
+    after an eager call, are then used inside CUDA-graph captures too, so the graphs read them instead of deriving
+    them again at every replay (some 15 small kernels a layer). A graph captured after this does not see in-place
+    changes to the parameters: load other weights into a new module. Nothing is derived inside a capture: the
+    weights come from an eager call before it (a capture that finds none derives them in the graph, as before)."""
+    for m in module.modules():
+        m.__dict__[_CONSTANT_WEIGHTS] = True
+    return module
+
+
+def inference_cache_usable(x, owner: Optional[nn.Module] = None) -> bool:
     """Whether inference may take cached weights: not when traced or watched (fake tensors have no data
     pointers, and torch.compile should see the ops), nor while a CUDA graph is captured (the graph must read
-    the parameters, which may change in place)."""
-    return not (reference_forced() or ops_watched() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    the parameters, which may change in place) unless the owner's weights are constant (declare_constant_weights)."""
+    if reference_forced() or ops_watched():
+        return False
+    return not graph_capturing(x) or (owner is not None and owner.__dict__.get(_CONSTANT_WEIGHTS, False))
 
 
 def inference_cache_key(params: list, x) -> Optional[tuple]:
@@ -58,6 +76,8 @@ def cached_for_inference(owner, params: list, x, derive: Callable):
         return None
     cached = owner.__dict__.get("_inference_cache")
     if cached is None or cached[0] != key:
+        if graph_capturing(x):  # (constant weights: only what an eager call derived before the capture)
+            return None
         cached = (key, derive(key[0]))
         owner.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
     return cached[1]
@@ -87,7 +107,7 @@ def inference_weights_of(owner, mixers: Callable[[], list], x) -> list:
     Linear); a parameter swapped into a parameter dict directly (torch.func.functional_call) is seen by an
     identity check of every parameter; in-place updates, .to() and dtype changes show in the key itself, as
     for one layer."""
-    if not inference_cache_usable(x):
+    if not inference_cache_usable(x, owner):
         return [None] * len(mixers())
     memo = owner.__dict__.setdefault("_inference_weights_memo", {})
     params = _memo_params(mixers, memo)
@@ -97,6 +117,8 @@ def inference_weights_of(owner, mixers: Callable[[], list], x) -> list:
     if key is None:
         return [None] * len(memo["mixers"])
     if memo.get("key") != key:
+        if graph_capturing(x):  # (constant weights: only what an eager call derived before the capture)
+            return [None] * len(memo["mixers"])
         memo["weights"], memo["key"] = [m.inference_weights(x) for m in memo["mixers"]], key
     return memo["weights"]
 
@@ -227,7 +249,7 @@ class Mamba(nn.Module):
         data pointers and version counters (bumped by every in-place update: optimizer steps,
         load_state_dict), read without Module.__getattr__. A model checks all its layers at once:
         inference_weights_of."""
-        if self.bimamba_type != "v2" or not inference_cache_usable(x):
+        if self.bimamba_type != "v2" or not inference_cache_usable(x, self):
             return None
         try:
             params = self._cache_params()

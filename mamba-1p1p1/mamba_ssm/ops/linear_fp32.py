@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.autograd.function import once_differentiable
 
-from causal_conv1d.kernel_utils import needs_grad, ops_watched, triton_enabled
+from causal_conv1d.kernel_utils import graph_capturing, needs_grad, ops_watched, triton_enabled
 
 KERNELS = "mamba_ssm.ops.triton.linear_tf32x3"
 ENABLED = os.environ.get("MAMBA_FP32_LINEAR", "tf32x3") != "cublas"
@@ -158,13 +158,14 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
 
 def weight_parts(weight: Tensor, memo: Optional[dict], key: str = "tf32") -> tuple:
     """split_tf32(weight), from memo[key] when it holds them (and kept there when memo is given: one key per
-    weight that the memo's owner splits)."""
+    weight that the memo's owner splits; not from inside a CUDA-graph capture, whose tensors hold values only
+    once the graph replays: a module with constant weights takes its memo into captures)."""
     from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
 
     parts = None if memo is None else memo.get(key)
     if parts is None:
         parts = split_tf32(weight)
-        if memo is not None:
+        if memo is not None and not graph_capturing(weight):
             memo[key] = parts
     return parts
 
