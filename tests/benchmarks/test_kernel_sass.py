@@ -14,7 +14,7 @@ def test_kernel_sass_offline():
     kernels = json.loads((folder / "sass.json").read_text())["kernels"]
     step = {k["kernel"] for k in kernels if k["case"] == "train:vim_tiny"}
     assert step == {"_norm_fwd_kernel", "_conv_fwd_kernel", "_scan_fwd_kernel", "_sum_directions_kernel",
-                    "_norm_bwd_kernel", "_scan_bwd_kernel", "_conv_bwd_walk_kernel"}, step
+                    "_norm_bwd_kernel", "_scan_bwd_kernel", "_sum_bc_partials_kernel", "_conv_bwd_walk_kernel"}, step
     backward = [k for k in kernels if k["case"] == "bwd"]
     assert [(k["dtype"], k["kernel"]) for k in backward] == [("bf16", "_scan_bwd_kernel")]
     for k in backward:

@@ -297,3 +297,48 @@ def test_a_graph_kept_by_its_output_holds_no_activations_after_the_backward(rebu
         out.sum().backward()
     gc.collect()
     assert out.grad_fn is not None and freed() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_stack_is_stack_directions_in_four_launches(dtype):
+    """stack_for_training (a training call's weights) gives stack_directions' tensors with x_proj's and dt_proj's
+    weights cast as the op casts them, and the parameters the same gradients, bit for bit; its forward is four
+    ops (a concatenation, a cast, exp, negation) however many parameters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mamba_ssm.modules.mamba_simple import Mamba
+    from mamba_ssm.ops.bimamba_stacked import stack_directions, stack_for_training
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=8, bimamba_type="v2", if_divide_out=True)
+    params = [p for p in mixer.parameters()]
+    pairs = mixer.training_stack_params()
+    with Ops() as ops:
+        got = stack_for_training(pairs, dtype)
+    shaping = ("view", "_reshape_alias", "slice", "empty", "transpose", "detach", "alias", "reshape")
+    computing = [n.split(".")[0] for n in ops.names if n.split(".")[0] not in shaping]
+    assert computing == ["cat", "_to_copy", "exp", "neg_"] if dtype != torch.float32 else ["cat", "exp", "neg_"]
+    with triton_on_cpu():  # what a training call of the mixer takes
+        taken = mixer._uncached_weights(torch.randn(2, 32, 5).to(dtype).requires_grad_())[2]
+    assert all(torch.equal(a, b) for a, b in zip(taken.tensors(), got.tensors()))
+    want = stack_directions(mixer.scan_weights(), mixer.scan_weights(backward=True))
+    want = want._replace(x_proj_weight=want.x_proj_weight.to(dtype), dt_proj_weight=want.dt_proj_weight.to(dtype))
+    cotangents = [torch.randn_like(t) for t in want.tensors()]
+    grads_of = []
+    for stacked in (got, want):
+        assert all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                   for a, b in zip(stacked.tensors(), want.tensors()))
+        assert stacked.A.transpose(1, 2).is_contiguous()  # (the memory order the kernels read)
+        grads_of.append(torch.autograd.grad(stacked.tensors(), params, cotangents, allow_unused=True))
+    for name, a, b in zip([n for n, _ in mixer.named_parameters()], *grads_of):
+        assert (a is None) == (b is None), name
+        assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), name

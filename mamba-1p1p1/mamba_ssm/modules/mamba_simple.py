@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.bimamba_interface import ScanWeights, bimamba_v2_inner_fn
-from mamba_ssm.ops.dispatch import graph_capturing, ops_watched, reference_forced
+from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, reference_forced
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
 if TYPE_CHECKING:
@@ -211,6 +211,32 @@ class Mamba(nn.Module):
         return ScanWeights(conv.weight, conv.bias, getattr(self, "x_proj" + sfx).weight, dt_proj.weight,
                            dt_proj.bias.float(), -torch.exp(A_log.float()), getattr(self, "D" + sfx).float())
 
+    def training_stack_params(self) -> dict:
+        """The parameters stack_for_training takes: (forward, backward direction) pairs by
+        mamba_ssm.ops.bimamba_stacked.TRAINING_STACK_FIELDS name ("v2" layers)."""
+        conv, conv_b, dt_proj, dt_proj_b = self.conv1d, self.conv1d_b, self.dt_proj, self.dt_proj_b
+        return dict(conv_weight=(conv.weight, conv_b.weight), conv_bias=(conv.bias, conv_b.bias),
+                    x_proj_weight=(self.x_proj.weight, self.x_proj_b.weight),
+                    dt_proj_weight=(dt_proj.weight, dt_proj_b.weight), dt_proj_bias=(dt_proj.bias, dt_proj_b.bias),
+                    A_log=(self.A_log, self.A_b_log), D=(self.D, self.D_b))
+
+    def _uncached_weights(self, xz):
+        """(fwd, bwd, stacked) where no cached weights apply (training, mostly): where a gradient is wanted and
+        nothing watches the ops, stacked by stack_for_training in a third of the launches (fwd and bwd then hold
+        views of its A), else the directions' ScanWeights (stacked by the op itself)."""
+        from mamba_ssm.ops.bimamba_stacked import stack_for_training, training_stack_applies
+
+        pairs = self.training_stack_params()
+        tensors = [t for pair in pairs.values() for t in pair if t is not None]
+        if not (needs_grad(xz, *tensors) and not ops_watched() and not reference_forced()
+                and training_stack_applies(pairs)):
+            return self.scan_weights(), self.scan_weights(backward=True), None
+        stacked = stack_for_training(pairs, xz.dtype)
+        fwd, bwd = (ScanWeights(*(pairs[n][r] for n in ("conv_weight", "conv_bias", "x_proj_weight",
+                                                       "dt_proj_weight", "dt_proj_bias")), stacked.A[r], pairs["D"][r])
+                    for r in (0, 1))
+        return fwd, bwd, stacked
+
     def _cached_linears(self) -> dict:
         """The Linear layers whose weights inference takes from the cache (subclasses add theirs), by their
         attribute names (linear() and the cache's checks find them in self._modules under those names)."""
@@ -294,7 +320,7 @@ class Mamba(nn.Module):
         if self.bimamba_type == "v2":
             weights = weights if weights is not None else self.inference_weights(xz)
             if weights is None:
-                fwd, bwd, stacked = self.scan_weights(), self.scan_weights(backward=True), None
+                fwd, bwd, stacked = self._uncached_weights(xz)
             else:
                 fwd, bwd, stacked = weights.fwd, weights.bwd, weights.stacked
             y = bimamba_v2_inner_fn(xz, fwd, bwd, gate=gate, mask=mask, divide_out=self.if_divide_out,

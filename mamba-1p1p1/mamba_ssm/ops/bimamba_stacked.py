@@ -71,6 +71,70 @@ def stack_directions(fwd, bwd) -> StackedWeights:
                           A, _stack(fwd, bwd, "D", torch.float32), _stack(fwd, bwd, "dt_proj_bias", torch.float32))
 
 
+# stack_for_training's parameters, in the order its flat buffer holds them: x_proj's and dt_proj's weights
+# adjacent (one cast covers both), A_log last.
+TRAINING_STACK_FIELDS = ("conv_weight", "conv_bias", "D", "dt_proj_bias", "x_proj_weight", "dt_proj_weight",
+                         "A_log")
+
+
+class _TrainingStack(torch.autograd.Function):
+    """stack_for_training's op: 14 fp32 parameters (TRAINING_STACK_FIELDS' pairs, the forward direction's first)
+    -> the stacked conv weight, conv bias, x_proj and dt_proj weights (in `dtype`), A = -exp(A_log) (stored
+    (2, d_state, d_inner), returned as its transposed view), D and dt_proj bias: StackedWeights' order.
+
+    Forward: four launches whatever the layer, where stack_directions and the casts after it took 13: one
+    concatenation of every parameter (each stacked pair is then a view of it), one cast of x_proj's and dt_proj's
+    region (none in fp32), exp and negation of A_log's region into A's memory order. Backward: the gradients of the
+    conv, D and dt_proj bias pairs are views of theirs, x_proj's and dt_proj's come back to fp32 in a cast each,
+    A_log's is dA * A in one product. The values are those of autograd through stack_directions and the casts, bit
+    for bit (its -(dA) exp(A_log) is dA (-exp(A_log)) exactly)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        flat = torch.cat([t.reshape(-1) for t in params])
+        pairs, start = [], 0
+        for first, second in zip(params[0::2], params[1::2]):
+            pairs.append(flat[start:start + 2 * first.numel()].view(2, *first.shape))
+            start += 2 * first.numel()
+        conv_w, conv_b, D, dt_bias, x_w, dt_w, A_log = pairs
+        if dtype != flat.dtype:  # x_proj's and dt_proj's pairs are adjacent in flat: one cast
+            n_x, n_dt = x_w.numel(), dt_w.numel()
+            end = start - A_log.numel()
+            cast = flat[end - n_x - n_dt:end].to(dtype)
+            x_w, dt_w = cast[:n_x].view(x_w.shape), cast[n_x:].view(dt_w.shape)
+        A = torch.empty((2, A_log.shape[2], A_log.shape[1]), device=flat.device, dtype=flat.dtype)
+        torch.exp(A_log.transpose(1, 2), out=A).neg_()
+        ctx.save_for_backward(A)
+        ctx.shapes = [p.shape for p in params[0::2]]
+        return conv_w.reshape(2, conv_w.shape[1], -1), conv_b, x_w, dt_w, A.transpose(1, 2), D, dt_bias
+
+    @staticmethod
+    def backward(ctx, d_conv_w, d_conv_b, d_x_w, d_dt_w, d_A, d_D, d_dt_bias):
+        A, = ctx.saved_tensors
+        grads = (d_conv_w, d_conv_b, d_D, d_dt_bias,
+                 None if d_x_w is None else d_x_w.float(), None if d_dt_w is None else d_dt_w.float(),
+                 None if d_A is None else d_A * A.transpose(1, 2))
+        out = [None]  # (dtype)
+        for g, shape in zip(grads, ctx.shapes):
+            out += [None, None] if g is None else [g[0].reshape(shape), g[1].reshape(shape)]
+        return tuple(out)
+
+
+def stack_for_training(params: dict, dtype: torch.dtype) -> StackedWeights:
+    """StackedWeights for a training call, from the layer's parameters: params maps each of TRAINING_STACK_FIELDS
+    to its (forward, backward) pair, all fp32 (conv weights (d, 1, width) or (d, width)); x_proj's and dt_proj's
+    weights come in `dtype` (the activations': no cast per call after this). What stack_directions of two
+    ScanWeights computes, in a third of the launches (_TrainingStack)."""
+    tensors = [t for name in TRAINING_STACK_FIELDS for t in params[name]]
+    return StackedWeights(*_TrainingStack.apply(dtype, *tensors))
+
+
+def training_stack_applies(params: dict) -> bool:
+    """Whether stack_for_training takes these parameters: every one given, fp32, on one device."""
+    tensors = [t for name in TRAINING_STACK_FIELDS for t in params.get(name, (None, None))]
+    return all(t is not None and t.dtype == torch.float32 and t.device == tensors[0].device for t in tensors)
+
+
 class MixerGrads:
     """What the backward passes of one training call of the mixer hand each other (eager training):
 

@@ -118,8 +118,16 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
              lengths: Optional[Tensor] = None) -> List[Tensor]:
     """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dgate]: du, ddelta, dz in the dtypes of u, delta
     and z (channel-contiguous), the others fp32 (see _state_dtype); empty tensors for absent inputs."""
-    return scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt,
-                         lengths)
+    grads = scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt,
+                          lengths)
+    # (a custom op's returns must not share memory: the kernels' dD and ddelta_bias are halves of one sum)
+    seen = set()
+    for i, g in enumerate(grads):
+        if g.numel():
+            where = g.untyped_storage().data_ptr()
+            grads[i] = g.clone() if where in seen else g
+            seen.add(where)
+    return grads
 
 
 @scan_bwd.register_fake
