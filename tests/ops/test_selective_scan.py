@@ -313,7 +313,8 @@ def test_scan_lengths_walk_each_samples_own_sequence():
     """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
     at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by
     masking, on inputs that are not zero after the end. Lengths that end inside a checkpoint chunk, on a chunk
-    boundary, at 0 and at L; one program for both directions, and one per direction."""
+    boundary, at 0 and at L; one program for both directions, and one per direction; the backward's programs in
+    the samples' order by length, one or two channel blocks each."""
     from mamba_ssm.ops.cpu import selective_scan as cpu
     from mamba_ssm.ops.triton import selective_scan as ss
 
@@ -332,11 +333,13 @@ def test_scan_lengths_walk_each_samples_own_sequence():
         out = cl(b, d, L).fill_(float("nan"))
         with triton_on_cpu():
             _, ckpt = ss.scan_forward(*args, out, want_ckpt=True, split_dirs=split, lengths=lengths.int())
-            got = ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths.int())
+            got = [ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths.int(), block_d=block_d)
+                   for block_d in (None, 8)]
         assert rel(out, want) < 1e-6
-        for name, g in got.items():
-            assert (g is None) == (want_grads[name] is None), name
-            assert g is None or rel(g, want_grads[name]) < 1e-6, name
+        for name in want_grads:
+            for g in (got[0][name], got[1][name]):
+                assert (g is None) == (want_grads[name] is None), name
+                assert g is None or rel(g, want_grads[name]) < 1e-6, name
     with pytest.raises(ValueError, match="lengths and the last state"):
         cpu.scan_forward(*args, want, want_last=True, lengths=lengths)
 

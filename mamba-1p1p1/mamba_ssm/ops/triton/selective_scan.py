@@ -805,7 +805,7 @@ def _prefetch_chunk(u_blk, dt_blk, do_blk, z_blk, dz_blk, B_ptr, B_off, C_ptr, C
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, dout_ptr,
     du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dgate_ptr, dlast_ptr,
-    ckpt_ptr, scratch_ptr, len_ptr,
+    ckpt_ptr, scratch_ptr, len_ptr, order_ptr,
     dim, seqlen, d_state, dpg_B, dpg_C, n_dblocks,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
@@ -846,10 +846,18 @@ def _scan_bwd_kernel(
     but the states' come in units of that many elements (_state_vector).
     HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
     the per-position gradients after them (du, ddt, dB, dC, dz) are zeros; the partial sums of dB and dC there are
-    written only with ZERO_BC_TAIL (torch sums them; _sum_bc_partials_kernel reads none past the end)."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    written only with ZERO_BC_TAIL (torch sums them; _sum_bc_partials_kernel reads none past the end). The
+    programs then run the samples longest first, all of a sample's channel blocks together (order_ptr: the samples
+    by length, descending): in the grid's order the last wave's long walks ran on after the short ones were done,
+    6% to 9% of the kernel's time at DyVM-S's kept lengths (benchmarks/results/scan_bwd_longest_first_h200_2026-11-28.txt)."""
     batch = tl.num_programs(0)
+    if HAS_LEN:
+        pid = tl.program_id(1) * batch + tl.program_id(0)
+        pid_b = tl.load(order_ptr + pid // n_dblocks).to(tl.int64)
+        pid_d = pid % n_dblocks
+    else:
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_tile = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # the scratch's (n, d) tile
@@ -1240,6 +1248,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         du, ddelta, dz if dz is not None else dummy, out["dB"], out["dC"], out["dA"], out["dD"], out["dbias"],
         out["dgate"] if out["dgate"] is not None else dummy, dlast if dlast is not None else dummy,
         ckpt, out["scratch"], lengths if lengths is not None else dummy,
+        _longest_first(lengths) if lengths is not None else dummy,
         dim, seqlen, d_state, dim // groups[0], dim // groups[1], n_dblocks,
         *_strides4(u), *_strides4(delta), *zs, *_strides_in(B, bc_align), *_strides_in(C, bc_align),
         *_strides4(dout), *gs,
@@ -1256,6 +1265,17 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
     return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None, lengths)
+
+
+def _longest_first(lengths: Tensor) -> Tensor:
+    """The samples in descending order of length (int32), the backward's program order: kept on the lengths tensor,
+    which the layers of a DyVM stage share (their backward calls sort once), while its values are unchanged."""
+    kept = getattr(lengths, "_longest_first", None)
+    if kept is not None and kept[0] == lengths._version:
+        return kept[1]
+    order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+    lengths._longest_first = (lengths._version, order)
+    return order
 
 
 class _BackwardConfig(NamedTuple):
@@ -1387,14 +1407,17 @@ def _sum_bc_partials_kernel(dB_part, dC_part, dB_ptr, dC_ptr, len_ptr, seqlen, d
     offs_n = tl.arange(0, BLOCK_N)
     in_seq = offs_t < seqlen
     live = in_seq
+    n_blocks = n_dblocks
     if HAS_LEN:
-        live = in_seq & (offs_t < tl.load(len_ptr + pid_b))
+        length = tl.load(len_ptr + pid_b)
+        live = in_seq & (offs_t < length)
+        n_blocks = tl.where(pid_t * BLOCK_T < length, n_dblocks, 0)  # (a tile wholly past the end: zeros)
     load_mask = live[:, None] & (offs_n < BLOCK_N)[None, :]
     part = ((r * n_dblocks * batch + pid_b) * seqlen + offs_t[:, None]) * BLOCK_N + offs_n[None, :]
     block_stride = batch * seqlen * BLOCK_N
     acc_B = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     acc_C = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k in range(n_dblocks):
+    for k in range(n_blocks):
         acc_B += tl.load(dB_part + part, mask=load_mask, other=0.0)
         acc_C += tl.load(dC_part + part, mask=load_mask, other=0.0)
         part += block_stride
@@ -1402,6 +1425,10 @@ def _sum_bc_partials_kernel(dB_part, dC_part, dB_ptr, dC_ptr, len_ptr, seqlen, d
     store_mask = in_seq[:, None] & (offs_n < d_state)[None, :]
     tl.store(dB_ptr + out, acc_B, mask=store_mask)
     tl.store(dC_ptr + out, acc_C, mask=store_mask)
+
+
+# _sum_bc_partials_kernel's tiles: positions per program (a tile wholly past a sample's end reads nothing).
+BC_SUM_BLOCK_T = 32
 
 
 def _bc_sums_in_kernel(groups: tuple) -> bool:
@@ -1420,7 +1447,7 @@ def _reduce_backward_partials(out, d_state, groups, has_D, has_bias, lengths=Non
     if _bc_sums_in_kernel(groups):
         dB = torch.empty((R, 1, batch, seqlen, d_state), device=out["dB"].device, dtype=torch.float32)
         dC = torch.empty_like(dB)
-        block_t = 64
+        block_t = BC_SUM_BLOCK_T
         launch(_sum_bc_partials_kernel, (cdiv(seqlen, block_t), batch, R), out["dB"], out["dC"], dB, dC,
                lengths if lengths is not None else dB, seqlen, d_state, n_dblocks, batch,
                HAS_LEN=lengths is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
