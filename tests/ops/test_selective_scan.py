@@ -313,8 +313,8 @@ def test_scan_lengths_walk_each_samples_own_sequence():
     """With per-sample lengths the kernels walk only each sample's first lengths[b] positions (direction 1 starts
     at its last one) and write zeros after them, output and gradients: what the PyTorch implementation computes by
     masking, on inputs that are not zero after the end. Lengths that end inside a checkpoint chunk, on a chunk
-    boundary, at 0 and at L; one program for both directions, and one per direction; the backward's programs in
-    the samples' order by length, one or two channel blocks each."""
+    boundary, at 0 and at L; one program for both directions, and one per direction; the programs in the samples'
+    order by length, one or two channel blocks each."""
     from mamba_ssm.ops.cpu import selective_scan as cpu
     from mamba_ssm.ops.triton import selective_scan as ss
 
@@ -329,10 +329,11 @@ def test_scan_lengths_walk_each_samples_own_sequence():
     _, ckpt = cpu.scan_forward(*args, want, want_ckpt=True, lengths=lengths)
     want_grads = cpu.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths)
     assert not want[1, :, 9:].any() and want[1, :, :9].all()
-    for split in (False, True):
+    for split, fwd_block_d in ((False, None), (True, None), (True, 8)):
         out = cl(b, d, L).fill_(float("nan"))
         with triton_on_cpu():
-            _, ckpt = ss.scan_forward(*args, out, want_ckpt=True, split_dirs=split, lengths=lengths.int())
+            _, ckpt = ss.scan_forward(*args, out, want_ckpt=True, split_dirs=split, lengths=lengths.int(),
+                                      block_d=fwd_block_d)
             got = [ss.scan_backward(*args, dout, ckpt=ckpt, lengths=lengths.int(), block_d=block_d)
                    for block_d in (None, 8)]
         assert rel(out, want) < 1e-6

@@ -230,7 +230,7 @@ def _store_ckpt(ckpt_base, s0, h, offs_n, offs_d, mask_nd, mask_dn, dim, d_state
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, gate_ptr, out_ptr, last_ptr, ckpt_ptr, len_ptr,
-    dim, seqlen, d_state, dpg_B, dpg_C,
+    order_ptr, dim, seqlen, d_state, dpg_B, dpg_C,
     su_r, su_b, su_d, su_t,
     sdt_r, sdt_b, sdt_d, sdt_t,
     sz_b, sz_d, sz_t,
@@ -255,13 +255,22 @@ def _scan_fwd_kernel(
     batch * directions * channel blocks programs; the first ones run the (sample, direction) pairs whose
     gate is on, in the plain grid's order, and the rest nothing (_active_pair).
     HAS_LEN: sample b's sequence is its first len_ptr[b] positions (_sample_length): the walks cover those, and
-    each direction that runs writes zeros after them."""
+    after them each direction that runs writes zeros, into the output (_sum_directions_kernel writes them where the
+    directions are split); the programs of each direction run the samples longest first (order_ptr: the samples
+    by length, descending), as the backward's do."""
     if ACTIVE_SAMPLES > 0:
         n_blocks = tl.cdiv(dim, BLOCK_D)
         batch = tl.num_programs(0) // (n_blocks * N_DIRS)
         sample, pid_r, pid_d = _active_pair(gate_ptr, tl.program_id(0), batch, n_blocks, sg_b, sg_r, N_DIRS,
                                             ACTIVE_SAMPLES)
         pid_b = tl.maximum(sample, 0).to(tl.int64)
+    elif HAS_LEN:
+        batch = tl.num_programs(0)
+        n_blocks = tl.num_programs(1)
+        pid = tl.program_id(1) * batch + tl.program_id(0)
+        pid_b = tl.load(order_ptr + pid // n_blocks).to(tl.int64)
+        pid_d = pid % n_blocks
+        pid_r = tl.program_id(2)
     else:
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -376,7 +385,7 @@ def _scan_fwd_kernel(
                         h, y = _fwd_step(h, A2, u, dt, z, prev, Bt, Ct, Dv, bias, g_scale, LANES_ON_CHANNELS, HAS_D,
                                          HAS_Z, HAS_BIAS, SOFTPLUS, accumulate, ok)
                         tl.store(o_dir + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d & ok)
-            if HAS_LEN:  # past the sample's end: zeros (direction 1 adds zeros to direction 0's)
+            if HAS_LEN and not SPLIT_DIRS:  # past the sample's end: zeros (direction 1 adds zeros to direction 0's)
                 zero = tl.zeros((BLOCK_D,), dtype=out_ptr.dtype.element_ty)
                 for t in range(walk_len, seqlen):
                     tl.store(o_dir + t * so_t, zero, mask=mask_d)
@@ -434,19 +443,29 @@ def _active_pair(gate_ptr, item, batch, n_blocks, sg_b, sg_r, N_DIRS: tl.constex
 
 
 @triton.jit
-def _sum_directions_kernel(y_ptr, gate_ptr, out_ptr, n, sy_r, sg_b, sg_r, HAS_GATE: tl.constexpr,
+def _sum_directions_kernel(y_ptr, gate_ptr, len_ptr, out_ptr, n, seqlen, dim, sy_r, sg_b, sg_r,
+                           HAS_GATE: tl.constexpr, HAS_LEN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                            BLOCK: tl.constexpr):
     """out[b] = y[0, b] + y[1, b] over a sample's n = d * L elements (buffers in the same dense layout),
-    skipping a direction whose gate is 0 for the sample: its program wrote nothing there."""
+    skipping a direction whose gate is 0 for the sample: its program wrote nothing there; HAS_LEN: zeros at the
+    sample's positions from len_ptr[b] on, where the walks wrote nothing (CHANNELS_LAST: the layout (L, d), else
+    (d, L))."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n
-    mask0 = in_range
-    mask1 = in_range
+    live = in_range
+    if HAS_LEN:
+        length = tl.minimum(tl.maximum(tl.load(len_ptr + pid_b).to(tl.int32), 0), seqlen)
+        if CHANNELS_LAST:
+            live = in_range & (offs < length * dim)
+        else:
+            live = in_range & (offs % seqlen < length)
+    mask0 = live
+    mask1 = live
     if HAS_GATE:  # (scalars broadcast before the &: the interpreter cannot & a scalar with a vector)
         zeros = tl.zeros((BLOCK,), tl.float32)
-        mask0 = in_range & ((tl.load(gate_ptr + pid_b * sg_b).to(tl.float32) + zeros) != 0.0)
-        mask1 = in_range & ((tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32) + zeros) != 0.0)
+        mask0 = live & ((tl.load(gate_ptr + pid_b * sg_b).to(tl.float32) + zeros) != 0.0)
+        mask1 = live & ((tl.load(gate_ptr + pid_b * sg_b + sg_r).to(tl.float32) + zeros) != 0.0)
     y0 = tl.load(y_ptr + pid_b * n + offs, mask=mask0, other=0.0).to(tl.float32)
     y1 = tl.load(y_ptr + sy_r + pid_b * n + offs, mask=mask1, other=0.0).to(tl.float32)
     tl.store(out_ptr + pid_b * n + offs, (y0 + y1).to(out_ptr.dtype.element_ty), mask=in_range)
@@ -1124,7 +1143,7 @@ def _plan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, ou
             else (batch, cdiv(dim, block_d), R if split_dirs else 1))
     n, block = dim * seqlen, 1024
     return _ForwardPlan(lanes_on_channels, split_out, grid, ints, kwargs, (batch, cdiv(n, block)),
-                        (n, n * batch, *gs))
+                        (n, seqlen, dim, n * batch, *gs))
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -1179,10 +1198,12 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
         last if last is not None else dummy, ckpt if ckpt is not None else dummy,
-        lengths if lengths is not None else dummy, *plan.ints, **plan.kwargs)
+        lengths if lengths is not None else dummy, _longest_first(lengths) if lengths is not None else dummy,
+        *plan.ints, **plan.kwargs)
     if plan.split_out is not None:
-        launch(_sum_directions_kernel, plan.sum_grid, out, gate if gate is not None else dummy, target,
-               *plan.sum_ints, HAS_GATE=gate is not None, BLOCK=1024, num_warps=4)
+        launch(_sum_directions_kernel, plan.sum_grid, out, gate if gate is not None else dummy,
+               lengths if lengths is not None else dummy, target, *plan.sum_ints, HAS_GATE=gate is not None,
+               HAS_LEN=lengths is not None, CHANNELS_LAST=plan.split_out[1], BLOCK=1024, num_warps=4)
     return last, ckpt
 
 
