@@ -72,6 +72,20 @@ def test_gumbel_decisions_are_hard_with_straight_through_gradients():
     torch.testing.assert_close(logits.grad, s * (1 - s) / 2)
 
 
+def test_gumbel_gate_noise_is_the_difference_of_two_gumbels():
+    """With noise, a gate is on with probability P(logit + g1 - g2 > 0) = sigmoid(logit) for g1, g2 ~ Gumbel(0, 1),
+    whatever tau; its straight-through gradient is the noisy sigmoid's, finite even where a draw is extreme."""
+    torch.manual_seed(0)
+    logits = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0]).repeat(200_000, 1).requires_grad_()
+    gate = gumbel_sigmoid_gate(logits, noise=True, tau=2.0)
+    assert set(gate.detach().unique().tolist()) <= {0.0, 1.0}
+    p = torch.sigmoid(logits.detach()[0])
+    sigma = (p * (1 - p) / logits.shape[0]).sqrt()
+    assert ((gate.detach().mean(0) - p).abs() < 5 * sigma).all(), (gate.detach().mean(0), p)
+    gate.sum().backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad >= 0).all() and (logits.grad <= 0.125).all()
+
+
 @pytest.mark.parametrize("rule", [RandomSelection(), StaticSelection()])
 def test_exact_count_rules_are_cumulative_and_same_in_both_modes(rule):
     n, k = 20, 7
