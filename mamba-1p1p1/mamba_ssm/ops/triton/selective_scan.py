@@ -868,7 +868,8 @@ def _scan_bwd_kernel(
     written only with ZERO_BC_TAIL (torch sums them; _sum_bc_partials_kernel reads none past the end). The
     programs then run the samples longest first, all of a sample's channel blocks together (order_ptr: the samples
     by length, descending): in the grid's order the last wave's long walks ran on after the short ones were done,
-    6% to 9% of the kernel's time at DyVM-S's kept lengths (benchmarks/results/scan_bwd_longest_first_h200_2026-11-28.txt)."""
+    9% to 15% of the kernel's time at DyVM-S's kept lengths
+    (benchmarks/results/train_longest_first_h200_2026-11-29.txt)."""
     batch = tl.num_programs(0)
     if HAS_LEN:
         pid = tl.program_id(1) * batch + tl.program_id(0)
