@@ -91,11 +91,57 @@ def build(name: str, device, img_size: int, teacher_dtype: str = "auto", token_k
     return model.to(device), criterion
 
 
-def profile_steps(run, top: int, shapes: bool = False) -> str:
+def kernel_census(events: list, top: int) -> str:
+    """One step's kernels from a Chrome trace's events (torch.profiler's export): how many, their summed time, the
+    union of the intervals they ran (branches of a graph overlap), the time from the first one's start to the last
+    one's end (the gaps between kernels are the difference), and per stream the `top` kernels by time. A DyVM step's
+    frozen teacher runs on a branch of its graph, which the driver spreads over streams with some of the student's
+    forward: a stream is not a model."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    if not kernels:
+        return "no kernels in the trace"
+    busy, start, end = 0.0, kernels[0]["ts"], kernels[0]["ts"]
+    for e in kernels:
+        if e["ts"] > end:
+            busy, start = busy + end - start, e["ts"]
+        end = max(end, e["ts"] + e["dur"])
+    busy += end - start
+    t0 = kernels[0]["ts"]
+    lines = [f"kernels {len(kernels)}, {sum(e['dur'] for e in kernels) / 1e3:.2f} ms of kernel time, busy "
+             f"{busy / 1e3:.2f} ms, first start to last end {(end - t0) / 1e3:.2f} ms"]
+    streams = {}
+    for e in kernels:
+        streams.setdefault(e.get("args", {}).get("stream"), []).append(e)
+    for stream, group in sorted(streams.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        lines.append(f"stream {stream}: {len(group)} kernels, {sum(e['dur'] for e in group) / 1e3:.2f} ms, from "
+                     f"{(group[0]['ts'] - t0) / 1e3:.2f} to {(max(e['ts'] + e['dur'] for e in group) - t0) / 1e3:.2f} ms")
+        by_name = {}
+        for e in group:
+            count_time = by_name.setdefault(e["name"][:80], [0, 0.0])
+            count_time[0] += 1
+            count_time[1] += e["dur"]
+        for name, (count, dur) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"  {dur / 1e3:8.3f} ms {count:5d}x  {name}")
+    return "\n".join(lines)
+
+
+def profile_steps(run, top: int, shapes: bool = False, census: bool = False) -> str:
     """The `top` ops by GPU time over two steps; shapes: grouped by input shapes too (eager steps only: a graph
-    replay records no aten ops), to tell which call of an op the time goes to."""
+    replay records no aten ops), to tell which call of an op the time goes to; census: one step's kernels by stream
+    instead (kernel_census)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
+    if census:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(1)
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                return kernel_census(json.load(f)["traceEvents"], top)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes) as prof:
         run(2)
         torch.cuda.synchronize()
@@ -162,7 +208,8 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
                    if world > 1 else None),
            "cuda_graph": graphed, "kept_tokens": kept}
     if args.profile and rank == 0:
-        row["profile"] = profile_steps(run, args.profile, getattr(args, "profile_shapes", False))
+        row["profile"] = profile_steps(run, args.profile, getattr(args, "profile_shapes", False),
+                                       getattr(args, "profile_streams", False))
     return row
 
 
@@ -179,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with the most GPU time")
     p.add_argument("--profile-shapes", action="store_true", help="with --profile, also by input shapes (eager)")
+    p.add_argument("--profile-streams", action="store_true", help="with --profile, one step's kernels instead: "
+                   "count, busy time, the gaps, and the N largest per stream (graphed steps too)")
     p.add_argument("--ddp-find-unused", action=argparse.BooleanOptionalAction, default=True,
                    help="DDP's find_unused_parameters (main.py's setting)")
     p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "

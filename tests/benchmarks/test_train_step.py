@@ -28,3 +28,24 @@ def test_gpu_check_times_steps_with_every_option_the_script_reads():
         ns = gpu_check.train_options(graph)
         assert ns.cuda_graph is graph and ns.batch_size == 128 and (ns.warmup, ns.steps) == (4, 12)
         assert ns.token_keep == "target" and ns.teacher_dtype == "auto"
+
+
+def test_kernel_census_counts_overlap_and_gaps_per_stream():
+    """--profile-streams reads a step's kernels from its trace: the busy time is the union of the kernels'
+    intervals (two branches overlapping count once), the time from the first start to the last end keeps the gaps,
+    and each stream lists its kernels by time."""
+    train_step = load_benchmark("train_step")
+
+    def kernel(name, ts, dur, stream):
+        return {"cat": "kernel", "ph": "X", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [kernel("scan", 0.0, 1000.0, 7), kernel("cast", 1500.0, 100.0, 7), kernel("cast", 1700.0, 100.0, 7),
+              kernel("teacher", 500.0, 2000.0, 9), kernel("tail", 3000.0, 100.0, 7), {"cat": "cpu_op", "ph": "X", "name": "aten::add", "ts": 0.0,
+                                                     "dur": 5.0}]
+    text = train_step.kernel_census(events, top=5)
+    first = text.splitlines()[0]
+    assert first == ("kernels 5, 3.30 ms of kernel time, busy 2.60 ms, first start to last end 3.10 ms"), first
+    assert "stream 9: 1 kernels, 2.00 ms, from 0.50 to 2.50 ms" in text
+    assert "stream 7: 4 kernels, 1.30 ms, from 0.00 to 3.10 ms" in text
+    assert "0.200 ms     2x  cast" in text and "aten::add" not in text
+    assert train_step.kernel_census([], top=5) == "no kernels in the trace"
