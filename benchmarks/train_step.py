@@ -207,9 +207,9 @@ def measure(name: str, dtype: str, args, device, world: int, rank: int) -> dict:
            "ddp": (("static_graph" if args.ddp_static else f"find_unused_parameters={args.ddp_find_unused}")
                    if world > 1 else None),
            "cuda_graph": graphed, "kept_tokens": kept}
-    if args.profile and rank == 0:
-        row["profile"] = profile_steps(run, args.profile, getattr(args, "profile_shapes", False),
-                                       getattr(args, "profile_streams", False))
+    streams = getattr(args, "profile_streams", False)
+    if (args.profile or streams) and rank == 0:  # (--profile-streams alone: the 30 largest kernels a stream)
+        row["profile"] = profile_steps(run, args.profile or 30, getattr(args, "profile_shapes", False), streams)
     return row
 
 
@@ -226,8 +226,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with the most GPU time")
     p.add_argument("--profile-shapes", action="store_true", help="with --profile, also by input shapes (eager)")
-    p.add_argument("--profile-streams", action="store_true", help="with --profile, one step's kernels instead: "
-                   "count, busy time, the gaps, and the N largest per stream (graphed steps too)")
+    p.add_argument("--profile-streams", action="store_true", help="one step's kernels instead of --profile's table: "
+                   "count, busy time, the gaps, and the N (--profile, else 30) largest per stream (graphed steps too)")
     p.add_argument("--ddp-find-unused", action=argparse.BooleanOptionalAction, default=True,
                    help="DDP's find_unused_parameters (main.py's setting)")
     p.add_argument("--ddp-static", action="store_true", help="DDP with static_graph=True instead of main.py's "

@@ -19,6 +19,7 @@ from dyvm.models.output import ForwardOutput
 from dyvm.models.vim import Vim, VimConfig
 from dyvm.pruning import batch_gather
 from mamba_ssm.modules.mamba_simple import declare_constant_weights
+from mamba_ssm.ops.dispatch import graph_capturing
 
 LOSS_PARTS = ("cls_loss", "token_pruning_loss", "block_pruning_loss", "cls_kl_loss", "token_kl_loss")
 
@@ -152,8 +153,7 @@ class DyVMLoss(nn.Module):
         total = cls + token + block + kl + td
         # (not while a CUDA graph of the step is captured: the check waits on the device; the graphed step
         # checks the loss after each replay instead, dyvm.train_graph)
-        capturing = total.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.isfinite(total):
+        if not graph_capturing(total) and not torch.isfinite(total):
             bad = [n for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td)) if not torch.isfinite(v)]
             raise FloatingPointError(f"non-finite loss term(s) {bad}")
         parts = {n: v.detach() for n, v in zip(LOSS_PARTS, (cls, token, block, kl, td))}

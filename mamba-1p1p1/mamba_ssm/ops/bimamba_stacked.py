@@ -24,7 +24,7 @@ from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply, conv_fwd_impl
 from mamba_ssm.ops import linear_fp32
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
+from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
 
 
@@ -419,7 +419,7 @@ def _gate_in_projections(x: Tensor) -> bool:
     the conv's input x: eager calls only. The conv then runs the pairs that are off too (it comes before the
     gates): one launch less a layer for about 8 us more GPU time at Vim-S, a gain where the host sets the pace
     (eager) and a loss inside a CUDA graph, which takes the head's own kernel first."""
-    return _projections_kernel_takes(x) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return _projections_kernel_takes(x) and not graph_capturing(x)
 
 
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,

@@ -149,6 +149,16 @@ def _sample_length(len_ptr, pid_b, seqlen, HAS_LEN: tl.constexpr):
 
 
 @triton.jit
+def _longest_first_program(order_ptr, n_blocks):
+    """(sample, channel block) of this program where the kernels run the samples longest first (per-sample lengths):
+    the grid's (sample, channel block) ids read as one linear id, all of a sample's channel blocks together, the
+    samples in order_ptr's order (by length, descending). In the grid's own order the last wave's long walks started
+    last and ran on after the short ones were done."""
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    return tl.load(order_ptr + pid // n_blocks).to(tl.int64), pid % n_blocks
+
+
+@triton.jit
 def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, o_base, s, seqlen, su_t, sdt_t, sB_t, sC_t, sz_t, so_t,
                mask_d, mask_n, mask_acc, r, ACCUMULATE: tl.constexpr, HAS_Z: tl.constexpr):
     """What step s of direction r's walk reads, in fp32: u, dt, z, the output so far (ACCUMULATE: direction
@@ -265,12 +275,9 @@ def _scan_fwd_kernel(
                                             ACTIVE_SAMPLES)
         pid_b = tl.maximum(sample, 0).to(tl.int64)
     elif HAS_LEN:
-        batch = tl.num_programs(0)
-        n_blocks = tl.num_programs(1)
-        pid = tl.program_id(1) * batch + tl.program_id(0)
-        pid_b = tl.load(order_ptr + pid // n_blocks).to(tl.int64)
-        pid_d = pid % n_blocks
+        pid_b, pid_d = _longest_first_program(order_ptr, tl.num_programs(1))
         pid_r = tl.program_id(2)
+        batch = tl.num_programs(0)
     else:
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -872,9 +879,7 @@ def _scan_bwd_kernel(
     (benchmarks/results/train_longest_first_h200_2026-11-29.txt)."""
     batch = tl.num_programs(0)
     if HAS_LEN:
-        pid = tl.program_id(1) * batch + tl.program_id(0)
-        pid_b = tl.load(order_ptr + pid // n_dblocks).to(tl.int64)
-        pid_d = pid % n_dblocks
+        pid_b, pid_d = _longest_first_program(order_ptr, n_dblocks)
     else:
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -1290,8 +1295,9 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 
 def _longest_first(lengths: Tensor) -> Tensor:
-    """The samples in descending order of length (int32), the backward's program order: kept on the lengths tensor,
-    which the layers of a DyVM stage share (their backward calls sort once), while its values are unchanged."""
+    """The samples in descending order of length (int32), the scan kernels' program order (_longest_first_program):
+    kept on the lengths tensor, which the layers of a DyVM stage share (their forward and backward calls sort once),
+    while its values are unchanged."""
     kept = getattr(lengths, "_longest_first", None)
     if kept is not None and kept[0] == lengths._version:
         return kept[1]
