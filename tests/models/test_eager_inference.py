@@ -346,22 +346,23 @@ def test_predictor_hooks_see_their_calls_with_the_stage_kernels_on():
     assert len(seen) == 1 and seen[0] is scores
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, monkeypatch):
-    """x_proj's and dt_proj's weight gradients: in fp32 sums over blocks of whole samples (one batched matmul of
-    the blocks, then their sum), equal to the plain sum over all rows to rounding; other dtypes take the one
-    matmul, bit for bit."""
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                 (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, weight_dtype, monkeypatch):
+    """x_proj's and dt_proj's weight gradients: into fp32 weights (from fp32 or, under autocast, bf16 activations)
+    sums over blocks of whole samples (one batched matmul of the blocks, in fp32, then their sum), equal to the
+    plain sum over all rows to fp32 rounding; other dtypes take the one matmul, bit for bit."""
     import mamba_ssm.ops.bimamba_stacked as stacked
 
     monkeypatch.setattr(stacked, "WGRAD_BLOCKS", 4)
     batch, seqlen = 6, 5  # gcd(6, 4) = 2 blocks of 3 samples
-    d_out = torch.randn(2, batch * seqlen, 7, dtype=torch.float64)
-    x = torch.randn(2, batch * seqlen, 9, dtype=torch.float64)[..., :8]  # strided rows, as dt's slice is
-    exact = torch.bmm(d_out.transpose(1, 2), x)
-    got = stacked._weight_grad(d_out.to(dtype), x.to(dtype), batch)
-    assert got.shape == (2, 7, 8) and got.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    d_out = torch.randn(2, batch * seqlen, 7, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, batch * seqlen, 9, dtype=torch.float64).to(dtype)[..., :8]  # strided rows, as dt's slice is
+    exact = torch.bmm(d_out.double().transpose(1, 2), x.double())  # (of the inputs as given: no input rounding)
+    got = stacked._weight_grad(d_out, x, batch, weight_dtype)
+    assert got.shape == (2, 7, 8) and got.dtype == weight_dtype
+    if weight_dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)  # (a bf16 rounding is 4e-3)
     else:
-        want = torch.bmm(d_out.to(dtype).transpose(1, 2), x.to(dtype))
+        want = torch.bmm(d_out.transpose(1, 2), x)
         assert torch.equal(got, want)

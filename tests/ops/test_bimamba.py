@@ -301,9 +301,10 @@ def test_a_graph_kept_by_its_output_holds_no_activations_after_the_backward(rebu
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_stack_is_stack_directions_in_four_launches(dtype):
-    """stack_for_training (a training call's weights) gives stack_directions' tensors with x_proj's and dt_proj's
-    weights cast as the op casts them, and the parameters the same gradients, bit for bit; its forward is four
-    ops (a concatenation, a cast, exp, negation) however many parameters."""
+    """stack_for_training (a training call's weights) gives stack_directions' tensors, and the parameters the same
+    gradients, bit for bit; with 16-bit activations also x_proj's and dt_proj's weights in their dtype, without a
+    gradient (projections); its forward is four ops (a concatenation, that cast, exp, negation) however many
+    parameters."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from mamba_ssm.modules.mamba_simple import Mamba
@@ -331,7 +332,11 @@ def test_training_stack_is_stack_directions_in_four_launches(dtype):
         taken = mixer._uncached_weights(torch.randn(2, 32, 5).to(dtype).requires_grad_())[2]
     assert all(torch.equal(a, b) for a, b in zip(taken.tensors(), got.tensors()))
     want = stack_directions(mixer.scan_weights(), mixer.scan_weights(backward=True))
-    want = want._replace(x_proj_weight=want.x_proj_weight.to(dtype), dt_proj_weight=want.dt_proj_weight.to(dtype))
+    if dtype == torch.float32:
+        assert got.projections is None
+    else:
+        for cast, weight in zip(got.projections, (want.x_proj_weight, want.dt_proj_weight)):
+            assert cast.dtype == dtype and not cast.requires_grad and torch.equal(cast, weight.to(dtype))
     cotangents = [torch.randn_like(t) for t in want.tensors()]
     grads_of = []
     for stacked in (got, want):

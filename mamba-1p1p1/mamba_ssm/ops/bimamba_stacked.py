@@ -52,10 +52,13 @@ class StackedWeights(NamedTuple):
     D: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
     dt_proj_bias: Optional[Tensor]  # (2, d_inner) fp32 (or fp64)
     memo: Optional[dict] = None  # inference's cached weights: what the fp32 x_proj kernel derives (_x_proj_matmul)
+    # training with 16-bit activations (stack_for_training): x_proj's and dt_proj's weights in the activations'
+    # dtype, cast once and without a gradient; the two fields above stay fp32 and take the gradient (_XProj, _DtProj)
+    projections: Optional[Tuple[Tensor, Tensor]] = None
 
     def tensors(self) -> tuple:
-        """The weights (every field but the memo)."""
-        return self[:-1]
+        """The weights (the fields before memo)."""
+        return self[:7]
 
 
 def stack_directions(fwd, bwd) -> StackedWeights:
@@ -79,15 +82,16 @@ TRAINING_STACK_FIELDS = ("conv_weight", "conv_bias", "D", "dt_proj_bias", "x_pro
 
 class _TrainingStack(torch.autograd.Function):
     """stack_for_training's op: 14 fp32 parameters (TRAINING_STACK_FIELDS' pairs, the forward direction's first)
-    -> the stacked conv weight, conv bias, x_proj and dt_proj weights (in `dtype`), A = -exp(A_log) (stored
-    (2, d_state, d_inner), returned as its transposed view), D and dt_proj bias: StackedWeights' order.
+    -> the stacked conv weight, conv bias, x_proj and dt_proj weights, A = -exp(A_log) (stored (2, d_state, d_inner),
+    returned as its transposed view), D and dt_proj bias: StackedWeights' order; then x_proj's and dt_proj's weights
+    in `dtype` (StackedWeights.projections: no gradient), or None twice where `dtype` is fp32.
 
     Forward: four launches whatever the layer, where stack_directions and the casts after it took 13: one
     concatenation of every parameter (each stacked pair is then a view of it), one cast of x_proj's and dt_proj's
     region (none in fp32), exp and negation of A_log's region into A's memory order. Backward: the gradients of the
-    conv, D and dt_proj bias pairs are views of theirs, x_proj's and dt_proj's come back to fp32 in a cast each,
-    A_log's is dA * A in one product. The values are those of autograd through stack_directions and the casts, bit
-    for bit (its -(dA) exp(A_log) is dA (-exp(A_log)) exactly)."""
+    pairs are views of theirs (x_proj's and dt_proj's come in fp32: _XProj and _DtProj sum them so), A_log's is
+    dA * A in one product. The values are those of autograd through stack_directions, bit for bit (its
+    -(dA) exp(A_log) is dA (-exp(A_log)) exactly)."""
 
     @staticmethod
     def forward(ctx, dtype, *params):
@@ -97,23 +101,23 @@ class _TrainingStack(torch.autograd.Function):
             pairs.append(flat[start:start + 2 * first.numel()].view(2, *first.shape))
             start += 2 * first.numel()
         conv_w, conv_b, D, dt_bias, x_w, dt_w, A_log = pairs
+        x_lo = dt_lo = None
         if dtype != flat.dtype:  # x_proj's and dt_proj's pairs are adjacent in flat: one cast
             n_x, n_dt = x_w.numel(), dt_w.numel()
             end = start - A_log.numel()
             cast = flat[end - n_x - n_dt:end].to(dtype)
-            x_w, dt_w = cast[:n_x].view(x_w.shape), cast[n_x:].view(dt_w.shape)
+            x_lo, dt_lo = cast[:n_x].view(x_w.shape), cast[n_x:].view(dt_w.shape)
+            ctx.mark_non_differentiable(x_lo, dt_lo)
         A = torch.empty((2, A_log.shape[2], A_log.shape[1]), device=flat.device, dtype=flat.dtype)
         torch.exp(A_log.transpose(1, 2), out=A).neg_()
         ctx.save_for_backward(A)
         ctx.shapes = [p.shape for p in params[0::2]]
-        return conv_w.reshape(2, conv_w.shape[1], -1), conv_b, x_w, dt_w, A.transpose(1, 2), D, dt_bias
+        return conv_w.reshape(2, conv_w.shape[1], -1), conv_b, x_w, dt_w, A.transpose(1, 2), D, dt_bias, x_lo, dt_lo
 
     @staticmethod
-    def backward(ctx, d_conv_w, d_conv_b, d_x_w, d_dt_w, d_A, d_D, d_dt_bias):
+    def backward(ctx, d_conv_w, d_conv_b, d_x_w, d_dt_w, d_A, d_D, d_dt_bias, _d_x_lo, _d_dt_lo):
         A, = ctx.saved_tensors
-        grads = (d_conv_w, d_conv_b, d_D, d_dt_bias,
-                 None if d_x_w is None else d_x_w.float(), None if d_dt_w is None else d_dt_w.float(),
-                 None if d_A is None else d_A * A.transpose(1, 2))
+        grads = (d_conv_w, d_conv_b, d_D, d_dt_bias, d_x_w, d_dt_w, None if d_A is None else d_A * A.transpose(1, 2))
         out = [None]  # (dtype)
         for g, shape in zip(grads, ctx.shapes):
             out += [None, None] if g is None else [g[0].reshape(shape), g[1].reshape(shape)]
@@ -123,10 +127,11 @@ class _TrainingStack(torch.autograd.Function):
 def stack_for_training(params: dict, dtype: torch.dtype) -> StackedWeights:
     """StackedWeights for a training call, from the layer's parameters: params maps each of TRAINING_STACK_FIELDS
     to its (forward, backward) pair, all fp32 (conv weights (d, 1, width) or (d, width)); x_proj's and dt_proj's
-    weights come in `dtype` (the activations': no cast per call after this). What stack_directions of two
-    ScanWeights computes, in a third of the launches (_TrainingStack)."""
+    weights come in fp32 and, where `dtype` (the activations') is not fp32, in `dtype` too (projections: no cast per
+    call after this). What stack_directions of two ScanWeights computes, in a third of the launches (_TrainingStack)."""
     tensors = [t for name in TRAINING_STACK_FIELDS for t in params[name]]
-    return StackedWeights(*_TrainingStack.apply(dtype, *tensors))
+    *stacked, x_lo, dt_lo = _TrainingStack.apply(dtype, *tensors)
+    return StackedWeights(*stacked, projections=None if x_lo is None else (x_lo, dt_lo))
 
 
 def training_stack_applies(params: dict) -> bool:
@@ -207,10 +212,12 @@ EAGER_PROJ_BACKWARD = True
 # The weight gradients of x_proj and dt_proj are (2, out, in) sums over every token row of the batch (25216 at
 # Vim-S, batch 128). As one batched matmul, cuBLAS's fp32 kernel for that shape runs a few dozen 32x32 tiles, each
 # walking all the rows: 890 us per x_proj gradient on an H200, a fifth of a dense Vim-S fp32 training step
-# (train_profile_fp32_h200_2026-11-28.txt). In fp32 they are summed over WGRAD_BLOCKS blocks of whole samples
-# instead, the blocks' products one batched matmul, then added: x_proj's 903 against 174 us (8 blocks), 133 (16,
-# 32); dt_proj's 871 against 128, 93, 74 us; closer to fp64 too (wgrad_blocks_h200_2026-11-28.txt). 16-bit inputs
-# keep the one matmul: its tensor-core kernel takes 47 and 41 us, and block sums would round in 16 bits.
+# (train_profile_fp32_h200_2026-11-28.txt). They are summed over WGRAD_BLOCKS blocks of whole samples instead, the
+# blocks' products one batched matmul, then added: fp32 x_proj's 903 against 174 us (8 blocks), 133 (16, 32);
+# dt_proj's 871 against 128, 93, 74 us; closer to fp64 too (wgrad_blocks_h200_2026-11-28.txt). From 16-bit
+# activations into fp32 weights (autocast training) the blocks' products come out in fp32
+# (linear_fp32.matmul_fp32_out): x_proj's 28.6 against 47.2 us for the one 16-bit matmul and its cast to fp32,
+# dt_proj's 26.5 against 41.2, and no 16-bit rounding (3e-5 against 2e-3 from fp64; wgrad_bf16_blocks_h200_2026-11-29.txt).
 WGRAD_BLOCKS = 16
 
 # MAMBA_REBUILD_SCAN_INPUTS=1: eager training keeps neither of the scan's inputs u (the conv's output) and delta
@@ -252,15 +259,19 @@ def _scan_inputs_rebuild(batch: int, seqlen: int):
     return rebuild
 
 
-def _weight_grad(d_out: Tensor, x: Tensor, batch: int) -> Tensor:
-    """d_out^T x summed over the rows: d_out (R, K, M), x (R, K, N), K = batch * L rows -> (R, M, N)."""
-    blocks = math.gcd(batch, WGRAD_BLOCKS) if d_out.dtype == torch.float32 else 1
-    if blocks == 1:
+def _weight_grad(d_out: Tensor, x: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    """d_out^T x summed over the rows: d_out (R, K, M), x (R, K, N), K = batch * L rows -> (R, M, N), in the weight's
+    `dtype`: fp32 from fp32 or 16-bit inputs as sums over blocks of samples (see WGRAD_BLOCKS), else one matmul in
+    the inputs' dtype."""
+    widen = dtype == torch.float32 and d_out.dtype in (torch.float16, torch.bfloat16)
+    blocks = math.gcd(batch, WGRAD_BLOCKS) if d_out.dtype == torch.float32 or widen else 1
+    if blocks == 1 and not widen:
         return torch.bmm(d_out.transpose(1, 2), x)
     R, K, M = d_out.shape
-    parts = torch.bmm(d_out.reshape(R * blocks, K // blocks, M).transpose(1, 2),
-                      x.reshape(R * blocks, K // blocks, x.shape[-1]))
-    return parts.view(R, blocks, M, -1).sum(1)
+    product = linear_fp32.matmul_fp32_out if widen else torch.bmm
+    parts = product(d_out.reshape(R * blocks, K // blocks, M).transpose(1, 2),
+                    x.reshape(R * blocks, K // blocks, x.shape[-1]))
+    return parts if blocks == 1 else parts.view(R, blocks, M, -1).sum(1)
 
 
 def _rows(xc: Tensor) -> Tensor:
@@ -280,17 +291,25 @@ def _x_proj_matmul(xc: Tensor, weight: Tensor, memo: Optional[dict] = None) -> T
     return linear_fp32.linear_on_kernel(x, weight.contiguous(), memo=memo).view(R, batch * seqlen, -1)
 
 
+def _in_dtype(weight: Tensor, cast: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """weight in `dtype`: `cast` where given (StackedWeights.projections), else converted here."""
+    return cast if cast is not None else weight.to(dtype)
+
+
 class _XProj(torch.autograd.Function):
-    """x_proj over both directions: xc (2, b, d, L) channels-last, weight (2, R + 2N, d) in xc's dtype ->
-    (2, b*L, R + 2N), as torch.bmm of xc's rows; the backward adds the input gradient into the scan's du when the
-    scan left it in `grads` (MixerGrads), with the matmul's own accumulation (one rounding, not two)."""
+    """x_proj over both directions: xc (2, b, d, L) channels-last, weight (2, R + 2N, d) -> (2, b*L, R + 2N), as
+    torch.bmm of xc's rows with the weight in xc's dtype (`cast` where the caller has it); the weight's gradient in
+    the weight's dtype (_weight_grad). The backward adds the input gradient into the scan's du when the scan left it
+    in `grads` (MixerGrads), with the matmul's own accumulation (one rounding, not two)."""
 
     @staticmethod
-    def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads):
+    def forward(ctx, xc: Tensor, weight: Tensor, grads: MixerGrads, cast: Optional[Tensor] = None):
+        weight_in = _in_dtype(weight, cast, xc.dtype)
         ctx.rebuilt_input = grads.rebuilds
-        ctx.save_for_backward(None if ctx.rebuilt_input else xc, weight)
+        ctx.save_for_backward(None if ctx.rebuilt_input else xc, weight_in)
         ctx.grads, grads.du_wanted = grads, True
-        return _x_proj_matmul(xc, weight)
+        ctx.weight_dtype = weight.dtype
+        return _x_proj_matmul(xc, weight_in)
 
     @staticmethod
     def backward(ctx, d_xdbl):
@@ -299,15 +318,16 @@ class _XProj(torch.autograd.Function):
         if ctx.rebuilt_input:
             xc = grads.rebuilt_u()
         du, grads.du = grads.du, None
-        d_weight = _weight_grad(d_xdbl, _rows(xc), xc.shape[1]) if ctx.needs_input_grad[1] else None
+        d_weight = _weight_grad(d_xdbl, _rows(xc), xc.shape[1], ctx.weight_dtype) if ctx.needs_input_grad[1] \
+            else None
         if not ctx.needs_input_grad[0]:
-            return None, d_weight, None
+            return None, d_weight, None, None
         if du is not None and du.transpose(2, 3).is_contiguous() and du.dtype == d_xdbl.dtype:
             _rows(du).baddbmm_(d_xdbl, weight)  # du += d_xdbl @ weight, in place (the rows are a view)
-            return du, d_weight, None
+            return du, d_weight, None, None
         R, batch, dim, seqlen = xc.shape
         d_xc = torch.bmm(d_xdbl, weight).view(R, batch, seqlen, dim).transpose(2, 3)
-        return (d_xc if du is None else du + d_xc), d_weight, None
+        return (d_xc if du is None else du + d_xc), d_weight, None, None
 
 
 def _dt_matmul(dt: Tensor, weight: Tensor) -> Tensor:
@@ -316,37 +336,41 @@ def _dt_matmul(dt: Tensor, weight: Tensor) -> Tensor:
 
 
 class _DtProj(torch.autograd.Function):
-    """dt_proj over both directions: dt (2, b*L, R) -> delta (2, b*L, d) = dt weight^T, weight (2, d, R) in dt's
-    dtype; the backward takes the weight gradient from _weight_grad."""
+    """dt_proj over both directions: dt (2, b*L, R) -> delta (2, b*L, d) = dt weight^T, weight (2, d, R) taken in dt's
+    dtype (`cast` where the caller has it); the backward takes the weight gradient from _weight_grad."""
 
     @staticmethod
-    def forward(ctx, dt: Tensor, weight: Tensor, batch: int):
-        ctx.save_for_backward(dt, weight)
-        ctx.batch = batch
-        return _dt_matmul(dt, weight)
+    def forward(ctx, dt: Tensor, weight: Tensor, batch: int, cast: Optional[Tensor] = None):
+        weight_in = _in_dtype(weight, cast, dt.dtype)
+        ctx.save_for_backward(dt, weight_in)
+        ctx.batch, ctx.weight_dtype = batch, weight.dtype
+        return _dt_matmul(dt, weight_in)
 
     @staticmethod
     def backward(ctx, d_delta):
         dt, weight = ctx.saved_tensors
         d_dt = torch.bmm(d_delta, weight) if ctx.needs_input_grad[0] else None
-        d_weight = _weight_grad(d_delta, dt, ctx.batch) if ctx.needs_input_grad[1] else None
-        return d_dt, d_weight, None
+        d_weight = _weight_grad(d_delta, dt, ctx.batch, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return d_dt, d_weight, None, None
 
 
-def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optional[dict]) -> Tensor:
-    """x_proj of both directions' conv outputs, (2, b*L, R + 2N): through _XProj in eager training."""
+def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optional[dict],
+            cast: Optional[Tensor] = None) -> Tensor:
+    """x_proj of both directions' conv outputs, (2, b*L, R + 2N): through _XProj in eager training. cast: the weight
+    in xc's dtype, where the caller has it (StackedWeights.projections)."""
     if grads is not None and EAGER_PROJ_BACKWARD:
-        return _XProj.apply(xc, weight.to(xc.dtype), grads)
+        return _XProj.apply(xc, weight, grads, cast)
+    weight = weight.to(xc.dtype)  # (not `cast`, which has no gradient)
     if needs_grad(xc, weight):  # (autograd's own backward: torch.compile, dispatch modes, the bit-for-bit test)
         return torch.bmm(_rows(xc), weight.transpose(1, 2))
     return _x_proj_matmul(xc, weight, memo)
 
 
-def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool) -> Tensor:
-    """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training."""
+def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool, cast: Optional[Tensor] = None) -> Tensor:
+    """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training. cast: see _x_proj."""
     if training_eagerly and EAGER_PROJ_BACKWARD:
-        return _DtProj.apply(dt, weight.to(dt.dtype), batch)
-    return _dt_matmul(dt, weight)
+        return _DtProj.apply(dt, weight, batch, cast)
+    return _dt_matmul(dt, weight.to(dt.dtype))  # (not `cast`, which has no gradient)
 
 
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
@@ -460,12 +484,13 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
                                          tf32_parts=_projection_parts(xc, w))
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
     else:
-        x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo)
+        x_cast, dt_cast = w.projections or (None, None)
+        x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo, x_cast)
         dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
-        delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None)
+        delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None, dt_cast)
         if grads is not None and grads.rebuilds:
-            grads.set_rebuild(_scan_inputs_rebuild(batch, seqlen),
-                              (x, w.conv_weight, w.conv_bias, mask, dt, w.dt_proj_weight))
+            grads.set_rebuild(_scan_inputs_rebuild(batch, seqlen), (x, w.conv_weight, w.conv_bias, mask, dt,
+                                                                   w.dt_proj_weight if dt_cast is None else dt_cast))
     delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
     B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
     C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)

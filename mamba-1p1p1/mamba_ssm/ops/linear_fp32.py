@@ -68,6 +68,20 @@ def tf32x3_wanted(x: Tensor) -> bool:
             and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
 
 
+# torch.bmm / torch.mm with out_dtype (CUDA, 16-bit inputs into fp32: the tensor cores' fp32 accumulator written out
+# unrounded), where this torch has it (2.8 and later)
+_MATMUL_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads() and "dtype" in torch.ops.aten.mm.overloads()
+
+
+def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 from 16-bit a, b (2-D: mm, 3-D: bmm): the products accumulated in fp32 and never rounded to 16
+    bits, as the weight gradients of autocast training want them. On CUDA one matmul with out_dtype; elsewhere (or
+    on an older torch) the same in fp32 from the inputs converted (exact: 16-bit values are fp32 values)."""
+    if a.is_cuda and _MATMUL_OUT_DTYPE:
+        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+    return torch.matmul(a.float(), b.float())
+
+
 class LiveRows:
     """Which token rows of a (batch, L, ...) activation the mixers' Linear layers must compute: image b's first
     lengths[b] + margin (DyVM training: its kept and class tokens, then `margin` more, as far as the mixer's conv
