@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
+from causal_conv1d.partial_sums import sum_middle
 from causal_conv1d.triton_utils import cdiv, launch, next_pow2, pick4, remember
 
 
@@ -576,4 +577,6 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optio
                **flags)
     else:
         launch(_conv_bwd_kernel, grid, *args, BLOCK_T=block_t, **flags)
-    return dx, dw.sum(1), dbias.sum(1) if dbias is not None else None, dm_parts.sum(1) if mask_grad else None
+    # the per-sample rows of dweight and dbias and the channel blocks' of dmask in one launch
+    dw_sum, db_sum, dm_sum = sum_middle(dw.view(R, batch, -1), dbias, dm_parts)
+    return dx, dw_sum.view(R, dim, width), db_sum, dm_sum

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from causal_conv1d.kernel_utils import apply_tuning_file
+from causal_conv1d.partial_sums import sum_middle
 from causal_conv1d.triton_utils import cdiv, interpreted, launch, next_pow2, pick4, remember
 
 # Launch parameters, chosen on an H200 (docs/kernels.md; benchmarks/kernels.py --sweep re-measures them).
@@ -1486,9 +1487,14 @@ def _reduce_backward_partials(out, d_state, groups, has_D, has_bias, lengths=Non
             return part.permute(0, 2, 1, 4, 3)
 
         dB, dC = reduce_bc(out["dB"], groups[0]), reduce_bc(out["dC"], groups[1])
-    dD_dbias = out["dD_dbias"].sum(2) if has_D or has_bias else (None, None)
+    # the per-sample rows of dA, dD and d delta_bias (and the channel blocks' of d gate) in one launch
+    dA, dD_dbias, dgate = out["dA"], out["dD_dbias"] if has_D or has_bias else None, out["dgate"]
+    sums = sum_middle(dA.view(R, batch, -1), None if dD_dbias is None else dD_dbias.view(2 * R, batch, -1),
+                      None if dgate is None else dgate.view(batch * R, -1, 1))
+    dA = sums[0].view(dA.shape[0], *dA.shape[2:])
+    dD_dbias = sums[1].view(2, R, -1) if dD_dbias is not None else (None, None)
     return dict(
-        du=out["du"], ddelta=out["ddelta"], dA=out["dA"].sum(1), dB=dB, dC=dC,
+        du=out["du"], ddelta=out["ddelta"], dA=dA, dB=dB, dC=dC,
         dD=dD_dbias[0] if has_D else None, ddelta_bias=dD_dbias[1] if has_bias else None,
-        dz=out["dz"], dgate=out["dgate"].sum(2) if out["dgate"] is not None else None,
+        dz=out["dz"], dgate=sums[2].view(batch, R) if dgate is not None else None,
     )
