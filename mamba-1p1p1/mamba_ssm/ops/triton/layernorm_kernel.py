@@ -3,7 +3,8 @@
 Forward, per row: r = x + residual (fp32), residual_out = r (fp32 when residual_in_fp32), out = norm(r)
 * weight (+ bias), in x's dtype. One program normalises BLOCK_M rows held whole in registers (Vim's
 widths are 192 to 768). Backward recomputes x_hat from the saved residual_out and rstd; the weight and
-bias gradients are per-program partial sums reduced with torch (deterministic).
+bias gradients are per-program partial sums reduced with torch (deterministic). (Programs that took 2 or 4 blocks
+of rows each, for fewer partial sums, were slower: 62 and 72 against 61 us at Vim-S training shapes, sum included.)
 """
 import torch
 import triton
@@ -41,10 +42,12 @@ def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_pt
 
 
 @triton.jit
-def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, dx_ptr, dw_ptr, db_ptr,
+def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, dx_ptr, dx2_ptr, dw_ptr, db_ptr,
                      n_rows, n_cols,
-                     HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
+                     HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr, HAS_DX2: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx of BLOCK_M rows, in dx_ptr's dtype (and in dx2_ptr's too with HAS_DX2), and their partial sums of dw
+    (db): one row a program."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -70,7 +73,9 @@ def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, d
         dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
     if HAS_DRES:
         dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, dx, mask=mask)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_DX2:
+        tl.store(dx2_ptr + offs, dx.to(dx2_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * n_cols + cols, tl.sum(dy * xhat, axis=0), mask=mask_c)
     if HAS_BIAS:
         tl.store(db_ptr + pid * n_cols + cols, tl.sum(dy, axis=0), mask=mask_c)
@@ -114,20 +119,29 @@ class LayerNormTriton(torch.autograd.Function):
     def backward(ctx, dy, dres_out=None):
         res_out, weight, bias, rstd, mean = ctx.saved_tensors
         shape, dtype, has_res, res_dtype, is_rms_norm, prenorm = ctx.meta
-        n_cols = shape[-1]
-        dy2 = dy.reshape(-1, n_cols).contiguous()
-        dres2 = dres_out.reshape(-1, n_cols).contiguous() if (prenorm and dres_out is not None) else None
-        n_rows = dy2.shape[0]
-        block_m, block_n = row_blocks(n_cols)
-        n_prog = -(-n_rows // block_m)
-        dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=torch.float32)
-        dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)
-        db = torch.empty_like(dw) if bias is not None else None
-        launch(_norm_bwd_kernel, (n_prog,),
-            res_out, weight, dy2, dres2 if dres2 is not None else dy2, rstd, mean, dx, dw,
-            db if db is not None else dw, n_rows, n_cols, HAS_DRES=dres2 is not None, HAS_BIAS=bias is not None,
-            IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-        dx = dx.reshape(shape)
-        return (dx.to(dtype), dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype),
-                dx.to(res_dtype) if has_res else None, None, None, None, None)
+        dx, dres, dw, db = _norm_backward(dy, dres_out if prenorm else None, res_out, weight, bias, rstd, mean,
+                                          dtype, res_dtype if has_res else None, is_rms_norm)
+        return dx.reshape(shape), dw, db, None if dres is None else dres.reshape(shape), None, None, None, None
 
+
+def _norm_backward(dy, dres_out, res_out, weight, bias, rstd, mean, dtype, res_dtype, is_rms_norm):
+    """-> the gradients of x (in `dtype`), of the residual (in res_dtype; None: there is none), of the weight and
+    the bias, (rows, n_cols) and (n_cols,). x's and the residual's are the same values, written by the kernel in
+    both dtypes where they differ: a cast afterwards read and wrote the whole gradient again, 82 against 61 us a
+    call with the weight's sum at Vim-S bf16 training shapes on an H200 (norm_bwd_h200_2026-11-29.txt)."""
+    n_cols = res_out.shape[-1]
+    dy2 = dy.reshape(-1, n_cols).contiguous()
+    dres2 = dres_out.reshape(-1, n_cols).contiguous() if dres_out is not None else None
+    n_rows = dy2.shape[0]
+    block_m, block_n = row_blocks(n_cols)
+    n_prog = -(-n_rows // block_m)
+    dx = torch.empty((n_rows, n_cols), device=dy.device, dtype=dtype)
+    dres = None if res_dtype is None else dx if res_dtype == dtype else torch.empty_like(dx, dtype=res_dtype)
+    dw = torch.empty((n_prog, n_cols), device=dy.device, dtype=torch.float32)
+    db = torch.empty_like(dw) if bias is not None else None
+    launch(_norm_bwd_kernel, (n_prog,),
+        res_out, weight, dy2, dres2 if dres2 is not None else dy2, rstd, mean, dx, dres if dres is not None else dx,
+        dw, db if db is not None else dw, n_rows, n_cols, HAS_DRES=dres2 is not None, HAS_BIAS=bias is not None,
+        IS_RMS=is_rms_norm, HAS_DX2=dres is not None and dres is not dx, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4)
+    return dx, dres, dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype)
