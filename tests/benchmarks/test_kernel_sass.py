@@ -14,10 +14,11 @@ def test_kernel_sass_offline():
     kernels = json.loads((folder / "sass.json").read_text())["kernels"]
     step = {k["kernel"] for k in kernels if k["case"] == "train:vim_tiny"}
     assert step == {"_norm_fwd_kernel", "_conv_fwd_kernel", "_scan_fwd_kernel", "_sum_directions_kernel",
-                    "_norm_bwd_kernel", "_scan_bwd_kernel", "_sum_bc_partials_kernel", "_conv_bwd_walk_kernel"}, step
+                    "_norm_bwd_kernel", "_scan_bwd_kernel", "_sum_bc_partials_kernel", "_conv_bwd_walk_kernel",
+                    "_sum_middle_kernel"}, step
     backward = [k for k in kernels if k["case"] == "bwd" and k["kernel"] == "_scan_bwd_kernel"]
     assert [(k["dtype"], k["kernel"]) for k in kernels if k["case"] == "bwd"] == \
-        [("bf16", "_scan_bwd_kernel"), ("bf16", "_sum_bc_partials_kernel")]
+        [("bf16", "_scan_bwd_kernel"), ("bf16", "_sum_bc_partials_kernel"), ("bf16", "_sum_middle_kernel")]
     for k in backward:
         assert 0 < k["registers"] <= 255 and k["stack_bytes"] == 0, k  # no spills
         loops = load_benchmark("kernel_sass").innermost(k["loops"])

@@ -371,3 +371,39 @@ def test_x_proj_in_fp32_takes_the_kernel_and_gives_the_matmuls_values(small_rows
     rx, rw = torch.autograd.grad(torch.bmm(bimamba_stacked._rows(xg), wg.transpose(1, 2)), [xg, wg], d_out)
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_autocast_training_linear_is_autocasts_with_fp32_weight_gradients(x_dtype, with_bias):
+    """Under autocast a Linear's training call (linear_module) gives F.linear's output and input gradient bit for
+    bit, and the weight's and bias's gradients in fp32 without autocast's bf16 rounding: closer to the exact sums of
+    the same bf16 products. Without a gradient, or watched by a dispatch mode, it is F.linear itself."""
+    torch.manual_seed(0)
+    module = nn.Linear(24, 40, bias=with_bias)
+    x = torch.randn(3, 50, 24).to(x_dtype).requires_grad_()
+    dout = torch.randn(3, 50, 40).to(torch.bfloat16)
+    results = []
+    for call in (lambda: module(x), lambda: linear_fp32.linear_module(module, x)):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call()
+        out.backward(dout)
+        results.append((out, x.grad, module.weight.grad, module.bias.grad if with_bias else None, out.grad_fn))
+    (want, dx_want, dw_want, db_want, fn_want), (got, dx, dw, db, fn) = results
+    assert "AutocastLinear" in type(fn).__name__ and "AutocastLinear" not in type(fn_want).__name__
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert dx.dtype == x_dtype and torch.equal(dx, dx_want)
+    x16 = x.detach().to(torch.bfloat16).double().reshape(-1, 24)
+    exact = dout.double().reshape(-1, 40).t() @ x16
+    assert dw.dtype == torch.float32
+    err, err_autocast = [((w.double() - exact).norm() / exact.norm()).item() for w in (dw, dw_want)]
+    assert err < 1e-6 < err_autocast
+    if with_bias:
+        torch.testing.assert_close(db.double(), dout.double().sum((0, 1)), rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert "Autocast" not in repr(linear_fp32.linear_module(module, x).grad_fn)
+        with FlopCounterMode(display=False):
+            assert "AutocastLinear" not in type(linear_fp32.linear_module(module, x).grad_fn).__name__
