@@ -149,8 +149,9 @@ def test_mamba_inference_weight_cache_follows_parameter_updates():
 def test_kernels_write_the_xz_gradient_in_place(monkeypatch):
     """Eager training on the kernels: the scan's backward writes dz and the conv's writes dx straight into the
     halves of xz's gradient, which is handed on as is (no copies; the values are checked against the reference
-    in test_bimamba_matches_reference); on the PyTorch path the halves are copied in. On both, x_proj's backward
-    adds its input gradient into the scan's du in place (one batched matmul, no separate add)."""
+    in test_bimamba_matches_reference), and so are x_dbl's: dB and dC from the scan's backward, d dt from dt_proj's;
+    on the PyTorch path the halves and dB, dC are copied in. On both, x_proj's backward adds its input gradient into
+    the scan's du in place (one batched matmul, no separate add)."""
     import mamba_ssm.ops.bimamba_stacked as stacked
 
     seen, in_place = [], []
@@ -162,11 +163,11 @@ def test_kernels_write_the_xz_gradient_in_place(monkeypatch):
     xz = torch.randn(2, 13, 80).transpose(1, 2).requires_grad_()
     with triton_on_cpu():
         bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
-    assert seen == [True, True] and xz.grad.transpose(1, 2).is_contiguous()
+    assert seen == [True] * 3 + [True, True] and xz.grad.transpose(1, 2).is_contiguous()  # (x_dbl's dt, B, C; xz's)
     assert in_place == [(2, 2 * 13, 40)]  # (both directions, batch x L rows, d_inner)
     kernel_grad, xz.grad, seen[:], in_place[:] = xz.grad, None, [], []
     bimamba_v2_inner_fn(xz, fwd, bwd).sum().backward()
-    assert seen == [False, False] and len(in_place) == 1
+    assert seen == [True, False, False] + [False, False] and len(in_place) == 1
     torch.testing.assert_close(xz.grad, kernel_grad, rtol=1e-4, atol=1e-5)
 
 

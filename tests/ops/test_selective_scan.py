@@ -286,7 +286,8 @@ def test_backward_partial_sums_reduce_in_order_and_skip_past_lengths():
     """The scan backward's partial sums of dB and dC (one per channel block) are summed block by block in order, the
     same bits as a sequential fp32 sum, and nothing at or past a sample's length is read (the kernel writes no
     partials there: NaN here) and those positions come out 0; dD and d delta_bias, which share one buffer, come out
-    as their own sums over the samples."""
+    as their own sums over the samples, and dA as its. Given B's and C's columns of a bf16 x_dbl gradient, the
+    sums go there, in bf16, and nothing else of it is written."""
     from mamba_ssm.ops.triton import selective_scan as ss
 
     R, blocks, b, L, N, d = 2, 5, 3, 70, 16, 8
@@ -306,7 +307,18 @@ def test_backward_partial_sums_reduce_in_order_and_skip_past_lengths():
             want += part[:, k]
         want[:, dead] = 0
         assert torch.equal(got[name], want.unsqueeze(2).transpose(-1, -2)), name  # (R, b, 1, N, L) view
-    assert torch.equal(got["dD"], dD_dbias[0].sum(1)) and torch.equal(got["ddelta_bias"], dD_dbias[1].sum(1))
+    torch.testing.assert_close(got["dD"], dD_dbias[0].sum(1))
+    torch.testing.assert_close(got["ddelta_bias"], dD_dbias[1].sum(1))
+    torch.testing.assert_close(got["dA"], out["dA"].sum(1))
+    # into given memory (eager training: B's and C's columns of x_dbl's gradient, in its dtype), the rest untouched
+    x_dbl_grad = torch.full((R, b * L, 3 + 2 * N), float("nan"), dtype=torch.bfloat16)
+    B_cols, C_cols = (x_dbl_grad[..., 3 + k * N:3 + (k + 1) * N].view(R, b, L, 1, N).permute(0, 1, 3, 4, 2)
+                      for k in (0, 1))
+    with triton_on_cpu():
+        into = ss._reduce_backward_partials(out, N, (1, 1), True, True, lengths, (B_cols, C_cols))
+    assert into["dB"] is B_cols and into["dC"] is C_cols and x_dbl_grad[..., :3].isnan().all()
+    for name in ("dB", "dC"):  # (to a bf16 step: the interpreter's casts truncate, the GPU's round to nearest)
+        torch.testing.assert_close(into[name].float(), got[name], rtol=2 ** -7, atol=0)
 
 
 def test_scan_lengths_walk_each_samples_own_sequence():

@@ -154,7 +154,11 @@ class MixerGrads:
       tensors they are recomputed from (set_rebuild), which the scan saves for its backward in their place; that
       backward recomputes them (scan_inputs), x_proj's backward takes u after it (rebuilt_u). Saved rather than
       held here, so autograd releases them with the rest after the backward: a graph kept alive by an output
-      keeps this object, not the layer's activations."""
+      keeps this object, not the layer's activations.
+    - x_dbl's gradient (the projections' output, split into dt, B and C by _SplitProjections): the scan's backward
+      sums dB and dC straight into their columns in x_dbl's dtype and dt_proj's backward writes d dt into its own
+      (projection_slot), so that the split's backward has nothing to assemble: before, dB and dC came in fp32 and
+      each was cast, then the three were concatenated (three launches a layer)."""
 
     def __init__(self, shape, channels_last: bool, dtype: torch.dtype, device: torch.device, rebuilds: bool = False):
         self.meta = (shape, channels_last, dtype, device)
@@ -165,6 +169,35 @@ class MixerGrads:
         self._rebuild_fn = None
         self._rebuild_from: Optional[tuple] = None  # (until the scan takes them)
         self._rebuilt_u: Optional[Tensor] = None
+        self._projections: Optional[tuple] = None  # x_dbl's (shape, strides, storage offset, dtype, device, storage)
+        self._projections_grad: Optional[Tensor] = None
+
+    def set_projections(self, x_dbl: Tensor) -> None:
+        """x_dbl's layout, which its gradient takes (projection_slot); nothing of x_dbl is kept but its storage's
+        address (to tell its views)."""
+        self._projections = (x_dbl.shape, x_dbl.stride(), x_dbl.storage_offset(), x_dbl.dtype, x_dbl.device,
+                             x_dbl.untyped_storage().data_ptr())
+
+    def projection_slot(self, view: Tensor) -> Optional[Tensor]:
+        """The same view of x_dbl's gradient as `view` is of x_dbl (dt, or B / C as the scan takes them), allocating
+        the gradient at the first call of a backward pass; None where `view` is not a view of x_dbl, or no x_dbl was
+        set."""
+        if self._projections is None:
+            return None
+        shape, stride, offset, dtype, device, storage = self._projections
+        if view.untyped_storage().data_ptr() != storage or view.dtype != dtype:
+            return None
+        if self._projections_grad is None:
+            self._projections_grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return self._projections_grad.as_strided(view.shape, view.stride(), view.storage_offset() - offset)
+
+    def take_projections_grad(self) -> Tensor:
+        """x_dbl's gradient (allocated here if nothing wrote into it), released from this object."""
+        if self._projections_grad is None:
+            shape, stride, _, dtype, device, _ = self._projections
+            self._projections_grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        grad, self._projections_grad = self._projections_grad, None
+        return grad
 
     def set_rebuild(self, function, tensors: tuple) -> None:
         self._rebuild_fn = function
@@ -340,18 +373,21 @@ class _DtProj(torch.autograd.Function):
     dtype (`cast` where the caller has it); the backward takes the weight gradient from _weight_grad."""
 
     @staticmethod
-    def forward(ctx, dt: Tensor, weight: Tensor, batch: int, cast: Optional[Tensor] = None):
+    def forward(ctx, dt: Tensor, weight: Tensor, batch: int, grads: MixerGrads, cast: Optional[Tensor] = None):
         weight_in = _in_dtype(weight, cast, dt.dtype)
         ctx.save_for_backward(dt, weight_in)
-        ctx.batch, ctx.weight_dtype = batch, weight.dtype
+        ctx.batch, ctx.weight_dtype, ctx.grads = batch, weight.dtype, grads
         return _dt_matmul(dt, weight_in)
 
     @staticmethod
     def backward(ctx, d_delta):
         dt, weight = ctx.saved_tensors
-        d_dt = torch.bmm(d_delta, weight) if ctx.needs_input_grad[0] else None
+        d_dt = None
+        if ctx.needs_input_grad[0]:  # (into its columns of x_dbl's gradient where the split takes that)
+            slot = ctx.grads.projection_slot(dt)
+            d_dt = torch.bmm(d_delta, weight) if slot is None else torch.bmm(d_delta, weight, out=slot)
         d_weight = _weight_grad(d_delta, dt, ctx.batch, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return d_dt, d_weight, None, None
+        return d_dt, d_weight, None, None, None
 
 
 def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optional[dict],
@@ -366,10 +402,11 @@ def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optio
     return _x_proj_matmul(xc, weight, memo)
 
 
-def _dt_proj(dt: Tensor, weight: Tensor, batch: int, training_eagerly: bool, cast: Optional[Tensor] = None) -> Tensor:
-    """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training. cast: see _x_proj."""
-    if training_eagerly and EAGER_PROJ_BACKWARD:
-        return _DtProj.apply(dt, weight, batch, cast)
+def _dt_proj(dt: Tensor, weight: Tensor, batch: int, grads: Optional[MixerGrads],
+            cast: Optional[Tensor] = None) -> Tensor:
+    """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training (grads given). cast: see _x_proj."""
+    if grads is not None and EAGER_PROJ_BACKWARD:
+        return _DtProj.apply(dt, weight, batch, grads, cast)
     return _dt_matmul(dt, weight.to(dt.dtype))  # (not `cast`, which has no gradient)
 
 
@@ -379,6 +416,29 @@ def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the grad
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class _SplitProjections(torch.autograd.Function):
+    """x_dbl (2, b*L, R + 2N) -> (dt, B, C), its column ranges (views), in eager training: the backward returns
+    x_dbl's gradient from `grads` (MixerGrads.take_projections_grad), into which the scan's and dt_proj's backward
+    passes wrote theirs; a gradient that came from elsewhere is copied into its columns (a missing one: zeros)."""
+
+    @staticmethod
+    def forward(ctx, x_dbl: Tensor, grads: MixerGrads, sizes: tuple):
+        ctx.set_materialize_grads(False)
+        ctx.grads, ctx.sizes = grads, sizes
+        grads.set_projections(x_dbl)
+        return x_dbl.split_with_sizes(sizes, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *column_grads):
+        grad = ctx.grads.take_projections_grad()
+        for slot, g in zip(grad.split_with_sizes(ctx.sizes, dim=-1), column_grads):
+            if g is None:
+                slot.zero_()
+            elif not _same_memory(g, slot):
+                slot.copy_(g)
+        return grad, None, None
 
 
 class _SplitXZ(torch.autograd.Function):
@@ -486,8 +546,10 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     else:
         x_cast, dt_cast = w.projections or (None, None)
         x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo, x_cast)
-        dt, B, C = x_dbl.split_with_sizes((dt_rank, d_state, d_state), dim=-1)  # (not .split: a Python wrapper)
-        delta = _dt_proj(dt, w.dt_proj_weight, batch, grads is not None, dt_cast)
+        sizes = (dt_rank, d_state, d_state)
+        dt, B, C = _SplitProjections.apply(x_dbl, grads, sizes) if grads is not None and EAGER_PROJ_BACKWARD \
+            else x_dbl.split_with_sizes(sizes, dim=-1)  # (not .split: a Python wrapper)
+        delta = _dt_proj(dt, w.dt_proj_weight, batch, grads, dt_cast)
         if grads is not None and grads.rebuilds:
             grads.set_rebuild(_scan_inputs_rebuild(batch, seqlen), (x, w.conv_weight, w.conv_bias, mask, dt,
                                                                    w.dt_proj_weight if dt_cast is None else dt_cast))

@@ -102,8 +102,15 @@ def _(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_las
 def scan_bwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, dout, dlast, ckpt=None,
                   lengths=None, mixer_grads=None):
     """The implementation of scan_bwd. mixer_grads (eager training; mamba_ssm.ops.bimamba_stacked.MixerGrads):
-    its half(1) is the memory dz goes to, which the kernel writes (the PyTorch implementation ignores it)."""
-    kw = {"dz_out": mixer_grads.half(1)} if mixer_grads is not None and z is not None and _is_triton(u) else {}
+    its half(1) is the memory dz goes to, and its projection slots of B and C those dB and dC go to, which the
+    kernels write (the PyTorch implementation ignores them)."""
+    kw = {}
+    if mixer_grads is not None and _is_triton(u):
+        if z is not None:
+            kw["dz_out"] = mixer_grads.half(1)
+        bc_out = (mixer_grads.projection_slot(B), mixer_grads.projection_slot(C))
+        if None not in bc_out:
+            kw["bc_out"] = bc_out
     g = _implementation(u).scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, dout,
                                          dlast, ckpt if ckpt is not None and ckpt.numel() else None,
                                          lengths=lengths, **kw)

@@ -29,7 +29,7 @@ are deterministic.
 Math in fp32 whatever the input dtype; exp via exp2 with A pre-scaled by log2(e).
 """
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -1222,7 +1222,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   maxnreg: Optional[int] = None, dz_out: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                   sum_steps: Optional[int] = None, lane_sums: Optional[bool] = None,
                   smem_scratch: Optional[bool] = None, l2_prefetch: Optional[bool] = None,
-                  l1_prefetch: Optional[bool] = None):
+                  l1_prefetch: Optional[bool] = None, bc_out: Optional[Tuple[Tensor, Tensor]] = None):
     """Gradients of `scan_forward` (same layouts). ckpt: the forward's checkpoints (want_ckpt); without
     them the forward runs again to make them. block_d .. maxnreg override BWD_TUNING (sub_chunk: the steps
     recomputed into the scratch at a time, a divisor of CKPT_CHUNK; scratch_evict: the L2 eviction policy of
@@ -1232,10 +1232,16 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     shared memory; l2_prefetch: each chunk's inputs asked into L2 a chunk ahead, l1_prefetch: and into L1 as the
     chunk starts (compiled kernels).
     dz_out: where dz goes (z's shape and dtype, any strides), else a new channel-contiguous tensor.
+    bc_out: where dB and dC go (B's and C's shapes, each step's states contiguous, the same strides; any float
+    dtype), else new fp32 tensors (eager training: the two column ranges of x_dbl's gradient, in its dtype).
     lengths: the forward's (see scan_forward); the gradients after each sample's end are zeros.
     Returns du, ddelta (R, b, d, L) and dz (b, d, L) or None in the dtypes of u, delta and z; fp32 dA (R, d, N);
     dB, dC (R, b, G, N, L); dD, ddelta_bias (R, d) or None; dgate (b, R) or None."""
     R, batch, dim, seqlen = u.shape
+    if bc_out is not None and not (bc_out[0].shape == B.shape and bc_out[1].shape == C.shape
+                                   and bc_out[0].stride() == bc_out[1].stride() and bc_out[0].stride(3) == 1):
+        raise ValueError(f"scan backward: bc_out {[tuple(t.shape) for t in bc_out]} with strides "
+                         f"{[t.stride() for t in bc_out]} does not fit B {tuple(B.shape)} and C {tuple(C.shape)}")
     if ckpt is None:
         _, ckpt = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, gate, scale, torch.empty_like(dout),
                                want_ckpt=True, lengths=lengths)
@@ -1292,7 +1298,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         ZERO_BC_TAIL=lengths is not None and not _bc_sums_in_kernel(groups),
         **_launch_options(cfg.num_warps, cfg.maxnreg),
     )
-    return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None, lengths)
+    return _reduce_backward_partials(out, d_state, groups, D is not None, delta_bias is not None, lengths, bc_out)
 
 
 def _longest_first(lengths: Tensor) -> Tensor:
@@ -1425,10 +1431,11 @@ def _vector_alignment(B: Tensor, C: Tensor) -> int:
 
 @triton.jit
 def _sum_bc_partials_kernel(dB_part, dC_part, dB_ptr, dC_ptr, len_ptr, seqlen, d_state, n_dblocks, batch,
-                            HAS_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dB, dC (R, b, L, N) = the backward kernel's partial sums (R, n_dblocks, b, L, BLOCK_N) summed over the
-    channel blocks, in their order (deterministic), both in one pass. HAS_LEN: positions at or after the sample's
-    length read nothing (the backward kernel wrote no partials there) and come out 0."""
+                            so_r, so_b, so_t, HAS_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dB, dC = the backward kernel's partial sums (R, n_dblocks, b, L, BLOCK_N) summed over the channel blocks, in
+    their order (deterministic), both in one pass, written in the outputs' dtype at element (r, b, t, n) of strides
+    (so_r, so_b, so_t, 1), the same for both. HAS_LEN: positions at or after the sample's length read nothing (the
+    backward kernel wrote no partials there) and come out 0."""
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2).to(tl.int64)
@@ -1450,10 +1457,10 @@ def _sum_bc_partials_kernel(dB_part, dC_part, dB_ptr, dC_ptr, len_ptr, seqlen, d
         acc_B += tl.load(dB_part + part, mask=load_mask, other=0.0)
         acc_C += tl.load(dC_part + part, mask=load_mask, other=0.0)
         part += block_stride
-    out = ((r * batch + pid_b) * seqlen + offs_t[:, None]) * d_state + offs_n[None, :]
+    out = r * so_r + pid_b * so_b + offs_t[:, None].to(tl.int64) * so_t + offs_n[None, :]
     store_mask = in_seq[:, None] & (offs_n < d_state)[None, :]
-    tl.store(dB_ptr + out, acc_B, mask=store_mask)
-    tl.store(dC_ptr + out, acc_C, mask=store_mask)
+    tl.store(dB_ptr + out, acc_B.to(dB_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dC_ptr + out, acc_C.to(dC_ptr.dtype.element_ty), mask=store_mask)
 
 
 # _sum_bc_partials_kernel's tiles: positions per program (a tile wholly past a sample's end reads nothing).
@@ -1466,27 +1473,33 @@ def _bc_sums_in_kernel(groups: tuple) -> bool:
     return groups == (1, 1)
 
 
-def _reduce_backward_partials(out, d_state, groups, has_D, has_bias, lengths=None) -> dict:
+def _reduce_backward_partials(out, d_state, groups, has_D, has_bias, lengths=None, bc_out=None) -> dict:
     """The backward kernel's outputs with its partial sums reduced (deterministically): dB and dC in one kernel
     that skips each sample's positions past its length (_sum_bc_partials_kernel; at Vim-S training shapes on an
-    H200 torch's five sums took 82 us a call, whatever the lengths), dD and d delta_bias in one sum."""
+    H200 torch's five sums took 82 us a call, whatever the lengths), dA, dD and d delta_bias in one more
+    (sum_middle). bc_out: see scan_backward."""
     R, n_dblocks, batch, seqlen, block_n = out["dB"].shape
     # The sums lie (R, G, b, L, N) in memory, as B and C lie in x_dbl, so their gradients go back into x_dbl's
     # without a transposing copy; returned as (R, b, G, N, L) views.
     if _bc_sums_in_kernel(groups):
-        dB = torch.empty((R, 1, batch, seqlen, d_state), device=out["dB"].device, dtype=torch.float32)
-        dC = torch.empty_like(dB)
+        if bc_out is not None:  # (R, b, 1, N, L) views, each step's N states contiguous
+            dB, dC = bc_out
+        else:
+            dB = torch.empty((R, 1, batch, seqlen, d_state), device=out["dB"].device,
+                             dtype=torch.float32).permute(0, 2, 1, 4, 3)
+            dC = torch.empty_like(dB)
         block_t = BC_SUM_BLOCK_T
         launch(_sum_bc_partials_kernel, (cdiv(seqlen, block_t), batch, R), out["dB"], out["dC"], dB, dC,
-               lengths if lengths is not None else dB, seqlen, d_state, n_dblocks, batch,
-               HAS_LEN=lengths is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
-        dB, dC = dB.permute(0, 2, 1, 4, 3), dC.permute(0, 2, 1, 4, 3)
+               lengths if lengths is not None else dB, seqlen, d_state, n_dblocks, batch, dB.stride(0), dB.stride(1),
+               dB.stride(4), HAS_LEN=lengths is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
     else:
         def reduce_bc(part, n_groups):  # (R, n_dblocks, b, L, Np) -> (R, b, G, N, L): the blocks of each group
             part = part[..., :d_state].reshape(R, n_groups, n_dblocks // n_groups, batch, seqlen, d_state).sum(2)
             return part.permute(0, 2, 1, 4, 3)
 
         dB, dC = reduce_bc(out["dB"], groups[0]), reduce_bc(out["dC"], groups[1])
+        if bc_out is not None:
+            dB, dC = bc_out[0].copy_(dB), bc_out[1].copy_(dC)
     # the per-sample rows of dA, dD and d delta_bias (and the channel blocks' of d gate) in one launch
     dA, dD_dbias, dgate = out["dA"], out["dD_dbias"] if has_D or has_bias else None, out["dgate"]
     sums = sum_middle(dA.view(R, batch, -1), None if dD_dbias is None else dD_dbias.view(2 * R, batch, -1),
