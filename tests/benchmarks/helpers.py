@@ -28,6 +28,7 @@ DRY_RUNS = {
     "test_scan_backward_ab_dry_run": ("scan_backward_ab.py", ["--dry-run", "--save", "{dir}/grads.pt"]),
     "test_scan_lengths_dry_run": ("scan_lengths.py", ["--dry-run", "--shares", "0.7", "0.343", "--json",
                                                       "{dir}/lengths.json"]),
+    "test_train_small_ops_dry_run": ("train_small_ops.py", ["--dry-run", "--json", "{dir}/ops.json"]),
     "test_kernel_sass_offline": ("kernel_sass.py", ["--cases", "bwd", "train:vim_tiny", "--dtypes", "bf16", "--json",
                                                     "{dir}/sass.json"]),
 }
