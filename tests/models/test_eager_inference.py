@@ -363,6 +363,8 @@ def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, weight
     assert got.shape == (2, 7, 8) and got.dtype == weight_dtype
     if weight_dtype == torch.float32:
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)  # (a bf16 rounding is 4e-3)
+        with triton_on_cpu():  # the blocks summed by the partial sums' kernel (on the kernels' devices)
+            torch.testing.assert_close(stacked._weight_grad(d_out, x, batch, weight_dtype), got)
     else:
         want = torch.bmm(d_out.transpose(1, 2), x)
         assert torch.equal(got, want)
