@@ -5,8 +5,9 @@ A backward kernel that cannot sum over the batch itself writes a row per sample:
 scan's dA and its dD with d delta_bias. torch.sum over the middle axis took one launch each, 6 to 8 us apiece at Vim-S
 training shapes (batch 128) on an H200, for a few MB read; sum_middle adds up to three such buffers in one launch:
 the scan's dA with dD and d delta_bias 3.7 us against torch's 8.3 for both, the conv's dweight with dbias 2.4 against
-7.7 (graph replays; benchmarks/results/partial_sums_h200_2026-11-29.txt). Each program takes BLOCK_Q columns of one buffer and walks
-its n rows BLOCK_N at a time, then sums the tile's rows (a fixed tree): the same order for every call.
+7.7 (graph replays; benchmarks/results/train_small_ops_h200_2026-11-29.txt). Each program takes BLOCK_Q columns of
+one buffer and walks its n rows BLOCK_N at a time, then sums the tile's rows (a fixed tree): the same order for every
+call. (x_proj's and dt_proj's weight gradients add their blocks of samples with it too.)
 """
 from typing import Optional
 

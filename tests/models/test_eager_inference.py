@@ -353,6 +353,7 @@ def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, weight
     sums over blocks of whole samples (one batched matmul of the blocks, in fp32, then their sum), equal to the
     plain sum over all rows to fp32 rounding; other dtypes take the one matmul, bit for bit."""
     import mamba_ssm.ops.bimamba_stacked as stacked
+    from causal_conv1d.partial_sums import sum_middle
 
     monkeypatch.setattr(stacked, "WGRAD_BLOCKS", 4)
     batch, seqlen = 6, 5  # gcd(6, 4) = 2 blocks of 3 samples
@@ -363,8 +364,13 @@ def test_projection_weight_gradients_summed_over_blocks_of_samples(dtype, weight
     assert got.shape == (2, 7, 8) and got.dtype == weight_dtype
     if weight_dtype == torch.float32:
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)  # (a bf16 rounding is 4e-3)
+        import causal_conv1d.partial_sums as partial_sums
+
+        calls = []
+        monkeypatch.setattr(partial_sums, "sum_middle", lambda *t: calls.append(len(t)) or sum_middle(*t))
         with triton_on_cpu():  # the blocks summed by the partial sums' kernel (on the kernels' devices)
             torch.testing.assert_close(stacked._weight_grad(d_out, x, batch, weight_dtype), got)
+        assert calls == [1]
     else:
         want = torch.bmm(d_out.transpose(1, 2), x)
         assert torch.equal(got, want)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply, conv_fwd_impl
+from causal_conv1d.kernel_utils import triton_enabled as kernels_take
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
@@ -249,8 +250,9 @@ EAGER_PROJ_BACKWARD = True
 # blocks' products one batched matmul, then added: fp32 x_proj's 903 against 174 us (8 blocks), 133 (16, 32);
 # dt_proj's 871 against 128, 93, 74 us; closer to fp64 too (wgrad_blocks_h200_2026-11-28.txt). From 16-bit
 # activations into fp32 weights (autocast training) the blocks' products come out in fp32
-# (linear_fp32.matmul_fp32_out): x_proj's 28.6 against 47.2 us for the one 16-bit matmul and its cast to fp32,
-# dt_proj's 26.5 against 41.2, and no 16-bit rounding (3e-5 against 2e-3 from fp64; wgrad_bf16_blocks_h200_2026-11-29.txt).
+# (linear_fp32.matmul_fp32_out): x_proj's 28.8 against 47.4 us for the one 16-bit matmul and its cast to fp32,
+# dt_proj's 26.5 against 41.4, and no 16-bit rounding (1.6e-6 against 1.7e-3 from the fp64 sums;
+# train_small_ops_h200_2026-11-29.txt).
 WGRAD_BLOCKS = 16
 
 # MAMBA_REBUILD_SCAN_INPUTS=1: eager training keeps neither of the scan's inputs u (the conv's output) and delta
@@ -306,7 +308,7 @@ def _weight_grad(d_out: Tensor, x: Tensor, batch: int, dtype: torch.dtype) -> Te
                     x.reshape(R * blocks, K // blocks, x.shape[-1]))
     if blocks == 1:
         return parts
-    if triton_enabled(parts, "causal_conv1d.partial_sums"):  # (one launch, 2 to 3x torch's sum over the blocks)
+    if kernels_take(parts, "causal_conv1d.partial_sums"):  # (one launch, 2 to 3x torch's sum over the blocks)
         from causal_conv1d.partial_sums import sum_middle
 
         return sum_middle(parts.view(R, blocks, -1))[0].view(R, M, -1)

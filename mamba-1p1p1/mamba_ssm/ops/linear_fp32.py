@@ -18,8 +18,8 @@ the same kernel (the transposed weight split), the weight's by cuBLAS in fp32 as
 
 Autocast training (16-bit): linear_module runs the Linear as autocast does, but sums the weight's gradient in fp32
 straight into the fp32 weight (_AutocastLinear with matmul_fp32_out) instead of a 16-bit product cast to fp32
-after it: in_proj's 54.6 against 57.0 us, out_proj's 31.4 against 34.0 at Vim-S bf16 training shapes on an H200, a
-launch fewer each (wgrad_bf16_blocks_h200_2026-11-29.txt).
+after it: in_proj's 56.4 against 58.4 us, out_proj's 32.2 against 34.3 at Vim-S bf16 training shapes on an H200, a
+launch fewer each (train_small_ops_h200_2026-11-29.txt).
 
 Live rows (`LiveRows`): in DyVM training after a pruning stage each image's pruned tokens sit masked behind its
 kept ones, and no loss term reads them (dyvm.models.dyvm.SCAN_KEPT_ONLY). A mixer's in_proj and out_proj then need

@@ -127,8 +127,8 @@ class LayerNormTriton(torch.autograd.Function):
 def _norm_backward(dy, dres_out, res_out, weight, bias, rstd, mean, dtype, res_dtype, is_rms_norm):
     """-> the gradients of x (in `dtype`), of the residual (in res_dtype; None: there is none), of the weight and
     the bias, (rows, n_cols) and (n_cols,). x's and the residual's are the same values, written by the kernel in
-    both dtypes where they differ: a cast afterwards read and wrote the whole gradient again, 82 against 61 us a
-    call with the weight's sum at Vim-S bf16 training shapes on an H200 (norm_bwd_h200_2026-11-29.txt)."""
+    both dtypes where they differ: a cast afterwards read and wrote the whole gradient again, 83 against 60 us a
+    call with the weight's sum at Vim-S bf16 training shapes on an H200 (train_small_ops_h200_2026-11-29.txt)."""
     n_cols = res_out.shape[-1]
     dy2 = dy.reshape(-1, n_cols).contiguous()
     dres2 = dres_out.reshape(-1, n_cols).contiguous() if dres_out is not None else None
