@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply, conv_fwd_impl
-from causal_conv1d.kernel_utils import triton_enabled as kernels_take
+from causal_conv1d import kernel_utils
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
@@ -308,7 +308,8 @@ def _weight_grad(d_out: Tensor, x: Tensor, batch: int, dtype: torch.dtype) -> Te
                     x.reshape(R * blocks, K // blocks, x.shape[-1]))
     if blocks == 1:
         return parts
-    if kernels_take(parts, "causal_conv1d.partial_sums"):  # (one launch, 2 to 3x torch's sum over the blocks)
+    # (one launch, 2 to 3x torch's sum over the blocks; causal_conv1d's kernel, so not mamba_ssm's dispatch)
+    if kernel_utils.triton_enabled(parts, "causal_conv1d.partial_sums"):
         from causal_conv1d.partial_sums import sum_middle
 
         return sum_middle(parts.view(R, blocks, -1))[0].view(R, M, -1)
