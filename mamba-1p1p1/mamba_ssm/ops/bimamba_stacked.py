@@ -96,6 +96,7 @@ class _TrainingStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype, *params):
+        ctx.set_materialize_grads(False)  # (the casts' gradients, which nothing takes, would come as zeros: launches)
         flat = torch.cat([t.reshape(-1) for t in params])
         pairs, start = [], 0
         for first, second in zip(params[0::2], params[1::2]):
