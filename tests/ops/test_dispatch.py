@@ -77,6 +77,9 @@ def test_dispatch_and_errors(monkeypatch):
     assert not triton_enabled(x, "selective_scan")  # CPU tensors take the reference
     with triton_on_cpu():
         assert triton_enabled(x, "selective_scan")
+        # a dotted name is a module's whole name (causal_conv1d's kernels), not one under mamba_ssm.ops.triton
+        assert triton_enabled(x, "causal_conv1d.partial_sums") and triton_enabled(x, "mamba_ssm.ops.triton.gated_proj")
+        assert not triton_enabled(x, "causal_conv1d.no_such_kernels")
         monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
         assert not triton_enabled(x, "selective_scan")
     u, delta, A, B, C, D, z, bias = scan_inputs(2, 40, 23, 8, torch.float32)

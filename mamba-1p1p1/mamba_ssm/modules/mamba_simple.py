@@ -227,8 +227,8 @@ class Mamba(nn.Module):
         from mamba_ssm.ops.bimamba_stacked import stack_for_training, training_stack_applies
 
         pairs = self.training_stack_params()
-        if not (needs_grad(xz, *(t for pair in pairs.values() for t in pair)) and not ops_watched() and not reference_forced()
-                and training_stack_applies(pairs)):
+        if not (needs_grad(xz, *(t for pair in pairs.values() for t in pair)) and not ops_watched()
+                and not reference_forced() and training_stack_applies(pairs)):
             return self.scan_weights(), self.scan_weights(backward=True), None
         stacked = stack_for_training(pairs, xz.dtype)
         fwd, bwd = (ScanWeights(*(pairs[n][r] for n in ("conv_weight", "conv_bias", "x_proj_weight",

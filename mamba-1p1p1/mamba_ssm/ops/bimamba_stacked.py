@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from causal_conv1d.conv_op import conv_apply, conv_fwd_impl
-from causal_conv1d import kernel_utils
 from mamba_ssm.ops import linear_fp32
 from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
 from mamba_ssm.ops.scan_op import scan_output
@@ -186,20 +185,22 @@ class MixerGrads:
         set."""
         if self._projections is None:
             return None
-        shape, stride, offset, dtype, device, storage = self._projections
+        _, _, offset, dtype, _, storage = self._projections
         if view.untyped_storage().data_ptr() != storage or view.dtype != dtype:
             return None
-        if self._projections_grad is None:
-            self._projections_grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        return self._projections_grad.as_strided(view.shape, view.stride(), view.storage_offset() - offset)
+        return self._projections_buffer().as_strided(view.shape, view.stride(), view.storage_offset() - offset)
 
     def take_projections_grad(self) -> Tensor:
         """x_dbl's gradient (allocated here if nothing wrote into it), released from this object."""
+        grad, self._projections_grad = self._projections_buffer(), None
+        return grad
+
+    def _projections_buffer(self) -> Tensor:
+        """x_dbl's gradient, allocated in x_dbl's layout at the first call of a backward pass."""
         if self._projections_grad is None:
             shape, stride, _, dtype, device, _ = self._projections
             self._projections_grad = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        grad, self._projections_grad = self._projections_grad, None
-        return grad
+        return self._projections_grad
 
     def set_rebuild(self, function, tensors: tuple) -> None:
         self._rebuild_fn = function
@@ -309,8 +310,7 @@ def _weight_grad(d_out: Tensor, x: Tensor, batch: int, dtype: torch.dtype) -> Te
                     x.reshape(R * blocks, K // blocks, x.shape[-1]))
     if blocks == 1:
         return parts
-    # (one launch, 2 to 3x torch's sum over the blocks; causal_conv1d's kernel, so not mamba_ssm's dispatch)
-    if kernel_utils.triton_enabled(parts, "causal_conv1d.partial_sums"):
+    if triton_enabled(parts, "causal_conv1d.partial_sums"):  # (one launch, 2 to 3x torch's sum over the blocks)
         from causal_conv1d.partial_sums import sum_middle
 
         return sum_middle(parts.view(R, blocks, -1))[0].view(R, M, -1)

@@ -13,11 +13,17 @@ from causal_conv1d.kernel_utils import triton_enabled as _triton_enabled
 _KERNEL_MODULES = {"bimamba": "selective_scan"}
 
 
+def _kernel_module(module: str) -> str:
+    """mamba_ssm.ops.triton.<module> for a short name (or the op's, _KERNEL_MODULES); a dotted name as it is (a
+    module of causal_conv1d's, say)."""
+    return module if "." in module else f"mamba_ssm.ops.triton.{_KERNEL_MODULES.get(module, module)}"
+
+
 def kernel_importable(module: str) -> bool:
-    """True when the Triton kernel module mamba_ssm.ops.triton.<module> imports (Triton installed)."""
-    return module_importable(f"mamba_ssm.ops.triton.{_KERNEL_MODULES.get(module, module)}")
+    """True when the Triton kernel module (see _kernel_module) imports (Triton installed)."""
+    return module_importable(_kernel_module(module))
 
 
 def triton_enabled(x, module: str) -> bool:
-    """True when tensor `x` should take the kernels of mamba_ssm.ops.triton.<module>."""
-    return _triton_enabled(x, f"mamba_ssm.ops.triton.{_KERNEL_MODULES.get(module, module)}")
+    """True when tensor `x` should take the kernels of the module (see _kernel_module)."""
+    return _triton_enabled(x, _kernel_module(module))

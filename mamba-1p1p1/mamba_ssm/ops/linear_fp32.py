@@ -130,7 +130,8 @@ def module_hooked(*modules: nn.Module) -> bool:
 def linear_module(module: nn.Module, x: Tensor, cached: Optional[tuple] = None,
                   live_rows: Optional["LiveRows"] = None, margin: int = 0) -> Tensor:
     """A Linear module applied to x, fp32 on the kernel where tf32x3_applies (the mixers' Linears, DyVM's score
-    predictors), autocast's 16-bit product with fp32 weight gradients in autocast training (_AutocastLinear). cached: (weight, bias, memo), inference's cached weights of the module, when the caller has them;
+    predictors), autocast's 16-bit product with fp32 weight gradients in autocast training (_AutocastLinear).
+    cached: (weight, bias, memo), inference's cached weights of the module, when the caller has them;
     live_rows: compute only each image's first lengths + margin rows (see LiveRows; not with cached weights). The
     module runs itself where a hook must see its call, where it is not a plain nn.Linear (a replaced module runs
     its own forward), and where the kernel does not apply."""

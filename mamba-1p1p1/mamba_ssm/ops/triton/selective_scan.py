@@ -565,8 +565,8 @@ def _prefetch(addresses, L1: tl.constexpr):
 def _prefetch_steps(u_blk, dt_blk, z_blk, B_ptr, B_off, C_ptr, C_off, s_from, s_to, seqlen, su_t, sdt_t, sz_t, sB_t,
                     sC_t, r, HAS_Z: tl.constexpr, BC_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, L1: tl.constexpr):
     """Prefetches (into L2, or L1) of the inputs of a walk's steps s_from .. s_to - 1 (direction r): each step's u,
-    dt, z, B and C, a line each (a program's channels of a step are one 64- or 128-byte segment, a step's states one of 32 or
-    64). *_blk: the program's first channel; B's and C's offsets in units of BC_ALIGN elements. Issued well ahead,
+    dt, z, B and C, a line each (a program's channels of a step are one 64- or 128-byte segment, a step's states one of
+    32 or 64). *_blk: the program's first channel; B's and C's offsets in units of BC_ALIGN elements. Issued well ahead,
     they make the walks' first touches of their inputs, which wait on DRAM (the loads issued a step or a group
     ahead do not hide that), L2 hits."""
     HALF: tl.constexpr = BLOCK_D // 2
