@@ -122,7 +122,46 @@ def kernel_census(events: list, top: int) -> str:
             count_time[1] += e["dur"]
         for name, (count, dur) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
             lines.append(f"  {dur / 1e3:8.3f} ms {count:5d}x  {name}")
+        lines += _stream_gaps(group, top)
+    other = [e for e in events if e.get("cat") in ("gpu_memset", "gpu_memcpy") and e.get("ph") == "X"]
+    if other:
+        lines.append(f"memsets and copies (not kernels: in the gaps above): {len(other)}, "
+                     f"{sum(e['dur'] for e in other) / 1e3:.3f} ms")
     return "\n".join(lines)
+
+
+def _stream_gaps(group: list, top: int) -> list:
+    """The idle time of one stream between its kernels (each kernel's start minus the previous one's end there),
+    summed by the kernel that waited, with the median gap: whether the time between kernels is a constant cost of
+    every launch (then fewer kernels pay) or a few long waits (then those are the lead); and the longest gaps with
+    their neighbours."""
+    gaps, end, previous, t0 = [], group[0]["ts"] + group[0]["dur"], _short(group[0]["name"]), group[0]["ts"]
+    for e in group[1:]:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, previous, _short(e["name"]), end - t0))
+        end, previous = max(end, e["ts"] + e["dur"]), _short(e["name"])
+    if not gaps:
+        return []
+    sizes = sorted(g[0] for g in gaps)
+    lines = [f"  gaps: {len(gaps)}, {sum(sizes) / 1e3:.3f} ms, median {sizes[len(sizes) // 2]:.1f} us, "
+             f"90th percentile {sizes[int(0.9 * (len(sizes) - 1))]:.1f} us, longest {sizes[-1]:.1f} us"]
+    by_next = {}
+    for gap, _, nxt, _ in gaps:
+        by_next.setdefault(nxt, []).append(gap)
+    for name, values in sorted(by_next.items(), key=lambda kv: -sum(kv[1]))[:min(top, 12)]:
+        values.sort()
+        lines.append(f"  {sum(values) / 1e3:8.3f} ms {len(values):5d}x before {name} "
+                     f"(median {values[len(values) // 2]:.1f} us)")
+    for gap, prev, nxt, at in sorted(gaps, reverse=True)[:5]:
+        lines.append(f"  {gap:8.1f} us at {at / 1e3:.2f} ms: {prev} -> {nxt}")
+    return lines
+
+
+def _short(kernel: str) -> str:
+    """A kernel's name without the namespaces that make torch's all begin alike."""
+    for prefix in ("void ", "at::native::", "(anonymous namespace)::"):
+        kernel = kernel.replace(prefix, "")
+    return kernel[:60]
 
 
 def profile_steps(run, top: int, shapes: bool = False, census: bool = False) -> str:

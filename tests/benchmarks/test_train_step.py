@@ -33,7 +33,7 @@ def test_gpu_check_times_steps_with_every_option_the_script_reads():
 def test_kernel_census_counts_overlap_and_gaps_per_stream():
     """--profile-streams reads a step's kernels from its trace: the busy time is the union of the kernels'
     intervals (two branches overlapping count once), the time from the first start to the last end keeps the gaps,
-    and each stream lists its kernels by time."""
+    each stream lists its kernels by time and its idle time between them, by the kernel that waited."""
     train_step = load_benchmark("train_step")
 
     def kernel(name, ts, dur, stream):
@@ -48,4 +48,11 @@ def test_kernel_census_counts_overlap_and_gaps_per_stream():
     assert "stream 9: 1 kernels, 2.00 ms, from 0.50 to 2.50 ms" in text
     assert "stream 7: 4 kernels, 1.30 ms, from 0.00 to 3.10 ms" in text
     assert "0.200 ms     2x  cast" in text and "aten::add" not in text
+    # stream 7's idle time: 500 us before the first cast, 100 before the second, 1200 before the tail
+    assert "  gaps: 3, 1.800 ms, median 500.0 us, 90th percentile 500.0 us, longest 1200.0 us" in text
+    assert "   0.600 ms     2x before cast (median 500.0 us)" in text
+    assert "  1200.0 us at 1.80 ms: cast -> tail" in text
+    memset = {"cat": "gpu_memset", "ph": "X", "name": "Memset", "ts": 1000.0, "dur": 40.0}
+    assert "memsets and copies (not kernels: in the gaps above): 1, 0.040 ms" in train_step.kernel_census(
+        events + [memset], top=5)
     assert train_step.kernel_census([], top=5) == "no kernels in the trace"
