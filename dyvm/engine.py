@@ -228,6 +228,53 @@ def backward_and_step(model: nn.Module, optimizer, loss: Tensor, scaler=None,
 PROGRESS_EVERY = 10  # training steps between progress-bar loss readouts
 
 
+class LaggedRead:
+    """A step's device scalars read one step late. Each step's values are copied into pinned host memory behind
+    that step's work (no wait) and read once the next step has been launched: reading them at once (bool(finite),
+    loss.item()) makes the host wait for the GPU to drain, and the GPU then waits while the host runs the EMA
+    update, the logging and the next batch's mixup, about 2 ms of a 71 ms graphed Vim-S bf16 step on an H200
+    (benchmarks/results/train_host_lag_h200_2026-11-29.txt). On other devices the values are copied as they are."""
+
+    def __init__(self):
+        self._pending = None  # (host values, event or None, payload) of the last step pushed
+
+    def push(self, values: Tensor, payload=None) -> Optional[tuple]:
+        """Queue this step's values (a 1-d tensor) with a payload; return the previous step's (values as floats,
+        payload), waiting only for that step's work, or None at the first step."""
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = values.detach().clone(), None
+        previous, self._pending = self.take(), (host, event, payload)
+        return previous
+
+    def take(self) -> Optional[tuple]:
+        """The queued step's (values as floats, payload) once they are on the host, or None; clears the queue."""
+        if self._pending is None:
+            return None
+        host, event, payload = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return host.tolist(), payload
+
+
+def _check_graphed_step(read: Optional[tuple], model: nn.Module, epoch: int) -> Optional[float]:
+    """A graphed step's (finite, loss) read back by LaggedRead: raise NonFiniteLossError naming that step and where
+    its non-finite value came from (its batch re-run on the weights it saw: the graph's update skipped it and every
+    step after it); else return its loss."""
+    if read is None:
+        return None
+    (finite, loss), (step, images, parts) = read
+    if not finite:
+        where = locate_nonfinite(unwrap(model), images, parts)
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
+    return loss
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, device: torch.device, epoch: int,
                     *, mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None, ema=None,
                     amp_dtype: Optional[torch.dtype] = None, scaler=None, max_steps: Optional[int] = None,
@@ -245,6 +292,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress or rank != 0, leave=False,
                dynamic_ncols=True)
     start = time.perf_counter()
+    lagged, shown_loss = LaggedRead(), None  # graphed steps: their (finite, loss) read one step late
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
@@ -252,28 +300,36 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer, d
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         if graph_step is not None:
-            loss, parts, out, finite = graph_step(images, targets)
-            if not bool(finite):  # the update was skipped on the device: the weights never saw this step
-                where = locate_nonfinite(unwrap(model), images, parts)
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
+            loss, parts, out, finite = graph_step(images, targets)  # (overwritten by the next replay)
         else:
             loss, parts, out = _eager_step(model, criterion, optimizer, images, targets, amp_dtype, scaler,
                                            clip_grad, world_size, epoch, step)
-        if ema is not None:
-            ema.update(unwrap(model), step=global_step + step)
-        if scheduler is not None:
-            scheduler.step_update(global_step + step + 1)
         b = images.shape[0]
         n_seen += b
         logged = _logged(loss, parts, out)
         values = torch.stack([v.reshape(()).to(torch.float64) for v in logged.values()]) * b
         if names is None:
-            names, sums = list(logged), values
+            names, sums = list(logged), values.clone()
         else:
             sums += values
+        if graph_step is not None:
+            # the step before this one is checked now that this one is queued (a non-finite step and every step
+            # after it skip their update on the device): the host never waits for the GPU to drain
+            part_values = {name: values[i] for i, name in enumerate(logged) if name in parts}
+            read = lagged.push(torch.cat([finite.reshape(1).to(values.dtype), values[:1] / b]),
+                               (step, images, part_values))
+            shown_loss = _check_graphed_step(read, model, epoch) if read is not None else shown_loss
+        if ema is not None:
+            ema.update(unwrap(model), step=global_step + step)
+        if scheduler is not None:
+            scheduler.step_update(global_step + step + 1)
         bar.update(1)
-        if not bar.disable and (step % PROGRESS_EVERY == 0 or step + 1 == steps):  # (reading the loss waits)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if not bar.disable and (step % PROGRESS_EVERY == 0 or step + 1 == steps):
+            if graph_step is None:  # (reading the loss waits for the GPU; a graphed step shows the one before)
+                shown_loss = loss.item()
+            if shown_loss is not None:
+                bar.set_postfix(loss=f"{shown_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    _check_graphed_step(lagged.take(), model, epoch)
     bar.close()
     names = names or []
     totals = torch.tensor([float(n_seen)], dtype=torch.float64, device=device)

@@ -19,7 +19,11 @@ the update on every process (the skip flag is all-reduced in the graph), and eve
 
 Semantics kept from the eager step:
 - a non-finite loss stops training: its update is skipped on the device (the fused optimizer's found_inf),
-  and the caller raises as the eager step does, so the weights never see it;
+  and so is every later step's until `clear_nonfinite()`; the caller raises as the eager step does, so the
+  weights never see it. train_one_epoch reads each step's flag after it has launched the next step (waiting
+  for the step to finish first would idle the GPU while the host works), and raises naming the first bad step;
+  that step's EMA update has then run on the unchanged weights, in memory only (training stops, and nothing is
+  saved after it);
 - learning-rate schedules work: the rate lives in a device tensor that each call refreshes from the param
   group (timm's schedulers keep writing floats there);
 - random decisions (Gumbel noise, drop path) differ per step: the graph advances the CUDA generator;
@@ -46,7 +50,7 @@ class StepResult(NamedTuple):
     loss: Tensor
     parts: dict
     out: object  # the model's ForwardOutput
-    finite: Tensor  # bool, device: False when the loss was not finite and the update was skipped
+    finite: Tensor  # bool, device: False when this step's loss, or an earlier one's, was not finite (no update)
 
 
 def graph_step_problem(device: torch.device, optimizer, scaler) -> Optional[str]:
@@ -93,6 +97,11 @@ class GraphedTrainStep:
         self._found_inf = torch.zeros((), device=device)  # the shape the fused optimizer expects
         self._side = stream or torch.cuda.Stream(device=device)  # warm-up and capture stream
 
+    def clear_nonfinite(self) -> None:
+        """Let updates run again after a non-finite step (each step skips its update from the first non-finite one
+        on; see the module docstring)."""
+        self._found_inf.zero_()
+
     def _autocast(self, cache_enabled: bool):
         if self.amp_dtype is None:
             return nullcontext()
@@ -103,11 +112,12 @@ class GraphedTrainStep:
             start_teacher(self.criterion, images)  # its forward beside the student's (a branch of the graph)
             out = self.model(images)
             loss, parts = self.criterion(images, out, targets)
-        finite = torch.isfinite(loss.detach())
-        self._found_inf.copy_((~finite).float())  # the fused update skips itself when this is 1
+        # the fused update skips itself while this is 1; it stays 1 after a non-finite loss (the training loop
+        # reads it a step late, when the next step has already run: that one must not update either)
+        torch.maximum(self._found_inf, (~torch.isfinite(loss.detach())).float(), out=self._found_inf)
         if self.distributed:  # the all-reduced gradients are not finite either: every process skips and raises
             dist.all_reduce(self._found_inf, op=dist.ReduceOp.MAX)
-            finite = self._found_inf == 0
+        finite = self._found_inf == 0
         loss.backward()
         if self.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
