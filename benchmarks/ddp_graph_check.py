@@ -6,7 +6,8 @@ DyVM-Vim-S (its frozen teacher, the full DyVM loss, no Gumbel noise) from the sa
 process its own batches of 8; 14 steps of fused AdamW with a learning-rate change after step 7, first eagerly
 (DDP as main.py builds it), then through dyvm.train_graph (11 eager DDP steps, then captured replays). Prints, on
 rank 0: the parameters' relative difference graph against eager, whether every process holds the same
-parameters, and then whether a non-finite batch on one process makes every process raise with its weights kept.
+parameters, and then whether a non-finite batch on one process (and a finite one after it: the loop reads each step's
+flag a step late) makes every process raise naming that step, with its weights kept.
 """
 import argparse
 import copy
@@ -79,13 +80,15 @@ def main():
     }
     _, step, train_model, model, opt, crit = finals["graph"]
     x, y = batches[0]
-    bad = [(x.clone().fill_(float("nan")) if rank == world - 1 else x, y)]
+    # a batch non-finite on the last process, then a finite one: the loop reads the first step's flag after
+    # launching the second, whose update the graph's flag skips too; every process names step 0
+    bad = [(x.clone().fill_(float("nan")) if rank == world - 1 else x, y), batches[1]]
     before = flat(model)
     try:
         train_one_epoch(train_model, crit, bad, opt, device, 2, amp_dtype=amp, graph_step=step)
         report["non-finite on the last process"] = "NOT raised"
-    except NonFiniteLossError:
-        report["non-finite on the last process"] = f"raised; weights kept: {torch.equal(before, flat(model))}"
+    except NonFiniteLossError as e:
+        report["non-finite on the last process"] = f"raised ({e}); weights kept: {torch.equal(before, flat(model))}"
     for r in range(world):
         if r == rank:
             print(f"rank {rank} ({args.dtype}, world {world}): {report}", flush=True)

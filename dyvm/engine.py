@@ -265,12 +265,12 @@ class LaggedRead:
 def _check_graphed_step(read: Optional[tuple], model: nn.Module, epoch: int) -> Optional[float]:
     """A graphed step's (finite, loss) read back by LaggedRead: raise NonFiniteLossError naming that step and where
     its non-finite value came from (its batch re-run on the weights it saw: the graph's update skipped it and every
-    step after it); else return its loss."""
+    step after it), or "in another process" under DDP; else return its loss."""
     if read is None:
         return None
     (finite, loss), (step, images, parts) = read
-    if not finite:
-        where = locate_nonfinite(unwrap(model), images, parts)
+    if not finite:  # (a finite loss here: the flag came from another process, all-reduced in the graph)
+        where = locate_nonfinite(unwrap(model), images, parts) if not np.isfinite(loss) else "in another process"
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {where}")
     return loss
 

@@ -42,9 +42,10 @@ def test_a_graphed_ddp_step_needs_the_stream_its_module_was_built_on():
         GraphedTrainStep(ddp, None, _adamw())
 
 
-def _fake_graph_step(bad_from: int, calls: list):
-    """A stand-in for GraphedTrainStep's call on the CPU: loss 0.5 * step; from step `bad_from` on the loss is NaN
-    and `finite` False (the graph's flag stays set after a non-finite step)."""
+def _fake_graph_step(bad_from: int, calls: list, elsewhere: bool = False):
+    """A stand-in for GraphedTrainStep's call on the CPU: loss 0.5 * step; from step `bad_from` on `finite` is False
+    (the graph's flag stays set after a non-finite step) and that step's loss NaN (elsewhere: finite, as on a
+    process whose flag came from another one's loss)."""
     from types import SimpleNamespace
 
     from dyvm.train_graph import StepResult
@@ -52,13 +53,13 @@ def _fake_graph_step(bad_from: int, calls: list):
     def step(images, targets):
         i = len(calls)
         calls.append(i)
-        loss = torch.tensor(float("nan") if i == bad_from else 0.5 * i)
+        loss = torch.tensor(float("nan") if i == bad_from and not elsewhere else 0.5 * i)
         out = SimpleNamespace(gates=None, decisions=[])
         return StepResult(loss, {"cls_loss": loss}, out, torch.tensor(i < bad_from))
     return step
 
 
-def _run_epoch(bad_from: int, steps: int = 4):
+def _run_epoch(bad_from: int, steps: int = 4, elsewhere: bool = False):
     from dyvm.engine import train_one_epoch
 
     calls, ema_steps = [], []
@@ -68,7 +69,7 @@ def _run_epoch(bad_from: int, steps: int = 4):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
         stats = train_one_epoch(model, torch.nn.Identity(), batches, opt, torch.device("cpu"), 0, ema=ema,
-                                graph_step=_fake_graph_step(bad_from, calls))
+                                graph_step=_fake_graph_step(bad_from, calls, elsewhere))
     except Exception as e:  # noqa: BLE001 (the test looks at it)
         return e, calls, ema_steps
     return stats, calls, ema_steps
@@ -87,6 +88,8 @@ def test_a_graphed_epoch_reads_each_step_a_step_late_and_names_the_bad_one():
     error, calls, ema_steps = _run_epoch(bad_from=3)  # the last step: checked after the loop
     assert isinstance(error, NonFiniteLossError) and "step 3" in str(error)
     assert calls == [0, 1, 2, 3]
+    error, _, _ = _run_epoch(bad_from=2, elsewhere=True)  # DDP: the flag all-reduced from another process's loss
+    assert isinstance(error, NonFiniteLossError) and str(error).endswith("step 2: in another process")
 
 
 def test_a_graphed_epoch_without_bad_steps_logs_every_step():
