@@ -185,7 +185,7 @@ def check_training(summary, dense_name="vim_small", tag="train fp32"):
 def check_graph_training(summary):
     """dyvm.train_graph against eager steps: the same 6 training steps of DyVM-S (batch 16, no Gumbel noise,
     fused AdamW in both, a learning-rate change after step 3) from the same weights; then a non-finite batch and a
-    finite one after it."""
+    finite one after it (neither updates the weights), and a finite one after clear_nonfinite (it does)."""
     import copy
 
     from timm.loss import SoftTargetCrossEntropy
@@ -240,6 +240,11 @@ def check_graph_training(summary):
             unchanged = torch.equal(params_before, torch.cat([p.detach().flatten() for p in model.parameters()]))
             summary[f"check graph train {dtype}: non-finite"] = (f"raised ({str(e)[:50]}); names step 0: "
                                                                  f"{'step 0:' in str(e)}; weights kept: {unchanged}")
+        step.clear_nonfinite()  # the skip flag stayed set: cleared, a finite step updates again
+        train_one_epoch(AuxForward(model), crit, batches[2:3], opt, torch.device("cuda"), 3, amp_dtype=dtype,
+                        graph_step=step)
+        summary[f"check graph train {dtype}: updates after clear_nonfinite"] = not torch.equal(
+            params_before, torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.cuda.empty_cache()
 
 
