@@ -117,7 +117,7 @@ def kernel_census(events: list, top: int) -> str:
                      f"{(group[0]['ts'] - t0) / 1e3:.2f} to {(max(e['ts'] + e['dur'] for e in group) - t0) / 1e3:.2f} ms")
         by_name = {}
         for e in group:
-            count_time = by_name.setdefault(e["name"][:80], [0, 0.0])
+            count_time = by_name.setdefault(_short(e["name"]), [0, 0.0])
             count_time[0] += 1
             count_time[1] += e["dur"]
         for name, (count, dur) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:

@@ -302,13 +302,11 @@ def _weight_grad(d_out: Tensor, x: Tensor, batch: int, dtype: torch.dtype) -> Te
     the inputs' dtype."""
     widen = dtype == torch.float32 and d_out.dtype in (torch.float16, torch.bfloat16)
     blocks = math.gcd(batch, WGRAD_BLOCKS) if d_out.dtype == torch.float32 or widen else 1
-    if blocks == 1 and not widen:
-        return torch.bmm(d_out.transpose(1, 2), x)
     R, K, M = d_out.shape
     product = linear_fp32.matmul_fp32_out if widen else torch.bmm
     parts = product(d_out.reshape(R * blocks, K // blocks, M).transpose(1, 2),
                     x.reshape(R * blocks, K // blocks, x.shape[-1]))
-    if blocks == 1:
+    if blocks == 1:  # (one product over every row)
         return parts
     if triton_enabled(parts, "causal_conv1d.partial_sums"):  # (one launch, 2 to 3x torch's sum over the blocks)
         from causal_conv1d.partial_sums import sum_middle
