@@ -4,6 +4,12 @@ authors' realised block keep ratio), bf16 autocast, no_grad. For each model: the
 timers: milliseconds per forward, calls per forward and microseconds per call of each (a wrapped call includes
 the wrapped calls nested in it; each wrapper adds about a microsecond).
 
+On a GPU also: each model's GPU time per forward (CUDA-graph replays, dyvm.serving), and the direct Triton
+launches split into Triton's C launcher and our launch key (causal_conv1d.triton_utils.FastLauncher), with the
+host time of a forward whose C launcher calls are skipped (the kernels do not run; nothing on the host reads
+their outputs): what eager DyVM's host would cost if launching a Triton kernel cost nothing, against the host
+time that eager DyVM-S at 1.3x dense Vim-S needs (dense's GPU time / 1.3).
+
     PYTHONPATH=$PWD:$PWD/mamba-1p1p1 python3 benchmarks/host_breakdown.py > host_breakdown.txt
     [--device cuda] [--batch-size 128] [--img-size 224] [--warmup 10] [--iters 20]
 """
@@ -72,6 +78,78 @@ def timed_components(totals: dict, counts: dict):
             setattr(owner, name, fn)
 
 
+class _LauncherStandIn:
+    """Stands in for a compiled Triton kernel in a FastLauncher's cache: its C launcher timed, or not called."""
+
+    def __init__(self, compiled, totals: dict, skip: bool):
+        self.function, self.packed_metadata = compiled.function, compiled.packed_metadata
+        self._run, self._totals, self._skip = compiled.run, totals, skip
+
+    def run(self, *args):
+        start = time.perf_counter()
+        if not self._skip:
+            self._run(*args)
+        self._totals["C launcher"] += time.perf_counter() - start
+        self._totals["launches"] += 1
+
+
+@contextlib.contextmanager
+def split_launches(totals: dict, skip: bool = False, launchers=None):
+    """Within the block, every direct launch of `launchers` (default: all that causal_conv1d.triton_utils has
+    made) adds its C launcher's time to totals["C launcher"] (or skips it: skip=True), its launch key's time to
+    totals["key"], and one to totals["launches"]. The launchers' caches and the key function come back after."""
+    launchers = [f for f in launch_utils._launchers.values() if f] if launchers is None else launchers
+    saved = [(f, dict(f.compiled)) for f in launchers]
+    key_fn = launch_utils.specialization_key
+
+    def timed_key(*args):
+        start = time.perf_counter()
+        try:
+            return key_fn(*args)
+        finally:
+            totals["key"] += time.perf_counter() - start
+    try:
+        for f, entries in saved:
+            for key, (compiled, tail) in entries.items():
+                f.compiled[key] = (_LauncherStandIn(compiled, totals, skip), tail)
+        launch_utils.specialization_key = timed_key
+        yield
+    finally:
+        launch_utils.specialization_key = key_fn
+        for f, entries in saved:
+            f.compiled.clear()
+            f.compiled.update(entries)
+
+
+def gpu_ms(model, x, dtype, iters: int) -> float:
+    """The GPU's time per forward, from CUDA-graph replays (no host in the way): milliseconds."""
+    from dyvm.serving import graphed
+
+    fast = graphed(model, dtype=dtype)
+    for _ in range(3):
+        fast(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fast(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def launch_report(model, x, dtype, iters: int) -> dict:
+    """Per forward on a GPU: direct launches, their C launcher and key milliseconds, and the host milliseconds
+    (median) of forwards with the C launcher skipped."""
+    totals = collections.defaultdict(float)
+    with split_launches(totals):
+        host_times(model, x, dtype, iters)
+    skipped = collections.defaultdict(float)
+    with split_launches(skipped, skip=True):
+        no_launcher = statistics.median(host_times(model, x, dtype, iters))
+    return {"launches": totals["launches"] / iters, "c_launcher_ms": 1e3 * totals["C launcher"] / iters,
+            "key_ms": 1e3 * totals["key"] / iters, "host_no_launcher_ms": 1e3 * no_launcher}
+
+
 def host_times(model, x, dtype, iters: int) -> list:
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
@@ -97,6 +175,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name} | torch {torch.__version__} | batch {args.batch_size} | bf16 autocast", flush=True)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    summary = {}
     for model_name in ("vim_small", "dyvm_vim_small"):
         _, model, _ = build_model(model_name, device, args.img_size, block_keep_ratio=AUTHORS_REALISED_BLOCK_KEEP_RATIO,
                                   calib_batch=min(64, 4 * args.batch_size))
@@ -109,7 +188,33 @@ def main(argv=None):
         for label, total in sorted(totals.items(), key=lambda kv: -kv[1]):
             print(f"   {label:62s} {1e3 * total / args.iters:7.2f} ms {counts[label] / args.iters:5.0f} calls "
                   f"{1e6 * total / counts[label]:7.1f} us each", flush=True)
+        if device.type == "cuda":
+            summary[model_name] = launch_report(model, x, torch.bfloat16, args.iters)
+            summary[model_name].update(host_ms=1e3 * plain, gpu_ms=gpu_ms(model, x, torch.bfloat16, args.iters))
         del model
+    if summary:
+        print(launch_summary(summary))
+
+
+def launch_summary(summary: dict) -> str:
+    """The GPU runs' table: host and GPU time per forward, the direct launches' split, the host without the C
+    launcher (and without the key), against the host time that eager DyVM-S at 1.3x dense needs."""
+    lines = [f"{'model':16s} {'host ms':>8s} {'GPU ms':>7s} {'launches':>8s} {'C launcher ms (us each)':>24s} "
+             f"{'key ms (us each)':>17s} {'host, no C launcher':>20s} {'and no key':>11s}"]
+    for name, r in summary.items():
+        n = max(r["launches"], 1)
+        lines.append(f"{name:16s} {r['host_ms']:8.2f} {r['gpu_ms']:7.2f} {r['launches']:8.0f} "
+                     f"{r['c_launcher_ms']:11.2f} ({1e3 * r['c_launcher_ms'] / n:5.1f} us)   "
+                     f"{r['key_ms']:6.2f} ({1e3 * r['key_ms'] / n:5.1f} us) {r['host_no_launcher_ms']:20.2f} "
+                     f"{r['host_no_launcher_ms'] - r['key_ms']:11.2f}")
+    if {"vim_small", "dyvm_vim_small"} <= set(summary):
+        dense, dyvm = summary["vim_small"], summary["dyvm_vim_small"]
+        need = max(dense["gpu_ms"], dense["host_ms"]) / 1.3
+        free = max(dyvm["host_no_launcher_ms"] - dyvm["key_ms"], dyvm["gpu_ms"])
+        lines.append(f"eager DyVM-S at 1.3x dense Vim-S needs a forward in {need:.2f} ms (dense: max(host, GPU) / 1.3); "
+                     f"DyVM-S takes {max(dyvm['host_ms'], dyvm['gpu_ms']):.2f} ms now, {free:.2f} ms if its Triton "
+                     f"launches cost nothing: {max(dense['gpu_ms'], dense['host_ms']) / free:.2f}x at best")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
