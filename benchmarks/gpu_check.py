@@ -13,7 +13,8 @@ check  (before any timing) at Vim-S size:
        - the DyVM loss with the teacher replayed from a CUDA graph equals the eager teacher's; with the teacher
          started ahead on a side stream (DyVMLoss.teacher_ahead), the same loss and gradients bit for bit.
 infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrated to a block keep ratio of
-       0.735), eager (and its host time), CUDA graph and torch.compile, bf16 batch 128 and fp32 batch 64 / 128.
+       0.735), the two timed in turns: eager (and its host time), CUDA graph and torch.compile, bf16 batch 128
+       and fp32 batch 64 / 128.
 backbones  the same for VideoMamba-S and MambaReg-S.
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
        with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
@@ -23,7 +24,6 @@ Prints a table of everything at the end; JSON under --out.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -248,135 +248,67 @@ def check_graph_training(summary):
     torch.cuda.empty_cache()
 
 
-def host_and_total(model, x, dtype, iters=20):
-    """Median host time (until model(x) returns) and total time (until the GPU is done), ms."""
-    host, total = [], []
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        for i in range(5 + iters):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            if i >= 5:
-                host.append(t1 - t0)
-                total.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(host), 1e3 * statistics.median(total)
+def time_pair(summary, rows, models: dict, keep: dict, dtype, batch: int, mode: str, label: str):
+    """A dense model and its DyVM ({dense name: model, DyVM name: model}, in that order) timed in turns
+    (dyvm.benchmark.measure_interleaved: the host's pace drifts within a minute): rows per model, and under
+    `label` images/s with the DyVM's ratio (the median of the round-by-round ratios, and their range), host and
+    total milliseconds a batch."""
+    from dyvm.benchmark import measure_interleaved, paired_speedup
+
+    try:
+        got = measure_interleaved(models, batch, 224, 3, "cuda", dtype, warmup=3 if mode == "compile" else 10,
+                                  iters=30, mode=mode)
+    except Exception as e:  # noqa: BLE001  (a compile failure must not lose the other numbers)
+        print(f"{label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return
+    for name, r in got.items():
+        rows.append({"model": name, "dtype": str(dtype), "batch": batch, "mode": mode, "gate_keep": keep[name],
+                     "images_per_s": r["images_per_s"], "host_ms": 1e3 * r["median_host_s"],
+                     "total_ms": 1e3 * r["median_batch_s"], "round_s": r["round_s"]})
+        print(f"{name:22s} {str(dtype):15s} b{batch:4d} {mode:10s} {r['images_per_s']:9.1f} img/s  host "
+              f"{1e3 * r['median_host_s']:6.2f} ms total {1e3 * r['median_batch_s']:6.2f} ms", flush=True)
+    dense, dyvm = got.values()
+    by_round = [d / m for m, d in zip(dyvm["round_s"], dense["round_s"])]
+    summary[f"{label}: dense / dyvm img/s, ratio (rounds)"] = (
+        f"{dense['images_per_s']:.0f} / {dyvm['images_per_s']:.0f}, {paired_speedup(dyvm, dense):.2f}x "
+        f"({min(by_round):.2f} to {max(by_round):.2f})")
+    summary[f"{label} host/total ms: dense | dyvm"] = (
+        f"{1e3 * dense['median_host_s']:.1f}/{1e3 * dense['median_batch_s']:.1f} | "
+        f"{1e3 * dyvm['median_host_s']:.1f}/{1e3 * dyvm['median_batch_s']:.1f}")
 
 
-def timed_images_per_s(run, batch, warmup, iters=30):
-    times = []
-    for i in range(warmup + iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+def built_pair(dense_name: str) -> tuple:
+    """({dense name: model, DyVM name: model}, {name: realised block keep ratio}) at token keep 0.7, the gates
+    calibrated to a block keep ratio of 0.735."""
+    from dyvm.benchmark import build_model
 
-
-def capture(model, x, dtype):
-    """A CUDA graph of model(x) (no dyvm.serving: this also runs against older revisions as their baseline)."""
-    ac = lambda: torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None,  # noqa: E731
-                                cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad(), ac():
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad(), ac():
-        model(x)
-    return graph.replay
+    models, keep = {}, {}
+    for name in (dense_name, "dyvm_" + dense_name):
+        _, models[name], keep[name] = build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
+    return models, keep
 
 
 def infer(summary, rows, configs, modes):
-    from dyvm.benchmark import build_model
-
-    models = {}
-    for name in ("vim_small", "dyvm_vim_small"):
-        models[name] = build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
-    for dtype, batch in configs:
-        for name, (_, model, realised) in models.items():
-            model.eval()
-            x = torch.randn(batch, 3, 224, 224, device="cuda")
-            host, total = host_and_total(model, x, dtype)
-            for mode in modes:
-                if mode == "compile" and (dtype is None or batch != 128):
-                    continue  # one compiled configuration (bf16, batch 128): each compile takes a minute or more
-                try:
-                    if mode == "cuda_graph":
-                        run, warmup = capture(model, x, dtype), 10
-                    else:
-                        fn = torch.compile(model) if mode == "compile" else model
-
-                        def run(fn=fn):
-                            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
-                                                                 enabled=dtype is not None):
-                                fn(x)
-                        warmup = 3 if mode == "compile" else 10
-                    ips = timed_images_per_s(run, batch, warmup)
-                except Exception as e:  # noqa: BLE001  (a compile failure must not lose the other numbers)
-                    ips = float("nan")
-                    print(f"{name} {mode} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                row = {"model": name, "dtype": str(dtype), "batch": batch, "mode": mode, "gate_keep": realised,
-                       "images_per_s": ips}
-                if mode == "eager":
-                    row.update(host_ms=host, total_ms=total)
-                rows.append(row)
-                print(f"{name:15s} {str(dtype):15s} b{batch:4d} {mode:10s} {ips:9.1f} img/s"
-                      + (f"  host {host:6.2f} ms total {total:6.2f} ms" if mode == "eager" else ""), flush=True)
+    models, keep = built_pair("vim_small")
     for dtype, batch in configs:
         for mode in modes:
-            got = {r["model"]: r["images_per_s"] for r in rows
-                   if r["dtype"] == str(dtype) and r["batch"] == batch and r["mode"] == mode}
-            if len(got) == 2:
-                summary[f"infer {dtype} b{batch} {mode}: dense / dyvm img/s, ratio"] = (
-                    f"{got['vim_small']:.0f} / {got['dyvm_vim_small']:.0f}, "
-                    f"{got['dyvm_vim_small'] / got['vim_small']:.2f}x")
-            hosts = {r["model"]: (r["host_ms"], r["total_ms"]) for r in rows
-                     if r["dtype"] == str(dtype) and r["batch"] == batch and r["mode"] == "eager"}
-            if mode == "eager" and len(hosts) == 2:
-                summary[f"infer {dtype} b{batch} eager host/total ms: dense | dyvm"] = (
-                    "{:.1f}/{:.1f} | {:.1f}/{:.1f}".format(*hosts["vim_small"], *hosts["dyvm_vim_small"]))
+            if mode == "compile" and (dtype is None or batch != 128):
+                continue  # one compiled configuration (bf16, batch 128): each compile takes a minute or more
+            time_pair(summary, rows, models, keep, dtype, batch, mode, f"infer {dtype} b{batch} {mode}")
 
 
 def backbones(summary, rows):
     """VideoMamba-S and MambaReg-S: DyVM training on the kernels against the references at full size, then
     dense and DyVM images/s (eager and CUDA graph, fp32 and bf16, batch 128)."""
-    from dyvm.benchmark import build_model
-
     for dense_name in ("videomamba_small", "mambareg_small"):
         check_training(summary, dense_name, tag=f"train fp32 {dense_name}")
     for dense_name in ("videomamba_small", "mambareg_small"):
-        built = {name: build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
-                 for name in (dense_name, "dyvm_" + dense_name)}
+        models, keep = built_pair(dense_name)
         for dtype in (torch.bfloat16, None):
-            got = {}
-            for name, (_, model, realised) in built.items():
-                model.eval()
-                x = torch.randn(128, 3, 224, 224, device="cuda")
-                for mode in ("eager", "cuda_graph"):
-                    if mode == "cuda_graph":
-                        run = capture(model, x, dtype)
-                    else:
-                        def run(model=model):
-                            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
-                                                                 enabled=dtype is not None):
-                                model(x)
-                    got[name, mode] = timed_images_per_s(run, 128, 10)
-                    rows.append({"model": name, "dtype": str(dtype), "batch": 128, "mode": mode,
-                                 "gate_keep": realised, "images_per_s": got[name, mode]})
             for mode in ("eager", "cuda_graph"):
-                dense, dy = got[dense_name, mode], got["dyvm_" + dense_name, mode]
-                summary[f"infer {dense_name} {dtype} b128 {mode}: dense / dyvm img/s, ratio"] = (
-                    f"{dense:.0f} / {dy:.0f}, {dy / dense:.2f}x")
-        del built
+                time_pair(summary, rows, models, keep, dtype, 128, mode, f"infer {dense_name} {dtype} b128 {mode}")
+        del models
         torch.cuda.empty_cache()
-
-
 
 
 def train_options(graph: bool) -> argparse.Namespace:

@@ -1,7 +1,10 @@
 """Inference throughput of dense Vim and DyVM, measured in one process so the numbers compare.
 
 Method: model.eval(), no_grad, a fixed random batch on the device, `warmup` untimed forwards, then `iters`
-timed forwards, each bracketed by device synchronisation; images/s = batch / median batch time.
+timed forwards, each bracketed by device synchronisation; images/s = batch / median batch time. The models of a
+run take turns, a few forwards each (measure_interleaved): the GPU machines' hosts change pace within a minute,
+and eager inference is bound by the host, so models timed one after the other would be compared at different
+paces. DyVM's speed-up over its dense model is the median of their round-by-round ratios.
 
 An untrained DyVM (gate heads at weight 0 / bias 5) would run every scan direction, which is not what a
 trained one does. `--block-keep-ratio` gives it a realistic per-image gate pattern: each gate head gets random
@@ -59,30 +62,85 @@ def _runner(model: nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype], mod
     return run
 
 
-@torch.no_grad()
 def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device,
                        dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30,
-                       mode: str = "eager") -> dict:
+                       mode: str = "eager", seed: int = 0) -> dict:
     """Median images/s of model(x) on a random batch; dtype = autocast dtype (None: fp32); mode: eager,
     cuda_graph or compile (see _runner). Eager small models and bf16 are bound by the host's launch work:
-    cuda_graph shows what the GPU can do, which is what a deployment through dyvm.serving gets."""
+    cuda_graph shows what the GPU can do, which is what a deployment through dyvm.serving gets. To compare
+    models, time them together: measure_interleaved."""
+    return measure_interleaved({"model": model}, batch_size, img_size, in_chans, device, dtype, warmup, iters, mode,
+                               seed)["model"]
+
+
+# Timed forwards a model runs in its turn before the next model's (measure_interleaved)
+ROUND = 5
+
+
+@torch.no_grad()
+def measure_interleaved(models: dict, batch_size: int, img_size: int, in_chans: int, device,
+                        dtype: Optional[torch.dtype] = None, warmup: int = 10, iters: int = 30,
+                        mode: str = "eager", seed: int = 0) -> dict:
+    """measure_throughput of several models {name: model} on the same batch, their timed forwards interleaved:
+    each runs ROUND forwards in turn, the order reversed every round, until each has run `iters`. The GPU
+    machines' hosts change pace by up to 2x within a minute, and eager inference is bound by the host: models
+    timed one after the other are compared at different paces, interleaved ones at the same. Per name: images/s
+    (batch / median time to the device's end), median_host_s (until the call returned: the host's part),
+    round_s (each round's median batch time: paired_speedup compares two models round by round). The inputs come
+    from `seed` alone (a DyVM's speed follows its decisions, which follow its inputs)."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
-    run = _runner(model, x, dtype, mode)
-    times = []
-    for i in range(warmup + iters):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    median = statistics.median(times)
-    return {"images_per_s": batch_size / median, "median_batch_s": median, "batch_size": batch_size,
-            "iters": iters, "warmup": warmup, "mode": mode}
+    was_training = {name: m.training for name, m in models.items()}
+    x = torch.randn(batch_size, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device)
+    times = {name: [] for name in models}
+    rounds = {name: [] for name in models}
+    try:
+        runs = {}
+        for name, m in models.items():
+            m.eval()
+            runs[name] = _runner(m, x, dtype, mode)
+            for _ in range(warmup):
+                runs[name]()
+        order, done = list(runs), 0
+        while done < iters:
+            n = min(ROUND, iters - done)
+            for name in order:
+                timed = [_timed_call(runs[name], device) for _ in range(n)]
+                times[name] += timed
+                rounds[name].append(statistics.median(total for _, total in timed))
+            order.reverse()
+            done += n
+    finally:
+        for name, m in models.items():
+            m.train(was_training[name])
+    results = {}
+    for name in models:
+        median = statistics.median(total for _, total in times[name])
+        results[name] = {"images_per_s": batch_size / median, "median_batch_s": median,
+                         "median_host_s": statistics.median(host for host, _ in times[name]),
+                         "round_s": rounds[name], "batch_size": batch_size, "iters": iters, "warmup": warmup,
+                         "mode": mode}
+    return results
+
+
+def _timed_call(run, device: torch.device) -> tuple:
+    """(seconds until run() returned, seconds until the device finished it), from a synchronised start."""
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    returned = time.perf_counter()
+    _sync(device)
+    return returned - start, time.perf_counter() - start
+
+
+def paired_speedup(result: dict, baseline: dict) -> float:
+    """result's images/s over baseline's, two measure_interleaved results of one call: the median of their
+    round-by-round ratios (each round's pair ran at one pace of the host); for results timed apart, the ratio of
+    their images/s."""
+    a, b = result.get("round_s"), baseline.get("round_s")
+    if a and b and len(a) == len(b):
+        return statistics.median(base / mine for mine, base in zip(a, b))
+    return result["images_per_s"] / baseline["images_per_s"]
 
 
 @torch.no_grad()
@@ -180,35 +238,40 @@ def build_model(name: str, device, img_size: int = 224, token_keep_ratio: Option
 def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str], img_size: int, device: str,
         block_keep_ratio: Optional[float], token_keep_ratio: Optional[float], warmup: int, iters: int,
         profile: int = 0, modes: Sequence[str] = ("eager",), seed: int = 0) -> list:
-    rows = []
+    """Every model timed at every dtype, batch size and mode, the models of one setting interleaved
+    (measure_interleaved)."""
+    built = {}
     for name in models:
-        torch.manual_seed(seed)  # the same weights, gates and inputs in every run: DyVM's speed follows its gates
-        timm_name, model, realised = build_model(name, device, img_size, token_keep_ratio, block_keep_ratio,
-                                                 min(64, max(batch_sizes)))
-        for dt in dtypes:
-            for bs in batch_sizes:
-                for mode in modes:
-                    r = measure_throughput(model, bs, img_size, 3, device, DTYPES[dt], warmup, iters, mode)
+        torch.manual_seed(seed)  # the same weights and gates in every run: DyVM's speed follows its gates
+        built[name] = build_model(name, device, img_size, token_keep_ratio, block_keep_ratio,
+                                  min(64, max(batch_sizes)))
+    rows = []
+    for dt in dtypes:
+        for bs in batch_sizes:
+            for mode in modes:
+                results = measure_interleaved({name: model for name, (_, model, _) in built.items()}, bs, img_size,
+                                              3, device, DTYPES[dt], warmup, iters, mode, seed)
+                for name, r in results.items():
+                    timm_name, model, realised = built[name]
                     rows.append({"model": timm_name, "dtype": dt, "img_size": img_size,
                                  "block_keep_ratio": realised, **r})
-                    print(f"{timm_name:16s} {dt:5s} batch {bs:4d} {mode:10s}: {r['images_per_s']:9.1f} images/s"
+                    print(f"{timm_name:16s} {dt:5s} batch {bs:4d} {mode:10s}: {r['images_per_s']:9.1f} images/s, "
+                          f"host {1e3 * r['median_host_s']:.2f} ms a batch"
                           + (f" (realised block keep ratio {realised:.3f})" if realised is not None else ""),
                           flush=True)
-                if profile:
-                    print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
-        del model
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+                    if profile:
+                        print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
     return rows
 
 
 def speedups(rows: list) -> list:
-    """DyVM images/s over the dense model of the same size, dtype, batch, image size and mode."""
+    """DyVM images/s over the dense model of the same size, dtype, batch, image size and mode (paired_speedup:
+    round by round, as they were timed together)."""
     from dyvm.models.registry import resolve
 
     def key(r, model):
         return model, r["dtype"], r["batch_size"], r["img_size"], r.get("mode", "eager")
-    dense = {key(r, r["model"]): r["images_per_s"] for r in rows}
+    dense = {key(r, r["model"]): r for r in rows}
     out = []
     for r in rows:
         spec = resolve(r["model"])
@@ -216,7 +279,7 @@ def speedups(rows: list) -> list:
             base = dense.get(key(r, spec.dense_name))
             if base:
                 out.append({"model": r["model"], "dtype": r["dtype"], "batch_size": r["batch_size"],
-                            "mode": r.get("mode", "eager"), "speedup_vs_dense": r["images_per_s"] / base})
+                            "mode": r.get("mode", "eager"), "speedup_vs_dense": paired_speedup(r, base)})
     return out
 
 

@@ -33,9 +33,8 @@ def teacher_note(path: Optional[str]) -> str:
     return f"dense twin of the teacher {path} (timing and FLOPs need no weights)"
 
 
-def dense_baseline(model: nn.Module, teacher_path: Optional[str], timing: Optional[dict], graphed: bool) -> dict:
-    """FLOPs and images/s of the DyVM's dense twin, timed in the same process as the model."""
-    from dyvm.benchmark import measure_throughput
+def dense_baseline(model: nn.Module, teacher_path: Optional[str]) -> tuple:
+    """(the DyVM's dense twin on its device, its report entry: parameters and FLOPs; eval_report adds images/s)."""
     from dyvm.flops import nominal_macs
     from dyvm.models.registry import dense_twin
 
@@ -44,18 +43,15 @@ def dense_baseline(model: nn.Module, teacher_path: Optional[str], timing: Option
     res = {"path": teacher_path or None, "weights": teacher_note(teacher_path),
            "parameters": sum(p.numel() for p in dense.parameters())}
     res["gmacs_paper"], res["gmacs_full"] = (v / 1e9 for v in nominal_macs(dense))
-    if timing is not None:
-        res["throughput"] = measure_throughput(dense, **timing)
-        if graphed:
-            res["throughput_cuda_graph"] = measure_throughput(dense, mode="cuda_graph", **timing)
-    return res
+    return dense, res
 
 
 def eval_report(args, model: nn.Module, ema_model: Optional[nn.Module], val_loader, eval_kw: dict, rank: int,
                 teacher_path: Optional[str]) -> dict:
     """What main.py --eval writes to eval.json. eval_kw: dyvm.engine.evaluate's options; images/s are timed
-    on rank 0 only (--throughput), also as CUDA-graph replays on a GPU (--throughput-cuda-graph)."""
-    from dyvm.benchmark import measure_throughput
+    on rank 0 only (--throughput), also as CUDA-graph replays on a GPU (--throughput-cuda-graph); a DyVM's
+    with its dense twin's, the two interleaved (dyvm.benchmark.measure_interleaved)."""
+    from dyvm.benchmark import measure_interleaved, paired_speedup
     from dyvm.engine import evaluate
 
     device = next(model.parameters()).device
@@ -64,22 +60,22 @@ def eval_report(args, model: nn.Module, ema_model: Optional[nn.Module], val_load
     res["raw"] = evaluate(model, val_loader, device, desc="eval raw", **eval_kw)
     if ema_model is not None:
         res["ema"] = evaluate(ema_model, val_loader, device, desc="eval EMA", **eval_kw)
-    timing = None
-    if args.throughput and rank == 0:
-        timing = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
-                      device=device, dtype=eval_kw.get("amp_dtype"), warmup=max(2, args.throughput_iters // 3),
-                      iters=args.throughput_iters)
-    graphed = timing is not None and args.throughput_cuda_graph and device.type == "cuda"
-    if timing is not None:
-        res["throughput"] = measure_throughput(model, **timing)
-    if graphed:
-        res["throughput_cuda_graph"] = measure_throughput(model, mode="cuda_graph", **timing)
+    timed = {"model": model}
     if getattr(model, "dyvm_cfg", None) is not None:  # the dense teacher's shape, timed in the same run
-        t = res["teacher"] = dense_baseline(model, teacher_path, timing, graphed)
-        for key in ("throughput", "throughput_cuda_graph"):
-            if key in t:
-                suffix = key[len("throughput"):]
-                res["speedup_vs_teacher" + suffix] = res[key]["images_per_s"] / t[key]["images_per_s"]
+        timed["teacher"], res["teacher"] = dense_baseline(model, teacher_path)
+    if not args.throughput or rank != 0:
+        return res
+    timing = dict(batch_size=args.throughput_batch_size, img_size=args.input_size, in_chans=args.in_chans,
+                  device=device, dtype=eval_kw.get("amp_dtype"), warmup=max(2, args.throughput_iters // 3),
+                  iters=args.throughput_iters)
+    modes = ["eager"] + (["cuda_graph"] if args.throughput_cuda_graph and device.type == "cuda" else [])
+    for mode in modes:
+        key = "throughput" + ("" if mode == "eager" else "_" + mode)
+        got = measure_interleaved(timed, mode=mode, **timing)
+        res[key] = got["model"]
+        if "teacher" in got:
+            res["teacher"][key] = got["teacher"]
+            res["speedup_vs_teacher" + key[len("throughput"):]] = paired_speedup(got["model"], got["teacher"])
     return res
 
 
@@ -114,7 +110,8 @@ def summarize_eval(res: dict) -> str:
         tp = res["throughput"]
         text = f"  images/s: model {tp['images_per_s']:.1f}"
         if t is not None and "throughput" in t:
-            text += f", dense baseline {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f})"
+            text += (f", dense baseline {t['throughput']['images_per_s']:.1f} (x{res['speedup_vs_teacher']:.2f}; the two "
+                     f"timed in turns)")
         lines.append(text + f" (batch {tp['batch_size']}, median of {tp['iters']} timed batches)")
     if "throughput_cuda_graph" in res:
         text = f"  images/s, CUDA graph: model {res['throughput_cuda_graph']['images_per_s']:.1f}"

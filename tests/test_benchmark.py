@@ -101,3 +101,46 @@ def test_seed_makes_runs_time_the_same_decisions():
     first = realised(0)
     torch.rand(3)  # whatever ran in between
     assert realised(0) == first
+
+
+class Recorder(torch.nn.Module):
+    """A model that records its calls (name, input) in a shared log."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append((self.name, x.clone()))
+        return x.sum()
+
+
+def test_interleaved_models_take_turns_on_the_same_batch():
+    from dyvm.benchmark import ROUND, measure_interleaved
+
+    log = []
+    models = {"a": Recorder("a", log).train(), "b": Recorder("b", log).eval()}
+    res = measure_interleaved(models, batch_size=2, img_size=4, in_chans=1, device="cpu", warmup=1,
+                              iters=2 * ROUND + 1, seed=3)
+    names = [n for n, _ in log]
+    timed = names[2:]  # after one warm-up call each
+    assert names[:2] == ["a", "b"]
+    assert timed == ["a"] * ROUND + ["b"] * ROUND + ["b"] * ROUND + ["a"] * ROUND + ["a", "b"]
+    assert all(torch.equal(x, log[0][1]) for _, x in log)  # one batch for every model and call
+    again = []
+    measure_interleaved({"c": Recorder("c", again)}, 2, 4, 1, "cpu", warmup=0, iters=1, seed=3)
+    assert torch.equal(again[0][1], log[0][1])  # the batch follows the seed alone
+    for name in models:
+        r = res[name]
+        assert len(r["round_s"]) == 3 and r["iters"] == 2 * ROUND + 1 and r["images_per_s"] > 0
+        assert 0 < r["median_host_s"] <= r["median_batch_s"] * 10
+    assert models["a"].training and not models["b"].training  # modes restored
+
+
+def test_paired_speedup_is_the_median_of_round_ratios():
+    from dyvm.benchmark import paired_speedup
+
+    fast = {"round_s": [1.0, 1.0, 4.0], "images_per_s": 10.0}
+    slow = {"round_s": [2.0, 3.0, 4.0], "images_per_s": 10.0}
+    assert paired_speedup(fast, slow) == 2.0  # rounds: 2, 3, 1
+    assert paired_speedup({"images_per_s": 30.0}, {"images_per_s": 10.0}) == 3.0  # timed apart

@@ -80,7 +80,7 @@ def build_loaders(args, splits, world_size: int, rank: int, start_iter: int):
 
 
 def run_eval(args, model, val_loader, device, amp_dtype, rank: int) -> dict:
-    from dyvm.benchmark import measure_throughput
+    from dyvm.benchmark import measure_interleaved
     base = unwrap(model)
     stride = args.slide_stride or args.crop_size * 2 // 3
     res = {"model": args.model, "parameters": sum(p.numel() for p in base.parameters()),
@@ -95,11 +95,10 @@ def run_eval(args, model, val_loader, device, amp_dtype, rank: int) -> dict:
     if args.throughput and rank == 0:
         kw = dict(batch_size=args.throughput_batch_size, img_size=args.crop_size, in_chans=3, device=device,
                   dtype=amp_dtype, warmup=max(2, args.throughput_iters // 3), iters=args.throughput_iters)
-        timings = {"model": measure_throughput(base, **kw), "backbone": measure_throughput(base.backbone, **kw)}
-        if dense is not base:  # the dense twin timed in the same process, interleaved with the model
-            timings["dense_model"] = measure_throughput(dense, **kw)
-            timings["dense_backbone"] = measure_throughput(dense.backbone, **kw)
-        res["throughput"] = {k: v["images_per_s"] for k, v in timings.items()}
+        timed = {"model": base, "backbone": base.backbone}
+        if dense is not base:  # the dense twin, interleaved with the model (measure_interleaved)
+            timed.update(dense_model=dense, dense_backbone=dense.backbone)
+        res["throughput"] = {k: v["images_per_s"] for k, v in measure_interleaved(timed, **kw).items()}
         res["throughput"].update(batch_size=kw["batch_size"], iters=kw["iters"], device=str(device),
                                  dtype=str(amp_dtype or "float32"))
     return res
