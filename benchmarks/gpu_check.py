@@ -6,8 +6,9 @@ Model-level sections (here):
 check  (before any timing) at Vim-S size:
        - eager inference makes no host-device sync (torch's sync debug mode);
        - eager inference with the cached inference weights (autocast dtype) equals the uncached computation;
-       - dyvm.serving's CUDA-graph replays equal eager calls (dense and DyVM, fp32 and bf16), see parameters
-         updated in place, and stay correct across a cache eviction;
+       - dyvm.serving's CUDA-graph replays equal eager calls (dense and DyVM, fp32 and bf16), stay correct across a
+         cache eviction and an eager call in the other dtype, and see parameters updated in place (a plain weight
+         and derived ones: captured again);
        - DyVM training on the kernels against the PyTorch references (MAMBA_FORCE_REFERENCE): logits, every
          loss term and the gradients, fp32, batch 8;
        - the DyVM loss with the teacher replayed from a CUDA graph equals the eager teacher's; with the teacher
@@ -91,14 +92,23 @@ def check(summary):
             with torch.no_grad(), torch.autocast(**ac):
                 ref = model.forward_aux(x[:7])
             summary[f"check graph {name} {dtype}: after eviction rel"] = rel(out2.logits, ref.logits)
+            # an eager call in the other dtype re-derives the layers' cached weights: the graph keeps reading its own
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is None):
+                model.forward_aux(x[:7])
+            summary[f"check graph {name} {dtype}: after an eager call in the other dtype rel"] = rel(
+                fast(x[:7]).logits, ref.logits)
+            # in-place updates of a plain weight and of weights the forward derives (cast, stacked, split, -exp)
+            changed = (model.head.weight, model.layers[5].mixer.in_proj.weight, model.layers[5].mixer.A_log)
             with torch.no_grad():
-                model.head.weight.mul_(0.5)
+                for p in changed:
+                    p.mul_(0.5)
                 out3 = fast(x[:7]).logits.clone()
                 with torch.autocast(**ac):
                     ref3 = model(x[:7])
-                model.head.weight.mul_(2.0)
+                for p in changed:
+                    p.mul_(2.0)
             summary[f"check graph {name} {dtype}: in-place update seen rel"] = rel(out3, ref3)
-            summary[f"check graph {name} {dtype}: captures"] = fast.captures
+            summary[f"check graph {name} {dtype}: captures (3: the update captured again)"] = fast.captures
         del model
     torch.cuda.empty_cache()
     check_training(summary)

@@ -15,12 +15,17 @@ Rules of the cache:
   used evicted, its memory freed): a last, smaller batch of an evaluation gets its own graph;
 - outputs live in the graph's memory and are overwritten by the next call of the same shape: clone them to keep
   them (`copy_outputs=True` does it for every call);
-- parameters are read from their memory at every replay, so in-place updates (an optimizer step, load_state_dict)
-  are seen; moving the model (.to(), .cuda()) is detected and the graphs are captured again; after replacing a
-  sub-module, call `reset()`;
+- the weights a forward derives from the parameters (each layer's stacked scan weights, A = -exp(A_log), the 16-bit
+  casts under autocast, the fp32 kernels' TF32 parts) are derived by the eager calls before a capture and read by
+  the graph, not derived again at every replay (about 0.6 ms of a DyVM-S fp32 forward's 19 ms); a parameter
+  changed in place (an optimizer step, load_state_dict: its version counter moves) or moved (.to(), .cuda()) is
+  detected at the next call and the graphs are captured again; after replacing a sub-module, call `reset()`
+  (a change through `.data`, which bypasses the version counter, is not seen: eager inference's weight cache
+  relies on the counter too);
 - inputs that are not CUDA tensors, or a machine without CUDA, run the plain forward (no_grad, autocast if asked):
   the same call works everywhere.
 """
+import operator
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import fields, is_dataclass, replace
@@ -29,6 +34,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from mamba_ssm.modules.mamba_simple import inference_caches, weights_constant_while
+
+_data_ptr, _version = Tensor.data_ptr, operator.attrgetter("_version")
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -76,8 +85,9 @@ class GraphedModule:
         self.model, self.method, self.dtype = model, method, dtype
         self.max_graphs, self.copy_outputs, self.warmup = max_graphs, copy_outputs, warmup
         self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
-        self._tensors: list = []  # parameters and buffers the graphs read, and where they were at capture
-        self._where: tuple = ()
+        self._tensors: list = []  # parameters and buffers the graphs were captured from
+        self._where: tuple = ()  # their addresses and version counters then
+        self._derived: list = []  # the derived weights the graphs read (kept alive while the graphs are)
         self.captures = 0  # graphs captured so far (tests and logs)
 
     def _fn(self, x: Tensor):
@@ -97,23 +107,26 @@ class GraphedModule:
     def reset(self) -> None:
         """Drop every graph (and the memory it holds); the next call captures again."""
         self._graphs.clear()
-        self._tensors, self._where = [], ()
+        self._tensors, self._where, self._derived = [], (), []
 
-    def _moved(self) -> bool:
-        return tuple(t.data_ptr() for t in self._tensors) != self._where
+    def _state(self) -> tuple:
+        return (*map(_data_ptr, self._tensors), *map(_version, self._tensors))
 
     def _capture(self, x: Tensor, dtype: Optional[torch.dtype]) -> _Graph:
         static_input = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         # the autocast weight cache cannot outlive a capture: off during warm-up and capture alike
-        with torch.cuda.stream(side), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
-            for _ in range(self.warmup):
-                self._fn(static_input)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
-            static_output = self._fn(static_input)
+        # the warm-up calls derive and keep the weights (eager inference's caches), the capture reads them
+        with weights_constant_while(self.model):
+            with torch.cuda.stream(side), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
+                for _ in range(self.warmup):
+                    self._fn(static_input)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
+                static_output = self._fn(static_input)
+        self._derived.append(inference_caches(self.model))
         self.captures += 1
         return _Graph(graph, static_input, static_output)
 
@@ -124,10 +137,10 @@ class GraphedModule:
             raise ValueError("CUDA graphs here serve inference: call model.eval() first")
         if torch.cuda.is_current_stream_capturing():  # inside the capture of another graph: becomes part of it
             return self.eager(x)
-        if not self._graphs or self._moved():
+        if not self._graphs or self._state() != self._where:
             self.reset()
             self._tensors = list(self.model.parameters()) + list(self.model.buffers())
-            self._where = tuple(t.data_ptr() for t in self._tensors)
+            self._where = self._state()
         dtype = self._dtype(x)
         key = (tuple(x.shape), x.dtype, x.device, dtype)
         entry = self._graphs.get(key)

@@ -70,3 +70,39 @@ def test_map_tensors_reaches_dataclass_fields():
     copy = map_tensors(out, torch.clone)
     assert copy.logits is not out.logits and torch.equal(copy.logits, out.logits)
     assert copy.decisions[0] is not out.decisions[0] and copy.gates is None and copy.seq_lens == [5, 5]
+
+
+def test_weights_constant_while_scopes_the_flag():
+    from mamba_ssm.modules.mamba_simple import _CONSTANT_WEIGHTS, declare_constant_weights, weights_constant_while
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), declare_constant_weights(torch.nn.Linear(2, 2)))
+    flags = lambda: [m.__dict__.get(_CONSTANT_WEIGHTS, False) for m in model.modules()]  # noqa: E731
+    with weights_constant_while(model):
+        assert all(flags())
+    assert flags() == [False, False, True]  # declared before: stays declared
+
+
+def test_the_caches_a_capture_reads_are_found(tiny_dyvm):
+    from mamba_ssm.modules.mamba_simple import inference_caches
+
+    with torch.no_grad():
+        tiny_dyvm(torch.randn(2, 3, 32, 32))
+    caches = inference_caches(tiny_dyvm)
+    mixers = [layer.mixer for layer in tiny_dyvm.layers]
+    assert any(c is m.__dict__["_inference_cache"] for m in mixers for c in caches)
+    assert any(c is tiny_dyvm.__dict__["_inference_weights_memo"] for c in caches)
+    assert len(caches) >= len(mixers) + 1
+
+
+def test_in_place_updates_and_moves_change_what_the_graphs_were_captured_from(tiny_dyvm):
+    fast = graphed(tiny_dyvm)
+    fast._tensors = list(tiny_dyvm.parameters())
+    state = fast._state()
+    assert fast._state() == state
+    weight = tiny_dyvm.layers[1].mixer.in_proj.weight
+    with torch.no_grad():
+        weight.mul_(1.0)  # the values are the same, the version counter moved: captured again to be safe
+    assert fast._state() != state
+    state = fast._state()
+    fast._tensors[0] = fast._tensors[0].clone()  # another address
+    assert fast._state() != state

@@ -100,13 +100,13 @@ class TokenScorePredictor(nn.Module):
         run: hooks that must see their calls, or autocast with no cache (autocast casts the modules' weights itself).
         Eager inference keeps them while the parameters are unchanged, cast to the autocast dtype (as the Mamba
         mixers keep theirs: autocast would cast each weight and bias on every call, 8 small ops per stage), with the
-        memo where the fp32 kernel keeps the weights' split; elsewhere (training, CUDA graph capture) they are the
-        parameters themselves."""
+        memo where the fp32 kernel keeps the weights' split; elsewhere (training, CUDA graph captures of weights not
+        declared constant) they are the parameters themselves."""
         modules = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
         if ({type(m) for m in modules} != {nn.Linear}
                 or linear_fp32.module_hooked(self.in_conv, self.out_conv, *self.in_conv, *self.out_conv)):
             return None
-        if inference_cache_usable(x):
+        if inference_cache_usable(x, self):
             params = [p for m in modules for p in (m.weight, m.bias)]
             cached = cached_for_inference(
                 self, params, x, lambda dtype: [(m.weight if dtype is None else m.weight.to(dtype),

@@ -4,6 +4,7 @@ bimamba_type "none": the original one-direction Mamba. "v2" (Vim): a second, rev
 conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b, sharing in_proj, z and out_proj; the two outputs are
 summed (halved when if_divide_out). Parameter names match Vim's, so released Vim checkpoints load as-is.
 """
+import contextlib
 import math
 import operator
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
@@ -48,6 +49,29 @@ def declare_constant_weights(module: nn.Module) -> nn.Module:
     for m in module.modules():
         m.__dict__[_CONSTANT_WEIGHTS] = True
     return module
+
+
+@contextlib.contextmanager
+def weights_constant_while(module: nn.Module):
+    """Within the block, `module`'s weights count as constant (declare_constant_weights): a CUDA-graph capture
+    reads the weights that eager calls derived and kept, instead of deriving them inside the graph (dyvm.serving,
+    which holds on to what its graphs read and captures again when a parameter changes). Modules declared
+    constant before stay so."""
+    changed = [m for m in module.modules() if not m.__dict__.get(_CONSTANT_WEIGHTS, False)]
+    for m in changed:
+        m.__dict__[_CONSTANT_WEIGHTS] = True
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.__dict__.pop(_CONSTANT_WEIGHTS, None)
+
+
+def inference_caches(module: nn.Module) -> list:
+    """What `module`'s eager inference keeps (each submodule's cached weights, a model's memo of its layers'):
+    a graph captured under weights_constant_while reads these tensors, so its owner keeps them alive."""
+    return [m.__dict__[name] for m in module.modules()
+            for name in ("_inference_cache", "_inference_weights_memo") if name in m.__dict__]
 
 
 def inference_cache_usable(x, owner: Optional[nn.Module] = None) -> bool:
