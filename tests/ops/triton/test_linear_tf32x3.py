@@ -186,7 +186,7 @@ def test_score_predictor_linears_take_the_kernel(small_rows, monkeypatch):
     assert calls == weights * 2 and splits == weights  # split once, then from the cached weights' memo
     calls.clear()
     splits.clear()
-    monkeypatch.setattr("dyvm.models.predictor.inference_cache_usable", lambda x: False)  # (as under capture)
+    monkeypatch.setattr("dyvm.models.predictor.inference_cache_usable", lambda x, owner=None: False)  # (as under capture)
     with torch.no_grad(), triton_on_cpu():
         torch.testing.assert_close(predictor(x, policy).double(), want, rtol=1e-5, atol=1e-5)
     assert calls == weights and splits == weights
