@@ -79,3 +79,21 @@ def test_backward_writes_both_dtypes_of_the_input_gradient(is_rms):
     torch.testing.assert_close(got[0].float(), got[1], rtol=2 ** -7, atol=0)
     want = grads(layer_norm_ref(*args), inputs, gs)
     assert_close_all(got, want, torch.bfloat16, [n for n, t in zip(["x", "res", "w", "b"], inputs) if t is not None])
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_inference_without_statistics_computes_the_same(is_rms):
+    """No gradient wanted: the kernel stores no mean / rstd (nothing reads them) and allocates none; out and
+    residual_out are the same as the training path's, bit for bit, and ask for no statistics buffers."""
+    from mamba_ssm.ops.triton.layernorm_kernel import _norm_forward
+
+    x = torch.randn(4, 9, 96, dtype=torch.bfloat16)
+    res = torch.randn(4, 9, 96)
+    w, b = torch.randn(96), None if is_rms else torch.randn(96)
+    with torch.no_grad():
+        inference = layer_norm_triton(x, w, b, res, 1e-5, True, True, is_rms)
+    training = layer_norm_triton(x, w.requires_grad_(), b, res, 1e-5, True, True, is_rms)
+    for got, want in zip(inference, training):
+        assert torch.equal(got, want.detach())
+    _, _, rstd, mean = _norm_forward(x, w.detach(), b, res, 1e-5, True, is_rms, store_stats=False)
+    assert rstd is None and mean is None

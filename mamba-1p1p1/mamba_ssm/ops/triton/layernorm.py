@@ -59,8 +59,10 @@ def layer_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     _check_residual(x, residual)
     if needs_grad(x, weight, bias, residual):
         return LayerNormTriton.apply(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
-    # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound)
-    out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
+    # inference: the kernel without the autograd.Function's overhead (eager inference is host-bound), and without
+    # the statistics that only a backward reads (two allocations a layer fewer)
+    out, res_out, _, _ = _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm,
+                                       store_stats=False)
     return (out, res_out) if prenorm else out
 
 

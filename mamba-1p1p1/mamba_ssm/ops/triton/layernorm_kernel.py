@@ -16,7 +16,7 @@ from causal_conv1d.triton_utils import launch, row_blocks
 @triton.jit
 def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_ptr, mean_ptr, n_rows, n_cols, eps,
                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_STATS: tl.constexpr = True):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask_r = rows < n_rows
@@ -30,10 +30,12 @@ def _norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, rstd_pt
         xc = r
     else:
         mean = tl.sum(r, axis=1) / n_cols
-        tl.store(mean_ptr + rows, mean, mask=mask_r)
+        if STORE_STATS:
+            tl.store(mean_ptr + rows, mean, mask=mask_r)
         xc = tl.where(mask, r - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+    if STORE_STATS:
+        tl.store(rstd_ptr + rows, rstd, mask=mask_r)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
@@ -81,9 +83,10 @@ def _norm_bwd_kernel(res_out_ptr, w_ptr, dy_ptr, dres_ptr, rstd_ptr, mean_ptr, d
         tl.store(db_ptr + pid * n_cols + cols, tl.sum(dy, axis=0), mask=mask_c)
 
 
-def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm):
-    """-> out, residual_out (both x's shape, contiguous), rstd, mean (rstd again for RMSNorm). The kernel
-    reads and writes rows of n_cols through plain pointers, so no 2-D views are made (each a dispatch)."""
+def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm, store_stats=True):
+    """-> out, residual_out (both x's shape, contiguous), rstd, mean (rstd again for RMSNorm; both None without
+    store_stats: inference, where no backward reads them). The kernel reads and writes rows of n_cols through
+    plain pointers, so no 2-D views are made (each a dispatch)."""
     dtype = x.dtype
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
@@ -91,13 +94,16 @@ def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
     n_rows = x.numel() // n_cols if n_cols else 0
     out = torch.empty(x.shape, device=x.device, dtype=dtype)
     res_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else dtype)
-    rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
-    mean = torch.empty_like(rstd) if not is_rms_norm else rstd
+    rstd = mean = None
+    if store_stats:
+        rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
+        mean = torch.empty_like(rstd) if not is_rms_norm else rstd
     block_m, block_n = row_blocks(n_cols)
     launch(_norm_fwd_kernel, (-(-n_rows // block_m),),
         x, residual if residual is not None else x, weight, bias if bias is not None else weight, out, res_out,
-        rstd, mean, n_rows, n_cols, eps, HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        rstd if store_stats else out, mean if store_stats else out, n_rows, n_cols, eps, HAS_RES=residual is not None,
+        HAS_BIAS=bias is not None, IS_RMS=is_rms_norm, BLOCK_M=block_m, BLOCK_N=block_n, STORE_STATS=store_stats,
+        num_warps=4)
     return out, res_out, rstd, mean
 
 
