@@ -80,6 +80,11 @@ def _bit_identical_to_the_general_path(models, name, kernels):
                 _assert_identical(got, want)
                 assert got_lens == lens
     assert all("_inference_cache" in layer.mixer.__dict__ for layer in model.layers)  # the fast path ran
+    if kernels:  # the fp32 scan reads A (R, d, N)-contiguous: kept with the cached weights, not copied per call
+        for layer in model.layers:
+            stacked = layer.mixer.__dict__["_inference_cache"][1].stacked
+            kept = stacked.memo["A (R, d, N)"]
+            assert kept.is_contiguous() and not stacked.A.is_contiguous() and torch.equal(kept, stacked.A)
     if name == "dyvm":  # the gates differ per image, so the skipped directions are exercised
         gates = got[-1]
         assert gates.shape == (3, 3, 2) and 0 < gates.mean() < 1

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from mamba_ssm.ops.cpu import selective_scan as cpu_scan
-from mamba_ssm.ops.dispatch import needs_grad, ops_watched, triton_enabled
+from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
 
 _EMPTY = (0,)
 
@@ -222,16 +222,36 @@ def scan_apply(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 z: Optional[Tensor], delta_bias: Optional[Tensor], gate: Optional[Tensor], delta_softplus: bool,
                 scale: float, channels_last_out: bool, want_ckpt: bool = False, mixer_grads=None,
-                lengths: Optional[Tensor] = None) -> Tensor:
+                lengths: Optional[Tensor] = None, weights_memo: Optional[dict] = None) -> Tensor:
     """scan_apply's output alone (no last state). In eager inference the implementation just writes a fresh
-    output: none of the op's placeholder outputs, each an allocation the host pays on every layer."""
+    output: none of the op's placeholder outputs, each an allocation the host pays on every layer.
+    weights_memo: inference's cached weights' memo (StackedWeights.memo), where A is kept in the memory order
+    the kernel reads (_A_as_read)."""
     if ops_watched() or needs_grad(u, delta, A, B, C, D, z, delta_bias, gate):
         return scan_apply(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, False, channels_last_out,
                           want_ckpt, mixer_grads, lengths)[0]
     out = _out_like(u, channels_last_out)
-    _implementation(u).scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
-                                    False, lengths=lengths)
+    implementation = _implementation(u)
+    if implementation is not cpu_scan and weights_memo is not None:
+        A = _A_as_read(implementation, u, A, weights_memo)
+    implementation.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gate, scale, out, False,
+                                False, lengths=lengths)
     return out
+
+
+def _A_as_read(kernels, u: Tensor, A: Tensor, memo: dict) -> Tensor:
+    """A (R, d, N) in the memory order the scan kernel reads for inputs like u (kernels.forward_lanes_on_channels).
+    The stacked weights hold A (R, N, d)-contiguous, the order of the 16-bit kernels on the mixer's layout; the fp32
+    ones read (R, d, N), which scan_forward would copy at every call (a launch a layer): the copy is made once and
+    kept in the memo (not from inside a CUDA-graph capture, whose tensors hold values only once it replays)."""
+    if kernels.forward_lanes_on_channels(u) or A.is_contiguous():
+        return A
+    ordered = memo.get("A (R, d, N)")
+    if ordered is None:
+        ordered = A.contiguous()
+        if not graph_capturing(A):
+            memo["A (R, d, N)"] = ordered
+    return ordered
 
 
 def scan_macs(u_shape, d_state: int) -> int:

@@ -123,6 +123,12 @@ def _tuning_key(t: Tensor) -> str:
     return f"{'cf' if t.stride(-1) == 1 else 'cl'}/{min(t.element_size(), 4)}"
 
 
+def forward_lanes_on_channels(u: Tensor) -> bool:
+    """Whether scan_forward's default plan for inputs like u reads A (R, N, d)-contiguous (lanes along channels),
+    else (R, d, N)-contiguous: inference keeps A in that order (mamba_ssm.ops.scan_op.scan_output)."""
+    return FWD_TUNING[_tuning_key(u)]["lanes_on_channels"]
+
+
 apply_tuning_file("fwd", FWD_TUNING)
 apply_tuning_file("bwd", BWD_TUNING)
 
