@@ -334,7 +334,13 @@ def _x_proj_matmul(xc: Tensor, weight: Tensor, memo: Optional[dict] = None) -> T
 
 def _in_dtype(weight: Tensor, cast: Optional[Tensor], dtype: torch.dtype) -> Tensor:
     """weight in `dtype`: `cast` where given (StackedWeights.projections), else converted here."""
-    return cast if cast is not None else weight.to(dtype)
+    return cast if cast is not None else _as_dtype(weight, dtype)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype), without the call where t has that dtype (Tensor.to returns t itself then, after a dispatch that
+    eager inference's host pays: two to four a layer, with the cached weights already in the activations' dtype)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _XProj(torch.autograd.Function):
@@ -404,7 +410,7 @@ def _x_proj(xc: Tensor, weight: Tensor, grads: Optional[MixerGrads], memo: Optio
     in xc's dtype, where the caller has it (StackedWeights.projections)."""
     if grads is not None and EAGER_PROJ_BACKWARD:
         return _XProj.apply(xc, weight, grads, cast)
-    weight = weight.to(xc.dtype)  # (not `cast`, which has no gradient)
+    weight = _as_dtype(weight, xc.dtype)  # (not `cast`, which has no gradient)
     if needs_grad(xc, weight):  # (autograd's own backward: torch.compile, dispatch modes, the bit-for-bit test)
         return torch.bmm(_rows(xc), weight.transpose(1, 2))
     return _x_proj_matmul(xc, weight, memo)
@@ -415,7 +421,7 @@ def _dt_proj(dt: Tensor, weight: Tensor, batch: int, grads: Optional[MixerGrads]
     """dt_proj of both directions, (2, b*L, d): through _DtProj in eager training (grads given). cast: see _x_proj."""
     if grads is not None and EAGER_PROJ_BACKWARD:
         return _DtProj.apply(dt, weight, batch, grads, cast)
-    return _dt_matmul(dt, weight.to(dt.dtype))  # (not `cast`, which has no gradient)
+    return _dt_matmul(dt, _as_dtype(weight, dt.dtype))  # (not `cast`, which has no gradient)
 
 
 def _xz_meta(xz: Tensor) -> tuple:  # (channels_last: in_proj's output; the gradient goes back that way)
@@ -547,7 +553,8 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     if gate_skip is not None and (head_in_projections or _gated_projections_apply(xc)):
         from mamba_ssm.ops.triton.gated_proj import gated_projections
 
-        x_dbl, delta = gated_projections(xc, w.x_proj_weight.to(xc.dtype), w.dt_proj_weight.to(xc.dtype), gate_skip,
+        x_dbl, delta = gated_projections(xc, _as_dtype(w.x_proj_weight, xc.dtype),
+                                         _as_dtype(w.dt_proj_weight, xc.dtype), gate_skip,
                                          head=(xz, *gate_head) if head_in_projections else None,
                                          tf32_parts=_projection_parts(xc, w))
         B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]

@@ -73,7 +73,9 @@ def check_head(xz: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: 
     if weight.shape != (2, width) or bias.shape != (2,) or out.shape != (batch, 2) or xz.dtype != out.dtype:
         raise ValueError(f"gate head: weight {tuple(weight.shape)}, bias {tuple(bias.shape)} and out "
                          f"{tuple(out.shape)} {out.dtype} do not fit xz {tuple(xz.shape)} {xz.dtype}")
-    return weight.to(out.dtype).contiguous(), bias.to(out.dtype).contiguous()
+    if weight.dtype != out.dtype or bias.dtype != out.dtype:  # (Tensor.to dispatches even where it changes nothing)
+        weight, bias = weight.to(out.dtype), bias.to(out.dtype)
+    return weight.contiguous(), bias.contiguous()
 
 
 def gate_head_decide(xz: torch.Tensor, column: int, weight: torch.Tensor, bias: torch.Tensor,
