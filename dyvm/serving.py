@@ -65,6 +65,7 @@ class _Graph(NamedTuple):
     graph: "torch.cuda.CUDAGraph"
     static_input: Tensor
     static_output: Any
+    derived: list  # the derived weights the graph reads (inference_caches), kept alive while it is
 
 
 class GraphedModule:
@@ -87,7 +88,6 @@ class GraphedModule:
         self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
         self._tensors: list = []  # parameters and buffers the graphs were captured from
         self._where: tuple = ()  # their addresses and version counters then
-        self._derived: list = []  # the derived weights the graphs read (kept alive while the graphs are)
         self.captures = 0  # graphs captured so far (tests and logs)
 
     def _fn(self, x: Tensor):
@@ -107,7 +107,7 @@ class GraphedModule:
     def reset(self) -> None:
         """Drop every graph (and the memory it holds); the next call captures again."""
         self._graphs.clear()
-        self._tensors, self._where, self._derived = [], (), []
+        self._tensors, self._where = [], ()
 
     def _state(self) -> tuple:
         return (*map(_data_ptr, self._tensors), *map(_version, self._tensors))
@@ -126,9 +126,8 @@ class GraphedModule:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad(), autocast_context("cuda", dtype, cache_enabled=False):
                 static_output = self._fn(static_input)
-        self._derived.append(inference_caches(self.model))
         self.captures += 1
-        return _Graph(graph, static_input, static_output)
+        return _Graph(graph, static_input, static_output, inference_caches(self.model))
 
     def __call__(self, x: Tensor):
         if not x.is_cuda:
