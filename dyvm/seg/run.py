@@ -80,7 +80,7 @@ def build_loaders(args, splits, world_size: int, rank: int, start_iter: int):
 
 
 def run_eval(args, model, val_loader, device, amp_dtype, rank: int) -> dict:
-    from dyvm.benchmark import measure_interleaved
+    from dyvm.benchmark import measure_interleaved, paired_speedup
     base = unwrap(model)
     stride = args.slide_stride or args.crop_size * 2 // 3
     res = {"model": args.model, "parameters": sum(p.numel() for p in base.parameters()),
@@ -98,7 +98,11 @@ def run_eval(args, model, val_loader, device, amp_dtype, rank: int) -> dict:
         timed = {"model": base, "backbone": base.backbone}
         if dense is not base:  # the dense twin, interleaved with the model (measure_interleaved)
             timed.update(dense_model=dense, dense_backbone=dense.backbone)
-        res["throughput"] = {k: v["images_per_s"] for k, v in measure_interleaved(timed, **kw).items()}
+        got = measure_interleaved(timed, **kw)
+        res["throughput"] = {k: v["images_per_s"] for k, v in got.items()}
+        if dense is not base:  # round by round, as they were timed
+            res["throughput"].update(speedup_model=paired_speedup(got["model"], got["dense_model"]),
+                                     speedup_backbone=paired_speedup(got["backbone"], got["dense_backbone"]))
         res["throughput"].update(batch_size=kw["batch_size"], iters=kw["iters"], device=str(device),
                                  dtype=str(amp_dtype or "float32"))
     return res
@@ -120,8 +124,8 @@ def summarize_eval(res: dict) -> str:
         text = f"  images/s ({t['device']}, {t['dtype']}, batch {t['batch_size']}): model {t['model']:.1f}, " \
                f"backbone {t['backbone']:.1f}"
         if "dense_model" in t:
-            text += (f"; dense twin: model {t['dense_model']:.1f} (x{t['model'] / t['dense_model']:.2f}), "
-                     f"backbone {t['dense_backbone']:.1f} (x{t['backbone'] / t['dense_backbone']:.2f})")
+            text += (f"; dense twin: model {t['dense_model']:.1f} (x{t['speedup_model']:.2f}), "
+                     f"backbone {t['dense_backbone']:.1f} (x{t['speedup_backbone']:.2f}; timed in turns)")
         lines.append(text)
     return "\n".join(lines)
 

@@ -64,7 +64,9 @@ def test_dyvm_fine_tuned_from_the_dense_segmenter_then_evaluated(dyvm_dir, capsy
     assert 0 <= val["mIoU"] <= 100 and len(val["IoU"]) == 11
     assert val["gmacs_backbone_paper"] < res["dense"]["gmacs_backbone_paper"]
     assert val["gmacs_backbone_paper"] < val["gmacs_backbone_full"]
-    assert {"model", "backbone", "dense_model", "dense_backbone"} <= set(res["throughput"])
+    assert {"model", "backbone", "dense_model", "dense_backbone", "speedup_model",
+            "speedup_backbone"} <= set(res["throughput"])
+    assert res["throughput"]["speedup_model"] > 0
     text = capsys.readouterr().out
     assert "mIoU" in text and "paper" in text and "dense twin" in text
 
