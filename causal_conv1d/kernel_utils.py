@@ -12,6 +12,7 @@ import json
 import os
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -81,6 +82,19 @@ def ops_watched() -> bool:
 def graph_capturing(x: torch.Tensor) -> bool:
     """Whether x's device is capturing a CUDA graph on the current stream (work queued now runs at each replay)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def kept_in(memo: Optional[dict], key, derive: Callable, like: torch.Tensor):
+    """memo[key], derived by derive() at its first use and kept there (memo None: derived at each call). Inference's
+    cached weights carry such a memo for what the kernels derive from them. Nothing is kept from inside a CUDA-graph
+    capture on like's device, whose tensors hold values only once the graph replays (a module with constant
+    weights takes the memo an eager call filled into its captures)."""
+    value = None if memo is None else memo.get(key)
+    if value is None:
+        value = derive()
+        if memo is not None and not graph_capturing(like):
+            memo[key] = value
+    return value
 
 
 def needs_grad(*tensors) -> bool:

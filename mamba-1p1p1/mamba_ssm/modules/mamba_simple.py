@@ -37,6 +37,9 @@ class InferenceWeights(NamedTuple):
 
 # Set on a module and its submodules by declare_constant_weights.
 _CONSTANT_WEIGHTS = "_constant_weights"
+# Where eager inference keeps what it derives: a module's cached weights (cached_for_inference), a model's memo of
+# its layers' (inference_weights_of). Plain attributes: not in state_dict, not moved by .to().
+_CACHE, _MEMO = "_inference_cache", "_inference_weights_memo"
 
 
 def declare_constant_weights(module: nn.Module) -> nn.Module:
@@ -71,7 +74,7 @@ def inference_caches(module: nn.Module) -> list:
     """What `module`'s eager inference keeps (each submodule's cached weights, a model's memo of its layers'):
     a graph captured under weights_constant_while reads these tensors, so its owner keeps them alive."""
     return [m.__dict__[name] for m in module.modules()
-            for name in ("_inference_cache", "_inference_weights_memo") if name in m.__dict__]
+            for name in (_CACHE, _MEMO) if name in m.__dict__]
 
 
 def inference_cache_usable(x, owner: Optional[nn.Module] = None) -> bool:
@@ -98,12 +101,12 @@ def cached_for_inference(owner, params: list, x, derive: Callable):
     key = inference_cache_key(params, x)
     if key is None:
         return None
-    cached = owner.__dict__.get("_inference_cache")
+    cached = owner.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
         if graph_capturing(x):  # (constant weights: only what an eager call derived before the capture)
             return None
         cached = (key, derive(key[0]))
-        owner.__dict__["_inference_cache"] = cached  # a plain attribute: not in state_dict, not moved by .to()
+        owner.__dict__[_CACHE] = cached
     return cached[1]
 
 
@@ -133,7 +136,7 @@ def inference_weights_of(owner, mixers: Callable[[], list], x) -> list:
     for one layer."""
     if not inference_cache_usable(x, owner):
         return [None] * len(mixers())
-    memo = owner.__dict__.setdefault("_inference_weights_memo", {})
+    memo = owner.__dict__.setdefault(_MEMO, {})
     params = _memo_params(mixers, memo)
     if params is None:
         return [m.inference_weights(x) for m in memo["mixers"]]

@@ -4,8 +4,8 @@ mamba_ssm's names over causal_conv1d.kernel_utils, which holds the checks both p
 MAMBA_FORCE_REFERENCE=1 forces the plain references (e.g. to rule a kernel out when debugging); tests run
 the kernels on CPU tensors through the Triton interpreter inside `triton_on_cpu()`.
 """
-from causal_conv1d.kernel_utils import (FORCE_REFERENCE_ENV, graph_capturing, module_importable,  # noqa: F401
-                                        needs_grad, ops_watched, reference_forced, triton_on_cpu)
+from causal_conv1d.kernel_utils import (FORCE_REFERENCE_ENV, graph_capturing, kept_in,  # noqa: F401
+                                        module_importable, needs_grad, ops_watched, reference_forced, triton_on_cpu)
 from causal_conv1d.kernel_utils import triton_enabled as _triton_enabled
 
 # The kernel module an op runs on, by the name callers use (the DyVM bidirectional op composes the scan

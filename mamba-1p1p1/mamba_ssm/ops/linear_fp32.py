@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.autograd.function import once_differentiable
 
-from causal_conv1d.kernel_utils import graph_capturing, needs_grad, ops_watched, triton_enabled
+from causal_conv1d.kernel_utils import kept_in, needs_grad, ops_watched, triton_enabled
 
 KERNELS = "mamba_ssm.ops.triton.linear_tf32x3"
 ENABLED = os.environ.get("MAMBA_FP32_LINEAR", "tf32x3") != "cublas"
@@ -228,12 +228,7 @@ def weight_parts(weight: Tensor, memo: Optional[dict], key: str = "tf32") -> tup
     once the graph replays: a module with constant weights takes its memo into captures)."""
     from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
 
-    parts = None if memo is None else memo.get(key)
-    if parts is None:
-        parts = split_tf32(weight)
-        if memo is not None and not graph_capturing(weight):
-            memo[key] = parts
-    return parts
+    return kept_in(memo, key, lambda: split_tf32(weight), weight)
 
 
 class _LinearTF32x3(torch.autograd.Function):

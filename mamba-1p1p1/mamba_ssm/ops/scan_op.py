@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from mamba_ssm.ops.cpu import selective_scan as cpu_scan
-from mamba_ssm.ops.dispatch import graph_capturing, needs_grad, ops_watched, triton_enabled
+from mamba_ssm.ops.dispatch import kept_in, needs_grad, ops_watched, triton_enabled
 
 _EMPTY = (0,)
 
@@ -246,12 +246,7 @@ def _A_as_read(kernels, u: Tensor, A: Tensor, memo: dict) -> Tensor:
     kept in the memo (not from inside a CUDA-graph capture, whose tensors hold values only once it replays)."""
     if kernels.forward_lanes_on_channels(u) or A.is_contiguous():
         return A
-    ordered = memo.get("A (R, d, N)")
-    if ordered is None:
-        ordered = A.contiguous()
-        if not graph_capturing(A):
-            memo["A (R, d, N)"] = ordered
-    return ordered
+    return kept_in(memo, "A (R, d, N)", A.contiguous, A)
 
 
 def scan_macs(u_shape, d_state: int) -> int:
