@@ -1,7 +1,7 @@
 """Where an inference forward spends its device time: per kernel, and per part of the model.
 
     PYTHONPATH=$PWD:$PWD/mamba-1p1p1 python3 benchmarks/inference_profile.py [--models vim_small dyvm_vim_small]
-        [--dtypes bf16 fp32] [--batch-size 128]
+        [--dtypes bf16 fp32] [--batch-size 128] [--replay-kernels]
 
 For each model and dtype: the graph replay's time per forward (dyvm.serving, CUDA only), then torch.profiler over
 eager forwards (the same kernels): the kernels that take the most time, and the device time under each part
@@ -110,13 +110,35 @@ def profile_forward(model, x, dtype, iters: int = 4, top: int = 25) -> str:
     # kernels (CUDA: device-side events with their own time; CPU: aten ops)
     leaves = [e for e in events if own(e) > 0 and not e.key.startswith(PART)
               and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
-    total = sum(own(e) for e in leaves) / iters
-    lines = [f"  kernels: {total / 1e3:.3f} ms per forward, {sum(e.count for e in leaves) // iters} launches"]
+    total, listing = _kernel_lines(leaves, own, iters, top)
+    lines = [f"  kernels: {total}"]
     for label, (ms, count) in part_times(prof, cuda, iters).items():
         lines.append(f"  part {label:30s} {ms:8.3f} ms  {count}x")
-    for e in sorted(leaves, key=own, reverse=True)[:top]:
-        lines.append(f"  {own(e) / iters / 1e3:8.3f} ms {e.count // iters:5d}x  {e.key[:110]}")
-    return "\n".join(lines)
+    return "\n".join(lines + listing)
+
+
+def _kernel_lines(leaves: list, own, iters: int, top: int) -> tuple:
+    """(total time and launches per forward, the `top` kernels' lines) of profiler events with their own times."""
+    total = sum(own(e) for e in leaves) / iters
+    listing = [f"  {own(e) / iters / 1e3:8.3f} ms {e.count // iters:5d}x  {e.key[:110]}"
+               for e in sorted(leaves, key=own, reverse=True)[:top]]
+    return f"{total / 1e3:.3f} ms per forward, {sum(e.count for e in leaves) // iters} launches", listing
+
+
+def replay_kernels(model, x, dtype, iters: int = 3, top: int = 25) -> str:
+    """The kernels of a graph replay (dyvm.serving, CUDA only): those of an eager forward, plus whatever the graph
+    recomputes at every replay that eager calls keep (the census that found the weights derived in the graphs)."""
+    fast = graphed(model, dtype=dtype)
+    for _ in range(3):
+        fast(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fast(x)
+        torch.cuda.synchronize()
+    own = lambda e: e.self_device_time_total  # noqa: E731
+    total, listing = _kernel_lines([e for e in prof.key_averages() if own(e) > 0], own, iters, top)
+    return "\n".join([f"  graph replay kernels: {total}"] + listing)
 
 
 def main(argv=None) -> int:
@@ -127,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=25, help="kernels listed per model and dtype")
+    p.add_argument("--replay-kernels", action="store_true",
+                   help="on a GPU, also list the kernels of a graph replay (the graphed forward's own census)")
     args = p.parse_args(argv)
     for name in args.models:
         torch.manual_seed(0)
@@ -143,6 +167,8 @@ def main(argv=None) -> int:
                 ms = graph_ms(model, x, dtype)
                 head += f": graph replay {ms:.2f} ms per forward ({args.batch_size / ms * 1e3:.0f} images/s)"
             print(head, flush=True)
+            if x.is_cuda and args.replay_kernels:
+                print(replay_kernels(model, x, dtype, top=args.top), flush=True)
             print(profile_forward(model, x, dtype, top=args.top), flush=True)
         del model
     return 0
