@@ -204,7 +204,8 @@ def _gate_decisions_compared(model, x, autocast):
 def launch_check(summary):
     """Direct launches (causal_conv1d.triton_utils.launch) against Triton's own launch path, same inputs:
     eager inference (bf16, batch 128) and a DyVM-S fp32 training step must agree bit for bit, and a call with
-    a pointer off 16-byte alignment, after aligned calls, must take its own specialisation."""
+    a pointer off 16-byte alignment, after aligned calls, must take its own specialisation. Also: how many of the
+    remembered specialisations call Triton's C launch directly (triton_utils.direct_launch)."""
     import train_step
     from causal_conv1d import triton_utils
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
@@ -267,6 +268,9 @@ def launch_check(summary):
                              selective_scan_fn(view, delta, A, Bm, Cm, delta_softplus=True))
         summary[f"launch conv and scan, {label} input: equal"] = all(
             torch.equal(a, c) for a, c in zip(res[True], res[False]))
+    entries = [e for _, f in triton_utils._launchers.values() if f for e in f.compiled.values()]
+    summary["launch: remembered specialisations calling the C launch directly (Triton's known launcher)"] = (
+        f"{sum(e[2] is not None for e in entries)} of {len(entries)}")
 
 
 def order_check(summary):

@@ -79,18 +79,23 @@ def timed_components(totals: dict, counts: dict):
 
 
 class _LauncherStandIn:
-    """Stands in for a compiled Triton kernel in a FastLauncher's cache: its C launcher timed, or not called."""
+    """Stands in for a compiled Triton kernel in a FastLauncher's cache: its C launcher (the launcher, or the C
+    launch the FastLauncher calls directly: `direct`) timed, or not called."""
 
-    def __init__(self, compiled, totals: dict, skip: bool):
+    def __init__(self, compiled, totals: dict, skip: bool, direct=None):
         self.function, self.packed_metadata = compiled.function, compiled.packed_metadata
-        self._run, self._totals, self._skip = compiled.run, totals, skip
+        self._totals, self._skip = totals, skip
+        self.run = self._timed(compiled.run)
+        self.direct = None if direct is None else (self._timed(direct[0]), *direct[1:])
 
-    def run(self, *args):
-        start = time.perf_counter()
-        if not self._skip:
-            self._run(*args)
-        self._totals["C launcher"] += time.perf_counter() - start
-        self._totals["launches"] += 1
+    def _timed(self, launcher):
+        def run(*args):
+            start = time.perf_counter()
+            if not self._skip:
+                launcher(*args)
+            self._totals["C launcher"] += time.perf_counter() - start
+            self._totals["launches"] += 1
+        return run
 
 
 @contextlib.contextmanager
@@ -98,7 +103,7 @@ def split_launches(totals: dict, skip: bool = False, launchers=None):
     """Within the block, every direct launch of `launchers` (default: all that causal_conv1d.triton_utils has
     made) adds its C launcher's time to totals["C launcher"] (or skips it: skip=True), its launch key's time to
     totals["key"], and one to totals["launches"]. The launchers' caches and the key function come back after."""
-    launchers = [f for f in launch_utils._launchers.values() if f] if launchers is None else launchers
+    launchers = [f for _, f in launch_utils._launchers.values() if f] if launchers is None else launchers
     saved = [(f, dict(f.compiled)) for f in launchers]
     key_fn = launch_utils.specialization_key
 
@@ -110,8 +115,9 @@ def split_launches(totals: dict, skip: bool = False, launchers=None):
             totals["key"] += time.perf_counter() - start
     try:
         for f, entries in saved:
-            for key, (compiled, tail) in entries.items():
-                f.compiled[key] = (_LauncherStandIn(compiled, totals, skip), tail)
+            for key, (compiled, tail, direct) in entries.items():
+                stand_in = _LauncherStandIn(compiled, totals, skip, direct)
+                f.compiled[key] = (stand_in, tail, stand_in.direct)
         launch_utils.specialization_key = timed_key
         yield
     finally:

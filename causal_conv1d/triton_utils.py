@@ -71,7 +71,8 @@ def row_blocks(n_cols: int) -> tuple:
 # `kernel[grid](*args, **kwargs)` costs about 45 us of host time per launch on the H200 machines (Triton's
 # binder specialises every argument, builds the cache key, checks globals, then calls the C launcher), and eager
 # inference is bound by the host: some 100 launches per Vim-S forward. `launch` keeps, per kernel, the compiled
-# kernel of every argument key it has launched and calls its launcher directly. The key holds everything
+# kernel of every argument key it has launched and calls its launcher directly (where the launcher is Triton's
+# known one, the C function behind it: direct_launch). The key holds everything
 # Triton specialises on, and more: the arguments' types, the exact values of the scalars (ints, floats, bools,
 # None, strings), each tensor's dtype and pointer address modulo 16, the keyword arguments (constexprs and
 # launch options). It is built from C-level maps and getters (a few microseconds for 50 arguments); equal keys
@@ -155,16 +156,63 @@ class FastLauncher:
                 # the parameters after the positional ones, in the kernel's order (constexprs included: the
                 # launcher skips them, as in Triton's run), fixed by the key
                 tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
-                remember(self.compiled, key, (compiled, tail), MAX_KEYS)
+                remember(self.compiled, key, (compiled, tail, direct_launch(compiled.run)), MAX_KEYS)
             return compiled
-        compiled, tail = entry
+        compiled, tail, direct = entry
         g = (*grid, 1, 1)
-        compiled.run(g[0], g[1], g[2], self.stream(key[1]), compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *tail)
+        if direct is None:
+            compiled.run(g[0], g[1], g[2], self.stream(key[1]), compiled.function, compiled.packed_metadata,
+                         None, None, None, *args, *tail)
+        else:  # what the launcher's __call__ would pass its C function (no scratch: None twice)
+            c_launch, cooperative, pdl = direct
+            c_launch(g[0], g[1], g[2], self.stream(key[1]), compiled.function, cooperative, pdl, None, None,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
 
 
-_launchers = {}
+# The C launch behind a compiled kernel's launcher (`compiled.run`, Triton's CudaLauncher), called directly where
+# the launcher's Python __call__ is one whose whole work we know: the source below (Triton 3.6's, up to
+# indentation), which allocates no scratch when the kernel needs none and passes its arguments on, after two
+# fixed flags and the two (absent) scratch buffers. A launcher with any other __call__ (another Triton version)
+# or that needs scratch memory is called as it is. About 2 us of host time a launch on the H200 machines.
+_KNOWN_LAUNCHER_CALL = """def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+
+    def allocate_scratch(size, align, allocator):
+        if size > 0:
+            grid_size = gridX * gridY * gridZ
+            alloc_size = grid_size * self.num_ctas * size
+            alloc_fn = allocator.get()
+            return alloc_fn(alloc_size, align, stream)
+        return None
+
+    global_scratch = allocate_scratch(self.global_scratch_size, self.global_scratch_align, _allocation._allocator)
+    profile_scratch = allocate_scratch(self.profile_scratch_size, self.profile_scratch_align,
+                                       _allocation._profile_allocator)
+    self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                global_scratch, profile_scratch, *args)
+"""
+_known_calls = {}  # launcher class -> whether its __call__ is _KNOWN_LAUNCHER_CALL
+
+
+def direct_launch(launcher):
+    """(C launch function, cooperative-grid flag, PDL flag) of a compiled kernel's launcher whose __call__ is
+    _KNOWN_LAUNCHER_CALL and whose kernel needs no scratch memory, else None (call the launcher itself)."""
+    cls = type(launcher)
+    known = _known_calls.get(cls)
+    if known is None:
+        try:
+            lines = inspect.getsource(cls.__call__).splitlines(keepends=True)
+            indent = len(lines[0]) - len(lines[0].lstrip())
+            source = "".join(line[indent:] if line.strip() else "\n" for line in lines)
+        except (OSError, TypeError):  # (no source: a compiled or built-in launcher)
+            source = None
+        known = _known_calls[cls] = source == _KNOWN_LAUNCHER_CALL
+    if not known or getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+        return None
+    return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+
+
+_launchers = {}  # id(kernel) -> (kernel, its FastLauncher or False: Triton's own path)
 
 
 def interpreted(kernel) -> bool:
@@ -172,19 +220,27 @@ def interpreted(kernel) -> bool:
     return not isinstance(kernel, JITFunction)
 
 
+def _register(kernel):
+    """kernel's FastLauncher, or False where launches take Triton's own path: kernels that are not JITFunctions
+    (the interpreter's), or no GPU driver (Triton's path then says what is missing). Kept by the kernel's id (a
+    JITFunction hashes in Python: a microsecond a launch), with the kernel itself to tell a reused id."""
+    fast = False
+    if isinstance(kernel, JITFunction):
+        try:
+            fast = FastLauncher(kernel)
+        except RuntimeError:
+            pass
+    _launchers[id(kernel)] = (kernel, fast)
+    return fast
+
+
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with less host work for specialisations launched before (see above)."""
-    # (interpreted kernels are not JITFunctions; pre-run hooks are Triton's to call)
-    if _fast_launch and isinstance(kernel, JITFunction) and not launch_hooks_set() and \
-            not getattr(kernel, "pre_run_hooks", None):
-        fast = _launchers.get(kernel)
-        if fast is None:
-            try:
-                fast = FastLauncher(kernel)
-            except RuntimeError:  # no GPU driver (Triton's own path then says what is missing)
-                fast = False
-            _launchers[kernel] = fast
-        if fast:
+    if _fast_launch:
+        entry = _launchers.get(id(kernel))
+        fast = entry[1] if entry is not None and entry[0] is kernel else _register(kernel)
+        # (pre-run hooks and launch hooks (Triton's profilers) are Triton's to call)
+        if fast and not kernel.pre_run_hooks and not launch_hooks_set():
             return fast(grid, args, kwargs)
     return kernel[grid](*args, **kwargs)
 
@@ -201,8 +257,9 @@ def fast_launches(enabled: bool):
 
 
 def launch_hooks_set() -> bool:
-    """Launch hooks set (Triton's profilers): they need Triton's own launch path."""
+    """Launch hooks set (Triton's profilers): they need Triton's own launch path. (None when unset in older
+    Tritons; a HookChain, empty when unset, in 3.6 and later. No generator: this runs at every launch.)"""
     runtime = knobs.runtime
-    # (None when unset up to Triton 3.6; later versions hold an empty HookChain)
-    return any(h is not None and bool(getattr(h, "calls", True))
-               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is not None and bool(getattr(enter, "calls", True)))
+            or (exit_ is not None and bool(getattr(exit_, "calls", True))))

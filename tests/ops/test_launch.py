@@ -143,9 +143,75 @@ def test_no_gpu_driver_takes_triton_path(monkeypatch):
     with triton_utils.fast_launches(True):
         for _ in range(2):
             launch(kernel, (3,), torch.zeros(2), 7)
-    assert [c[0] for c in calls] == [(3,), (3,)] and triton_utils._launchers.pop(kernel) is False
+    assert [c[0] for c in calls] == [(3,), (3,)] and triton_utils._launchers.pop(id(kernel))[1] is False
     hooked = JITFunction(kern)  # a kernel with pre-run hooks: Triton calls them, so Triton's path
     hooked.run = kernel.run
     hooked.pre_run_hooks.append(lambda *args, **kwargs: None)
-    launch(hooked, (5,), torch.zeros(2), 7)
-    assert calls[-1][0] == (5,) and hooked not in triton_utils._launchers
+    direct = []
+    triton_utils._launchers[id(hooked)] = (hooked, lambda *args: direct.append(args))  # a working direct path
+    try:
+        launch(hooked, (5,), torch.zeros(2), 7)
+        hooked.pre_run_hooks.clear()
+        launch(hooked, (6,), torch.zeros(2), 7)
+    finally:
+        triton_utils._launchers.pop(id(hooked), None)
+    assert calls[-1][0] == (5,) and [d[0] for d in direct] == [(6,)]
+
+
+class StandInLauncher:
+    """Triton 3.6's CudaLauncher as FastLauncher's direct path reads it: its C launch and flags."""
+
+    def __init__(self, scratch=0):
+        self.launches, self.calls = [], []
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.launch = lambda *args: self.launches.append(args)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.calls.append((gridX, gridY, gridZ, stream, function, *args))
+
+
+@pytest.mark.parametrize("scratch", [0, 128])
+def test_direct_launch_calls_the_known_launchers_c_function(stand_in, monkeypatch, scratch):
+    """Where the launcher's __call__ is the known one and needs no scratch, the C launch gets what that __call__
+    would pass it; otherwise the launcher is called."""
+    kernel, fast = stand_in
+    launcher = StandInLauncher(scratch)
+    kernel.compiled_kernel.run = launcher
+    monkeypatch.setitem(triton_utils._known_calls, StandInLauncher, True)
+    x = torch.zeros(64)
+    for _ in range(2):
+        fast((4, 2), (x, 32, 0.5, True), {})
+    assert len(kernel.triton_launches) == 1
+    if scratch:
+        assert not launcher.launches and launcher.calls == [(4, 2, 1, 1234, "fn", "meta", None, None, None,
+                                                             x, 32, 0.5, True, 64)]
+    else:
+        assert not launcher.calls and launcher.launches == [(4, 2, 1, 1234, "fn", False, True, None, None, "meta",
+                                                             None, None, None, x, 32, 0.5, True, 64)]
+
+
+def _launcher_from_source(tmp_path, call_source: str, name: str):
+    """A launcher whose class's __call__ has this source, from a module file (inspect reads sources from files)."""
+    import importlib.util
+
+    body = "".join("    " + line if line.strip() else "\n" for line in call_source.splitlines(keepends=True))
+    path = tmp_path / f"{name}.py"
+    path.write_text("class Launcher:\n" + body)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    launcher = module.Launcher()
+    launcher.global_scratch_size = launcher.profile_scratch_size = 0
+    launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl = print, False, True
+    return launcher
+
+
+def test_only_the_known_launcher_call_is_bypassed(tmp_path):
+    """direct_launch recognises a launcher class whose __call__ is the known source (at any indentation), and no
+    other: a changed line, the stand-in's own __call__."""
+    known = triton_utils._KNOWN_LAUNCHER_CALL
+    assert triton_utils.direct_launch(_launcher_from_source(tmp_path, known, "known")) == (print, False, True)
+    changed = known.replace("global_scratch, profile_scratch, *args)", "global_scratch, profile_scratch, *args, 1)")
+    assert changed != known and triton_utils.direct_launch(_launcher_from_source(tmp_path, changed, "changed")) is None
+    assert triton_utils.direct_launch(StandInLauncher()) is None
