@@ -351,3 +351,26 @@ def test_training_stack_is_stack_directions_in_four_launches(dtype):
     for name, a, b in zip([n for n, _ in mixer.named_parameters()], *grads_of):
         assert (a is None) == (b is None), name
         assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), name
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_inference_views_are_the_training_paths_views(offset):
+    """Eager inference takes the scan's views of x_dbl and delta, and xz's halves, as one as_strided each: the same
+    shapes, strides and values as the slicing, viewing and permuting that autograd follows, from tensors at any
+    storage offset; a non-contiguous x_dbl falls back to that path."""
+    from mamba_ssm.ops.bimamba_stacked import _halves, _scan_views, _scan_views_of_columns
+
+    batch, seqlen, dim, dt_rank, d_state = 3, 5, 8, 2, 4
+    n_out, rows = dt_rank + 2 * d_state, batch * seqlen
+    x_dbl = torch.randn(offset + 2 * rows * n_out)[offset:].view(2, rows, n_out)
+    delta = torch.randn(offset + 2 * rows * dim)[offset:].view(2, rows, dim)
+    for strided in (x_dbl, x_dbl.transpose(0, 1).contiguous().transpose(0, 1)):  # (the second: the fallback)
+        _, B, C = strided.split_with_sizes((dt_rank, d_state, d_state), dim=-1)
+        want = _scan_views_of_columns(delta, B, C, batch, seqlen)
+        got = _scan_views(strided, delta, batch, seqlen, dt_rank, d_state)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w)
+    for xz in (torch.randn(offset + batch * seqlen * 2 * dim)[offset:].view(batch, seqlen, 2 * dim).transpose(1, 2),
+               torch.randn(batch, 2 * dim, seqlen)):
+        for g, w in zip(_halves(xz), (xz[:, :dim], xz[:, dim:])):
+            assert g.shape == w.shape and g.stride() == w.stride() and g.data_ptr() == w.data_ptr()

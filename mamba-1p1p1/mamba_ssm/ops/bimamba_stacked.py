@@ -520,6 +520,40 @@ def _gate_in_projections(x: Tensor) -> bool:
     return _projections_kernel_takes(x) and not graph_capturing(x)
 
 
+def _halves(xz: Tensor) -> Tuple[Tensor, Tensor]:
+    """xz's channel halves x and z, (b, d, L) views: xz[:, :d] and xz[:, d:] as one as_strided each (indexing
+    parses its slices in Python: twice the host time of a view, at every layer of eager inference)."""
+    batch, two_d, seqlen = xz.shape
+    dim, strides, offset = two_d // 2, xz.stride(), xz.storage_offset()
+    return (xz.as_strided((batch, dim, seqlen), strides, offset),
+            xz.as_strided((batch, dim, seqlen), strides, offset + dim * strides[1]))
+
+
+def _scan_views_of_columns(delta: Tensor, B: Tensor, C: Tensor, batch: int,
+                           seqlen: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """delta (2, b*L, d), B and C (2, b*L, N) (x_dbl's columns) -> as the scan reads them, (2, b, d, L) and
+    (2, b, 1, N, L) views: the path autograd follows (training)."""
+    delta = delta.view(2, batch, seqlen, delta.shape[-1]).transpose(2, 3)
+    B = B.view(2, batch, seqlen, 1, B.shape[-1]).permute(0, 1, 3, 4, 2)
+    C = C.view(2, batch, seqlen, 1, C.shape[-1]).permute(0, 1, 3, 4, 2)
+    return delta, B, C
+
+
+def _scan_views(x_dbl: Tensor, delta: Tensor, batch: int, seqlen: int, dt_rank: int,
+                d_state: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """_scan_views_of_columns of delta and x_dbl's B and C columns (x_dbl (2, b*L, R + 2N)), without a gradient: one
+    as_strided each where both are contiguous (eager inference: the slices, views and permutes are 8 dispatches a
+    layer, which the host pays at every layer), the same shapes and strides."""
+    if not (x_dbl.is_contiguous() and delta.is_contiguous()):
+        return _scan_views_of_columns(delta, x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:],
+                                      batch, seqlen)
+    rows, n_out, dim = batch * seqlen, x_dbl.shape[2], delta.shape[2]
+    delta = delta.as_strided((2, batch, dim, seqlen), (rows * dim, seqlen * dim, 1, dim), delta.storage_offset())
+    shape, strides = (2, batch, 1, d_state, seqlen), (rows * n_out, seqlen * n_out, d_state, 1, n_out)
+    start = x_dbl.storage_offset() + dt_rank
+    return delta, x_dbl.as_strided(shape, strides, start), x_dbl.as_strided(shape, strides, start + d_state)
+
+
 def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                              divide_out: bool = True, stacked: Optional[StackedWeights] = None,
                              lengths: Optional[Tensor] = None, gate_head: Optional[tuple] = None) -> Tensor:
@@ -529,10 +563,10 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
     `gate` (by the projections kernel where _gate_in_projections, else by the head's kernel first)."""
     batch, two_d, seqlen = xz.shape
     dim = two_d // 2
-    xz_needs_grad = needs_grad(xz)
-    grads = MixerGrads(*_xz_meta(xz), rebuilds=rebuilds_scan_inputs()) if xz_needs_grad and not ops_watched() \
-        else None
-    x, z = _SplitXZ.apply(xz, grads) if xz_needs_grad else (xz[:, :dim], xz[:, dim:])
+    xz_needs_grad, watched = needs_grad(xz), ops_watched()
+    grads = MixerGrads(*_xz_meta(xz), rebuilds=rebuilds_scan_inputs()) if xz_needs_grad and not watched else None
+    # (views by strides in eager calls only: a tracer cannot follow a storage offset)
+    x, z = _SplitXZ.apply(xz, grads) if xz_needs_grad else (xz[:, :dim], xz[:, dim:]) if watched else _halves(xz)
     dt_rank, d_state = fwd.dt_proj_weight.shape[1], fwd.A.shape[1]
     w = stack_directions(fwd, bwd) if stacked is None else stacked
     if mask is not None:
@@ -557,7 +591,7 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
                                          _as_dtype(w.dt_proj_weight, xc.dtype), gate_skip,
                                          head=(xz, *gate_head) if head_in_projections else None,
                                          tf32_parts=_projection_parts(xc, w))
-        B, C = x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
+        delta, B, C = _scan_views(x_dbl, delta, batch, seqlen, dt_rank, d_state)  # (no tracer on this path)
     else:
         x_cast, dt_cast = w.projections or (None, None)
         x_dbl = _x_proj(xc, w.x_proj_weight, grads, w.memo, x_cast)
@@ -568,8 +602,9 @@ def bimamba_v2_inner_stacked(xz: Tensor, fwd, bwd, gate: Optional[Tensor] = None
         if grads is not None and grads.rebuilds:
             grads.set_rebuild(_scan_inputs_rebuild(batch, seqlen), (x, w.conv_weight, w.conv_bias, mask, dt,
                                                                    w.dt_proj_weight if dt_cast is None else dt_cast))
-    delta = delta.view(2, batch, seqlen, dim).transpose(2, 3)
-    B = B.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
-    C = C.view(2, batch, seqlen, 1, d_state).permute(0, 1, 3, 4, 2)
+        if training or watched:
+            delta, B, C = _scan_views_of_columns(delta, B, C, batch, seqlen)
+        else:
+            delta, B, C = _scan_views(x_dbl, delta, batch, seqlen, dt_rank, d_state)
     return scan_output(xc, delta, w.A, B, C, w.D, z, w.dt_proj_bias, gate, True, 0.5 if divide_out else 1.0, True,
                        training, grads, lengths, w.memo)

@@ -1097,6 +1097,17 @@ def _strides4(t: Tensor):
     return [t.stride(i) for i in range(t.dim())]
 
 
+def _A_in_kernel_order(A: Tensor, lanes_on_channels: bool) -> Tensor:
+    """A (R, d, N) laid out in the memory order the forward kernel reads (it takes the pointer): (R, N, d)-contiguous
+    with lanes on channels, else (R, d, N)-contiguous. A itself where it is laid out so, by its strides (no op: the
+    stacked weights hold it (R, N, d)-contiguous, fp32 inference's memo (R, d, N): mamba_ssm.ops.bimamba_stacked,
+    scan_op), else a copy."""
+    R, dim, d_state = A.shape
+    if lanes_on_channels:
+        return A if A.stride() == (d_state * dim, 1, dim) else A.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return A if A.stride() == (dim * d_state, d_state, 1) else A.contiguous()
+
+
 class _ForwardPlan(NamedTuple):
     """What a forward launch computes from shapes, strides and options alone (scan_forward keeps one per key)."""
     lanes_on_channels: bool
@@ -1199,14 +1210,10 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     last = torch.empty((R, batch, dim, A.shape[-1]), device=u.device, dtype=f32) if want_last else None
     ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), A.shape[-1], dim), device=u.device, dtype=f32) \
         if want_ckpt else None
-    # (R, N, d) or (R, d, N) in memory: see the kernel. No copy when A comes in that memory order (the stacked
-    # weights hold it (R, N, d)-contiguous: mamba_ssm.ops.bimamba_stacked)
-    A = A.transpose(-1, -2).contiguous() if plan.lanes_on_channels else A.contiguous()
+    A = _A_in_kernel_order(A, plan.lanes_on_channels)
     dummy, target = A, out
-    if plan.split_out is not None:  # one output per direction, in out's memory order
-        shape, transposed = plan.split_out
-        out = torch.empty(shape, device=out.device, dtype=out.dtype)
-        out = out.transpose(2, 3) if transposed else out
+    if plan.split_out is not None:  # one output per direction, in out's memory order (the kernels take its
+        out = torch.empty(plan.split_out[0], device=out.device, dtype=out.dtype)  # strides from the plan)
     launch(_scan_fwd_kernel, plan.grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
