@@ -41,8 +41,8 @@ def _grad_dtype(x: Tensor) -> torch.dtype:
 def _alloc(x: Tensor, R: int, channels_last_out: bool) -> Tensor:
     batch, dim, seqlen = x.shape
     if channels_last_out:
-        return torch.empty((R, batch, seqlen, dim), device=x.device, dtype=x.dtype).transpose(2, 3)
-    return torch.empty((R, batch, dim, seqlen), device=x.device, dtype=x.dtype)
+        return x.new_empty((R, batch, seqlen, dim)).transpose(2, 3)
+    return x.new_empty((R, batch, dim, seqlen))
 
 
 def _stacked_ref(x, weight, bias, mask, silu):

@@ -57,8 +57,8 @@ def _state_dtype(u: Tensor) -> torch.dtype:
 def _out_like(u: Tensor, channels_last_out: bool) -> Tensor:
     _, batch, dim, seqlen = u.shape
     if channels_last_out:
-        return torch.empty((batch, seqlen, dim), device=u.device, dtype=u.dtype).transpose(1, 2)
-    return torch.empty((batch, dim, seqlen), device=u.device, dtype=u.dtype)
+        return u.new_empty((batch, seqlen, dim)).transpose(1, 2)
+    return u.new_empty((batch, dim, seqlen))
 
 
 def scan_fwd_impl(u, delta, A, B, C, D, z, delta_bias, gate, delta_softplus, scale, want_last, channels_last_out,

@@ -92,8 +92,8 @@ def _norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm,
     residual = residual.contiguous() if residual is not None else None
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
-    out = torch.empty(x.shape, device=x.device, dtype=dtype)
-    res_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else dtype)
+    out = torch.empty_like(x)  # (x contiguous: so is out. empty_like: a quicker call than torch.empty)
+    res_out = torch.empty_like(x, dtype=torch.float32) if residual_in_fp32 else torch.empty_like(x)
     rstd = mean = None
     if store_stats:
         rstd = torch.empty((n_rows,), device=x.device, dtype=torch.float32)

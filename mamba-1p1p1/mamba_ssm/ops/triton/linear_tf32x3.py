@@ -146,7 +146,7 @@ def linear_tf32x3(x: torch.Tensor, w_hi: torch.Tensor, w_lo: torch.Tensor, bias=
     if plan is None:
         plan = remember(_plans, key, _plan(x, w_hi, w_lo, bias, live_rows is not None))
     grid, ints, kwargs, out_shape = plan
-    out = torch.empty(out_shape, device=x.device, dtype=torch.float32)
+    out = x.new_empty(out_shape)  # (x is fp32: _plan checks it)
     rows, live = (out, out) if live_rows is None else _checked(live_rows, x)  # (unread without the map)
     while True:
         try:

@@ -1213,7 +1213,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     A = _A_in_kernel_order(A, plan.lanes_on_channels)
     dummy, target = A, out
     if plan.split_out is not None:  # one output per direction, in out's memory order (the kernels take its
-        out = torch.empty(plan.split_out[0], device=out.device, dtype=out.dtype)  # strides from the plan)
+        out = out.new_empty(plan.split_out[0])  # strides from the plan)
     launch(_scan_fwd_kernel, plan.grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
