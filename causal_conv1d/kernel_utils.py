@@ -82,7 +82,6 @@ def ops_watched() -> bool:
     return torch.compiler.is_compiling() or _dispatch_stack_len() > 0
 
 
-
 def graph_capturing(x: torch.Tensor) -> bool:
     """Whether x's device is capturing a CUDA graph on the current stream (work queued now runs at each replay)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
