@@ -82,6 +82,12 @@ def ops_watched() -> bool:
     return torch.compiler.is_compiling() or _dispatch_stack_len() > 0
 
 
+# torch.backends.cuda.matmul.allow_tf32's value without its Python __getattr__ (asked at every fp32 Linear and
+# projections call of eager inference)
+tf32_matmuls_allowed = getattr(torch._C, "_get_cublas_allow_tf32", None) or (
+    lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
 def graph_capturing(x: torch.Tensor) -> bool:
     """Whether x's device is capturing a CUDA graph on the current stream (work queued now runs at each replay)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()

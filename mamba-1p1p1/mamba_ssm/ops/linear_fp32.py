@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.autograd.function import once_differentiable
 
-from causal_conv1d.kernel_utils import kept_in, needs_grad, ops_watched, triton_enabled
+from causal_conv1d.kernel_utils import kept_in, needs_grad, ops_watched, tf32_matmuls_allowed, triton_enabled
 
 KERNELS = "mamba_ssm.ops.triton.linear_tf32x3"
 ENABLED = os.environ.get("MAMBA_FP32_LINEAR", "tf32x3") != "cublas"
@@ -67,10 +67,11 @@ def tf32x3_applies(x: Tensor, weight: Tensor) -> bool:
 def tf32x3_wanted(x: Tensor) -> bool:
     """The conditions of tf32x3_applies that are not about shapes: fp32 products of x on TF32 tensor cores as three
     TF32 products, here (the kernel) or in another kernel that does so (gated_proj's fp32 projections)."""
-    return (ENABLED and x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-            and not torch.is_autocast_enabled(x.device.type) and not ops_watched()
-            and triton_enabled(x, KERNELS)
-            and (not x.is_cuda or (_has_tf32_cores(x.device.index or 0) and x.device.index not in _NO_ROOM)))
+    if not ENABLED or x.dtype != torch.float32 or tf32_matmuls_allowed():
+        return False
+    device = x.device
+    return (not torch.is_autocast_enabled(device.type) and not ops_watched() and triton_enabled(x, KERNELS)
+            and (device.type != "cuda" or (_has_tf32_cores(device.index or 0) and device.index not in _NO_ROOM)))
 
 
 # torch.bmm / torch.mm with out_dtype (CUDA, 16-bit inputs into fp32: the tensor cores' fp32 accumulator written out
@@ -205,15 +206,12 @@ def linear_on_kernel(x: Tensor, weight: Tensor, bias=None, row_map: Optional[tup
     where the kernel does not apply): the kernel, with autograd when a gradient is wanted. row_map: None, or
     LiveRows.row_map(...) to compute the live rows only (zeros elsewhere); memo: see linear (no gradient only).
     A stack (x (R, batch, L, K), weights (R, N, K) contiguous -> (R, batch, L, N)): no gradient (x_proj's forward)."""
-    from triton.runtime.errors import OutOfResources
-
-    from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3
-
+    kernels = _kernels()
     try:
         if needs_grad(x, weight, bias):
             return _LinearTF32x3.apply(x, weight, bias, row_map)
-        return linear_tf32x3(x, *weight_parts(weight, memo), bias, live_rows=row_map)
-    except OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory at all: cuBLAS from now on
+        return kernels.linear_tf32x3(x, *weight_parts(weight, memo), bias, live_rows=row_map)
+    except kernels.OutOfResources as e:  # the kernel's tiles do not fit this GPU's shared memory: cuBLAS from now on
         _NO_ROOM.add(x.device.index)
         warnings.warn(f"fp32 in_proj / out_proj / x_proj / predictors stay on cuBLAS on this GPU (the tf32x3 "
                       f"kernel: {e})", stacklevel=2)
@@ -226,29 +224,38 @@ def weight_parts(weight: Tensor, memo: Optional[dict], key: str = "tf32") -> tup
     """split_tf32(weight), from memo[key] when it holds them (and kept there when memo is given: one key per
     weight that the memo's owner splits; not from inside a CUDA-graph capture, whose tensors hold values only
     once the graph replays: a module with constant weights takes its memo into captures)."""
-    from mamba_ssm.ops.triton.linear_tf32x3 import split_tf32
+    return kept_in(memo, key, lambda: _kernels().split_tf32(weight), weight)
 
-    return kept_in(memo, key, lambda: split_tf32(weight), weight)
+
+_kernel_module = []  # mamba_ssm.ops.triton.linear_tf32x3 once imported
+
+
+def _kernels():
+    """The kernel module (linear_tf32x3, split_tf32, Triton's OutOfResources), imported at the first call: machines
+    without Triton never get here, and an import statement per call is a microsecond of host time per Linear."""
+    if not _kernel_module:
+        from mamba_ssm.ops.triton import linear_tf32x3
+
+        _kernel_module.append(linear_tf32x3)
+    return _kernel_module[0]
 
 
 class _LinearTF32x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_map):
-        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
-
+        kernels = _kernels()
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.row_map = bias is not None, row_map
-        return linear_tf32x3(x, *split_tf32(weight), bias, live_rows=row_map)
+        return kernels.linear_tf32x3(x, *kernels.split_tf32(weight), bias, live_rows=row_map)
 
     @staticmethod
     @once_differentiable  # (a second derivative through it raises instead of coming out wrong)
     def backward(ctx, dout):
-        from mamba_ssm.ops.triton.linear_tf32x3 import linear_tf32x3, split_tf32
-
+        kernels = _kernels()
         x, weight = ctx.saved_tensors
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # (zeros at the dead rows: nobody reads them)
-            dx = linear_tf32x3(dout, *split_tf32(weight.t()), live_rows=ctx.row_map)
+            dx = kernels.linear_tf32x3(dout, *kernels.split_tf32(weight.t()), live_rows=ctx.row_map)
         if ctx.needs_input_grad[1]:  # (every row; dead ones add 0: out_proj's input, in_proj's dout are 0)
             dweight = dout.reshape(-1, dout.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:

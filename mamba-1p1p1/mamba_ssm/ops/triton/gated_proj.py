@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from causal_conv1d.kernel_utils import tf32_matmuls_allowed
 from causal_conv1d.triton_utils import dot_tf32x3, interpreted, launch, next_pow2, remember, tf32_round
 
 
@@ -214,7 +215,7 @@ def gated_projections(xc: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_wei
     x_proj_weight, dt_proj_weight = x_proj_weight.contiguous(), dt_proj_weight.contiguous()
     key = (xc.shape, xc.stride(), xc.dtype, x_proj_weight.shape, x_proj_weight.stride(), x_proj_weight.dtype,
            dt_proj_weight.shape, dt_proj_weight.stride(), dt_proj_weight.dtype, gate.shape, gate.stride(),
-           torch.backends.cuda.matmul.allow_tf32, block_t, block_d, num_warps, tf32_parts is not None)
+           tf32_matmuls_allowed(), block_t, block_d, num_warps, tf32_parts is not None)
     plan = _plans.get(key)
     if plan is None:
         plan = remember(_plans, key, _plan(xc, x_proj_weight, dt_proj_weight, gate, block_t, block_d, num_warps,
