@@ -256,12 +256,22 @@ def run(models: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str]
                     rows.append({"model": timm_name, "dtype": dt, "img_size": img_size,
                                  "block_keep_ratio": realised, **r})
                     print(f"{timm_name:16s} {dt:5s} batch {bs:4d} {mode:10s}: {r['images_per_s']:9.1f} images/s, "
-                          f"host {1e3 * r['median_host_s']:.2f} ms a batch"
-                          + (f" (realised block keep ratio {realised:.3f})" if realised is not None else ""),
-                          flush=True)
+                          f"host {1e3 * r['median_host_s']:.2f} of {1e3 * r['median_batch_s']:.2f} ms a batch"
+                          + (f" (realised block keep ratio {realised:.3f})" if realised is not None else "")
+                          + (HOST_BOUND_NOTE if host_bound(r, device) else ""), flush=True)
                     if profile:
                         print(profile_top(model, bs, img_size, 3, device, DTYPES[dt], profile), flush=True)
     return rows
+
+
+HOST_BOUND_NOTE = "; bound by the host: graphed calls (--modes cuda_graph, dyvm.serving.graphed) take the GPU's pace"
+
+
+def host_bound(result: dict, device) -> bool:
+    """Whether an eager GPU timing was set by the host: the call returned after 90% or more of the batch's time
+    (the GPU waited for the host's launches)."""
+    return (result.get("mode", "eager") == "eager" and torch.device(device).type == "cuda"
+            and result["median_host_s"] >= 0.9 * result["median_batch_s"])
 
 
 def speedups(rows: list) -> list:

@@ -144,3 +144,14 @@ def test_paired_speedup_is_the_median_of_round_ratios():
     slow = {"round_s": [2.0, 3.0, 4.0], "images_per_s": 10.0}
     assert paired_speedup(fast, slow) == 2.0  # rounds: 2, 3, 1
     assert paired_speedup({"images_per_s": 30.0}, {"images_per_s": 10.0}) == 3.0  # timed apart
+
+
+def test_host_bound_eager_gpu_rows_point_to_graphs():
+    """An eager GPU timing whose calls returned after 90% of the batch's time was set by the host: its row says so
+    and names the graphed path; graphed rows, CPU rows and GPU-bound rows do not."""
+    from dyvm.benchmark import host_bound
+
+    row = dict(mode="eager", median_host_s=0.0095, median_batch_s=0.010)
+    assert host_bound(row, "cuda") and not host_bound(row, "cpu")
+    assert not host_bound(dict(row, mode="cuda_graph"), "cuda")
+    assert not host_bound(dict(row, median_host_s=0.005), "cuda")
