@@ -45,9 +45,9 @@ class TokenScorePredictor(nn.Module):
         and the LayerNorm are one kernel (mamba_ssm.ops.triton.pruning_stage.patch_layer_norm), which writes the
         normalised tokens in the dtype the first Linear reads."""
         x_dtype = torch.promote_types(hidden.dtype, residual.dtype)  # hidden + residual's
-        policy = policy.unsqueeze(-1).to(x_dtype)  # (the features' dtype, in both paths)
+        policy = policy if policy.dtype == x_dtype else policy.to(x_dtype)  # (the features' dtype, in both paths)
         if not self._fused_norm_applies(hidden, residual, cls_positions):
-            return self(split_cls(hidden + residual, cls_positions)[1], policy)
+            return self(split_cls(hidden + residual, cls_positions)[1], policy.unsqueeze(-1))
         from mamba_ssm.ops.triton.pruning_stage import patch_layer_norm
 
         norm, device = self.in_conv[0], hidden.device.type
@@ -61,8 +61,8 @@ class TokenScorePredictor(nn.Module):
         if policy.dtype == torch.float32 and pre.dtype == out_dtype:
             from mamba_ssm.ops.triton.pruning_stage import pool_concat
 
-            return self._head(pool_concat(pre, policy.squeeze(-1)), linears)
-        return self._scores(self.in_conv[2](pre), policy, linears)
+            return self._head(pool_concat(pre, policy), linears)
+        return self._scores(self.in_conv[2](pre), policy.unsqueeze(-1), linears)
 
     def _fused_norm_applies(self, hidden: Tensor, residual: Tensor, cls_positions: ClsPositions) -> bool:
         """No hooks that the plain calls would run (on this predictor, in_conv, its LayerNorm or GELU), a LayerNorm
