@@ -197,7 +197,7 @@ class DyVM(Vim):
         decisions, gates, seq_lens, feature = [], [], [], None
         # inference without autograd: the gates' (depth, B, 2) tensor, written a layer at a time (with autograd,
         # a row saved for the backward of one layer's scan would change version when the next row is written)
-        gate_rows, rows_wanted = None, not self.training and not torch.is_grad_enabled()
+        gate_rows, row_views, rows_wanted = None, (), not self.training and not torch.is_grad_enabled()
         layer_weights = self.layer_inference_weights(hidden)  # all None unless eager inference
         for i, layer in enumerate(self.layers):
             if i in stage_at:
@@ -213,7 +213,8 @@ class DyVM(Vim):
                     device = xz.device.type
                     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xz.dtype
                     gate_rows = xz.new_empty((len(self.layers), batch, 2), dtype=dtype)
-                row = None if gate_rows is None else gate_rows[len(gates)]
+                    row_views = gate_rows.unbind(0)  # (one op for every layer's row, not an index op per layer)
+                row = None if gate_rows is None else row_views[len(gates)]
                 if row is not None and row.dtype == xz.dtype:  # the gates by the kernels, written into the row
                     gate_head = mixer.gate_head_for(xz, tokens.cls_positions, weights)
                     gate = None if gate_head is None else row
