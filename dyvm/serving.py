@@ -25,7 +25,6 @@ Rules of the cache:
 - inputs that are not CUDA tensors, or a machine without CUDA, run the plain forward (no_grad, autocast if asked):
   the same call works everywhere.
 """
-import operator
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import fields, is_dataclass, replace
@@ -35,9 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mamba_ssm.modules.mamba_simple import inference_caches, weights_constant_while
-
-_data_ptr, _version = Tensor.data_ptr, operator.attrgetter("_version")
+from mamba_ssm.modules.mamba_simple import inference_caches, tensors_state, weights_constant_while
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -87,7 +84,7 @@ class GraphedModule:
         self.max_graphs, self.copy_outputs, self.warmup = max_graphs, copy_outputs, warmup
         self._graphs: "OrderedDict[tuple, _Graph]" = OrderedDict()
         self._tensors: list = []  # parameters and buffers the graphs were captured from
-        self._where: tuple = ()  # their addresses and version counters then
+        self._where: tuple = ()  # their state then (addresses, version counters, dtypes)
         self.captures = 0  # graphs captured so far (tests and logs)
 
     def _fn(self, x: Tensor):
@@ -110,7 +107,7 @@ class GraphedModule:
         self._tensors, self._where = [], ()
 
     def _state(self) -> tuple:
-        return (*map(_data_ptr, self._tensors), *map(_version, self._tensors))
+        return tensors_state(self._tensors)
 
     def _capture(self, x: Tensor, dtype: Optional[torch.dtype]) -> _Graph:
         static_input = x.clone()

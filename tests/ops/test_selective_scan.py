@@ -574,14 +574,14 @@ def test_the_scratch_goes_to_shared_memory_only_where_the_programs_fit():
 def test_forward_takes_A_in_its_memory_order_without_a_copy_when_it_comes_so(lanes_on_channels):
     """The forward kernel reads A (R, d, N) from (R, N, d)-contiguous memory (lanes on channels) or (R, d, N)-
     contiguous: A laid out so is passed as it is, any other layout is copied into it; the values are A's."""
-    from mamba_ssm.ops.triton.selective_scan import _A_in_kernel_order
+    from mamba_ssm.ops.triton.selective_scan import A_in_kernel_order
 
     R, dim, d_state = 2, 6, 4
     by_channel = torch.randn(R, d_state, dim).transpose(1, 2)  # (R, N, d) memory
     by_state = torch.randn(R, dim, d_state)  # (R, d, N) memory
     odd = torch.randn(dim, R, d_state).transpose(0, 1)
     for A in (by_channel, by_state, odd):
-        got = _A_in_kernel_order(A, lanes_on_channels)
+        got = A_in_kernel_order(A, lanes_on_channels)
         in_order = got.transpose(1, 2).is_contiguous() if lanes_on_channels else got.is_contiguous()
         assert in_order and torch.equal(got, A)
         assert (got is A) == (A is (by_channel if lanes_on_channels else by_state))

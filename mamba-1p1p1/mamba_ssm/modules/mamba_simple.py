@@ -92,7 +92,13 @@ def inference_cache_key(params: list, x) -> Optional[tuple]:
         return None
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return (dtype, *map(_data_ptr, params), *map(_version, params), *map(_dtype, params))
+    return (dtype, *tensors_state(params))
+
+
+def tensors_state(tensors: list) -> tuple:
+    """What tells whether tensors changed: their addresses, version counters (bumped by in-place updates) and dtypes.
+    The inference caches' key (inference_cache_key) and dyvm.serving's check before a replay."""
+    return (*map(_data_ptr, tensors), *map(_version, tensors), *map(_dtype, tensors))
 
 
 def cached_for_inference(owner, params: list, x, derive: Callable):

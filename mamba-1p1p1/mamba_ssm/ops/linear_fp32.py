@@ -227,17 +227,13 @@ def weight_parts(weight: Tensor, memo: Optional[dict], key: str = "tf32") -> tup
     return kept_in(memo, key, lambda: _kernels().split_tf32(weight), weight)
 
 
-_kernel_module = []  # mamba_ssm.ops.triton.linear_tf32x3 once imported
-
-
+@lru_cache(maxsize=None)
 def _kernels():
     """The kernel module (linear_tf32x3, split_tf32, Triton's OutOfResources), imported at the first call: machines
     without Triton never get here, and an import statement per call is a microsecond of host time per Linear."""
-    if not _kernel_module:
-        from mamba_ssm.ops.triton import linear_tf32x3
+    from mamba_ssm.ops.triton import linear_tf32x3
 
-        _kernel_module.append(linear_tf32x3)
-    return _kernel_module[0]
+    return linear_tf32x3
 
 
 class _LinearTF32x3(torch.autograd.Function):

@@ -240,13 +240,15 @@ def scan_output(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
 
 
 def _A_as_read(kernels, u: Tensor, A: Tensor, memo: dict) -> Tensor:
-    """A (R, d, N) in the memory order the scan kernel reads for inputs like u (kernels.forward_lanes_on_channels).
-    The stacked weights hold A (R, N, d)-contiguous, the order of the 16-bit kernels on the mixer's layout; the fp32
-    ones read (R, d, N), which scan_forward would copy at every call (a launch a layer): the copy is made once and
-    kept in the memo (not from inside a CUDA-graph capture, whose tensors hold values only once it replays)."""
-    if kernels.forward_lanes_on_channels(u) or A.is_contiguous():
+    """A (R, d, N) laid out as the scan kernel reads it for inputs like u (kernels.A_in_kernel_order). The stacked
+    weights hold A (R, N, d)-contiguous, the order of the 16-bit kernels on the mixer's layout; the fp32 ones read
+    (R, d, N), which scan_forward would copy at every call (a launch a layer): the copy is made once and kept in the
+    memo (not from inside a CUDA-graph capture, whose tensors hold values only once it replays)."""
+    lanes_on_channels = kernels.forward_lanes_on_channels(u)
+    if kernels.A_in_kernel_layout(A, lanes_on_channels):
         return A
-    return kept_in(memo, "A (R, d, N)", A.contiguous, A)
+    layout = "A (R, N, d)" if lanes_on_channels else "A (R, d, N)"  # (its memory order, as the memo's key)
+    return kept_in(memo, layout, lambda: kernels.A_in_kernel_order(A, lanes_on_channels), A)
 
 
 def scan_macs(u_shape, d_state: int) -> int:

@@ -129,6 +129,22 @@ def forward_lanes_on_channels(u: Tensor) -> bool:
     return FWD_TUNING[_tuning_key(u)]["lanes_on_channels"]
 
 
+def A_in_kernel_layout(A: Tensor, lanes_on_channels: bool) -> bool:
+    """Whether A (R, d, N) is laid out in the memory order the forward kernel reads (it takes the pointer):
+    (R, N, d)-contiguous with lanes on channels (the stacked weights hold it so: mamba_ssm.ops.bimamba_stacked), else
+    (R, d, N)-contiguous."""
+    R, dim, d_state = A.shape
+    return A.stride() == ((d_state * dim, 1, dim) if lanes_on_channels else (dim * d_state, d_state, 1))
+
+
+def A_in_kernel_order(A: Tensor, lanes_on_channels: bool) -> Tensor:
+    """A (R, d, N) laid out as the forward kernel reads it (A_in_kernel_layout): A itself where it is, else a copy
+    (fp32 inference keeps that copy with its cached weights: mamba_ssm.ops.scan_op._A_as_read)."""
+    if A_in_kernel_layout(A, lanes_on_channels):
+        return A
+    return A.transpose(-1, -2).contiguous().transpose(-1, -2) if lanes_on_channels else A.contiguous()
+
+
 apply_tuning_file("fwd", FWD_TUNING)
 apply_tuning_file("bwd", BWD_TUNING)
 
@@ -1097,17 +1113,6 @@ def _strides4(t: Tensor):
     return [t.stride(i) for i in range(t.dim())]
 
 
-def _A_in_kernel_order(A: Tensor, lanes_on_channels: bool) -> Tensor:
-    """A (R, d, N) laid out in the memory order the forward kernel reads (it takes the pointer): (R, N, d)-contiguous
-    with lanes on channels, else (R, d, N)-contiguous. A itself where it is laid out so, by its strides (no op: the
-    stacked weights hold it (R, N, d)-contiguous, fp32 inference's memo (R, d, N): mamba_ssm.ops.bimamba_stacked,
-    scan_op), else a copy."""
-    R, dim, d_state = A.shape
-    if lanes_on_channels:
-        return A if A.stride() == (d_state * dim, 1, dim) else A.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return A if A.stride() == (dim * d_state, d_state, 1) else A.contiguous()
-
-
 class _ForwardPlan(NamedTuple):
     """What a forward launch computes from shapes, strides and options alone (scan_forward keeps one per key)."""
     lanes_on_channels: bool
@@ -1210,10 +1215,10 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     last = torch.empty((R, batch, dim, A.shape[-1]), device=u.device, dtype=f32) if want_last else None
     ckpt = torch.empty((R, batch, cdiv(seqlen, CKPT_CHUNK), A.shape[-1], dim), device=u.device, dtype=f32) \
         if want_ckpt else None
-    A = _A_in_kernel_order(A, plan.lanes_on_channels)
+    A = A_in_kernel_order(A, plan.lanes_on_channels)
     dummy, target = A, out
-    if plan.split_out is not None:  # one output per direction, in out's memory order (the kernels take its
-        out = out.new_empty(plan.split_out[0])  # strides from the plan)
+    if plan.split_out is not None:  # one output per direction (the kernels take its strides from the plan)
+        out = out.new_empty(plan.split_out[0])
     launch(_scan_fwd_kernel, plan.grid,
         u, delta, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, gate if gate is not None else dummy, out,
