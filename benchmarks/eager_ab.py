@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model, environment
+from mamba_ssm.ops import bimamba_interface
 
 
 def sync(device):
@@ -127,7 +128,13 @@ def main(argv=None):
     print(f"{env.get('device')} | torch {torch.__version__} | {args.model} {args.dtype} batch {args.batch_size} | "
           f"{args.switch}", flush=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    out = measure(model, x, module, attr, args.rounds, autocast)
+    replay = bimamba_interface.launch_replay_applies
+    if getattr(module, attr) is not replay:  # (a replayed layer would not see the switch: replays off in both arms)
+        print("layer launch replays (bimamba_interface.launch_replay_applies) off in both settings", flush=True)
+        with mock.patch.object(bimamba_interface, "launch_replay_applies", lambda *a, **k: False):
+            out = measure(model, x, module, attr, args.rounds, autocast)
+    else:
+        out = measure(model, x, module, attr, args.rounds, autocast)
     summary = report(out)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,7 +19,7 @@ infer  images/s of vim_small and dyvm_vim_small (token keep 0.7, gates calibrate
 backbones  the same for VideoMamba-S and MambaReg-S.
 train  benchmarks/train_step.py's measurement for vim_small and dyvm_vim_small, fp32 and bf16, batch 128,
        with a profile of the bf16 steps (train_graph: the same through --cuda-graph-train).
-Kernel-level sections (launch, order, stage, proj, linear, tf32): benchmarks/gpu_check_kernels.py.
+Kernel-level sections (launch, replay, order, stage, proj, linear, tf32): benchmarks/gpu_check_kernels.py.
 Prints a table of everything at the end; JSON under --out.
 """
 import argparse

@@ -148,8 +148,10 @@ class FastLauncher:
             key = specialization_key(args, kwargs, self.splits), self.device()
             entry = self.compiled.get(key)
         except (Unkeyable, TypeError):  # (TypeError: an unhashable keyword value)
+            _note_unrecordable()
             return self.kernel[grid](*args, **kwargs)
         if entry is None:  # Triton's path, which compiles or finds the kernel; remember what it launched
+            _note_unrecordable()
             compiled = self.kernel[grid](*args, **kwargs)
             if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")) and \
                     not any(isinstance(v, torch.Tensor) for v in kwargs.values()):  # (keyed by identity)
@@ -167,6 +169,13 @@ class FastLauncher:
             c_launch, cooperative, pdl = direct
             c_launch(g[0], g[1], g[2], self.stream(key[1]), compiled.function, cooperative, pdl, None, None,
                      compiled.packed_metadata, None, None, None, *args, *tail)
+        if _recording is not None:  # (launch_replay: what this launch passed, to be passed again)
+            if direct is None:
+                _recording.append((compiled.run, g[:3], self.stream, key[1],
+                                   (compiled.function, compiled.packed_metadata, None, None, None), (*args, *tail)))
+            else:
+                _recording.append((c_launch, g[:3], self.stream, key[1], (compiled.function, cooperative, pdl, None,
+                                   None, compiled.packed_metadata, None, None, None), (*args, *tail)))
         return compiled
 
 
@@ -242,7 +251,24 @@ def launch(kernel, grid, *args, **kwargs):
         # (pre-run hooks and launch hooks (Triton's profilers) are Triton's to call)
         if fast and not kernel.pre_run_hooks and not launch_hooks_set():
             return fast(grid, args, kwargs)
+    _note_unrecordable()
     return kernel[grid](*args, **kwargs)
+
+
+# While causal_conv1d.launch_replay records a call: a list of what each direct launch passed (launcher, grid,
+# stream getter, device, the launcher's fixed arguments, the kernel's arguments), None for a launch that took
+# Triton's own path (a recording holding one cannot be replayed). None when nothing records.
+_recording = None
+
+
+def _note_unrecordable():
+    if _recording is not None:
+        _recording.append(None)
+
+
+def fast_launches_enabled() -> bool:
+    """Whether launches take the direct path (fast_launches, MAMBA_TRITON_FAST_LAUNCH)."""
+    return _fast_launch
 
 
 @contextmanager
