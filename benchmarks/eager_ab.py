@@ -23,8 +23,8 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from causal_conv1d import launch_replay
 from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model, environment
-from mamba_ssm.ops import bimamba_interface
 
 
 def sync(device):
@@ -128,10 +128,9 @@ def main(argv=None):
     print(f"{env.get('device')} | torch {torch.__version__} | {args.model} {args.dtype} batch {args.batch_size} | "
           f"{args.switch}", flush=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    replay = bimamba_interface.launch_replay_applies
-    if getattr(module, attr) is not replay:  # (a replayed layer would not see the switch: replays off in both arms)
-        print("layer launch replays (bimamba_interface.launch_replay_applies) off in both settings", flush=True)
-        with mock.patch.object(bimamba_interface, "launch_replay_applies", lambda *a, **k: False):
+    if module is not launch_replay:  # (a replayed call would not see the switch: replays off in both settings)
+        print("launch replays (causal_conv1d.launch_replay) off in both settings", flush=True)
+        with mock.patch.object(launch_replay, "replays_enabled", lambda: False):
             out = measure(model, x, module, attr, args.rounds, autocast)
     else:
         out = measure(model, x, module, attr, args.rounds, autocast)

@@ -3,8 +3,8 @@ linear tf32): each fast kernel or launch path against what it replaces, at full 
 
 launch direct Triton launches (causal_conv1d.triton_utils.launch) against Triton's own: eager inference, a
        training step and misaligned inputs, bit for bit; DyVM's gate-head kernel against the ops it replaces.
-replay eager mixer calls replayed from their recorded launches (causal_conv1d.launch_replay) against the ordinary
-       calls: a plan in every layer, logits and gates bit for bit (Vim-S, DyVM-S; bf16 b128, fp32 b64).
+replay eager calls replayed from their recorded launches (causal_conv1d.launch_replay: mixers, norms, fp32 Linears)
+       against the ordinary calls: plans kept, logits and gates bit for bit (Vim-S, DyVM-S; bf16 b128, fp32 b64).
 order  the gated inference scan with the walks that run dispatched first against the plain grid (the op
        at Vim-S shapes, fp32 and bf16, and DyVM-S bf16 forwards), bit for bit.
 stage  DyVM-S's inference pruning stages on their kernels (mamba_ssm.ops.triton.pruning_stage) against the
@@ -276,32 +276,38 @@ def launch_check(summary):
 
 
 def replay_check(summary):
-    """Eager calls made by replaying their launches (causal_conv1d.launch_replay, for the mixers:
-    mamba_ssm.ops.bimamba_interface.launch_replay_applies) against the ordinary calls on the same fresh inputs:
-    every layer keeps a plan after the first forwards, and the replayed forwards' logits and gates equal the
-    ordinary path's bit for bit (Vim-S and DyVM-S, bf16 batch 128 and fp32 batch 64)."""
+    """Eager calls made by replaying their launches (causal_conv1d.launch_replay: the mixers, the norms, fp32's
+    Linear layers on the tf32x3 kernel) against the ordinary calls on the same fresh inputs: how many mixer layers
+    and norms keep a plan after the first forwards, and the replayed forwards' logits and gates equal the ordinary
+    path's bit for bit (Vim-S and DyVM-S, bf16 batch 128 and fp32 batch 64)."""
     from unittest import mock
 
-    from causal_conv1d.launch_replay import Plan
+    from causal_conv1d import launch_replay
     from dyvm.benchmark import build_model
-    from mamba_ssm.ops import bimamba_interface
+    from mamba_ssm.ops.triton import layernorm
+
+    def plans(memo):
+        return sum(isinstance(v, launch_replay.Plan) for v in memo.values())
 
     for name in ("vim_small", "dyvm_vim_small"):
         _, model, _ = build_model(name, "cuda", 224, 0.7, 0.735 if name.startswith("dyvm") else None)
         for dtype, batch in ((torch.bfloat16, 128), (None, 64)):
             label = f"replay {name} {'bf16' if dtype else 'fp32'} b{batch}"
             ac = dict(device_type="cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
+            layernorm._replays.clear()
             with torch.no_grad(), torch.autocast(**ac):
                 for _ in range(5):  # compile, record, record and check, the check's verdict read
                     model.forward_aux(torch.randn(batch, 3, 224, 224, device="cuda"))
                     torch.cuda.synchronize()
                 x = torch.randn(batch, 3, 224, 224, device="cuda")
                 replayed = model.forward_aux(x)
-                with mock.patch.object(bimamba_interface, "launch_replay_applies", lambda *a, **k: False):
+                with mock.patch.object(launch_replay, "replays_enabled", lambda: False):
                     ordinary = model.forward_aux(x)
-                memos = [w.stacked.memo for w in model.layer_inference_weights(x)]
-            plans = sum(any(isinstance(v, Plan) for v in memo.values()) for memo in memos)
-            summary[f"{label}: layers with a plan"] = f"{plans} of {len(memos)}"
+                weights = model.layer_inference_weights(x)
+            mixers = sum(plans(w.stacked.memo) > 0 for w in weights)
+            linears = sum(plans(memo) for w in weights for _, _, memo in w.linears.values())
+            summary[f"{label}: plans kept: mixers, norms, fp32 Linears"] = (
+                f"{mixers} of {len(weights)}, {plans(layernorm._replays)}, {linears}")
             summary[f"{label}: logits equal"] = bool(torch.equal(replayed.logits, ordinary.logits))
             if replayed.gates is not None:
                 summary[f"{label}: gates equal"] = bool(torch.equal(replayed.gates, ordinary.gates))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import causal_conv1d.triton_utils as launch_utils
+from causal_conv1d import launch_replay
 from causal_conv1d import triton_causal_conv1d
 from dyvm.benchmark import AUTHORS_REALISED_BLOCK_KEEP_RATIO, build_model
 from dyvm.models import vim as vim_module
@@ -50,6 +51,7 @@ COMPONENTS = [
     (bimamba_stacked, "conv_apply", "  mix: conv (incl. its launch)"),
     (triton_causal_conv1d, "conv_forward", "  mix: conv launcher"),
     (launch_utils.FastLauncher, "__call__", "  every direct Triton launch"),
+    (launch_replay, "replay", "  calls replayed from their launches (mixers, norms, fp32 Linears)"),
     (torch, "bmm", "  torch.bmm (x_proj, dt_proj)"),
     (F, "linear", "  F.linear (in_proj, out_proj, predictor)"),
 ]

@@ -18,21 +18,25 @@ Where each tensor argument lives, at recording:
   scratch       anything else: memory the call allocated for itself (one slot per storage, 512-byte aligned like the
                 caching allocator's blocks, so the arguments' alignment, part of the kernels' specialisation, stays).
 Before a plan is used it is checked: the call is replayed on the same inputs into a scratch filled with NaN, and
-its output must equal the recorded call's bit for bit, its inputs unchanged (an input left out, or a launch the
+its outputs must equal the recorded call's bit for bit, its inputs unchanged (an input left out, or a launch the
 recording missed, shows as NaN or a difference); a plan that fails is never used for that key. On a GPU the
-check's verdict reaches the host without a sync: calls made before it arrives are ordinary ones. A recording that holds a launch which did not
-take the direct path (a first compile, launch hooks, the interpreter), or of a call that kept something new in the
-memo (weights derived at their first use: launches later calls do not make), is not used; the next call records
-again.
+check's verdict reaches the host without a sync: calls made before it arrives are ordinary ones. A recording that
+holds a launch which did not take the direct path (a first compile, launch hooks, the interpreter), or of a call
+that kept something new in the memo (weights derived at their first use: launches later calls do not make), is not
+used; the next call records again.
 """
+import os
 from contextlib import contextmanager
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from causal_conv1d import triton_utils
+import causal_conv1d.triton_utils as triton_utils
+from causal_conv1d.kernel_utils import graph_capturing, ops_watched
 
+ENABLED_ENV = "MAMBA_LAUNCH_REPLAY"  # =0: every call made as it is (a way out, and the A/B checks' switch)
+_enabled = os.environ.get(ENABLED_ENV, "1") not in ("", "0")
 SLOT_ALIGN = 512  # the CUDA caching allocator's block alignment: a scratch argument keeps its alignment
 MAX_ATTEMPTS = 3  # recordings of one key that could not be used before that key stops trying
 _FAILED = "failed"  # the memo's entry for a key whose plan failed its check (or never recorded)
@@ -52,8 +56,23 @@ class Plan(NamedTuple):
     launches: tuple
     scratch_bytes: int
     device: torch.device
-    out: tuple  # (dtype, shape, strides, element offset into the scratch)
+    outs: tuple  # per output: (dtype, shape, strides, element offset into the scratch)
+    single: bool  # the call returned one tensor (else a tuple of them)
     persistent: tuple  # what the plan's fixed addresses point into: kept alive with it
+
+
+def replays_enabled() -> bool:
+    """Whether eager calls may be replayed (MAMBA_LAUNCH_REPLAY; benchmarks/eager_ab.py's switch)."""
+    return _enabled
+
+
+def eager_replays_apply(x: Tensor) -> bool:
+    """What every replayed call needs (the caller adds its own: no gradient, cached weights, ...): replays enabled,
+    x on a GPU, direct launches on, nothing tracing or watching the ops (they must see the calls), no CUDA-graph
+    capture on x's device (its warm-up calls record; a capture takes the ordinary calls) and no launch hooks
+    (Triton's profilers see Triton's own launch path only)."""
+    return (replays_enabled() and x.is_cuda and triton_utils._fast_launch and not ops_watched()
+            and not graph_capturing(x) and not triton_utils.launch_hooks_set())
 
 
 @contextmanager
@@ -88,10 +107,18 @@ def _extent(t: Tensor) -> tuple:
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
-def build_plan(notes: list, inputs: Sequence[Optional[Tensor]], persistent, out: Tensor) -> Optional[Plan]:
+def _outputs(out) -> Optional[tuple]:
+    """A call's result as a tuple of tensors, or None where it is something else."""
+    outs = out if isinstance(out, tuple) else (out,)
+    return outs if outs and all(isinstance(t, Tensor) for t in outs) else None
+
+
+def build_plan(notes: list, inputs: Sequence[Optional[Tensor]], persistent, out) -> Optional[Plan]:
     """A Plan from a recording (see the module's docstring), or None where it cannot be one: a launch off the direct
-    path, no launches, an output that is not memory the call allocated, or arguments of other devices."""
-    if not notes or any(n is None for n in notes):
+    path, no launches, an output (a tensor or a tuple of them) that is not memory the call allocated, or arguments
+    of other devices."""
+    outs = _outputs(out)
+    if not notes or any(n is None for n in notes) or outs is None:
         return None
     input_extents = [(*_extent(t), t.data_ptr()) if t is not None else None for t in inputs]
     kept = _tensors_in(persistent, [])
@@ -110,7 +137,7 @@ def build_plan(notes: list, inputs: Sequence[Optional[Tensor]], persistent, out:
         slot = slots.setdefault(lo, (len(slots), hi - lo))
         return 0, (slot[0], ptr - lo)
 
-    device = out.device
+    device = outs[0].device
     raw = []
     for launcher, grid, stream, dev, fixed, args in notes:
         template, patches = [], []
@@ -125,7 +152,7 @@ def build_plan(notes: list, inputs: Sequence[Optional[Tensor]], persistent, out:
             else:
                 template.append(a)
         raw.append((launcher, grid, stream, dev, fixed, tuple(template), patches))
-    if out.untyped_storage().data_ptr() not in slots:
+    if any(t.untyped_storage().data_ptr() not in slots for t in outs):
         return None
     starts, total = {}, 0
     for number, nbytes in sorted(slots.values()):
@@ -135,16 +162,17 @@ def build_plan(notes: list, inputs: Sequence[Optional[Tensor]], persistent, out:
         _Launch(launcher, grid, stream, dev, fixed, template,
                 tuple((pos, src, starts[off[0]] + off[1] if src == 0 else off) for pos, src, off in patches))
         for launcher, grid, stream, dev, fixed, template, patches in raw)
-    slot = slots[out.untyped_storage().data_ptr()][0]
-    byte_offset = starts[slot] + out.data_ptr() - out.untyped_storage().data_ptr()
-    if byte_offset % out.element_size():
-        return None
-    return Plan(launches, max(total, SLOT_ALIGN), device,
-                (out.dtype, tuple(out.shape), out.stride(), byte_offset // out.element_size()), tuple(kept))
+    specs = []
+    for t in outs:
+        byte_offset = starts[slots[t.untyped_storage().data_ptr()][0]] + t.data_ptr() - t.untyped_storage().data_ptr()
+        if byte_offset % t.element_size():
+            return None
+        specs.append((t.dtype, tuple(t.shape), t.stride(), byte_offset // t.element_size()))
+    return Plan(launches, max(total, SLOT_ALIGN), device, tuple(specs), not isinstance(out, tuple), tuple(kept))
 
 
-def replay(plan: Plan, inputs: Sequence[Optional[Tensor]], fill: Optional[int] = None) -> Tensor:
-    """The plan's launches on these inputs; returns the output (a view of this call's scratch allocation).
+def replay(plan: Plan, inputs: Sequence[Optional[Tensor]], fill: Optional[int] = None):
+    """The plan's launches on these inputs; returns the output(s) (views of this call's scratch allocation).
     fill: a byte to fill the scratch with first (the plan's check)."""
     scratch = torch.empty(plan.scratch_bytes, dtype=torch.uint8, device=plan.device)
     if fill is not None:
@@ -155,8 +183,10 @@ def replay(plan: Plan, inputs: Sequence[Optional[Tensor]], fill: Optional[int] =
         for pos, src, offset in patches:
             args[pos] = bases[src] + offset
         launcher(grid[0], grid[1], grid[2], stream(device), *fixed, *args)
-    dtype, shape, strides, offset = plan.out
-    return scratch.view(dtype).as_strided(shape, strides, offset)
+    if plan.single:
+        dtype, shape, strides, offset = plan.outs[0]
+        return scratch.view(dtype).as_strided(shape, strides, offset)
+    return tuple(scratch.view(dtype).as_strided(shape, strides, offset) for dtype, shape, strides, offset in plan.outs)
 
 
 def family_failed(memo: dict, family) -> bool:
@@ -177,9 +207,9 @@ class _Pending(NamedTuple):
     done: "torch.cuda.Event"
 
 
-def replayed(memo: dict, key, call: Callable[[], Tensor], inputs: Sequence[Optional[Tensor]], persistent,
-             family=None) -> Tensor:
-    """call() (which returns a tensor it allocated, from only allocations, views and direct Triton launches), made
+def replayed(memo: dict, key, call: Callable, inputs: Sequence[Optional[Tensor]], persistent, family=None):
+    """call() (which returns a tensor it allocated, or a tuple of them, from only allocations, views and direct
+    Triton launches), made
     by its plan in memo[key] where one was kept; else made as it is, recorded, and a plan built, checked and kept.
     inputs: the call's per-call tensors; persistent: what it reads that stays (see the module's docstring).
     family: a key shared by calls that take the same path whatever their shapes: once a plan of one fails its
@@ -206,18 +236,20 @@ def replayed(memo: dict, key, call: Callable[[], Tensor], inputs: Sequence[Optio
     if notes is None:  # (inside another recording)
         return out
     # (a call that kept something new in the memo derived it: launches that later calls do not make)
-    plan = build_plan(notes, inputs, persistent, out) if isinstance(out, Tensor) and len(memo) == kept else None
+    plan = build_plan(notes, inputs, persistent, out) if len(memo) == kept else None
     if plan is None:
         attempts = (entry or 0) + 1
         memo[key] = _FAILED if attempts >= MAX_ATTEMPTS else attempts
         return out
     snapshots = [t.clone() if t is not None else None for t in inputs]
-    check = replay(plan, inputs, fill=0xFF)  # (NaN in every float format, -1 in the integer ones)
-    same = [torch.eq(check, out).all()] + [torch.eq(s, t).all() for s, t in zip(snapshots, inputs) if s is not None]
-    verdict = torch.stack(same).all() if check.shape == out.shape and check.dtype == out.dtype else None
-    if verdict is None or (not out.is_cuda and not bool(verdict)):
+    outs, checks = _outputs(out), _outputs(replay(plan, inputs, fill=0xFF))  # (0xFF: NaN in every float format)
+    same = [torch.eq(c, o).all() for c, o in zip(checks, outs) if c.shape == o.shape and c.dtype == o.dtype]
+    same += [torch.eq(s, t).all() for s, t in zip(snapshots, inputs) if s is not None]
+    verdict = torch.stack(same).all() if len(same) == len(outs) + sum(s is not None for s in snapshots) else None
+    on_gpu = outs[0].is_cuda
+    if verdict is None or (not on_gpu and not bool(verdict)):
         _fail(memo, key, family)
-    elif out.is_cuda:
+    elif on_gpu:
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(verdict, non_blocking=True)
         done = torch.cuda.Event()

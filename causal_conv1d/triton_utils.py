@@ -266,11 +266,6 @@ def _note_unrecordable():
         _recording.append(None)
 
 
-def fast_launches_enabled() -> bool:
-    """Whether launches take the direct path (fast_launches, MAMBA_TRITON_FAST_LAUNCH)."""
-    return _fast_launch
-
-
 @contextmanager
 def fast_launches(enabled: bool):
     """Within the block, launches take the direct path (True) or Triton's own (False): for A/B checks."""

@@ -145,11 +145,12 @@ def test_kernel_files_are_leaves():
 
     stdlib_and_deps = {"typing", "json", "os", "importlib", "contextlib", "functools", "inspect", "itertools",
                        "operator", "torch", "triton"}
-    shared = {"causal_conv1d.kernel_utils", "causal_conv1d.triton_utils", "causal_conv1d.partial_sums"}
+    shared = {"causal_conv1d.kernel_utils", "causal_conv1d.triton_utils", "causal_conv1d.partial_sums",
+              "causal_conv1d.launch_replay"}
     implementations = {"mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.cpu.layernorm"}
     conv_dir, ops_dir = pathlib.Path(causal_conv1d.__file__).parent, pathlib.Path(mamba_ssm.__file__).parent / "ops"
     files = [conv_dir / n for n in ("triton_causal_conv1d.py", "cpu_causal_conv1d.py", "kernel_utils.py",
-                                    "triton_utils.py", "partial_sums.py")]
+                                    "triton_utils.py", "partial_sums.py", "launch_replay.py")]
     files += sorted((ops_dir / "triton").glob("*.py")) + sorted((ops_dir / "cpu").glob("*.py"))
     for path in files:
         allowed = shared | (implementations if path.name == "layernorm.py" and path.parent.name == "triton" else set())

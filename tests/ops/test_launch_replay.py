@@ -185,3 +185,26 @@ def test_a_failed_check_stops_the_whole_family(kernels):
     assert "b" not in memo  # not even recorded
     torch.testing.assert_close(out, _expected(x, w), rtol=0, atol=1e-6)
     assert not launch_replay.family_failed(memo, None) and not launch_replay.family_failed(memo, "other")
+
+
+def test_a_call_returning_several_tensors_is_replayed_with_each(kernels):
+    k1, k2, fast = kernels
+    w = torch.randn(32)
+    memo = {}
+
+    def op(x):
+        out = _op(fast, k1, k2, x, w)
+        return out, out[::2]  # (two views, of one allocation)
+    for step in range(3):
+        x = torch.randn(32)
+        out, every_other = replayed(memo, "k", lambda: op(x), (x,), (w,))
+        torch.testing.assert_close(out, _expected(x, w), rtol=0, atol=1e-6)
+        assert torch.equal(every_other, out[::2]) and every_other.stride() == (2,)
+    assert isinstance(memo["k"], launch_replay.Plan) and not memo["k"].single and len(memo["k"].outs) == 2
+
+
+def test_replays_apply_to_eager_gpu_calls_only(monkeypatch):
+    x = torch.zeros(4)
+    assert not launch_replay.eager_replays_apply(x)  # (a CPU tensor)
+    monkeypatch.setattr(launch_replay, "_enabled", False)
+    assert not launch_replay.replays_enabled()

@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from causal_conv1d import triton_utils
 from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-from causal_conv1d.launch_replay import family_failed, replayed
+from causal_conv1d.launch_replay import eager_replays_apply, family_failed, replayed
 from mamba_ssm.ops.bimamba_stacked import bimamba_v2_inner_stacked
 from causal_conv1d.kernel_utils import tf32_matmuls_allowed
-from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, graph_capturing, needs_grad, ops_watched, reference_forced
+from mamba_ssm.ops.dispatch import FORCE_REFERENCE_ENV, needs_grad, reference_forced
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
 
@@ -144,10 +143,7 @@ def bimamba_v2_inner_fn(xz, fwd: ScanWeights, bwd: ScanWeights, gate=None, mask=
 def launch_replay_applies(xz, gate, mask, stacked, lengths) -> bool:
     """Whether this call is made by replaying its kernel launches (causal_conv1d.launch_replay): eager inference on
     the GPU's kernels with a layer's cached inference weights (their memo keeps the plans, which go with them when
-    the weights change), no mask or lengths (training's), nothing tracing, watching or capturing, direct launches on
-    and no launch hooks (Triton's profilers). Everything the path's choices depend on is in the key above: shapes,
+    the weights change), no mask or lengths (training's), and launch_replay.eager_replays_apply. Everything the path's choices depend on is in the key above: shapes,
     strides, dtypes, the inputs' alignment, the gate head, divide_out, the weights and TF32's switch."""
     return (mask is None and lengths is None and stacked is not None and isinstance(stacked.memo, dict)
-            and xz.is_cuda and triton_utils.fast_launches_enabled() and not ops_watched()
-            and not needs_grad(xz, gate, *stacked.tensors()) and not graph_capturing(xz)
-            and not triton_utils.launch_hooks_set())
+            and not needs_grad(xz, gate, *stacked.tensors()) and eager_replays_apply(xz))

@@ -43,6 +43,7 @@ from torch.nn.modules import module as _nn_module
 from torch.autograd.function import once_differentiable
 
 from causal_conv1d.kernel_utils import kept_in, needs_grad, ops_watched, tf32_matmuls_allowed, triton_enabled
+from causal_conv1d.launch_replay import eager_replays_apply, replayed
 
 KERNELS = "mamba_ssm.ops.triton.linear_tf32x3"
 ENABLED = os.environ.get("MAMBA_FP32_LINEAR", "tf32x3") != "cublas"
@@ -197,6 +198,12 @@ def linear(x: Tensor, weight: Tensor, bias=None, memo: Optional[dict] = None) ->
     as the weight's values (inference's cached weights), where the weight's split is kept after its first use."""
     if not tf32x3_applies(x, weight):
         return F.linear(x, weight, bias)
+    if memo is not None and not needs_grad(x, weight, bias) and eager_replays_apply(x):
+        # eager inference with cached weights: the kernel's launches replayed (causal_conv1d.launch_replay; the
+        # plans live in the memo, with the weight's split)
+        key = ("linear replay", x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, id(weight),
+               None if bias is None else id(bias))
+        return replayed(memo, key, lambda: linear_on_kernel(x, weight, bias, memo=memo), (x,), (weight, bias, memo))
     return linear_on_kernel(x, weight, bias, memo=memo)
 
 
