@@ -26,6 +26,7 @@ that kept something new in the memo (weights derived at their first use: launche
 used; the next call records again.
 """
 import os
+import threading
 from contextlib import contextmanager
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -39,6 +40,7 @@ ENABLED_ENV = "MAMBA_LAUNCH_REPLAY"  # =0: every call made as it is (a way out, 
 _enabled = os.environ.get(ENABLED_ENV, "1") not in ("", "0")
 SLOT_ALIGN = 512  # the CUDA caching allocator's block alignment: a scratch argument keeps its alignment
 MAX_ATTEMPTS = 3  # recordings of one key that could not be used before that key stops trying
+_start = threading.Lock()  # (two threads starting a recording at once: one records)
 _FAILED = "failed"  # the memo's entry for a key whose plan failed its check (or never recorded)
 
 
@@ -77,16 +79,21 @@ def eager_replays_apply(x: Tensor) -> bool:
 
 @contextmanager
 def recording():
-    """Within the block, triton_utils notes every launch into the yielded list; None (nothing noted here) inside
-    another recording, whose list then gets the launches."""
-    if triton_utils._recording is not None:
+    """Within the block, triton_utils notes this thread's launches into the yielded list; None (nothing noted here)
+    while another recording runs: this thread's own (whose list then gets the launches) or another thread's."""
+    with _start:
+        if triton_utils._recording is not None:
+            notes = None
+        else:
+            triton_utils._recording_thread = threading.get_ident()
+            triton_utils._recording = notes = []
+    if notes is None:
         yield None
         return
-    triton_utils._recording = notes = []
     try:
         yield notes
     finally:
-        triton_utils._recording = None
+        triton_utils._recording = triton_utils._recording_thread = None
 
 
 def _tensors_in(obj, found: list) -> list:

@@ -5,6 +5,7 @@ import inspect
 import itertools
 import operator
 import os
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -169,7 +170,7 @@ class FastLauncher:
             c_launch, cooperative, pdl = direct
             c_launch(g[0], g[1], g[2], self.stream(key[1]), compiled.function, cooperative, pdl, None, None,
                      compiled.packed_metadata, None, None, None, *args, *tail)
-        if _recording is not None:  # (launch_replay: what this launch passed, to be passed again)
+        if _recording is not None and _recording_thread == _thread_id():  # (launch_replay: to be passed again)
             if direct is None:
                 _recording.append((compiled.run, g[:3], self.stream, key[1],
                                    (compiled.function, compiled.packed_metadata, None, None, None), (*args, *tail)))
@@ -257,12 +258,15 @@ def launch(kernel, grid, *args, **kwargs):
 
 # While causal_conv1d.launch_replay records a call: a list of what each direct launch passed (launcher, grid,
 # stream getter, device, the launcher's fixed arguments, the kernel's arguments), None for a launch that took
-# Triton's own path (a recording holding one cannot be replayed). None when nothing records.
+# Triton's own path (a recording holding one cannot be replayed). None when nothing records. Only the launches of
+# the recording thread (_recording_thread) go into it: another thread's are not the recorded call's.
 _recording = None
+_recording_thread = None
+_thread_id = threading.get_ident
 
 
 def _note_unrecordable():
-    if _recording is not None:
+    if _recording is not None and _recording_thread == _thread_id():
         _recording.append(None)
 
 

@@ -144,7 +144,7 @@ def test_kernel_files_are_leaves():
     import mamba_ssm
 
     stdlib_and_deps = {"typing", "json", "os", "importlib", "contextlib", "functools", "inspect", "itertools",
-                       "operator", "torch", "triton"}
+                       "threading", "operator", "torch", "triton"}
     shared = {"causal_conv1d.kernel_utils", "causal_conv1d.triton_utils", "causal_conv1d.partial_sums",
               "causal_conv1d.launch_replay"}
     implementations = {"mamba_ssm.ops.triton.layernorm_kernel", "mamba_ssm.ops.cpu.layernorm"}

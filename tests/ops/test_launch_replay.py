@@ -208,3 +208,23 @@ def test_replays_apply_to_eager_gpu_calls_only(monkeypatch):
     assert not launch_replay.eager_replays_apply(x)  # (a CPU tensor)
     monkeypatch.setattr(launch_replay, "_enabled", False)
     assert not launch_replay.replays_enabled()
+
+
+def test_another_threads_launches_stay_out_of_a_recording(kernels):
+    import threading
+
+    k1, k2, fast = kernels
+    x, w = torch.randn(8), torch.randn(8)
+    _op(fast, k1, k2, x, w)
+    with recording() as notes:
+        other = threading.Thread(target=lambda: _op(fast, k1, k2, x, w))
+        other.start()
+        other.join()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(replayed({}, "k", lambda: _op(fast, k1, k2, x, w), (x,),
+                                                                   (w,))))
+        t.start()
+        t.join()  # (its own replayed call does not record while this thread's recording runs)
+        assert not notes and len(seen) == 1
+        _op(fast, k1, k2, x, w)
+    assert len(notes) == 2
