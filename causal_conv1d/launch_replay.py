@@ -216,27 +216,37 @@ class _Pending(NamedTuple):
 
 def replayed(memo: dict, key, call: Callable, inputs: Sequence[Optional[Tensor]], persistent, family=None):
     """call() (which returns a tensor it allocated, or a tuple of them, from only allocations, views and direct
-    Triton launches), made
-    by its plan in memo[key] where one was kept; else made as it is, recorded, and a plan built, checked and kept.
-    inputs: the call's per-call tensors; persistent: what it reads that stays (see the module's docstring).
-    family: a key shared by calls that take the same path whatever their shapes: once a plan of one fails its
-    check (the path does work other than Triton launches, say), the family's other calls are not recorded.
-    On a GPU the check's verdict is read by a later call once the GPU has it (no call waits for the GPU)."""
+    Triton launches), made by its plan in memo[key] where one was kept; else made as it is, recorded, and a plan
+    built, checked and kept. inputs: the call's per-call tensors; persistent: what it reads that stays (see the
+    module's docstring). family: a key shared by calls that take the same path whatever their shapes: once a plan
+    of one fails its check (the path does work other than Triton launches, say), the family's other calls are not
+    recorded. On a GPU the check's verdict is read by a later call once the GPU has it (no call waits for it)."""
     if family_failed(memo, family):
         return call()
     entry = memo.get(key)
+    if isinstance(entry, _Pending):
+        entry = _settle(memo, key, family, entry)
     if isinstance(entry, Plan):
         return replay(entry, inputs)
-    if isinstance(entry, _Pending):
-        if not entry.done.query():
-            return call()
-        if bool(entry.verdict):
-            memo[key] = entry.plan
-            return replay(entry.plan, inputs)
-        _fail(memo, key, family)
+    if entry == _FAILED or isinstance(entry, _Pending):
         return call()
-    if entry == _FAILED:
-        return call()
+    return _record(memo, key, call, inputs, persistent, family, attempts=entry or 0)
+
+
+def _settle(memo: dict, key, family, pending: _Pending):
+    """A pending check's outcome once the GPU has it: the plan, or _FAILED; the pending entry while it runs."""
+    if not pending.done.query():
+        return pending
+    if bool(pending.verdict):
+        memo[key] = pending.plan
+        return pending.plan
+    _fail(memo, key, family)
+    return _FAILED
+
+
+def _record(memo: dict, key, call: Callable, inputs, persistent, family, attempts: int):
+    """call() made as it is and recorded; memo[key] becomes the checked plan (on a GPU: its pending check), the
+    attempts made so far where the recording cannot be used, or _FAILED."""
     kept = len(memo)
     with recording() as notes:
         out = call()
@@ -245,23 +255,31 @@ def replayed(memo: dict, key, call: Callable, inputs: Sequence[Optional[Tensor]]
     # (a call that kept something new in the memo derived it: launches that later calls do not make)
     plan = build_plan(notes, inputs, persistent, out) if len(memo) == kept else None
     if plan is None:
-        attempts = (entry or 0) + 1
-        memo[key] = _FAILED if attempts >= MAX_ATTEMPTS else attempts
+        memo[key] = _FAILED if attempts + 1 >= MAX_ATTEMPTS else attempts + 1
         return out
+    checked = _check(plan, inputs, out)
+    if checked is _FAILED:
+        _fail(memo, key, family)
+    else:
+        memo[key] = checked
+    return out
+
+
+def _check(plan: Plan, inputs, out):
+    """The plan replayed on the recorded call's inputs into NaN-filled scratch (0xFF bytes: NaN in every float
+    format): the plan where its outputs equal the call's bit for bit and its inputs are unchanged, else _FAILED; on a
+    GPU a _Pending whose verdict arrives without a sync."""
     snapshots = [t.clone() if t is not None else None for t in inputs]
-    outs, checks = _outputs(out), _outputs(replay(plan, inputs, fill=0xFF))  # (0xFF: NaN in every float format)
+    outs, checks = _outputs(out), _outputs(replay(plan, inputs, fill=0xFF))
     same = [torch.eq(c, o).all() for c, o in zip(checks, outs) if c.shape == o.shape and c.dtype == o.dtype]
     same += [torch.eq(s, t).all() for s, t in zip(snapshots, inputs) if s is not None]
-    verdict = torch.stack(same).all() if len(same) == len(outs) + sum(s is not None for s in snapshots) else None
-    on_gpu = outs[0].is_cuda
-    if verdict is None or (not on_gpu and not bool(verdict)):
-        _fail(memo, key, family)
-    elif on_gpu:
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(verdict, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        memo[key] = _Pending(plan, host, done)
-    else:
-        memo[key] = plan
-    return out
+    if len(same) != len(outs) + sum(s is not None for s in snapshots):
+        return _FAILED
+    verdict = torch.stack(same).all()
+    if not outs[0].is_cuda:
+        return plan if bool(verdict) else _FAILED
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(verdict, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return _Pending(plan, host, done)

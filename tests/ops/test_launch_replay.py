@@ -228,3 +228,36 @@ def test_another_threads_launches_stay_out_of_a_recording(kernels):
         assert not notes and len(seen) == 1
         _op(fast, k1, k2, x, w)
     assert len(notes) == 2
+
+
+def test_a_pending_check_is_settled_only_once_the_gpu_has_its_verdict(kernels):
+    """The GPU path's pending check, with a stand-in event: calls before the verdict arrives are made as they are;
+    then the plan is used, or the key and its family fail."""
+    k1, k2, fast = kernels
+    w = torch.randn(16)
+    _op(fast, k1, k2, torch.randn(16), w)
+    x = torch.randn(16)
+    with recording() as notes:
+        out = _op(fast, k1, k2, x, w)
+    plan = build_plan(notes, (x,), (w,), out)
+
+    class Event:
+        ready = False
+
+        def query(self):
+            return self.ready
+    for verdict in (True, False):
+        event, memo = Event(), {}
+        memo["k"] = launch_replay._Pending(plan, torch.tensor(verdict), event)
+        before = len(k1.calls)
+        y = torch.randn(16)
+        torch.testing.assert_close(replayed(memo, "k", lambda: _op(fast, k1, k2, y, w), (y,), (w,), family="f"),
+                                   _expected(y, w), rtol=0, atol=1e-6)
+        assert isinstance(memo["k"], launch_replay._Pending) and not isinstance(k1.calls[-1][1][0], int)
+        event.ready = True
+        replayed(memo, "k", lambda: _op(fast, k1, k2, y, w), (y,), (w,), family="f")
+        if verdict:
+            assert memo["k"] is plan and isinstance(k1.calls[-1][1][0], int)  # (replayed: addresses)
+        else:
+            assert memo["k"] == launch_replay._FAILED and launch_replay.family_failed(memo, "f")
+        assert len(k1.calls) == before + 2
