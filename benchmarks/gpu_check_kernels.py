@@ -272,7 +272,7 @@ def launch_check(summary):
             torch.equal(a, c) for a, c in zip(res[True], res[False]))
     entries = [e for _, f in triton_utils._launchers.values() if f for e in f.compiled.values()]
     summary["launch: remembered specialisations calling the C launch directly (Triton's known launcher)"] = (
-        f"{sum(e[2] is not None for e in entries)} of {len(entries)}")
+        f"{sum(e.direct for e in entries)} of {len(entries)}")
 
 
 def replay_check(summary):

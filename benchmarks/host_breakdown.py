@@ -80,24 +80,16 @@ def timed_components(totals: dict, counts: dict):
             setattr(owner, name, fn)
 
 
-class _LauncherStandIn:
-    """Stands in for a compiled Triton kernel in a FastLauncher's cache: its C launcher (the launcher, or the C
-    launch the FastLauncher calls directly: `direct`) timed, or not called."""
-
-    def __init__(self, compiled, totals: dict, skip: bool, direct=None):
-        self.function, self.packed_metadata = compiled.function, compiled.packed_metadata
-        self._totals, self._skip = totals, skip
-        self.run = self._timed(compiled.run)
-        self.direct = None if direct is None else (self._timed(direct[0]), *direct[1:])
-
-    def _timed(self, launcher):
-        def run(*args):
-            start = time.perf_counter()
-            if not self._skip:
-                launcher(*args)
-            self._totals["C launcher"] += time.perf_counter() - start
-            self._totals["launches"] += 1
-        return run
+def _timed_launcher(launcher, totals: dict, skip: bool):
+    """A remembered specialisation's launcher (Triton's C launch, or the compiled kernel's launcher) timed into
+    totals["C launcher"] and counted, or not called (skip)."""
+    def run(*args):
+        start = time.perf_counter()
+        if not skip:
+            launcher(*args)
+        totals["C launcher"] += time.perf_counter() - start
+        totals["launches"] += 1
+    return run
 
 
 @contextlib.contextmanager
@@ -117,9 +109,8 @@ def split_launches(totals: dict, skip: bool = False, launchers=None):
             totals["key"] += time.perf_counter() - start
     try:
         for f, entries in saved:
-            for key, (compiled, tail, direct) in entries.items():
-                stand_in = _LauncherStandIn(compiled, totals, skip, direct)
-                f.compiled[key] = (stand_in, tail, stand_in.direct)
+            for key, entry in entries.items():
+                f.compiled[key] = entry._replace(launcher=_timed_launcher(entry.launcher, totals, skip))
         launch_utils.specialization_key = timed_key
         yield
     finally:

@@ -269,13 +269,11 @@ def _check(plan: Plan, inputs, out):
     """The plan replayed on the recorded call's inputs into NaN-filled scratch (0xFF bytes: NaN in every float
     format): the plan where its outputs equal the call's bit for bit and its inputs are unchanged, else _FAILED; on a
     GPU a _Pending whose verdict arrives without a sync."""
-    snapshots = [t.clone() if t is not None else None for t in inputs]
+    snapshots = [(t.clone(), t) for t in inputs if t is not None]
     outs, checks = _outputs(out), _outputs(replay(plan, inputs, fill=0xFF))
-    same = [torch.eq(c, o).all() for c, o in zip(checks, outs) if c.shape == o.shape and c.dtype == o.dtype]
-    same += [torch.eq(s, t).all() for s, t in zip(snapshots, inputs) if s is not None]
-    if len(same) != len(outs) + sum(s is not None for s in snapshots):
+    if any(c.shape != o.shape or c.dtype != o.dtype for c, o in zip(checks, outs)):
         return _FAILED
-    verdict = torch.stack(same).all()
+    verdict = torch.stack([torch.eq(a, b).all() for a, b in (*zip(checks, outs), *snapshots)]).all()
     if not outs[0].is_cuda:
         return plan if bool(verdict) else _FAILED
     host = torch.empty((), dtype=torch.bool, pin_memory=True)

@@ -7,6 +7,7 @@ import operator
 import os
 import threading
 from contextlib import contextmanager
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -159,25 +160,33 @@ class FastLauncher:
                 # the parameters after the positional ones, in the kernel's order (constexprs included: the
                 # launcher skips them, as in Triton's run), fixed by the key
                 tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
-                remember(self.compiled, key, (compiled, tail, direct_launch(compiled.run)), MAX_KEYS)
+                remember(self.compiled, key, _entry(compiled, tail), MAX_KEYS)
             return compiled
-        compiled, tail, direct = entry
         g = (*grid, 1, 1)
-        if direct is None:
-            compiled.run(g[0], g[1], g[2], self.stream(key[1]), compiled.function, compiled.packed_metadata,
-                         None, None, None, *args, *tail)
-        else:  # what the launcher's __call__ would pass its C function (no scratch: None twice)
-            c_launch, cooperative, pdl = direct
-            c_launch(g[0], g[1], g[2], self.stream(key[1]), compiled.function, cooperative, pdl, None, None,
-                     compiled.packed_metadata, None, None, None, *args, *tail)
+        entry.launcher(g[0], g[1], g[2], self.stream(key[1]), *entry.fixed, *args, *entry.tail)
         if _recording is not None and _recording_thread == _thread_id():  # (launch_replay: to be passed again)
-            if direct is None:
-                _recording.append((compiled.run, g[:3], self.stream, key[1],
-                                   (compiled.function, compiled.packed_metadata, None, None, None), (*args, *tail)))
-            else:
-                _recording.append((c_launch, g[:3], self.stream, key[1], (compiled.function, cooperative, pdl, None,
-                                   None, compiled.packed_metadata, None, None, None), (*args, *tail)))
-        return compiled
+            _recording.append((entry.launcher, g[:3], self.stream, key[1], entry.fixed, (*args, *entry.tail)))
+        return entry.compiled
+
+
+class LaunchEntry(NamedTuple):
+    """A remembered specialisation: what a launch passes, after the grid and the stream, is fixed + the kernel's
+    arguments + tail."""
+    compiled: object  # Triton's compiled kernel
+    tail: tuple  # the kernel's parameters after the positional arguments, fixed by the key
+    launcher: Callable  # the C launch (direct_launch), or the compiled kernel's launcher
+    fixed: tuple  # the launcher's arguments between the stream and the kernel's own
+    direct: bool  # launcher is the C launch
+
+
+def _entry(compiled, tail: tuple) -> LaunchEntry:
+    direct = direct_launch(compiled.run)
+    if direct is None:  # the launcher's own __call__
+        return LaunchEntry(compiled, tail, compiled.run, (compiled.function, compiled.packed_metadata, None, None,
+                                                          None), False)
+    c_launch, cooperative, pdl = direct  # what that __call__ would pass its C function (no scratch: None twice)
+    return LaunchEntry(compiled, tail, c_launch, (compiled.function, cooperative, pdl, None, None,
+                                                  compiled.packed_metadata, None, None, None), True)
 
 
 # The C launch behind a compiled kernel's launcher (`compiled.run`, Triton's CudaLauncher), called directly where
